@@ -1,0 +1,457 @@
+"""CLEVR-like synthetic scenes: sample, draw, ask, answer and describe.
+
+A scene is a handful of coloured shapes on a plain background. Everything here is a pure function of
+its inputs (randomness comes in through an explicit ``random.Random``), so a seed fixes the data set
+byte for byte, and a saved scene can be drawn again to check the image that was written.
+
+Positions are stored as fractions of the image side (rounded to 3 decimals so that a JSON round trip
+is exact); sizes are fractions too, so one scene can be drawn at any resolution.
+
+Questions follow a tiny grammar that :func:`parse_question` understands::
+
+    ("Subtract all <filter>." )* ("How many objects are left?" | "How many <filter> are there?")
+    <filter> = [size] [colour] [material] noun       noun: objects/things, cubes/blocks, spheres/balls, cylinders
+
+so an answer can be worked out again from the question text alone (:func:`answer_question`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+# CLEVR's eight colours; the generated data sets use DEFAULT_COLORS, "brown" and "cyan" stay
+# available for hand-built scenes (the demo image uses brown).
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (200, 40, 40),
+    "blue": (40, 70, 210),
+    "green": (40, 160, 60),
+    "yellow": (235, 200, 30),
+    "purple": (130, 50, 170),
+    "gray": (120, 120, 120),
+    "brown": (130, 80, 35),
+    "cyan": (40, 190, 200),
+}
+DEFAULT_COLORS: tuple[str, ...] = ("red", "blue", "green", "yellow", "purple", "gray")
+SHAPES: tuple[str, ...] = ("cube", "sphere", "cylinder")
+SIZES: tuple[str, ...] = ("small", "large")
+MATERIALS: tuple[str, ...] = ("rubber", "metal")
+# Half of an object's bounding box, as a fraction of the image side.
+SIZE_HALF_EXTENT: dict[str, float] = {"small": 0.07, "large": 0.11}
+BACKGROUND_RGB: tuple[int, int, int] = (236, 232, 224)
+MIN_OBJECTS, MAX_OBJECTS = 2, 6
+# Free space kept between two bounding boxes and between a box and the border.
+_GAP = 0.02
+
+_SHAPE_PLURAL = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders"}
+# Words the question grammar accepts for each shape; None means "any shape".
+_NOUNS: dict[str, str | None] = {
+    "object": None, "objects": None, "thing": None, "things": None,
+    "cube": "cube", "cubes": "cube", "block": "cube", "blocks": "cube",
+    "sphere": "sphere", "spheres": "sphere", "ball": "sphere", "balls": "sphere",
+    "cylinder": "cylinder", "cylinders": "cylinder",
+}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape in a scene.
+
+    Attributes:
+        color: a key of ``COLOR_RGB``.
+        shape: one of ``SHAPES``.
+        size: one of ``SIZES``.
+        x: centre, fraction of the image width (0 = left).
+        y: centre, fraction of the image height (0 = top).
+        material: ``"rubber"`` (matte) or ``"metal"`` (drawn with a highlight).
+    """
+
+    color: str
+    shape: str
+    size: str
+    x: float
+    y: float
+    material: str = "rubber"
+
+    def phrase(self, with_material: bool = False) -> str:
+        """Return e.g. ``"small red cube"`` (``"small red metal cube"`` with ``with_material``)."""
+        words = [self.size, self.color] + ([self.material] if with_material else []) + [self.shape]
+        return " ".join(words)
+
+
+@dataclass
+class Scene:
+    """A list of non-overlapping objects; see :class:`SceneObject`."""
+
+    objects: list[SceneObject] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form: ``{"objects": [{"color", "shape", "size", "material", "position": [x, y]}]}``."""
+        objs = []
+        for o in self.objects:
+            d = asdict(o)
+            d["position"] = [d.pop("x"), d.pop("y")]
+            objs.append(d)
+        return {"objects": objs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Scene":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: if an object lacks a field or names an unknown colour/shape/size/material.
+        """
+        objects = []
+        for i, d in enumerate(data.get("objects", [])):
+            try:
+                x, y = d["position"]
+                obj = SceneObject(d["color"], d["shape"], d["size"], float(x), float(y), d.get("material", "rubber"))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"scene object {i} is malformed ({exc!r}): {d!r}") from exc
+            _check_object(obj, f"scene object {i}")
+            objects.append(obj)
+        return cls(objects)
+
+
+def _check_object(obj: SceneObject, where: str) -> None:
+    for value, allowed, name in (
+        (obj.color, COLOR_RGB, "color"),
+        (obj.shape, SHAPES, "shape"),
+        (obj.size, SIZES, "size"),
+        (obj.material, MATERIALS, "material"),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{where}: unknown {name} {value!r}; allowed: {sorted(allowed)}")
+
+
+def _boxes_clear(a: SceneObject, b: SceneObject) -> bool:
+    """True when the two bounding boxes (plus the gap) do not overlap on at least one axis."""
+    reach = SIZE_HALF_EXTENT[a.size] + SIZE_HALF_EXTENT[b.size] + _GAP
+    return abs(a.x - b.x) >= reach or abs(a.y - b.y) >= reach
+
+
+def sample_scene(
+    rng: random.Random,
+    colors: tuple[str, ...] = DEFAULT_COLORS,
+    min_objects: int = MIN_OBJECTS,
+    max_objects: int = MAX_OBJECTS,
+) -> Scene:
+    """Draw a random scene of ``min_objects``..``max_objects`` rubber objects whose boxes do not overlap.
+
+    Args:
+        rng: the only source of randomness, so a seed fixes the scene.
+        colors: colour names to draw from (keys of ``COLOR_RGB``).
+        min_objects: fewest objects (inclusive).
+        max_objects: most objects (inclusive); six large objects still fit comfortably.
+
+    Returns:
+        A :class:`Scene`.
+
+    Raises:
+        ValueError: if the object counts are out of order or a colour is unknown.
+    """
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    unknown = [c for c in colors if c not in COLOR_RGB]
+    if unknown:
+        raise ValueError(f"unknown colours {unknown}; allowed: {sorted(COLOR_RGB)}")
+    n = rng.randint(min_objects, max_objects)
+    while True:  # a dead end (no room for the next object) restarts the scene; rare at <= 6 objects
+        placed: list[SceneObject] = []
+        for _ in range(n):
+            color, shape, size = rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES)
+            lo = SIZE_HALF_EXTENT[size] + _GAP
+            for _attempt in range(200):
+                cand = SceneObject(
+                    color, shape, size, round(rng.uniform(lo, 1 - lo), 3), round(rng.uniform(lo, 1 - lo), 3)
+                )
+                if all(_boxes_clear(cand, o) for o in placed):
+                    placed.append(cand)
+                    break
+            else:
+                break
+        if len(placed) == n:
+            return Scene(placed)
+
+
+def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    """Scale towards black (factor < 1) or white (factor > 1)."""
+    if factor <= 1:
+        return tuple(int(c * factor) for c in rgb)  # type: ignore[return-value]
+    return tuple(int(c + (255 - c) * (factor - 1)) for c in rgb)  # type: ignore[return-value]
+
+
+def render_scene(scene: Scene, size: int | tuple[int, int] = 112) -> Image.Image:
+    """Draw a scene with Pillow (no anti-aliasing, so the pixels are exactly reproducible).
+
+    Cubes are squares, spheres circles, cylinders a body with a lighter elliptic top; metal objects
+    get a white highlight. Objects are drawn back to front (by ``y``) so the picture reads as a floor.
+
+    Args:
+        scene: what to draw.
+        size: side in pixels, or ``(width, height)``.
+
+    Returns:
+        An RGB ``PIL.Image`` of the requested size.
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    img = Image.new("RGB", (width, height), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(img)
+    for obj in sorted(scene.objects, key=lambda o: o.y):
+        cx, cy = obj.x * width, obj.y * height
+        rx, ry = SIZE_HALF_EXTENT[obj.size] * width, SIZE_HALF_EXTENT[obj.size] * height
+        box = [round(cx - rx), round(cy - ry), round(cx + rx), round(cy + ry)]
+        fill, edge = COLOR_RGB[obj.color], _shade(COLOR_RGB[obj.color], 0.55)
+        if obj.shape == "cube":
+            draw.rectangle(box, fill=fill, outline=edge)
+        elif obj.shape == "sphere":
+            draw.ellipse(box, fill=fill, outline=edge)
+        else:
+            cap = max(1, round(ry * 0.45))  # height of the elliptic top and bottom
+            x0, y0, x1, y1 = box
+            draw.ellipse([x0, y1 - 2 * cap, x1, y1], fill=fill, outline=edge)
+            draw.rectangle([x0, y0 + cap, x1, y1 - cap], fill=fill)
+            draw.line([x0, y0 + cap, x0, y1 - cap], fill=edge)
+            draw.line([x1, y0 + cap, x1, y1 - cap], fill=edge)
+            draw.ellipse([x0, y0, x1, y0 + 2 * cap], fill=_shade(COLOR_RGB[obj.color], 1.35), outline=edge)
+        if obj.material == "metal":
+            hx, hy = max(1, round(rx * 0.25)), max(1, round(ry * 0.25))
+            px, py = round(cx - rx * 0.35), round(cy - ry * 0.35)
+            draw.ellipse([px - hx, py - hy, px + hx, py + hy], fill=(255, 255, 255))
+    return img
+
+
+# ---------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class ObjectFilter:
+    """Selects objects by any subset of size, colour, material and shape (None = any)."""
+
+    size: str | None = None
+    color: str | None = None
+    material: str | None = None
+    shape: str | None = None
+
+    def matches(self, obj: SceneObject) -> bool:
+        """True when every attribute that is set equals the object's."""
+        return all(
+            want is None or want == have
+            for want, have in (
+                (self.size, obj.size),
+                (self.color, obj.color),
+                (self.material, obj.material),
+                (self.shape, obj.shape),
+            )
+        )
+
+    def text(self) -> str:
+        """Plural noun phrase, e.g. ``"small red cubes"`` or ``"objects"``."""
+        noun = _SHAPE_PLURAL[self.shape] if self.shape else "objects"
+        return " ".join(w for w in (self.size, self.color, self.material, noun) if w)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed question: remove ``subtract`` filters in order, then count ``count`` (None: all left)."""
+
+    subtract: tuple[ObjectFilter, ...]
+    count: ObjectFilter | None
+
+    def text(self) -> str:
+        """The question in the grammar of the module docstring."""
+        parts = [f"Subtract all {f.text()}." for f in self.subtract]
+        if self.count is None:
+            parts.append("How many objects are left?")
+        else:
+            parts.append(f"How many {self.count.text()} are there?")
+        return " ".join(parts)
+
+    def evaluate(self, scene: Scene) -> int:
+        """Number of objects counted after the subtractions."""
+        left = [o for o in scene.objects if not any(f.matches(o) for f in self.subtract)]
+        target = self.count or ObjectFilter()
+        return sum(target.matches(o) for o in left)
+
+
+def _parse_filter(phrase: str, question: str) -> ObjectFilter:
+    words = phrase.lower().split()
+    if not words or words[-1] not in _NOUNS:
+        raise ValueError(f"cannot parse {phrase!r} in question {question!r}: expected a noun from {sorted(_NOUNS)}")
+    attrs: dict[str, str] = {}
+    for w in words[:-1]:
+        for key, vocab in (("size", SIZES), ("color", COLOR_RGB), ("material", MATERIALS)):
+            if w in vocab:
+                if key in attrs:
+                    raise ValueError(f"two {key}s in {phrase!r} of question {question!r}")
+                attrs[key] = w
+                break
+        else:
+            raise ValueError(f"unknown word {w!r} in {phrase!r} of question {question!r}")
+    return ObjectFilter(shape=_NOUNS[words[-1]], **attrs)
+
+
+_SUBTRACT = re.compile(r"subtract all ([a-z ]+?)\.\s*", re.IGNORECASE)
+_LEFT = re.compile(r"how many objects are left\?", re.IGNORECASE)
+_COUNT = re.compile(r"how many ([a-z ]+?) are there\?", re.IGNORECASE)
+
+
+def parse_question(question: str) -> Query:
+    """Parse a question of the module's grammar (a leading ``<image>`` tag is ignored).
+
+    Raises:
+        ValueError: naming the question, if it does not follow the grammar.
+    """
+    rest = question.replace("<image>", "").strip()
+    subtract = []
+    while (m := _SUBTRACT.match(rest)) is not None:
+        subtract.append(_parse_filter(m.group(1), question))
+        rest = rest[m.end():]
+    if _LEFT.fullmatch(rest):
+        return Query(tuple(subtract), None)
+    if (m := _COUNT.fullmatch(rest)) is not None:
+        return Query(tuple(subtract), _parse_filter(m.group(1), question))
+    raise ValueError(f"question {question!r} does not follow the scene question grammar")
+
+
+def answer_question(scene: Scene, question: str) -> str:
+    """Work the answer out from the question text alone (used to check generated answers).
+
+    Returns:
+        The integer answer as a string, e.g. ``"3"``.
+
+    Raises:
+        ValueError: if the question does not parse.
+    """
+    return str(parse_question(question).evaluate(scene))
+
+
+CATEGORIES: tuple[str, ...] = (
+    "count_all",
+    "count_color",
+    "count_shape",
+    "count_size_shape",
+    "subtract_color_shape",
+    "subtract_size_shape",
+    "subtract_two",
+)
+
+
+def make_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """Pick a question template and fill it from an object that is in the scene.
+
+    Filling from a present object keeps most answers non-zero, so a model has to look.
+
+    Args:
+        scene: the scene the question is about (at least one object).
+        rng: source of randomness.
+
+    Returns:
+        ``(question, answer, category)``; the answer is an integer string, the category one of
+        ``CATEGORIES``.
+    """
+    category = rng.choice(CATEGORIES)
+    a, b = rng.choice(scene.objects), rng.choice(scene.objects)
+    subtract: tuple[ObjectFilter, ...] = ()
+    count: ObjectFilter | None = None
+    if category == "count_all":
+        count = ObjectFilter()
+    elif category == "count_color":
+        count = ObjectFilter(color=a.color)
+    elif category == "count_shape":
+        count = ObjectFilter(shape=a.shape)
+    elif category == "count_size_shape":
+        count = ObjectFilter(size=a.size, shape=a.shape)
+    elif category == "subtract_color_shape":
+        subtract = (ObjectFilter(color=a.color, shape=a.shape),)
+    elif category == "subtract_size_shape":
+        subtract = (ObjectFilter(size=a.size, shape=a.shape),)
+    else:
+        subtract = (ObjectFilter(color=a.color), ObjectFilter(size=b.size, shape=b.shape))
+    query = Query(subtract, count)
+    return query.text(), str(query.evaluate(scene)), category
+
+
+# ---------------------------------------------------------------- descriptions and responses
+
+
+def _left_to_right(scene: Scene) -> list[SceneObject]:
+    return sorted(scene.objects, key=lambda o: (o.x, o.y))
+
+
+def describe_scene(scene: Scene) -> str:
+    """One-sentence description listing every object (size, colour, [material,] shape), left to right.
+
+    The material is named only for metal objects; rubber is the plain, matte default.
+    """
+    # Every phrase starts with "small" or "large", so "a" is always the right article.
+    items = [f"a {o.phrase(with_material=o.material == 'metal')}" for o in _left_to_right(scene)]
+    n = len(items)
+    noun = "object" if n == 1 else "objects"
+    listing = items[0] if n == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+    return f"The image shows {n} {noun} on a plain background; from left to right: {listing}."
+
+
+def scene_keywords(scene: Scene) -> list[str]:
+    """Colours, shapes and sizes a faithful description must mention ("metal" too if present).
+
+    Returns:
+        Lower-case, deduplicated words in left-to-right order of first appearance.
+    """
+    words: list[str] = []
+    for o in _left_to_right(scene):
+        for w in (o.color, o.shape, o.size) + (("metal",) if o.material == "metal" else ()):
+            if w not in words:
+                words.append(w)
+    return words
+
+
+def _listing(objs: list[SceneObject]) -> str:
+    if not objs:
+        return "none"
+    return ", ".join(f"the {o.phrase(with_material=o.material == 'metal')}" for o in objs)
+
+
+def pebr_response(scene: Scene, question: str, answer: str) -> str:
+    """An ideal response in the PeBR format: description, rationale, numbered steps, final answer.
+
+    Args:
+        scene: the scene the image shows.
+        question: a question of the module grammar.
+        answer: the answer to state on the last line.
+
+    Returns:
+        Text with the headers ``### Image Description:``, ``### Rationales:``,
+        ``### Let's think step by step.``, ``### Step k:`` and ``### The final answer is:``.
+
+    Raises:
+        ValueError: if the question does not parse.
+    """
+    query = parse_question(question)
+    left = list(scene.objects)
+    steps = [f"There are {len(left)} objects in the image."]
+    for f in query.subtract:
+        gone = [o for o in left if f.matches(o)]
+        left = [o for o in left if not f.matches(o)]
+        steps.append(
+            f"The {f.text()} are: {_listing(gone)}. Removing {len(gone)} of them leaves {len(left)} objects."
+        )
+    if query.count is None:
+        steps.append(f"So {len(left)} objects are left.")
+        goal = "how many objects remain after removing the named groups"
+    else:
+        hits = [o for o in left if query.count.matches(o)]
+        steps.append(f"The {query.count.text()} are: {_listing(hits)}. That makes {len(hits)}.")
+        goal = f"how many {query.count.text()} there are"
+    body = "\n".join(f"### Step {i}: {s}" for i, s in enumerate(steps, start=1))
+    return (
+        f"### Image Description:\n{describe_scene(scene)}\n"
+        f"### Rationales:\nThe question asks {goal}. I identify each object by its size, colour and shape, "
+        "apply the question's conditions in order, and count what is left.\n"
+        f"### Let's think step by step.\n{body}\n"
+        f"### The final answer is: {answer}"
+    )
