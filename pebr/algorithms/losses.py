@@ -252,8 +252,9 @@ def ppo_policy_loss(
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution ``softmax(logits)`` along the last dimension.
 
-    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``, which equals ``-sum p log p`` without
-    ever taking the log of a probability that underflowed to 0.
+    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v`` with ``z = logits - max(logits)``, which equals
+    ``-sum p log p`` without ever taking the log of a probability that underflowed to 0. Logits must
+    be finite (a ``-inf`` entry gives ``0 * -inf = NaN``).
 
     Args:
         logits: ``[..., V]``.
@@ -261,8 +262,11 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` entropies (in nats), same dtype as ``logits``.
     """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    # Shifting by the max first keeps both terms O(log V): unshifted, logits near 1000 would make
+    # them ~1000 each and the float32 difference lose the entropy's last digits.
+    shifted = logits - logits.amax(dim=-1, keepdim=True).detach()
+    probs = torch.softmax(shifted, dim=-1)
+    return torch.logsumexp(shifted, dim=-1) - (probs * shifted).sum(-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -103,12 +103,15 @@ class _RawRecord:
 
 def _read_json(path: str) -> Iterator[_RawRecord]:
     stem = os.path.splitext(os.path.basename(path))[0]
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            # One broken document cannot be partly skipped: always stop here.
-            raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        # One broken document cannot be partly skipped: always stop here.
+        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source must hold a list of records, found {type(data).__name__}")
     for index, value in enumerate(data):
@@ -118,12 +121,15 @@ def _read_json(path: str) -> Iterator[_RawRecord]:
 def _read_jsonl(path: str) -> Iterator[_RawRecord]:
     stem = os.path.splitext(os.path.basename(path))[0]
     index = 0
-    with open(path, encoding="utf-8") as handle:
+    # Binary lines, decoded one by one, so that a bad byte spoils one record and not the whole file.
+    with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                value, parse_error = json.loads(line), None
+                value, parse_error = json.loads(line.decode("utf-8")), None
+            except UnicodeDecodeError as err:
+                value, parse_error = None, f"not UTF-8 text (byte {err.start})"
             except json.JSONDecodeError as err:
                 value, parse_error = None, err.msg
             yield _RawRecord(value, path, stem, index, line=line_number, parse_error=parse_error)
@@ -289,8 +295,9 @@ def normalize_record(
         qid = default_qid
     elif isinstance(qid, bool) or not isinstance(qid, (str, int)):
         raise BadRecord("bad_qid", f"{where}: key 'qid' must be a string or an integer, got {type(qid).__name__}")
-    qid = str(qid)
-    where = f"{where} qid={qid!r}"
+    else:
+        qid = str(qid)
+        where = f"{where} qid={qid!r}"  # only a qid from the data helps find the record
 
     prompt = value.get(prompt_key)
     if not isinstance(prompt, str) or not prompt.strip():

@@ -379,21 +379,42 @@ def make_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- descriptions and responses
 
 
-def _left_to_right(scene: Scene) -> list[SceneObject]:
-    return sorted(scene.objects, key=lambda o: (o.x, o.y))
+def _left_to_right(objs: list[SceneObject]) -> list[SceneObject]:
+    return sorted(objs, key=lambda o: (o.x, o.y))
+
+
+_NUMBER_WORDS = ("no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _count_noun(n: int, singular: str) -> str:
+    """``"1 object"``, ``"3 objects"``."""
+    return f"{n} {singular}" if n == 1 else f"{n} {singular}s"
+
+
+def _group(objs: list[SceneObject]) -> str:
+    """Name a list of objects, merging identical ones: ``"two small red cubes and a large blue sphere"``.
+
+    Groups keep the left-to-right order of their first member; the material is named only for
+    metal objects, rubber being the plain, matte default.
+    """
+    counts: dict[str, int] = {}
+    for o in _left_to_right(objs):
+        phrase = o.phrase(with_material=o.material == "metal")
+        counts[phrase] = counts.get(phrase, 0) + 1
+    parts = []
+    for phrase, n in counts.items():
+        # Every phrase starts with "small" or "large", so "a" is always the right article.
+        number = _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
+        parts.append(f"{number} {phrase}" + ("s" if n > 1 else ""))
+    if not parts:
+        return "nothing"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
 
 
 def describe_scene(scene: Scene) -> str:
-    """One-sentence description listing every object (size, colour, [material,] shape), left to right.
-
-    The material is named only for metal objects; rubber is the plain, matte default.
-    """
-    # Every phrase starts with "small" or "large", so "a" is always the right article.
-    items = [f"a {o.phrase(with_material=o.material == 'metal')}" for o in _left_to_right(scene)]
-    n = len(items)
-    noun = "object" if n == 1 else "objects"
-    listing = items[0] if n == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
-    return f"The image shows {n} {noun} on a plain background; from left to right: {listing}."
+    """One sentence naming every object by size, colour ([material,]) and shape, left to right."""
+    count = _count_noun(len(scene.objects), "object")
+    return f"The image shows {count} on a plain background: {_group(scene.objects)}."
 
 
 def scene_keywords(scene: Scene) -> list[str]:
@@ -403,17 +424,11 @@ def scene_keywords(scene: Scene) -> list[str]:
         Lower-case, deduplicated words in left-to-right order of first appearance.
     """
     words: list[str] = []
-    for o in _left_to_right(scene):
+    for o in _left_to_right(scene.objects):
         for w in (o.color, o.shape, o.size) + (("metal",) if o.material == "metal" else ()):
             if w not in words:
                 words.append(w)
     return words
-
-
-def _listing(objs: list[SceneObject]) -> str:
-    if not objs:
-        return "none"
-    return ", ".join(f"the {o.phrase(with_material=o.material == 'metal')}" for o in objs)
 
 
 def pebr_response(scene: Scene, question: str, answer: str) -> str:
@@ -433,19 +448,24 @@ def pebr_response(scene: Scene, question: str, answer: str) -> str:
     """
     query = parse_question(question)
     left = list(scene.objects)
-    steps = [f"There are {len(left)} objects in the image."]
+    steps = [f"There are {_count_noun(len(left), 'object')} in the image: {_group(left)}."]
     for f in query.subtract:
         gone = [o for o in left if f.matches(o)]
         left = [o for o in left if not f.matches(o)]
-        steps.append(
-            f"The {f.text()} are: {_listing(gone)}. Removing {len(gone)} of them leaves {len(left)} objects."
-        )
+        if gone:
+            steps.append(f"Removing the {f.text()} ({_group(gone)}) leaves {_count_noun(len(left), 'object')}.")
+        else:
+            steps.append(f"There are no {f.text()}, so {_count_noun(len(left), 'object')} remain.")
     if query.count is None:
-        steps.append(f"So {len(left)} objects are left.")
+        steps.append(f"So {_count_noun(len(left), 'object')} {'is' if len(left) == 1 else 'are'} left.")
         goal = "how many objects remain after removing the named groups"
     else:
         hits = [o for o in left if query.count.matches(o)]
-        steps.append(f"The {query.count.text()} are: {_listing(hits)}. That makes {len(hits)}.")
+        if query.count == ObjectFilter():
+            steps.append(f"Counting them gives {len(hits)}.")
+        else:
+            found = _group(hits) if hits else "none of them"
+            steps.append(f"Among these, the {query.count.text()} are: {found}. That makes {len(hits)}.")
         goal = f"how many {query.count.text()} there are"
     body = "\n".join(f"### Step {i}: {s}" for i, s in enumerate(steps, start=1))
     return (

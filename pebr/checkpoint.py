@@ -1,0 +1,224 @@
+"""Checkpoints: sharded safetensors per rank, atomic step directories, rotation, merging.
+
+Layout of one checkpoint (the directory appears only once it is complete):
+
+    {checkpoint_dir}/global_step_{k}/
+        trainer_state.json                   step, data-loader state, metrics bookkeeping
+        actor/
+            model_world_size_{W}_rank_{r}.safetensors    this rank's shards of every parameter
+            optim_world_size_{W}_rank_{r}.safetensors    this rank's AdamW moments and steps
+            extra_state_world_size_{W}_rank_{r}.json     lr schedule and optimizer param groups
+            shard_index.json                             global shape and sharding of each tensor
+            huggingface/                                 config, tokenizer, processor (weights after merging)
+
+A save goes to `global_step_{k}.partial/` and is renamed when every rank has written its files, so a
+crash during a save leaves a `.partial` directory that is ignored and cleaned up, never a half
+checkpoint that a restart would load. Weights are never pickled: tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+STEP_DIR = re.compile(r"^global_step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+INDEX_FILE = "shard_index.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or inconsistent."""
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_dir(checkpoint_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir, f"global_step_{step}")
+
+
+def partial_dir(checkpoint_dir: str, step: int) -> str:
+    return step_dir(checkpoint_dir, step) + ".partial"
+
+
+def complete_steps(checkpoint_dir: str) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    steps = []
+    for name in os.listdir(checkpoint_dir):
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(checkpoint_dir, name, STATE_FILE)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    steps = complete_steps(checkpoint_dir)
+    return step_dir(checkpoint_dir, steps[-1]) if steps else None
+
+
+def remove_partial(checkpoint_dir: str) -> list[str]:
+    """Delete leftovers of interrupted saves; returns what was removed."""
+    removed = []
+    if os.path.isdir(checkpoint_dir):
+        for name in os.listdir(checkpoint_dir):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: int) -> str:
+    """Write the trainer state into the partial directory, publish it by renaming, then rotate."""
+    tmp = partial_dir(checkpoint_dir, step)
+    atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state)
+    final = step_dir(checkpoint_dir, step)
+    if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if save_limit > 0:
+        for old in complete_steps(checkpoint_dir)[:-save_limit]:
+            shutil.rmtree(step_dir(checkpoint_dir, old), ignore_errors=True)
+    return final
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _placement(t: torch.Tensor) -> dict:
+    if hasattr(t, "placements"):
+        p = t.placements[0]
+        dim = getattr(p, "dim", None)
+        return {"shape": list(t.shape), "shard_dim": dim}
+    return {"shape": list(t.shape), "shard_dim": None}
+
+
+def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 scheduler: Any, rank: int, world_size: int) -> None:
+    """Write this rank's shards of the model (and optimizer) into `actor_dir`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    os.makedirs(actor_dir, exist_ok=True)
+    tag = f"world_size_{world_size}_rank_{rank}"
+    model_sd = get_model_state_dict(model)
+    _save_tensors(os.path.join(actor_dir, f"model_{tag}.safetensors"), {k: _local(v) for k, v in model_sd.items()})
+    if rank == 0:
+        atomic_write_json(os.path.join(actor_dir, INDEX_FILE),
+                          {"world_size": world_size, "tensors": {k: _placement(v) for k, v in model_sd.items()}})
+    if optimizer is None:
+        return
+    optim_sd = get_optimizer_state_dict(model, optimizer)
+    flat = {}
+    for fqn, state in optim_sd["state"].items():
+        for name, value in state.items():
+            flat[f"{fqn}::{name}"] = _local(value) if torch.is_tensor(value) else torch.tensor(value)
+    _save_tensors(os.path.join(actor_dir, f"optim_{tag}.safetensors"), flat)
+    extra = {"param_groups": optim_sd["param_groups"], "scheduler": scheduler.state_dict() if scheduler else None}
+    atomic_write_json(os.path.join(actor_dir, f"extra_state_{tag}.json"), extra)
+
+
+def _with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if hasattr(template, "placements"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local.to(template.device, template.dtype), template.device_mesh,
+                                  template.placements, shape=template.shape, stride=template.stride())
+    return local.to(template.device, template.dtype)
+
+
+def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 scheduler: Any, rank: int, world_size: int) -> None:
+    """Restore this rank's shards written by `save_sharded` with the same world size."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+    tag = f"world_size_{world_size}_rank_{rank}"
+    model_file = os.path.join(actor_dir, f"model_{tag}.safetensors")
+    if not os.path.isfile(model_file):
+        found = sorted(f for f in os.listdir(actor_dir) if f.startswith("model_world_size_")) if os.path.isdir(actor_dir) else []
+        raise CheckpointError(f"{model_file} is missing (found {found[:4]}); a checkpoint resumes with the "
+                              f"world size it was saved with ({world_size} now)")
+    loaded = load_file(model_file)
+    current = get_model_state_dict(model)
+    missing = set(current) - set(loaded)
+    if missing:
+        raise CheckpointError(f"{model_file} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    set_model_state_dict(model, {k: _with_local(v, loaded[k]) for k, v in current.items()})
+    if optimizer is None:
+        return
+    flat = load_file(os.path.join(actor_dir, f"optim_{tag}.safetensors"))
+    with open(os.path.join(actor_dir, f"extra_state_{tag}.json")) as f:
+        extra = json.load(f)
+    template = get_optimizer_state_dict(model, optimizer)
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        fqn, name = key.split("::", 1)
+        ref = template["state"].get(fqn, {}).get(name)
+        state.setdefault(fqn, {})[name] = _with_local(ref, value) if ref is not None and torch.is_tensor(ref) else value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": extra["param_groups"]})
+    if scheduler is not None and extra.get("scheduler"):
+        scheduler.load_state_dict(extra["scheduler"])
+
+
+def check_complete(actor_dir: str) -> int:
+    """Return the world size of a complete sharded actor checkpoint, or raise CheckpointError."""
+    actor_dir = os.path.abspath(actor_dir)
+    step = os.path.dirname(actor_dir)
+    if step.endswith(".partial") or not os.path.isfile(os.path.join(step, STATE_FILE)):
+        raise CheckpointError(f"{actor_dir} belongs to an incomplete checkpoint (no {STATE_FILE} in {step}); "
+                              "it was interrupted while saving; use an earlier global_step_* directory")
+    index_path = os.path.join(actor_dir, INDEX_FILE)
+    if not os.path.isfile(index_path):
+        raise CheckpointError(f"{index_path} is missing: not a sharded actor checkpoint")
+    with open(index_path) as f:
+        world = json.load(f)["world_size"]
+    for r in range(world):
+        path = os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    return world
+
+
+def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
+    """Reassemble full tensors from the per-rank shards (FSDP2 shards dim 0 into equal chunks)."""
+    from safetensors import safe_open
+
+    world = check_complete(actor_dir)
+    with open(os.path.join(actor_dir, INDEX_FILE)) as f:
+        index = json.load(f)["tensors"]
+    handles = [safe_open(os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors"), "pt")
+               for r in range(world)]
+    full = {}
+    for name, info in index.items():
+        dim = info["shard_dim"]
+        if dim is None:
+            full[name] = handles[0].get_tensor(name)
+            continue
+        parts = [h.get_tensor(name) for h in handles]
+        tensor = torch.cat([p for p in parts if p.numel() or p.dim() > 0], dim=dim)
+        if list(tensor.shape) != info["shape"]:
+            raise CheckpointError(f"{actor_dir}: merged {name} has shape {list(tensor.shape)}, expected {info['shape']}")
+        full[name] = tensor
+    return full

@@ -1,0 +1,341 @@
+"""Typed configuration: dataclasses with the key names of the EasyR1-style YAML recipes.
+
+A run's configuration is `config=FILE.yaml` merged with dotted command-line overrides
+(`worker.rollout.n=8`). Everything is checked here, once, before any worker starts: unknown keys,
+wrong types, batch sizes that do not divide and settings that cannot work name the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train_files: str = ""
+    val_files: str = ""
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    image_dir: Optional[str] = None
+    max_prompt_length: int = 2048
+    max_response_length: int = 2048
+    rollout_batch_size: int = 512
+    val_batch_size: int = -1
+    format_prompt: Optional[str] = None
+    shuffle: bool = True
+    seed: int = 1
+    min_pixels: Optional[int] = 576
+    max_pixels: Optional[int] = 802816
+    filter_overlong_prompts: bool = True
+    on_bad_record: str = "raise"  # raise | skip
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus | remax
+    gamma: float = 1.0
+    disable_kl: bool = False
+    use_kl_loss: bool = True
+    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl
+    kl_coef: float = 1.0e-2
+    online_filtering: bool = False
+    filter_key: str = "overall"
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+
+
+@dataclass
+class ModelConfig:
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    trust_remote_code: bool = False
+    freeze_vision_tower: bool = False
+    enable_gradient_checkpointing: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1.0e-2
+    strategy: str = "adamw"
+    lr_warmup_ratio: float = 0.0
+    lr_warmup_steps: Optional[int] = None
+    warmup_style: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class FSDPConfig:
+    enable_full_shard: bool = True
+    enable_cpu_offload: bool = False
+    enable_rank0_init: bool = False
+    # Mixed precision of the sharded compute; master weights and optimizer state stay fp32.
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+
+
+@dataclass
+class OffloadConfig:
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ActorConfig:
+    global_batch_size: int = 256
+    micro_batch_size_per_device_for_update: int = 4
+    micro_batch_size_per_device_for_experience: int = 16
+    max_grad_norm: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    clip_ratio_dual: float = 3.0
+    loss_avg_mode: str = "token"  # token | seq
+    ppo_epochs: int = 1
+    padding_free: bool = True
+    dynamic_batching: bool = False
+    max_token_len_per_gpu: int = 16384
+    ulysses_sequence_parallel_size: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+
+@dataclass
+class RefConfig:
+    fsdp: FSDPConfig = field(default_factory=lambda: FSDPConfig(enable_cpu_offload=True))
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "vllm"  # vllm | hf
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 1
+    limit_images: int = 1
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    gpu_memory_utilization: float = 0.6
+    # vLLM on CPU sizes its KV cache from this (GiB) instead of gpu_memory_utilization.
+    cpu_kv_cache_gb: float = 1.0
+    enforce_eager: bool = False
+    enable_chunked_prefill: bool = False
+    tensor_parallel_size: int = 1
+    max_num_batched_tokens: int = 8192
+    val_override_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    reward_type: str = "batch"  # batch | sequential
+    reward_function: Optional[str] = None
+    reward_function_kwargs: dict = field(default_factory=dict)
+    num_cpus: float = 1
+
+
+@dataclass
+class WorkerConfig:
+    hybrid_engine: bool = True
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class TrainerConfig:
+    total_epochs: int = 1
+    max_steps: Optional[int] = None
+    project_name: str = "easy_r1"
+    experiment_name: str = "demo"
+    logger: list = field(default_factory=lambda: ["console", "file"])
+    nnodes: int = 1
+    n_gpus_per_node: int = 8
+    device: str = "auto"  # auto | cuda | cpu
+    max_try_make_batch: int = 20
+    val_freq: int = -1
+    val_before_train: bool = True
+    val_only: bool = False
+    val_generations_to_log: int = 0
+    save_freq: int = -1
+    save_limit: int = -1
+    save_model_only: bool = False
+    save_checkpoint_path: Optional[str] = None
+    load_checkpoint_path: Optional[str] = None
+    find_last_checkpoint: bool = True
+    ray_address: Optional[str] = None
+    worker_timeout_s: float = 3600.0
+
+
+@dataclass
+class PPOConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.nnodes * self.trainer.n_gpus_per_node
+
+    @property
+    def checkpoint_dir(self) -> str:
+        if self.trainer.save_checkpoint_path:
+            return self.trainer.save_checkpoint_path
+        return os.path.join("checkpoints", self.trainer.project_name, self.trainer.experiment_name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
+    """Check settings that the type system cannot; raise ConfigError naming the key.
+
+    Args:
+        cfg: the merged configuration.
+        training: False for sampling-only runs (no update-phase batch checks).
+    """
+    d, a, w, t = cfg.data, cfg.algorithm, cfg.worker, cfg.trainer
+    actor, rollout = w.actor, w.rollout
+    _choice("algorithm.adv_estimator", a.adv_estimator, ("grpo", "rloo", "reinforce_plus_plus", "remax"))
+    _choice("algorithm.kl_penalty", a.kl_penalty, ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3"))
+    _choice("worker.rollout.name", rollout.name, ("vllm", "hf"))
+    _choice("worker.reward.reward_type", w.reward.reward_type, ("batch", "sequential"))
+    _choice("worker.actor.loss_avg_mode", actor.loss_avg_mode, ("token", "seq"))
+    _choice("worker.actor.optim.warmup_style", actor.optim.warmup_style, ("constant", "cosine"))
+    _choice("trainer.device", t.device, ("auto", "cuda", "cpu"))
+    _choice("data.on_bad_record", d.on_bad_record, ("raise", "skip"))
+    for key, value in (("worker.actor.fsdp.mixed_precision", actor.fsdp.mixed_precision),
+                       ("worker.rollout.dtype", rollout.dtype)):
+        _choice(key, value, ("auto", "bf16", "fp32"))
+    for key, value in (("data.rollout_batch_size", d.rollout_batch_size), ("worker.rollout.n", rollout.n),
+                       ("trainer.nnodes", t.nnodes), ("trainer.n_gpus_per_node", t.n_gpus_per_node),
+                       ("data.max_prompt_length", d.max_prompt_length),
+                       ("data.max_response_length", d.max_response_length),
+                       ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
+        _positive(key, value)
+    if not actor.model.model_path:
+        raise ConfigError("worker.actor.model.model_path is required")
+    if not os.path.isdir(actor.model.model_path) and os.path.sep in actor.model.model_path:
+        raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
+    if not d.train_files:
+        raise ConfigError("data.train_files is required")
+    if cfg.world_size % rollout.tensor_parallel_size:
+        raise ConfigError(
+            f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "
+            f"workers (trainer.nnodes x trainer.n_gpus_per_node = {cfg.world_size})")
+    if not training:
+        return cfg
+    if w.reward.reward_function is None:
+        raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
+    if a.adv_estimator in ("grpo", "rloo") and rollout.n < 2:
+        raise ConfigError(
+            f"worker.rollout.n={rollout.n} with algorithm.adv_estimator={a.adv_estimator}: a group of one "
+            "response has zero advantage, so nothing would be learned; use n >= 2")
+    if not 0.0 <= a.filter_low <= a.filter_high <= 1.0 and a.online_filtering:
+        raise ConfigError("algorithm.filter_low <= algorithm.filter_high must hold, both in [0, 1]")
+    _positive("worker.actor.global_batch_size", actor.global_batch_size)
+    _positive("worker.actor.micro_batch_size_per_device_for_update", actor.micro_batch_size_per_device_for_update)
+    _positive("worker.actor.micro_batch_size_per_device_for_experience",
+              actor.micro_batch_size_per_device_for_experience)
+    if actor.global_batch_size > d.rollout_batch_size:
+        raise ConfigError(f"worker.actor.global_batch_size={actor.global_batch_size} is larger than "
+                          f"data.rollout_batch_size={d.rollout_batch_size}")
+    if d.rollout_batch_size % actor.global_batch_size:
+        raise ConfigError(f"data.rollout_batch_size={d.rollout_batch_size} must be a multiple of "
+                          f"worker.actor.global_batch_size={actor.global_batch_size}")
+    samples_per_update = actor.global_batch_size * rollout.n
+    if samples_per_update % cfg.world_size:
+        raise ConfigError(
+            f"worker.actor.global_batch_size x worker.rollout.n = {samples_per_update} must be divisible by the "
+            f"number of workers ({cfg.world_size})")
+    per_device = samples_per_update // cfg.world_size
+    if per_device % actor.micro_batch_size_per_device_for_update:
+        raise ConfigError(
+            f"each worker gets {per_device} samples per update (global_batch_size x n / workers); "
+            f"worker.actor.micro_batch_size_per_device_for_update="
+            f"{actor.micro_batch_size_per_device_for_update} must divide it")
+    if (d.rollout_batch_size * rollout.n) % cfg.world_size:
+        raise ConfigError(f"data.rollout_batch_size x worker.rollout.n = {d.rollout_batch_size * rollout.n} must be "
+                          f"divisible by the number of workers ({cfg.world_size})")
+    return cfg
+
+
+def _structured_merge(base: Any, sources: list, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, *sources)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{origin}: bad configuration key '{key}': {msg}") from None
+
+
+def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = True) -> Any:
+    """Build the configuration from `config=FILE` plus dotted overrides, then validate it.
+
+    Args:
+        argv: command-line words such as ["config=examples/pebr_stage1.yaml", "worker.rollout.n=4"].
+        schema: the dataclass to fill.
+        training: passed on to `validate`.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a wrong type or an impossible setting.
+    """
+    base = OmegaConf.structured(schema)
+    overrides = [a for a in argv if not a.startswith("config=")]
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    sources = []
+    for path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        sources.append((OmegaConf.load(path), path))
+    for word in overrides:
+        if "=" not in word:
+            raise ConfigError(f"command-line override {word!r} is not of the form key=value")
+    merged = base
+    for src, origin in sources:
+        merged = _structured_merge(merged, [src], origin)
+    if overrides:
+        merged = _structured_merge(merged, [OmegaConf.from_dotlist(overrides)], "command line")
+    cfg = OmegaConf.to_object(merged)
+    if isinstance(cfg, PPOConfig):
+        validate(cfg, training=training)
+    return cfg
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def dataclass_keys(obj: Any, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass tree (used by tests that check recipes)."""
+    keys = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            keys += dataclass_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

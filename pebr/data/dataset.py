@@ -1,0 +1,233 @@
+"""The RL prompt data set: chat-templated prompts, resized images, ground truths.
+
+Everything that can be wrong with a record (types, missing or broken image files, prompts that are too
+long once the processor expands the image placeholders) is found when the data set is built, so that a
+bad file fails at load time with its record named, not deep inside a rollout worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jinja2
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pebr.data.images import fit_size, load_image, probe_image
+from pebr.data.records import (
+    IMAGE_PLACEHOLDER,
+    BadRecord,
+    DataError,
+    LoadReport,
+    check_on_bad_record,
+    normalize_record,
+)
+
+logger = logging.getLogger(__name__)
+
+OVERLONG_REASON = "prompt_too_long"
+
+
+def load_format_prompt(path: str) -> jinja2.Template:
+    """Read a jinja2 prompt template; rendering fails on any variable other than the ones passed.
+
+    Raises:
+        DataError: the file is missing or is not valid jinja2 (the message names file and line).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise DataError(f"format_prompt {path!r} cannot be read: {err}") from err
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    try:
+        return environment.from_string(text)
+    except jinja2.TemplateSyntaxError as err:
+        raise DataError(f"format_prompt {path!r} line {err.lineno}: {err.message}") from err
+
+
+def build_messages(question: str, num_images: int, template: jinja2.Template | None) -> list[dict[str, Any]]:
+    """One user turn: the images first, then the (templated) question text.
+
+    Args:
+        question: the record's prompt; its `<image>` placeholders are removed, since the images are
+            given as separate content parts.
+        num_images: how many {"type": "image"} parts to put before the text.
+        template: rendered with `content` = the question text; None uses the text as it is.
+
+    Returns:
+        The chat messages for `processor.apply_chat_template`.
+    """
+    content = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    text = template.render(content=content) if template is not None else content
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    parts.append({"type": "text", "text": text})
+    return [{"role": "user", "content": parts}]
+
+
+class PromptLengthCounter:
+    """Counts prompt tokens after the processor expands each image into its patch tokens.
+
+    The expansion of one image depends only on its size, so it is measured once per size, by running
+    the processor on a blank image of that size, and added to the token count of the unexpanded text.
+    This gives exactly the length of `processor(text=[prompt], images=images)` without decoding images.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token: str = processor.image_token
+        self._base = len(self._text_ids(self.image_token))
+        self._per_size: dict[tuple[int, int], int] = {}
+
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Number of tokens one placeholder becomes for an image of `size` = (width, height)."""
+        if size not in self._per_size:
+            blank = Image.new("RGB", size)
+            expanded = self.processor(text=[self.image_token], images=[blank])["input_ids"][0]
+            self._per_size[size] = len(expanded) - self._base + 1
+        return self._per_size[size]
+
+    def __call__(self, prompt: str, sizes: list[tuple[int, int]]) -> int:
+        """Tokens of `prompt` (already chat-templated) with one image of each size in `sizes`."""
+        return len(self._text_ids(prompt)) + sum(self.image_tokens(size) - 1 for size in sizes)
+
+
+class RLDataset(Dataset):
+    """Prompts for RL rollouts, checked up front, images decoded only when an item is read.
+
+    Item `i` is a dict:
+        "prompt": str, the chat-templated user turn with the generation prompt; each image appears as
+            the template's <|vision_start|><|image_pad|><|vision_end|> (not yet expanded).
+        "images": list[PIL.Image.Image], RGB, resized with `fit_size(min_pixels, max_pixels)`.
+        "ground_truth": str; "qid": str; "key_words": list[str];
+        "index": int, the record's position in the `records` list given to the constructor.
+
+    Attributes:
+        report: a `LoadReport` of this construction (total = len(records)); prompts dropped for length
+            are counted under the reason "prompt_too_long" (see `num_overlong`).
+    """
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        processor: Any,
+        *,
+        image_dir: str | None,
+        max_prompt_length: int,
+        format_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        filter_overlong_prompts: bool = True,
+        on_bad_record: str = "raise",
+        prompt_key: str = "problem",
+        answer_key: str = "answer",
+        image_key: str = "images",
+    ) -> None:
+        """Validate every record, probe its images and measure its prompt.
+
+        Args:
+            records: raw or `load_records`-normalised records.
+            processor: a Qwen2.5-VL style processor (tokenizer, image processor, chat template).
+            image_dir: directory that relative image paths are joined to.
+            max_prompt_length: the most prompt tokens allowed, counted after image expansion.
+            format_prompt: path to a jinja2 template rendered with `content` = the question text.
+            min_pixels, max_pixels: area bounds for resizing images (see `fit_size`).
+            filter_overlong_prompts: drop prompts over `max_prompt_length` (counted in the report)
+                instead of raising.
+            on_bad_record: "raise" or "skip" for records with bad fields or bad images.
+            prompt_key / answer_key / image_key: the record keys of question, answer and images.
+
+        Raises:
+            DataError: a bad record with on_bad_record="raise", an overlong prompt with
+                filter_overlong_prompts=False, or an unreadable template.
+            ValueError: a bad on_bad_record or max_prompt_length.
+        """
+        check_on_bad_record(on_bad_record)
+        if max_prompt_length <= 0:
+            raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+        self.processor = processor
+        self.image_dir = image_dir
+        self.max_prompt_length = max_prompt_length
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.prompt_key, self.answer_key, self.image_key = prompt_key, answer_key, image_key
+        self._template = load_format_prompt(format_prompt) if format_prompt else None
+        count_tokens = PromptLengthCounter(processor)
+
+        self.report = LoadReport(total=len(records))
+        self._items: list[tuple[int, dict[str, Any], str]] = []  # (index, record, prompt)
+        for index, raw in enumerate(records):
+            where = f"record {index}"
+            try:
+                record = normalize_record(
+                    raw,
+                    where=where,
+                    default_qid=f"record-{index}",
+                    prompt_key=prompt_key,
+                    answer_key=answer_key,
+                    image_key=image_key,
+                )
+                where = f"{where} qid={record['qid']!r}"
+                images = record[image_key]
+                sizes = [
+                    fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels) for image in images
+                ]
+            except BadRecord as err:
+                if on_bad_record == "raise":
+                    raise
+                self.report.add_skip(err)
+                continue
+            prompt = processor.apply_chat_template(
+                build_messages(record[prompt_key], len(images), self._template),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            length = count_tokens(prompt, sizes)
+            if length > max_prompt_length:
+                message = f"{where}: prompt has {length} tokens, more than max_prompt_length={max_prompt_length}"
+                if not filter_overlong_prompts:
+                    raise DataError(message + " (set filter_overlong_prompts to drop such prompts)")
+                self.report.add_skip(BadRecord(OVERLONG_REASON, message))
+                continue
+            self._items.append((index, record, prompt))
+        self.report.kept = len(self._items)
+        if self.num_overlong:
+            logger.warning(
+                "RLDataset: dropped %d of %d prompts longer than %d tokens",
+                self.num_overlong,
+                len(records),
+                max_prompt_length,
+            )
+        if self.report.num_skipped:
+            logger.warning("RLDataset: %s", self.report.summary())
+
+    @property
+    def num_overlong(self) -> int:
+        """How many records were dropped because their prompt was over `max_prompt_length`."""
+        return self.report.skipped.get(OVERLONG_REASON, 0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, record, prompt = self._items[i]
+        images = []
+        for image in record[self.image_key]:
+            try:
+                images.append(load_image(image, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
+            except (OSError, SyntaxError, ValueError) as err:
+                # The file passed the probe at construction, so it changed or is broken past the header.
+                raise DataError(f"record {index} qid={record['qid']!r}: image cannot be decoded: {err}") from err
+        return {
+            "prompt": prompt,
+            "images": images,
+            "ground_truth": record[self.answer_key],
+            "qid": record["qid"],
+            "key_words": list(record["key_words"]),
+            "index": index,
+        }

@@ -1,0 +1,273 @@
+"""Load a user reward function by path and check what it returns.
+
+A reward file is plain Python, loaded at run time from ``worker.reward.reward_function``
+(``path/to/file.py:function``)::
+
+    def compute_score(reward_inputs: list[dict], **kwargs) -> list[dict[str, float]]: ...   # batch
+    def compute_score(reward_input: dict, **kwargs) -> dict[str, float]: ...               # sequential
+
+``kwargs`` are ``worker.reward.reward_function_kwargs``. If the file defines ``setup(**kwargs)``,
+it is called once when the manager is built, so a bad configuration (a missing model path, an
+unknown weight) fails at start-up rather than at the first scoring step.
+
+Inputs are dicts with keys response (str), response_length (int), ground_truth (str),
+key_word (list[str]), image (PIL image or None) and qid (str). Outputs are one dict per input whose
+values are finite floats, with ``overall`` (the scalar GRPO optimises) unless require_overall is off.
+No Ray here: `pebr.workers.reward.RewardWorker` runs a manager inside an actor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import numbers
+import os
+import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "RewardFunctionError",
+    "RewardManager",
+    "load_reward_function",
+    "load_reward_module",
+    "resolve_options",
+    "REWARD_TYPES",
+]
+
+REWARD_TYPES = ("batch", "sequential")
+DEFAULT_FUNCTION = "compute_score"
+_PREVIEW_CHARS = 200
+_module_ids = itertools.count()
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, or returned something the trainer cannot use."""
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        # No ":function" part (or a ":" inside the path): the whole spec is the file.
+        return spec, DEFAULT_FUNCTION
+    return path, name
+
+
+def load_reward_module(path: str) -> ModuleType:
+    """Import a Python file as a fresh module (each call gets its own module and module state).
+
+    Args:
+        path: path to a .py file, absolute or relative to the working directory.
+
+    Returns:
+        The executed module.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the path does not name a .py file.
+    """
+    full = os.path.abspath(path)
+    if not full.endswith(".py"):
+        raise ValueError(f"reward function file must be a .py file, got {path!r}")
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"reward function file not found: {path!r} (resolved to {full})")
+    stem = os.path.splitext(os.path.basename(full))[0]
+    name = f"pebr_reward_fn_{stem}_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, full)
+    assert spec is not None and spec.loader is not None  # a .py path always has a source loader
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running so that dataclasses and pickling inside the file can find it.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _function_from(module: ModuleType, name: str, path: str) -> Callable[..., Any]:
+    if not hasattr(module, name):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise AttributeError(f"reward function file {path!r} has no function {name!r}; it defines {public}")
+    function = getattr(module, name)
+    if not callable(function):
+        raise TypeError(f"{name!r} in reward function file {path!r} is a {type(function).__name__}, not a function")
+    return function
+
+
+def load_reward_function(spec: str) -> Callable[..., Any]:
+    """Load ``path/to/file.py:function`` (the function defaults to compute_score).
+
+    Args:
+        spec: the file and function name, separated by a colon.
+
+    Returns:
+        The function object.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        AttributeError: if the file does not define the function.
+        TypeError: if the name is bound to something that is not callable.
+    """
+    path, name = _split_spec(spec)
+    return _function_from(load_reward_module(path), name, path)
+
+
+def resolve_options(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Defaults updated by overrides, rejecting keys that are not among the defaults.
+
+    Reward files use this so that a misspelt key in reward_function_kwargs (say "clip_wieght")
+    is an error instead of a silently ignored setting.
+
+    Args:
+        defaults: every accepted key with its default value.
+        overrides: the user's values.
+        where: name shown in the error (the reward file).
+
+    Returns:
+        A new dict with all default keys.
+
+    Raises:
+        KeyError: naming the unknown keys and the accepted ones.
+    """
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise KeyError(
+            f"unknown reward_function_kwargs {unknown} for {where}; accepted keys: {sorted(defaults)}"
+        )
+    return {**defaults, **overrides}
+
+
+def _describe(index: int, item: Any) -> str:
+    """One line that identifies an input: its index, qid and the start of its response."""
+    if not isinstance(item, Mapping):
+        return f"input #{index} ({type(item).__name__})"
+    response = str(item.get("response", ""))
+    preview = response[:_PREVIEW_CHARS] + ("..." if len(response) > _PREVIEW_CHARS else "")
+    qid, truth = item.get("qid", "?"), item.get("ground_truth")
+    return f"input #{index} (qid={qid!r}, ground_truth={truth!r}, response={preview!r})"
+
+
+class RewardManager:
+    """Calls a user reward function on a batch and validates its output.
+
+    Args:
+        reward_function: ``path/to/file.py:function``.
+        reward_type: "batch" (the function takes the list of inputs) or "sequential" (it takes one
+            input dict and returns one dict).
+        reward_function_kwargs: keyword arguments passed to the function (and to ``setup``).
+        require_overall: whether every output must contain "overall".
+
+    Raises:
+        ValueError: for an unknown reward_type.
+        FileNotFoundError, AttributeError, TypeError: from loading the function.
+        Exception: whatever the file's ``setup`` raises for a bad configuration.
+    """
+
+    def __init__(
+        self,
+        reward_function: str,
+        reward_type: str = "batch",
+        reward_function_kwargs: dict | None = None,
+        require_overall: bool = True,
+    ) -> None:
+        if reward_type not in REWARD_TYPES:
+            raise ValueError(f"worker.reward.reward_type must be one of {REWARD_TYPES}, got {reward_type!r}")
+        self.spec = reward_function
+        self.reward_type = reward_type
+        self.kwargs = dict(reward_function_kwargs or {})
+        self.require_overall = require_overall
+        path, name = _split_spec(reward_function)
+        self.module = load_reward_module(path)
+        self.function = _function_from(self.module, name, path)
+        setup = getattr(self.module, "setup", None)
+        if callable(setup):
+            setup(**self.kwargs)
+
+    def compute(self, inputs: list[dict]) -> list[dict[str, float]]:
+        """Score a batch.
+
+        Args:
+            inputs: one dict per response (see the module docstring for the keys).
+
+        Returns:
+            One dict per input, every value a finite Python float, all dicts with the same keys.
+
+        Raises:
+            RewardFunctionError: if the function raises (the message names the offending input) or
+                returns a list of the wrong length, a non-dict, a non-finite or non-numeric value,
+                no "overall" when it is required, or dicts with different keys.
+        """
+        if self.reward_type == "sequential":
+            outputs = [self._call_one(index, item) for index, item in enumerate(inputs)]
+        else:
+            outputs = self._call_batch(inputs)
+        return self._validate(inputs, outputs)
+
+    def _call_one(self, index: int, item: dict) -> Any:
+        try:
+            return self.function(item, **self.kwargs)
+        except Exception as exc:
+            raise RewardFunctionError(
+                f"reward function {self.spec} raised {type(exc).__name__}: {exc} on {_describe(index, item)}"
+            ) from exc
+
+    def _call_batch(self, inputs: list[dict]) -> Any:
+        try:
+            return self.function(inputs, **self.kwargs)
+        except Exception as exc:
+            culprit = self._find_culprit(inputs)
+            where = culprit if culprit else f"a batch of {len(inputs)} (no single input fails alone)"
+            raise RewardFunctionError(
+                f"reward function {self.spec} raised {type(exc).__name__}: {exc} on {where}"
+            ) from exc
+
+    def _find_culprit(self, inputs: list[dict]) -> str | None:
+        """Re-run the failed batch one input at a time to name the input that breaks it."""
+        for index, item in enumerate(inputs):
+            try:
+                self.function([item], **self.kwargs)
+            except Exception:  # noqa: BLE001 - any failure points at this input
+                return _describe(index, item)
+        return None
+
+    def _validate(self, inputs: list[dict], outputs: Any) -> list[dict[str, float]]:
+        if not isinstance(outputs, (list, tuple)):
+            raise RewardFunctionError(
+                f"reward function {self.spec} must return a list of dicts, got {type(outputs).__name__}"
+            )
+        if len(outputs) != len(inputs):
+            raise RewardFunctionError(
+                f"reward function {self.spec} returned {len(outputs)} results for {len(inputs)} inputs"
+            )
+        checked = [self._check_one(index, inputs[index], output) for index, output in enumerate(outputs)]
+        if checked:
+            keys = set(checked[0])
+            for index, scores in enumerate(checked):
+                if set(scores) != keys:
+                    raise RewardFunctionError(
+                        f"reward function {self.spec} returned keys {sorted(scores)} for "
+                        f"{_describe(index, inputs[index])} but {sorted(keys)} for input #0"
+                    )
+        return checked
+
+    def _check_one(self, index: int, item: dict, output: Any) -> dict[str, float]:
+        def fail(problem: str) -> RewardFunctionError:
+            return RewardFunctionError(f"reward function {self.spec} returned {problem} for {_describe(index, item)}")
+
+        if not isinstance(output, Mapping):
+            raise fail(f"a {type(output).__name__} instead of a dict")
+        if self.require_overall and "overall" not in output:
+            raise fail(f"no 'overall' score (keys: {sorted(output)})")
+        scores: dict[str, float] = {}
+        for key, value in output.items():
+            # numbers.Real covers int, float, bool and numpy scalars; tensors and strings are refused.
+            if not isinstance(value, numbers.Real):
+                raise fail(f"{key}={value!r} ({type(value).__name__}), not a number")
+            if not math.isfinite(value):
+                raise fail(f"{key}={value}, not a finite number")
+            scores[str(key)] = float(value)
+        return scores

@@ -1,0 +1,299 @@
+"""The PeBR reward terms as pure functions of strings and numbers.
+
+Each function scores one response and returns a float in [0, 1]. Nothing here imports torch, Ray
+or a model: the CLIP similarity arrives as a number (see `pebr.rewards.clip` for the scorer), so the
+whole file is testable in milliseconds.
+
+The response format the prompt asks for (see PAPER.md) is::
+
+    ### Image Description: ...
+    ### Rationales: ...
+    ### Let's think step by step.
+    ### Step 1: ...
+    ### The final answer is: <answer>
+
+Headers are matched case-insensitively with any spacing after ``###`` (the authors' release matched
+the final-answer header case-sensitively, so "### the final answer is:" fell back to grading the
+whole response).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import unicodedata
+from collections.abc import Sequence
+
+from mathruler.grader import extract_boxed_content, grade_answer
+from math_verify import parse as mv_parse
+from math_verify import verify as mv_verify
+
+__all__ = [
+    "format_reward",
+    "extract_final_answer",
+    "answers_match",
+    "accuracy_reward",
+    "keyword_recall",
+    "length_reward",
+    "extract_image_description",
+    "clip_alignment_reward",
+]
+
+_FLAGS = re.IGNORECASE
+_DESCRIPTION = re.compile(r"###\s*image\s+description\s*:", _FLAGS)
+_RATIONALES = re.compile(r"###\s*rationales\s*:", _FLAGS)
+_STEP_ONE = re.compile(r"###\s*step\s*1\s*:", _FLAGS)
+_FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
+# Extraction also accepts the header without its colon ("### The final answer is 42"); the format
+# reward still requires the colon, so a sloppy header costs the format term, not the answer.
+_FINAL_ANSWER_LOOSE = re.compile(r"###\s*the\s+final\s+answer\s+is\b\s*:?", _FLAGS)
+_ANY_HEADER = re.compile(r"###")
+
+_REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
+
+# A multiple-choice ground truth: one capital letter, optionally bracketed, optionally a full stop.
+_CHOICE_TRUTH = re.compile(r"^[(\[]?\s*([A-Z])\s*[)\]]?\s*\.?$")
+# A choice in an answer: "B", "(B)", "[B]", "B.", "B) 12 cm", "Option B: ...". A lower-case letter is
+# accepted only when it is the whole answer, so that "a triangle" is not read as choice A.
+_CHOICE_ANSWER_UPPER = re.compile(
+    r"^(?:(?:option|choice|answer)\s*:?\s*)?[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s|$)", _FLAGS
+)
+_CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
+
+# Signs and symbols that NFKC leaves alone but graders do not understand.
+_UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot "})
+# Seconds a grader may spend on one comparison (sympy can be slow on adversarial expressions).
+_GRADER_TIMEOUT_S = 5
+# Answers longer than this are free text (a response without the final-answer header): math-verify
+# then reads them in its extraction mode; as one LaTeX formula they would hit the timeout instead.
+_MAX_FORMULA_CHARS = 256
+
+
+def format_reward(response: str) -> float:
+    """1.0 if the response contains all four required headers, else 0.0.
+
+    Args:
+        response: the decoded response text.
+
+    Returns:
+        1.0 when ``### Image Description:``, ``### Rationales:``, ``### Step 1:`` and
+        ``### The final answer is:`` all occur (any case, any spacing after ``###``), else 0.0.
+    """
+    return float(all(pattern.search(response) for pattern in _REQUIRED_HEADERS))
+
+
+def extract_final_answer(response: str) -> str:
+    """The answer the response commits to.
+
+    The text after the last ``### The final answer is:`` header, up to the end of its line; if
+    that line is empty the next non-empty line is taken (models often break the line after the
+    header). Without the header the whole response is the answer, as the paper specifies. A
+    ``\\boxed{...}`` inside the answer is unwrapped.
+
+    Args:
+        response: the decoded response text.
+
+    Returns:
+        The answer text, stripped (possibly empty).
+    """
+    headers = list(_FINAL_ANSWER_LOOSE.finditer(response))
+    if headers:
+        rest = response[headers[-1].end() :]
+        lines = [line.strip() for line in rest.splitlines()]
+        answer = next((line for line in lines if line), "")
+    else:
+        answer = response.strip()
+    if "\\boxed{" in answer:
+        boxed = extract_boxed_content(answer)
+        if boxed != "None":  # mathruler's marker for an unclosed box
+            answer = boxed
+    return answer.strip()
+
+
+def _clean(text: str) -> str:
+    """Normalise unicode and strip what graders trip on: spacing, math delimiters, full stops."""
+    text = unicodedata.normalize("NFKC", text).translate(_UNICODE_FIXES).strip()
+    text = text.rstrip("。.").strip()
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text.strip("$").strip()
+    return text
+
+
+def _choice_letter(answer: str) -> str | None:
+    match = _CHOICE_ANSWER_UPPER.match(answer)
+    if match and match.group(1).isupper():
+        return match.group(1)
+    match = _CHOICE_ANSWER_LOWER.match(answer)
+    return match.group(1).upper() if match else None
+
+
+def _math_verify_match(answer: str, ground_truth: str) -> bool:
+    # math-verify times out with SIGALRM, which only the main thread may use; elsewhere (a threaded
+    # Ray actor, a thread pool) run without its timeout rather than fail.
+    timeout = _GRADER_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    # Wrapping a short answer in $...$ makes math-verify read bare LaTeX ("2\pi", "\sqrt{2}") as
+    # one formula instead of pulling the first number out of it.
+    def as_formula(text: str) -> str:
+        return f"${text}$" if len(text) <= _MAX_FORMULA_CHARS and "$" not in text else text
+
+    try:
+        gold = mv_parse(as_formula(ground_truth), parsing_timeout=timeout)
+        pred = mv_parse(as_formula(answer), parsing_timeout=timeout)
+        return bool(gold) and bool(pred) and bool(mv_verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, not a crash
+        return False
+
+
+def answers_match(answer: str, ground_truth: str) -> bool:
+    """Whether an extracted answer equals the ground truth, mathematically.
+
+    Multiple-choice ground truths (one capital letter, bracketed or not) are compared by letter.
+    Everything else goes to two maintained graders and counts as correct when either accepts:
+    mathruler (PRM800K-style normalisation plus sympy; strips units such as cm and degrees, ``%``,
+    ``\\text{}``) and math-verify (LaTeX-aware parsing with numeric tolerance; handles unicode
+    minus, trailing words such as "3 kg").
+
+    Args:
+        answer: the extracted answer (see `extract_final_answer`).
+        ground_truth: the reference answer of the record.
+
+    Returns:
+        True when the answer is judged correct.
+
+    Raises:
+        ValueError: if the ground truth is empty.
+    """
+    truth = _clean(ground_truth)
+    if not truth:
+        raise ValueError(f"ground truth is empty ({ground_truth!r}); every record needs an answer")
+    given = _clean(answer)
+    if not given:
+        return False
+    choice = _CHOICE_TRUTH.match(truth)
+    if choice:
+        letter = _choice_letter(given)
+        if letter is not None:
+            return letter == choice.group(1)
+    if given.casefold() == truth.casefold():
+        return True
+    try:
+        if grade_answer(given, truth):
+            return True
+    except Exception:  # noqa: BLE001 - mathruler raises on some malformed LaTeX; treat as no match
+        pass
+    return _math_verify_match(given, truth)
+
+
+def accuracy_reward(response: str, ground_truth: str) -> float:
+    """1.0 if the response's final answer matches the ground truth, else 0.0.
+
+    Args:
+        response: the decoded response text.
+        ground_truth: the reference answer of the record.
+
+    Returns:
+        1.0 or 0.0.
+
+    Raises:
+        ValueError: if the ground truth is empty.
+    """
+    return float(answers_match(extract_final_answer(response), ground_truth))
+
+
+def _squash(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
+    """Fraction of the key words that the response mentions.
+
+    A key word counts as mentioned when it occurs in the response as a substring, ignoring case
+    and runs of whitespace (so "traffic  Light" matches "traffic light"). Blank entries are ignored.
+
+    Args:
+        response: the decoded response text.
+        key_words: the record's key words (objects and attributes in the image); None or empty
+            gives 0.
+
+    Returns:
+        found / total in [0, 1]; 0.0 when there are no (non-blank) key words.
+
+    Raises:
+        TypeError: if key_words is a single string (it would be read as a list of characters).
+    """
+    if key_words is None:
+        return 0.0
+    if isinstance(key_words, str):
+        raise TypeError(f"key_words must be a list of strings, got the string {key_words!r}")
+    words = [_squash(str(word)) for word in key_words]
+    words = [word for word in words if word]
+    if not words:
+        return 0.0
+    text = _squash(response)
+    return sum(word in text for word in words) / len(words)
+
+
+def length_reward(response_length: int, max_length: int = 512) -> float:
+    """1.0 for responses of at most max_length tokens, else max_length / response_length.
+
+    Args:
+        response_length: number of response tokens.
+        max_length: the length up to which no penalty applies.
+
+    Returns:
+        A float in (0, 1].
+
+    Raises:
+        ValueError: if max_length is not positive or response_length is negative.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if response_length < 0:
+        raise ValueError(f"response_length must be >= 0, got {response_length}")
+    if response_length <= max_length:
+        return 1.0
+    return max_length / response_length
+
+
+def extract_image_description(response: str) -> str:
+    """The caption: the text between ``### Image Description:`` and ``### Rationales:``.
+
+    If the Rationales header is missing, the caption runs to the next ``###`` header (or the end).
+
+    Args:
+        response: the decoded response text.
+
+    Returns:
+        The description, stripped; "" when the description header is absent.
+    """
+    start = _DESCRIPTION.search(response)
+    if start is None:
+        return ""
+    rest = response[start.end() :]
+    end = _RATIONALES.search(rest) or _ANY_HEADER.search(rest)
+    return (rest[: end.start()] if end else rest).strip()
+
+
+def clip_alignment_reward(similarity: float, threshold: float = 0.4) -> float:
+    """Map an image-caption cosine similarity to a reward.
+
+    r = 1 if s >= threshold, else max(s, 0) / threshold.
+
+    Args:
+        similarity: cosine similarity s in [-1, 1].
+        threshold: similarity at which the reward saturates (0.4 in the paper).
+
+    Returns:
+        A float in [0, 1].
+
+    Raises:
+        ValueError: if similarity is not finite or threshold is not positive.
+    """
+    if threshold <= 0:
+        raise ValueError(f"clip threshold must be positive, got {threshold}")
+    if not math.isfinite(similarity):
+        raise ValueError(f"CLIP similarity is not finite: {similarity}")
+    if similarity >= threshold:
+        return 1.0
+    return max(similarity, 0.0) / threshold

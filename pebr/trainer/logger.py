@@ -1,0 +1,80 @@
+"""Metric loggers: console, a JSONL file in the run directory, wandb, tensorboard.
+
+The JSONL file is the record a resumed run continues: on resume, lines for steps after the
+checkpoint's step are dropped, so a step is never logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class MetricsFile:
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            kept = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a crash
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.flush()
+
+
+class Tracker:
+    """Fans metrics out to the configured back-ends (`trainer.logger`)."""
+
+    def __init__(self, backends: list[str], run_dir: str, project: str, experiment: str, config: dict,
+                 resume_step: int):
+        unknown = set(backends) - {"console", "file", "wandb", "tensorboard"}
+        if unknown:
+            raise ValueError(f"trainer.logger: unknown back-ends {sorted(unknown)}; "
+                             "choose from console, file, wandb, tensorboard")
+        self.console = "console" in backends
+        self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), resume_step) if "file" in backends else None
+        self.wandb = self.tb = None
+        if "wandb" in backends:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=project, name=experiment, config=config, dir=run_dir, mode=mode,
+                                    resume="allow")
+        if "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self.file:
+            self.file.log(step, metrics)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.console:
+            keys = ("reward/overall", "reward/accuracy", "response/length_mean", "actor/pg_loss", "actor/kl_loss",
+                    "actor/grad_norm", "timing/step_s", "val/overall")
+            shown = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
+            print(f"step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()

@@ -1,0 +1,88 @@
+"""Entry point: `python3 -m pebr.trainer.main config=examples/pebr_stage1.yaml key=value ...`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from pebr.config import ConfigError, PPOConfig, load_config
+
+
+def load_processor(cfg: PPOConfig) -> Any:
+    from transformers import AutoProcessor
+
+    m = cfg.worker.actor.model
+    processor = AutoProcessor.from_pretrained(m.tokenizer_path or m.model_path, trust_remote_code=m.trust_remote_code)
+    if cfg.data.min_pixels:
+        processor.image_processor.min_pixels = cfg.data.min_pixels
+    if cfg.data.max_pixels:
+        processor.image_processor.max_pixels = cfg.data.max_pixels
+    return processor
+
+
+def build_dataset(cfg: PPOConfig, source: str, processor: Any):
+    """Load and check every record up front: bad data stops here, not inside a worker."""
+    from pebr.data import RLDataset, load_records
+
+    d = cfg.data
+    records, report = load_records(source, prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
+                                   on_bad_record=d.on_bad_record)
+    if report.num_skipped:
+        print(f"{source}: {report.summary()}", flush=True)
+    dataset = RLDataset(records, processor, image_dir=d.image_dir, max_prompt_length=d.max_prompt_length,
+                        format_prompt=d.format_prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                        filter_overlong_prompts=d.filter_overlong_prompts, on_bad_record=d.on_bad_record,
+                        prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key)
+    if len(dataset) == 0:
+        raise ConfigError(f"{source}: no usable records ({dataset.report.summary()})")
+    return dataset
+
+
+def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
+    """The reward function is loaded (and its setup run) now, so a bad path fails before any rollout."""
+    import ray
+
+    from pebr.trainer.ray_trainer import ray_get
+    from pebr.workers.reward import RewardWorker
+
+    r = cfg.worker.reward
+    worker = RewardWorker.options(num_cpus=0).remote(
+        r.reward_function, reward_type=r.reward_type, reward_function_kwargs=dict(r.reward_function_kwargs),
+        require_overall=require_overall)
+    ray_get(worker.ready.remote(), "reward worker start-up")
+    return worker
+
+
+def run(argv: list[str]) -> None:
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer, init_ray
+
+    cfg = load_config(argv)
+    processor = load_processor(cfg)
+    train = build_dataset(cfg, cfg.data.train_files, processor)
+    val = build_dataset(cfg, cfg.data.val_files, processor) if cfg.data.val_files else None
+    if len(train) < cfg.data.rollout_batch_size:
+        raise ConfigError(f"data.rollout_batch_size={cfg.data.rollout_batch_size} is larger than the training set "
+                          f"({len(train)} usable records in {cfg.data.train_files})")
+    sampler = StatefulBatchSampler(len(train), cfg.data.rollout_batch_size, shuffle=cfg.data.shuffle,
+                                   seed=cfg.data.seed, drop_last=True)
+    init_ray(cfg)
+    reward = start_reward_worker(cfg)
+    trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
+    trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

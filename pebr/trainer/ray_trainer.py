@@ -1,0 +1,337 @@
+"""The single controller: owns Ray, the data, the reward worker and the FSDP/vLLM workers, and runs GRPO.
+
+Read `fit` top to bottom: each phase of a step is one named call, timed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from pebr import checkpoint
+from pebr.algorithms.advantages import compute_advantages, group_ids_from_uids, zero_variance_group_fraction
+from pebr.algorithms.losses import kl_penalty, masked_mean
+from pebr.config import PPOConfig, config_to_yaml
+from pebr.protocol import Batch
+from pebr.trainer.logger import Tracker
+
+
+class WorkerFailure(RuntimeError):
+    """A Ray worker died or raised; the message names it."""
+
+
+def init_ray(cfg: PPOConfig) -> None:
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.trainer.ray_address:
+        kwargs["address"] = cfg.trainer.ray_address
+    else:
+        # One CPU per worker plus the reward worker; Ray's own bookkeeping is not a CPU consumer.
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + int(cfg.worker.reward.num_cpus) + 1)
+    ray.init(**kwargs)
+
+
+def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
+    """`ray.get` that turns a dead or failed worker into one clear error naming the call."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise WorkerFailure(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)") from None
+    except ray.exceptions.RayActorError as e:
+        raise WorkerFailure(f"{what}: a worker died: {str(e).splitlines()[0]}") from e
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        raise WorkerFailure(f"{what} failed in a worker: {type(cause).__name__}: {cause}") from e
+
+
+@contextmanager
+def timed(metrics: dict, name: str) -> Iterator[None]:
+    t0 = time.time()
+    yield
+    metrics[f"timing/{name}_s"] = time.time() - t0
+
+
+def reward_inputs(batch: Batch) -> list[dict]:
+    nt = batch.non_tensors
+    return [{"response": nt["response"][i], "response_length": len(batch.response_ids[i]),
+             "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i], "qid": nt["qid"][i],
+             "image": batch.images[i][0] if batch.images[i] else None} for i in range(len(batch))]
+
+
+class WorkerGroup:
+    """The FSDP/vLLM workers, one per rank, and the calls that go to all of them."""
+
+    def __init__(self, cfg: PPOConfig, total_steps: int, need_actor: bool = True):
+        from pebr.workers.fsdp_worker import FSDPWorker
+
+        self.cfg = cfg
+        self.size = cfg.world_size
+        self.tp = cfg.worker.rollout.tensor_parallel_size
+        on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+        remote = ray.remote(FSDPWorker).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=0)
+        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
+        addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
+        self.timeout = cfg.trainer.worker_timeout_s
+        ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
+
+    def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
+        """Spread prompts over the rollout groups (ranks sharing a tensor-parallel engine get the same ones)."""
+        groups = self.size // self.tp
+        shards = [prompts[g::groups] for g in range(groups)]
+        futures = [w.generate.remote(shards[rank // self.tp], sampling) for rank, w in enumerate(self.workers)]
+        results = ray_get(futures, "rollout", self.timeout)
+        batches = [results[g * self.tp][0] for g in range(groups)]
+        timing = {k: max(r[1][k] for r in results) for k in results[0][1]}
+        return Batch.concat(batches), timing
+
+    def compute_log_probs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        parts = ray_get([w.compute_log_probs.remote(b) for w, b in zip(self.workers, batch.chunk(self.size))],
+                        "log-prob computation", self.timeout)
+        width = max(p["old_logprobs"].shape[1] for p in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
+
+    def update_actor(self, batch: Batch) -> dict[str, float]:
+        results = ray_get([w.update_actor.remote(b) for w, b in zip(self.workers, batch.chunk(self.size))],
+                          "actor update", self.timeout)
+        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+    def call_all(self, method: str, *args: Any) -> list:
+        return ray_get([getattr(w, method).remote(*args) for w in self.workers], method, self.timeout)
+
+
+def balanced_order(batch: Batch, parts: int) -> list[int]:
+    """An order of samples that gives each of `parts` equal chunks a similar number of tokens.
+
+    Samples are dealt longest-first to the chunk with the fewest tokens so far (greedy
+    partitioning); ranks then finish their forward/backward passes at about the same time.
+    """
+    size = len(batch) // parts
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    loads, chunks = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
+        open_chunks = [c for c in range(parts) if len(chunks[c]) < size]
+        c = min(open_chunks, key=lambda c: loads[c])
+        chunks[c].append(i)
+        loads[c] += lengths[i]
+    return [i for c in chunks for i in sorted(c)]
+
+
+class RayPPOTrainer:
+    def __init__(self, cfg: PPOConfig, train_dataset, val_dataset, sampler, reward_worker, val_reward_worker):
+        self.cfg = cfg
+        self.train_dataset, self.val_dataset, self.sampler = train_dataset, val_dataset, sampler
+        self.reward_worker, self.val_reward_worker = reward_worker, val_reward_worker
+        steps_per_epoch = len(sampler)
+        self.total_steps = cfg.trainer.max_steps or steps_per_epoch * cfg.trainer.total_epochs
+        self.ckpt_dir = cfg.checkpoint_dir
+        self.global_step = 0
+        self._batches = iter(self.sampler)
+        self._resume_path = self._find_resume_checkpoint()
+        if self._resume_path:
+            with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
+                import json
+
+                state = json.load(f)
+            self.global_step = state["global_step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self._batches = iter(self.sampler)
+        self.workers = WorkerGroup(cfg, self.total_steps)
+        if self._resume_path:
+            self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))
+            print(f"resumed from {self._resume_path} at step {self.global_step}", flush=True)
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        with open(os.path.join(self.ckpt_dir, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
+                               cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
+
+    def _find_resume_checkpoint(self) -> str | None:
+        t = self.cfg.trainer
+        removed = checkpoint.remove_partial(self.ckpt_dir)
+        if removed:
+            print(f"removed incomplete checkpoints: {removed}", flush=True)
+        if t.load_checkpoint_path:
+            path = t.load_checkpoint_path.rstrip("/")
+            if os.path.basename(path) == "actor":
+                path = os.path.dirname(path)
+            if not os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)):
+                raise checkpoint.CheckpointError(f"trainer.load_checkpoint_path={t.load_checkpoint_path!r} is not a "
+                                                 "complete checkpoint (no trainer_state.json)")
+            return path
+        return checkpoint.latest_checkpoint(self.ckpt_dir) if t.find_last_checkpoint else None
+
+    # -- the phases of a step -------------------------------------------------------------------
+    def _next_prompts(self) -> list[dict]:
+        try:
+            indices = next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.sampler)
+            indices = next(self._batches)
+        prompts = [self.train_dataset[i] for i in indices]
+        for p in prompts:
+            p["uid"] = f"{self.global_step}-{p['index']}-{len(p['prompt'])}"
+        return prompts
+
+    def _sampling(self, overrides: dict | None = None) -> dict:
+        r = self.cfg.worker.rollout
+        s = {"n": r.n, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
+             "max_tokens": self.cfg.data.max_response_length, "seed": None}
+        s.update(overrides or {})
+        return s
+
+    def _score(self, batch: Batch, worker: Any) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        scores = ray_get(worker.compute.remote(reward_inputs(batch)), "reward")
+        per_key = {k: [s[k] for s in scores] for k in scores[0]}
+        return torch.tensor(per_key["overall"], dtype=torch.float32), per_key
+
+    def make_batch(self, metrics: dict) -> Batch:
+        """Roll out, score and (optionally) filter groups until a full batch of prompts is ready."""
+        a, need = self.cfg.algorithm, self.cfg.data.rollout_batch_size
+        kept: list[Batch] = []
+        num_groups, tries = 0, 0
+        while True:
+            tries += 1
+            batch, timing = self.workers.generate(self._next_prompts(), self._sampling())
+            for k, v in timing.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+            if not a.online_filtering:
+                return batch  # scored later, overlapping the log-prob pass
+            t0 = time.time()
+            scores, per_key = self._score(batch, self.reward_worker)
+            metrics["timing/reward_s"] = metrics.get("timing/reward_s", 0.0) + time.time() - t0
+            batch.tensors["scores"] = scores
+            for k, v in per_key.items():
+                batch.non_tensors[f"reward/{k}"] = v
+            if a.filter_key not in per_key:
+                raise KeyError(f"algorithm.filter_key={a.filter_key!r} is not a reward key; the reward function "
+                               f"returns {sorted(per_key)}")
+            uids = batch.non_tensors["uid"]
+            key = torch.tensor(per_key[a.filter_key])
+            gid = group_ids_from_uids(uids)
+            means = torch.zeros(int(gid.max()) + 1).index_add_(0, gid, key) / torch.bincount(gid).float()
+            ok = (means >= a.filter_low) & (means <= a.filter_high)
+            keep = [i for i in range(len(batch)) if ok[gid[i]]]
+            kept.append(batch.select(keep))
+            num_groups += int(ok.sum())
+            metrics["batch/filter_kept_groups"] = num_groups
+            if num_groups >= need:
+                full = Batch.concat(kept)
+                metrics["batch/filter_tries"] = tries
+                return full.select(range(need * self.cfg.worker.rollout.n))
+            if tries >= self.cfg.trainer.max_try_make_batch:
+                raise RuntimeError(
+                    f"online filtering kept {num_groups} of the {need} prompt groups needed after {tries} tries "
+                    f"(trainer.max_try_make_batch); widen algorithm.filter_low/filter_high "
+                    f"({a.filter_low}, {a.filter_high}) or filter the data offline")
+
+    def compute_advantages(self, batch: Batch) -> None:
+        mask = batch.response_mask()
+        batch.tensors["response_mask"] = mask
+        scores = batch.tensors["scores"]
+        a = self.cfg.algorithm
+        token_rewards = None
+        if a.use_kl_loss is False and not a.disable_kl and "ref_logprobs" in batch.tensors:
+            # KL as a reward penalty (use_kl_loss off): subtract it token by token.
+            from pebr.algorithms.advantages import token_level_rewards
+
+            kl = kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], a.kl_penalty) * mask
+            token_rewards = token_level_rewards(scores, mask) - a.kl_coef * kl
+            scores = (token_rewards * mask).sum(-1)
+        batch.tensors["advantages"] = compute_advantages(
+            a.adv_estimator, scores=scores, group_ids=group_ids_from_uids(batch.non_tensors["uid"]),
+            response_mask=mask, token_rewards=token_rewards, gamma=a.gamma)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> None:
+        t = self.cfg.trainer
+        if t.val_before_train and self.val_dataset is not None and self.global_step == 0 and t.val_freq != 0:
+            self.tracker.log(0, self.validate())
+        if t.val_only:
+            return
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO steps", dynamic_ncols=True)
+        while self.global_step < self.total_steps:
+            self.global_step += 1
+            metrics: dict[str, float] = {}
+            step_start = time.time()
+
+            with timed(metrics, "make_batch"):
+                batch = self.make_batch(metrics)
+            # Reward scoring runs in its own actor while the workers compute log-probs.
+            reward_future = None
+            if "scores" not in batch.tensors:
+                reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
+            order = balanced_order(batch, self.workers.size)
+            batch = batch.select(order)
+            with timed(metrics, "log_probs"):
+                batch.tensors.update(self.workers.compute_log_probs(batch))
+            if reward_future is not None:
+                with timed(metrics, "reward_wait"):
+                    scores = ray_get(reward_future, "reward")
+                batch.tensors["scores"] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+                for k in scores[0]:
+                    batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]
+            with timed(metrics, "advantages"):
+                self.compute_advantages(batch)
+            with timed(metrics, "update_actor"):
+                metrics.update(self.workers.update_actor(batch))
+
+            metrics.update(self.batch_metrics(batch))
+            metrics["timing/step_s"] = time.time() - step_start
+            metrics["perf/tokens_per_s"] = metrics["response/tokens_total"] / metrics["timing/step_s"]
+            if t.val_freq > 0 and self.val_dataset is not None and (
+                    self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
+                metrics.update(self.validate())
+            if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
+                with timed(metrics, "save_checkpoint"):
+                    self.save_checkpoint()
+            self.tracker.log(self.global_step, metrics)
+            bar.update(1)
+        bar.close()
+        self.tracker.close()
+
+    def batch_metrics(self, batch: Batch) -> dict[str, float]:
+        mask = batch.tensors["response_mask"]
+        lengths = batch.response_lengths.float()
+        m = {f"reward/{k[len('reward/'):]}": float(np.mean(v)) for k, v in batch.non_tensors.items()
+             if k.startswith("reward/")}
+        gid = group_ids_from_uids(batch.non_tensors["uid"])
+        m["batch/zero_variance_group_fraction"] = zero_variance_group_fraction(batch.tensors["scores"], gid)
+        m["response/length_mean"] = float(lengths.mean())
+        m["response/length_max"] = float(lengths.max())
+        m["response/clip_ratio"] = float((lengths >= self.cfg.data.max_response_length).float().mean())
+        m["response/tokens_total"] = float(lengths.sum() + sum(len(p) for p in batch.prompt_ids))
+        m["actor/entropy_rollout"] = float(masked_mean(batch.tensors["entropy"], mask))
+        if "ref_logprobs" in batch.tensors:
+            m["actor/kl_ref"] = float(masked_mean(
+                kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
+        return m
+
+    def validate(self) -> dict[str, float]:
+        if self.val_dataset is None:
+            return {}
+        r = self.cfg.worker.rollout
+        overrides = {"n": 1, "temperature": 0.5, "seed": r.seed, **dict(r.val_override_config)}
+        prompts = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        for p in prompts:
+            p["uid"] = f"val-{p['index']}"
+        batch, _ = self.workers.generate(prompts, self._sampling(overrides))
+        _, per_key = self._score(batch, self.val_reward_worker)
+        out = {f"val/{k}": float(np.mean(v)) for k, v in per_key.items()}
+        out["val/response_length"] = float(batch.response_lengths.float().mean())
+        return out
+
+    def save_checkpoint(self) -> str:
+        t = self.cfg.trainer
+        tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
+        self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
+        state = {"global_step": self.global_step, "sampler": self.sampler.state_dict()}
+        return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

@@ -1,0 +1,193 @@
+"""The hybrid-engine worker: one Ray actor per rank holding the FSDP actor, the reference model and a rollout engine.
+
+The controller calls these methods on every worker at once (each with its own share of the batch)
+and waits for all of them, because the FSDP collectives need every rank. Data flow per step:
+
+    generate(prompts)          -> Batch of responses          (syncs the actor's weights into the engine first)
+    compute_log_probs(batch)   -> old / ref log-probs, entropy
+    update_actor(batch)        -> metrics                     (marks the engine's weights stale)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pebr import checkpoint
+from pebr.config import PPOConfig
+from pebr.protocol import Batch
+from pebr.workers import actor as actor_lib
+from pebr.workers.rollout import HFRollout, SamplingConfig, VLLMRollout
+
+
+def pick_device(cfg_device: str) -> torch.device:
+    if cfg_device == "cuda" or (cfg_device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
+    return torch.device("cpu")
+
+
+class FSDPWorker:
+    def __init__(self, config: PPOConfig, rank: int, world_size: int, total_steps: int, need_actor: bool = True):
+        self.cfg = config
+        self.rank = rank
+        self.world_size = world_size
+        self.total_steps = total_steps
+        self.need_actor = need_actor
+        self.weights_stale = True
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """An address and free port on this node for the process group's rendezvous (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return socket.gethostbyname(socket.gethostname()), port
+
+    def init(self, master_addr: str, master_port: int) -> dict:
+        from transformers import AutoProcessor
+
+        t0 = time.time()
+        cfg, wcfg = self.cfg, self.cfg.worker
+        self.device = pick_device(cfg.trainer.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # vLLM's external launcher reads the rendezvous from the environment, as torchrun would set it.
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size)
+        mcfg = wcfg.actor.model
+        self.processor = AutoProcessor.from_pretrained(mcfg.tokenizer_path or mcfg.model_path,
+                                                       trust_remote_code=mcfg.trust_remote_code)
+        if cfg.data.min_pixels:
+            self.processor.image_processor.min_pixels = cfg.data.min_pixels
+        if cfg.data.max_pixels:
+            self.processor.image_processor.max_pixels = cfg.data.max_pixels
+        compute_dtype = actor_lib.resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device)
+        self.model = self.optimizer = self.scheduler = self.ref_model = None
+        if self.need_actor:
+            model = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code)
+            if mcfg.freeze_vision_tower:
+                model.model.visual.requires_grad_(False)
+            if mcfg.enable_gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            self.model = actor_lib.shard_model(model.to(self.device), param_dtype=compute_dtype,
+                                               cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda")
+            self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
+            if cfg.algorithm.use_kl_loss and not cfg.algorithm.disable_kl:
+                ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code).requires_grad_(False)
+                self.ref_model = actor_lib.shard_model(
+                    ref.to(self.device), param_dtype=compute_dtype,
+                    cpu_offload=wcfg.ref.fsdp.enable_cpu_offload and self.device.type == "cuda")
+        self.rollout = self._build_rollout(compute_dtype)
+        return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device)}
+
+    def _build_rollout(self, compute_dtype: torch.dtype):
+        rcfg, mcfg = self.cfg.worker.rollout, self.cfg.worker.actor.model
+        if rcfg.name == "hf":
+            return HFRollout(mcfg.model_path, processor=self.processor, device=self.device,
+                             dtype=actor_lib.resolve_dtype(rcfg.dtype, self.device),
+                             trust_remote_code=mcfg.trust_remote_code)
+        dtype = rcfg.dtype if rcfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        return VLLMRollout(
+            mcfg.model_path, dtype=dtype,
+            max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
+            tensor_parallel_size=rcfg.tensor_parallel_size, gpu_memory_utilization=rcfg.gpu_memory_utilization,
+            cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager or self.device.type == "cpu",
+            enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
+            limit_images=rcfg.limit_images, seed=rcfg.seed + self.rank, trust_remote_code=mcfg.trust_remote_code,
+            tokenizer=self.processor.tokenizer, external_launcher=True)
+
+    # -- rollout ----------------------------------------------------------------------------------
+    def sync_weights(self) -> float:
+        """Load the actor's current weights into the rollout engine (all ranks take part in the gather)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        t0 = time.time()
+        if self.model is not None and self.weights_stale:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+            self.rollout.load_weights(state.items())
+            del state
+        self.weights_stale = False
+        return time.time() - t0
+
+    def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
+        """n responses for each prompt; returns the batch and timings."""
+        sync_s = self.sync_weights()
+        t0 = time.time()
+        sampling_cfg = SamplingConfig(**sampling)
+        gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
+        tok = self.processor.tokenizer
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in
+                                                                ("uid", "qid", "ground_truth", "key_words", "response", "index")}
+        for p, g in zip(prompts, gens):
+            for r in g.responses:
+                r = r or [eos]  # an empty response still needs one token to carry its reward
+                prompt_ids.append(g.prompt_ids)
+                response_ids.append(r)
+                images.append(p.get("images") or [])
+                extra["uid"].append(p["uid"])
+                extra["qid"].append(p["qid"])
+                extra["ground_truth"].append(p["ground_truth"])
+                extra["key_words"].append(p.get("key_words", []))
+                extra["index"].append(p.get("index", -1))
+        extra["response"] = tok.batch_decode(response_ids, skip_special_tokens=True) if response_ids else []
+        batch = Batch(prompt_ids=prompt_ids, response_ids=response_ids, images=images, non_tensors=extra)
+        return batch, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
+
+    # -- training ---------------------------------------------------------------------------------
+    def compute_log_probs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        acfg = self.cfg.worker.actor
+        temperature = self.cfg.worker.rollout.temperature
+        out = {}
+        out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
+            self.model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience, temperature)
+        if self.ref_model is not None:
+            out["ref_logprobs"], _ = actor_lib.compute_logprobs(
+                self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
+                temperature)
+        return out
+
+    def update_actor(self, batch: Batch) -> dict[str, float]:
+        acfg = self.cfg.worker.actor
+        acfg.global_batch_size_per_device = acfg.global_batch_size * self.cfg.worker.rollout.n // self.world_size
+        metrics = actor_lib.update_policy(self.model, self.optimizer, self.scheduler, batch, self.processor,
+                                          self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature)
+        self.weights_stale = True
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, actor_dir: str, model_only: bool = False) -> None:
+        checkpoint.save_sharded(actor_dir, self.model, None if model_only else self.optimizer,
+                                None if model_only else self.scheduler, self.rank, self.world_size)
+        if self.rank == 0:
+            hf_dir = os.path.join(actor_dir, "huggingface")
+            self.model.config.save_pretrained(hf_dir)
+            self.processor.save_pretrained(hf_dir)
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(hf_dir)
+        dist.barrier()
+
+    def load_checkpoint(self, actor_dir: str) -> None:
+        checkpoint.load_sharded(actor_dir, self.model, self.optimizer, self.scheduler, self.rank, self.world_size)
+        self.weights_stale = True
+        dist.barrier()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The actor's full weights on every rank (tests compare against the merged checkpoint)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,166 @@
+"""Ray actors for rewards: the reward worker and the shared CLIP scorer.
+
+`RewardWorker` runs a `RewardManager` in its own process, so the trainer can start scoring a batch
+(``ref = worker.compute.remote(inputs)``) and collect it later with ``ray.get(ref)`` while other
+work proceeds.
+
+`get_clip_scorer` returns the one CLIP scorer of the job: a named actor ("pebr_clip_scorer"), created
+by the first caller and found by the others, that loads the model once and scores a batch per call.
+Without Ray (tests, a notebook) it returns an in-process scorer instead. Nothing here starts Ray:
+importing this module only defines classes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import ray
+from PIL import Image
+
+from pebr.rewards.clip import ClipScorer
+from pebr.rewards.manager import RewardManager
+
+__all__ = ["RewardWorker", "ClipScorerActor", "RemoteClipScorer", "get_clip_scorer", "CLIP_ACTOR_NAME"]
+
+CLIP_ACTOR_NAME = "pebr_clip_scorer"
+# GPU share of the CLIP actor on GPU clusters (FG-CLIP large is about 0.5 B parameters, so a slice
+# of one card is enough). The trainer's GPU workers must leave this much free on some card.
+DEFAULT_CLIP_GPU_FRACTION = 0.1
+# How long to wait for the CLIP actor to be scheduled and loaded before calling it a resource problem.
+_START_TIMEOUT_S = 600.0
+
+_local_scorers: dict[str, ClipScorer] = {}
+
+
+class Scorer(Protocol):
+    """What the reward files use: one call per batch."""
+
+    def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]: ...
+
+
+# num_cpus=0: reward scoring is light next to training; asking for a CPU here could leave a CPU-only
+# cluster whose cores all belong to training workers unable to place the actor at all. The trainer
+# can ask for more with RewardWorker.options(num_cpus=...).
+@ray.remote(num_cpus=0)
+class RewardWorker:
+    """A `RewardManager` in a Ray actor; same constructor arguments and `compute`.
+
+    Constructor errors (a bad reward file, a missing CLIP path) surface on the first method call:
+    call ``ray.get(worker.ready.remote())`` right after creation to fail at start-up.
+    """
+
+    def __init__(
+        self,
+        reward_function: str,
+        reward_type: str = "batch",
+        reward_function_kwargs: dict | None = None,
+        require_overall: bool = True,
+    ) -> None:
+        self.manager = RewardManager(
+            reward_function,
+            reward_type=reward_type,
+            reward_function_kwargs=reward_function_kwargs,
+            require_overall=require_overall,
+        )
+
+    def ready(self) -> bool:
+        """True once the reward function is loaded and its setup has run."""
+        return True
+
+    def compute(self, inputs: list[dict]) -> list[dict[str, float]]:
+        """See `RewardManager.compute`."""
+        return self.manager.compute(inputs)
+
+
+@ray.remote(num_cpus=0)
+class ClipScorerActor:
+    """A `ClipScorer` in a Ray actor; created through `get_clip_scorer`."""
+
+    def __init__(self, model_path: str, **scorer_kwargs: Any) -> None:
+        self.scorer = ClipScorer(model_path, **scorer_kwargs)
+
+    def model_path(self) -> str:
+        return self.scorer.model_path
+
+    def device(self) -> str:
+        return str(self.scorer.device)
+
+    def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
+        return self.scorer.score(images, captions)
+
+
+class RemoteClipScorer:
+    """Calls the shared CLIP actor and waits for the result, so callers need not know about Ray.
+
+    Args:
+        actor: handle of a `ClipScorerActor`.
+    """
+
+    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+        self.actor = actor
+
+    def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
+        """See `ClipScorer.score`."""
+        return ray.get(self.actor.score.remote(list(images), list(captions)))
+
+
+def _cluster_has_gpus() -> bool:
+    # Ray hides the cards from actors that asked for none (CUDA_VISIBLE_DEVICES=""), so inside a
+    # CPU-only RewardWorker torch.cuda.is_available() is False even on a GPU node: ask Ray too.
+    import torch
+
+    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+
+
+def get_clip_scorer(
+    model_path: str,
+    use_ray: bool | None = None,
+    num_gpus: float | None = None,
+    **scorer_kwargs: Any,
+) -> Scorer:
+    """The job's CLIP scorer for `model_path`, created on first use.
+
+    Args:
+        model_path: local directory of the CLIP-family model.
+        use_ray: None: the shared actor when Ray is initialised, in-process otherwise; True/False
+            force one or the other.
+        num_gpus: GPU share of the actor; default `DEFAULT_CLIP_GPU_FRACTION` when the cluster (or
+            this process) has GPUs, else 0.
+        **scorer_kwargs: passed to `ClipScorer` (device, dtype, max_text_length, batch_size,
+            trust_remote_code) when the scorer is created.
+
+    Returns:
+        An object with ``score(images, captions) -> list[float]``.
+
+    Raises:
+        FileNotFoundError: if model_path is not a directory.
+        ValueError: if the shared actor already exists for a different model.
+        RuntimeError: if the actor cannot be scheduled or loaded within 10 minutes.
+    """
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"CLIP model directory not found: {model_path!r} (clip_model_path)")
+    model_path = os.path.abspath(model_path)
+    if use_ray is None:
+        use_ray = ray.is_initialized()
+    if not use_ray:
+        if model_path not in _local_scorers:
+            _local_scorers[model_path] = ClipScorer(model_path, **scorer_kwargs)
+        return _local_scorers[model_path]
+
+    if num_gpus is None:
+        num_gpus = DEFAULT_CLIP_GPU_FRACTION if _cluster_has_gpus() else 0
+    actor = ClipScorerActor.options(name=CLIP_ACTOR_NAME, get_if_exists=True, num_gpus=num_gpus).remote(
+        model_path, **scorer_kwargs
+    )
+    try:
+        loaded = ray.get(actor.model_path.remote(), timeout=_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RuntimeError(
+            f"the CLIP scorer actor ({num_gpus} GPU) was not ready after {_START_TIMEOUT_S:.0f} s; "
+            f"check that the cluster has that much free ({ray.available_resources()})"
+        ) from exc
+    if loaded != model_path:
+        raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r}, not {model_path!r}")
+    return RemoteClipScorer(actor)

@@ -1,0 +1,257 @@
+"""Write the embedded CLEVR-like data set: RL train/test records, their scenes, and a raw warm-up SFT set.
+
+Usage:
+    python scripts/make_synthetic_data.py --output_dir data/synth --num 200 --seed 0
+    python scripts/make_synthetic_data.py --demo demo.jpg      # the demo image only
+
+Layout written under ``--output_dir`` (image paths in records are relative to ``DIR/images``, so a
+recipe sets ``data.image_dir=DIR/images``)::
+
+    images/{train,test,sft}/NNNNN.png
+    train.json, test.json   PeBR GRPO records {qid, problem, answer, images, key_words, category}
+    scenes.json             qid -> {"objects": [...], "image_size": [w, h], "image": path or null}
+    sft/sft.json            sharegpt records for LLaMA-Factory, drawn from their own scenes
+
+The SFT set is deliberately raw, like Mulberry-SFT before cleaning: about 10% reflective answers
+("let me rethink it" in varying case), about 5% images under 28 px on a side, one record pointing at a
+missing image, a few records with ``images`` as a plain string and two text-only records. Run
+``dataset/filter.py`` over it before training.
+
+The same seed gives the same bytes: all randomness comes from ``random.Random`` streams seeded by
+``(seed, part)``, so changing ``--sft_num`` leaves train and test unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    from pebr.utils import scenes as sc
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pebr.utils import scenes as sc
+
+REFLECTIVE_SHARE = 0.10
+TINY_SHARE = 0.05
+NUM_STRING_IMAGES = 3
+NUM_TEXT_ONLY = 2
+NUM_MISSING = 1
+REFLECTIVE_VARIANTS = ("Let me rethink it", "let me rethink it", "LET ME RETHINK IT", "Let Me Rethink it")
+# (width, height) of the deliberately unusable images: narrow, short, and both.
+TINY_SIZES = ((20, 112), (112, 20), (16, 16))
+
+# The demo scene is built by hand. "Subtract all brown blocks. Subtract all large blue rubber things.
+# How many objects are left?" -> the two brown cubes go, then the large blue rubber cylinder; the
+# large blue METAL sphere, the small blue cube, the small red sphere and the green cylinder stay.
+# Answer: 4.
+DEMO_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
+DEMO_ANSWER = "4"
+DEMO_SCENE = sc.Scene(
+    [
+        sc.SceneObject("brown", "cube", "large", 0.18, 0.30),
+        sc.SceneObject("brown", "cube", "small", 0.78, 0.78, "metal"),
+        sc.SceneObject("blue", "cylinder", "large", 0.50, 0.25),
+        sc.SceneObject("blue", "sphere", "large", 0.80, 0.35, "metal"),
+        sc.SceneObject("blue", "cube", "small", 0.20, 0.75),
+        sc.SceneObject("red", "sphere", "small", 0.48, 0.62),
+        sc.SceneObject("green", "cylinder", "large", 0.50, 0.85, "metal"),
+    ]
+)
+
+
+def _save_png(img: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG", optimize=False)  # no metadata, fixed compression: reproducible bytes
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _scene_entry(scene: sc.Scene, size: tuple[int, int], image: str | None) -> dict[str, Any]:
+    return {**scene.to_dict(), "image_size": list(size), "image": image}
+
+
+def make_rl_split(
+    split: str, count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Draw, save and describe ``count`` scenes of one RL split.
+
+    Returns:
+        PeBR GRPO records; ``scene_log`` gains one entry per record, keyed by qid.
+    """
+    rng = random.Random(f"{seed}/{split}")
+    records = []
+    for i in range(count):
+        scene = sc.sample_scene(rng)
+        question, answer, category = sc.make_question(scene, rng)
+        qid, rel = f"{split}_{i:05d}", f"{split}/{i:05d}.png"
+        _save_png(sc.render_scene(scene, image_size), image_root / rel)
+        scene_log[qid] = _scene_entry(scene, (image_size, image_size), rel)
+        records.append(
+            {
+                "qid": qid,
+                "problem": "<image>" + question,
+                "answer": answer,
+                "images": [rel],
+                "key_words": sc.scene_keywords(scene),
+                "category": category,
+            }
+        )
+    return records
+
+
+def _sft_kinds(count: int, rng: random.Random) -> list[str]:
+    """Assign each SFT index a kind; the shares are counts, so even a small set has each defect."""
+    special = (
+        ["reflective"] * max(1, round(REFLECTIVE_SHARE * count))
+        + ["tiny"] * max(1, round(TINY_SHARE * count))
+        + ["string_images"] * NUM_STRING_IMAGES
+        + ["text_only"] * NUM_TEXT_ONLY
+        + ["missing"] * NUM_MISSING
+    )
+    if count < len(special) + 1:
+        raise ValueError(f"--sft_num must be 0 or at least {len(special) + 1}, got {count}")
+    kinds = special + ["plain"] * (count - len(special))
+    rng.shuffle(kinds)
+    return kinds
+
+
+def make_sft(
+    count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Draw the raw warm-up SFT set (sharegpt layout) from scenes of its own.
+
+    Returns:
+        Records ``{"messages": [user, assistant], "images": [...]}``; see the module docstring for
+        the deliberately bad ones.
+    """
+    if count == 0:
+        return []
+    rng = random.Random(f"{seed}/sft")
+    records = []
+    for i, kind in enumerate(_sft_kinds(count, rng)):
+        scene = sc.sample_scene(rng)
+        question, answer, _ = sc.make_question(scene, rng)
+        response = sc.pebr_response(scene, question, answer)
+        key, rel = f"sft_{i:05d}", f"sft/{i:05d}.png"
+        size = (image_size, image_size)
+        if kind == "reflective":
+            variant = rng.choice(REFLECTIVE_VARIANTS)
+            final = "\n### The final answer is:"
+            response = response.replace(final, f"\nWait, {variant}. Counting once more gives {answer}.{final}")
+        elif kind == "tiny":
+            size = rng.choice(TINY_SIZES)
+        if kind == "text_only":
+            prompt = describe_as_text(scene) + " " + question
+            scene_log[key] = _scene_entry(scene, size, None)
+            records.append({"messages": [_msg("user", prompt), _msg("assistant", response)]})
+            continue
+        if kind == "missing":
+            rel = f"sft/missing_{i:05d}.png"  # referenced but never written
+        else:
+            _save_png(sc.render_scene(scene, size), image_root / rel)
+        scene_log[key] = _scene_entry(scene, size, rel)
+        records.append(
+            {
+                "messages": [_msg("user", "<image>" + question), _msg("assistant", response)],
+                "images": rel if kind == "string_images" else [rel],
+            }
+        )
+    return records
+
+
+def describe_as_text(scene: sc.Scene) -> str:
+    """The scene told in words, for the text-only SFT records."""
+    return "There is no picture. " + sc.describe_scene(scene).replace("The image shows", "Imagine", 1)
+
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def build_dataset(
+    output_dir: str | Path,
+    num: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    image_size: int = 112,
+    sft_num: int | None = None,
+) -> dict[str, int]:
+    """Write the whole data set under ``output_dir`` (layout in the module docstring).
+
+    Args:
+        output_dir: created if missing; existing files of the same names are overwritten.
+        num: RL questions in all (train + test), one scene each.
+        seed: fixes every byte written.
+        test_fraction: share of ``num`` that goes to test.json.
+        image_size: side of the square images in pixels.
+        sft_num: raw SFT records (default ``num``); 0 writes an empty SFT set.
+
+    Returns:
+        Counts ``{"train", "test", "sft"}``.
+
+    Raises:
+        ValueError: on a non-positive ``num``/``image_size`` or a ``test_fraction`` outside [0, 1).
+    """
+    if num < 1 or image_size < 28:
+        raise ValueError(f"need --num >= 1 and --image_size >= 28, got {num}, {image_size}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"--test_fraction must be in [0, 1), got {test_fraction}")
+    sft_num = num if sft_num is None else sft_num
+    out = Path(output_dir)
+    image_root = out / "images"
+    n_test = round(num * test_fraction)
+    scene_log: dict[str, Any] = {}
+    train = make_rl_split("train", num - n_test, seed, image_size, image_root, scene_log)
+    test = make_rl_split("test", n_test, seed, image_size, image_root, scene_log)
+    sft = make_sft(sft_num, seed, image_size, image_root, scene_log)
+    _write_json(out / "train.json", train)
+    _write_json(out / "test.json", test)
+    _write_json(out / "scenes.json", scene_log)
+    _write_json(out / "sft" / "sft.json", sft)
+    return {"train": len(train), "test": len(test), "sft": len(sft)}
+
+
+def write_demo(path: str | Path, size: int = 224) -> None:
+    """Draw the hand-built demo scene (question ``DEMO_QUESTION``, answer ``DEMO_ANSWER``) to ``path``."""
+    derived = sc.answer_question(DEMO_SCENE, DEMO_QUESTION)
+    if derived != DEMO_ANSWER:  # guards the answer quoted in the comment above DEMO_SCENE
+        raise RuntimeError(f"demo scene answers {derived}, expected {DEMO_ANSWER}")
+    sc.render_scene(DEMO_SCENE, size).save(path, quality=95)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", help="where to write the data set")
+    parser.add_argument("--num", type=int, default=200, help="RL questions (train + test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test_fraction", type=float, default=0.2)
+    parser.add_argument("--image_size", type=int, default=112, help="image side in pixels")
+    parser.add_argument("--sft_num", type=int, default=None, help="raw SFT records (default: --num)")
+    parser.add_argument("--demo", help="also (or only) write the 224 px demo image to this path")
+    args = parser.parse_args(argv)
+    if args.output_dir is None and args.demo is None:
+        parser.error("give --output_dir, --demo, or both")
+    if args.demo:
+        write_demo(args.demo)
+        print(f"wrote {args.demo}: {DEMO_QUESTION} -> {DEMO_ANSWER}")
+    if args.output_dir:
+        try:
+            counts = build_dataset(
+                args.output_dir, args.num, args.seed, args.test_fraction, args.image_size, args.sft_num
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Losses, KL penalties and masked reductions against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from pebr.algorithms.losses import (
+    agg_loss,
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+)
+
+
+def close(actual: torch.Tensor, expected, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def test_masked_mean_whole_and_per_row():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    close(masked_mean(x, mask), 7.0 / 3.0)  # (1 + 2 + 4) / 3
+    close(masked_mean(x, mask, dim=-1), [1.5, 4.0])
+    close(masked_mean(x, torch.zeros_like(mask)), 0.0)
+
+
+def test_masked_reductions_ignore_inf_on_padding_and_pass_no_gradient_there():
+    x = torch.tensor([[1.0, 2.0, 3.0, float("inf")]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # mean 2; unbiased var (1 + 0 + 1) / 2 = 1; whitened [-1, 0, 1] and 0 on padding
+    close(masked_var(x, mask), 1.0)
+    white = masked_whiten(x, mask)
+    close(white, [[-1.0, 0.0, 1.0, 0.0]])
+    (masked_mean(x, mask) + white.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[0, 3].item() == 0.0
+    assert (x.grad[0, :3] != 0).any()
+
+
+def test_agg_loss_modes_differ_on_ragged_masks():
+    loss = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 99.0, 99.0, 99.0], [5.0, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    # token-mean: (1 + 2 + 3 + 4 + 10) / 5 valid tokens = 4
+    close(agg_loss(loss, mask, "token-mean"), 4.0)
+    # seq-mean-token-sum: rows sum to 10 and 10 (the empty third row is left out) -> 10
+    close(agg_loss(loss, mask, "seq-mean-token-sum"), 10.0)
+    # seq-mean-token-mean: row means 2.5 and 10 -> 6.25
+    close(agg_loss(loss, mask, "seq-mean-token-mean"), 6.25)
+
+
+def test_agg_loss_gradient_only_on_valid_tokens():
+    loss = torch.ones(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    agg_loss(loss, mask, "token-mean").backward()
+    close(loss.grad, [[1 / 3, 1 / 3, 0.0], [1 / 3, 0.0, 0.0]])
+
+
+def test_agg_loss_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="allowed: token-mean, seq-mean-token-sum, seq-mean-token-mean"):
+        agg_loss(torch.zeros(1, 2), torch.ones(1, 2), "sum")
+
+
+def test_kl_penalty_kinds():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-2.0, -0.5]])
+    # k1 = logp - ref = [1, -1.5]
+    close(kl_penalty(logp, ref, "kl"), [[1.0, -1.5]])
+    close(kl_penalty(logp, ref, "abs"), [[1.0, 1.5]])
+    close(kl_penalty(logp, ref, "mse"), [[0.5, 1.125]])  # 0.5 * 1^2, 0.5 * 1.5^2
+    # k3 with d = ref - logp = [-1, 1.5]: exp(d) - d - 1
+    k3 = [[math.exp(-1.0) - (-1.0) - 1.0, math.exp(1.5) - 1.5 - 1.0]]  # [0.367879, 1.981689]
+    close(kl_penalty(logp, ref, "low_var_kl"), k3)
+    for alias, name in (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl")):
+        torch.testing.assert_close(kl_penalty(logp, ref, alias), kl_penalty(logp, ref, name))
+
+
+def test_low_var_kl_is_clamped():
+    # d = 0 - (-30) = 30 -> clamped to 20 -> exp(20) - 21 ~ 4.85e8 -> clamped to 10
+    out = kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "low_var_kl")
+    close(out, [10.0])
+
+
+def test_kl_penalty_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="low_var_kl"):
+        kl_penalty(torch.zeros(1), torch.zeros(1), "full")
+
+
+def _ppo_case():
+    # old logp = 0, so logp = log(ratio). Per token (clip 0.2 / 0.3, dual 3):
+    #  a) A=+1, ratio 1.5: max(-1.5, -1.3) = -1.3 (clipped term chosen)
+    #  b) A=+1, ratio 0.5: max(-0.5, -0.8) = -0.5 (unclipped)
+    #  c) A=-1, ratio 0.5: max(0.5, 0.8) = 0.8 (clipped); dual cap 3 not reached
+    #  d) A=-1, ratio 5.0: max(5.0, 1.3) = 5.0 -> dual clip caps at 3 (engaged)
+    #  e) A=-2, ratio 2.0: max(4.0, 2.6) = 4.0; cap 6 not reached (not engaged)
+    #  f) padding: A=-1, ratio 100 -> ignored
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 5.0, 2.0, 100.0]])
+    logp = ratios.log().requires_grad_(True)
+    old = torch.zeros_like(ratios)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -2.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    return old, logp, adv, mask, ratios
+
+
+def test_ppo_policy_loss_clip_and_dual_clip():
+    old, logp, adv, mask, ratios = _ppo_case()
+    loss, metrics = ppo_policy_loss(old, logp, adv, mask)
+    # token-mean: (-1.3 - 0.5 + 0.8 + 3 + 4) / 5 = 6.0 / 5 = 1.2
+    close(loss, 1.2)
+    assert metrics["pg_clipfrac"] == pytest.approx(2 / 5)  # tokens a and c
+    assert metrics["pg_clipfrac_lower"] == pytest.approx(1 / 5)  # token d
+    # ppo_kl = mean(old - logp) = -ln(1.5 * 0.5 * 0.5 * 5 * 2) / 5 = -ln(3.75) / 5
+    assert metrics["ppo_kl"] == pytest.approx(-math.log(3.75) / 5, abs=1e-6)
+
+
+def test_ppo_policy_loss_gradient():
+    old, logp, adv, mask, _ = _ppo_case()
+    loss, _ = ppo_policy_loss(old, logp, adv, mask)
+    loss.backward()
+    # Only unclipped, non-capped valid tokens carry gradient: d(-A * ratio)/d logp = -A * ratio,
+    # divided by 5 valid tokens: b) -1 * 0.5 / 5 = -0.1;  e) 2 * 2 / 5 = 0.8.
+    # a, c (clipped), d (dual-capped) and f (padding) get 0.
+    close(logp.grad, [[0.0, -0.1, 0.0, 0.0, 0.8, 0.0]])
+
+
+def test_ppo_policy_loss_without_dual_clip_engaged():
+    # With dual 6, token d) is no longer capped: (-1.3 - 0.5 + 0.8 + 5 + 4) / 5 = 1.6
+    old, logp, adv, mask, _ = _ppo_case()
+    loss, metrics = ppo_policy_loss(old, logp, adv, mask, clip_ratio_dual=6.0)
+    close(loss, 1.6)
+    assert metrics["pg_clipfrac_lower"] == 0.0
+
+
+def test_ppo_policy_loss_clamps_log_ratio():
+    # log-ratio 50 is clamped to 20; A=+1 takes the clipped -1.3, A=-1 the dual cap 3 -> mean 0.85
+    old = torch.tensor([[-60.0, -60.0]])
+    logp = torch.tensor([[-10.0, -10.0]])
+    loss, metrics = ppo_policy_loss(old, logp, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
+    close(loss, 0.85)
+    assert metrics["ppo_kl"] == pytest.approx(-20.0)
+
+
+def test_ppo_policy_loss_rejects_bad_input():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="clip_ratio_dual"):
+        ppo_policy_loss(x, x, x, torch.ones(1, 2), clip_ratio_dual=1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ppo_policy_loss(x, torch.zeros(1, 3), x, torch.ones(1, 2))
+
+
+def test_entropy_uniform_and_two_point():
+    # uniform over V=7 -> log 7, also after a large constant shift (stability)
+    logits = torch.zeros(2, 3, 7)
+    close(entropy_from_logits(logits), torch.full((2, 3), math.log(7)).tolist())
+    close(entropy_from_logits(logits + 1000.0), torch.full((2, 3), math.log(7)).tolist())
+    # logits [0, ln 3] -> p = [0.25, 0.75]; H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335
+    close(entropy_from_logits(torch.tensor([0.0, math.log(3.0)])), 0.562335)
+    # the max-shift is detached; the gradient must still be that of -sum p log p
+    z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(entropy_from_logits, (z,))
+
+
+def test_logprobs_from_logits():
+    # logits [0, ln 3] -> p = [0.25, 0.75]: label 1 -> ln 0.75 = -0.287682, label 0 -> ln 0.25
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    close(logprobs_from_logits(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.25)]])
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels), expected)
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, labels), (logits,))
+
+
+def test_logprobs_from_logits_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels shape"):
+        logprobs_from_logits(torch.zeros(1, 3, 5), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        logprobs_from_logits(torch.zeros(1, 3, 5), torch.zeros(1, 3))

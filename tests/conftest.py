@@ -1,0 +1,45 @@
+"""Session fixtures: the embedded tiny model and data set are built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# vLLM on CPU: a small KV cache, and the engine in-process so that tests see its errors directly.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from pebr.utils.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_synthetic_data import build_dataset
+
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    build_dataset(out, num=40, seed=0, test_fraction=0.2, image_size=56, sft_num=20)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray is started once per test session (it costs seconds) and shared by every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ROOT}})
+    yield ray
+    ray.shutdown()

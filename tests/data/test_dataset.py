@@ -1,0 +1,199 @@
+"""RLDataset on the tiny Qwen2.5-VL processor: items, prompt lengths, bad images, overlong prompts."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from pebr.data.dataset import RLDataset
+from pebr.data.records import DataError, load_records
+
+TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "format_prompt", "pebr.jinja")
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    Image.new("RGB", (100, 60), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (50, 90), "green").save(tmp_path / "tall.png")
+    return str(tmp_path)
+
+
+def make(records, processor, image_dir, **kwargs):
+    options = {"max_prompt_length": 4096, "min_pixels": 3136, "max_pixels": 50176}
+    options.update(kwargs)
+    return RLDataset(records, processor, image_dir=image_dir, **options)
+
+
+def test_item_fields_and_resized_images(processor, image_dir):
+    records = [
+        {"qid": "a", "problem": "<image>How many red?", "answer": 2, "images": ["wide.png"], "key_words": ["red"]},
+        {"qid": "b", "problem": "Compare <image> and <image>.", "answer": "left", "images": ["wide.png", "tall.png"]},
+        {"qid": "c", "problem": "What is 3+4?", "answer": "7", "key_words": None},
+    ]
+    dataset = make(records, processor, image_dir, format_prompt=TEMPLATE)
+    assert len(dataset) == 3 and dataset.report.kept == 3 and dataset.num_overlong == 0
+
+    first = dataset[0]
+    assert set(first) == {"prompt", "images", "ground_truth", "qid", "key_words", "index"}
+    assert (first["ground_truth"], first["qid"], first["key_words"], first["index"]) == ("2", "a", ["red"], 0)
+    # 100x60 rounds to 112x56 = 6272 px, inside [3136, 50176].
+    assert [im.size for im in first["images"]] == [(112, 56)]
+    assert first["images"][0].mode == "RGB"
+    prompt = first["prompt"]
+    assert prompt.count(VISION) == 1 and "<image>" not in prompt
+    # Images come first in the user turn, then the templated question, then the assistant prompt.
+    user_turn = prompt.split("<|im_start|>user\n", 1)[1]
+    assert user_turn.startswith(VISION + "How many red?")
+    assert "### Image Description:" in user_turn and "### The final answer is:" in user_turn
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+    second = dataset[1]
+    assert second["prompt"].count(VISION) == 2
+    # 50x90 rounds to 56x84 = 4704 px.
+    assert [im.size for im in second["images"]] == [(112, 56), (56, 84)]
+    assert "Compare  and ." in second["prompt"]
+
+    third = dataset[2]
+    assert third["images"] == [] and third["key_words"] == [] and VISION not in third["prompt"]
+
+
+def test_without_template_the_question_is_the_text(processor, image_dir):
+    dataset = make([{"problem": "<image>Just this?", "answer": "yes", "images": ["wide.png"]}], processor, image_dir)
+    user_turn = dataset[0]["prompt"].split("<|im_start|>user\n", 1)[1]
+    assert user_turn == VISION + "Just this?<|im_end|>\n<|im_start|>assistant\n"
+    assert dataset[0]["qid"] == "record-0"
+
+
+def test_prompt_length_matches_the_processor_expansion(processor, image_dir):
+    records = [{"problem": "<image><image>Two pictures.", "answer": "1", "images": ["wide.png", "tall.png"]}]
+    dataset = make(records, processor, image_dir, format_prompt=TEMPLATE)
+    item = dataset[0]
+    expected = len(processor(text=[item["prompt"]], images=item["images"])["input_ids"][0])
+    # 112x56 -> 8x4 patches of 14 px -> 32 / 4 merged = 8 tokens; 56x84 -> 4x6 -> 6 tokens.
+    text_only = len(processor.tokenizer(item["prompt"])["input_ids"])
+    assert expected == text_only - 2 + 8 + 6
+    # At exactly the measured length the record stays; one token less and it is dropped.
+    assert len(make(records, processor, image_dir, format_prompt=TEMPLATE, max_prompt_length=expected)) == 1
+    short = make(records, processor, image_dir, format_prompt=TEMPLATE, max_prompt_length=expected - 1)
+    assert len(short) == 0 and short.num_overlong == 1
+
+
+def test_overlong_prompts_dropped_counted_logged_or_raised(processor, image_dir, caplog):
+    records = [
+        {"qid": "short", "problem": "Hi?", "answer": "1"},
+        {"qid": "long", "problem": "word " * 300, "answer": "1"},
+        {"qid": "long2", "problem": "<image>" + "more " * 300, "answer": "1", "images": ["wide.png"]},
+    ]
+    with caplog.at_level("WARNING", logger="pebr.data.dataset"):
+        dataset = make(records, processor, image_dir, max_prompt_length=100)
+    assert [dataset[i]["qid"] for i in range(len(dataset))] == ["short"]
+    assert dataset.num_overlong == 2 and dataset.report.skipped == {"prompt_too_long": 2}
+    assert any("dropped 2 of 3 prompts longer than 100 tokens" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"record 1 qid='long': prompt has \d+ tokens, more than max_prompt_length=100"):
+        make(records, processor, image_dir, max_prompt_length=100, filter_overlong_prompts=False)
+
+
+def test_bad_images_raise_or_skip_with_index_preserved(processor, image_dir):
+    (open(os.path.join(image_dir, "zero.png"), "wb")).close()
+    with open(os.path.join(image_dir, "corrupt.png"), "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n garbage")
+    records = [
+        {"qid": "missing", "problem": "q", "answer": "1", "images": ["nope.png"]},
+        {"qid": "zero", "problem": "q", "answer": "1", "images": ["zero.png"]},
+        {"qid": "corrupt", "problem": "q", "answer": "1", "images": ["corrupt.png"]},
+        {"qid": "ok", "problem": "q", "answer": "1", "images": ["tall.png"]},
+    ]
+    with pytest.raises(DataError, match=r"record 0 qid='missing': image file '.*nope\.png' does not exist"):
+        make(records, processor, image_dir)
+    with pytest.raises(DataError, match=r"record 0 qid='zero': image file '.*zero\.png' is empty"):
+        make(records[1:], processor, image_dir)
+    with pytest.raises(DataError, match=r"record 0 qid='corrupt': image '.*corrupt\.png' cannot be read"):
+        make(records[2:], processor, image_dir)
+
+    dataset = make(records, processor, image_dir, on_bad_record="skip")
+    assert len(dataset) == 1
+    assert dataset[0]["qid"] == "ok" and dataset[0]["index"] == 3  # position in the original list
+    assert dataset.report.total == 4 and dataset.report.skipped == {"image_missing": 1, "image_unreadable": 2}
+
+
+def test_image_forms_bytes_pil_dict_absolute(processor, image_dir):
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 60), "blue").save(buffer, format="PNG")
+    records = [
+        {"problem": "q", "answer": "1", "images": [buffer.getvalue()]},
+        {"problem": "q", "answer": "1", "images": [Image.new("RGBA", (60, 60))]},
+        {"problem": "q", "answer": "1", "images": [{"bytes": None, "path": "tall.png"}]},
+        {"problem": "q", "answer": "1", "images": os.path.join(image_dir, "wide.png")},
+    ]
+    # Without an image_dir only bytes, PIL images and absolute paths resolve.
+    dataset = make(records[:2] + records[3:], processor, None)
+    assert [item["images"][0].size for item in dataset] == [(56, 56), (56, 56), (112, 56)]
+    assert all(item["images"][0].mode == "RGB" for item in dataset)
+    assert len(make(records[2:3], processor, image_dir)) == 1
+
+
+def test_records_from_loader_and_raw_records_are_checked(processor, image_dir, tmp_path):
+    import json
+
+    source = tmp_path / "rl.jsonl"
+    record = {"qid": 7, "problem": "q", "answer": 1, "images": "wide.png", "key_words": ["x"]}
+    source.write_text(json.dumps(record) + "\n")
+    records, _ = load_records(str(source))
+    item = make(records, processor, image_dir)[0]
+    assert item["qid"] == "7" and item["ground_truth"] == "1" and item["key_words"] == ["x"]
+    assert item["prompt"].count(VISION) == 1
+    with pytest.raises(DataError, match=r"record 0: key 'answer' is missing"):
+        make([{"problem": "q"}], processor, image_dir)
+
+
+def test_template_and_argument_errors(processor, image_dir, tmp_path):
+    records = [{"problem": "q", "answer": "1"}]
+    with pytest.raises(DataError, match="format_prompt '.*missing.jinja' cannot be read"):
+        make(records, processor, image_dir, format_prompt=str(tmp_path / "missing.jinja"))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("ok\n{{ content \n")
+    with pytest.raises(DataError, match="broken.jinja' line"):
+        make(records, processor, image_dir, format_prompt=str(broken))
+    with pytest.raises(ValueError, match="max_prompt_length must be positive"):
+        make(records, processor, image_dir, max_prompt_length=0)
+    with pytest.raises(ValueError, match="on_bad_record"):
+        make(records, processor, image_dir, on_bad_record="warn")
+
+
+def test_items_do_not_hold_decoded_images(processor, image_dir):
+    dataset = make([{"problem": "q", "answer": "1", "images": ["wide.png"]}], processor, image_dir)
+    first, second = dataset[0]["images"][0], dataset[0]["images"][0]
+    assert first is not second  # decoded afresh on each read, nothing cached on the data set
+
+
+def test_pebr_template_asks_for_the_exact_layout():
+    from pebr.data.dataset import load_format_prompt
+
+    text = load_format_prompt(TEMPLATE).render(content="How many cubes are left?")
+    assert text.startswith("How many cubes are left?")
+    layout = [
+        "### Image Description:",
+        "### Rationales:",
+        "### Let's think step by step.",
+        "### Step 1:",
+        "### Step 2:",
+        "...",
+        "### The final answer is:",
+    ]
+    # The layout block closes the prompt, one heading per line, in this order.
+    assert text.rstrip().splitlines()[-len(layout):] == layout
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError, match="content"):
+        load_format_prompt(TEMPLATE).render()  # a missing question is an error, not an empty prompt

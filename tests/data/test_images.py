@@ -1,0 +1,91 @@
+"""Image sizing rule and the cheap load-time probe."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from pebr.data.images import fit_size, load_image, probe_image
+from pebr.data.records import BadRecord
+
+
+@pytest.mark.parametrize(
+    "size, min_pixels, max_pixels, expected",
+    [
+        # No bounds: each side rounded to the nearest multiple of 28 (100/28 = 3.57 -> 4, 60/28 = 2.14 -> 2).
+        ((100, 60), None, None, (112, 56)),
+        # Tiny images grow to one 28x28 cell.
+        ((10, 5), None, None, (28, 28)),
+        # Over max: scale = sqrt(6000/3136) = 1.3832; 100/1.3832/28 = 2.58 -> 2, 60/1.3832/28 = 1.55 -> 1.
+        ((100, 60), None, 3136, (56, 28)),
+        # Under min: scale = sqrt(12544/6000) = 1.4459; 144.6/28 = 5.16 -> 6, 86.8/28 = 3.10 -> 4.
+        ((100, 60), 12544, None, (168, 112)),
+        # Inside the bounds: only the rounding.
+        ((224, 224), 3136, 50176, (224, 224)),
+        # The paper's stage bound (802816 = 896^2): scale = 1440/896 = 1.6071;
+        # 1920/1.6071 = 1194.7 -> 42*28 = 1176, 1080/1.6071 = 672 -> 24*28 = 672.
+        ((1920, 1080), 576, 802816, (1176, 672)),
+    ],
+)
+def test_fit_size_by_hand(size, min_pixels, max_pixels, expected):
+    assert fit_size(*size, min_pixels, max_pixels) == expected
+
+
+def test_fit_size_properties():
+    for width, height in [(1, 1), (27, 900), (3000, 29), (640, 480), (333, 777)]:
+        w, h = fit_size(width, height, 3136, 50176)
+        assert w % 28 == 0 and h % 28 == 0 and w >= 28 and h >= 28
+        assert w * h <= 50176 or min(w, h) == 28
+    with pytest.raises(ValueError, match="positive"):
+        fit_size(0, 10)
+    with pytest.raises(ValueError, match="must not exceed"):
+        fit_size(10, 10, 100, 50)
+
+
+def png_bytes(size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_probe_and_load_every_image_form(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    pil = Image.new("L", (40, 30))
+    for image, image_dir in [
+        ("a.png", str(tmp_path)),
+        (str(tmp_path / "a.png"), "/elsewhere"),  # absolute paths ignore image_dir
+        (png_bytes(), None),
+        (pil, None),
+    ]:
+        assert probe_image(image, image_dir, "record 0") == (40, 30)
+        loaded = load_image(image, image_dir, min_pixels=3136, max_pixels=50176)
+        # 40x30 rounds to 28x28 (784 px), below min 3136: scale = sqrt(3136/1200) = 1.6166;
+        # 40*1.6166 = 64.7 -> ceil(2.31)*28 = 84, 30*1.6166 = 48.5 -> ceil(1.73)*28 = 56.
+        assert loaded.mode == "RGB" and loaded.size == (84, 56)
+    assert pil.mode == "L"  # the caller's image is not changed
+
+
+def test_probe_reports_missing_empty_corrupt_truncated(tmp_path):
+    with pytest.raises(BadRecord, match=r"record 3 qid='x': image file '.*gone\.png' does not exist") as info:
+        probe_image("gone.png", str(tmp_path), "record 3 qid='x'")
+    assert info.value.reason == "image_missing"
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadRecord, match=r"empty\.png' is empty \(0 bytes\)") as info:
+        probe_image("empty.png", str(tmp_path), "record 0")
+    assert info.value.reason == "image_unreadable"
+
+    (tmp_path / "junk.png").write_bytes(b"this is not an image at all")
+    with pytest.raises(BadRecord, match=r"junk\.png' cannot be read") as info:
+        probe_image("junk.png", str(tmp_path), "record 0")
+    assert info.value.reason == "image_unreadable"
+
+    data = png_bytes((64, 64))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # header intact, pixels cut off
+    with pytest.raises(BadRecord, match=r"cut\.png' cannot be read"):
+        probe_image("cut.png", str(tmp_path), "record 0")
+
+    with pytest.raises(BadRecord, match=r"<5 bytes>"):
+        probe_image(b"\x00\x01\x02\x03\x04", None, "record 0")

@@ -1,0 +1,136 @@
+"""The CLIP alignment path: the scorer against the model's own forward, then end to end through Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from pebr.rewards.clip import ClipScorer
+from pebr.rewards.terms import clip_alignment_reward
+from pebr.workers.reward import CLIP_ACTOR_NAME, RewardWorker, get_clip_scorer
+
+from .conftest import REWARD_DIR
+from .test_terms import FULL
+
+STAGE1 = os.path.join(REWARD_DIR, "pebr_1.py") + ":compute_score"
+COLOURS = [(255, 0, 0), (0, 0, 255), (20, 200, 40)]
+CAPTIONS = ["a red square", "a blue circle next to a green triangle", "two yellow stars and one black cube"]
+
+
+def images() -> list[Image.Image]:
+    # Different sizes and modes: the processor must resize, the scorer must convert to RGB.
+    return [Image.new("RGB", (48, 40), COLOURS[0]), Image.new("RGB", (32, 64), COLOURS[1]),
+            Image.new("L", (20, 20), 128)]
+
+
+def cosine_from_forward(model_path: str, imgs: list[Image.Image], captions: list[str]) -> list[float]:
+    """cos(image_i, caption_i) read off CLIP's forward: logits_per_image = exp(logit_scale) * cos."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(model_path).eval()
+    text = AutoTokenizer.from_pretrained(model_path)(captions, padding=True, return_tensors="pt")
+    pixels = CLIPImageProcessor.from_pretrained(model_path)([im.convert("RGB") for im in imgs], return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                    pixel_values=pixels["pixel_values"])
+    return (out.logits_per_image.diagonal() / model.logit_scale.exp()).tolist()
+
+
+def test_scorer_matches_the_models_forward(tiny_clip_path: str) -> None:
+    scorer = ClipScorer(tiny_clip_path, batch_size=2)  # two chunks for three pairs
+    got = scorer.score(images(), CAPTIONS)
+    assert got == pytest.approx(cosine_from_forward(tiny_clip_path, images(), CAPTIONS), abs=1e-5)
+    assert scorer.max_text_length == 16  # the text config's max_position_embeddings
+
+
+def test_long_captions_are_truncated(tiny_clip_path: str) -> None:
+    scorer = get_clip_scorer(tiny_clip_path, use_ray=False)
+    assert get_clip_scorer(tiny_clip_path, use_ray=False) is scorer  # loaded once per process
+    long_caption = " ".join(CAPTIONS * 10)  # far more than 16 tokens
+    tokens = scorer.tokenizer(long_caption, truncation=True, max_length=16)["input_ids"]
+    assert len(tokens) == 16 and tokens[-1] == scorer.tokenizer.eos_token_id  # pooled at EOS
+    # Same score as the caption cut to the 14 tokens that fit between BOS and EOS.
+    cut = scorer.tokenizer.decode(tokens[1:-1])
+    [long_score, cut_score] = scorer.score(images()[:1] * 2, [long_caption, cut])
+    assert long_score == pytest.approx(cut_score, abs=1e-6)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="clip_model_path"):
+        get_clip_scorer(str(tmp_path / "missing"))
+
+
+def stage1_inputs() -> list[dict]:
+    base = {"response_length": 100, "ground_truth": "9", "key_word": ["red", "square", "triangle"]}
+    return [
+        {**base, "qid": "a", "response": FULL.replace("A red square and a blue circle.", CAPTIONS[0]),
+         "image": images()[0]},
+        {**base, "qid": "b", "response": FULL.replace("A red square and a blue circle.", CAPTIONS[1]),
+         "image": images()[1]},
+        # No description: the CLIP term is 0 without asking the model (and no image is needed).
+        {**base, "qid": "c", "response": "### The final answer is: 9", "image": None},
+    ]
+
+
+def named_actors(ray) -> list[str]:
+    return list(ray.util.list_named_actors(all_namespaces=False))  # names in this namespace
+
+
+@pytest.mark.slow
+def test_clip_weight_zero_never_loads_the_model(ray_session, tmp_path) -> None:
+    ray = ray_session
+    worker = RewardWorker.remote(
+        STAGE1, reward_function_kwargs={"clip_weight": 0.0, "clip_model_path": str(tmp_path / "missing")}
+    )
+    ref = worker.compute.remote(stage1_inputs())  # returns at once; the result comes later
+    assert isinstance(ref, ray.ObjectRef)
+    out = ray.get(ref)
+    assert "clip" not in out[0] and out[0]["overall"] == pytest.approx(0.4 * 2 / 3 + 0.2)
+    assert CLIP_ACTOR_NAME not in named_actors(ray)
+    ray.kill(worker)
+
+
+@pytest.mark.slow
+def test_missing_clip_path_fails_when_the_worker_starts(ray_session, tmp_path) -> None:
+    ray = ray_session
+    worker = RewardWorker.remote(STAGE1, reward_function_kwargs={"clip_model_path": str(tmp_path / "missing")})
+    with pytest.raises(ray.exceptions.RayActorError, match="CLIP model directory not found"):
+        ray.get(worker.ready.remote())
+
+
+@pytest.mark.slow
+def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) -> None:
+    ray = ray_session
+    inputs = stage1_inputs()
+    similarity = cosine_from_forward(tiny_clip_path, [x["image"] for x in inputs[:2]], CAPTIONS[:2])
+    # A threshold above the larger similarity keeps the reward on its linear part (not saturated),
+    # so a wrong similarity changes the number.
+    assert max(similarity) > 0, similarity
+    threshold = 2 * max(similarity)
+    kwargs = {"clip_model_path": tiny_clip_path, "clip_threshold": threshold}
+    worker = RewardWorker.remote(STAGE1, reward_function_kwargs=kwargs)
+    try:
+        ray.get(worker.ready.remote())
+        out = ray.get(worker.compute.remote(inputs))
+        scorer = ray.get_actor(CLIP_ACTOR_NAME)  # the shared actor exists in this namespace
+        assert ray.get(scorer.device.remote()) == "cpu"
+        for scores, s in zip(out, similarity):
+            expected_clip = min(max(s, 0.0) / threshold, 1.0)
+            assert scores["clip"] == pytest.approx(expected_clip, abs=1e-5)
+            assert scores["clip"] == pytest.approx(clip_alignment_reward(s, threshold), abs=1e-5)
+            assert scores["overall"] == pytest.approx(0.4 * expected_clip + 0.4 * 2 / 3 + 0.1 + 0.1, abs=1e-5)
+        assert out[2]["clip"] == 0.0 and out[2]["format"] == 0.0
+        # A second worker finds the same scorer instead of loading another copy.
+        other = RewardWorker.remote(STAGE1, reward_function_kwargs=kwargs)
+        assert ray.get(other.compute.remote(inputs[:1]))[0]["clip"] == pytest.approx(out[0]["clip"], abs=1e-6)
+        assert named_actors(ray).count(CLIP_ACTOR_NAME) == 1
+        ray.kill(other)
+    finally:
+        ray.kill(worker)
+        try:
+            ray.kill(ray.get_actor(CLIP_ACTOR_NAME))
+        except ValueError:
+            pass

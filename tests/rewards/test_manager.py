@@ -1,0 +1,135 @@
+"""RewardManager: loading by path, setup at construction, and validation of the output."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pebr.rewards.manager import RewardFunctionError, RewardManager, load_reward_function, resolve_options
+
+INPUTS = [
+    {"qid": "q-0", "response": "fine", "response_length": 3, "ground_truth": "1", "key_word": [], "image": None},
+    {"qid": "q-bad", "response": "boom " * 100, "response_length": 5, "ground_truth": "2", "key_word": [],
+     "image": None},
+    {"qid": "q-2", "response": "fine", "response_length": 3, "ground_truth": "3", "key_word": [], "image": None},
+]
+
+
+def write(tmp_path: Path, body: str, name: str = "reward.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+BATCH = """
+    CALLS = []
+
+    def setup(**kwargs):
+        CALLS.append(kwargs)
+
+    def compute_score(reward_inputs, scale=1.0):
+        return [{"overall": scale * len(x["response"]), "length": x["response_length"]} for x in reward_inputs]
+
+    NOT_A_FUNCTION = 3
+"""
+
+
+def test_load_reward_function_by_path(tmp_path: Path) -> None:
+    path = write(tmp_path, BATCH)
+    fn = load_reward_function(f"{path}:compute_score")
+    assert fn([INPUTS[0]]) == [{"overall": 4.0, "length": 3}]
+    assert load_reward_function(path).__name__ == "compute_score"  # the default name
+
+
+def test_load_reward_function_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, BATCH)
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        load_reward_function(f"{tmp_path}/missing.py:compute_score")
+    with pytest.raises(AttributeError, match="no function 'score_it'.*compute_score"):
+        load_reward_function(f"{path}:score_it")
+    with pytest.raises(TypeError, match="NOT_A_FUNCTION.*int"):
+        load_reward_function(f"{path}:NOT_A_FUNCTION")
+    with pytest.raises(ValueError, match=r"\.py file"):
+        load_reward_function(f"{tmp_path}/reward.txt:compute_score")
+
+
+def test_manager_calls_setup_once_and_passes_kwargs(tmp_path: Path) -> None:
+    path = write(tmp_path, BATCH)
+    manager = RewardManager(f"{path}:compute_score", reward_function_kwargs={"scale": 0.5})
+    out = manager.compute(INPUTS)
+    assert out == [{"overall": 2.0, "length": 3.0}, {"overall": 250.0, "length": 5.0}, {"overall": 2.0, "length": 3.0}]
+    assert all(type(v) is float for scores in out for v in scores.values())
+    manager.compute(INPUTS)
+    assert manager.module.CALLS == [{"scale": 0.5}]
+    # A second manager gets its own module (own state), not the first one's.
+    other = RewardManager(f"{path}:compute_score")
+    assert other.module is not manager.module and other.module.CALLS == [{}]
+
+
+def test_raising_function_names_the_offending_input(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        def compute_score(reward_inputs):
+            for x in reward_inputs:
+                if x["response"].startswith("boom"):
+                    raise ZeroDivisionError("cannot score")
+            return [{"overall": 1.0} for _ in reward_inputs]
+    """)
+    with pytest.raises(RewardFunctionError) as info:
+        RewardManager(f"{path}:compute_score").compute(INPUTS)
+    message = str(info.value)
+    assert "ZeroDivisionError: cannot score" in message
+    assert "input #1" in message and "q-bad" in message
+    assert "boom boom" in message and len(message) < 600  # the response is truncated
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+@pytest.mark.parametrize(
+    "returned, match",
+    [
+        ("[{'overall': float('nan')} for _ in reward_inputs]", "overall=nan, not a finite number.*q-0"),
+        ("[{'overall': 1.0, 'clip': float('inf')} for _ in reward_inputs]", "clip=inf"),
+        ("[{'overall': 1.0}]", "returned 1 results for 3 inputs"),
+        ("[{'overall': 1.0}] * 4", "returned 4 results for 3 inputs"),
+        ("[{'accuracy': 1.0} for _ in reward_inputs]", "no 'overall'.*q-0"),
+        ("[{'overall': '1.0'} for _ in reward_inputs]", "not a number"),
+        ("[1.0 for _ in reward_inputs]", "a float instead of a dict"),
+        ("{'overall': 1.0}", "must return a list"),
+        ("[{'overall': 1.0, **({'x': 0.0} if i else {})} for i, _ in enumerate(reward_inputs)]",
+         "keys.*q-bad"),
+    ],
+)
+def test_bad_outputs_are_rejected(tmp_path: Path, returned: str, match: str) -> None:
+    path = write(tmp_path, f"def compute_score(reward_inputs):\n    return {returned}\n")
+    with pytest.raises(RewardFunctionError, match=match):
+        RewardManager(path).compute(INPUTS)
+
+
+def test_overall_optional_when_not_required(tmp_path: Path) -> None:
+    path = write(tmp_path, "def compute_score(reward_inputs):\n    return [{'accuracy': 1} for _ in reward_inputs]\n")
+    assert RewardManager(path, require_overall=False).compute(INPUTS[:1]) == [{"accuracy": 1.0}]
+
+
+def test_sequential_reward_type(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        def score_one(reward_input, bonus=0.0):
+            if reward_input["qid"] == "q-bad":
+                raise KeyError("key_word")
+            return {"overall": reward_input["response_length"] + bonus}
+    """)
+    manager = RewardManager(f"{path}:score_one", reward_type="sequential", reward_function_kwargs={"bonus": 0.5})
+    assert manager.compute([INPUTS[0], INPUTS[2]]) == [{"overall": 3.5}, {"overall": 3.5}]
+    with pytest.raises(RewardFunctionError, match="input #1.*q-bad"):
+        manager.compute(INPUTS)
+
+
+def test_unknown_reward_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reward_type must be one of.*'parallel'"):
+        RewardManager(write(tmp_path, BATCH), reward_type="parallel")
+
+
+def test_resolve_options_rejects_unknown_keys() -> None:
+    assert resolve_options({"a": 1, "b": 2}, {"b": 3}, "f.py") == {"a": 1, "b": 3}
+    with pytest.raises(KeyError, match=r"\['c'\] for f.py; accepted keys: \['a', 'b'\]"):
+        resolve_options({"a": 1, "b": 2}, {"c": 3}, "f.py")

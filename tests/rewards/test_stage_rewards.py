@@ -1,0 +1,88 @@
+"""The stage reward files in examples/reward_function, without the CLIP model (clip_weight 0)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pebr.rewards.manager import RewardManager
+
+from .conftest import REWARD_DIR
+from .test_terms import FULL
+
+STAGE1 = os.path.join(REWARD_DIR, "pebr_1.py") + ":compute_score"
+STAGE2 = os.path.join(REWARD_DIR, "pebr_2.py") + ":compute_score"
+SAMPLE = os.path.join(REWARD_DIR, "pebr_sample.py") + ":compute_score"
+
+
+def item(response: str = FULL, truth: str = "9", length: int = 100, key_word=("red", "Square", "triangle")) -> dict:
+    return {"qid": "q", "response": response, "response_length": length, "ground_truth": truth,
+            "key_word": list(key_word), "image": None}
+
+
+def test_stage1_default_weights_without_clip() -> None:
+    # format 1, accuracy 1 (not rewarded), keyword 2/3, length 1 (100 <= 512); then length 1024 -> 0.5.
+    manager = RewardManager(STAGE1, reward_function_kwargs={"clip_weight": 0.0})
+    first, second = manager.compute([item(), item(length=1024, truth="8")])
+    assert set(first) == {"overall", "format", "accuracy", "keyword", "length"}
+    assert first["overall"] == pytest.approx(0.4 * 2 / 3 + 0.1 * 1 + 0.1 * 1)
+    assert (first["format"], first["accuracy"], first["length"]) == (1.0, 1.0, 1.0)
+    assert first["keyword"] == pytest.approx(2 / 3)
+    assert second["overall"] == pytest.approx(0.4 * 2 / 3 + 0.1 * 1 + 0.1 * 0.5)
+    assert second["accuracy"] == 0.0
+
+
+def test_stage1_weights_can_be_overridden() -> None:
+    kwargs = {"clip_weight": 0, "keyword_weight": 0.5, "length_weight": 0.0, "accuracy_weight": 0.5, "max_length": 50}
+    [scores] = RewardManager(STAGE1, reward_function_kwargs=kwargs).compute([item(length=100)])
+    assert scores["length"] == 0.5  # 50 / 100
+    assert scores["overall"] == pytest.approx(0.5 * 2 / 3 + 0.1 * 1 + 0.0 * 0.5 + 0.5 * 1)
+
+
+def test_stage1_unknown_key_fails_at_construction() -> None:
+    with pytest.raises(KeyError, match="clip_wieght"):
+        RewardManager(STAGE1, reward_function_kwargs={"clip_wieght": 0.0})
+
+
+def test_stage1_missing_clip_path_fails_at_construction(tmp_path) -> None:
+    with pytest.raises(ValueError, match="clip_model_path is not set"):
+        RewardManager(STAGE1)  # clip_weight defaults to 0.4
+    with pytest.raises(FileNotFoundError, match="clip_model_path"):
+        RewardManager(STAGE1, reward_function_kwargs={"clip_model_path": str(tmp_path / "no_such_model")})
+
+
+def test_stage1_clip_weight_zero_never_touches_the_model_path(tmp_path) -> None:
+    manager = RewardManager(
+        STAGE1, reward_function_kwargs={"clip_weight": 0, "clip_model_path": str(tmp_path / "no_such_model")}
+    )
+    assert manager.compute([item()])[0]["overall"] == pytest.approx(0.4 * 2 / 3 + 0.2)
+    assert manager.module._scorers == {}
+
+
+@pytest.mark.parametrize(
+    "response, truth, expected",
+    [
+        (FULL, "9", {"overall": 1.0, "accuracy": 1.0, "format": 1.0}),
+        (FULL, "8", {"overall": 0.1, "accuracy": 0.0, "format": 1.0}),
+        ("9", "9", {"overall": 0.9, "accuracy": 1.0, "format": 0.0}),
+        ("", "9", {"overall": 0.0, "accuracy": 0.0, "format": 0.0}),
+    ],
+)
+def test_stage2(response: str, truth: str, expected: dict) -> None:
+    [scores] = RewardManager(STAGE2).compute([item(response, truth)])
+    assert scores == pytest.approx(expected)
+
+
+def test_stage2_weights_can_be_overridden() -> None:
+    manager = RewardManager(STAGE2, reward_function_kwargs={"accuracy_weight": 0.5, "format_weight": 0.5})
+    assert manager.compute([item("9", "9")])[0]["overall"] == pytest.approx(0.5)
+    with pytest.raises(KeyError, match="clip_weight"):
+        RewardManager(STAGE2, reward_function_kwargs={"clip_weight": 0.4})
+    with pytest.raises(KeyError, match="max_length"):
+        RewardManager(SAMPLE, reward_function_kwargs={"max_length": 512})
+
+
+def test_sampling_reward_is_accuracy() -> None:
+    out = RewardManager(SAMPLE, require_overall=False).compute([item(), item(truth="8"), item("(B)", "B")])
+    assert [scores["accuracy"] for scores in out] == [1.0, 0.0, 1.0]

@@ -1,0 +1,230 @@
+"""Each reward term on hand-written responses, with expected values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from pebr.rewards.terms import (
+    accuracy_reward,
+    answers_match,
+    clip_alignment_reward,
+    extract_final_answer,
+    extract_image_description,
+    format_reward,
+    keyword_recall,
+    length_reward,
+)
+
+FULL = (
+    "### Image Description: A red square and a blue circle.\n"
+    "### Rationales: The question asks for the area of the square.\n"
+    "### Let's think step by step.\n"
+    "### Step 1: The side is 3 cm, so the area is 3 * 3.\n"
+    "### The final answer is: 9\n"
+)
+ONLY_HEADERS = "### Image Description:\n### Rationales:\n### Step 1:\n### The final answer is:"
+MIXED_CASE = (
+    "###image DESCRIPTION: a cat\n### RATIONALES: none\n### step 1: look\n### The Final Answer Is: (B)"
+)
+SPACED = "### Image Description: x\n###  Rationales: y\n###   Step 1: z\n###\tThe final answer is: 2"
+UNICODE = (
+    "### Image Description: Un CAFÉ ☕ et un 三角形.\n### Rationales: …\n### Step 1: −5 + 0\n"
+    "### The final answer is: −5"
+)
+# About 10 000 tokens of filler between the headers.
+LONG = FULL.replace("### Step 1:", "### Step 1: " + "word " * 10_000)
+
+
+# ---- format ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("", 0.0),
+        (ONLY_HEADERS, 1.0),
+        (FULL, 1.0),
+        (MIXED_CASE, 1.0),
+        (SPACED, 1.0),
+        (UNICODE, 1.0),
+        (LONG, 1.0),
+        (FULL.replace("### Step 1:", "Step 1:"), 0.0),  # header without ###
+        (FULL.replace("### Rationales:", "### Rationale:"), 0.0),  # header misspelt
+        (FULL.replace("### The final answer is:", "### The final answer is"), 0.0),  # no colon
+        ("The answer is 9.", 0.0),
+    ],
+)
+def test_format_reward(response: str, expected: float) -> None:
+    assert format_reward(response) == expected
+
+
+# ---- final answer and accuracy ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        (FULL, "9"),
+        (MIXED_CASE, "(B)"),  # lower-case header: the authors' release fell back to the whole text
+        ("### THE FINAL ANSWER IS: 7 apples\nso that's it", "7 apples"),  # only its own line
+        ("### The final answer is: 1\n### The final answer is: 2", "2"),  # the last one counts
+        ("### The final answer is:\n\n  42\n", "42"),  # answer on the next line
+        ("### The final answer is: \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+        ("  no header, just 12  ", "no header, just 12"),  # whole response
+        (ONLY_HEADERS, ""),
+        ("", ""),
+    ],
+)
+def test_extract_final_answer(response: str, expected: str) -> None:
+    assert extract_final_answer(response) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [
+        ("\\frac{1}{2}", "0.5", True),
+        ("0.5", "\\frac{1}{2}", True),
+        ("$\\frac{1}{2}$", "1/2", True),
+        ("(B)", "B", True),
+        ("B", "(B)", True),
+        ("B.", "B", True),
+        ("[C]", "C", True),
+        ("b", "B", True),
+        ("(B) 12 cm", "B", True),
+        ("C", "B", False),
+        ("(A)", "B", False),
+        ("a triangle", "A", False),  # an article, not choice A
+        ("3 cm.", "3", True),
+        ("3 cm", "3", True),
+        ("3.", "3", True),
+        ("45^\\circ", "45", True),
+        ("50\\%", "50", True),
+        ("1,000", "1000", True),
+        ("−5", "-5", True),  # unicode minus
+        ("３", "3", True),  # full-width digit
+        ("x^2+1", "1+x^2", True),
+        ("\\sqrt{2}", "\\sqrt2", True),
+        ("Yes", "yes", True),
+        ("4", "3", False),
+        ("30", "3", False),
+        ("1/3", "0.3", False),
+        ("", "3", False),
+    ],
+)
+def test_answers_match(answer: str, truth: str, expected: bool) -> None:
+    assert answers_match(answer, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "response, truth, expected",
+    [
+        (FULL, "9", 1.0),
+        (FULL, "8", 0.0),
+        (MIXED_CASE, "B", 1.0),
+        (MIXED_CASE, "C", 0.0),
+        (SPACED, "2", 1.0),
+        (UNICODE, "-5", 1.0),
+        ("### the final answer is: \\frac{1}{2}", "0.5", 1.0),
+        ("### The final answer is: 3 cm.", "3", 1.0),
+        ("7", "7", 1.0),  # no header: the whole response is graded
+        ("I think it is 8", "7", 0.0),
+        (ONLY_HEADERS, "9", 0.0),
+        ("", "9", 0.0),
+    ],
+)
+def test_accuracy_reward(response: str, truth: str, expected: float) -> None:
+    assert accuracy_reward(response, truth) == expected
+
+
+def test_accuracy_on_a_10k_token_response_is_fast() -> None:
+    start = time.perf_counter()
+    assert accuracy_reward(LONG, "9") == 1.0
+    assert accuracy_reward("word " * 10_000, "9") == 0.0  # no header: whole text graded
+    # Generous bound on a shared 2-core machine; a formula parse of 50 000 characters took 5 s.
+    assert time.perf_counter() - start < 4.0
+
+
+def test_accuracy_rejects_empty_ground_truth() -> None:
+    with pytest.raises(ValueError, match="ground truth is empty"):
+        accuracy_reward(FULL, "  ")
+
+
+# ---- keyword recall --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "key_words, expected",
+    [
+        (["red", "Square", "triangle"], 2 / 3),
+        (["RED", "blue circle"], 1.0),
+        (["green"], 0.0),
+        (["red", "", "  "], 1.0),  # blank entries are ignored
+        ([], 0.0),
+        (None, 0.0),
+    ],
+)
+def test_keyword_recall(key_words, expected: float) -> None:
+    assert keyword_recall(FULL, key_words) == pytest.approx(expected, abs=1e-12)
+
+
+def test_keyword_recall_unicode_and_spacing() -> None:
+    assert keyword_recall(UNICODE, ["café", "三角形", "tea"]) == pytest.approx(2 / 3)
+    assert keyword_recall("A traffic\n  light", ["Traffic Light"]) == 1.0
+    assert keyword_recall("", ["red"]) == 0.0
+
+
+def test_keyword_recall_rejects_a_bare_string() -> None:
+    with pytest.raises(TypeError, match="list of strings"):
+        keyword_recall(FULL, "red")
+
+
+# ---- length ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "length, max_length, expected",
+    [(0, 512, 1.0), (100, 512, 1.0), (512, 512, 1.0), (513, 512, 512 / 513), (1024, 512, 0.5),
+     (10_000, 512, 0.0512), (200, 100, 0.5)],
+)
+def test_length_reward(length: int, max_length: int, expected: float) -> None:
+    assert length_reward(length, max_length) == pytest.approx(expected, abs=1e-12)
+
+
+def test_length_reward_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="max_length"):
+        length_reward(10, 0)
+    with pytest.raises(ValueError, match="response_length"):
+        length_reward(-1)
+
+
+# ---- image description and CLIP alignment ----------------------------------------------------
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        (FULL, "A red square and a blue circle."),
+        (MIXED_CASE, "a cat"),
+        (UNICODE, "Un CAFÉ ☕ et un 三角形."),
+        ("### Image Description: a dog\n### Step 1: x", "a dog"),  # no Rationales: stop at next header
+        ("### Image Description: only this", "only this"),
+        (ONLY_HEADERS, ""),
+        ("no headers at all", ""),
+    ],
+)
+def test_extract_image_description(response: str, expected: str) -> None:
+    assert extract_image_description(response) == expected
+
+
+@pytest.mark.parametrize(
+    "similarity, threshold, expected",
+    [(0.9, 0.4, 1.0), (0.4, 0.4, 1.0), (0.2, 0.4, 0.5), (0.1, 0.4, 0.25), (0.0, 0.4, 0.0),
+     (-0.3, 0.4, 0.0), (0.1, 0.2, 0.5)],
+)
+def test_clip_alignment_reward(similarity: float, threshold: float, expected: float) -> None:
+    assert clip_alignment_reward(similarity, threshold) == pytest.approx(expected, abs=1e-12)
+
+
+def test_clip_alignment_rejects_nan_and_bad_threshold() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        clip_alignment_reward(math.nan)
+    with pytest.raises(ValueError, match="threshold"):
+        clip_alignment_reward(0.3, threshold=0.0)

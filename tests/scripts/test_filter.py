@@ -1,0 +1,168 @@
+"""dataset/filter.py: every drop rule, the printed counts, the input errors and the written file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+FILTER = REPO / "dataset" / "filter.py"
+
+_spec = importlib.util.spec_from_file_location("pebr_dataset_filter", FILTER)
+flt = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = flt  # dataclasses look their module up there
+_spec.loader.exec_module(flt)
+
+
+def _sample(answer: str = "### The final answer is: 1", images=None, question: str = "<image>How many?") -> dict:
+    rec = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    if images is not None:
+        rec["images"] = images
+    return rec
+
+
+@pytest.fixture()
+def image_root(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, size in {"ok.png": (64, 64), "narrow.png": (27, 64), "short.png": (64, 27), "edge.png": (28, 28)}.items():
+        Image.new("RGB", size, (10, 20, 30)).save(root / name)
+    (root / "broken.png").write_bytes(b"this is not an image")
+    return root
+
+
+# index -> expected fate; KEPT records come back in this order.
+CASES = [
+    (_sample(images=["ok.png"]), "kept"),  # 0
+    (_sample(images="ok.png"), "kept"),  # 1: a single string
+    (_sample(question="How many sides has a square?"), "kept"),  # 2: text-only, no images key
+    (_sample(question="Text only.", images=[]), "kept"),  # 3: text-only, empty list
+    (_sample(answer="Hmm, LeT mE ReThInK iT. ### The final answer is: 2", images=["ok.png"]), "reflective"),  # 4
+    (_sample(answer="Wait, let me\n  rethink it.", images=["ok.png"]), "reflective"),  # 5: broken by a line break
+    # 6: only assistant turns count
+    (_sample(question="<image>Let me rethink it: how many?", images=["ok.png"]), "kept"),
+    (_sample(images=["narrow.png"]), "small_image"),  # 7: width 27
+    (_sample(images=["short.png"]), "small_image"),  # 8: height 27
+    (_sample(images=["edge.png"]), "kept"),  # 9: 28 x 28 is allowed
+    (_sample(images=["nowhere.png"]), "missing_image"),  # 10
+    (_sample(images="broken.png"), "unreadable_image"),  # 11
+    ("just a string", "malformed"),  # 12
+    ({"messages": "hello", "images": ["ok.png"]}, "malformed"),  # 13
+    ({"messages": [{"role": "user"}], "images": ["ok.png"]}, "malformed"),  # 14: no content
+    (_sample(images=5), "malformed"),  # 15
+    (_sample(images=["ok.png", "narrow.png"]), "small_image"),  # 16: any bad image drops the sample
+    (_sample(images=["ok.png", 3]), "malformed"),  # 17
+]
+
+
+def _write_input(path: Path, records: list) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def _expected_kept() -> list[dict]:
+    kept = []
+    for rec, fate in CASES:
+        if fate == "kept":
+            if isinstance(rec.get("images"), str):
+                rec = {**rec, "images": [rec["images"]]}
+            kept.append(rec)
+    return kept
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_every_rule_counts_and_output(tmp_path, image_root, capsys, suffix):
+    src = _write_input(tmp_path / f"raw{suffix}", [rec for rec, _ in CASES])
+    out = tmp_path / f"clean{suffix}"
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 0
+    printed = capsys.readouterr().out
+    for idx in (12, 13, 14, 15, 17):
+        assert f"malformed record {idx}:" in printed
+    for line in ("dropped 5 malformed", "dropped 2 reflective", "dropped 1 missing_image",
+                 "dropped 1 unreadable_image", "dropped 3 small_image", "before 18, after 6 (dropped 12)"):
+        assert line in printed
+    assert flt.load_records(out) == _expected_kept()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["imgs", src.name, out.name])  # no temp file left
+
+
+def test_min_size_option_and_default_image_root(tmp_path, image_root, capsys):
+    src = _write_input(image_root / "raw.json", [_sample(images=["edge.png"]), _sample(images=["ok.png"])])
+    out = tmp_path / "clean.json"
+    assert flt.main(["--input", str(src), "--output", str(out), "--min_size", "29"]) == 0  # root = input's folder
+    assert "dropped 1 small_image" in capsys.readouterr().out
+    assert flt.load_records(out) == [_sample(images=["ok.png"])]
+
+
+def test_each_image_header_is_read_once(image_root, monkeypatch):
+    records = [_sample(images=["ok.png"]) for _ in range(50)] + [_sample(images=["nowhere.png"])] * 3
+    opened = []
+    real_open = flt.Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(flt.Image, "open", counting_open)
+    kept, report = flt.filter_records(records, image_root)
+    assert opened == ["ok.png"]
+    assert (len(kept), report.dropped["missing_image"]) == (50, 3)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.json", '{"messages": [', "bad.json is not a JSON file"),
+        ("dict.json", '{"messages": []}', "dict.json must hold a JSON list"),
+        ("bad.jsonl", '{"messages": []}\nnot json\n', "bad.jsonl line 2 is not JSON"),
+        ("absent.json", None, "cannot read"),
+    ],
+)
+def test_unreadable_input_stops_with_a_message_naming_the_file(tmp_path, capsys, name, content, message):
+    src = tmp_path / name
+    if content is not None:
+        src.write_text(content)
+    out = tmp_path / "out.json"
+    assert flt.main(["--input", str(src), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path) in err
+    assert not out.exists()
+
+
+def test_command_line_run(tmp_path, image_root):
+    src = _write_input(tmp_path / "raw.json", [_sample(images=["ok.png"]), _sample(images=["short.png"])])
+    res = subprocess.run([sys.executable, str(FILTER), "--input", str(src), "--output", str(tmp_path / "o.json"),
+                          "--image_root", str(image_root)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "before 2, after 1 (dropped 1)" in res.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json at all")
+    res = subprocess.run([sys.executable, str(FILTER), "--input", str(bad), "--output", str(tmp_path / "x.json")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "bad.json" in res.stderr
+
+
+def test_warmup_docs_carry_the_paper_settings():
+    cfg = yaml.safe_load((REPO / "docs" / "qwen2_5vl_full_sft.yaml").read_text())
+    expected = {
+        "stage": "sft", "finetuning_type": "full", "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
+        "dataset": "pebr_r1_warm_up", "template": "qwen2_vl", "cutoff_len": 4096, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4, "learning_rate": 1.0e-5, "num_train_epochs": 2,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True,
+    }
+    assert {k: cfg.get(k) for k in expected} == expected
+    assert "ds_z3" in cfg["deepspeed"]
+    entry = json.loads((REPO / "docs" / "dataset_info.json").read_text())["pebr_r1_warm_up"]
+    assert entry["formatting"] == "sharegpt"
+    assert entry["columns"] == {"messages": "messages", "images": "images"}
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    assert entry["tags"] == tags

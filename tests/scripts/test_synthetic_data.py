@@ -1,0 +1,209 @@
+"""The embedded CLEVR-like data set: schema, correct answers, faithful key words, determinism."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pebr.utils import scenes as sc
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "make_synthetic_data.py"
+NUM, SFT_NUM, SIZE = 15, 30, 64
+HEADERS = (
+    "### Image Description:",
+    "### Rationales:",
+    "### Let's think step by step.",
+    "### Step 1:",
+    "### The final answer is:",
+)
+
+
+def _generate(out: Path, seed: int) -> Path:
+    cmd = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--num", str(NUM), "--seed", str(seed),
+           "--image_size", str(SIZE), "--sft_num", str(SFT_NUM)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("synth")
+    return {"a": _generate(base / "a", 0), "b": _generate(base / "b", 0), "other": _generate(base / "c", 1)}
+
+
+def _load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ the written data set
+
+
+def test_rl_records_schema(runs):
+    root = runs["a"]
+    train, test = _load(root / "train.json"), _load(root / "test.json")
+    assert (len(train), len(test)) == (12, 3)  # test_fraction 0.2 of 15
+    qids = [r["qid"] for r in train + test]
+    assert len(set(qids)) == len(qids)
+    for split, records in (("train", train), ("test", test)):
+        for r in records:
+            assert set(r) == {"qid", "problem", "answer", "images", "key_words", "category"}
+            assert r["problem"].startswith("<image>") and r["problem"].count("<image>") == 1
+            assert r["answer"].isdigit()
+            assert isinstance(r["images"], list) and len(r["images"]) == 1
+            assert r["images"][0].startswith(f"{split}/")
+            assert (root / "images" / r["images"][0]).is_file()
+            assert r["category"] in sc.CATEGORIES
+            assert all(isinstance(w, str) and w == w.lower() for w in r["key_words"])
+
+
+def test_answers_keywords_and_pixels_match_the_scenes(runs):
+    root = runs["a"]
+    scenes = _load(root / "scenes.json")
+    for r in _load(root / "train.json") + _load(root / "test.json"):
+        entry = scenes[r["qid"]]
+        scene = sc.Scene.from_dict(entry)
+        assert 2 <= len(scene.objects) <= 6
+        assert sc.answer_question(scene, r["problem"]) == r["answer"], r["qid"]
+        attrs = {o.color for o in scene.objects} | {o.shape for o in scene.objects} | {o.size for o in scene.objects}
+        assert len(r["key_words"]) == len(set(r["key_words"]))
+        assert set(r["key_words"]) == attrs, r["qid"]
+        saved = Image.open(root / "images" / r["images"][0])
+        assert saved.size == (SIZE, SIZE) and entry["image_size"] == [SIZE, SIZE]
+        assert saved.convert("RGB").tobytes() == sc.render_scene(scene, SIZE).tobytes(), r["qid"]
+
+
+def test_same_seed_same_bytes_other_seed_differs(runs):
+    a, b, other = _files(runs["a"]), _files(runs["b"]), _files(runs["other"])
+    assert a == b
+    assert a["train.json"] != other["train.json"]
+    pngs = [k for k in a if k.endswith(".png") and k in other]
+    assert sum(a[k] != other[k] for k in pngs) > len(pngs) // 2
+
+
+def test_sft_set_has_pebr_responses_and_the_planned_defects(runs):
+    root = runs["a"]
+    sft = _load(root / "sft" / "sft.json")
+    scenes = _load(root / "scenes.json")
+    by_image = {e["image"]: sc.Scene.from_dict(e) for k, e in scenes.items() if k.startswith("sft_") and e["image"]}
+    test_images = {e["image"] for k, e in scenes.items() if k.startswith("test_")}
+    assert len(sft) == SFT_NUM
+    reflective = strings = text_only = tiny = missing = 0
+    for r in sft:
+        user, assistant = r["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        positions = [assistant["content"].find(h) for h in HEADERS]
+        assert -1 not in positions and positions == sorted(positions), assistant["content"]
+        final = assistant["content"].rsplit("### The final answer is:", 1)[1].strip()
+        reflective += "let me rethink it" in assistant["content"].lower()
+        if "images" not in r:
+            text_only += 1
+            assert "<image>" not in user["content"]
+            continue
+        strings += isinstance(r["images"], str)
+        rel = r["images"] if isinstance(r["images"], str) else r["images"][0]
+        assert rel.startswith("sft/") and rel not in test_images
+        assert user["content"].startswith("<image>")
+        assert sc.answer_question(by_image[rel], user["content"]) == final
+        path = root / "images" / rel
+        if not path.exists():
+            missing += 1
+            continue
+        w, h = Image.open(path).size
+        tiny += min(w, h) < 28
+    assert (reflective, tiny, strings, text_only, missing) == (3, 2, 3, 2, 1)  # round(10%), round(5%) of 30
+
+
+def test_filter_removes_exactly_the_planned_defects(runs, tmp_path):
+    root = runs["a"]
+    out = tmp_path / "clean.json"
+    cmd = [sys.executable, str(REPO / "dataset" / "filter.py"), "--input", str(root / "sft" / "sft.json"),
+           "--output", str(out), "--image_root", str(root / "images")]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    assert "dropped 3 reflective" in res.stdout and "dropped 2 small_image" in res.stdout
+    assert "dropped 1 missing_image" in res.stdout and "before 30, after 24 (dropped 6)" in res.stdout
+    clean = _load(out)
+    assert len(clean) == 24 and all(isinstance(r.get("images", []), list) for r in clean)
+
+
+# ------------------------------------------------------------------ the module's functions
+
+
+def test_answer_question_on_the_demo_scene_worked_by_hand():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_synthetic_data as msd
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    scene = msd.DEMO_SCENE
+    # 7 objects: two brown cubes go (5 left), then the one large blue rubber cylinder (4 left).
+    assert sc.answer_question(scene, msd.DEMO_QUESTION) == "4"
+    assert sc.answer_question(scene, "How many blue things are there?") == "3"
+    assert sc.answer_question(scene, "How many metal objects are there?") == "3"
+    assert sc.answer_question(scene, "Subtract all spheres. How many cylinders are there?") == "2"
+    assert sc.answer_question(scene, "<image>Subtract all small objects. How many objects are left?") == "4"
+    demo = Image.open(REPO / "demo.jpg")
+    assert demo.size == (224, 224)
+
+
+@pytest.mark.parametrize(
+    "question", ["How many dogs are there?", "Subtract all red. How many objects are left?", "What colour is it?"]
+)
+def test_parse_question_rejects_text_outside_the_grammar(question):
+    with pytest.raises(ValueError, match="question"):
+        sc.parse_question(question)
+
+
+def test_sampled_scenes_fit_and_do_not_overlap():
+    rng = random.Random(7)
+    for _ in range(200):
+        scene = sc.sample_scene(rng)
+        assert 2 <= len(scene.objects) <= 6
+        for i, a in enumerate(scene.objects):
+            half = sc.SIZE_HALF_EXTENT[a.size]
+            assert half <= a.x <= 1 - half and half <= a.y <= 1 - half
+            for b in scene.objects[i + 1:]:
+                reach = half + sc.SIZE_HALF_EXTENT[b.size]
+                assert abs(a.x - b.x) >= reach or abs(a.y - b.y) >= reach
+
+
+def test_make_question_answers_agree_with_the_parser():
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(300):
+        scene = sc.sample_scene(rng)
+        question, answer, category = sc.make_question(scene, rng)
+        seen.add(category)
+        assert sc.answer_question(scene, question) == answer
+    assert seen == set(sc.CATEGORIES)
+
+
+def test_description_keywords_and_response_for_a_hand_built_scene():
+    scene = sc.Scene([
+        sc.SceneObject("red", "cube", "small", 0.2, 0.5),
+        sc.SceneObject("red", "cube", "small", 0.8, 0.5),
+        sc.SceneObject("blue", "sphere", "large", 0.5, 0.2),
+    ])
+    assert sc.describe_scene(scene) == (
+        "The image shows 3 objects on a plain background: two small red cubes and a large blue sphere."
+    )
+    assert sc.scene_keywords(scene) == ["red", "cube", "small", "blue", "sphere", "large"]
+    text = sc.pebr_response(scene, "Subtract all red cubes. How many objects are left?", "1")
+    assert "Removing the red cubes (two small red cubes) leaves 1 object." in text
+    assert text.endswith("### The final answer is: 1")
+    assert sc.Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+
+
+def test_scene_from_dict_names_the_bad_object():
+    with pytest.raises(ValueError, match="scene object 0: unknown color 'pink'"):
+        sc.Scene.from_dict({"objects": [{"color": "pink", "shape": "cube", "size": "small", "position": [0.5, 0.5]}]})
