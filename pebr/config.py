@@ -176,6 +176,8 @@ class TrainerConfig:
     load_checkpoint_path: Optional[str] = None
     find_last_checkpoint: bool = True
     ray_address: Optional[str] = None
+    # Sampling runs (pebr.trainer.sample_main) write their rollouts here, one JSON record per line.
+    sample_output: str = "_rollout_outputs/rollouts.jsonl"
     worker_timeout_s: float = 3600.0
 
 
