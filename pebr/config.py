@@ -178,6 +178,8 @@ class TrainerConfig:
     ray_address: Optional[str] = None
     # Sampling runs (pebr.trainer.sample_main) write their rollouts here, one JSON record per line.
     sample_output: str = "_rollout_outputs/rollouts.jsonl"
+    # Write each step's prompts, responses and rewards to {run dir}/rollouts/step_{k}.jsonl.
+    save_rollouts: bool = False
     worker_timeout_s: float = 3600.0
 
 
@@ -240,7 +242,8 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         _positive(key, value)
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
-    if not os.path.isdir(actor.model.model_path) and os.path.sep in actor.model.model_path:
+    looks_local = actor.model.model_path.startswith(("/", "./", "../", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(actor.model.model_path)):
         raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
     if not d.train_files:
         raise ConfigError("data.train_files is required")
@@ -274,7 +277,8 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
             f"worker.actor.global_batch_size x worker.rollout.n = {samples_per_update} must be divisible by the "
             f"number of workers ({cfg.world_size})")
     per_device = samples_per_update // cfg.world_size
-    if per_device % actor.micro_batch_size_per_device_for_update:
+    micro = actor.micro_batch_size_per_device_for_update
+    if micro < per_device and per_device % micro:
         raise ConfigError(
             f"each worker gets {per_device} samples per update (global_batch_size x n / workers); "
             f"worker.actor.micro_batch_size_per_device_for_update="

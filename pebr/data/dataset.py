@@ -211,6 +211,11 @@ class RLDataset(Dataset):
         """How many records were dropped because their prompt was over `max_prompt_length`."""
         return self.report.skipped.get(OVERLONG_REASON, 0)
 
+    @property
+    def record_indices(self) -> list[int]:
+        """Positions (in the records given to the constructor) of the kept records, in item order."""
+        return [index for index, _, _ in self._items]
+
     def __len__(self) -> int:
         return len(self._items)
 

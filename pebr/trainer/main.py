@@ -21,8 +21,13 @@ def load_processor(cfg: PPOConfig) -> Any:
     return processor
 
 
-def build_dataset(cfg: PPOConfig, source: str, processor: Any):
-    """Load and check every record up front: bad data stops here, not inside a worker."""
+def load_dataset(cfg: PPOConfig, source: str, processor: Any):
+    """Load and check every record up front: bad data stops here, not inside a worker.
+
+    Returns:
+        (dataset, records, load_report): the RLDataset, every record read (kept or not) and the
+        report of records skipped while reading.
+    """
     from pebr.data import RLDataset, load_records
 
     d = cfg.data
@@ -36,12 +41,15 @@ def build_dataset(cfg: PPOConfig, source: str, processor: Any):
                         prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key)
     if len(dataset) == 0:
         raise ConfigError(f"{source}: no usable records ({dataset.report.summary()})")
-    return dataset
+    return dataset, records, report
+
+
+def build_dataset(cfg: PPOConfig, source: str, processor: Any):
+    return load_dataset(cfg, source, processor)[0]
 
 
 def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     """The reward function is loaded (and its setup run) now, so a bad path fails before any rollout."""
-    import ray
 
     from pebr.trainer.ray_trainer import ray_get
     from pebr.workers.reward import RewardWorker
@@ -55,6 +63,8 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
 
 
 def run(argv: list[str]) -> None:
+    import ray
+
     from pebr.data import StatefulBatchSampler
     from pebr.trainer.ray_trainer import RayPPOTrainer, init_ray
 
@@ -69,8 +79,14 @@ def run(argv: list[str]) -> None:
                                    seed=cfg.data.seed, drop_last=True)
     init_ray(cfg)
     reward = start_reward_worker(cfg)
-    trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
-    trainer.fit()
+    trainer = None
+    try:
+        trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
+        trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.workers.shutdown()
+        ray.kill(reward)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,9 +78,19 @@ class WorkerGroup:
         on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
         remote = ray.remote(FSDPWorker).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
-        addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
         self.timeout = cfg.trainer.worker_timeout_s
-        ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
+        try:
+            addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
+            ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Kill the workers (their engines and process group go with them)."""
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
 
     def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
         """Spread prompts over the rollout groups (ranks sharing a tensor-parallel engine get the same ones)."""
@@ -100,7 +110,13 @@ class WorkerGroup:
         return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
-        results = ray_get([w.update_actor.remote(b) for w, b in zip(self.workers, batch.chunk(self.size))],
+        """Each global mini-batch (a contiguous block of global_batch_size x n samples) is split evenly over
+        the ranks, so an optimizer step sees the same samples whatever the number of workers."""
+        mini = self.cfg.worker.actor.global_batch_size * self.cfg.worker.rollout.n
+        per_rank = mini // self.size
+        shards = [batch.select([start + rank * per_rank + i for start in range(0, len(batch), mini)
+                                for i in range(per_rank)]) for rank in range(self.size)]
+        results = ray_get([w.update_actor.remote(b) for w, b in zip(self.workers, shards)],
                           "actor update", self.timeout)
         return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
@@ -144,15 +160,19 @@ class RayPPOTrainer:
             self.global_step = state["global_step"]
             self.sampler.load_state_dict(state["sampler"])
             self._batches = iter(self.sampler)
-        self.workers = WorkerGroup(cfg, self.total_steps)
-        if self._resume_path:
-            self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))
-            print(f"resumed from {self._resume_path} at step {self.global_step}", flush=True)
         os.makedirs(self.ckpt_dir, exist_ok=True)
         with open(os.path.join(self.ckpt_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
+        self.workers = WorkerGroup(cfg, self.total_steps)
+        if self._resume_path:
+            try:
+                self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))
+            except BaseException:
+                self.workers.shutdown()
+                raise
+            print(f"resumed from {self._resume_path} at step {self.global_step}", flush=True)
 
     def _find_resume_checkpoint(self) -> str | None:
         t = self.cfg.trainer
@@ -285,6 +305,8 @@ class RayPPOTrainer:
                 metrics.update(self.workers.update_actor(batch))
 
             metrics.update(self.batch_metrics(batch))
+            if t.save_rollouts:
+                self.save_rollouts(batch)
             metrics["timing/step_s"] = time.time() - step_start
             metrics["perf/tokens_per_s"] = metrics["response/tokens_total"] / metrics["timing/step_s"]
             if t.val_freq > 0 and self.val_dataset is not None and (
@@ -314,6 +336,20 @@ class RayPPOTrainer:
             m["actor/kl_ref"] = float(masked_mean(
                 kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
         return m
+
+    def save_rollouts(self, batch: Batch) -> None:
+        import json
+
+        path = os.path.join(self.ckpt_dir, "rollouts", f"step_{self.global_step}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        nt = batch.non_tensors
+        rewards = {k: v for k, v in nt.items() if k.startswith("reward/")}
+        with open(path + ".tmp", "w") as f:
+            for i in range(len(batch)):
+                rec = {"qid": nt["qid"][i], "index": nt["index"][i], "uid": nt["uid"][i], "response": nt["response"][i],
+                       "ground_truth": nt["ground_truth"][i], **{k: v[i] for k, v in rewards.items()}}
+                f.write(json.dumps(rec) + "\n")
+        os.replace(path + ".tmp", path)
 
     def validate(self) -> dict[str, float]:
         if self.val_dataset is None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from pebr.algorithms.losses import entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, ppo_policy_loss
+from pebr.algorithms.losses import agg_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, ppo_policy_loss
 from pebr.protocol import Batch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -164,7 +164,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     for _ in range(cfg.ppo_epochs):
         for mini in micro_batches(batch, mini_size):
             mask = mini.tensors["response_mask"]
-            denom = global_sum(float(mask.sum()) if token_mode else float(len(mini)), device)
+            denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
+            loss_sums = {"pg": 0.0, "kl": 0.0}
             optimizer.zero_grad(set_to_none=True)
             for mb in micro_batches(mini, cfg.micro_batch_size_per_device_for_update):
                 inputs = collate(mb, processor, device)
@@ -176,19 +177,23 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 pg_loss, pg_metrics = ppo_policy_loss(
                     old, logp, adv, rmask, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
                     clip_ratio_dual=cfg.clip_ratio_dual, loss_agg_mode=agg_mode)
+                weight = float(rmask.sum()) if token_mode else float(len(mb))
                 loss = pg_loss
+                loss_sums["pg"] += pg_loss.item() * weight
                 if use_kl:
                     ref = mb.tensors["ref_logprobs"][:, :t].to(device)
-                    kl = kl_penalty(logp, ref, algo.kl_penalty)
-                    kl_loss = masked_mean(kl, rmask) if token_mode else masked_mean(masked_mean(kl, rmask, dim=1), (rmask.sum(1) > 0).float())
+                    kl_loss = agg_loss(kl_penalty(logp, ref, algo.kl_penalty), rmask, agg_mode)
                     loss = loss + algo.kl_coef * kl_loss
-                    log("actor/kl_loss", kl_loss.item())
-                weight = float(rmask.sum()) if token_mode else float(len(mb))
-                (loss * weight * world / max(denom, 1.0)).backward()
-                log("actor/pg_loss", pg_loss.item())
+                    loss_sums["kl"] += kl_loss.item() * weight
+                # Scaled so that the gradient summed over micro-batches and averaged over ranks by FSDP
+                # is the gradient of the loss averaged over the whole global mini-batch.
+                (loss * weight * world / denom).backward()
                 log("actor/entropy", masked_mean(entropy.detach(), rmask).item())
                 for k, v in pg_metrics.items():
                     log(f"actor/{k}", v)
+            log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)
+            if use_kl:
+                log("actor/kl_loss", global_sum(loss_sums["kl"], device) / denom)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(grad_norm):

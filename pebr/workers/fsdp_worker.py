@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,10 +125,13 @@ class FSDPWorker:
         gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
+        rollout_logprobs: list[list[float]] = []
         prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in
                                                                 ("uid", "qid", "ground_truth", "key_words", "response", "index")}
         for p, g in zip(prompts, gens):
-            for r in g.responses:
+            for j, r in enumerate(g.responses):
+                if g.logprobs is not None:
+                    rollout_logprobs.append(g.logprobs[j] or [0.0])
                 r = r or [eos]  # an empty response still needs one token to carry its reward
                 prompt_ids.append(g.prompt_ids)
                 response_ids.append(r)
@@ -141,6 +143,9 @@ class FSDPWorker:
                 extra["index"].append(p.get("index", -1))
         extra["response"] = tok.batch_decode(response_ids, skip_special_tokens=True) if response_ids else []
         batch = Batch(prompt_ids=prompt_ids, response_ids=response_ids, images=images, non_tensors=extra)
+        if rollout_logprobs:
+            width = max(len(r) for r in response_ids)
+            batch.tensors["rollout_logprobs"] = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in rollout_logprobs])
         return batch, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
 
     # -- training ---------------------------------------------------------------------------------

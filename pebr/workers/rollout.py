@@ -29,12 +29,14 @@ class SamplingConfig:
     top_k: int
     max_tokens: int
     seed: int | None = None
+    logprobs: bool = False  # also return the engine's log-prob of each sampled token
 
 
 @dataclass
 class Generation:
     prompt_ids: list[int]
     responses: list[list[int]]
+    logprobs: list[list[float]] | None = None
 
 
 def banned_token_ids(tokenizer: Any) -> list[int]:
@@ -89,6 +91,7 @@ class VLLMRollout:
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=sampling.max_tokens, seed=sampling.seed, logit_bias={t: -100.0 for t in self.banned},
+            logprobs=0 if sampling.logprobs else None,
         )
         requests = []
         for p in prompts:
@@ -97,7 +100,13 @@ class VLLMRollout:
                 req["multi_modal_data"] = {"image": p["images"] if len(p["images"]) > 1 else p["images"][0]}
             requests.append(req)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [Generation(list(o.prompt_token_ids), [list(c.token_ids) for c in o.outputs]) for o in outputs]
+        gens = []
+        for o in outputs:
+            logprobs = None
+            if sampling.logprobs:
+                logprobs = [[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in o.outputs]
+            gens.append(Generation(list(o.prompt_token_ids), [list(c.token_ids) for c in o.outputs], logprobs))
+        return gens
 
 
 class HFRollout:

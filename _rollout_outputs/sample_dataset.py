@@ -1,0 +1,49 @@
+"""Split the RL data set into easy / medium / hard cases from the sampled rollouts.
+
+    python _rollout_outputs/sample_dataset.py [--rollouts FILE] [--dataset FILE] [--output_dir DIR] [--n 8]
+
+The defaults chain with the recipes: examples/pebr_sample.yaml writes _rollout_outputs/rollouts.jsonl
+from dataset/train.json, and this writes dataset/easycase.json (read by examples/pebr_stage1.yaml),
+dataset/mediumcase.json (read by examples/pebr_stage2.yaml) and dataset/hardcase.json.
+The logic lives in `pebr.trainer.split`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Run as a file from the repository root: make the package importable without installing it.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pebr.trainer.split import SplitError, split_dataset  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", default="_rollout_outputs/rollouts.jsonl",
+                        help="JSONL rollouts from pebr.trainer.sample_main (trainer.sample_output)")
+    parser.add_argument("--dataset", default="dataset/train.json", help="the data set that was sampled")
+    parser.add_argument("--output_dir", default="dataset", help="where easycase/mediumcase/hardcase.json go")
+    parser.add_argument("--n", type=int, default=8,
+                        help="rollouts per question (worker.rollout.n x trainer.total_epochs of the sampling run)")
+    parser.add_argument("--skip_bad_lines", action="store_true",
+                        help="count and skip malformed rollout lines instead of stopping at the first")
+    parser.add_argument("--strict", action="store_true", help="fail on a qid whose rollout count is not --n")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        split_dataset(args.rollouts, args.dataset, args.output_dir, args.n,
+                      skip_bad_lines=args.skip_bad_lines, strict=args.strict)
+    except (SplitError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Dataset-level sampling with the warm-up model, then the easy / medium / hard split.
+# Rerunning after an interruption resumes: finished questions are kept, nothing is duplicated.
+set -euo pipefail
+
+MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
+TRAIN_FILES=${TRAIN_FILES:-dataset/train.json}                        # the RL data set to split
+IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative image paths are joined to it (null: as written)
+ROLLOUTS=${ROLLOUTS:-_rollout_outputs/rollouts.jsonl}
+SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 / 2 read easycase / mediumcase.json here
+N_PER_QUESTION=8                                                      # worker.rollout.n x trainer.total_epochs
+
+python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \
+    worker.actor.model.model_path="${MODEL_PATH}" \
+    data.train_files="${TRAIN_FILES}" \
+    data.image_dir="${IMAGE_DIR}" \
+    trainer.sample_output="${ROLLOUTS}" \
+    "$@"
+
+python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
+    --output_dir "${SPLIT_DIR}" --n "${N_PER_QUESTION}"

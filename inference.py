@@ -1,0 +1,89 @@
+"""Ask a PeBR model one question about one image; print its answer and the extracted final answer.
+
+    python inference.py [--model_path M] [--image demo.jpg] [--question "..."] [--max_new_tokens 1024]
+        [--temperature 0] [--backend hf|vllm]
+
+The question is wrapped in the PeBR format prompt (examples/format_prompt/pebr.jinja), as in training,
+so the model answers with an image description, a rationale, numbered steps and a final answer line.
+Works on the embedded small model (scripts/make_tiny_model.py, then the demo's warm-up/RL stages) and on
+a real Qwen2.5-VL directory. Decoding is greedy by default, as in the paper's inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, generate_texts, make_engine, set_cpu_vllm_env  # noqa: E402
+
+DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
+DEFAULT_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
+
+
+def answer(
+    model_path: str,
+    image: str,
+    question: str,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.0,
+    backend: str = "hf",
+    format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
+    max_pixels: int | None = None,
+) -> str:
+    """The model's full response to `question` about the image at `image`.
+
+    Raises:
+        FileNotFoundError: the image or the model directory does not exist.
+    """
+    from transformers import AutoProcessor
+
+    from pebr.data.dataset import build_messages, load_format_prompt
+    from pebr.data.images import load_image
+
+    for path, what in ((image, "image"), (model_path, "model_path")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+    processor = AutoProcessor.from_pretrained(model_path)
+    template = load_format_prompt(format_prompt) if format_prompt else None
+    prompt = processor.apply_chat_template(build_messages(question, 1, template), add_generation_prompt=True,
+                                           tokenize=False)
+    picture = load_image(image, None, max_pixels=max_pixels)
+    prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
+    engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
+    ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
+                                  max_new_tokens=max_new_tokens, temperature=temperature)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    from pebr.rewards.terms import extract_final_answer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-VL directory")
+    parser.add_argument("--image", default=DEFAULT_IMAGE)
+    parser.add_argument("--question", default=DEFAULT_QUESTION)
+    parser.add_argument("--max_new_tokens", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf")
+    parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
+    parser.add_argument("--max_pixels", type=int, default=None, help="downscale larger images to this area")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    set_cpu_vllm_env()
+    text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,
+                  max_pixels=args.max_pixels)
+    print(text)
+    print("\n=== extracted final answer ===")
+    print(extract_final_answer(text))
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Evaluate a model on PeBR GRPO-format data: accuracy (overall and per category), format rate,
+keyword recall and response length, from one batched generation.
+
+Prompts are built exactly as the RL stages build them (`pebr.data.dataset.RLDataset`: the PeBR format
+prompt, images resized by the same rule), and generation goes through the rollout engines of
+`pebr.workers.rollout` (vLLM by default, transformers `generate` as the fallback), so a model is judged
+on the inputs it was trained on. The scores are the reward terms of `pebr.rewards.terms`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FORMAT_PROMPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
+)
+BACKENDS = ("vllm", "hf")
+
+
+def set_cpu_vllm_env() -> None:
+    """vLLM on CPU: run the engine in-process and cap the KV cache at 1 GiB, unless the user chose otherwise.
+
+    Without a KV cache size vLLM on CPU reserves most of the node's memory and may refuse to start.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def make_engine(
+    model_path: str,
+    processor: Any,
+    *,
+    backend: str = "vllm",
+    max_model_len: int = 4096,
+    limit_images: int = 1,
+    seed: int = 0,
+    gpu_memory_utilization: float = 0.7,
+) -> Any:
+    """Build a generation engine for `model_path` (float32 on CPU, bf16 on CUDA; eager mode on CPU).
+
+    Args:
+        model_path: a Hugging Face Qwen2.5-VL directory.
+        processor: its processor (the tokenizer is used for the banned vision tokens and EOS).
+        backend: "vllm" or "hf".
+        max_model_len: prompt plus response tokens the vLLM engine must hold.
+        limit_images: the most images in one prompt.
+        seed: the engine's seed.
+        gpu_memory_utilization: vLLM's share of GPU memory (ignored on CPU, where the KV cache size
+            comes from VLLM_CPU_KVCACHE_SPACE).
+
+    Returns:
+        A `VLLMRollout` or `HFRollout`; both take `generate(prompts, SamplingConfig)`.
+
+    Raises:
+        ValueError: an unknown backend.
+    """
+    from pebr.workers.rollout import HFRollout, VLLMRollout
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cuda = torch.cuda.is_available()
+    if backend == "hf":
+        device = torch.device("cuda" if cuda else "cpu")
+        return HFRollout(model_path, processor=processor, device=device,
+                         dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=False)
+    set_cpu_vllm_env()
+    return VLLMRollout(
+        model_path, dtype="bf16" if cuda else "fp32", max_model_len=max_model_len, tensor_parallel_size=1,
+        gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gb=1, enforce_eager=not cuda,
+        enable_chunked_prefill=False, max_num_batched_tokens=max_model_len, limit_images=limit_images,
+        seed=seed, trust_remote_code=False, tokenizer=processor.tokenizer, external_launcher=False,
+    )
+
+
+def generate_texts(
+    engine: Any, tokenizer: Any, prompts: list[dict[str, Any]], *, max_new_tokens: int, temperature: float,
+    top_p: float = 1.0, seed: int = 0,
+) -> list[tuple[str, int]]:
+    """One batched generation, one response per prompt.
+
+    Args:
+        engine: from `make_engine`.
+        tokenizer: decodes the response ids (special tokens dropped).
+        prompts: dicts {"prompt": chat-templated text, "images": [PIL images]}.
+        max_new_tokens: response budget.
+        temperature: 0 is greedy.
+
+    Returns:
+        Per prompt (text, number of response tokens without the end-of-turn token).
+    """
+    from pebr.workers.rollout import SamplingConfig
+
+    sampling = SamplingConfig(n=1, temperature=temperature, top_p=top_p, top_k=0,
+                              max_tokens=max_new_tokens, seed=seed)
+    end_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id}
+    results = []
+    for generation in engine.generate(prompts, sampling):
+        ids = list(generation.responses[0])
+        while ids and ids[-1] in end_ids:
+            ids.pop()
+        results.append((tokenizer.decode(ids, skip_special_tokens=True), len(ids)))
+    return results
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate per-record scores.
+
+    Args:
+        rows: dicts with "correct" (0/1), "format" (0/1), "keyword_recall" (float or None when the
+            record has no key words), "response_length" (int).
+
+    Returns:
+        count, accuracy, format_rate, keyword_recall (mean over records with key words; None if none
+        has any), mean_response_length. Rates are fractions in [0, 1].
+    """
+    recalls = [r["keyword_recall"] for r in rows if r["keyword_recall"] is not None]
+    return {
+        "count": len(rows),
+        "accuracy": _mean([r["correct"] for r in rows]),
+        "format_rate": _mean([r["format"] for r in rows]),
+        "keyword_recall": _mean(recalls),
+        "mean_response_length": _mean([r["response_length"] for r in rows]),
+    }
+
+
+def score_response(response: str, answer: str, key_words: list[str]) -> dict[str, Any]:
+    """The per-record scores `summarize` aggregates (reward terms of `pebr.rewards.terms`)."""
+    return {
+        "prediction": extract_final_answer(response),
+        "correct": accuracy_reward(response, answer),
+        "format": format_reward(response),
+        "keyword_recall": keyword_recall(response, key_words) if key_words else None,
+    }
+
+
+def evaluate_model(
+    model_path: str,
+    data: str | list[dict[str, Any]],
+    image_dir: str | None = None,
+    *,
+    output: str | None = None,
+    max_new_tokens: int = 512,
+    limit: int | None = None,
+    temperature: float = 0.0,
+    format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
+    backend: str = "vllm",
+    max_prompt_length: int = 2048,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    seed: int = 0,
+    category_key: str = "category",
+) -> dict[str, Any]:
+    """Generate one response per record and score it.
+
+    Args:
+        model_path: a Hugging Face Qwen2.5-VL directory.
+        data: a PeBR GRPO-format file/directory (see `pebr.data.records.load_records`) or the records.
+        image_dir: directory the image paths are relative to.
+        output: a path prefix; when given, writes OUTPUT.json and OUTPUT.md (see `write_report`).
+        max_new_tokens: response budget.
+        limit: evaluate only the first `limit` records.
+        temperature: 0 is greedy (the default, as in the paper's inference).
+        format_prompt: jinja template for the question ("" or None: the bare question).
+        backend: "vllm" (batched, the default) or "hf".
+        max_prompt_length: longer prompts are skipped and counted in "skipped_overlong".
+        min_pixels, max_pixels: image area bounds (None: unbounded; the processor then applies its own).
+        seed: the engine's seed (matters only with temperature > 0).
+        category_key: the record key holding its category; per-category scores when present.
+
+    Returns:
+        {"model_path", "data", "settings", "overall": summarize(...), "per_category": {cat: summarize(...)},
+        "skipped_overlong", "wall_s", "records": [per-record dicts with qid, category, answer, prediction,
+        correct, format, keyword_recall, response_length, response]}.
+
+    Raises:
+        DataError: unreadable data or a bad record (naming file, record and key).
+        ValueError: bad arguments.
+    """
+    from transformers import AutoProcessor
+
+    from pebr.data.dataset import RLDataset
+    from pebr.data.records import load_records
+
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    records = load_records(data)[0] if isinstance(data, str) else list(data)
+    records = records[:limit] if limit else records
+    processor = AutoProcessor.from_pretrained(model_path)
+    dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
+                        format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
+    items = [dataset[i] for i in range(len(dataset))]
+    start = time.perf_counter()
+    engine = make_engine(model_path, processor, backend=backend, max_model_len=max_prompt_length + max_new_tokens,
+                         limit_images=max([len(it["images"]) for it in items] + [1]), seed=seed)
+    outputs = generate_texts(engine, processor.tokenizer, items, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)
+    wall = time.perf_counter() - start
+
+    rows = []
+    for item, (response, length) in zip(items, outputs):
+        record = records[item["index"]]
+        row = {"qid": item["qid"], "category": record.get(category_key), "answer": item["ground_truth"]}
+        row.update(score_response(response, item["ground_truth"], item["key_words"]))
+        row.update({"response_length": length, "response": response})
+        rows.append(row)
+    by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["category"] is not None:
+            by_category[str(row["category"])].append(row)
+    result = {
+        "model_path": model_path,
+        "data": data if isinstance(data, str) else f"<{len(records)} records>",
+        "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
+                     "format_prompt": format_prompt, "limit": limit, "seed": seed},
+        "overall": summarize(rows),
+        "per_category": {cat: summarize(group) for cat, group in sorted(by_category.items())},
+        "skipped_overlong": dataset.num_overlong,
+        "wall_s": wall,
+        "records": rows,
+    }
+    if output:
+        write_report(result, output)
+    return result
+
+
+def _cell(value: Any, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if percent else f"{value:.1f}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The overall row and one row per category: count, accuracy %, format %, keyword recall %, length."""
+    lines = [
+        f"Model: `{result['model_path']}`  Data: `{result['data']}`",
+        "",
+        "| split | count | accuracy (%) | format rate (%) | keyword recall (%) | mean response length |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [("all", result["overall"])] + list(result["per_category"].items())
+    for name, s in rows:
+        lines.append(
+            f"| {name} | {s['count']} | {_cell(s['accuracy'], True)} | {_cell(s['format_rate'], True)} | "
+            f"{_cell(s['keyword_recall'], True)} | {_cell(s['mean_response_length'], False)} |"
+        )
+    if result.get("skipped_overlong"):
+        lines += ["", f"{result['skipped_overlong']} prompts were longer than the prompt limit and were skipped."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict[str, Any], prefix: str) -> tuple[str, str]:
+    """Write PREFIX.json (the whole result) and PREFIX.md (`markdown_table`); returns both paths.
+
+    A prefix ending in ".json" or ".md" has that suffix dropped first.
+    """
+    for suffix in (".json", ".md"):
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+    folder = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(folder, exist_ok=True)
+    json_path, md_path = prefix + ".json", prefix + ".md"
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, ensure_ascii=False)
+    with open(md_path, "w", encoding="utf-8") as handle:
+        handle.write(markdown_table(result))
+    return json_path, md_path

@@ -1,0 +1,470 @@
+"""Warm-up SFT on sharegpt data: encode chats with assistant-only labels, train with transformers' Trainer.
+
+The paper trains the warm-up with LLaMA-Factory (full fine-tune, vision tower and projector frozen);
+that stays the route at real scale (see docs/). This module is the single-machine path used by the demo
+and the tests: the same data (the filtered sharegpt json), the same loss (cross-entropy on assistant
+tokens only), images through the model's own processor.
+
+A sharegpt record is::
+
+    {"messages": [{"role": "user", "content": "<image>question"},
+                  {"role": "assistant", "content": "### Image Description: ..."}],
+     "images": ["relative/path.png"]}
+
+The user turn is turned into the prompt the RL stages see: images first, then the question rendered
+through the PeBR format prompt (`pebr.data.dataset.build_messages`), so the warm-up model learns to
+answer exactly the prompt it will be sampled and trained on later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jinja2
+import torch
+from torch.utils.data import Dataset
+
+from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
+from pebr.data.images import fit_size, load_image, probe_image
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_FORMAT_PROMPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
+)
+# The Qwen chat layout (ChatML): an assistant turn is "<|im_start|>assistant\n" + content + "<|im_end|>".
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END_OF_TURN = "<|im_end|>"
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking the sharegpt file
+# ----------------------------------------------------------------------------------------------
+
+
+def load_sharegpt(path: str) -> list[dict[str, Any]]:
+    """Read a sharegpt json list (or jsonl) and check every record's shape.
+
+    Args:
+        path: a .json file holding a list of records, or a .jsonl file with one record a line.
+
+    Returns:
+        Records with `messages` (list of {"role", "content"} with string values, at least one
+        assistant turn) and `images` (always a list of strings; a plain string becomes a list of one).
+
+    Raises:
+        DataError: the file cannot be read, or a record is malformed (message names file, record, key),
+            or the number of `<image>` placeholders differs from the number of images.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".jsonl"):
+                data = [json.loads(line) for line in handle if line.strip()]
+            else:
+                data = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read sharegpt data: {err}") from err
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of sharegpt records, found {type(data).__name__}")
+    return [_check_sharegpt_record(value, f"{path} record {i}") for i, value in enumerate(data)]
+
+
+def _check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(value).__name__}")
+    messages = value.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: key 'messages' must be a non-empty list")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: key 'messages'[{j}] must be a dict with a string 'content'")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: key 'messages'[{j}]['role'] is {message.get('role')!r}, expected one of {ROLES}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: key 'messages' has no assistant turn, so nothing would be learned")
+    images = value.get("images") or []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        raise DataError(f"{where}: key 'images' must be a list of paths")
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+    if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
+        raise DataError(
+            f"{where}: the user turns hold {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but key 'images' "
+            f"has {len(images)} image(s)"
+        )
+    return {"messages": messages, "images": images}
+
+
+def to_chat(
+    record: dict[str, Any], template: jinja2.Template | None
+) -> list[dict[str, Any]]:
+    """Turn a sharegpt record into chat messages for `processor.apply_chat_template`.
+
+    Each user turn becomes its images (as many as its `<image>` placeholders; a record whose text has no
+    placeholder gets its one image in the first user turn) followed by its text. The first user turn's
+    text is rendered through `template`, as the RL prompts are; later turns stay as they are.
+
+    Args:
+        record: a record as `load_sharegpt` returns it.
+        template: the format prompt (None: the question as it is).
+
+    Returns:
+        The messages; assistant and system contents stay plain strings.
+    """
+    images_left = len(record["images"])
+    has_placeholders = any(
+        IMAGE_PLACEHOLDER in m["content"] for m in record["messages"] if m["role"] == "user"
+    )
+    chat: list[dict[str, Any]] = []
+    first_user = True
+    for message in record["messages"]:
+        if message["role"] != "user":
+            chat.append({"role": message["role"], "content": message["content"]})
+            continue
+        text = message["content"]
+        count = text.count(IMAGE_PLACEHOLDER) if has_placeholders else (images_left if first_user else 0)
+        images_left -= count
+        (user,) = build_messages(text, count, template if first_user else None)
+        chat.append(user)
+        first_user = False
+    return chat
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding: token ids, assistant-only labels, image tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def assistant_label_mask(input_ids: list[int], header_ids: list[int], end_id: int) -> list[bool]:
+    """Which positions are assistant tokens: everything after each assistant header up to its end token.
+
+    The end-of-turn token itself is a target (the model must learn to stop); the header, the system and
+    user turns and the image tokens are not.
+
+    Args:
+        input_ids: one tokenised chat, [L].
+        header_ids: the ids of "<|im_start|>assistant\\n".
+        end_id: the id of "<|im_end|>".
+
+    Returns:
+        [L] booleans.
+    """
+    mask = [False] * len(input_ids)
+    width = len(header_ids)
+    i = 0
+    while i + width <= len(input_ids):
+        if input_ids[i : i + width] == header_ids:
+            j = i + width
+            while j < len(input_ids):
+                mask[j] = True
+                if input_ids[j] == end_id:
+                    break
+                j += 1
+            i = j + 1
+        else:
+            i += 1
+    return mask
+
+
+def encode_chat(
+    processor: Any, chat: list[dict[str, Any]], images: list[Any]
+) -> dict[str, torch.Tensor]:
+    """Tokenise one chat with its images and set labels on the assistant tokens only.
+
+    Args:
+        processor: a Qwen2.5-VL style processor (ChatML chat template).
+        chat: messages as `to_chat` returns them.
+        images: the decoded PIL images, in the order of the image parts.
+
+    Returns:
+        input_ids, labels, attention_mask, mm_token_type_ids: [L] int64 (labels -100 off the assistant
+        turns); with images also pixel_values [num_patches, C*T*P*P] and image_grid_thw [num_images, 3].
+
+    Raises:
+        DataError: the labelled tokens do not decode to the assistant turns (the tokenizer merged a
+            header into the content), so the loss would be on the wrong tokens.
+    """
+    tokenizer = processor.tokenizer
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    mask = torch.tensor(assistant_label_mask(ids.tolist(), header, end_id))
+    expected = "".join(m["content"] + END_OF_TURN for m in chat if m["role"] == "assistant")
+    got = tokenizer.decode(ids[mask], skip_special_tokens=False)
+    if got != expected:
+        raise DataError(
+            f"assistant-only labels do not decode to the assistant turns (got {got[:80]!r}..., expected "
+            f"{expected[:80]!r}...); the chat template is not the ChatML layout this encoder expects"
+        )
+    out = {
+        "input_ids": ids,
+        "labels": torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX)),
+        "attention_mask": inputs["attention_mask"][0],
+        # Without it transformers 5.19 gives image tokens 1-D positions (see ENVIRONMENT.md).
+        "mm_token_type_ids": inputs.get("mm_token_type_ids", (ids == processor.image_token_id).long()[None])[0],
+    }
+    if images:
+        out["pixel_values"] = inputs["pixel_values"]
+        out["image_grid_thw"] = inputs["image_grid_thw"]
+    return out
+
+
+class SFTDataset(Dataset):
+    """Sharegpt records as encoded training samples; images are decoded when an item is read.
+
+    Construction checks every image (exists, readable, at least 28 px after resizing) and measures each
+    sample's length with its images expanded; samples longer than `max_length` are dropped and counted
+    in `num_overlong` rather than truncated, since a cut answer would teach the model not to stop.
+
+    Attributes:
+        num_overlong: samples dropped for length.
+        lengths: token length of each kept sample.
+    """
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        processor: Any,
+        *,
+        image_dir: str | None,
+        max_length: int,
+        format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        """Check and measure the records.
+
+        Args:
+            records: as `load_sharegpt` returns them.
+            processor: the model's processor.
+            image_dir: directory that relative image paths are joined to.
+            max_length: most tokens per sample (prompt, image tokens and answer).
+            format_prompt: jinja template path for the first user turn; None or "" for none.
+            min_pixels, max_pixels: image area bounds for `pebr.data.images.fit_size`.
+
+        Raises:
+            DataError: an image is missing or unreadable (naming the record and path), or no sample fits.
+        """
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.processor = processor
+        self.image_dir = image_dir
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        template = load_format_prompt(format_prompt) if format_prompt else None
+        count_tokens = PromptLengthCounter(processor)
+        self.samples: list[tuple[list[dict[str, Any]], list[str]]] = []
+        self.lengths: list[int] = []
+        self.num_overlong = 0
+        for index, record in enumerate(records):
+            where = f"sft record {index}"
+            sizes = []
+            for image in record["images"]:
+                try:
+                    sizes.append(fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels))
+                except BadRecord as err:
+                    raise DataError(f"{err} (run dataset/filter.py over the SFT data first)") from err
+            chat = to_chat(record, template)
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+            length = count_tokens(text, sizes)
+            if length > max_length:
+                self.num_overlong += 1
+                continue
+            self.samples.append((chat, record["images"]))
+            self.lengths.append(length)
+        if self.num_overlong:
+            logger.warning("SFT: dropped %d of %d samples longer than %d tokens", self.num_overlong, len(records), max_length)
+        if not self.samples:
+            raise DataError(f"no SFT sample fits max_length={max_length} (of {len(records)} records)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        chat, paths = self.samples[i]
+        images = [load_image(p, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels) for p in paths]
+        return encode_chat(self.processor, chat, images)
+
+
+def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `encode_chat` samples into one batch.
+
+    Returns:
+        input_ids (pad_token_id), labels (-100), attention_mask (0), mm_token_type_ids (0): [B, L_max];
+        pixel_values [sum of patches, D] and image_grid_thw [sum of images, 3] when any sample has images.
+    """
+    width = max(f["input_ids"].numel() for f in features)
+    pads = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
+    batch: dict[str, torch.Tensor] = {}
+    for key, value in pads.items():
+        rows = [torch.nn.functional.pad(f[key], (0, width - f[key].numel()), value=value) for f in features]
+        batch[key] = torch.stack(rows).long()
+    with_images = [f for f in features if "pixel_values" in f]
+    if with_images:
+        batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
+        batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    """Warm-up SFT settings; defaults are the CPU demo's (see README), the paper's are in docs/.
+
+    Attributes:
+        model_path: a Hugging Face Qwen2.5-VL directory (weights, processor, tokenizer).
+        data: the filtered sharegpt json (see dataset/filter.py).
+        image_dir: directory the records' image paths are relative to.
+        output_dir: where the trained model, processor and `sft_metrics.json` are written.
+        epochs, lr, batch_size, grad_accum, warmup_ratio, weight_decay, lr_scheduler: the optimisation
+            (AdamW; the paper: 2 epochs, lr 1e-5, batch 16, cosine, warmup 0.1 on a pretrained model).
+        max_length: most tokens per sample; longer samples are dropped.
+        max_steps: stop after this many optimizer steps (-1: run all epochs).
+        freeze_vision_tower: keep the vision encoder and its merger (projector) fixed, as in the paper.
+        format_prompt: jinja template for the user turn ("" for none).
+        bf16: bf16 autocast (fp32 master weights); on CPUs with AMX it is faster, measure it.
+        min_pixels, max_pixels: image area bounds (None: the processor's own).
+        logging_steps: log the loss every this many steps.
+        seed: seeds the data order.
+    """
+
+    model_path: str
+    data: str
+    output_dir: str
+    image_dir: str | None = None
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_length: int = 1024
+    max_steps: int = -1
+    freeze_vision_tower: bool = True
+    format_prompt: str = DEFAULT_FORMAT_PROMPT
+    bf16: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    logging_steps: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for values that cannot work."""
+        checks = [
+            ("epochs", self.epochs > 0), ("lr", self.lr > 0), ("batch_size", self.batch_size >= 1),
+            ("grad_accum", self.grad_accum >= 1), ("max_length", self.max_length >= 1),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("logging_steps", self.logging_steps >= 1),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"sft config: {name}={getattr(self, name)!r} is out of range")
+        if not os.path.isdir(self.model_path):
+            raise ValueError(f"sft config: model_path {self.model_path!r} is not a directory")
+
+
+def freeze_vision(model: torch.nn.Module) -> int:
+    """Stop gradients into the vision encoder and its merger; returns the number of frozen parameters."""
+    frozen = 0
+    for param in model.model.visual.parameters():
+        param.requires_grad_(False)
+        frozen += param.numel()
+    return frozen
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Run the warm-up SFT and save a model directory that transformers and vLLM load.
+
+    Args:
+        cfg: the settings (validated here).
+
+    Returns:
+        Metrics: train_loss (mean over the run), first_loss and final_loss (logged losses), steps,
+        samples, dropped_overlong, wall_s, trainable_parameters, log_history (Trainer's list of dicts);
+        also written to `output_dir/sft_metrics.json`.
+
+    Raises:
+        ValueError: a bad setting; DataError: bad data.
+    """
+    from transformers import AutoProcessor, Trainer, TrainingArguments, set_seed
+
+    from pebr.workers.actor import load_hf_model
+
+    cfg.validate()
+    set_seed(cfg.seed)
+    processor = AutoProcessor.from_pretrained(cfg.model_path)
+    dataset = SFTDataset(
+        load_sharegpt(cfg.data), processor, image_dir=cfg.image_dir, max_length=cfg.max_length,
+        format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+    )
+    model = load_hf_model(cfg.model_path)
+    if cfg.freeze_vision_tower:
+        freeze_vision(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum))
+    logger.info("SFT: %d samples, %d steps/epoch, %d trainable parameters", len(dataset), steps_per_epoch, trainable)
+
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is read as a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=1.0,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,  # the collator's keys (pixel_values, ...) are all model inputs
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        disable_tqdm=False,
+    )
+    pad_id = processor.tokenizer.pad_token_id
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=lambda feats: collate(feats, pad_id)
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+
+    trainer.save_model(cfg.output_dir)
+    processor.save_pretrained(cfg.output_dir)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "samples": len(dataset),
+        "dropped_overlong": dataset.num_overlong,
+        "wall_s": wall,
+        "trainable_parameters": trainable,
+        "config": asdict(cfg),
+        "log_history": trainer.state.log_history,
+    }
+    with open(os.path.join(cfg.output_dir, "sft_metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics

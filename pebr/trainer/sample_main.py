@@ -1,0 +1,333 @@
+"""Dataset-level sampling: every question of the RL data set answered many times by one model, scored.
+
+    python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml key=value ...
+
+Each question of `data.train_files` gets `worker.rollout.n x trainer.total_epochs` responses from
+`worker.actor.model.model_path` (no training, no reference model), scored with
+`worker.reward.reward_function`, and written to `trainer.sample_output` as JSONL, one record per
+response:
+
+    {"qid": ..., "response": "<complete text>", "ground_truth": ..., "score": {"accuracy": ..., ...},
+     "sample": <0-based rollout index of this question>, "index": <record index in the data set>,
+     "response_length": <tokens>}
+
+`_rollout_outputs/sample_dataset.py` then splits the data set into easy / medium / hard cases.
+
+The output is a log that can be resumed, never appended to blindly: on start, records of questions
+that do not have the full count (a batch cut short by a crash) are removed by rewriting the file
+atomically, and only questions without records are sampled. Each batch is written with a single
+append followed by fsync, so a crash loses at most the batch in flight, and a rerun never duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pebr.config import ConfigError, PPOConfig, load_config
+
+MAX_LISTED = 20
+
+
+class SampleLogError(RuntimeError):
+    """The existing sample output cannot be resumed; the message names the file and line."""
+
+
+@dataclass
+class SampleSummary:
+    """What a sampling run did.
+
+    Attributes:
+        output: the JSONL file written.
+        per_question: responses per question (rollout n x total_epochs).
+        questions: questions in the data set after load-time filtering.
+        already_done: questions found complete in the output at start.
+        sampled: questions sampled by this run.
+        records_written: records appended by this run.
+        removed_partial: qids whose incomplete records were removed at start.
+        dropped: qids of data-set records that are not sampled (e.g. prompts over max_prompt_length).
+        dropped_reasons: reason -> count, over all records dropped at load time.
+        mean_accuracy: mean accuracy of the responses written by this run (nan when none).
+    """
+
+    output: str
+    per_question: int
+    questions: int = 0
+    already_done: int = 0
+    sampled: int = 0
+    records_written: int = 0
+    removed_partial: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    dropped_reasons: dict[str, int] = field(default_factory=dict)
+    mean_accuracy: float = float("nan")
+
+
+# -- the output log ----------------------------------------------------------------------------------
+def _scan_output(path: str) -> tuple[dict[str, set[int]], int]:
+    """Per-qid sample indices of the complete lines of `path`, and how many bytes are complete lines.
+
+    A last line without its newline is the trace of a write cut short and is not counted; any other
+    unreadable line means the file was not written by this tool (or was edited), and stops the run.
+    """
+    samples: dict[str, set[int]] = {}
+    good_bytes = 0
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                break  # a truncated final line: dropped
+            good_bytes += len(line)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+                qid, sample = str(value["qid"]), int(value["sample"])
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise SampleLogError(
+                    f"{path} line {line_number}: not a sample record ({type(err).__name__}: {err}); move the file "
+                    "away or set trainer.sample_output to a new file") from None
+            seen = samples.setdefault(qid, set())
+            if sample in seen:
+                raise SampleLogError(f"{path} line {line_number}: qid {qid!r} sample {sample} appears twice; the file "
+                                     "was appended to by another run: move it away or set trainer.sample_output")
+            seen.add(sample)
+    return samples, good_bytes
+
+
+def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
+    """Make `path` hold only questions with all their records; return those and the ones removed.
+
+    Args:
+        path: the JSONL sample output (need not exist).
+        per_question: the number of records a complete question has (samples 0 .. per_question-1).
+
+    Returns:
+        (complete qids, qids whose partial records were removed). The file is rewritten atomically
+        (temporary file, fsync, rename) only when something had to be removed.
+
+    Raises:
+        SampleLogError: an unreadable line before the last, a duplicate (qid, sample), or a qid with
+            a sample index outside 0 .. per_question-1 (written with another n or total_epochs).
+    """
+    if not os.path.exists(path):
+        return set(), []
+    samples, good_bytes = _scan_output(path)
+    full = set(range(per_question))
+    for qid, seen in samples.items():
+        if not seen <= full:
+            raise SampleLogError(
+                f"{path}: qid {qid!r} has sample index {max(seen)}, but this run makes {per_question} per question "
+                "(worker.rollout.n x trainer.total_epochs); the file was written with other settings: move it "
+                "away or set trainer.sample_output")
+    complete = {qid for qid, seen in samples.items() if seen == full}
+    partial = sorted(qid for qid in samples if qid not in complete)
+    truncated = good_bytes != os.path.getsize(path)
+    if partial or truncated:
+        _rewrite_keeping(path, complete, good_bytes)
+    return complete, partial
+
+
+def _rewrite_keeping(path: str, keep: set[str], good_bytes: int) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            read = 0
+            for line in src:
+                read += len(line)
+                if read > good_bytes:
+                    break
+                if line.strip() and str(json.loads(line)["qid"]) in keep:
+                    dst.write(line)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def append_records(path: str, records: list[dict]) -> None:
+    """Append whole records in one write, then flush and fsync (a batch is on disk before the next starts)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# -- the data set ---------------------------------------------------------------------------------
+def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, list[str], list[str], dict[str, int]]:
+    """The prompt data set and its qids, plus what was dropped at load time.
+
+    Returns:
+        (dataset, qids, dropped_qids, dropped_reasons): `qids[i]` is the qid of `dataset[i]`;
+        dropped_qids are records read but not kept (too long, bad images); dropped_reasons counts
+        every dropped record by reason, including ones skipped before a qid could be read.
+    """
+    from pebr.trainer.main import load_dataset
+
+    dataset, records, load_report = load_dataset(cfg, cfg.data.train_files, processor)
+    kept = dataset.record_indices
+    qids = [records[index]["qid"] for index in kept]
+    kept_set = set(kept)
+    dropped = [r["qid"] for i, r in enumerate(records) if i not in kept_set]
+    reasons = Counter(load_report.skipped) + Counter(dataset.report.skipped)
+    return dataset, qids, dropped, dict(reasons)
+
+
+def _report_dropped(summary: SampleSummary, source: str) -> None:
+    total = sum(summary.dropped_reasons.values())
+    path = os.path.splitext(summary.output)[0] + ".dropped.json"
+    if not total:
+        if os.path.exists(path):
+            os.remove(path)  # from an earlier run with other settings: it would mislead
+        return
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.dropped_reasons.items()))
+    listed = ", ".join(summary.dropped[:MAX_LISTED])
+    more = f" ... and {len(summary.dropped) - MAX_LISTED} more" if len(summary.dropped) > MAX_LISTED else ""
+    print(f"warning: {total} records of {source} are not sampled ({reasons}); qids: {listed}{more}", flush=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"source": source, "reasons": summary.dropped_reasons, "qids": summary.dropped}, f, indent=2)
+    print(f"the full list of records not sampled is in {path}", flush=True)
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def sampling_params(cfg: PPOConfig) -> dict:
+    """All responses of a question in one request: n x total_epochs samples share the prompt's prefill."""
+    r = cfg.worker.rollout
+    return {"n": r.n * cfg.trainer.total_epochs, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
+            "max_tokens": cfg.data.max_response_length, "seed": None}
+
+
+def to_records(batch: Any, scores: list[dict[str, float]], per_question: int) -> list[dict]:
+    """One output record per response; `sample` numbers the responses of each qid from 0.
+
+    Raises:
+        RuntimeError: a question came back with a number of responses other than `per_question`.
+    """
+    nt = batch.non_tensors
+    seen: Counter = Counter()
+    records = []
+    for i in range(len(batch)):
+        qid = nt["qid"][i]
+        records.append({"qid": qid, "response": nt["response"][i], "ground_truth": nt["ground_truth"][i],
+                        "score": {k: float(v) for k, v in scores[i].items()}, "sample": seen[qid], "index": nt["index"][i],
+                        "response_length": len(batch.response_ids[i])})
+        seen[qid] += 1
+    wrong = {q: c for q, c in seen.items() if c != per_question}
+    if wrong:
+        raise RuntimeError(f"the rollout returned a number of responses other than {per_question} for {wrong}")
+    return records
+
+
+def run(argv: list[str]) -> SampleSummary:
+    """Sample every remaining question; see the module docstring.
+
+    Args:
+        argv: `config=FILE` words and dotted overrides, as on the command line.
+
+    Returns:
+        The `SampleSummary` (also printed).
+
+    Raises:
+        ConfigError: a bad configuration or an empty data set.
+        SampleLogError: an existing output that cannot be resumed.
+        WorkerFailure: a worker died or raised.
+    """
+    import ray
+    from tqdm import tqdm
+
+    from pebr.trainer.main import load_processor, start_reward_worker
+    from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
+
+    cfg = load_config(argv, training=False)
+    if not cfg.worker.reward.reward_function:
+        raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
+    out = cfg.trainer.sample_output
+    per_question = cfg.worker.rollout.n * cfg.trainer.total_epochs
+    summary = SampleSummary(output=out, per_question=per_question)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg))
+    summary.questions = len(dataset)
+    _report_dropped(summary, cfg.data.train_files)
+    complete, summary.removed_partial = recover_output(out, per_question)
+    if summary.removed_partial:
+        print(f"{out}: removed the records of {len(summary.removed_partial)} questions sampled only in part "
+              "(an interrupted batch); they are sampled again", flush=True)
+    todo = [i for i, qid in enumerate(qids) if qid not in complete]
+    summary.already_done = len(qids) - len(todo)
+    if summary.already_done:
+        print(f"{out}: {summary.already_done} of {len(qids)} questions already sampled; {len(todo)} to go", flush=True)
+    if not todo:
+        print(f"nothing to sample: every question of {cfg.data.train_files} is in {out}", flush=True)
+        return summary
+
+    init_ray(cfg)
+    reward = start_reward_worker(cfg, require_overall=False)
+    workers = None
+    correct = total = 0.0
+    try:
+        workers = WorkerGroup(cfg, total_steps=1, need_actor=False)  # kills its actors itself if start-up fails
+        sampling = sampling_params(cfg)
+        size = cfg.data.rollout_batch_size
+        bar = tqdm(total=len(qids), initial=summary.already_done, unit="question", desc="sampling",
+                   dynamic_ncols=True)
+        for start in range(0, len(todo), size):  # the last, partial batch included
+            prompts = []
+            for i in todo[start:start + size]:
+                item = dataset[i]
+                item["uid"] = f"sample-{item['index']}"
+                prompts.append(item)
+            batch, _ = workers.generate(prompts, sampling)
+            scores = ray_get(reward.compute.remote(reward_inputs(batch)), "reward", cfg.trainer.worker_timeout_s)
+            records = to_records(batch, scores, per_question)
+            append_records(out, records)
+            summary.sampled += len(prompts)
+            summary.records_written += len(records)
+            acc = [float(s.get("accuracy", float("nan"))) for s in scores]
+            correct, total = correct + sum(acc), total + len(acc)
+            bar.set_postfix(accuracy=f"{correct / total:.3f}")
+            bar.update(len(prompts))
+        bar.close()
+    finally:
+        # The engines hold memory (and GPUs) until their actors end; do not leave them to the next run.
+        if workers is not None:
+            workers.shutdown()
+        ray.kill(reward)
+    summary.mean_accuracy = correct / total if total else float("nan")
+    print(f"sampled {summary.sampled} questions x {per_question} = {summary.records_written} records into {out} "
+          f"(mean accuracy {summary.mean_accuracy:.3f}); {summary.already_done} were already done", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.time()
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except SampleLogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

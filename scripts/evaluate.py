@@ -1,0 +1,54 @@
+"""Evaluate a model on PeBR GRPO-format data (the synthetic test split, or a benchmark laid out the same way).
+
+    python scripts/evaluate.py --model_path M --data FILE [--image_dir D] [--output OUT_PREFIX]
+        [--max_new_tokens 512] [--limit K] [--temperature 0] [--backend vllm|hf]
+
+All prompts go through one batched vLLM generation (greedy by default). Reports accuracy overall and per
+`category` (when the records have one), format rate, keyword recall (records with `key_words`) and mean
+response length in tokens; writes OUT_PREFIX.json (with every response) and OUT_PREFIX.md (a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, evaluate_model, markdown_table, set_cpu_vllm_env  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--data", required=True, help="PeBR GRPO-format .json/.jsonl/.parquet file or directory")
+    parser.add_argument("--image_dir", default=None, help="directory the records' image paths are relative to")
+    parser.add_argument("--output", default=None, help="prefix of the .json and .md reports (default: none)")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--limit", type=int, default=None, help="only the first K records")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--backend", choices=BACKENDS, default="vllm")
+    parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
+    parser.add_argument("--max_prompt_length", type=int, default=2048)
+    parser.add_argument("--min_pixels", type=int, default=None)
+    parser.add_argument("--max_pixels", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    set_cpu_vllm_env()
+    result = evaluate_model(
+        args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,
+        limit=args.limit, temperature=args.temperature, format_prompt=args.format_prompt, backend=args.backend,
+        max_prompt_length=args.max_prompt_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        seed=args.seed,
+    )
+    print(markdown_table(result))
+    if args.output:
+        print(f"wrote {args.output}.json and {args.output}.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Merge a sharded actor checkpoint into a Hugging Face model directory.
+
+    python scripts/model_merger.py --local_dir checkpoints/easy_r1/exp/global_step_10/actor [--target_dir DIR]
+
+The default target is `<local_dir>/huggingface`, which already holds the config, tokenizer and processor
+saved with the checkpoint; the merged weights are written there as safetensors, so transformers and
+vLLM load the directory as it is. An incomplete checkpoint (interrupted save) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pebr.checkpoint import CheckpointError, merge_shards  # noqa: E402
+
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") -> str:
+    """Write the merged model; returns the target directory.
+
+    Args:
+        local_dir: the `.../global_step_k/actor` directory.
+        target_dir: where to write; default `<local_dir>/huggingface`.
+        dtype: weight dtype on disk; "auto" keeps the config's dtype (fp32 when it names none).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    hf_dir = os.path.join(local_dir, "huggingface")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise CheckpointError(f"{hf_dir}/config.json is missing: not an actor checkpoint directory")
+    state = merge_shards(local_dir)
+    target_dir = target_dir or hf_dir
+    config = AutoConfig.from_pretrained(hf_dir)
+    name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(getattr(torch, name))
+    os.makedirs(target_dir, exist_ok=True)
+    model.save_pretrained(target_dir, safe_serialization=True)
+    if os.path.abspath(target_dir) != os.path.abspath(hf_dir):
+        for f in os.listdir(hf_dir):
+            if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
+                src = os.path.join(hf_dir, f)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(target_dir, f))
+    return target_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_dir", required=True, help="the global_step_k/actor directory")
+    parser.add_argument("--target_dir", default=None, help="default: <local_dir>/huggingface")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    args = parser.parse_args(argv)
+    try:
+        out = merge(args.local_dir, args.target_dir, args.dtype)
+    except CheckpointError as e:
+        print(f"model_merger: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {args.local_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Warm-up SFT of a Qwen2.5-VL on the filtered sharegpt data (the demo's single-machine route).
+
+    python scripts/sft_warmup.py --model_path M --data DIR/sft/clean.json --image_dir DIR/images \\
+        --output_dir OUT [--epochs 2 --lr 1e-3 --batch_size 8 --max_length 1024 --seed 0 --max_steps -1]
+
+Loss is on assistant tokens only; the user turn is rendered through the PeBR format prompt as in the RL
+stages (`--format_prompt ""` to train on the bare question). The vision tower and its projector are
+frozen by default, as in the paper (`--no-freeze_vision_tower` trains them too). OUT is a Hugging Face
+model directory (safetensors, processor, tokenizer) that transformers, vLLM and the RL recipes load;
+`OUT/sft_metrics.json` holds the losses and the wall time. At real scale use LLaMA-Factory (docs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pebr.sft import DEFAULT_FORMAT_PROMPT, SFTConfig, train_sft  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--data", required=True, help="filtered sharegpt json (dataset/filter.py output)")
+    parser.add_argument("--image_dir", default=None, help="directory the image paths are relative to")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--warmup_ratio", type=float, default=0.1)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--lr_scheduler", default="cosine")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freeze_vision_tower", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                        help="bf16 autocast with fp32 master weights")
+    parser.add_argument("--min_pixels", type=int, default=None)
+    parser.add_argument("--max_pixels", type=int, default=None)
+    parser.add_argument("--logging_steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = train_sft(SFTConfig(**vars(args)))
+    summary = {k: metrics[k] for k in ("samples", "steps", "first_loss", "final_loss", "train_loss", "wall_s")}
+    print(json.dumps(summary, indent=2))
+    print(f"saved the warm-up model to {args.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Warm-up SFT (pebr/sft.py, scripts/sft_warmup.py) on the tiny model: labels, loss, saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pebr.data.records import DataError
+from pebr.sft import (
+    DEFAULT_FORMAT_PROMPT,
+    IGNORE_INDEX,
+    SFTConfig,
+    SFTDataset,
+    assistant_label_mask,
+    collate,
+    load_sharegpt,
+    train_sft,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def clean_sft(synthetic_data_dir: str, tmp_path_factory) -> str:
+    """The synthetic SFT set after dataset/filter.py (its defects would otherwise stop the loader)."""
+    out = str(tmp_path_factory.mktemp("sft") / "clean.json")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "dataset", "filter.py"), "--input",
+         os.path.join(synthetic_data_dir, "sft", "sft.json"), "--output", out,
+         "--image_root", os.path.join(synthetic_data_dir, "images")],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _image_records(path: str) -> list[dict]:
+    return [r for r in load_sharegpt(path) if r["images"]]
+
+
+def test_assistant_label_mask_by_hand() -> None:
+    # header = [5, 6], end = 9: two assistant turns; the end token is a target, the header is not.
+    ids = [1, 2, 5, 6, 7, 8, 9, 3, 5, 6, 4, 9, 0]
+    mask = assistant_label_mask(ids, [5, 6], 9)
+    assert [i for i, m in enumerate(mask) if m] == [4, 5, 6, 10, 11]
+
+
+def test_labels_cover_exactly_the_assistant_turn(clean_sft, synthetic_data_dir, processor) -> None:
+    record = _image_records(clean_sft)[0]
+    ds = SFTDataset([record], processor, image_dir=os.path.join(synthetic_data_dir, "images"), max_length=4096)
+    sample = ds[0]
+    ids, labels = sample["input_ids"], sample["labels"]
+    chat = ds.samples[0][0]
+    # The prompt part, as the chat template renders it with the generation prompt, is all masked...
+    prompt_text = processor.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    prompt_len = len(processor(text=[prompt_text], images=[_load(record, synthetic_data_dir)])["input_ids"][0])
+    assert (labels[:prompt_len] == IGNORE_INDEX).all()
+    # ...and everything after it up to and including <|im_end|> is a target, equal to the input ids.
+    answer = record["messages"][1]["content"] + "<|im_end|>"
+    n_answer = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    target = labels != IGNORE_INDEX
+    assert target.sum().item() == n_answer
+    assert target[prompt_len : prompt_len + n_answer].all()
+    assert torch.equal(labels[target], ids[target])
+    assert processor.tokenizer.decode(ids[target]) == answer
+    # Image tokens are never targets, and are flagged for 3-D rope positions.
+    image_tokens = ids == processor.image_token_id
+    assert image_tokens.sum() > 0 and not target[image_tokens].any()
+    assert torch.equal(sample["mm_token_type_ids"].bool(), image_tokens)
+    assert sample["pixel_values"].shape[0] == int(sample["image_grid_thw"].prod())
+
+
+def _load(record: dict, data_dir: str):
+    from pebr.data.images import load_image
+
+    return load_image(record["images"][0], os.path.join(data_dir, "images"))
+
+
+def test_user_turn_is_rendered_through_the_format_prompt(clean_sft, synthetic_data_dir, processor) -> None:
+    record = _image_records(clean_sft)[0]
+    question = record["messages"][0]["content"].replace("<image>", "")
+    image_dir = os.path.join(synthetic_data_dir, "images")
+    with_prompt = SFTDataset([record], processor, image_dir=image_dir, max_length=4096)
+    bare = SFTDataset([record], processor, image_dir=image_dir, max_length=4096, format_prompt=None)
+    text = with_prompt.samples[0][0][0]["content"][-1]["text"]
+    assert text.startswith(question) and "### The final answer is:" in text
+    assert bare.samples[0][0][0]["content"][-1]["text"] == question
+    assert with_prompt.lengths[0] > bare.lengths[0]
+
+
+def test_collate_pads_and_counts(clean_sft, synthetic_data_dir, processor) -> None:
+    ds = SFTDataset(_image_records(clean_sft)[:3], processor, image_dir=os.path.join(synthetic_data_dir, "images"),
+                    max_length=4096)
+    feats = [ds[i] for i in range(3)]
+    batch = collate(feats, pad_token_id=processor.tokenizer.pad_token_id)
+    width = max(f["input_ids"].numel() for f in feats)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape == (3, width)
+    assert batch["attention_mask"].sum().item() == sum(f["input_ids"].numel() for f in feats)
+    assert batch["image_grid_thw"].shape == (3, 3)
+    assert batch["pixel_values"].shape[0] == sum(f["pixel_values"].shape[0] for f in feats)
+
+
+def test_overlong_samples_are_dropped_and_counted(clean_sft, synthetic_data_dir, processor) -> None:
+    records = _image_records(clean_sft)[:4]
+    image_dir = os.path.join(synthetic_data_dir, "images")
+    full = SFTDataset(records, processor, image_dir=image_dir, max_length=4096)
+    cut = sorted(full.lengths)[1]  # keeps the two shortest (ties aside)
+    ds = SFTDataset(records, processor, image_dir=image_dir, max_length=cut)
+    assert len(ds) == sum(n <= cut for n in full.lengths) and ds.num_overlong == 4 - len(ds)
+    # The measured length is the real encoded length.
+    assert full.lengths[0] == full[0]["input_ids"].numel()
+
+
+def test_bad_records_name_the_problem(tmp_path, synthetic_data_dir, processor) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>q"}]}]))
+    with pytest.raises(DataError, match="record 0.*no assistant turn"):
+        load_sharegpt(str(bad))
+    bad.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image><image>q"},
+                                             {"role": "assistant", "content": "a"}], "images": ["x.png"]}]))
+    with pytest.raises(DataError, match="2 <image> placeholder"):
+        load_sharegpt(str(bad))
+    missing = [{"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+                "images": ["nowhere.png"]}]
+    with pytest.raises(DataError, match="sft record 0.*nowhere.png.*filter.py"):
+        SFTDataset(missing, processor, image_dir=str(tmp_path), max_length=512)
+
+
+def test_loss_falls_on_a_repeated_batch(tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir) -> None:
+    # One short answer, repeated: every step sees the same batch, so the loss must fall steadily.
+    image = _image_records(clean_sft)[0]["images"]
+    record = {"messages": [{"role": "user", "content": "<image>How many cubes are there?"},
+                           {"role": "assistant", "content": "### Step 1: Count them.\n### The final answer is: 3"}],
+              "images": image}
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps([record] * 8))
+    metrics = train_sft(SFTConfig(
+        model_path=tiny_model_dir, data=str(data), image_dir=os.path.join(synthetic_data_dir, "images"),
+        output_dir=str(tmp_path / "out"), lr=3e-3, batch_size=2, max_steps=12, warmup_ratio=0.0,
+        lr_scheduler="constant", logging_steps=1, format_prompt="",
+    ))
+    losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
+    assert len(losses) == 12 and metrics["steps"] == 12
+    # A random tiny model starts near ln(vocab) ~ 7; memorising one short answer brings it down fast.
+    assert losses[0] > 6.0
+    assert losses[-1] < 0.6 * losses[0]
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 10  # falls at (nearly) every step
+
+
+def test_cli_trains_and_saves_a_model_transformers_and_vllm_load(
+    tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir
+) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from sft_warmup import main
+
+    out = str(tmp_path / "warm")
+    metrics = main(["--model_path", tiny_model_dir, "--data", clean_sft, "--image_dir",
+                    os.path.join(synthetic_data_dir, "images"), "--output_dir", out, "--max_steps", "3",
+                    "--batch_size", "2", "--lr", "1e-3", "--logging_steps", "1"])
+    assert metrics["steps"] == 3 and metrics["samples"] == len(load_sharegpt(clean_sft))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert json.load(open(os.path.join(out, "sft_metrics.json")))["steps"] == 3
+
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
+    assert before.keys() == after.keys()
+    vision = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    text = [k for k in before if k not in vision]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # frozen by default
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in after.values())
+    AutoProcessor.from_pretrained(out)
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=out, dtype="float32", enforce_eager=True, max_model_len=1024, limit_mm_per_prompt={"image": 1})
+    outputs = llm.generate([{"prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"}],
+                           SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) >= 1
+
+
+def test_config_rejects_bad_values(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="lr"):
+        SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr=0).validate()
+    with pytest.raises(ValueError, match="model_path"):
+        SFTConfig(model_path="/nonexistent", data="x", output_dir="y").validate()
+    assert os.path.isfile(DEFAULT_FORMAT_PROMPT)

@@ -1,0 +1,78 @@
+"""Configuration: every recipe loads through validation; bad settings name the key."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from pebr.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REQUIRED = ["worker.actor.model.model_path=Qwen/Qwen2.5-VL-7B-Instruct", "data.train_files=dataset/train.json"]
+
+
+def stage(name: str) -> str:
+    return f"config={os.path.join(ROOT, 'examples', name)}"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "pebr_stage*.yaml"))))
+def test_stage_recipes_validate(path):
+    cfg = load_config([f"config={path}", *REQUIRED])
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.algorithm.kl_penalty == "low_var_kl" and cfg.algorithm.kl_coef == pytest.approx(0.01)
+    assert cfg.worker.rollout.n == 8 and cfg.worker.rollout.temperature == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "pebr_stage*.yaml"))))
+def test_stage_recipes_with_cpu_overlay_validate(path):
+    cfg = load_config([f"config={path}", stage("pebr_cpu.yaml"), *REQUIRED])
+    assert cfg.world_size == 2 and cfg.trainer.device == "cpu"
+
+
+def test_stage_settings_are_the_papers():
+    s1 = load_config([stage("pebr_stage1.yaml"), *REQUIRED])
+    s2 = load_config([stage("pebr_stage2.yaml"), *REQUIRED])
+    assert (s1.data.rollout_batch_size, s1.worker.actor.global_batch_size, s1.world_size) == (560, 112, 7)
+    assert (s2.data.rollout_batch_size, s2.worker.actor.global_batch_size, s2.world_size) == (512, 128, 8)
+    assert s1.worker.reward.reward_function.endswith("pebr_1.py:compute_score")
+    assert s2.worker.reward.reward_function.endswith("pebr_2.py:compute_score")
+    assert s1.trainer.total_epochs == 1 and s2.trainer.total_epochs == 2
+
+
+def test_overrides_win_over_files():
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.n=4", "worker.actor.optim.lr=3e-6"])
+    assert cfg.worker.rollout.n == 4 and cfg.worker.actor.optim.lr == pytest.approx(3e-6)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("worker.rollout.nn=4", "worker.rollout.nn"),
+    ("worker.rollout.n=four", "worker.rollout.n"),
+    ("data.rollout_batch_size=500", "rollout_batch_size"),
+    ("worker.actor.global_batch_size=1000", "global_batch_size"),
+    ("worker.actor.micro_batch_size_per_device_for_update=3", "micro_batch_size_per_device_for_update"),
+    ("worker.rollout.n=1", "worker.rollout.n"),
+    ("algorithm.adv_estimator=ppo_critic", "algorithm.adv_estimator"),
+    ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
+    ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
+    ("data.on_bad_record=ignore", "data.on_bad_record"),
+])
+def test_bad_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, override])
+
+
+def test_missing_model_path_and_missing_file():
+    with pytest.raises(ConfigError, match="model_path"):
+        load_config([stage("pebr_stage2.yaml"), "data.train_files=x.json", "worker.actor.model.model_path=null"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(["config=/nonexistent.yaml", *REQUIRED])
+    with pytest.raises(ConfigError, match="no such directory"):
+        load_config([stage("pebr_stage2.yaml"), "worker.actor.model.model_path=/no/such/model",
+                     "data.train_files=x.json"])
+
+
+def test_missing_reward_function():
+    with pytest.raises(ConfigError, match="reward_function"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.reward.reward_function=null"])

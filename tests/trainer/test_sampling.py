@@ -1,0 +1,154 @@
+"""Dataset-level sampling (pebr.trainer.sample_main): the resumable output log, and a run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import pytest
+
+from pebr.trainer.sample_main import SampleLogError, append_records, recover_output, run
+from pebr.trainer.split import split_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rec(qid, sample):
+    return {"qid": qid, "response": f"answer {sample}", "ground_truth": "1", "score": {"accuracy": 1.0},
+            "sample": sample, "index": 0}
+
+
+def _lines(path):
+    with open(path, "rb") as f:
+        return f.read().split(b"\n")
+
+
+# -- the output log (no Ray) -------------------------------------------------------------------------
+def test_recover_missing_file(tmp_path):
+    assert recover_output(str(tmp_path / "none.jsonl"), 4) == (set(), [])
+
+
+def test_recover_drops_partial_questions_and_a_cut_line(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [_rec("a", s) for s in range(3)] + [_rec("b", s) for s in range(3)])
+    append_records(path, [_rec("c", 0), _rec("c", 2)])  # c lacks sample 1
+    with open(path, "ab") as f:
+        f.write(json.dumps(_rec("d", 0)).encode()[:17])  # a crash in the middle of a write
+    complete, removed = recover_output(path, 3)
+    assert complete == {"a", "b"} and removed == ["c"]
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r["qid"], r["sample"]) for r in rows] == [(q, s) for q in "ab" for s in range(3)]
+    assert open(path, "rb").read().endswith(b"\n")
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # a file with nothing to remove is left alone, byte for byte
+    before = open(path, "rb").read()
+    assert recover_output(path, 3) == ({"a", "b"}, [])
+    assert open(path, "rb").read() == before
+
+
+def test_recover_rejects_a_file_it_cannot_trust(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [_rec("a", 0), _rec("a", 1), _rec("a", 0)])
+    with pytest.raises(SampleLogError, match=r"line 3: qid 'a' sample 0 appears twice"):
+        recover_output(path, 2)
+    os.remove(path)
+    append_records(path, [_rec("a", s) for s in range(8)])
+    with pytest.raises(SampleLogError, match="sample index 7.*makes 4 per question"):
+        recover_output(path, 4)
+    os.remove(path)
+    append_records(path, [_rec("a", 0)])
+    with open(path, "a") as f:
+        f.write("not json\n")
+    append_records(path, [_rec("a", 1)])
+    with pytest.raises(SampleLogError, match=r"r.jsonl line 2"):
+        recover_output(path, 2)
+
+
+# -- a run on the tiny model ---------------------------------------------------------------------------
+N, EPOCHS = 2, 2  # 4 responses per question
+
+
+@pytest.fixture
+def sample_setup(tmp_path, synthetic_data_dir, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe's format_prompt and reward_function paths are relative to the repo
+    with open(os.path.join(synthetic_data_dir, "train.json")) as f:
+        records = json.load(f)[:5]
+    overlong = dict(records[0], qid="too-long", problem="<image>" + "why " * 2000)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(records[:2] + [overlong] + records[2:]))
+    out = tmp_path / "out" / "rollouts.jsonl"
+    argv = ["config=examples/pebr_sample.yaml", "config=examples/pebr_cpu.yaml",
+            f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={train}",
+            f"data.image_dir={os.path.join(synthetic_data_dir, 'images')}", f"trainer.sample_output={out}",
+            "data.max_response_length=32", "data.rollout_batch_size=3", f"worker.rollout.n={N}",
+            f"trainer.total_epochs={EPOCHS}", "worker.rollout.tensor_parallel_size=1",
+            "trainer.n_gpus_per_node=2", "trainer.device=cpu"]
+    return argv, str(out), [r["qid"] for r in records], str(train)
+
+
+def _check_complete(path, qids, per_question):
+    rows = [json.loads(line) for line in open(path)]
+    keys = Counter((r["qid"], r["sample"]) for r in rows)
+    assert max(keys.values()) == 1  # no duplicate (qid, sample)
+    assert Counter(r["qid"] for r in rows) == {q: per_question for q in qids}
+    assert {r["qid"]: sorted(s for (q, s) in keys if q == r["qid"]) for r in rows} == {
+        q: list(range(per_question)) for q in qids}
+    for r in rows:
+        assert set(r) >= {"qid", "response", "ground_truth", "score", "sample", "index"}
+        assert r["score"]["accuracy"] in (0.0, 1.0) and isinstance(r["response"], str)
+    return rows
+
+
+def _wait_for_cpus(ray, expected, timeout=20.0):
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < expected and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == expected, "sampling workers still hold their CPUs"
+
+
+@pytest.mark.slow
+def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_setup, ray_session):
+    argv, out, qids, train = sample_setup
+    per_question = N * EPOCHS
+
+    free_cpus = ray_session.available_resources().get("CPU", 0)
+    first = run(argv)
+    _wait_for_cpus(ray_session, free_cpus)
+    # 5 usable questions in batches of 3: the last, partial batch of 2 is sampled too
+    assert (first.questions, first.sampled, first.already_done) == (5, 5, 0)
+    assert first.records_written == 5 * per_question
+    assert first.dropped == ["too-long"] and first.dropped_reasons == {"prompt_too_long": 1}
+    assert json.load(open(out.replace(".jsonl", ".dropped.json")))["qids"] == ["too-long"]
+    rows = _check_complete(out, qids, per_question)
+    # `index` is the record's position in the data-set file (the overlong record is number 2)
+    assert {r["qid"]: r["index"] for r in rows} == dict(zip(qids, [0, 1, 3, 4, 5]))
+
+    # A crash while the second batch was being written: its first question complete, the second cut.
+    lines = _lines(out)[:-1]
+    assert len(lines) == 5 * per_question
+    kept = 3 * per_question + per_question + 1  # batch 1, one full question of batch 2, one more record
+    cut = lines[kept]
+    with open(out, "wb") as f:
+        f.write(b"\n".join(lines[:kept]) + b"\n" + cut[: len(cut) // 2])
+    first_batch = lines[: 3 * per_question]
+
+    second = run(argv)
+    assert (second.already_done, second.sampled, second.removed_partial) == (4, 1, [qids[4]])
+    assert second.records_written == per_question
+    _check_complete(out, qids, per_question)
+    assert _lines(out)[: 3 * per_question] == first_batch  # finished questions are kept, not re-sampled
+
+    # Nothing left: no worker is started, the file is unchanged.
+    before = open(out, "rb").read()
+    third = run(argv)
+    assert (third.sampled, third.already_done) == (0, 5)
+    assert open(out, "rb").read() == before
+
+    # The runs' workers were killed: their CPUs are free again.
+    _wait_for_cpus(ray_session, free_cpus)
+
+    report = split_dataset(out, train, os.path.dirname(out), per_question, log=lambda m: None)
+    assert sum(report.sizes.values()) == 5 and not report.wrong_count
+    assert report.never_sampled == ["too-long"]

@@ -1,0 +1,185 @@
+"""The easy / medium / hard split (pebr.trainer.split and _rollout_outputs/sample_dataset.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tracemalloc
+
+import pytest
+from omegaconf import OmegaConf
+
+from pebr.trainer.split import SplitError, classify, split_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+N = 8
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("sample_dataset", os.path.join(ROOT, "_rollout_outputs",
+                                                                                 "sample_dataset.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rollout(qid, accuracy, sample=0):
+    return {"qid": qid, "response": "### The final answer is: 3", "ground_truth": "3",
+            "score": {"accuracy": accuracy, "overall": accuracy}, "sample": sample, "index": 0}
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+
+
+# The data set: (qid, accuracies of its rollouts or None when never sampled)
+CASES = {
+    "q-easy": [1.0] * 8,
+    "q-medium": [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+    "q-one": [0.0] * 7 + [1.0],
+    "q-seven": [1.0] * 7 + [0.0],
+    "q-hard": [0.0] * 8,
+    "q-half": [0.5] * 8,  # partial credit is not correct: accuracy must be 1.0
+    "q-never": None,
+    "q-short": [1.0] * 5,  # a count other than n: warned, all correct -> easy
+    "q-double": [1.0] * 16,  # duplicated rollouts, all correct: still easy (the authors' release got this wrong)
+}
+EXPECTED = {"easy": ["q-easy", "q-short", "q-double"],
+            "medium": ["q-medium", "q-one", "q-seven", "train-9"],
+            "hard": ["q-hard", "q-half"]}
+
+
+@pytest.fixture
+def files(tmp_path):
+    records = []
+    for i, qid in enumerate(CASES):
+        records.append({"qid": qid, "problem": f"<image>question {i}?", "answer": str(i),
+                        "images": [f"train/{i:05d}.png"], "key_words": ["cube", "red"],
+                        "category": {"nested": [i, "ü"]}})
+    records.append({"problem": "<image>no qid", "answer": "x", "images": ["train/x.png"]})  # qid train-9
+    dataset = tmp_path / "train.json"
+    dataset.write_text(json.dumps(records, ensure_ascii=False))
+    rows = []
+    for qid, accs in CASES.items():
+        rows += [_rollout(qid, a, s) for s, a in enumerate(accs or [])]
+    rows += [_rollout("train-9", a, s) for s, a in enumerate([0.0, 1.0] + [0.0] * 6)]
+    rows += [_rollout("not-in-dataset", 1.0, s) for s in range(8)]
+    rows.insert(5, "")  # blank lines are ignored
+    rollouts = tmp_path / "rollouts.jsonl"
+    _write_jsonl(rollouts, rows)
+    return str(dataset), str(rollouts), records
+
+
+def test_classify_rule():
+    assert classify(8, 8) == "easy"
+    assert [classify(k, 8) for k in range(1, 8)] == ["medium"] * 7
+    assert classify(0, 8) == "hard"
+    with pytest.raises(ValueError):
+        classify(0, 0)
+
+
+def test_split_puts_each_qid_where_it_belongs(files, tmp_path):
+    dataset, rollouts, records = files
+    out = tmp_path / "split"
+    messages = []
+    report = split_dataset(rollouts, dataset, str(out), N, log=messages.append)
+    by_qid = {r.get("qid", "train-9"): r for r in records}
+    for name, filename in (("easy", "easycase.json"), ("medium", "mediumcase.json"), ("hard", "hardcase.json")):
+        written = json.loads((out / filename).read_text(encoding="utf-8"))
+        # the data set's records, unchanged and in data-set order
+        assert written == [by_qid[q] for q in by_qid if q in EXPECTED[name]]
+        assert sorted(r.get("qid", "train-9") for r in written) == sorted(EXPECTED[name])
+        assert report.sizes[name] == len(EXPECTED[name])
+    assert report.rollout_lines == sum(len(a or []) for a in CASES.values()) + 8 + 8
+    assert report.wrong_count == {"q-short": 5, "q-double": 16}
+    assert report.never_sampled == ["q-never"]
+    assert report.unknown_qids == 1
+    # correct counts: easy 8, medium 3, one 1, seven 7, hard 0, half 0, short 5, double 16, train-9 1
+    assert report.correct_histogram == {8: 1, 3: 1, 1: 2, 7: 1, 0: 2, 5: 1, 16: 1}
+    text = "\n".join(messages)
+    assert "2 qids" in text and "q-short (5)" in text and "q-double (16)" in text
+    assert "1 records" in text and "q-never" in text and "never sampled" in text
+    assert "easy" in text and "medium" in text and "hard" in text
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temporary files
+
+
+def test_strict_count_is_an_error(files, tmp_path):
+    dataset, rollouts, _ = files
+    with pytest.raises(SplitError, match="q-short"):
+        split_dataset(rollouts, dataset, str(tmp_path / "s"), N, strict=True, log=lambda m: None)
+    assert not (tmp_path / "s" / "easycase.json").exists()
+
+
+@pytest.mark.parametrize("bad, what", [("{not json", "malformed JSON"),
+                                       (json.dumps({"qid": "q-easy", "score": {}}), "score.accuracy"),
+                                       (json.dumps({"score": {"accuracy": 1.0}}), "'qid'"),
+                                       (json.dumps([1, 2]), "JSON object")])
+def test_malformed_line_names_file_and_line(files, tmp_path, bad, what):
+    dataset, rollouts, _ = files
+    lines = open(rollouts).read().splitlines()
+    lines.insert(10, bad)  # becomes line 11
+    _write_jsonl(rollouts, lines)
+    with pytest.raises(SplitError) as err:
+        split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
+    assert f"{rollouts} line 11" in str(err.value) and what in str(err.value)
+
+    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, skip_bad_lines=True, log=lambda m: None)
+    assert report.bad_lines == 1
+    assert report.sizes == {name: len(q) for name, q in EXPECTED.items()}
+
+
+def test_missing_files_are_named(files, tmp_path):
+    dataset, rollouts, _ = files
+    with pytest.raises(SplitError, match="nope.jsonl"):
+        split_dataset(str(tmp_path / "nope.jsonl"), dataset, str(tmp_path), N)
+    with pytest.raises(SplitError, match="nope.json"):
+        split_dataset(rollouts, str(tmp_path / "nope.json"), str(tmp_path), N)
+
+
+def test_cli_flags_and_exit_code(files, tmp_path, capsys):
+    dataset, rollouts, _ = files
+    cli = _cli()
+    out = tmp_path / "cli"
+    assert cli.main(["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out), "--n", "8"]) == 0
+    assert len(json.loads((out / "mediumcase.json").read_text())) == len(EXPECTED["medium"])
+    assert "never sampled" in capsys.readouterr().out
+    with open(rollouts, "a") as f:
+        f.write("garbage\n")
+    assert cli.main(["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out)]) == 1
+    assert "line" in capsys.readouterr().err
+
+
+def test_cli_defaults_chain_with_the_recipes():
+    """sample yaml -> rollouts -> split -> the stage recipes' train_files, without editing any file."""
+    args = _cli().parse_args([])
+    sample = OmegaConf.load(os.path.join(ROOT, "examples", "pebr_sample.yaml"))
+    assert args.rollouts == sample.trainer.sample_output
+    assert args.dataset == sample.data.train_files
+    assert args.n == sample.worker.rollout.n * sample.trainer.total_epochs
+    stage1 = OmegaConf.load(os.path.join(ROOT, "examples", "pebr_stage1.yaml"))
+    stage2 = OmegaConf.load(os.path.join(ROOT, "examples", "pebr_stage2.yaml"))
+    assert stage1.data.train_files == os.path.join(args.output_dir, "easycase.json")
+    assert stage2.data.train_files == os.path.join(args.output_dir, "mediumcase.json")
+    # sampling at the training resolution of the stage recipes
+    assert (sample.data.min_pixels, sample.data.max_pixels) == (stage1.data.min_pixels, stage1.data.max_pixels)
+
+
+def test_memory_is_bounded_by_questions_not_lines(tmp_path):
+    """50 000 rollout lines over 10 questions: the split keeps counters, not lines."""
+    dataset = tmp_path / "train.json"
+    dataset.write_text(json.dumps([{"qid": f"q{i}", "problem": "p", "answer": "1"} for i in range(10)]))
+    rollouts = tmp_path / "rollouts.jsonl"
+    line = {q: json.dumps(_rollout(q, 1.0)) + "\n" for q in (f"q{i}" for i in range(10))}
+    with open(rollouts, "w") as f:
+        for k in range(50_000):
+            f.write(line[f"q{k % 10}"])
+    size = os.path.getsize(rollouts)
+    tracemalloc.start()
+    report = split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), 5_000, log=lambda m: None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report.sizes["easy"] == 10 and not report.wrong_count
+    assert peak < size / 20, (peak, size)

