@@ -9,12 +9,14 @@ IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative
 ROLLOUTS=${ROLLOUTS:-_rollout_outputs/rollouts.jsonl}
 SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 / 2 read easycase / mediumcase.json here
 N_PER_QUESTION=8                                                      # worker.rollout.n x trainer.total_epochs
+N_GPUS=${N_GPUS:-8}
 
 python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \
     worker.actor.model.model_path="${MODEL_PATH}" \
     data.train_files="${TRAIN_FILES}" \
     data.image_dir="${IMAGE_DIR}" \
     trainer.sample_output="${ROLLOUTS}" \
+    trainer.n_gpus_per_node="${N_GPUS}" \
     "$@"
 
 python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \

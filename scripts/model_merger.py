@@ -1,6 +1,7 @@
 """Merge a sharded actor checkpoint into a Hugging Face model directory.
 
     python scripts/model_merger.py --local_dir checkpoints/easy_r1/exp/global_step_10/actor [--target_dir DIR]
+    python scripts/model_merger.py --latest_in checkpoints/easy_r1/exp     # the newest complete checkpoint
 
 The default target is `<local_dir>/huggingface`, which already holds the config, tokenizer and processor
 saved with the checkpoint; the merged weights are written there as safetensors, so transformers and
@@ -16,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import CheckpointError, merge_shards  # noqa: E402
+from pebr.checkpoint import CheckpointError, latest_checkpoint, merge_shards  # noqa: E402
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -56,16 +57,26 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--local_dir", required=True, help="the global_step_k/actor directory")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local_dir", help="the global_step_k/actor directory")
+    where.add_argument("--latest_in", help="a run's checkpoint directory: merge its newest complete checkpoint")
     parser.add_argument("--target_dir", default=None, help="default: <local_dir>/huggingface")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     args = parser.parse_args(argv)
+    local_dir = args.local_dir
+    if args.latest_in:
+        latest = latest_checkpoint(args.latest_in)
+        if latest is None:
+            print(f"model_merger: no complete checkpoint in {args.latest_in}", file=sys.stderr)
+            return 2
+        local_dir = os.path.join(latest, "actor")
     try:
-        out = merge(args.local_dir, args.target_dir, args.dtype)
+        out = merge(local_dir, args.target_dir, args.dtype)
     except CheckpointError as e:
         print(f"model_merger: {e}", file=sys.stderr)
         return 2
-    print(f"merged {args.local_dir} -> {out}")
+    print(f"merged {local_dir} ->")
+    print(out)  # the last line is the merged model's directory, for recipes to pick up
     return 0
 
 

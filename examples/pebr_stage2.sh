@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stage 2 of PeBR-R1: reasoning RL on the medium cases, from the merged stage-1 model; then merge.
+# Extra arguments are config overrides (key=value) or more config files (config=FILE).
+set -euo pipefail
+
+STAGE1_DIR=${STAGE1_DIR:-checkpoints/easy_r1/pebr_stage1}
+TRAIN_FILES=${TRAIN_FILES:-dataset/mediumcase.json}                   # written by examples/pebr_sample.sh
+IMAGE_DIR=${IMAGE_DIR:-null}
+N_GPUS=${N_GPUS:-8}
+RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage2}
+# Stage 1's newest checkpoint, merged (again) into a Hugging Face model unless MODEL_PATH is given.
+MODEL_PATH=${MODEL_PATH:-$(python3 scripts/model_merger.py --latest_in "${STAGE1_DIR}" | tail -n 1)}
+
+python3 -m pebr.trainer.main config=examples/pebr_stage2.yaml \
+    worker.actor.model.model_path="${MODEL_PATH}" \
+    data.train_files="${TRAIN_FILES}" \
+    data.image_dir="${IMAGE_DIR}" \
+    trainer.n_gpus_per_node="${N_GPUS}" \
+    trainer.save_checkpoint_path="${RUN_DIR}" \
+    "$@"
+
+python3 scripts/model_merger.py --latest_in "${RUN_DIR}"
