@@ -73,3 +73,13 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     assert checkpoint.latest_checkpoint(run_dir).endswith("global_step_3")
     with pytest.raises(checkpoint.CheckpointError, match="incomplete"):
         checkpoint.check_complete(os.path.join(partial, "actor"))
+
+
+def test_hf_rollout_backend_runs_a_step(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """worker.rollout.name=hf: transformers `generate` on a synced copy of the policy (no vLLM)."""
+    run_dir = str(tmp_path / "hf")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+        + ["worker.rollout.name=hf", "trainer.val_freq=-1", "data.max_response_length=8"])
+    (m,) = read_metrics(run_dir)
+    assert m["step"] == 1 and 0 < m["response/length_mean"] <= 8
+    assert checkpoint.complete_steps(run_dir) == [1]
