@@ -30,6 +30,8 @@ class WorkerFailure(RuntimeError):
 def init_ray(cfg: PPOConfig) -> None:
     if ray.is_initialized():
         return
+    # No usage reports leave the machine unless the user asks for them.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if cfg.trainer.ray_address:
         kwargs["address"] = cfg.trainer.ray_address
@@ -40,11 +42,22 @@ def init_ray(cfg: PPOConfig) -> None:
 
 
 def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
-    """`ray.get` that turns a dead or failed worker into one clear error naming the call."""
+    """`ray.get` that turns a dead or failed worker into one clear error naming the call.
+
+    For a list, results are awaited as they come, so a failure surfaces at once even while the other
+    workers are still blocked in a collective waiting for the one that died.
+    """
+    single = not isinstance(refs, list)
+    pending = [refs] if single else list(refs)
+    deadline = None if timeout is None else time.time() + timeout
     try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise WorkerFailure(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)") from None
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                raise WorkerFailure(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)")
+            ray.get(ready)  # raises here if that worker failed
+        return ray.get(refs)
     except ray.exceptions.RayActorError as e:
         raise WorkerFailure(f"{what}: a worker died: {str(e).splitlines()[0]}") from e
     except ray.exceptions.RayTaskError as e:

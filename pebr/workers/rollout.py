@@ -54,6 +54,8 @@ class VLLMRollout:
         # In-process engine: its model object is reachable for weight loading, and it joins the
         # process group that training already created instead of spawning its own.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # nothing leaves the machine unasked
+        os.environ.setdefault("DO_NOT_TRACK", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cpu_kv_cache_gb)))))
         from vllm import LLM
 

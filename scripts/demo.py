@@ -1,0 +1,238 @@
+"""The whole PeBR-R1 pipeline on the embedded default, on a CPU, in one command.
+
+    python scripts/demo.py [--out demo_runs] [--profile full|quick] [--seed 0] [--force]
+
+make the small model -> make synthetic data -> filter the SFT data -> warm-up SFT -> train the tiny CLIP
+-> sampling (8 rollouts per question) -> easy/medium/hard split -> stage 1 RL on easy cases -> merge
+-> stage 2 RL on medium cases -> merge -> evaluate the warm-up, stage-1 and stage-2 models on the held-out
+split -> a table (results.md) and a plot of reward and accuracy over the RL steps (training_curves.png).
+
+Each stage runs the project's own command line (the bash recipes' CPU twins for sampling and RL), shows
+its progress, and is skipped when its output exists (`--force` reruns everything). `--profile quick` is a
+shortened run on the tiny model (a few steps per stage) that the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+@dataclass
+class Profile:
+    model_size: str
+    num_questions: int
+    sft_num: int
+    image_size: int
+    sft_epochs: float
+    sft_lr: float
+    sft_batch_size: int
+    max_response_length: int
+    rollout_batch_size: int
+    global_batch_size: int
+    rl_n: int
+    rl_lr: float
+    stage1_steps: int
+    stage2_steps: int
+    clip_steps: int
+    eval_limit: int | None
+
+
+PROFILES = {
+    "full": Profile(model_size="small", num_questions=500, sft_num=1500, image_size=112, sft_epochs=2.0, sft_lr=1e-3,
+                    sft_batch_size=16, max_response_length=192, rollout_batch_size=8, global_batch_size=4, rl_n=8,
+                    rl_lr=2e-5, stage1_steps=10, stage2_steps=20, clip_steps=300, eval_limit=None),
+    "quick": Profile(model_size="tiny", num_questions=40, sft_num=40, image_size=56, sft_epochs=1.0, sft_lr=1e-3,
+                     sft_batch_size=8, max_response_length=24, rollout_batch_size=2, global_batch_size=2, rl_n=4,
+                     rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8),
+}
+
+
+class Pipeline:
+    def __init__(self, out: str, profile: Profile, seed: int, force: bool):
+        self.out, self.p, self.seed, self.force = os.path.abspath(out), profile, seed, force
+        os.makedirs(self.out, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def stage(self, name: str, output: str, cmd: list[str], env: dict | None = None) -> None:
+        """Run `cmd` unless `output` exists from an earlier run; outputs are published only on success."""
+        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
+        if os.path.exists(marker) and not self.force:
+            print(f"[demo] {name}: done before, skipped ({output})", flush=True)
+            return
+        print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+        self.times[name] = time.time() - t0
+        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
+        with open(marker, "w") as f:
+            f.write(f"{self.times[name]:.1f}\n")
+        print(f"[demo] {name}: {self.times[name]:.0f} s", flush=True)
+
+    def rl_overrides(self, steps: int) -> list[str]:
+        p = self.p
+        return [f"data.max_response_length={p.max_response_length}", f"data.rollout_batch_size={p.rollout_batch_size}",
+                f"worker.actor.global_batch_size={p.global_batch_size}", f"worker.rollout.n={p.rl_n}",
+                f"worker.actor.optim.lr={p.rl_lr}", f"trainer.max_steps={steps}", "trainer.save_limit=1",
+                f"data.seed={self.seed}", f"worker.rollout.seed={self.seed}"]
+
+    def run(self) -> None:
+        p, data = self.p, self.path("data")
+        images = os.path.join(data, "images")
+        self.stage("small model", self.path("model"),
+                   [PY, "scripts/make_tiny_model.py", "--output", self.path("model"), "--size", p.model_size,
+                    "--seed", str(self.seed)])
+        self.stage("synthetic data", data,
+                   [PY, "scripts/make_synthetic_data.py", "--output_dir", data, "--num", str(p.num_questions),
+                    "--seed", str(self.seed), "--sft_num", str(p.sft_num), "--image_size", str(p.image_size)])
+        clean = os.path.join(data, "sft", "clean.json")
+        self.stage("filter SFT data", clean,
+                   [PY, "dataset/filter.py", "--input", os.path.join(data, "sft", "sft.json"), "--output", clean,
+                    "--image_root", images])
+        self.stage("warm-up SFT", self.path("warmup"),
+                   [PY, "scripts/sft_warmup.py", "--model_path", self.path("model"), "--data", clean,
+                    "--image_dir", images, "--output_dir", self.path("warmup"), "--epochs", str(p.sft_epochs),
+                    "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed)])
+        self.stage("tiny CLIP", self.path("clip"),
+                   [PY, "scripts/train_tiny_clip.py", "--output", self.path("clip"), "--steps", str(p.clip_steps),
+                    "--image_size", str(p.image_size), "--seed", str(self.seed)])
+        split = self.path("split")
+        self.stage("sampling + split", split,
+                   ["bash", "examples/pebr_sample_cpu.sh", f"data.max_response_length={p.max_response_length}",
+                    f"data.rollout_batch_size={max(p.rollout_batch_size, 16)}"],
+                   env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": os.path.join(data, "train.json"),
+                        "IMAGE_DIR": images, "ROLLOUTS": self.path("rollouts.jsonl"), "SPLIT_DIR": split})
+        easy, medium = self.split_file("easy"), self.split_file("medium")
+        self.stage("stage 1 (perception RL on easy cases) + merge", self.path("stage1"),
+                   ["bash", "examples/pebr_stage1_cpu.sh", *self.rl_overrides(p.stage1_steps),
+                    *self.batch_fit(easy)],
+                   env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": easy, "IMAGE_DIR": images,
+                        "CLIP_MODEL_PATH": self.path("clip"), "RUN_DIR": self.path("stage1")})
+        self.stage("stage 2 (reasoning RL on medium cases) + merge", self.path("stage2"),
+                   ["bash", "examples/pebr_stage2_cpu.sh", *self.rl_overrides(p.stage2_steps),
+                    *self.batch_fit(medium)],
+                   env={"STAGE1_DIR": self.path("stage1"), "TRAIN_FILES": medium, "IMAGE_DIR": images,
+                        "RUN_DIR": self.path("stage2")})
+        models = {"warm-up SFT": self.path("warmup"), "stage 1": self.merged("stage1"), "stage 2": self.merged("stage2")}
+        for label, model in models.items():
+            name = label.split()[0] + label.split()[-1] if label.startswith("stage") else "warmup"
+            cmd = [PY, "scripts/evaluate.py", "--model_path", model, "--data", os.path.join(data, "test.json"),
+                   "--image_dir", images, "--output", self.path("eval", name),
+                   "--max_new_tokens", str(p.max_response_length)]
+            if p.eval_limit:
+                cmd += ["--limit", str(p.eval_limit)]
+            self.stage(f"evaluate {label}", self.path("eval", name + ".json"), cmd)
+        self.report(models)
+
+    def split_file(self, kind: str) -> str:
+        """The stage's split; with none of that kind (a weak warm-up model) every RL question, said loudly."""
+        path = self.path("split", f"{kind}case.json")
+        with open(path) as f:
+            if json.load(f):
+                return path
+        print(f"[demo] WARNING: the warm-up model left no {kind} cases; this stage trains on all RL questions",
+              flush=True)
+        return self.path("data", "train.json")
+
+    def batch_fit(self, split_file: str) -> list[str]:
+        """Shrink the prompt batch when a split is smaller than it."""
+        with open(split_file) as f:
+            size = len(json.load(f))
+        b = min(self.p.rollout_batch_size, size)
+        g = min(self.p.global_batch_size, b)
+        while b % g:
+            g -= 1
+        return [f"data.rollout_batch_size={b}", f"worker.actor.global_batch_size={g}"]
+
+    def merged(self, stage: str) -> str:
+        from pebr.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(self.path(stage))
+        if latest is None:
+            raise SystemExit(f"[demo] no checkpoint in {self.path(stage)}")
+        return os.path.join(latest, "actor", "huggingface")
+
+    def report(self, models: dict[str, str]) -> None:
+        rows = []
+        for label in models:
+            name = label.split()[0] + label.split()[-1] if label.startswith("stage") else "warmup"
+            with open(self.path("eval", name + ".json")) as f:
+                r = json.load(f)
+            s = r.get("overall", r)
+            rows.append((label, s))
+        split_counts = {}
+        for kind in ("easy", "medium", "hard"):
+            with open(self.path("split", f"{kind}case.json")) as f:
+                split_counts[kind] = len(json.load(f))
+        lines = ["| model | accuracy | format rate | keyword recall | mean response length |",
+                 "| --- | --- | --- | --- | --- |"]
+        for label, s in rows:
+            fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+            lines.append(f"| {label} | {fmt(s['accuracy'])} | {fmt(s['format_rate'])} | {fmt(s['keyword_recall'])} "
+                         f"| {s['mean_response_length']:.0f} |")
+        lines += ["", f"held-out questions: {rows[0][1]['count']}; split of the RL questions: "
+                  + ", ".join(f"{k} {v}" for k, v in split_counts.items())]
+        table = "\n".join(lines)
+        with open(self.path("results.md"), "w") as f:
+            f.write(table + "\n")
+        print("\n" + table + "\n", flush=True)
+        self.plot()
+        print(f"[demo] wrote {self.path('results.md')} and {self.path('training_curves.png')}", flush=True)
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        offset = 0
+        for stage, color in (("stage1", "tab:blue"), ("stage2", "tab:orange")):
+            path = self.path(stage, "metrics.jsonl")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+            steps = [offset + m["step"] for m in metrics]
+            for ax, key in zip(axes, ("reward/overall", "reward/accuracy")):
+                ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", color=color, label=stage)
+            offset = steps[-1] if steps else offset
+        for ax, title in zip(axes, ("reward (overall, per stage's own reward)", "accuracy of rollouts")):
+            ax.set_title(title)
+            ax.set_xlabel("RL step (stage 2 continues after stage 1)")
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.path("training_curves.png"), dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "demo_runs"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rerun every stage even if its output exists")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    if args.force and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    t0 = time.time()
+    Pipeline(args.out, PROFILES[args.profile], args.seed, args.force).run()
+    print(f"[demo] total {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
