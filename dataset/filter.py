@@ -22,16 +22,17 @@ distinct path.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
 REASONS = ("malformed", "reflective", "missing_image", "unreadable_image", "small_image")
@@ -67,45 +68,12 @@ def load_records(path: str | Path) -> list[Any]:
     Raises:
         FilterInputError: naming the file (and line), if it is missing, not JSON, or not a list.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FilterInputError(f"cannot read {path}: {exc}") from exc
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise FilterInputError(f"{path} line {lineno} is not JSON: {exc}") from exc
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FilterInputError(f"{path} is not a JSON file (nor .jsonl): {exc}") from exc
-    if not isinstance(data, list):
-        raise FilterInputError(f"{path} must hold a JSON list of samples, found {type(data).__name__}")
-    return data
+    return read_json_records(str(path), FilterInputError)
 
 
 def write_records(path: str | Path, records: list[Any]) -> None:
     """Write ``records`` as JSON lines (``.jsonl``) or a JSON list, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:
-        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_json(str(path), records)
 
 
 def _messages_problem(messages: Any) -> str | None:

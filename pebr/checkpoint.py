@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pebr.utils.jsonio import atomic_write_json
+
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 INDEX_FILE = "shard_index.json"
@@ -33,15 +35,6 @@ INDEX_FILE = "shard_index.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or inconsistent."""
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_dir(checkpoint_dir: str, step: int) -> str:

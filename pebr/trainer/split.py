@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+from pebr.utils.jsonio import atomic_write_json, read_json_records
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -182,44 +183,7 @@ def read_dataset(path: str) -> list[Any]:
     """
     if not os.path.isfile(path):
         raise SplitError(f"data-set file {path!r} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise SplitError(f"{path} line {line_number}: malformed JSON: {err.msg}") from None
-            return records
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise SplitError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(data, list):
-        raise SplitError(f"{path}: the data set must be a JSON list of records, found {type(data).__name__}")
-    return data
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A crash leaves either the old file or the new one, never half of one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return read_json_records(path, SplitError)
 
 
 def _listed(qids: list[str]) -> str:
@@ -286,7 +250,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
 
     for name in SPLIT_NAMES:
         path = os.path.join(output_dir, SPLIT_FILES[name])
-        write_json_atomic(path, splits[name])
+        atomic_write_json(path, splits[name])
         report.sizes[name] = len(splits[name])
         report.paths[name] = path
     log(report.summary())

@@ -1,0 +1,68 @@
+"""Reading JSON record files and writing JSON atomically — one implementation for the whole project.
+
+Record files are either a JSON list (`.json`) or one JSON value a line (`.jsonl`). Errors name the
+file and, for JSONL, the line. Writes go to a temporary file beside the target, are fsynced and then
+renamed over it, so a crash leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def read_json_records(path: str, error: type[Exception] = ValueError) -> list[Any]:
+    """All records of a `.jsonl` file or of a `.json` file holding a list.
+
+    Raises:
+        error: the file is missing or unreadable, a line or the file is not JSON, or the JSON is not a list.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".jsonl"):
+                records = []
+                for line_number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise error(f"{path} line {line_number} is not JSON: {err.msg}") from None
+                return records
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise error(f"{path} is not a JSON file (nor .jsonl): line {err.lineno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    if not isinstance(data, list):
+        raise error(f"{path} must hold a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, value: Any) -> None:
+    """Write `value` as indented JSON (a list of records as JSON lines when `path` ends in .jsonl)."""
+    if os.fspath(path).endswith(".jsonl"):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+    atomic_write_text(path, text)
