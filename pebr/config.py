@@ -251,6 +251,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(
             f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "
             f"workers (trainer.nnodes x trainer.n_gpus_per_node = {cfg.world_size})")
+    if w.reward.reward_function:
+        # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
+        spec = w.reward.reward_function
+        path, sep, _ = spec.rpartition(":")
+        path = path if sep and path.endswith(".py") else spec
+        if not os.path.isfile(path):
+            raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
     if not training:
         return cfg
     if w.reward.reward_function is None:

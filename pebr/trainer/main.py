@@ -62,6 +62,17 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     return worker
 
 
+def probe_reward(worker: Any, item: dict) -> None:
+    """Score one made-up response before any rollout: a reward function that raises or returns the wrong
+    shape fails here, in seconds, instead of after the first step's generation."""
+    from pebr.trainer.ray_trainer import ray_get
+
+    probe = {"response": "### The final answer is: " + item["ground_truth"], "response_length": 8,
+             "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
+             "image": item["images"][0] if item["images"] else None}
+    ray_get(worker.compute.remote([probe]), "reward function check on the first training record")
+
+
 def run(argv: list[str]) -> None:
     import ray
 
@@ -81,6 +92,7 @@ def run(argv: list[str]) -> None:
     reward = start_reward_worker(cfg)
     trainer = None
     try:
+        probe_reward(reward, train[0])
         trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
         trainer.fit()
     finally:
@@ -92,10 +104,15 @@ def run(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pebr.data.records import DataError
+
     try:
         run(argv)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # a missing or unreadable data file: the user's input, not a crash
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     return 0
 

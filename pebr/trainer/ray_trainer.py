@@ -36,7 +36,9 @@ def init_ray(cfg: PPOConfig) -> None:
     if cfg.trainer.ray_address:
         kwargs["address"] = cfg.trainer.ray_address
     else:
-        # One CPU per worker plus the reward worker; Ray's own bookkeeping is not a CPU consumer.
+        # A fresh local cluster (never one found through RAY_ADDRESS or `ray start` by accident),
+        # with one CPU per worker plus the reward worker.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + int(cfg.worker.reward.num_cpus) + 1)
     ray.init(**kwargs)
 
@@ -49,6 +51,9 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
     """
     single = not isinstance(refs, list)
     pending = [refs] if single else list(refs)
+    # For a list of per-rank calls, the position of the failed call names the worker.
+    position = {ref: i for i, ref in enumerate(pending)}
+    who = "a worker"
     deadline = None if timeout is None else time.time() + timeout
     try:
         while pending:
@@ -56,13 +61,15 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
                 raise WorkerFailure(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)")
+            if not single:
+                who = f"worker {position[ready[0]]} of {len(position)}"
             ray.get(ready)  # raises here if that worker failed
         return ray.get(refs)
     except ray.exceptions.RayActorError as e:
-        raise WorkerFailure(f"{what}: a worker died: {str(e).splitlines()[0]}") from e
+        raise WorkerFailure(f"{what}: {who} died: {str(e).splitlines()[0]}") from e
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise WorkerFailure(f"{what} failed in a worker: {type(cause).__name__}: {cause}") from e
+        raise WorkerFailure(f"{what} failed in {who}: {type(cause).__name__}: {cause}") from e
 
 
 @contextmanager

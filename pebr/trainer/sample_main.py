@@ -311,11 +311,16 @@ def run(argv: list[str]) -> SampleSummary:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pebr.data.records import DataError
+
     t0 = time.time()
     try:
         run(argv)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # a missing or unreadable data file: the user's input, not a crash
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except SampleLogError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,86 @@
+"""Reward functions that raise, return NaN or return the wrong number of results, run through main.run.
+
+The run must stop at step 1 (never hang, never train on a bad score) with a message that names the
+offending sample's qid, and leave no workers behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from pebr import checkpoint
+from pebr.config import load_config
+from pebr.data import StatefulBatchSampler
+from pebr.trainer.main import build_dataset, load_processor, run
+from pebr.trainer.ray_trainer import WorkerFailure
+from tests.reliability.procs import trainer_argv
+
+pytestmark = pytest.mark.slow
+
+REWARDS = {
+    # each scores 0.5 except for the sample named by bad_qid
+    "raises": '''
+def compute_score(inputs, bad_qid=""):
+    for x in inputs:
+        if x["qid"] == bad_qid:
+            raise ValueError("cannot parse this answer")
+    return [{"overall": 0.5} for _ in inputs]
+''',
+    "nan": '''
+def compute_score(inputs, bad_qid=""):
+    return [{"overall": float("nan") if x["qid"] == bad_qid else 0.5} for x in inputs]
+''',
+    "wrong_length": '''
+def compute_score(inputs, bad_qid=""):
+    return [{"overall": 0.5} for _ in inputs[1:]]
+''',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REWARDS))
+def test_bad_reward_stops_step_1_naming_the_sample(kind, tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    reward_file = tmp_path / f"reward_{kind}.py"
+    reward_file.write_text(REWARDS[kind])
+    run_dir = str(tmp_path / "run")
+    argv = trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, 2) + [
+        f"worker.reward.reward_function={reward_file}:compute_score", "worker.rollout.name=hf",
+        "data.max_response_length=4"]
+    # The offending sample is one of step 1's batch (the sampler's first batch).
+    cfg = load_config(argv)
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    first = StatefulBatchSampler(len(dataset), cfg.data.rollout_batch_size, shuffle=True, seed=cfg.data.seed,
+                                 drop_last=True).epoch_order(0)[0]
+    bad_qid = dataset[first]["qid"]
+    argv.append(f"worker.reward.reward_function_kwargs.bad_qid={bad_qid}")
+    free_cpus = ray_session.available_resources().get("CPU", 0)
+
+    t0 = time.time()
+    with pytest.raises(WorkerFailure) as err:
+        run(argv)
+    elapsed = time.time() - t0
+    message = str(err.value)
+    if kind == "wrong_length":
+        # Caught by the start-up probe (one made-up response for the first record), before any rollout.
+        assert message.startswith("reward function check on the first training record failed in a worker: "
+                                  "RewardFunctionError: reward function"), message
+        assert "returned 0 results for 1 inputs" in message, message
+    else:
+        assert message.startswith("reward failed in a worker: RewardFunctionError: reward function"), message
+        assert f"qid={bad_qid!r}" in message, message
+        assert ("ValueError: cannot parse this answer" if kind == "raises" else "overall=nan, not a finite number") \
+            in message, message
+    # Stopped in step 1: nothing trained on, logged or saved.
+    assert checkpoint.complete_steps(run_dir) == []
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    assert not os.path.exists(metrics) or open(metrics).read() == ""
+    assert not os.path.exists(os.path.join(run_dir, "rollouts"))
+    # The workers were shut down on the way out.
+    deadline = time.time() + 20
+    while ray_session.available_resources().get("CPU", 0) < free_cpus and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == free_cpus
+    print(f"\nfault report: reward {kind} -> WorkerFailure after {elapsed:.1f} s (step 1): {message[:300]}")
