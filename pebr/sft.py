@@ -336,6 +336,7 @@ class SFTConfig:
         max_length: most tokens per sample; longer samples are dropped.
         max_steps: stop after this many optimizer steps (-1: run all epochs).
         freeze_vision_tower: keep the vision encoder and its merger (projector) fixed, as in the paper.
+        vision_lr: learning rate of the vision encoder and merger when they train (None: `lr`).
         format_prompt: jinja template for the user turn ("" for none).
         bf16: bf16 autocast (fp32 master weights); on CPUs with AMX it is faster, measure it.
         min_pixels, max_pixels: image area bounds (None: the processor's own).
@@ -357,6 +358,7 @@ class SFTConfig:
     max_length: int = 1024
     max_steps: int = -1
     freeze_vision_tower: bool = True
+    vision_lr: float | None = None
     format_prompt: str = DEFAULT_FORMAT_PROMPT
     bf16: bool = False
     min_pixels: int | None = None
@@ -371,6 +373,7 @@ class SFTConfig:
             ("grad_accum", self.grad_accum >= 1), ("max_length", self.max_length >= 1),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("logging_steps", self.logging_steps >= 1),
             ("max_steps", self.max_steps == -1 or self.max_steps >= 1),
+            ("vision_lr", self.vision_lr is None or self.vision_lr > 0),
         ]
         for name, ok in checks:
             if not ok:
@@ -386,6 +389,23 @@ def freeze_vision(model: torch.nn.Module) -> int:
         param.requires_grad_(False)
         frozen += param.numel()
     return frozen
+
+
+def build_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the vision encoder and merger may get their own `vision_lr`.
+
+    A randomly initialised vision tower (the embedded demo model) learns to separate images much more
+    slowly than the language model learns the answer layout, so it can be given a larger step.
+    """
+    visual = {id(p) for p in model.model.visual.parameters()}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            lr = cfg.vision_lr if (id(param) in visual and cfg.vision_lr) else cfg.lr
+            groups.setdefault(lr, []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": lr} for lr, params in groups.items()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
@@ -444,7 +464,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     )
     pad_id = processor.tokenizer.pad_token_id
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=lambda feats: collate(feats, pad_id)
+        model=model, args=args, train_dataset=dataset, data_collator=lambda feats: collate(feats, pad_id),
+        optimizers=(build_optimizer(model, cfg), None),  # Trainer adds the warmup/decay schedule
     )
     start = time.perf_counter()
     result = trainer.train()

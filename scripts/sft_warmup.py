@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--freeze_vision_tower", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--vision_lr", type=float, default=None,
+                        help="learning rate of the vision tower when it trains (default: --lr)")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                         help="bf16 autocast with fp32 master weights")

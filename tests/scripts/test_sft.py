@@ -201,3 +201,18 @@ def test_config_rejects_bad_values(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="model_path"):
         SFTConfig(model_path="/nonexistent", data="x", output_dir="y").validate()
     assert os.path.isfile(DEFAULT_FORMAT_PROMPT)
+
+
+def test_optimizer_groups_follow_freezing_and_vision_lr(tiny_model_dir) -> None:
+    from pebr.sft import build_optimizer, freeze_vision
+    from pebr.workers.actor import load_hf_model
+
+    model = load_hf_model(tiny_model_dir)
+    visual = {id(p) for p in model.model.visual.parameters()}
+    cfg = SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr=1e-3, vision_lr=1e-2)
+    groups = {g["lr"]: {id(p) for p in g["params"]} for g in build_optimizer(model, cfg).param_groups}
+    assert groups == {1e-2: visual, 1e-3: {id(p) for p in model.parameters()} - visual}
+    frozen = freeze_vision(model)
+    assert frozen == sum(p.numel() for p in model.model.visual.parameters())
+    (group,) = build_optimizer(model, cfg).param_groups
+    assert group["lr"] == 1e-3 and not visual & {id(p) for p in group["params"]}
