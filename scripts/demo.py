@@ -51,7 +51,7 @@ class Profile:
 PROFILES = {
     "full": Profile(model_size="small", num_questions=500, sft_num=1500, image_size=112, sft_epochs=2.0, sft_lr=1e-3,
                     sft_batch_size=16, max_response_length=192, rollout_batch_size=8, global_batch_size=4, rl_n=8,
-                    rl_lr=2e-5, stage1_steps=10, stage2_steps=20, clip_steps=300, eval_limit=None, bf16=True),
+                    rl_lr=2e-5, stage1_steps=10, stage2_steps=20, clip_steps=400, eval_limit=None, bf16=True),
     "quick": Profile(model_size="tiny", num_questions=40, sft_num=40, image_size=56, sft_epochs=1.0, sft_lr=1e-3,
                      sft_batch_size=8, max_response_length=24, rollout_batch_size=2, global_batch_size=2, rl_n=4,
                      rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8),
@@ -75,7 +75,9 @@ class Pipeline:
             return
         print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+        # The bash recipes call `python3`: make it this interpreter (the project's virtual environment).
+        path = os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", "")
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
         self.times[name] = time.time() - t0
         marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
         with open(marker, "w") as f:
@@ -109,7 +111,7 @@ class Pipeline:
                     "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed)])
         self.stage("tiny CLIP", self.path("clip"),
                    [PY, "scripts/train_tiny_clip.py", "--output", self.path("clip"), "--steps", str(p.clip_steps),
-                    "--image_size", str(p.image_size), "--seed", str(self.seed)])
+                    "--seed", str(self.seed)])
         split = self.path("split")
         self.stage("sampling + split", split,
                    ["bash", "examples/pebr_sample_cpu.sh", f"data.max_response_length={p.max_response_length}",
