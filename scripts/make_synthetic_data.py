@@ -79,9 +79,13 @@ def _scene_entry(scene: sc.Scene, size: tuple[int, int], image: str | None) -> d
 
 
 def make_rl_split(
-    split: str, count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any]
+    split: str, count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any],
+    scene_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Draw, save and describe ``count`` scenes of one RL split.
+
+    ``scene_options`` are keyword arguments of :func:`pebr.utils.scenes.sample_scene` (colours,
+    object counts, object scale); None keeps its defaults.
 
     Returns:
         PeBR GRPO records; ``scene_log`` gains one entry per record, keyed by qid.
@@ -89,7 +93,7 @@ def make_rl_split(
     rng = random.Random(f"{seed}/{split}")
     records = []
     for i in range(count):
-        scene = sc.sample_scene(rng)
+        scene = sc.sample_scene(rng, **(scene_options or {}))
         question, answer, category = sc.make_question(scene, rng)
         qid, rel = f"{split}_{i:05d}", f"{split}/{i:05d}.png"
         _save_png(sc.render_scene(scene, image_size), image_root / rel)
@@ -124,9 +128,11 @@ def _sft_kinds(count: int, rng: random.Random) -> list[str]:
 
 
 def make_sft(
-    count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any]
+    count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any],
+    scene_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Draw the raw warm-up SFT set (sharegpt layout) from scenes of its own.
+    """Draw the raw warm-up SFT set (sharegpt layout) from scenes of its own (``scene_options`` as in
+    :func:`make_rl_split`).
 
     Returns:
         Records ``{"messages": [user, assistant], "images": [...]}``; see the module docstring for
@@ -137,7 +143,7 @@ def make_sft(
     rng = random.Random(f"{seed}/sft")
     records = []
     for i, kind in enumerate(_sft_kinds(count, rng)):
-        scene = sc.sample_scene(rng)
+        scene = sc.sample_scene(rng, **(scene_options or {}))
         question, answer, _ = sc.make_question(scene, rng)
         response = sc.pebr_response(scene, question, answer)
         key, rel = f"sft_{i:05d}", f"sft/{i:05d}.png"
@@ -183,6 +189,7 @@ def build_dataset(
     test_fraction: float = 0.2,
     image_size: int = 112,
     sft_num: int | None = None,
+    scene_options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Write the whole data set under ``output_dir`` (layout in the module docstring).
 
@@ -193,6 +200,8 @@ def build_dataset(
         test_fraction: share of ``num`` that goes to test.json.
         image_size: side of the square images in pixels.
         sft_num: raw SFT records (default ``num``); 0 writes an empty SFT set.
+        scene_options: keyword arguments of :func:`pebr.utils.scenes.sample_scene` for every split
+            (``colors``, ``min_objects``, ``max_objects``, ``object_scale``); None: its defaults.
 
     Returns:
         Counts ``{"train", "test", "sft"}``.
@@ -209,9 +218,9 @@ def build_dataset(
     image_root = out / "images"
     n_test = round(num * test_fraction)
     scene_log: dict[str, Any] = {}
-    train = make_rl_split("train", num - n_test, seed, image_size, image_root, scene_log)
-    test = make_rl_split("test", n_test, seed, image_size, image_root, scene_log)
-    sft = make_sft(sft_num, seed, image_size, image_root, scene_log)
+    train = make_rl_split("train", num - n_test, seed, image_size, image_root, scene_log, scene_options)
+    test = make_rl_split("test", n_test, seed, image_size, image_root, scene_log, scene_options)
+    sft = make_sft(sft_num, seed, image_size, image_root, scene_log, scene_options)
     _write_json(out / "train.json", train)
     _write_json(out / "test.json", test)
     _write_json(out / "scenes.json", scene_log)
@@ -236,7 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=112, help="image side in pixels")
     parser.add_argument("--sft_num", type=int, default=None, help="raw SFT records (default: --num)")
     parser.add_argument("--demo", help="also (or only) write the 224 px demo image to this path")
+    parser.add_argument("--colors", default=",".join(sc.DEFAULT_COLORS),
+                        help=f"comma-separated colours to draw from (of {', '.join(sc.COLOR_RGB)})")
+    parser.add_argument("--min_objects", type=int, default=sc.MIN_OBJECTS, help="fewest objects per scene")
+    parser.add_argument("--max_objects", type=int, default=sc.MAX_OBJECTS, help="most objects per scene")
+    parser.add_argument("--object_scale", type=float, default=1.0,
+                        help="multiplies every object's size; larger objects are easier for a small model to see")
     args = parser.parse_args(argv)
+    scene_options = {
+        "colors": tuple(c.strip() for c in args.colors.split(",") if c.strip()),
+        "min_objects": args.min_objects, "max_objects": args.max_objects, "object_scale": args.object_scale,
+    }
     if args.output_dir is None and args.demo is None:
         parser.error("give --output_dir, --demo, or both")
     if args.demo:
@@ -245,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir:
         try:
             counts = build_dataset(
-                args.output_dir, args.num, args.seed, args.test_fraction, args.image_size, args.sft_num
+                args.output_dir, args.num, args.seed, args.test_fraction, args.image_size, args.sft_num,
+                scene_options,
             )
         except ValueError as exc:
             parser.error(str(exc))

@@ -85,18 +85,35 @@ class SceneObject:
 
 @dataclass
 class Scene:
-    """A list of non-overlapping objects; see :class:`SceneObject`."""
+    """A list of non-overlapping objects; see :class:`SceneObject`.
+
+    Attributes:
+        objects: the shapes.
+        scale: every object's extent is ``SIZE_HALF_EXTENT[size] * scale``; above 1 makes the
+            objects easier to see for a model with few image tokens.
+    """
 
     objects: list[SceneObject] = field(default_factory=list)
+    scale: float = 1.0
+
+    def half_extent(self, obj: SceneObject) -> float:
+        """Half of ``obj``'s bounding box in this scene, as a fraction of the image side."""
+        return SIZE_HALF_EXTENT[obj.size] * self.scale
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form: ``{"objects": [{"color", "shape", "size", "material", "position": [x, y]}]}``."""
+        """Return the JSON form: ``{"objects": [{"color", "shape", "size", "material", "position": [x, y]}]}``.
+
+        ``"object_scale"`` is added only when ``scale`` is not 1, so default scenes keep their old form.
+        """
         objs = []
         for o in self.objects:
             d = asdict(o)
             d["position"] = [d.pop("x"), d.pop("y")]
             objs.append(d)
-        return {"objects": objs}
+        out: dict[str, Any] = {"objects": objs}
+        if self.scale != 1.0:
+            out["object_scale"] = self.scale
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Scene":
@@ -114,7 +131,10 @@ class Scene:
                 raise ValueError(f"scene object {i} is malformed ({exc!r}): {d!r}") from exc
             _check_object(obj, f"scene object {i}")
             objects.append(obj)
-        return cls(objects)
+        scale = data.get("object_scale", 1.0)
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            raise ValueError(f"scene key 'object_scale' must be a positive number, got {scale!r}")
+        return cls(objects, float(scale))
 
 
 def _check_object(obj: SceneObject, where: str) -> None:
@@ -128,9 +148,9 @@ def _check_object(obj: SceneObject, where: str) -> None:
             raise ValueError(f"{where}: unknown {name} {value!r}; allowed: {sorted(allowed)}")
 
 
-def _boxes_clear(a: SceneObject, b: SceneObject) -> bool:
+def _boxes_clear(a: SceneObject, b: SceneObject, scale: float = 1.0) -> bool:
     """True when the two bounding boxes (plus the gap) do not overlap on at least one axis."""
-    reach = SIZE_HALF_EXTENT[a.size] + SIZE_HALF_EXTENT[b.size] + _GAP
+    reach = (SIZE_HALF_EXTENT[a.size] + SIZE_HALF_EXTENT[b.size]) * scale + _GAP
     return abs(a.x - b.x) >= reach or abs(a.y - b.y) >= reach
 
 
@@ -139,6 +159,7 @@ def sample_scene(
     colors: tuple[str, ...] = DEFAULT_COLORS,
     min_objects: int = MIN_OBJECTS,
     max_objects: int = MAX_OBJECTS,
+    object_scale: float = 1.0,
 ) -> Scene:
     """Draw a random scene of ``min_objects``..``max_objects`` rubber objects whose boxes do not overlap.
 
@@ -147,35 +168,43 @@ def sample_scene(
         colors: colour names to draw from (keys of ``COLOR_RGB``).
         min_objects: fewest objects (inclusive).
         max_objects: most objects (inclusive); six large objects still fit comfortably.
+        object_scale: multiplies every object's extent (see :attr:`Scene.scale`); at 1.6 four large
+            objects still fit, six may not (a scene that cannot be placed raises).
 
     Returns:
         A :class:`Scene`.
 
     Raises:
-        ValueError: if the object counts are out of order or a colour is unknown.
+        ValueError: if the object counts are out of order, a colour is unknown, the scale is not
+            positive, or 1000 tries found no room for the objects.
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if not 0 < object_scale <= 3:
+        raise ValueError(f"object_scale must be in (0, 3], got {object_scale}")
+    if not colors:
+        raise ValueError("colors must name at least one colour")
     unknown = [c for c in colors if c not in COLOR_RGB]
     if unknown:
         raise ValueError(f"unknown colours {unknown}; allowed: {sorted(COLOR_RGB)}")
     n = rng.randint(min_objects, max_objects)
-    while True:  # a dead end (no room for the next object) restarts the scene; rare at <= 6 objects
+    for _restart in range(1000):  # a dead end (no room for the next object) restarts the scene
         placed: list[SceneObject] = []
         for _ in range(n):
             color, shape, size = rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES)
-            lo = SIZE_HALF_EXTENT[size] + _GAP
+            lo = SIZE_HALF_EXTENT[size] * object_scale + _GAP
             for _attempt in range(200):
                 cand = SceneObject(
                     color, shape, size, round(rng.uniform(lo, 1 - lo), 3), round(rng.uniform(lo, 1 - lo), 3)
                 )
-                if all(_boxes_clear(cand, o) for o in placed):
+                if all(_boxes_clear(cand, o, object_scale) for o in placed):
                     placed.append(cand)
                     break
             else:
                 break
         if len(placed) == n:
-            return Scene(placed)
+            return Scene(placed, object_scale)
+    raise ValueError(f"no room for {n} objects at object_scale={object_scale}; lower it or max_objects")
 
 
 def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
@@ -203,7 +232,7 @@ def render_scene(scene: Scene, size: int | tuple[int, int] = 112) -> Image.Image
     draw = ImageDraw.Draw(img)
     for obj in sorted(scene.objects, key=lambda o: o.y):
         cx, cy = obj.x * width, obj.y * height
-        rx, ry = SIZE_HALF_EXTENT[obj.size] * width, SIZE_HALF_EXTENT[obj.size] * height
+        rx, ry = scene.half_extent(obj) * width, scene.half_extent(obj) * height
         box = [round(cx - rx), round(cy - ry), round(cx + rx), round(cy + ry)]
         fill, edge = COLOR_RGB[obj.color], _shade(COLOR_RGB[obj.color], 0.55)
         if obj.shape == "cube":
