@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pebr import checkpoint
 from pebr.algorithms.advantages import compute_advantages, group_ids_from_uids, zero_variance_group_fraction
+from pebr.algorithms.filtering import groups_within
 from pebr.algorithms.losses import kl_penalty, masked_mean
 from pebr.config import PPOConfig, config_to_yaml
 from pebr.protocol import Batch
@@ -254,14 +255,10 @@ class RayPPOTrainer:
             if a.filter_key not in per_key:
                 raise KeyError(f"algorithm.filter_key={a.filter_key!r} is not a reward key; the reward function "
                                f"returns {sorted(per_key)}")
-            uids = batch.non_tensors["uid"]
-            key = torch.tensor(per_key[a.filter_key])
-            gid = group_ids_from_uids(uids)
-            means = torch.zeros(int(gid.max()) + 1).index_add_(0, gid, key) / torch.bincount(gid).float()
-            ok = (means >= a.filter_low) & (means <= a.filter_high)
-            keep = [i for i in range(len(batch)) if ok[gid[i]]]
-            kept.append(batch.select(keep))
-            num_groups += int(ok.sum())
+            gid = group_ids_from_uids(batch.non_tensors["uid"])
+            ok = groups_within(torch.tensor(per_key[a.filter_key]), gid, a.filter_low, a.filter_high)
+            kept.append(batch.select(torch.nonzero(ok).flatten().tolist()))
+            num_groups += len(set(gid[ok].tolist()))
             metrics["batch/filter_kept_groups"] = num_groups
             if num_groups >= need:
                 full = Batch.concat(kept)

@@ -102,7 +102,7 @@ class FSDPWorker:
             cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager or self.device.type == "cpu",
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
             limit_images=rcfg.limit_images, seed=rcfg.seed + self.rank, trust_remote_code=mcfg.trust_remote_code,
-            tokenizer=self.processor.tokenizer, external_launcher=True)
+            tokenizer=self.processor.tokenizer, external_launcher=True, sleep_mode=self.device.type == "cuda")
 
     # -- rollout ----------------------------------------------------------------------------------
     def sync_weights(self) -> float:
@@ -123,6 +123,7 @@ class FSDPWorker:
         t0 = time.time()
         sampling_cfg = SamplingConfig(**sampling)
         gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
+        self.rollout.release()
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         rollout_logprobs: list[list[float]] = []

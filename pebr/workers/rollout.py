@@ -50,7 +50,7 @@ class VLLMRollout:
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, cpu_kv_cache_gb: float, enforce_eager: bool,
                  enable_chunked_prefill: bool, max_num_batched_tokens: int, limit_images: int, seed: int,
-                 trust_remote_code: bool, tokenizer: Any, external_launcher: bool):
+                 trust_remote_code: bool, tokenizer: Any, external_launcher: bool, sleep_mode: bool = False):
         # In-process engine: its model object is reachable for weight loading, and it joins the
         # process group that training already created instead of spawning its own.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -75,12 +75,28 @@ class VLLMRollout:
             seed=seed,
             trust_remote_code=trust_remote_code,
             disable_log_stats=True,
+            enable_sleep_mode=sleep_mode,
             **kwargs,
         )
         self.banned = banned_token_ids(tokenizer)
+        # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
+        # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).
+        self.sleep_mode = sleep_mode
+        self.asleep = False
+
+    def release(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def resume(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push trained weights (in-memory transformers names) into the engine, then drop stale caches."""
+        self.resume()
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
         # KV blocks and encoder outputs computed with the old weights must not be reused.
@@ -101,6 +117,7 @@ class VLLMRollout:
             if p.get("images"):
                 req["multi_modal_data"] = {"image": p["images"] if len(p["images"]) > 1 else p["images"][0]}
             requests.append(req)
+        self.resume()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         gens = []
         for o in outputs:
@@ -122,6 +139,9 @@ class HFRollout:
         self.device = device
         self.model = load_hf_model(model_path, trust_remote_code).to(device=device, dtype=dtype).eval()
         self.banned = banned_token_ids(processor.tokenizer)
+
+    def release(self) -> None:
+        """Nothing to release: the copy is small next to the sharded actor."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         state = dict(named_tensors)

@@ -83,3 +83,18 @@ def test_hf_rollout_backend_runs_a_step(tiny_model_dir, synthetic_data_dir, ray_
     (m,) = read_metrics(run_dir)
     assert m["step"] == 1 and 0 < m["response/length_mean"] <= 8
     assert checkpoint.complete_steps(run_dir) == [1]
+
+
+def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, synthetic_data_dir, ray_session,
+                                                            tmp_path):
+    base = argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "keep"), steps=1) + [
+        "trainer.val_freq=-1", "data.max_response_length=8", "algorithm.online_filtering=true",
+        "algorithm.filter_key=overall"]
+    # Every group's mean lies in [0, 1]: the first try fills the batch.
+    run(base + ["algorithm.filter_low=0.0", "algorithm.filter_high=1.0"])
+    (m,) = read_metrics(str(tmp_path / "keep"))
+    assert m["batch/filter_tries"] == 1 and m["batch/filter_kept_groups"] >= 4
+    # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
+    with pytest.raises(RuntimeError, match="max_try_make_batch"):
+        run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
+                                 "trainer.max_try_make_batch=2", f"trainer.save_checkpoint_path={tmp_path / 'stop'}"])

@@ -1,0 +1,39 @@
+"""Metric back-ends: the JSONL file survives a resume without duplicate steps; tensorboard and wandb (offline) write."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pebr.trainer.logger import Tracker
+
+
+def test_metrics_file_drops_steps_after_the_resumed_one(tmp_path):
+    run_dir = str(tmp_path)
+    t = Tracker(["file"], run_dir, "p", "e", {}, resume_step=0)
+    for step in (1, 2, 3):
+        t.log(step, {"reward/overall": step / 10})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "reward/ov')  # a line cut short by a crash
+    Tracker(["file"], run_dir, "p", "e", {}, resume_step=2).log(3, {"reward/overall": 0.9})
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["reward/overall"]) for r in rows] == [(1, 0.1), (2, 0.2), (3, 0.9)]
+
+
+def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Tracker(["console", "tensorboard", "wandb"], str(tmp_path), "pebr-test", "logger", {"a": 1}, resume_step=0)
+    t.log(1, {"reward/overall": 0.5})
+    t.close()
+    events = [f for _, _, files in os.walk(tmp_path / "tensorboard") for f in files if "tfevents" in f]
+    assert events
+    assert any("offline-run" in d for d in os.listdir(tmp_path / "wandb"))
+
+
+def test_unknown_logger_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown back-ends"):
+        Tracker(["console", "mlflow"], str(tmp_path), "p", "e", {}, resume_step=0)
