@@ -6,7 +6,6 @@ offending sample's qid, and leave no workers behind.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 

@@ -81,7 +81,7 @@ def test_sigkill_after_checkpoint_and_during_save_then_resume(tiny_model_dir, sy
     assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
     report["restart_to_end_s"] = round(time.time() - t0, 1)
     text = open(log).read()
-    assert f"removed incomplete checkpoints: ['global_step_2.partial']" in text
+    assert "removed incomplete checkpoints: ['global_step_2.partial']" in text
     assert text.count(f"resumed from {run_dir}/global_step_1 at step 1") == 2  # both restarts
 
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2
