@@ -45,13 +45,24 @@ class Profile:
     stage2_steps: int
     clip_steps: int
     eval_limit: int | None
+    # Scene difficulty (scripts/make_synthetic_data.py) and the warm-up's vision settings (scripts/sft_warmup.py).
+    colors: str = "red,blue,green,yellow,purple,gray"
+    max_objects: int = 6
+    object_scale: float = 1.0
+    sft_freeze_vision: bool = True
+    sft_bf16: bool = False
     bf16: bool = False  # bf16 compute for RL (this CPU's AMX makes bf16 matmuls ~4x faster than fp32)
 
 
 PROFILES = {
-    "full": Profile(model_size="small", num_questions=500, sft_num=1500, image_size=112, sft_epochs=2.0, sft_lr=1e-3,
-                    sft_batch_size=16, max_response_length=192, rollout_batch_size=8, global_batch_size=4, rl_n=8,
-                    rl_lr=2e-5, stage1_steps=10, stage2_steps=20, clip_steps=400, eval_limit=None, bf16=True),
+    # The warm-up recipe of the SFT study: easier scenes (4 colours, 2-4 objects at 1.5x size) and the random
+    # vision tower kept frozen (trained, it collapses to one constant vector), 3 epochs at lr 2e-3 in bf16: about
+    # 3 min of SFT on 2 quiet cores, 54% held-out accuracy vs 44% for the majority answer, 47.5% on swapped images.
+    "full": Profile(model_size="small", num_questions=300, sft_num=1500, image_size=112, sft_epochs=3.0, sft_lr=2e-3,
+                    sft_batch_size=8, max_response_length=256, rollout_batch_size=8, global_batch_size=4, rl_n=8,
+                    rl_lr=2e-5, stage1_steps=8, stage2_steps=15, clip_steps=400, eval_limit=None, bf16=True,
+                    colors="red,blue,green,yellow", max_objects=4, object_scale=1.5, sft_freeze_vision=True,
+                    sft_bf16=True),
     "quick": Profile(model_size="tiny", num_questions=40, sft_num=40, image_size=56, sft_epochs=1.0, sft_lr=1e-3,
                      sft_batch_size=8, max_response_length=24, rollout_batch_size=2, global_batch_size=2, rl_n=4,
                      rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8),
@@ -100,7 +111,8 @@ class Pipeline:
                     "--seed", str(self.seed)])
         self.stage("synthetic data", data,
                    [PY, "scripts/make_synthetic_data.py", "--output_dir", data, "--num", str(p.num_questions),
-                    "--seed", str(self.seed), "--sft_num", str(p.sft_num), "--image_size", str(p.image_size)])
+                    "--seed", str(self.seed), "--sft_num", str(p.sft_num), "--image_size", str(p.image_size),
+                    "--colors", p.colors, "--max_objects", str(p.max_objects), "--object_scale", str(p.object_scale)])
         clean = os.path.join(data, "sft", "clean.json")
         self.stage("filter SFT data", clean,
                    [PY, "dataset/filter.py", "--input", os.path.join(data, "sft", "sft.json"), "--output", clean,
@@ -108,7 +120,9 @@ class Pipeline:
         self.stage("warm-up SFT", self.path("warmup"),
                    [PY, "scripts/sft_warmup.py", "--model_path", self.path("model"), "--data", clean,
                     "--image_dir", images, "--output_dir", self.path("warmup"), "--epochs", str(p.sft_epochs),
-                    "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed)])
+                    "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed),
+                    "--freeze_vision_tower" if p.sft_freeze_vision else "--no-freeze_vision_tower",
+                    "--bf16" if p.sft_bf16 else "--no-bf16"])
         self.stage("tiny CLIP", self.path("clip"),
                    [PY, "scripts/train_tiny_clip.py", "--output", self.path("clip"), "--steps", str(p.clip_steps),
                     "--seed", str(self.seed)])
