@@ -1,4 +1,4 @@
-"""Session fixtures for the reward tests: a tiny CLIP built once, and Ray started once."""
+"""Session fixtures for the reward tests: a tiny CLIP built once (Ray comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,3 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Directory of a tiny random CLIP (16 text tokens, 32 px images), built from a config."""
     output = str(tmp_path_factory.mktemp("tiny_clip"))
     return _load_script("make_tiny_clip").build_tiny_clip(output, seed=0)
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray instance for the whole test session (starting one costs seconds)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
