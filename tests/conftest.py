@@ -43,3 +43,15 @@ def ray_session():
                  runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ROOT}})
     yield ray
     ray.shutdown()
+
+
+def idle_cpus(ray, timeout: float = 60.0) -> float:
+    """Wait until every CPU of the test cluster is free again (actors killed by an earlier test release theirs
+    asynchronously), and return that number: a test can then check that it leaves the cluster as it found it."""
+    import time
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    return total

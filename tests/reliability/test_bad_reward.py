@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import idle_cpus
+
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.data import StatefulBatchSampler
@@ -55,7 +57,7 @@ def test_bad_reward_stops_step_1_naming_the_sample(kind, tiny_model_dir, synthet
                                  drop_last=True).epoch_order(0)[0]
     bad_qid = dataset[first]["qid"]
     argv.append(f"worker.reward.reward_function_kwargs.bad_qid={bad_qid}")
-    free_cpus = ray_session.available_resources().get("CPU", 0)
+    free_cpus = idle_cpus(ray_session)
 
     t0 = time.time()
     with pytest.raises(WorkerFailure) as err:

@@ -10,6 +10,8 @@ import time
 import psutil
 import pytest
 
+from conftest import idle_cpus
+
 from pebr.config import load_config
 from pebr.trainer.main import build_dataset, load_processor
 from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup
@@ -23,7 +25,7 @@ def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_da
     cfg = load_config(trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 1)
                       + ["worker.rollout.name=hf"])
     dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
-    free_cpus = ray_session.available_resources().get("CPU", 0)
+    free_cpus = idle_cpus(ray_session)
     group = WorkerGroup(cfg, total_steps=1)
     try:
         pids = ray_session.get([w.__ray_call__.remote(lambda self: os.getpid()) for w in group.workers])

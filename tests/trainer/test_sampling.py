@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 
+from conftest import idle_cpus
+
 from pebr.trainer.sample_main import SampleLogError, append_records, recover_output, run
 from pebr.trainer.split import split_dataset
 
@@ -113,7 +115,7 @@ def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_se
     argv, out, qids, train = sample_setup
     per_question = N * EPOCHS
 
-    free_cpus = ray_session.available_resources().get("CPU", 0)
+    free_cpus = idle_cpus(ray_session)
     first = run(argv)
     _wait_for_cpus(ray_session, free_cpus)
     # 5 usable questions in batches of 3: the last, partial batch of 2 is sampled too
