@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from pebr.config import ConfigError, PPOConfig, load_config
 
@@ -101,20 +101,26 @@ def run(argv: list[str]) -> None:
         ray.kill(reward)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None) -> int:
+    """Run an entry point. A bad configuration or data file is the user's input, not a crash: its message
+    goes to stderr and the exit code is 2."""
     from pebr.data.records import DataError
 
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run(argv)
+        run_fn(argv)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    except DataError as e:  # a missing or unreadable data file: the user's input, not a crash
+    except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -309,19 +309,11 @@ def run(argv: list[str]) -> SampleSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pebr.data.records import DataError
+    from pebr.trainer.main import run_cli
 
     t0 = time.time()
     try:
-        run(argv)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:  # a missing or unreadable data file: the user's input, not a crash
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+        code = run_cli(run, argv)
     except SampleLogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -330,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
-    print(f"done in {time.time() - t0:.0f} s", flush=True)
-    return 0
+    if code == 0:
+        print(f"done in {time.time() - t0:.0f} s", flush=True)
+    return code
 
 
 if __name__ == "__main__":
