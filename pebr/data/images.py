@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from pebr.data.records import BadRecord
 
 PATCH_MULTIPLE = 28  # 14-px patches, merged 2x2
+# A source image above this many pixels is refused at load time: decoding it would take gigabytes in
+# every worker that reads it (PIL itself refuses twice its own limit as a "decompression bomb").
+MAX_SOURCE_PIXELS = 100_000_000
 
 
 def fit_size(
@@ -87,7 +90,8 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
         (width, height) of the stored image.
 
     Raises:
-        BadRecord: reason "image_missing" or "image_unreadable", naming the record and the path.
+        BadRecord: reason "image_missing", "image_unreadable" or "image_too_large", naming the record and
+            the path.
     """
     if isinstance(image, Image.Image):
         width, height = image.size
@@ -104,7 +108,14 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
         try:
             with _open(image, image_dir) as opened:
                 width, height = opened.size
+                if width * height > MAX_SOURCE_PIXELS:
+                    raise BadRecord("image_too_large", f"{where}: image {name!r} is {width}x{height} pixels, more "
+                                    f"than {MAX_SOURCE_PIXELS} (pebr.data.images.MAX_SOURCE_PIXELS)")
                 opened.verify()
+        except BadRecord:
+            raise
+        except Image.DecompressionBombError as err:
+            raise BadRecord("image_too_large", f"{where}: image {name!r} is too large to decode: {err}") from err
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             # PIL signals broken files with all of these (SyntaxError for bad PNG chunks).
             raise BadRecord("image_unreadable", f"{where}: image {name!r} cannot be read: {err}") from err

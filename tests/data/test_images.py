@@ -89,3 +89,31 @@ def test_probe_reports_missing_empty_corrupt_truncated(tmp_path):
 
     with pytest.raises(BadRecord, match=r"<5 bytes>"):
         probe_image(b"\x00\x01\x02\x03\x04", None, "record 0")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: enough for PIL to read the size, without the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [11000, 30000])  # 121 M pixels (over our limit), 900 M (a PIL "bomb")
+def test_enormous_image_is_refused_at_load_time(tmp_path, side):
+    import warnings
+
+    from pebr.data.images import probe_image
+    from pebr.data.records import BadRecord
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(side, side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BadRecord, match="too large|pixels, more than") as err:
+            probe_image(str(path), None, "record 7")
+    assert err.value.reason == "image_too_large" and "record 7" in str(err.value)
