@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from pebr import checkpoint
-from pebr.algorithms.advantages import compute_advantages, group_ids_from_uids, zero_variance_group_fraction
+from pebr.algorithms.advantages import (compute_advantages, group_ids_from_uids, token_level_rewards,
+                                       zero_variance_group_fraction)
 from pebr.algorithms.filtering import groups_within
 from pebr.algorithms.losses import kl_penalty, masked_mean
 from pebr.config import PPOConfig, config_to_yaml
@@ -85,6 +86,22 @@ def reward_inputs(batch: Batch) -> list[dict]:
     return [{"response": nt["response"][i], "response_length": len(batch.response_ids[i]),
              "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i], "qid": nt["qid"][i],
              "image": batch.images[i][0] if batch.images[i] else None} for i in range(len(batch))]
+
+
+def batch_advantages(batch: Batch, a: Any) -> None:
+    """Fill batch.tensors response_mask and advantages [N, T] from scores [N] (and the KL penalty in the
+    reward when algorithm.use_kl_loss is off and KL is not disabled)."""
+    mask = batch.response_mask()
+    batch.tensors["response_mask"] = mask
+    scores = batch.tensors["scores"]
+    token_rewards = None
+    if not a.use_kl_loss and not a.disable_kl:
+        kl = kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], a.kl_penalty) * mask
+        token_rewards = token_level_rewards(scores, mask) - a.kl_coef * kl
+        scores = (token_rewards * mask).sum(-1)
+    batch.tensors["advantages"] = compute_advantages(
+        a.adv_estimator, scores=scores, group_ids=group_ids_from_uids(batch.non_tensors["uid"]),
+        response_mask=mask, token_rewards=token_rewards, gamma=a.gamma)
 
 
 class WorkerGroup:
@@ -271,21 +288,7 @@ class RayPPOTrainer:
                     f"({a.filter_low}, {a.filter_high}) or filter the data offline")
 
     def compute_advantages(self, batch: Batch) -> None:
-        mask = batch.response_mask()
-        batch.tensors["response_mask"] = mask
-        scores = batch.tensors["scores"]
-        a = self.cfg.algorithm
-        token_rewards = None
-        if a.use_kl_loss is False and not a.disable_kl and "ref_logprobs" in batch.tensors:
-            # KL as a reward penalty (use_kl_loss off): subtract it token by token.
-            from pebr.algorithms.advantages import token_level_rewards
-
-            kl = kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], a.kl_penalty) * mask
-            token_rewards = token_level_rewards(scores, mask) - a.kl_coef * kl
-            scores = (token_rewards * mask).sum(-1)
-        batch.tensors["advantages"] = compute_advantages(
-            a.adv_estimator, scores=scores, group_ids=group_ids_from_uids(batch.non_tensors["uid"]),
-            response_mask=mask, token_rewards=token_rewards, gamma=a.gamma)
+        batch_advantages(batch, self.cfg.algorithm)
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:

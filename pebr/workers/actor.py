@@ -140,11 +140,12 @@ def global_sum(value: float, device: torch.device) -> float:
 
 
 def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch,
-                  processor: Any, device: torch.device, cfg: Any, algo: Any, temperature: float) -> dict[str, float]:
+                  processor: Any, device: torch.device, cfg: Any, algo: Any, temperature: float,
+                  mini_batch_size: int) -> dict[str, float]:
     """PPO/GRPO updates on this rank's share of the experience.
 
     `batch` carries tensors old_logprobs, advantages and (with a KL loss) ref_logprobs, [N, T].
-    The share is cut into `num_mini` mini-batches (one optimizer step each) and each mini-batch into
+    The share is cut into mini-batches of `mini_batch_size` samples (one optimizer step each) and each mini-batch into
     micro-batches (gradient accumulation). The loss of a micro-batch is scaled so that the summed
     gradient equals the gradient of the loss averaged over the whole global mini-batch: token-mean
     over all valid tokens of all ranks (loss_avg_mode=token) or mean over all sequences (seq).
@@ -152,7 +153,6 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     """
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    mini_size = cfg.global_batch_size_per_device
     token_mode = cfg.loss_avg_mode == "token"
     agg_mode = "token-mean" if token_mode else "seq-mean-token-mean"
     use_kl = algo.use_kl_loss and not algo.disable_kl
@@ -162,7 +162,7 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
         metrics.setdefault(name, []).append(value)
 
     for _ in range(cfg.ppo_epochs):
-        for mini in micro_batches(batch, mini_size):
+        for mini in micro_batches(batch, mini_batch_size):
             mask = mini.tensors["response_mask"]
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}

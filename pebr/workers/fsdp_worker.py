@@ -80,7 +80,7 @@ class FSDPWorker:
             self.model = actor_lib.shard_model(model.to(self.device), param_dtype=compute_dtype,
                                                cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda")
             self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
-            if cfg.algorithm.use_kl_loss and not cfg.algorithm.disable_kl:
+            if not cfg.algorithm.disable_kl:  # KL as a loss term or as a reward penalty: both need the reference
                 ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code).requires_grad_(False)
                 self.ref_model = actor_lib.shard_model(
                     ref.to(self.device), param_dtype=compute_dtype,
@@ -164,9 +164,10 @@ class FSDPWorker:
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
         acfg = self.cfg.worker.actor
-        acfg.global_batch_size_per_device = acfg.global_batch_size * self.cfg.worker.rollout.n // self.world_size
+        mini_batch_size = acfg.global_batch_size * self.cfg.worker.rollout.n // self.world_size
         metrics = actor_lib.update_policy(self.model, self.optimizer, self.scheduler, batch, self.processor,
-                                          self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature)
+                                          self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature,
+                                          mini_batch_size)
         self.weights_stale = True
         return metrics
 

@@ -98,3 +98,12 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
     with pytest.raises(RuntimeError, match="max_try_make_batch"):
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
                                  "trainer.max_try_make_batch=2", f"trainer.save_checkpoint_path={tmp_path / 'stop'}"])
+
+
+def test_kl_as_reward_penalty_uses_the_reference(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """use_kl_loss=false with KL enabled: the reference is built and the penalty enters the rewards."""
+    run_dir = str(tmp_path / "klr")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+        + ["algorithm.use_kl_loss=false", "algorithm.kl_coef=0.1", "trainer.val_freq=-1", "data.max_response_length=8"])
+    (m,) = read_metrics(run_dir)
+    assert "actor/kl_ref" in m and "actor/kl_loss" not in m

@@ -10,7 +10,7 @@ import torch
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.trainer.main import build_dataset, load_processor
-from pebr.trainer.ray_trainer import RayPPOTrainer, WorkerGroup
+from pebr.trainer.ray_trainer import WorkerGroup, batch_advantages
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +51,7 @@ def experience(group: WorkerGroup, batch, scores):
     """Log-probs, fixed scores and GRPO advantages, as the trainer prepares them."""
     batch.tensors.update(group.compute_log_probs(batch))
     batch.tensors["scores"] = torch.tensor(scores, dtype=torch.float32)
-    RayPPOTrainer.compute_advantages(type("T", (), {"cfg": group.cfg})(), batch)
+    batch_advantages(batch, group.cfg.algorithm)
     return batch
 
 
