@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -133,24 +132,16 @@ def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
 
 
 def _rewrite_keeping(path: str, keep: set[str], good_bytes: int) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            read = 0
-            for line in src:
-                read += len(line)
-                if read > good_bytes:
-                    break
-                if line.strip() and str(json.loads(line)["qid"]) in keep:
-                    dst.write(line)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from pebr.utils.jsonio import atomic_open
+
+    with open(path, "rb") as src, atomic_open(path, "wb") as dst:
+        read = 0
+        for line in src:
+            read += len(line)
+            if read > good_bytes:
+                break
+            if line.strip() and str(json.loads(line)["qid"]) in keep:
+                dst.write(line)
 
 
 def append_records(path: str, records: list[dict]) -> None:

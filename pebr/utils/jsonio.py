@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
 
 
 def read_json_records(path: str, error: type[Exception] = ValueError) -> list[Any]:
@@ -42,14 +43,17 @@ def read_json_records(path: str, error: type[Exception] = ValueError) -> list[An
     return data
 
 
-def atomic_write_text(path: str, text: str) -> None:
+@contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+    """A handle on a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`,
+    on an error it is removed and `path` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -57,6 +61,11 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
 
 
 def atomic_write_json(path: str, value: Any) -> None:

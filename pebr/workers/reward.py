@@ -44,34 +44,16 @@ class Scorer(Protocol):
 # cluster whose cores all belong to training workers unable to place the actor at all. The trainer
 # can ask for more with RewardWorker.options(num_cpus=...).
 @ray.remote(num_cpus=0)
-class RewardWorker:
-    """A `RewardManager` in a Ray actor; same constructor arguments and `compute`.
+class RewardWorker(RewardManager):
+    """A `RewardManager` in a Ray actor: the same constructor arguments and `compute`.
 
     Constructor errors (a bad reward file, a missing CLIP path) surface on the first method call:
     call ``ray.get(worker.ready.remote())`` right after creation to fail at start-up.
     """
 
-    def __init__(
-        self,
-        reward_function: str,
-        reward_type: str = "batch",
-        reward_function_kwargs: dict | None = None,
-        require_overall: bool = True,
-    ) -> None:
-        self.manager = RewardManager(
-            reward_function,
-            reward_type=reward_type,
-            reward_function_kwargs=reward_function_kwargs,
-            require_overall=require_overall,
-        )
-
     def ready(self) -> bool:
         """True once the reward function is loaded and its setup has run."""
         return True
-
-    def compute(self, inputs: list[dict]) -> list[dict[str, float]]:
-        """See `RewardManager.compute`."""
-        return self.manager.compute(inputs)
 
 
 @ray.remote(num_cpus=0)
