@@ -305,12 +305,12 @@ class RayPPOTrainer:
 
             with timed(metrics, "make_batch"):
                 batch = self.make_batch(metrics)
+            # Reordered before anything is attached to it, so that scores and log-probs line up with it.
+            batch = batch.select(balanced_order(batch, self.workers.size))
             # Reward scoring runs in its own actor while the workers compute log-probs.
             reward_future = None
             if "scores" not in batch.tensors:
                 reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
-            order = balanced_order(batch, self.workers.size)
-            batch = batch.select(order)
             with timed(metrics, "log_probs"):
                 batch.tensors.update(self.workers.compute_log_probs(batch))
             if reward_future is not None:
