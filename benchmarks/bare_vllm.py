@@ -29,7 +29,7 @@ def main() -> None:
     from pebr.workers.rollout import banned_token_ids
 
     max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    llm = LLM(model=cfg.worker.actor.model.model_path, dtype="float32", max_model_len=max_model_len,
+    llm = LLM(model=cfg.worker.actor.model.model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}[setup.dtype], max_model_len=max_model_len,
               enforce_eager=True, enable_chunked_prefill=r.enable_chunked_prefill,
               max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
               limit_mm_per_prompt={"image": max(1, r.limit_images)}, seed=r.seed, disable_log_stats=True)

@@ -32,6 +32,10 @@ class BenchSetup:
         lr: actor learning rate.
         seed: sampling seed (fixed so both engines draw the same tokens).
         threads: torch / OpenMP threads given to every measured process.
+        global_batch: prompts per optimizer step (worker.actor.global_batch_size); None keeps the CPU
+            recipe's value. batch / global_batch optimizer steps are taken per generation, on both sides.
+        bf16: bf16 compute everywhere (our FSDP mixed precision and vLLM dtype, the bare engine's dtype,
+            TRL's `bf16=True`); fp32 otherwise.
     """
 
     size: str
@@ -42,7 +46,13 @@ class BenchSetup:
     lr: float = 1e-5
     seed: int = 7
     threads: int = 2
+    global_batch: int | None = None
+    bf16: bool = False
     extra: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
 
     @property
     def model_dir(self) -> str:
@@ -61,7 +71,9 @@ class BenchSetup:
             f"data.rollout_batch_size={self.batch}", f"worker.rollout.n={self.n}",
             f"data.max_response_length={self.max_tokens}", f"worker.actor.optim.lr={self.lr}",
             "trainer.save_freq=-1", "trainer.val_freq=-1", "trainer.logger=[console]",
-            f"trainer.save_checkpoint_path={self.work_dir}/ckpt_{self.size}", *self.extra,
+            f"trainer.save_checkpoint_path={self.work_dir}/ckpt_{self.size}",
+            f"worker.actor.fsdp.mixed_precision={self.dtype}", f"worker.rollout.dtype={self.dtype}",
+            *([f"worker.actor.global_batch_size={self.global_batch}"] if self.global_batch else []), *self.extra,
         ]
 
     def sampling(self) -> dict:

@@ -1,11 +1,10 @@
 """Padded vs padding-free (packed) actor updates at several response-length spreads.
 
-The padded path is ours as it is (pebr.workers.actor.collate + response_logprobs: every micro-batch is
-right-padded to its longest sequence). The packed path is a PROTOTYPE that lives only here: the
-sequences of a micro-batch are laid end to end in one row, with per-sequence multimodal RoPE positions
-and a leading row of text positions that restart at 0 for each sequence; from those transformers builds
-a block-diagonal causal mask, so no token attends across a sequence boundary and no pad is computed.
-`packed_logprobs` is checked against the padded log-probs before anything is timed.
+Both paths are the actor's own (pebr.workers.actor): `model_inputs(..., padding_free=False)` right-pads
+every micro-batch to its longest sequence (`collate`); `padding_free=True` lays its sequences end to end
+in one row (`collate_packed`: per-sequence multimodal RoPE positions and a leading row of text positions
+restarting at 0 per sequence, from which transformers builds a block-diagonal causal mask). Both feed
+`response_logprobs`; the packed log-probs are checked against the padded ones before anything is timed.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ import torch
 
 from pebr.protocol import Batch
 from pebr.workers import actor as actor_lib
+
+CPU = torch.device("cpu")
 
 # name -> (low, high) response lengths, drawn uniformly per sequence.
 SPREADS = {"all 64": (64, 64), "uniform 32..96": (32, 96), "uniform 8..128": (8, 128)}
@@ -39,72 +40,19 @@ def make_batch(prompts: list[dict], processor: Any, n: int, low: int, high: int,
     return Batch(prompt_ids=prompt_ids, response_ids=response_ids, images=images, non_tensors={})
 
 
-def packed_inputs(model: torch.nn.Module, batch: Batch, processor: Any) -> dict[str, torch.Tensor]:
-    """One packed row for a micro-batch.
-
-    Returns input_ids / mm_token_type_ids [1, S], position_ids [4, 1, S] (text row, then t/h/w),
-    pixel_values / image_grid_thw as the padded collate makes them, and `response_index` [R] (positions
-    of all response tokens in the row, sequence after sequence).
-    """
-    padded = actor_lib.collate(batch, processor, torch.device("cpu"))
-    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    merge = processor.image_processor.merge_size ** 2
-    grids = padded.get("image_grid_thw")
-    ids, types, positions, index = [], [], [], []
-    offset, image_at = 0, 0
-    for prompt, response, ims in zip(batch.prompt_ids, batch.response_ids, batch.images):
-        seq = torch.tensor(prompt + response, dtype=torch.long)[None]
-        mm = (seq == image_token).to(torch.int32)
-        grid = grids[image_at:image_at + len(ims)] if ims else None
-        image_at += len(ims)
-        rope, _ = model.model.get_rope_index(seq, mm, image_grid_thw=grid)  # [3, 1, L]
-        if grid is not None and int(mm.sum()) != int(grid.prod(-1).sum()) // merge:
-            raise ValueError("image tokens and image grid disagree")
-        text = torch.arange(seq.shape[1])[None, None]
-        positions.append(torch.cat([text, rope.to(torch.long)], 0))
-        ids.append(seq)
-        types.append(mm)
-        index.append(offset + len(prompt) + torch.arange(len(response)))
-        offset += seq.shape[1]
-    out = {"input_ids": torch.cat(ids, 1), "mm_token_type_ids": torch.cat(types, 1),
-           "position_ids": torch.cat(positions, 2), "response_index": torch.cat(index)}
-    if grids is not None:
-        out["pixel_values"], out["image_grid_thw"] = padded["pixel_values"], grids
-    return out
-
-
-def packed_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs [R] of all response tokens of a packed row (no attention mask: boundaries come from positions)."""
-    model_inputs = {k: v for k, v in inputs.items() if k != "response_index"}
-    logits = model(**model_inputs, use_cache=False).logits[0]  # [S, V]
-    index = inputs["response_index"]
-    pred = logits[index - 1].float() / temperature
-    return torch.log_softmax(pred, -1).gather(-1, inputs["input_ids"][0, index][:, None])[:, 0]
-
-
 def micro(batch: Batch, size: int) -> list[Batch]:
-    return list(actor_lib.micro_batches(batch, size))
+    """The fixed-size micro-batches update_policy makes (dynamic_batching off), same for both layouts."""
+    return [batch.select(idx) for idx in actor_lib.plan_micro_batches(batch, size, None, False, CPU)]
 
 
-def padded_step(model, batch: Batch, processor: Any, size: int) -> tuple[float, int]:
-    """Forward + backward over all micro-batches, padded; returns (seconds, tokens computed)."""
+def step(model, batch: Batch, processor: Any, size: int, padding_free: bool) -> tuple[float, int]:
+    """Forward + backward over all micro-batches in one layout; returns (seconds, tokens computed)."""
     t0, computed = time.perf_counter(), 0
     for mb in micro(batch, size):
-        inputs = actor_lib.collate(mb, processor, torch.device("cpu"))
+        inputs = actor_lib.model_inputs(model, mb, processor, CPU, padding_free)
         computed += inputs["input_ids"].numel()
         logp, _ = actor_lib.response_logprobs(model, inputs)
         (-(logp.sum()) / logp.shape[0]).backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0, computed
-
-
-def packed_step(model, batch: Batch, processor: Any, size: int) -> tuple[float, int]:
-    """The same work with each micro-batch packed into one row."""
-    t0, computed = time.perf_counter(), 0
-    for mb in micro(batch, size):
-        inputs = packed_inputs(model, mb, processor)
-        computed += inputs["input_ids"].numel()
-        (-(packed_logprobs(model, inputs).sum()) / len(mb)).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0, computed
 
@@ -114,10 +62,8 @@ def max_logprob_gap(model, batch: Batch, processor: Any, size: int) -> float:
     gap = 0.0
     with torch.no_grad():
         for mb in micro(batch, size):
-            inputs = actor_lib.collate(mb, processor, torch.device("cpu"))
-            logp, _ = actor_lib.response_logprobs(model, inputs)
-            padded = logp[inputs["response_mask"].bool()]
-            packed = packed_logprobs(model, packed_inputs(model, mb, processor))
+            padded, _ = actor_lib.response_logprobs(model, actor_lib.model_inputs(model, mb, processor, CPU, False))
+            packed, _ = actor_lib.response_logprobs(model, actor_lib.model_inputs(model, mb, processor, CPU, True))
             gap = max(gap, float((padded - packed).abs().max()))
     return gap
 
@@ -133,15 +79,15 @@ def measure(model_path: str, prompts: list[dict], processor: Any, n: int, micro_
         batch = make_batch(prompts, processor, n, low, high, seed=0)
         useful = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
         gap = max_logprob_gap(model, batch, processor, micro_size)
-        padded_step(model, batch, processor, micro_size)  # warm-up
-        packed_step(model, batch, processor, micro_size)
+        step(model, batch, processor, micro_size, padding_free=False)  # warm-up
+        step(model, batch, processor, micro_size, padding_free=True)
         row = {"spread": name, "useful_tokens": useful, "logprob_gap": gap, "padded_s": [], "packed_s": [],
                "load": []}
         for _ in range(reps):
             row["load"].append(load_fn())
-            s, row["padded_computed"] = padded_step(model, batch, processor, micro_size)
+            s, row["padded_computed"] = step(model, batch, processor, micro_size, padding_free=False)
             row["padded_s"].append(s)
-            s, row["packed_computed"] = packed_step(model, batch, processor, micro_size)
+            s, row["packed_computed"] = step(model, batch, processor, micro_size, padding_free=True)
             row["packed_s"].append(s)
         rows.append(row)
     return rows

@@ -143,15 +143,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch/OpenMP threads per measured process (1: robust when the cores are shared)")
     parser.add_argument("--out", default=None, help="write this size's section into this markdown file")
     parser.add_argument("--skip", nargs="*", default=[], choices=["rollout", "grpo", "padding"])
+    parser.add_argument("--batch", type=int, default=4, help="prompts per step")
+    parser.add_argument("--n", type=int, default=4, help="responses per prompt")
+    parser.add_argument("--max_tokens", type=int, default=64, help="response length")
+    parser.add_argument("--global_batch", type=int, default=None, help="prompts per optimizer step")
+    parser.add_argument("--bf16", action="store_true", help="bf16 compute in every compared variant")
+    parser.add_argument("--label", default=None, help="section name in --out (default: the size)")
     args = parser.parse_args(argv)
 
     started = time.time()
-    setup = BenchSetup(size=args.size, work_dir=args.work_dir, threads=args.threads)
+    setup = BenchSetup(size=args.size, work_dir=args.work_dir, threads=args.threads, batch=args.batch, n=args.n,
+                       max_tokens=args.max_tokens, global_batch=args.global_batch, bf16=args.bf16)
     set_threads(setup.threads)  # inherited by Ray workers and the baseline processes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     prepare(setup)
-    result: dict = {"size": args.size, "reps": args.reps, "setup": json.loads(setup.to_json()),
+    result: dict = {"size": args.size, "label": args.label or args.size, "reps": args.reps, "setup": json.loads(setup.to_json()),
                     "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "run.py",
                                          *sys.argv[1:]]),
                     "machine": machine(), "versions": versions(), "load_start": os.getloadavg()}
@@ -190,13 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     section = report(result)
     print(section)
     if args.out:
-        write_section(args.out, args.size, section)
+        write_section(args.out, result["label"], section)
     return result
 
 
-def write_section(path: str, size: str, section: str) -> None:
-    """Replace (or add) the section of `size` in the results file, keeping everything else as it is."""
-    marker = f"## Size `{size}`"
+def write_section(path: str, label: str, section: str) -> None:
+    """Replace (or add) the section `label` in the results file, keeping everything else as it is."""
+    marker = f"## Size `{label}`"
     text = open(path).read() if os.path.isfile(path) else "# Benchmark results\n"
     if marker in text:
         head, rest = text.split(marker, 1)
@@ -217,13 +224,14 @@ def ratio_cells(a: list[float], b: list[float]) -> dict:
 def report(r: dict) -> str:
     """The markdown section of one size."""
     s = r["setup"]
-    lines = [f"## Size `{r['size']}`", "",
+    lines = [f"## Size `{r.get('label', r['size'])}`", "",
              f"Command: `{r['command']}` — {r['reps']} measured repetitions after one warm-up each, "
              f"variants interleaved A B A B. Wall time of the whole run: {r['wall_s']:.0f} s.",
              f"Load average (1/5/15 min) at start {tuple(round(x, 2) for x in r['load_start'])}, "
              f"at end {tuple(round(x, 2) for x in r['load_end'])}.",
              f"Settings: B={s['batch']} prompts x n={s['n']} responses, max_tokens={s['max_tokens']}, "
-             f"lr={s['lr']}, seed={s['seed']}, {s['threads']} torch threads in every process, fp32, one worker.", ""]
+             f"global batch {s.get('global_batch') or 'of the CPU recipe'}, lr={s['lr']}, seed={s['seed']}, "
+             f"{s['threads']} torch threads in every process, {'bf16' if s.get('bf16') else 'fp32'}, one worker.", ""]
     if "rollout" in r:
         ro = r["rollout"]
         ours_wall = [x["wall_s"] for x in ro["ours"]]
@@ -282,7 +290,7 @@ def report(r: dict) -> str:
             lines.append(f"| TRL process | {r['grpo']['trl_final']['peak_rss_mb']:.0f} |")
         lines.append("")
     if "padding" in r:
-        lines += ["### 4. Actor update (forward + backward), padded (ours today) vs packed (prototype in benchmarks/padding.py)",
+        lines += ["### 4. Actor update (forward + backward), padded vs padding-free (`worker.actor.padding_free`)",
                   "", "| response lengths | useful tokens | padded: computed tokens (useful share) | padded tokens/s | "
                   "packed tokens/s | packed / padded speed | max log-prob gap | load |", "|---|---|---|---|---|---|---|---|"]
         for row in r["padding"]:

@@ -66,7 +66,7 @@ def main() -> None:
     optimizer_steps = samples // (acfg.global_batch_size * setup.n)  # optimizer steps per generation (ours: 2)
     accum = (acfg.global_batch_size * setup.n) // micro
     args = dict(
-        output_dir=tempfile.mkdtemp(prefix="trl_bench_"), use_cpu=True, bf16=False, fp16=False, report_to="none",
+        output_dir=tempfile.mkdtemp(prefix="trl_bench_"), use_cpu=True, bf16=setup.bf16, fp16=False, report_to="none",
         save_strategy="no", logging_steps=1, max_steps=10_000, learning_rate=setup.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=acfg.optim.weight_decay, max_grad_norm=acfg.max_grad_norm,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum,

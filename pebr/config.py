@@ -101,7 +101,12 @@ class ActorConfig:
     clip_ratio_dual: float = 3.0
     loss_avg_mode: str = "token"  # token | seq
     ppo_epochs: int = 1
-    padding_free: bool = True
+    # Pack each micro-batch's sequences end to end in one row (no pad tokens computed). Off by default:
+    # with SDPA on CPU it is measured slower than padding (benchmarks/RESULTS.md); the GPU recipes turn it on.
+    padding_free: bool = False
+    # Cut micro-batches by token count (max_token_len_per_gpu) instead of by micro_batch_size_per_device_*:
+    # tokens are count x longest when padded, the sum of lengths when padding_free. A single longer
+    # sequence gets a micro-batch of its own. Same gradient as fixed-size micro-batches.
     dynamic_batching: bool = False
     max_token_len_per_gpu: int = 16384
     ulysses_sequence_parallel_size: int = 1
@@ -272,6 +277,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     _positive("worker.actor.micro_batch_size_per_device_for_update", actor.micro_batch_size_per_device_for_update)
     _positive("worker.actor.micro_batch_size_per_device_for_experience",
               actor.micro_batch_size_per_device_for_experience)
+    if actor.dynamic_batching and actor.max_token_len_per_gpu < 1:
+        raise ConfigError(f"worker.actor.max_token_len_per_gpu={actor.max_token_len_per_gpu} must be >= 1 with "
+                          "worker.actor.dynamic_batching=true")
     if actor.global_batch_size > d.rollout_batch_size:
         raise ConfigError(f"worker.actor.global_batch_size={actor.global_batch_size} is larger than "
                           f"data.rollout_batch_size={d.rollout_batch_size}")

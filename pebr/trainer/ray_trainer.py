@@ -140,10 +140,13 @@ class WorkerGroup:
         timing = {k: max(r[1][k] for r in results) for k in results[0][1]}
         return Batch.concat(batches), timing
 
-    def compute_log_probs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        parts = ray_get([w.compute_log_probs.remote(b) for w, b in zip(self.workers, batch.chunk(self.size))],
+    def compute_log_probs(self, batch: Batch, with_old: bool = True) -> dict[str, torch.Tensor]:
+        """Old (unless `with_old` is False) and reference log-probs [N, T], plus the entropy with the old ones."""
+        parts = ray_get([w.compute_log_probs.remote(b, with_old) for w, b in zip(self.workers, batch.chunk(self.size))],
                         "log-prob computation", self.timeout)
-        width = max(p["old_logprobs"].shape[1] for p in parts)
+        if not parts[0]:
+            return {}
+        width = max(t.shape[1] for p in parts for t in p.values())
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
 
@@ -160,6 +163,19 @@ class WorkerGroup:
 
     def call_all(self, method: str, *args: Any) -> list:
         return ray_get([getattr(w, method).remote(*args) for w in self.workers], method, self.timeout)
+
+
+def reuses_current_logprobs(cfg: PPOConfig, num_samples: int) -> bool:
+    """True when the old log-prob pass can be skipped exactly.
+
+    With one PPO epoch and one mini-batch per rollout batch, the policy that sampled the batch is the one
+    being updated, so the old log-probs equal the current ones (ratio 1): the update uses its own detached
+    log-probs instead. A KL penalty in the reward still needs them before the update, so it keeps the pass.
+    """
+    a, actor = cfg.algorithm, cfg.worker.actor
+    kl_in_reward = not a.use_kl_loss and not a.disable_kl
+    one_mini_batch = num_samples == actor.global_batch_size * cfg.worker.rollout.n
+    return actor.ppo_epochs == 1 and one_mini_batch and not kl_in_reward
 
 
 def balanced_order(batch: Batch, parts: int) -> list[int]:
@@ -311,8 +327,10 @@ class RayPPOTrainer:
             reward_future = None
             if "scores" not in batch.tensors:
                 reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
+            reuse = reuses_current_logprobs(self.cfg, len(batch))
+            metrics["batch/old_logprobs_reused"] = float(reuse)
             with timed(metrics, "log_probs"):
-                batch.tensors.update(self.workers.compute_log_probs(batch))
+                batch.tensors.update(self.workers.compute_log_probs(batch, with_old=not reuse))
             if reward_future is not None:
                 with timed(metrics, "reward_wait"):
                     scores = ray_get(reward_future, "reward")
@@ -351,8 +369,9 @@ class RayPPOTrainer:
         m["response/length_max"] = float(lengths.max())
         m["response/clip_ratio"] = float((lengths >= self.cfg.data.max_response_length).float().mean())
         m["response/tokens_total"] = float(lengths.sum() + sum(len(p) for p in batch.prompt_ids))
-        m["actor/entropy_rollout"] = float(masked_mean(batch.tensors["entropy"], mask))
-        if "ref_logprobs" in batch.tensors:
+        if "entropy" in batch.tensors:
+            m["actor/entropy_rollout"] = float(masked_mean(batch.tensors["entropy"], mask))
+        if "ref_logprobs" in batch.tensors and "old_logprobs" in batch.tensors:
             m["actor/kl_ref"] = float(masked_mean(
                 kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
         return m

@@ -1,14 +1,19 @@
 """The FSDP2 policy (and reference) model: build, shard, compute log-probs, update.
 
 Everything here runs inside one worker process, on one rank of a torch.distributed group.
-Every rank runs the same number of forward passes per call (the controller gives each rank an equal
-share), because FSDP gathers parameters with collective operations.
+Every rank runs the same number of forward passes per call, because FSDP gathers parameters with
+collective operations: the controller gives each rank an equal share, and token-budget micro-batches
+(dynamic_batching) agree on their count across ranks before the first forward.
+
+Two layouts of a micro-batch feed the same `response_logprobs`: right-padded rows (`collate`) or all
+sequences end to end in one row (`collate_packed`, worker.actor.padding_free).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -60,12 +65,24 @@ def shard_model(model: torch.nn.Module, *, param_dtype: torch.dtype, cpu_offload
     return model
 
 
+def _response_positions(batch: Batch) -> torch.Tensor:
+    """Position [B, T] of each response token inside its own sequence (prompt + response).
+
+    Entries past a response's end point at the sequence's last token: valid to gather, masked out later.
+    """
+    prompt_len = torch.tensor([len(p) for p in batch.prompt_ids], dtype=torch.long)
+    seq_len = prompt_len + batch.response_lengths
+    offsets = torch.arange(int(batch.response_lengths.max()))[None, :]
+    return torch.minimum(prompt_len[:, None] + offsets, seq_len[:, None] - 1)
+
+
 def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch: prompt + response, right-padded, with pixel values.
 
     Returns a dict with input_ids / attention_mask / mm_token_type_ids [B, L], pixel_values and
-    image_grid_thw when there are images, and `response_index` [B, T]: the position of each
-    response token in the sequence (for gathering its log-prob), plus `response_mask` [B, T].
+    image_grid_thw when there are images, `response_mask` [B, T], and `response_index` [B, T]: the
+    index of each response token in the flattened input_ids (row * L + position), so that
+    `response_logprobs` gathers the same way from this layout and from the packed one.
     """
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -85,58 +102,188 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
         vision = processor.image_processor(images=images, return_tensors="pt")
         out["pixel_values"] = vision["pixel_values"]
         out["image_grid_thw"] = vision["image_grid_thw"]
-    resp_len = batch.response_lengths
-    t = int(resp_len.max())
-    prompt_len = torch.tensor([len(p) for p in batch.prompt_ids], dtype=torch.long)
-    offsets = torch.arange(t)[None, :]
-    out["response_mask"] = (offsets < resp_len[:, None]).float()
-    out["response_index"] = (prompt_len[:, None] + offsets).clamp(max=width - 1)
+    out["response_mask"] = batch.response_mask()
+    out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def collate_packed(batch: Batch, processor: Any, device: torch.device,
+                   model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Model inputs for a micro-batch laid end to end in one row, with no padding (padding_free).
+
+    Returns input_ids / mm_token_type_ids [1, S] (S = sum of sequence lengths), position_ids [4, 1, S],
+    pixel_values / image_grid_thw as `collate` makes them, `response_mask` [B, T] and `response_index`
+    [B, T] (index of each response token in the row). Row 0 of position_ids is the text position,
+    restarting at 0 for each sequence: from it transformers builds a block-diagonal causal mask, so no
+    token attends across a sequence boundary. Rows 1-3 are each sequence's own multimodal RoPE positions
+    (`model.model.get_rope_index`), i.e. exactly what the padded forward computes. There is no
+    attention_mask on purpose: given one, transformers would ignore the boundaries in the positions.
+    """
+    padded = collate(batch, processor, torch.device("cpu"))
+    attention_mask = padded.pop("attention_mask")
+    keep = attention_mask.bool()
+    lengths = attention_mask.sum(1)
+    starts = lengths.cumsum(0) - lengths
+    rope, _ = model.model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"],
+                                         image_grid_thw=padded.get("image_grid_thw"), attention_mask=attention_mask)
+    text = torch.arange(keep.shape[1]).expand_as(keep)
+    # Boolean indexing walks the rows in order, so sequence i occupies [starts[i], starts[i] + lengths[i]).
+    positions = torch.cat([text[None], rope.to(torch.long)], 0)[:, keep]
+    packed = dict(padded, input_ids=padded["input_ids"][keep][None],
+                  mm_token_type_ids=padded["mm_token_type_ids"][keep][None],
+                  position_ids=positions[:, None, :],
+                  response_index=starts[:, None] + _response_positions(batch))
+    return {k: v.to(device) for k, v in packed.items()}
+
+
+def model_inputs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
+                 padding_free: bool) -> dict[str, torch.Tensor]:
+    """`collate_packed` or `collate`: both layouts feed `response_logprobs` alike."""
+    if padding_free:
+        return collate_packed(batch, processor, device, model)
+    return collate(batch, processor, device)
 
 
 def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, T] of the response tokens (and their entropies) under `model`.
+    """Log-probs [B, T] of the response tokens (and their entropies) under `model`, zero where masked.
 
+    `inputs` comes from `collate` (padded, [B, L]) or `collate_packed` (one row, [1, S]); either way
+    `response_index` indexes the flattened row(s), so the result has the same shape for both layouts.
     Logits are divided by the rollout temperature, so the log-probs are those of the distribution
     the responses were sampled from.
     """
-    model_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index")}
-    logits = model(**model_inputs, use_cache=False).logits  # [B, L, V]
-    # The token at position j is predicted by the logits at j - 1.
+    forward_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index")}
+    logits = model(**forward_inputs, use_cache=False).logits.flatten(0, 1)  # [rows * L, V]
     index = inputs["response_index"]
-    pred = torch.gather(logits, 1, (index - 1).clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
-    pred = pred.float() / temperature
-    labels = torch.gather(inputs["input_ids"], 1, index)
-    logp = logprobs_from_logits(pred, labels) * inputs["response_mask"]
-    entropy = entropy_from_logits(pred) * inputs["response_mask"] if with_entropy else None
+    # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
+    pred = logits[index - 1].float() / temperature  # [B, T, V]
+    labels = inputs["input_ids"].flatten()[index]
+    mask = inputs["response_mask"]
+    logp = logprobs_from_logits(pred, labels) * mask
+    entropy = entropy_from_logits(pred) * mask if with_entropy else None
     return logp, entropy
 
 
 def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
+    """Consecutive slices of `size` samples (the last may be shorter)."""
     for start in range(0, len(batch), size):
         yield batch.select(range(start, min(start + size, len(batch))))
 
 
-@torch.no_grad()
-def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
-                     micro_batch_size: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies [N, T] of every response of `batch` (padded to the batch's longest)."""
-    model.eval()
-    width = int(batch.response_lengths.max())
-    logps, ents = [], []
-    for mb in micro_batches(batch, micro_batch_size):
-        logp, ent = response_logprobs(model, collate(mb, processor, device), temperature, with_entropy=True)
-        logps.append(torch.nn.functional.pad(logp.cpu(), (0, width - logp.shape[1])))
-        ents.append(torch.nn.functional.pad(ent.cpu(), (0, width - ent.shape[1])))
-    return torch.cat(logps), torch.cat(ents)
+# -- token-budget (dynamic) micro-batches -------------------------------------------------------------
+
+
+def sequence_lengths(batch: Batch) -> list[int]:
+    """Tokens of each sample as the model sees them (prompt, image tokens expanded, + response)."""
+    return [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+
+
+def micro_batch_tokens(lengths: Sequence[int], padding_free: bool) -> int:
+    """Tokens a forward over sequences of these lengths computes: their sum packed, count x longest padded."""
+    if not lengths:
+        return 0
+    return sum(lengths) if padding_free else len(lengths) * max(lengths)
+
+
+def token_budget_groups(lengths: Sequence[int], max_tokens: int, padding_free: bool) -> list[list[int]]:
+    """Greedy grouping of sample indices into micro-batches of at most `max_tokens` tokens each.
+
+    Samples are sorted longest first and filled greedily, so each group holds sequences of similar
+    length (little padding when padded). A sequence longer than the budget gets a group of its own.
+    """
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and micro_batch_tokens([lengths[j] for j in groups[-1]] + [lengths[i]], padding_free) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def split_to_count(groups: list[list[int]], count: int, lengths: Sequence[int], padding_free: bool) -> list[list[int]]:
+    """Split groups until there are exactly `count` (all non-empty); none gets more tokens than before.
+
+    The costliest splittable group is cut where the larger half is smallest. Every rank must run the
+    same number of forward passes (FSDP's collectives), so ranks with fewer groups split theirs.
+
+    Raises:
+        ValueError: fewer samples than `count`, or already more groups than `count`.
+    """
+    if count > len(lengths) or count < len(groups):
+        raise ValueError(f"cannot make {count} non-empty micro-batches from {len(groups)} groups of "
+                         f"{len(lengths)} samples")
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        at = max((k for k, g in enumerate(groups) if len(g) > 1),
+                 key=lambda k: micro_batch_tokens([lengths[j] for j in groups[k]], padding_free))
+        group = groups.pop(at)
+        sizes = [lengths[j] for j in group]
+        head = _prefix_tokens(sizes, padding_free)  # head[c - 1]: tokens of group[:c]
+        tail = _prefix_tokens(sizes[::-1], padding_free)[::-1]  # tail[c]: tokens of group[c:]
+        cut = min(range(1, len(group)), key=lambda c: max(head[c - 1], tail[c]))
+        groups[at:at] = [group[:cut], group[cut:]]
+    return groups
+
+
+def _prefix_tokens(lengths: Sequence[int], padding_free: bool) -> list[int]:
+    """`micro_batch_tokens(lengths[:c])` for c = 1..len(lengths), in one pass (a rank's share can be hundreds)."""
+    if padding_free:
+        return list(itertools.accumulate(lengths))
+    return [(c + 1) * longest for c, longest in enumerate(itertools.accumulate(lengths, max))]
 
 
 def global_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over all ranks (itself without torch.distributed)."""
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return float(t.item())
+
+
+def global_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks (itself without torch.distributed)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_free: bool,
+                       device: torch.device) -> list[list[int]]:
+    """Sample indices of each micro-batch of `batch`.
+
+    With `max_tokens` None: consecutive slices of `size` samples. Otherwise token-budget groups
+    (`token_budget_groups`), split so that every rank gets the same number of micro-batches (the
+    largest any rank needs, agreed by an all_reduce: a collective, so every rank must call this).
+    """
+    if max_tokens is None:
+        return [list(range(s, min(s + size, len(batch)))) for s in range(0, len(batch), size)]
+    lengths = sequence_lengths(batch)
+    groups = token_budget_groups(lengths, max_tokens, padding_free)
+    return split_to_count(groups, global_max(len(groups), device), lengths, padding_free)
+
+
+@torch.no_grad()
+def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
+                     micro_batch_size: int, temperature: float, *, padding_free: bool = False,
+                     max_token_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies [N, T] of every response of `batch` (padded to the batch's longest).
+
+    Args:
+        micro_batch_size: samples per forward when `max_token_len` is None.
+        padding_free: pack each micro-batch into one row (`collate_packed`) instead of padding it.
+        max_token_len: token budget per forward (dynamic micro-batches); rows come back in `batch` order.
+    """
+    model.eval()
+    width = int(batch.response_lengths.max())
+    logps, ents = torch.zeros(len(batch), width), torch.zeros(len(batch), width)
+    for idx in plan_micro_batches(batch, micro_batch_size, max_token_len, padding_free, device):
+        inputs = model_inputs(model, batch.select(idx), processor, device, padding_free)
+        logp, ent = response_logprobs(model, inputs, temperature, with_entropy=True)
+        t = logp.shape[1]
+        logps[idx, :t], ents[idx, :t] = logp.float().cpu(), ent.float().cpu()
+    return logps, ents
 
 
 def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch,
@@ -149,7 +296,11 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     micro-batches (gradient accumulation). The loss of a micro-batch is scaled so that the summed
     gradient equals the gradient of the loss averaged over the whole global mini-batch: token-mean
     over all valid tokens of all ranks (loss_avg_mode=token) or mean over all sequences (seq).
-    FSDP averages gradients over ranks, hence the factor world_size.
+    FSDP averages gradients over ranks, hence the factor world_size. Because of that scaling any
+    partition into micro-batches gives the same gradient: fixed `micro_batch_size_per_device_for_update`
+    samples, or token-budget groups of at most `max_token_len_per_gpu` tokens when `cfg.dynamic_batching`;
+    `cfg.padding_free` packs each micro-batch into one row. A mini-batch without old_logprobs is taken as
+    on-policy: the current log-probs, detached, serve as old (ratio 1), which saves the old log-prob pass.
     """
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -167,12 +318,18 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
             optimizer.zero_grad(set_to_none=True)
-            for mb in micro_batches(mini, cfg.micro_batch_size_per_device_for_update):
-                inputs = collate(mb, processor, device)
+            max_tokens = cfg.max_token_len_per_gpu if cfg.dynamic_batching else None
+            for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
+                                          cfg.padding_free, device):
+                mb = mini.select(idx)
+                inputs = model_inputs(model, mb, processor, device, cfg.padding_free)
                 logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
                 t = logp.shape[1]
                 rmask = inputs["response_mask"]
-                old = mb.tensors["old_logprobs"][:, :t].to(device)
+                if "old_logprobs" in mb.tensors:
+                    old = mb.tensors["old_logprobs"][:, :t].to(device)
+                else:
+                    old = logp.detach()
                 adv = mb.tensors["advantages"][:, :t].to(device)
                 pg_loss, pg_metrics = ppo_policy_loss(
                     old, logp, adv, rmask, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,

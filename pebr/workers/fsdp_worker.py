@@ -150,16 +150,22 @@ class FSDPWorker:
         return batch, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
 
     # -- training ---------------------------------------------------------------------------------
-    def compute_log_probs(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def compute_log_probs(self, batch: Batch, with_old: bool = True) -> dict[str, torch.Tensor]:
+        """Old log-probs and entropy (unless `with_old` is False: the update then uses its own, detached)
+        and reference log-probs, [N, T]."""
         acfg = self.cfg.worker.actor
         temperature = self.cfg.worker.rollout.temperature
+        layout = {"padding_free": acfg.padding_free,
+                  "max_token_len": acfg.max_token_len_per_gpu if acfg.dynamic_batching else None}
         out = {}
-        out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
-            self.model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience, temperature)
+        if with_old:
+            out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
+                self.model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
+                temperature, **layout)
         if self.ref_model is not None:
             out["ref_logprobs"], _ = actor_lib.compute_logprobs(
                 self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
-                temperature)
+                temperature, **layout)
         return out
 
     def update_actor(self, batch: Batch) -> dict[str, float]:

@@ -51,6 +51,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
             assert key in m, key
         assert 0.0 <= m["reward/overall"] <= 1.0
         assert m["response/length_mean"] > 0
+        assert m["batch/old_logprobs_reused"] == 0.0  # 2 mini-batches per rollout: the old pass is needed
     assert "val/overall" in metrics[1]  # val_freq=2
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
         assert json.load(f)["global_step"] == 2
@@ -135,3 +136,19 @@ def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, r
     exec(TEXT_REWARD, namespace)
     for r in records:
         assert r["reward/overall"] == pytest.approx(namespace["checksum"](r["response"])), r["qid"]
+
+
+def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """One mini-batch per rollout (old log-probs reused), padding-free rows and token-budget micro-batches,
+    all through the real workers. The reference equals the actor at step 1, so a zero KL also shows that
+    the reference log-probs came back in the right rows."""
+    run_dir = str(tmp_path / "packed")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+        + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
+           "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
+           "worker.actor.max_token_len_per_gpu=300"])
+    (m,) = read_metrics(run_dir)
+    assert m["batch/old_logprobs_reused"] == 1.0
+    assert m["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert m["actor/ppo_kl"] == 0.0 and m["actor/pg_clipfrac"] == 0.0  # ratio exactly 1 on-policy
+    assert m["actor/grad_norm"] > 0

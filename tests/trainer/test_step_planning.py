@@ -1,0 +1,45 @@
+"""The controller's pure planning helpers: the balanced split over ranks and the old log-prob shortcut."""
+
+from __future__ import annotations
+
+import pytest
+
+from pebr.config import load_config
+from pebr.protocol import Batch
+from pebr.trainer.ray_trainer import balanced_order, reuses_current_logprobs
+from tests.trainer.test_config import REQUIRED, stage
+
+
+def batch_of_lengths(lengths: list[int]) -> Batch:
+    """Samples whose prompt + response is `length` tokens (one response token each)."""
+    return Batch(prompt_ids=[[1] * (n - 1) for n in lengths], response_ids=[[2] for _ in lengths],
+                 images=[[] for _ in lengths])
+
+
+def test_balanced_order_by_hand():
+    # Longest first to the lighter chunk: 10 -> A, 9 -> B, 2 -> B (9 < 10), 1 -> A; both chunks hold 11 tokens.
+    assert balanced_order(batch_of_lengths([10, 9, 1, 2]), 2) == [0, 2, 1, 3]
+
+
+def test_balanced_order_is_a_permutation_with_equal_chunk_sizes():
+    lengths = [50, 3, 7, 44, 12, 12, 90, 1]
+    order = balanced_order(batch_of_lengths(lengths), 4)
+    assert sorted(order) == list(range(8))
+    loads = [sum(lengths[i] for i in order[c * 2:(c + 1) * 2]) for c in range(4)]
+    assert max(loads) - min(loads) < max(lengths)  # far better than the contiguous split (53 vs 91)
+
+
+def cfg_with(*overrides: str):
+    return load_config([stage("pebr_stage2.yaml"), stage("pebr_cpu.yaml"), *REQUIRED, *overrides])
+
+
+@pytest.mark.parametrize("overrides, samples, expected", [
+    # pebr_cpu.yaml: rollout 4 prompts, global 2, n 4 -> two optimizer steps per rollout: old log-probs needed.
+    ((), 16, False),
+    (("worker.actor.global_batch_size=4",), 16, True),  # one mini-batch, one epoch: exact reuse
+    (("worker.actor.global_batch_size=4", "worker.actor.ppo_epochs=2"), 16, False),
+    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false"), 16, False),  # KL in the reward
+    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false", "algorithm.disable_kl=true"), 16, True),
+])
+def test_old_logprob_pass_is_skipped_only_when_exact(overrides, samples, expected):
+    assert reuses_current_logprobs(cfg_with(*overrides), samples) is expected

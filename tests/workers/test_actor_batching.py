@@ -1,0 +1,278 @@
+"""Packed (padding-free) and token-budget micro-batches in the actor, checked against the padded fixed-size path.
+
+Single process, tiny fp32 model, no Ray: torch.distributed is not initialised, so update_policy runs as
+world size 1 and the all_reduce that agrees on the micro-batch count is the identity.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from pebr.config import (
+    ActorConfig,
+    AlgorithmConfig,
+    ConfigError,
+    OptimConfig,
+    load_config,
+)
+from pebr.protocol import Batch
+from pebr.workers import actor as actor_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CPU = torch.device("cpu")
+# (image size or None for a text-only prompt, prompt text): prompts of different lengths, images of 3 sizes.
+PROMPTS = [((56, 56), "How many cubes?"), ((112, 112), "Subtract all red cubes. How many objects are left?"),
+           (None, "Are there more spheres than cylinders in the image shown there?"), ((84, 56), "What color?")]
+RESPONSE_LENGTHS = [1, 17, 9, 24, 3, 12, 20, 6]  # two responses per prompt, deliberately unsorted
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and with the cores shared by other jobs two OpenMP
+    threads spin against each other (measured: 16 s instead of 0.4 s for one update test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    torch.manual_seed(0)
+    m = actor_lib.load_hf_model(tiny_model_dir)
+    m.config.use_cache = False
+    return m
+
+
+def make_batch(processor, seed: int = 0) -> Batch:
+    """8 samples: each prompt of PROMPTS twice, with random-pixel images and random response tokens."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    tok = processor.tokenizer
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in special]
+    prompt_ids, response_ids, images = [], [], []
+    for k, (size, text) in enumerate(PROMPTS):
+        content = ([{"type": "image"}] if size else []) + [{"type": "text", "text": text}]
+        chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        ims = []
+        if size:
+            pixels = bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3))
+            ims = [Image.frombytes("RGB", size, pixels)]
+        ids = processor(text=[chat], images=ims or None, return_tensors="pt")["input_ids"][0].tolist()
+        for j in range(2):
+            prompt_ids.append(ids)
+            response_ids.append([rng.choice(vocab) for _ in range(RESPONSE_LENGTHS[2 * k + j])])
+            images.append(ims)
+    return Batch(prompt_ids=prompt_ids, response_ids=response_ids, images=images, non_tensors={})
+
+
+@pytest.fixture(scope="module")
+def batch(processor) -> Batch:
+    return make_batch(processor)
+
+
+# -- packed layout ----------------------------------------------------------------------------------
+
+
+def test_packed_logprobs_and_entropies_match_padded(model, processor, batch):
+    model.eval()
+    padded = actor_lib.collate(batch, processor, CPU)
+    packed = actor_lib.collate_packed(batch, processor, CPU, model)
+    lengths = actor_lib.sequence_lengths(batch)
+    assert packed["input_ids"].shape == (1, sum(lengths))  # no pad token computed
+    assert padded["input_ids"].numel() > sum(lengths)  # while the padded layout has some
+    with torch.no_grad():
+        logp_pad, ent_pad = actor_lib.response_logprobs(model, padded, temperature=0.7, with_entropy=True)
+        logp_pack, ent_pack = actor_lib.response_logprobs(model, packed, temperature=0.7, with_entropy=True)
+        # Same row without the text-position row: transformers then masks causally over the whole row,
+        # so later sequences see earlier ones. The comparison above must be able to tell.
+        leaky = dict(packed, position_ids=packed["position_ids"][1:])
+        logp_leaky, _ = actor_lib.response_logprobs(model, leaky, temperature=0.7)
+    assert logp_pack.shape == logp_pad.shape == (len(batch), max(RESPONSE_LENGTHS))
+    mask = batch.response_mask()
+    assert torch.all(logp_pack[mask == 0] == 0) and torch.all(ent_pack[mask == 0] == 0)
+    assert torch.all(logp_pack[mask == 1] < 0)
+    torch.testing.assert_close(logp_pack, logp_pad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_pack, ent_pad, atol=1e-5, rtol=0)
+    assert (logp_leaky - logp_pad).abs().max() > 1e-3
+
+
+def test_packed_gradients_match_padded(model, processor, batch):
+    model.train()
+    weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for padding_free in (False, True):
+        model.zero_grad(set_to_none=True)
+        inputs = actor_lib.model_inputs(model, batch, processor, CPU, padding_free)
+        logp, entropy = actor_lib.response_logprobs(model, inputs, with_entropy=True)
+        ((logp * weights).sum() + 0.1 * entropy.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    padded, packed = grads
+    assert set(padded) == set(packed)
+    assert any(n.startswith("model.visual") for n in padded), "the vision tower must be in the comparison"
+    for name, g in padded.items():
+        gap = (packed[name] - g).norm()
+        assert gap <= 1e-4 * g.norm() + 1e-9, f"{name}: |packed - padded| = {gap:.3e}, |padded| = {g.norm():.3e}"
+
+
+# -- token-budget micro-batches ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("budget", [1, 40, 100, 250, 10_000])
+def test_token_budget_groups_cover_every_sample_within_budget(padding_free, budget):
+    lengths = [random.Random(s).randint(5, 120) for s in range(23)]
+    groups = actor_lib.token_budget_groups(lengths, budget, padding_free)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        tokens = actor_lib.micro_batch_tokens([lengths[i] for i in g], padding_free)
+        assert tokens <= budget or len(g) == 1, (g, tokens)
+    if budget == 1:
+        assert len(groups) == len(lengths)  # every sequence is over budget: one each
+    if budget == 10_000:
+        assert len(groups) == 1
+    # Longest first, filled in order: a group never holds a sequence longer than one of an earlier group.
+    for a, b in itertools.pairwise(groups):
+        assert min(lengths[i] for i in a) >= max(lengths[i] for i in b)
+
+    for count in range(len(groups), len(lengths) + 1, 3):
+        split = actor_lib.split_to_count(groups, count, lengths, padding_free)
+        assert len(split) == count and all(split)
+        assert sorted(i for g in split for i in g) == list(range(len(lengths)))
+        for g in split:
+            tokens = actor_lib.micro_batch_tokens([lengths[i] for i in g], padding_free)
+            assert tokens <= budget or len(g) == 1
+    with pytest.raises(ValueError, match="non-empty"):
+        actor_lib.split_to_count(groups, len(lengths) + 1, lengths, padding_free)
+
+
+def test_padded_token_count_is_count_times_longest():
+    assert actor_lib.micro_batch_tokens([10, 30, 20], padding_free=False) == 90
+    assert actor_lib.micro_batch_tokens([10, 30, 20], padding_free=True) == 60
+    # Padded, a budget of 99 fits [50] and [10, 10] but not [50, 10] (2 x 50 tokens): by length, not by position.
+    assert actor_lib.token_budget_groups([10, 50, 10], 99, padding_free=False) == [[1], [0, 2]]
+    assert actor_lib.token_budget_groups([10, 50, 10], 100, padding_free=False) == [[1, 0], [2]]
+    assert actor_lib.token_budget_groups([10, 50, 10], 70, padding_free=True) == [[1, 0, 2]]
+
+
+def _plan_on_rank(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    """One gloo rank: rank 0 has short sequences (one micro-batch would do), rank 1 long ones (three)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        length = 10 if rank == 0 else 100
+        batch = Batch(prompt_ids=[[1] * length] * 6, response_ids=[[2]] * 6, images=[[]] * 6)
+        plan = actor_lib.plan_micro_batches(batch, 2, 250, True, CPU)
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(plan, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_number_of_micro_batches(tmp_path):
+    # Forked, not spawned: a spawned child would spend seconds importing torch and this module again.
+    torch.multiprocessing.start_processes(_plan_on_rank, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)),
+                                          nprocs=2, start_method="fork")
+    plans = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert [len(p) for p in plans] == [3, 3]  # rank 0 splits its single group to match rank 1
+    for plan in plans:
+        assert sorted(i for g in plan for i in g) == list(range(6))
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_dynamic_compute_logprobs_keeps_the_order(model, processor, batch, padding_free):
+    budget = 200
+    plan = actor_lib.plan_micro_batches(batch, 3, budget, padding_free, CPU)
+    flat = [i for g in plan for i in g]
+    assert sorted(flat) == list(range(len(batch))) and flat != sorted(flat), "the plan must reorder for this test"
+    assert len(plan) > 1
+    lengths = actor_lib.sequence_lengths(batch)
+    for g in plan:
+        assert actor_lib.micro_batch_tokens([lengths[i] for i in g], padding_free) <= budget or len(g) == 1
+
+    fixed = actor_lib.compute_logprobs(model, batch, processor, CPU, 3, 1.0)
+    dynamic = actor_lib.compute_logprobs(model, batch, processor, CPU, 3, 1.0, padding_free=padding_free,
+                                         max_token_len=budget)
+    for a, b in zip(dynamic, fixed):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# -- update_policy --------------------------------------------------------------------------------
+
+
+def experience(model, processor, batch: Batch) -> Batch:
+    """The batch with old / ref log-probs off the current policy (so ratios and KL are not trivial) and advantages."""
+    gen = torch.Generator().manual_seed(2)
+    mask = batch.response_mask()
+    logp, _ = actor_lib.compute_logprobs(model, batch, processor, CPU, 8, 1.0)
+    out = batch.select(range(len(batch)))
+    out.tensors["response_mask"] = mask
+    out.tensors["old_logprobs"] = (logp + 0.1 * torch.randn(mask.shape, generator=gen)) * mask
+    out.tensors["ref_logprobs"] = (logp + 0.3 * torch.randn(mask.shape, generator=gen)) * mask
+    out.tensors["advantages"] = torch.randn(len(batch), 1, generator=gen) * mask
+    return out
+
+
+def run_update(model, processor, batch: Batch, **actor_kw) -> dict[str, float]:
+    """One update_policy call (one optimizer step) on a copy of `model`."""
+    policy = copy.deepcopy(model)
+    cfg = ActorConfig(micro_batch_size_per_device_for_update=2, **actor_kw)
+    optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
+    return actor_lib.update_policy(policy, optimizer, scheduler, batch, processor, CPU, cfg, AlgorithmConfig(),
+                                   temperature=1.0, mini_batch_size=len(batch))
+
+
+@pytest.mark.parametrize("loss_avg_mode", ["token", "seq"])
+def test_update_policy_is_the_same_for_every_micro_batch_layout(model, processor, batch, loss_avg_mode):
+    exp = experience(model, processor, batch)
+    base = run_update(model, processor, exp, loss_avg_mode=loss_avg_mode)
+    assert base["actor/grad_norm"] > 0 and base["actor/kl_loss"] > 0
+    variants = {"dynamic": {"dynamic_batching": True, "max_token_len_per_gpu": 150},
+                "dynamic packed": {"dynamic_batching": True, "max_token_len_per_gpu": 150, "padding_free": True},
+                "packed": {"padding_free": True}}
+    for name, kw in variants.items():
+        got = run_update(model, processor, exp, loss_avg_mode=loss_avg_mode, **kw)
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
+            assert got[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), (name, key)
+
+
+def test_update_policy_without_old_logprobs_is_on_policy(model, processor, batch):
+    exp = experience(model, processor, batch)
+    exp.tensors["old_logprobs"] = actor_lib.compute_logprobs(model, batch, processor, CPU, 8, 1.0)[0]
+    with_old = run_update(model, processor, exp)
+    del exp.tensors["old_logprobs"]
+    without = run_update(model, processor, exp)
+    assert without["actor/ppo_kl"] == 0.0 and without["actor/pg_clipfrac"] == 0.0
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
+        assert without[key] == pytest.approx(with_old[key], rel=1e-4, abs=1e-7), key
+
+
+def test_dynamic_batching_needs_a_positive_token_budget(tiny_model_dir, synthetic_data_dir):
+    argv = [f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+            f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
+            "worker.actor.dynamic_batching=true"]
+    assert load_config([*argv, "worker.actor.max_token_len_per_gpu=1"]).worker.actor.dynamic_batching
+    with pytest.raises(ConfigError, match="worker.actor.max_token_len_per_gpu"):
+        load_config([*argv, "worker.actor.max_token_len_per_gpu=0"])
+    # Without dynamic batching the budget is unused, so it is not checked.
+    load_config([*argv[:-1], "worker.actor.max_token_len_per_gpu=0"])
