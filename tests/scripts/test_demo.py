@@ -28,3 +28,28 @@ def test_quick_demo_end_to_end(tmp_path):
     # Rerunning skips every finished stage.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") >= 8, again.stdout[-2000:]
+
+
+def test_seed_summary_by_hand(tmp_path):
+    """OUT/seeds.md from three seeds' evaluation files: means, ranges and per-seed changes worked by hand."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import json
+
+    from demo import seed_summary
+
+    accuracy = {0: (0.50, 0.48, 0.56), 1: (0.60, 0.61, 0.62), 2: (0.55, 0.50, 0.57)}  # warm-up, stage 1, stage 2
+    recall = {0: (0.60, 0.70, 0.65), 1: (0.62, 0.61, 0.60), 2: (0.64, 0.66, 0.64)}
+    for seed in accuracy:
+        os.makedirs(tmp_path / f"seed_{seed}" / "eval")
+        for k, name in enumerate(("warmup", "stage1", "stage2")):
+            overall = {"accuracy": accuracy[seed][k], "keyword_recall": recall[seed][k], "format_rate": 1.0,
+                       "count": 300}
+            (tmp_path / f"seed_{seed}" / "eval" / f"{name}.json").write_text(json.dumps({"overall": overall}))
+    table = seed_summary(str(tmp_path), [0, 1, 2], {0: 600.0, 1: 660.0, 2: 720.0})
+    assert table == (tmp_path / "seeds.md").read_text()
+    assert "| warm-up SFT | 55.0 (50.0-60.0) | 62.0 (60.0-64.0) | 100.0 (100.0-100.0) |" in table
+    assert "| stage 2 | 58.3 (56.0-62.0) |" in table  # (56 + 62 + 57) / 3
+    assert "| 0 | 10.0 min | +6.0 | +10.0 |" in table and "| 1 | 11.0 min | +2.0 | -1.0 |" in table
+    assert "| 2 | 12.0 min | +2.0 | +2.0 |" in table
+    # Mean change (6 + 2 + 2) / 3; warm-up spread 60 - 50; spread of the changes 6 - 2.
+    assert "+3.3 points" in table and "(max-min): 10.0 points" in table and "per-seed change: 4.0 points" in table
