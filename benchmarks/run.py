@@ -149,11 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--global_batch", type=int, default=None, help="prompts per optimizer step")
     parser.add_argument("--bf16", action="store_true", help="bf16 compute in every compared variant")
     parser.add_argument("--label", default=None, help="section name in --out (default: the size)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for our trainer only (e.g. worker.actor.dynamic_batching=true)")
     args = parser.parse_args(argv)
 
     started = time.time()
     setup = BenchSetup(size=args.size, work_dir=args.work_dir, threads=args.threads, batch=args.batch, n=args.n,
-                       max_tokens=args.max_tokens, global_batch=args.global_batch, bf16=args.bf16)
+                       max_tokens=args.max_tokens, global_batch=args.global_batch, bf16=args.bf16, extra=args.set)
     set_threads(setup.threads)  # inherited by Ray workers and the baseline processes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -231,7 +233,8 @@ def report(r: dict) -> str:
              f"at end {tuple(round(x, 2) for x in r['load_end'])}.",
              f"Settings: B={s['batch']} prompts x n={s['n']} responses, max_tokens={s['max_tokens']}, "
              f"global batch {s.get('global_batch') or 'of the CPU recipe'}, lr={s['lr']}, seed={s['seed']}, "
-             f"{s['threads']} torch threads in every process, {'bf16' if s.get('bf16') else 'fp32'}, one worker.", ""]
+             f"{s['threads']} torch threads in every process, {'bf16' if s.get('bf16') else 'fp32'}, one worker"
+             + (f"; ours also with {' '.join(s['extra'])}" if s.get("extra") else "") + ".", ""]
     if "rollout" in r:
         ro = r["rollout"]
         ours_wall = [x["wall_s"] for x in ro["ours"]]

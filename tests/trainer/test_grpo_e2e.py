@@ -152,3 +152,27 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     assert m["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
     assert m["actor/ppo_kl"] == 0.0 and m["actor/pg_clipfrac"] == 0.0  # ratio exactly 1 on-policy
     assert m["actor/grad_norm"] > 0
+
+
+CHARS_REWARD = '''
+def compute_score(reward_inputs, **kwargs):
+    # Characters per response token: the untrained tiny model picks tokens of 1 to ~8 characters at random.
+    return [{"overall": len(x["response"]) / (8 * max(x["response_length"], 1)),
+             "chars_per_token": len(x["response"]) / max(x["response_length"], 1)} for x in reward_inputs]
+'''
+
+
+def test_grpo_learns_a_simple_reward(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """The whole loop pushes the policy where the reward points: rewarded for long tokens, the untrained tiny
+    model's characters per token rise within a few steps (a wrong sign, rewards or advantages attached to the
+    wrong samples, or a weight sync that does not reach the engine each stop it)."""
+    reward_file = tmp_path / "chars_reward.py"
+    reward_file.write_text(CHARS_REWARD)
+    run_dir = str(tmp_path / "learn")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=8)
+        + [f"worker.reward.reward_function={reward_file}:compute_score", "trainer.val_freq=-1",
+           "trainer.save_rollouts=false", "data.max_response_length=16", "worker.rollout.n=8",
+           "worker.actor.global_batch_size=4", "worker.actor.optim.lr=1e-2", "algorithm.kl_coef=0.0"])
+    chars = [m["reward/chars_per_token"] for m in read_metrics(run_dir)]
+    first, last = sum(chars[:2]) / 2, sum(chars[-2:]) / 2
+    assert last > first + 0.25, chars  # seen: 3.24 -> 3.72 over 8 steps
