@@ -275,4 +275,4 @@ def test_dynamic_batching_needs_a_positive_token_budget(tiny_model_dir, syntheti
     with pytest.raises(ConfigError, match="worker.actor.max_token_len_per_gpu"):
         load_config([*argv, "worker.actor.max_token_len_per_gpu=0"])
     # Without dynamic batching the budget is unused, so it is not checked.
-    load_config([*argv[:-1], "worker.actor.max_token_len_per_gpu=0"])
+    load_config([*argv[:-1], "worker.actor.dynamic_batching=false", "worker.actor.max_token_len_per_gpu=0"])
