@@ -14,32 +14,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BenchSetup, load_prompts, serve, set_threads
+from common import BenchSetup, bare_engine, serve, set_threads
 
 
 def main() -> None:
     setup = BenchSetup.from_json(sys.argv[1])
     set_threads(setup.threads)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    cfg, prompts, processor = load_prompts(setup)
-    r = cfg.worker.rollout
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.cpu_kv_cache_gb))))
-    from vllm import LLM, SamplingParams
-
-    from pebr.workers.rollout import banned_token_ids
-
-    max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    llm = LLM(model=cfg.worker.actor.model.model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}[setup.dtype], max_model_len=max_model_len,
-              enforce_eager=True, enable_chunked_prefill=r.enable_chunked_prefill,
-              max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
-              limit_mm_per_prompt={"image": max(1, r.limit_images)}, seed=r.seed, disable_log_stats=True)
-    s = setup.sampling()
-    # The same logit bias as our engine (it bans image placeholders), so both sample from one distribution.
-    params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                            max_tokens=s["max_tokens"], seed=s["seed"],
-                            logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
-    requests = [{"prompt": p["prompt"], "multi_modal_data": {"image": p["images"][0]}} if p.get("images")
-                else {"prompt": p["prompt"]} for p in prompts]
+    llm, params, requests = bare_engine(setup)
     import torch
 
     def once() -> dict:

@@ -114,6 +114,39 @@ def load_prompts(setup: BenchSetup, count: int | None = None) -> tuple[Any, list
     return cfg, items, processor
 
 
+def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[dict]]:
+    """A bare `vllm.LLM` configured as our rollout engine, with its SamplingParams and requests.
+
+    Same model, prompts (with images), dtype, enforce_eager, max_model_len, batched-token budget, KV cache
+    size and sampling (including the logit bias that bans image placeholders, so both engines sample from
+    one distribution). `llm_kwargs` go to `vllm.LLM` (e.g. the external launcher).
+
+    Returns:
+        (llm, sampling params, requests for `llm.generate`).
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    cfg, prompts, processor = load_prompts(setup)
+    r = cfg.worker.rollout
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.cpu_kv_cache_gb))))
+    from vllm import LLM, SamplingParams
+
+    from pebr.workers.rollout import banned_token_ids
+
+    max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
+    llm = LLM(model=cfg.worker.actor.model.model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}[setup.dtype],
+              max_model_len=max_model_len, enforce_eager=True, enable_chunked_prefill=r.enable_chunked_prefill,
+              max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
+              limit_mm_per_prompt={"image": max(1, r.limit_images)}, seed=r.seed, disable_log_stats=True,
+              **llm_kwargs)
+    s = setup.sampling()
+    params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+                            max_tokens=s["max_tokens"], seed=s["seed"],
+                            logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
+    requests = [{"prompt": p["prompt"], "multi_modal_data": {"image": p["images"][0]}} if p.get("images")
+                else {"prompt": p["prompt"]} for p in prompts]
+    return llm, params, requests
+
+
 def set_threads(n: int) -> None:
     """Same thread count in every measured process (set before torch is imported where possible)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

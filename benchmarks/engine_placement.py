@@ -18,18 +18,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, BenchSetup, load_prompts, prepare, set_threads
+from common import ROOT, BenchSetup, bare_engine, prepare, set_threads
 
 
 def engine_seconds(mode: str, work_dir: str) -> list[float]:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     setup = BenchSetup(size="small", work_dir=work_dir, threads=1, batch=8, n=8, max_tokens=256, global_batch=8,
                        bf16=True)
     set_threads(1)
     prepare(setup)
-    cfg, prompts, processor = load_prompts(setup)
-    r = cfg.worker.rollout
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.cpu_kv_cache_gb))))
     kwargs = {}
     if mode in ("dist", "dist_gc"):
         import torch.distributed as dist
@@ -37,23 +33,10 @@ def engine_seconds(mode: str, work_dir: str) -> list[float]:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
         kwargs["distributed_executor_backend"] = "external_launcher"
-    from vllm import LLM, SamplingParams
-
-    from pebr.workers.rollout import banned_token_ids
-
-    max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    llm = LLM(model=setup.model_dir, dtype="bfloat16", max_model_len=max_model_len, enforce_eager=True,
-              enable_chunked_prefill=r.enable_chunked_prefill,
-              max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
-              limit_mm_per_prompt={"image": 1}, seed=0, disable_log_stats=True, **kwargs)
+    llm, params, requests = bare_engine(setup, **kwargs)
     if mode == "dist_gc":
         gc.collect()
         gc.freeze()
-    s = setup.sampling()
-    params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                            max_tokens=s["max_tokens"], seed=s["seed"],
-                            logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
-    requests = [{"prompt": p["prompt"], "multi_modal_data": {"image": p["images"][0]}} for p in prompts]
     llm.generate(requests, params, use_tqdm=False)
     times = []
     for _ in range(4):

@@ -42,7 +42,7 @@ def make_batch(prompts: list[dict], processor: Any, n: int, low: int, high: int,
 
 def micro(batch: Batch, size: int) -> list[Batch]:
     """The fixed-size micro-batches update_policy makes (dynamic_batching off), same for both layouts."""
-    return [batch.select(idx) for idx in actor_lib.plan_micro_batches(batch, size, None, False, CPU)]
+    return list(actor_lib.micro_batches(batch, size))
 
 
 def step(model, batch: Batch, processor: Any, size: int, padding_free: bool) -> tuple[float, int]:

@@ -53,6 +53,16 @@ class AlgorithmConfig:
     filter_low: float = 0.01
     filter_high: float = 0.99
 
+    @property
+    def kl_in_loss(self) -> bool:
+        """KL to the reference as a term of the actor loss."""
+        return self.use_kl_loss and not self.disable_kl
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """KL to the reference subtracted from the token rewards (needs the old log-probs before the update)."""
+        return not self.use_kl_loss and not self.disable_kl
+
 
 @dataclass
 class ModelConfig:

@@ -23,6 +23,7 @@ from pebr.algorithms.losses import kl_penalty, masked_mean
 from pebr.config import PPOConfig, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
+from pebr.utils.jsonio import atomic_write_json
 
 
 class WorkerFailure(RuntimeError):
@@ -95,7 +96,7 @@ def batch_advantages(batch: Batch, a: Any) -> None:
     batch.tensors["response_mask"] = mask
     scores = batch.tensors["scores"]
     token_rewards = None
-    if not a.use_kl_loss and not a.disable_kl:
+    if a.kl_in_reward:
         kl = kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], a.kl_penalty) * mask
         token_rewards = token_level_rewards(scores, mask) - a.kl_coef * kl
         scores = (token_rewards * mask).sum(-1)
@@ -173,9 +174,8 @@ def reuses_current_logprobs(cfg: PPOConfig, num_samples: int) -> bool:
     log-probs instead. A KL penalty in the reward still needs them before the update, so it keeps the pass.
     """
     a, actor = cfg.algorithm, cfg.worker.actor
-    kl_in_reward = not a.use_kl_loss and not a.disable_kl
     one_mini_batch = num_samples == actor.global_batch_size * cfg.worker.rollout.n
-    return actor.ppo_epochs == 1 and one_mini_batch and not kl_in_reward
+    return actor.ppo_epochs == 1 and one_mini_batch and not a.kl_in_reward
 
 
 def balanced_order(batch: Batch, parts: int) -> list[int]:
@@ -303,9 +303,6 @@ class RayPPOTrainer:
                     f"(trainer.max_try_make_batch); widen algorithm.filter_low/filter_high "
                     f"({a.filter_low}, {a.filter_high}) or filter the data offline")
 
-    def compute_advantages(self, batch: Batch) -> None:
-        batch_advantages(batch, self.cfg.algorithm)
-
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         t = self.cfg.trainer
@@ -338,7 +335,7 @@ class RayPPOTrainer:
                 for k in scores[0]:
                     batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]
             with timed(metrics, "advantages"):
-                self.compute_advantages(batch)
+                batch_advantages(batch, self.cfg.algorithm)
             with timed(metrics, "update_actor"):
                 metrics.update(self.workers.update_actor(batch))
 
@@ -377,18 +374,12 @@ class RayPPOTrainer:
         return m
 
     def save_rollouts(self, batch: Batch) -> None:
-        import json
-
         path = os.path.join(self.ckpt_dir, "rollouts", f"step_{self.global_step}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         nt = batch.non_tensors
         rewards = {k: v for k, v in nt.items() if k.startswith("reward/")}
-        with open(path + ".tmp", "w") as f:
-            for i in range(len(batch)):
-                rec = {"qid": nt["qid"][i], "index": nt["index"][i], "uid": nt["uid"][i], "response": nt["response"][i],
-                       "ground_truth": nt["ground_truth"][i], **{k: v[i] for k, v in rewards.items()}}
-                f.write(json.dumps(rec) + "\n")
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, [{"qid": nt["qid"][i], "index": nt["index"][i], "uid": nt["uid"][i],
+                                  "response": nt["response"][i], "ground_truth": nt["ground_truth"][i],
+                                  **{k: v[i] for k, v in rewards.items()}} for i in range(len(batch))])
 
     def validate(self) -> dict[str, float]:
         if self.val_dataset is None:

@@ -165,10 +165,20 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     return logp, entropy
 
 
+def fixed_slices(count: int, size: int) -> list[list[int]]:
+    """Indices of consecutive slices of `size` out of `count` samples (the last may be shorter)."""
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
 def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
     """Consecutive slices of `size` samples (the last may be shorter)."""
-    for start in range(0, len(batch), size):
-        yield batch.select(range(start, min(start + size, len(batch))))
+    for idx in fixed_slices(len(batch), size):
+        yield batch.select(idx)
+
+
+def token_budget(cfg: Any) -> int | None:
+    """The per-forward token budget of an ActorConfig: max_token_len_per_gpu with dynamic_batching, else None."""
+    return cfg.max_token_len_per_gpu if cfg.dynamic_batching else None
 
 
 # -- token-budget (dynamic) micro-batches -------------------------------------------------------------
@@ -258,7 +268,7 @@ def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_
     largest any rank needs, agreed by an all_reduce: a collective, so every rank must call this).
     """
     if max_tokens is None:
-        return [list(range(s, min(s + size, len(batch)))) for s in range(0, len(batch), size)]
+        return fixed_slices(len(batch), size)
     lengths = sequence_lengths(batch)
     groups = token_budget_groups(lengths, max_tokens, padding_free)
     return split_to_count(groups, global_max(len(groups), device), lengths, padding_free)
@@ -267,8 +277,10 @@ def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_
 @torch.no_grad()
 def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
                      micro_batch_size: int, temperature: float, *, padding_free: bool = False,
-                     max_token_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies [N, T] of every response of `batch` (padded to the batch's longest).
+                     max_token_len: int | None = None,
+                     with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies [N, T] of every response of `batch` (padded to the batch's longest);
+    the entropies are None when `with_entropy` is False (the reference pass does not need them).
 
     Args:
         micro_batch_size: samples per forward when `max_token_len` is None.
@@ -277,12 +289,15 @@ def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, devic
     """
     model.eval()
     width = int(batch.response_lengths.max())
-    logps, ents = torch.zeros(len(batch), width), torch.zeros(len(batch), width)
+    logps = torch.zeros(len(batch), width)
+    ents = torch.zeros(len(batch), width) if with_entropy else None
     for idx in plan_micro_batches(batch, micro_batch_size, max_token_len, padding_free, device):
         inputs = model_inputs(model, batch.select(idx), processor, device, padding_free)
-        logp, ent = response_logprobs(model, inputs, temperature, with_entropy=True)
+        logp, ent = response_logprobs(model, inputs, temperature, with_entropy=with_entropy)
         t = logp.shape[1]
-        logps[idx, :t], ents[idx, :t] = logp.float().cpu(), ent.float().cpu()
+        logps[idx, :t] = logp.float().cpu()
+        if ents is not None:
+            ents[idx, :t] = ent.float().cpu()
     return logps, ents
 
 
@@ -306,7 +321,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     world = dist.get_world_size() if dist.is_initialized() else 1
     token_mode = cfg.loss_avg_mode == "token"
     agg_mode = "token-mean" if token_mode else "seq-mean-token-mean"
-    use_kl = algo.use_kl_loss and not algo.disable_kl
+    use_kl = algo.kl_in_loss
+    max_tokens = token_budget(cfg)
     metrics: dict[str, list[float]] = {}
 
     def log(name: str, value: float) -> None:
@@ -318,7 +334,6 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
             optimizer.zero_grad(set_to_none=True)
-            max_tokens = cfg.max_token_len_per_gpu if cfg.dynamic_batching else None
             for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
                                           cfg.padding_free, device):
                 mb = mini.select(idx)

@@ -155,8 +155,7 @@ class FSDPWorker:
         and reference log-probs, [N, T]."""
         acfg = self.cfg.worker.actor
         temperature = self.cfg.worker.rollout.temperature
-        layout = {"padding_free": acfg.padding_free,
-                  "max_token_len": acfg.max_token_len_per_gpu if acfg.dynamic_batching else None}
+        layout = {"padding_free": acfg.padding_free, "max_token_len": actor_lib.token_budget(acfg)}
         out = {}
         if with_old:
             out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
@@ -165,7 +164,7 @@ class FSDPWorker:
         if self.ref_model is not None:
             out["ref_logprobs"], _ = actor_lib.compute_logprobs(
                 self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
-                temperature, **layout)
+                temperature, **layout, with_entropy=False)
         return out
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
