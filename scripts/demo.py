@@ -53,6 +53,10 @@ class Profile:
     max_objects: int = 6
     object_scale: float = 1.0
     sft_freeze_vision: bool = True
+    # The warm-up teacher's flaws (scripts/make_synthetic_data.py): shares of SFT traces whose last line gives the
+    # total number of objects, and whose objects are named without sizes.
+    sft_total_answer_share: float = 0.0
+    sft_no_size_share: float = 0.0
     sft_bf16: bool = False
     bf16: bool = False  # bf16 compute for RL (this CPU's AMX makes bf16 matmuls ~4x faster than fp32)
 
@@ -66,13 +70,14 @@ PROFILES = {
     # 300 held-out questions: with 60, one question is 1.7 points and the seed-to-seed spread drowns any effect.
     "full": Profile(model_size="small", num_questions=540, test_fraction=300 / 540, sft_num=1500, image_size=112,
                     sft_epochs=3.0, sft_lr=2e-3, sft_batch_size=8, max_response_length=256, rollout_batch_size=16,
-                    global_batch_size=16, rl_n=8, rl_lr=1e-5, stage1_steps=8, stage2_steps=15, clip_steps=400,
+                    global_batch_size=16, rl_n=8, rl_lr=3e-5, stage1_steps=8, stage2_steps=15, clip_steps=400,
                     eval_limit=None, bf16=True,
                     colors="red,blue,green,yellow", max_objects=4, object_scale=1.5, sft_freeze_vision=True,
-                    sft_bf16=True),
+                    sft_bf16=True, sft_total_answer_share=0.6, sft_no_size_share=0.6),
     "quick": Profile(model_size="tiny", num_questions=40, sft_num=40, image_size=56, sft_epochs=1.0, sft_lr=1e-3,
                      sft_batch_size=8, max_response_length=24, rollout_batch_size=2, global_batch_size=2, rl_n=4,
-                     rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8),
+                     rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8,
+                     sft_total_answer_share=0.5, sft_no_size_share=0.5),
 }
 
 
@@ -122,7 +127,9 @@ class Pipeline:
                    [PY, "scripts/make_synthetic_data.py", "--output_dir", data, "--num", str(p.num_questions),
                     "--seed", str(self.seed), "--sft_num", str(p.sft_num), "--image_size", str(p.image_size),
                     "--test_fraction", str(p.test_fraction),
-                    "--colors", p.colors, "--max_objects", str(p.max_objects), "--object_scale", str(p.object_scale)])
+                    "--colors", p.colors, "--max_objects", str(p.max_objects), "--object_scale", str(p.object_scale),
+                    "--sft_total_answer_share", str(p.sft_total_answer_share),
+                    "--sft_no_size_share", str(p.sft_no_size_share)])
         clean = os.path.join(data, "sft", "clean.json")
         self.stage("filter SFT data", clean,
                    [PY, "dataset/filter.py", "--input", os.path.join(data, "sft", "sft.json"), "--output", clean,

@@ -17,6 +17,12 @@ The SFT set is deliberately raw, like Mulberry-SFT before cleaning: about 10% re
 missing image, a few records with ``images`` as a plain string and two text-only records. Run
 ``dataset/filter.py`` over it before training.
 
+``--sft_total_answer_share`` and ``--sft_no_size_share`` make the warm-up teacher imperfect the way a real one
+is (Mulberry-SFT's traces were written by other models): in that share of the SFT traces the last line gives the
+number of objects in the image instead of the number the steps reached, or the objects are named without their
+sizes. Filtering cannot see these flaws; the RL stages, rewarded against the ground truth, can. Each flaw is
+drawn independently per record from a stream of its own, so at 0 (the default) the data set is unchanged.
+
 The same seed gives the same bytes: all randomness comes from ``random.Random`` streams seeded by
 ``(seed, part)``, so changing ``--sft_num`` leaves train and test unchanged.
 """
@@ -27,6 +33,7 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +81,10 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _scene_entry(scene: sc.Scene, size: tuple[int, int], image: str | None) -> dict[str, Any]:
-    return {**scene.to_dict(), "image_size": list(size), "image": image}
+def _scene_entry(
+    scene: sc.Scene, size: tuple[int, int], image: str | None, flaws: list[str] | None = None
+) -> dict[str, Any]:
+    return {**scene.to_dict(), "image_size": list(size), "image": image, **({"teacher_flaws": flaws} if flaws else {})}
 
 
 def make_rl_split(
@@ -127,43 +136,66 @@ def _sft_kinds(count: int, rng: random.Random) -> list[str]:
     return kinds
 
 
+@dataclass(frozen=True)
+class TeacherFlaws:
+    """Shares of SFT traces with each flaw of an imperfect teacher (module docstring).
+
+    Attributes:
+        total_answer: the last line states the number of objects in the image, not the steps' result.
+        no_size: objects are named without their sizes (except where the question names one).
+    """
+
+    total_answer: float = 0.0
+    no_size: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("total_answer", "no_size"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--sft_{name}_share must be in [0, 1], got {getattr(self, name)}")
+
+
 def make_sft(
     count: int, seed: int, image_size: int, image_root: Path, scene_log: dict[str, Any],
-    scene_options: dict[str, Any] | None = None,
+    scene_options: dict[str, Any] | None = None, flaws: TeacherFlaws = TeacherFlaws(),
 ) -> list[dict[str, Any]]:
     """Draw the raw warm-up SFT set (sharegpt layout) from scenes of its own (``scene_options`` as in
-    :func:`make_rl_split`).
+    :func:`make_rl_split`), with the teacher's ``flaws``.
 
     Returns:
         Records ``{"messages": [user, assistant], "images": [...]}``; see the module docstring for
-        the deliberately bad ones.
+        the deliberately bad ones. A flawed trace's scene-log entry lists its flaws under ``"teacher_flaws"``.
     """
     if count == 0:
         return []
     rng = random.Random(f"{seed}/sft")
+    teacher_rng = random.Random(f"{seed}/sft_teacher")
     records = []
     for i, kind in enumerate(_sft_kinds(count, rng)):
         scene = sc.sample_scene(rng, **(scene_options or {}))
         question, answer, _ = sc.make_question(scene, rng)
-        response = sc.pebr_response(scene, question, answer)
+        said_total = teacher_rng.random() < flaws.total_answer
+        no_size = teacher_rng.random() < flaws.no_size
+        stated = str(len(scene.objects)) if said_total else answer
+        response = sc.pebr_response(scene, question, stated, with_size=not no_size)
+        flaw_names = [name for name, on in (("total_answer", said_total), ("no_size", no_size)) if on]
         key, rel = f"sft_{i:05d}", f"sft/{i:05d}.png"
         size = (image_size, image_size)
         if kind == "reflective":
             variant = rng.choice(REFLECTIVE_VARIANTS)
             final = "\n### The final answer is:"
-            response = response.replace(final, f"\nWait, {variant}. Counting once more gives {answer}.{final}")
+            response = response.replace(final, f"\nWait, {variant}. Counting once more gives {stated}.{final}")
         elif kind == "tiny":
             size = rng.choice(TINY_SIZES)
         if kind == "text_only":
             prompt = describe_as_text(scene) + " " + question
-            scene_log[key] = _scene_entry(scene, size, None)
+            scene_log[key] = _scene_entry(scene, size, None, flaw_names)
             records.append({"messages": [_msg("user", prompt), _msg("assistant", response)]})
             continue
         if kind == "missing":
             rel = f"sft/missing_{i:05d}.png"  # referenced but never written
         else:
             _save_png(sc.render_scene(scene, size), image_root / rel)
-        scene_log[key] = _scene_entry(scene, size, rel)
+        scene_log[key] = _scene_entry(scene, size, rel, flaw_names)
         records.append(
             {
                 "messages": [_msg("user", "<image>" + question), _msg("assistant", response)],
@@ -190,6 +222,7 @@ def build_dataset(
     image_size: int = 112,
     sft_num: int | None = None,
     scene_options: dict[str, Any] | None = None,
+    flaws: TeacherFlaws = TeacherFlaws(),
 ) -> dict[str, int]:
     """Write the whole data set under ``output_dir`` (layout in the module docstring).
 
@@ -202,9 +235,10 @@ def build_dataset(
         sft_num: raw SFT records (default ``num``); 0 writes an empty SFT set.
         scene_options: keyword arguments of :func:`pebr.utils.scenes.sample_scene` for every split
             (``colors``, ``min_objects``, ``max_objects``, ``object_scale``); None: its defaults.
+        flaws: the SFT teacher's flaws (:class:`TeacherFlaws`); none by default.
 
     Returns:
-        Counts ``{"train", "test", "sft"}``.
+        Counts ``{"train", "test", "sft"}``, and the SFT records with each flaw that is switched on.
 
     Raises:
         ValueError: on a non-positive ``num``/``image_size`` or a ``test_fraction`` outside [0, 1).
@@ -220,12 +254,16 @@ def build_dataset(
     scene_log: dict[str, Any] = {}
     train = make_rl_split("train", num - n_test, seed, image_size, image_root, scene_log, scene_options)
     test = make_rl_split("test", n_test, seed, image_size, image_root, scene_log, scene_options)
-    sft = make_sft(sft_num, seed, image_size, image_root, scene_log, scene_options)
+    sft = make_sft(sft_num, seed, image_size, image_root, scene_log, scene_options, flaws)
     _write_json(out / "train.json", train)
     _write_json(out / "test.json", test)
     _write_json(out / "scenes.json", scene_log)
     _write_json(out / "sft" / "sft.json", sft)
-    return {"train": len(train), "test": len(test), "sft": len(sft)}
+    counts = {"train": len(train), "test": len(test), "sft": len(sft)}
+    for flaw in ("total_answer", "no_size"):
+        if getattr(flaws, flaw):
+            counts[f"sft with flaw {flaw}"] = sum(flaw in e.get("teacher_flaws", ()) for e in scene_log.values())
+    return counts
 
 
 def write_demo(path: str | Path, size: int = 224) -> None:
@@ -251,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_objects", type=int, default=sc.MAX_OBJECTS, help="most objects per scene")
     parser.add_argument("--object_scale", type=float, default=1.0,
                         help="multiplies every object's size; larger objects are easier for a small model to see")
+    parser.add_argument("--sft_total_answer_share", type=float, default=0.0,
+                        help="share of SFT traces whose last line gives the number of objects in the image")
+    parser.add_argument("--sft_no_size_share", type=float, default=0.0,
+                        help="share of SFT traces that name objects without their sizes")
     args = parser.parse_args(argv)
     scene_options = {
         "colors": tuple(c.strip() for c in args.colors.split(",") if c.strip()),
@@ -263,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.demo}: {DEMO_QUESTION} -> {DEMO_ANSWER}")
     if args.output_dir:
         try:
+            flaws = TeacherFlaws(args.sft_total_answer_share, args.sft_no_size_share)
             counts = build_dataset(
                 args.output_dir, args.num, args.seed, args.test_fraction, args.image_size, args.sft_num,
-                scene_options,
+                scene_options, flaws,
             )
         except ValueError as exc:
             parser.error(str(exc))

@@ -77,10 +77,11 @@ class SceneObject:
     y: float
     material: str = "rubber"
 
-    def phrase(self, with_material: bool = False) -> str:
-        """Return e.g. ``"small red cube"`` (``"small red metal cube"`` with ``with_material``)."""
-        words = [self.size, self.color] + ([self.material] if with_material else []) + [self.shape]
-        return " ".join(words)
+    def phrase(self, with_material: bool = False, with_size: bool = True) -> str:
+        """Return e.g. ``"small red cube"`` (``"small red metal cube"`` with ``with_material``, ``"red cube"``
+        without ``with_size``)."""
+        words = ([self.size] if with_size else []) + [self.color] + ([self.material] if with_material else [])
+        return " ".join(words + [self.shape])
 
 
 @dataclass
@@ -420,19 +421,20 @@ def _count_noun(n: int, singular: str) -> str:
     return f"{n} {singular}" if n == 1 else f"{n} {singular}s"
 
 
-def _group(objs: list[SceneObject]) -> str:
+def _group(objs: list[SceneObject], with_size: bool = True) -> str:
     """Name a list of objects, merging identical ones: ``"two small red cubes and a large blue sphere"``.
 
     Groups keep the left-to-right order of their first member; the material is named only for
-    metal objects, rubber being the plain, matte default.
+    metal objects, rubber being the plain, matte default. Without ``with_size`` the sizes are left out
+    (and objects that differ only in size merge).
     """
     counts: dict[str, int] = {}
     for o in _left_to_right(objs):
-        phrase = o.phrase(with_material=o.material == "metal")
+        phrase = o.phrase(with_material=o.material == "metal", with_size=with_size)
         counts[phrase] = counts.get(phrase, 0) + 1
     parts = []
     for phrase, n in counts.items():
-        # Every phrase starts with "small" or "large", so "a" is always the right article.
+        # Every phrase starts with a size or a colour, none of them with a vowel sound, so "a" is right.
         number = _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
         parts.append(f"{number} {phrase}" + ("s" if n > 1 else ""))
     if not parts:
@@ -440,10 +442,13 @@ def _group(objs: list[SceneObject]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
 
 
-def describe_scene(scene: Scene) -> str:
-    """One sentence naming every object by size, colour ([material,]) and shape, left to right."""
+def describe_scene(scene: Scene, with_size: bool = True) -> str:
+    """One sentence naming every object by size, colour ([material,]) and shape, left to right.
+
+    ``with_size=False`` leaves the sizes out: the incomplete description of a careless teacher.
+    """
     count = _count_noun(len(scene.objects), "object")
-    return f"The image shows {count} on a plain background: {_group(scene.objects)}."
+    return f"The image shows {count} on a plain background: {_group(scene.objects, with_size)}."
 
 
 def scene_keywords(scene: Scene) -> list[str]:
@@ -460,13 +465,19 @@ def scene_keywords(scene: Scene) -> list[str]:
     return words
 
 
-def pebr_response(scene: Scene, question: str, answer: str) -> str:
-    """An ideal response in the PeBR format: description, rationale, numbered steps, final answer.
+def pebr_response(scene: Scene, question: str, answer: str, with_size: bool = True) -> str:
+    """A response in the PeBR format: description, rationale, numbered steps, final answer.
+
+    With the question's own answer and ``with_size`` it is the ideal response. The synthetic warm-up
+    data also writes flawed ones (``scripts/make_synthetic_data.py``): another number on the last line
+    than the steps reach, or objects named without their sizes.
 
     Args:
         scene: the scene the image shows.
         question: a question of the module grammar.
         answer: the answer to state on the last line.
+        with_size: name every object's size; without it, sizes appear only where the question
+            itself names one.
 
     Returns:
         Text with the headers ``### Image Description:``, ``### Rationales:``,
@@ -477,14 +488,15 @@ def pebr_response(scene: Scene, question: str, answer: str) -> str:
     """
     query = parse_question(question)
     left = list(scene.objects)
-    steps = [f"There are {_count_noun(len(left), 'object')} in the image: {_group(left)}."]
+    steps = [f"There are {_count_noun(len(left), 'object')} in the image: {_group(left, with_size)}."]
     for f in query.subtract:
         gone = [o for o in left if f.matches(o)]
         left = [o for o in left if not f.matches(o)]
         if gone:
-            steps.append(f"Removing the {f.text()} ({_group(gone)}) leaves {_count_noun(len(left), 'object')}.")
+            steps.append(f"Removing the {f.text()} ({_group(gone, with_size)}) leaves {_count_noun(len(left), 'object')}.")
         else:
-            steps.append(f"There are no {f.text()}, so {_count_noun(len(left), 'object')} remain.")
+            steps.append(f"There are no {f.text()}, so {_count_noun(len(left), 'object')} "
+                         f"{'remains' if len(left) == 1 else 'remain'}.")
     if query.count is None:
         steps.append(f"So {_count_noun(len(left), 'object')} {'is' if len(left) == 1 else 'are'} left.")
         goal = "how many objects remain after removing the named groups"
@@ -493,12 +505,12 @@ def pebr_response(scene: Scene, question: str, answer: str) -> str:
         if query.count == ObjectFilter():
             steps.append(f"Counting them gives {len(hits)}.")
         else:
-            found = _group(hits) if hits else "none of them"
+            found = _group(hits, with_size) if hits else "none of them"
             steps.append(f"Among these, the {query.count.text()} are: {found}. That makes {len(hits)}.")
         goal = f"how many {query.count.text()} there are"
     body = "\n".join(f"### Step {i}: {s}" for i, s in enumerate(steps, start=1))
     return (
-        f"### Image Description:\n{describe_scene(scene)}\n"
+        f"### Image Description:\n{describe_scene(scene, with_size)}\n"
         f"### Rationales:\nThe question asks {goal}. I identify each object by its size, colour and shape, "
         "apply the question's conditions in order, and count what is left.\n"
         f"### Let's think step by step.\n{body}\n"

@@ -76,6 +76,28 @@ def _response_positions(batch: Batch) -> torch.Tensor:
     return torch.minimum(prompt_len[:, None] + offsets, seq_len[:, None] - 1)
 
 
+def image_inputs(images: list[Any], processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values and image_grid_thw of `images`, as the image processor gives them for the whole list.
+
+    The n responses of a prompt share its image objects (pickling keeps shared objects shared), so each
+    distinct object is processed once and its patch rows are repeated: n times less work for the same
+    tensors.
+    """
+    first: dict[int, int] = {}  # id of an image object -> its index among the distinct ones
+    unique: list[Any] = []
+    for im in images:
+        if id(im) not in first:
+            first[id(im)] = len(unique)
+            unique.append(im)
+    vision = processor.image_processor(images=unique, return_tensors="pt")
+    grid = vision["image_grid_thw"]
+    sizes = grid.prod(-1)
+    starts = sizes.cumsum(0) - sizes
+    order = [first[id(im)] for im in images]
+    rows = torch.cat([torch.arange(int(starts[u]), int(starts[u] + sizes[u])) for u in order])
+    return vision["pixel_values"][rows], grid[order]
+
+
 def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch: prompt + response, right-padded, with pixel values.
 
@@ -99,9 +121,7 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
     images = [im for ims in batch.images for im in ims]
     if images:
-        vision = processor.image_processor(images=images, return_tensors="pt")
-        out["pixel_values"] = vision["pixel_values"]
-        out["image_grid_thw"] = vision["image_grid_thw"]
+        out["pixel_values"], out["image_grid_thw"] = image_inputs(images, processor)
     out["response_mask"] = batch.response_mask()
     out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
     return {k: v.to(device) for k, v in out.items()}

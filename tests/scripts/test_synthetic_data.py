@@ -136,6 +136,36 @@ def test_filter_removes_exactly_the_planned_defects(runs, tmp_path):
     assert len(clean) == 24 and all(isinstance(r.get("images", []), list) for r in clean)
 
 
+def test_teacher_flaws_are_drawn_per_record_and_logged(tmp_path):
+    out = tmp_path / "flawed"
+    cmd = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--num", "5", "--image_size", str(SIZE),
+           "--sft_num", "40", "--sft_total_answer_share", "0.5", "--sft_no_size_share", "0.5"]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    scenes = _load(out / "scenes.json")
+    seen = {"total_answer": 0, "no_size": 0}
+    for i, r in enumerate(_load(out / "sft" / "sft.json")):
+        entry = scenes[f"sft_{i:05d}"]
+        scene, flaws = sc.Scene.from_dict(entry), entry.get("teacher_flaws", [])
+        question, text = r["messages"][0]["content"], r["messages"][1]["content"]
+        for flaw in flaws:
+            seen[flaw] += 1
+        if "images" not in r:  # the two text-only records tell the scene in the prompt
+            continue
+        final = text.rsplit("### The final answer is:", 1)[1].strip()
+        truth = sc.answer_question(scene, question)
+        description = text.split("### Rationales:")[0]
+        assert final == (str(len(scene.objects)) if "total_answer" in flaws else truth), (i, flaws, text)
+        if "no_size" in flaws:
+            assert "small" not in description and "large" not in description, text
+        else:
+            assert sc.describe_scene(scene) in description
+    # 40 draws at 0.5 each: both flaws occur, neither everywhere.
+    assert all(5 <= n <= 35 for n in seen.values()), seen
+    assert f"sft with flaw total_answer {seen['total_answer']}" in res.stdout
+    bad = subprocess.run(cmd[:-1] + ["1.5"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "--sft_no_size_share must be in [0, 1], got 1.5" in bad.stderr
+
+
 # ------------------------------------------------------------------ the module's functions
 
 
@@ -201,6 +231,10 @@ def test_description_keywords_and_response_for_a_hand_built_scene():
     text = sc.pebr_response(scene, "Subtract all red cubes. How many objects are left?", "1")
     assert "Removing the red cubes (two small red cubes) leaves 1 object." in text
     assert text.endswith("### The final answer is: 1")
+    terse = sc.pebr_response(scene, "Subtract all red cubes. How many objects are left?", "3", with_size=False)
+    assert "a plain background: two red cubes and a blue sphere.\n" in terse
+    assert "Removing the red cubes (two red cubes) leaves 1 object." in terse
+    assert terse.endswith("### The final answer is: 3")
     assert sc.Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
 
 

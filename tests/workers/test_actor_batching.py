@@ -88,6 +88,24 @@ def batch(processor) -> Batch:
     return make_batch(processor)
 
 
+# -- images -----------------------------------------------------------------------------------------
+
+
+def test_shared_images_are_processed_once_with_the_same_tensors(processor, batch):
+    """The n responses of a prompt share its image object, through a pickle round trip too; processing each
+    distinct object once gives exactly the tensors of processing every entry, in the batch's order."""
+    import pickle
+
+    shipped = pickle.loads(pickle.dumps(batch))
+    images = [im for ims in shipped.images for im in ims]
+    assert len(images) == 6 and len({id(im) for im in images}) == 3
+    images.append(copy.deepcopy(images[0]))  # equal pixels, another object: processed on its own, still right
+    want = processor.image_processor(images=images, return_tensors="pt")
+    pixel_values, grid = actor_lib.image_inputs(images, processor)
+    assert torch.equal(grid, want["image_grid_thw"])
+    assert torch.equal(pixel_values, want["pixel_values"])
+
+
 # -- packed layout ----------------------------------------------------------------------------------
 
 
