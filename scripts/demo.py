@@ -3,7 +3,8 @@
     python scripts/demo.py [--out demo_runs] [--profile full|quick] [--seed 0 | --seeds 0 1 2] [--force]
 
 make the small model -> make synthetic data -> filter the SFT data -> warm-up SFT -> train the tiny CLIP
--> sampling (8 rollouts per question) -> easy/medium/hard split -> stage 1 RL on easy cases -> merge
+-> sampling (8 rollouts per question) -> easy/medium/hard split -> stage 1 RL on easy cases (easy + medium when
+the easy ones do not fill one rollout batch) -> merge
 -> stage 2 RL on medium cases -> merge -> evaluate the warm-up, stage-1 and stage-2 models on the held-out
 split -> a table (results.md) and a plot of reward and accuracy over the RL steps (training_curves.png).
 
@@ -149,11 +150,11 @@ class Pipeline:
                     f"data.rollout_batch_size={max(p.rollout_batch_size, 16)}"],
                    env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": os.path.join(data, "train.json"),
                         "IMAGE_DIR": images, "ROLLOUTS": self.path("rollouts.jsonl"), "SPLIT_DIR": split})
-        easy, medium = self.split_file("easy"), self.split_file("medium")
+        stage1_data, medium = self.split_file(*self.stage1_kinds()), self.split_file("medium")
         self.stage("stage 1 (perception RL on easy cases) + merge", self.path("stage1"),
                    ["bash", "examples/pebr_stage1_cpu.sh", *self.rl_overrides(p.stage1_steps),
-                    *self.batch_fit(easy)],
-                   env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": easy, "IMAGE_DIR": images,
+                    *self.batch_fit(stage1_data)],
+                   env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": stage1_data, "IMAGE_DIR": images,
                         "CLIP_MODEL_PATH": self.path("clip"), "RUN_DIR": self.path("stage1")})
         self.stage("stage 2 (reasoning RL on medium cases) + merge", self.path("stage2"),
                    ["bash", "examples/pebr_stage2_cpu.sh", *self.rl_overrides(p.stage2_steps),
@@ -171,15 +172,38 @@ class Pipeline:
             self.stage(f"evaluate {label}", self.path("eval", name + ".json"), cmd)
         self.report(models)
 
-    def split_file(self, kind: str) -> str:
-        """The stage's split; with none of that kind (a weak warm-up model) every RL question, said loudly."""
-        path = self.path("split", f"{kind}case.json")
-        with open(path) as f:
-            if json.load(f):
-                return path
-        print(f"[demo] WARNING: the warm-up model left no {kind} cases; this stage trains on all RL questions",
-              flush=True)
-        return self.path("data", "train.json")
+    def split_records(self, kind: str) -> list[dict]:
+        with open(self.path("split", f"{kind}case.json")) as f:
+            return json.load(f)
+
+    def stage1_kinds(self) -> tuple[str, ...]:
+        """The easy cases, as in the paper; when they do not fill one rollout batch, easy + medium, said loudly.
+
+        A small warm-up model leaves few easy (8/8) questions. The stage-1 reward does not grade the answer,
+        so questions answered right at least once are still a fair place to reward the description; the
+        hard ones (0/8) stay out.
+        """
+        easy = len(self.split_records("easy"))
+        if easy >= self.p.rollout_batch_size:
+            return ("easy",)
+        print(f"[demo] WARNING: {easy} easy cases fill less than one batch of {self.p.rollout_batch_size}; "
+              "stage 1 trains on the easy + medium cases", flush=True)
+        return ("easy", "medium")
+
+    def split_file(self, *kinds: str) -> str:
+        """The split's records of these kinds; with none (a weak warm-up model) every RL question, said loudly."""
+        from pebr.utils.jsonio import atomic_write_json
+
+        records = [r for kind in kinds for r in self.split_records(kind)]
+        if not records:
+            print(f"[demo] WARNING: the warm-up model left no {' or '.join(kinds)} cases; this stage trains on all "
+                  "RL questions", flush=True)
+            return self.path("data", "train.json")
+        if len(kinds) == 1:
+            return self.path("split", f"{kinds[0]}case.json")
+        path = self.path("split", "_".join(kinds) + ".json")
+        atomic_write_json(path, records)
+        return path
 
     def batch_fit(self, split_file: str) -> list[str]:
         """Shrink the prompt batch when a split is smaller than it."""
@@ -232,7 +256,10 @@ class Pipeline:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        keys = ("reward/overall", "reward/keyword", "reward/accuracy")
+        titles = ("reward (overall, per stage's own reward)", "keyword recall of rollouts (stage 1's reward)",
+                  "accuracy of rollouts")
+        fig, axes = plt.subplots(1, len(keys), figsize=(16, 4))
         offset = 0
         for stage, color in (("stage1", "tab:blue"), ("stage2", "tab:orange")):
             path = self.path(stage, "metrics.jsonl")
@@ -241,10 +268,11 @@ class Pipeline:
             with open(path) as f:
                 metrics = [json.loads(line) for line in f if line.strip()]
             steps = [offset + m["step"] for m in metrics]
-            for ax, key in zip(axes, ("reward/overall", "reward/accuracy")):
-                ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", color=color, label=stage)
+            for ax, key in zip(axes, keys):
+                if any(key in m for m in metrics):
+                    ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", color=color, label=stage)
             offset = steps[-1] if steps else offset
-        for ax, title in zip(axes, ("reward (overall, per stage's own reward)", "accuracy of rollouts")):
+        for ax, title in zip(axes, titles):
             ax.set_title(title)
             ax.set_xlabel("RL step (stage 2 continues after stage 1)")
             ax.legend()

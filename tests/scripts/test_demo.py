@@ -53,3 +53,30 @@ def test_seed_summary_by_hand(tmp_path):
     assert "| 2 | 12.0 min | +2.0 | +2.0 |" in table
     # Mean change (6 + 2 + 2) / 3; warm-up spread 60 - 50; spread of the changes 6 - 2.
     assert "+3.3 points" in table and "(max-min): 10.0 points" in table and "per-seed change: 4.0 points" in table
+
+
+def test_stage1_data_is_easy_or_easy_plus_medium(tmp_path, capsys):
+    """Stage 1 gets the easy cases when they fill a rollout batch, else easy + medium (never hard), said loudly;
+    with no such cases at all, every RL question."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import json
+
+    from demo import PROFILES, Pipeline
+
+    pipe = Pipeline(str(tmp_path), PROFILES["full"], seed=0, force=False)  # rollout batch 16
+    os.makedirs(tmp_path / "split")
+
+    def write(easy: int, medium: int) -> None:
+        for kind, count in (("easy", easy), ("medium", medium), ("hard", 5)):
+            records = [{"qid": f"{kind}_{i}"} for i in range(count)]
+            (tmp_path / "split" / f"{kind}case.json").write_text(json.dumps(records))
+
+    write(easy=16, medium=3)
+    assert pipe.split_file(*pipe.stage1_kinds()) == str(tmp_path / "split" / "easycase.json")
+    write(easy=2, medium=3)
+    path = pipe.split_file(*pipe.stage1_kinds())
+    assert [r["qid"] for r in json.loads(open(path).read())] == ["easy_0", "easy_1", "medium_0", "medium_1", "medium_2"]
+    assert "2 easy cases fill less than one batch of 16" in capsys.readouterr().out
+    write(easy=0, medium=0)
+    assert pipe.split_file(*pipe.stage1_kinds()) == str(tmp_path / "data" / "train.json")
+    assert "no easy or medium cases" in capsys.readouterr().out
