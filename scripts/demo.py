@@ -64,10 +64,10 @@ class Profile:
 
 PROFILES = {
     # The warm-up recipe of the SFT study: easier scenes (4 colours, 2-4 objects at 1.5x size) and the random
-    # vision tower kept frozen (trained, it collapses to one constant vector), 3 epochs at lr 2e-3 in bf16: about
-    # 3 min of SFT on 2 quiet cores, 54% held-out accuracy vs 44% for the majority answer, 47.5% on swapped images.
-    # RL: 16 prompts x 8 per step in one on-policy update (no old log-prob pass) at lr 1e-5; at 2e-5 and 5e-5 with
-    # two updates per step, stage 2 lowered held-out accuracy (58.7% -> 53.7% / 40.7% on 300 questions).
+    # vision tower kept frozen (trained, it collapses to one constant vector), 3 epochs at lr 2e-3 in bf16.
+    # The SFT traces come from an imperfect teacher (60% answer with the total count, 60% omit sizes): with a
+    # faithful one the warm-up scored 52% and RL could not improve it; with this one stage 2 gains 8-18 points
+    # over 3 seeds (README). RL: 16 prompts x 8 per step in one on-policy update (no old log-prob pass) at lr 3e-5.
     # 300 held-out questions: with 60, one question is 1.7 points and the seed-to-seed spread drowns any effect.
     "full": Profile(model_size="small", num_questions=540, test_fraction=300 / 540, sft_num=1500, image_size=112,
                     sft_epochs=3.0, sft_lr=2e-3, sft_batch_size=8, max_response_length=256, rollout_batch_size=16,
