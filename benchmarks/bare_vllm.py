@@ -2,7 +2,8 @@
 
 Same model, prompts (with images), dtype, enforce_eager, max_model_len, batched-token budget, KV cache
 size (VLLM_CPU_KVCACHE_SPACE) and SamplingParams as the rollout engine of our worker, but none of our
-code around it: no weight sync, no Batch building, no Ray.
+code around it: no weight sync, no Batch building, no Ray. Its prefix and encoder caches are emptied before
+each timed call (outside the timer), as a weight load empties ours (`common.forget_prompts`).
 
     python benchmarks/bare_vllm.py SETUP_JSON      (driven by benchmarks/run.py over stdin/stdout)
 """
@@ -14,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BenchSetup, bare_engine, serve, set_threads
+from common import BenchSetup, bare_engine, forget_prompts, serve, set_threads
 
 
 def main() -> None:
@@ -24,6 +25,7 @@ def main() -> None:
     import torch
 
     def once() -> dict:
+        forget_prompts(llm)
         t0 = time.perf_counter()
         outs = llm.generate(requests, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0

@@ -114,6 +114,14 @@ def load_prompts(setup: BenchSetup, count: int | None = None) -> tuple[Any, list
     return cfg, items, processor
 
 
+def forget_prompts(llm: Any) -> None:
+    """Drop the engine's cached KV blocks and encoder outputs, as our rollout engine does after every weight
+    load. A benchmark repeats the same prompts, and a warm prefix cache would let a bare engine skip their
+    whole prefill (vision encoder included), which no training step can: its prompts or weights are new."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
 def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[dict]]:
     """A bare `vllm.LLM` configured as our rollout engine, with its SamplingParams and requests.
 

@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, BenchSetup, bare_engine, prepare, set_threads
+from common import ROOT, BenchSetup, bare_engine, forget_prompts, prepare, set_threads
 
 
 def engine_seconds(mode: str, work_dir: str) -> list[float]:
@@ -40,6 +40,7 @@ def engine_seconds(mode: str, work_dir: str) -> list[float]:
     llm.generate(requests, params, use_tqdm=False)
     times = []
     for _ in range(4):
+        forget_prompts(llm)
         t0 = time.perf_counter()
         llm.generate(requests, params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
