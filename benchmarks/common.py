@@ -115,11 +115,13 @@ def load_prompts(setup: BenchSetup, count: int | None = None) -> tuple[Any, list
 
 
 def forget_prompts(llm: Any) -> None:
-    """Drop the engine's cached KV blocks and encoder outputs, as our rollout engine does after every weight
-    load. A benchmark repeats the same prompts, and a warm prefix cache would let a bare engine skip their
-    whole prefill (vision encoder included), which no training step can: its prompts or weights are new."""
+    """Drop the engine's cached KV blocks, encoder outputs and processed images, as every weight load does in
+    our rollout engine (`reload_weights` clears the last two, we clear the first). A benchmark repeats the
+    same prompts, and warm caches would let a bare engine skip their whole prefill (image processing and
+    vision encoder included), which no training step can: its prompts or weights are new."""
     llm.reset_prefix_cache()
     llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
 
 
 def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[dict]]:
