@@ -11,6 +11,7 @@ sequences end to end in one row (`collate_packed`, worker.actor.padding_free).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any, Iterator, Sequence
@@ -76,12 +77,16 @@ def _response_positions(batch: Batch) -> torch.Tensor:
     return torch.minimum(prompt_len[:, None] + offsets, seq_len[:, None] - 1)
 
 
-def image_inputs(images: list[Any], processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values and image_grid_thw of `images`, as the image processor gives them for the whole list.
+def image_inputs(images: list[Any], processor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs for `images`, each distinct image object processed (and later encoded) once.
 
-    The n responses of a prompt share its image objects (pickling keeps shared objects shared), so each
-    distinct object is processed once and its patch rows are repeated: n times less work for the same
-    tensors.
+    The n responses of a prompt share its image objects (pickling keeps shared objects shared), so a
+    micro-batch holds each image up to n times.
+
+    Returns:
+        pixel_values of the distinct images only; image_grid_thw [len(images), 3] of every entry, as the
+        text's image placeholders and the M-RoPE positions need it; image_order [len(images)], the index
+        of each entry among the distinct images (see `images_encoded_once`).
     """
     first: dict[int, int] = {}  # id of an image object -> its index among the distinct ones
     unique: list[Any] = []
@@ -90,19 +95,56 @@ def image_inputs(images: list[Any], processor: Any) -> tuple[torch.Tensor, torch
             first[id(im)] = len(unique)
             unique.append(im)
     vision = processor.image_processor(images=unique, return_tensors="pt")
-    grid = vision["image_grid_thw"]
-    sizes = grid.prod(-1)
-    starts = sizes.cumsum(0) - sizes
-    order = [first[id(im)] for im in images]
-    rows = torch.cat([torch.arange(int(starts[u]), int(starts[u] + sizes[u])) for u in order])
-    return vision["pixel_values"][rows], grid[order]
+    order = torch.tensor([first[id(im)] for im in images], dtype=torch.long)
+    return vision["pixel_values"], vision["image_grid_thw"][order], order
+
+
+@contextlib.contextmanager
+def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None) -> Iterator[None]:
+    """During the block, the vision tower of a Qwen2.5-VL `model` encodes only the distinct images.
+
+    `pixel_values` then holds the distinct images (`image_inputs`), and each entry's embedding is that of
+    its distinct image, so the n copies cost one encoding; autograd adds their gradients, so the result
+    is the same as encoding every copy. The hook sits inside the model's own forward, where FSDP has
+    gathered the vision tower's parameters.
+    """
+    if image_order is None:
+        yield
+        return
+    inner = model.model
+    encode = inner.get_image_features
+    order = image_order.tolist()
+    first = {u: i for i, u in reversed(list(enumerate(order)))}  # distinct image -> its first entry
+
+    def encode_distinct(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any) -> Any:
+        distinct_grid = image_grid_thw[[first[u] for u in range(len(first))]]
+        out = encode(pixel_values, distinct_grid, **kwargs)
+        out.pooler_output = tuple(out.pooler_output[u] for u in order)
+        return out
+
+    inner.get_image_features = encode_distinct  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del inner.get_image_features
+
+
+def every_image_copy(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`inputs` with the pixels of every image entry written out and no image_order: what the model would
+    encode without `images_encoded_once` (the reference its tests and benchmark compare against)."""
+    order = inputs["image_order"].tolist()
+    sizes = inputs["image_grid_thw"].prod(-1)
+    distinct = torch.split(inputs["pixel_values"], [int(sizes[order.index(u)]) for u in range(max(order) + 1)])
+    full = {k: v for k, v in inputs.items() if k != "image_order"}
+    full["pixel_values"] = torch.cat([distinct[u] for u in order])
+    return full
 
 
 def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch: prompt + response, right-padded, with pixel values.
 
-    Returns a dict with input_ids / attention_mask / mm_token_type_ids [B, L], pixel_values and
-    image_grid_thw when there are images, `response_mask` [B, T], and `response_index` [B, T]: the
+    Returns a dict with input_ids / attention_mask / mm_token_type_ids [B, L], pixel_values, image_grid_thw
+    and image_order when there are images (`image_inputs`), `response_mask` [B, T], and `response_index` [B, T]: the
     index of each response token in the flattened input_ids (row * L + position), so that
     `response_logprobs` gathers the same way from this layout and from the packed one.
     """
@@ -121,7 +163,7 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
     images = [im for ims in batch.images for im in ims]
     if images:
-        out["pixel_values"], out["image_grid_thw"] = image_inputs(images, processor)
+        out["pixel_values"], out["image_grid_thw"], out["image_order"] = image_inputs(images, processor)
     out["response_mask"] = batch.response_mask()
     out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
     return {k: v.to(device) for k, v in out.items()}
@@ -132,7 +174,7 @@ def collate_packed(batch: Batch, processor: Any, device: torch.device,
     """Model inputs for a micro-batch laid end to end in one row, with no padding (padding_free).
 
     Returns input_ids / mm_token_type_ids [1, S] (S = sum of sequence lengths), position_ids [4, 1, S],
-    pixel_values / image_grid_thw as `collate` makes them, `response_mask` [B, T] and `response_index`
+    pixel_values / image_grid_thw / image_order as `collate` makes them, `response_mask` [B, T] and `response_index`
     [B, T] (index of each response token in the row). Row 0 of position_ids is the text position,
     restarting at 0 for each sequence: from it transformers builds a block-diagonal causal mask, so no
     token attends across a sequence boundary. Rows 1-3 are each sequence's own multimodal RoPE positions
@@ -173,8 +215,9 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     Logits are divided by the rollout temperature, so the log-probs are those of the distribution
     the responses were sampled from.
     """
-    forward_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index")}
-    logits = model(**forward_inputs, use_cache=False).logits.flatten(0, 1)  # [rows * L, V]
+    forward_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index", "image_order")}
+    with images_encoded_once(model, inputs.get("image_order")):
+        logits = model(**forward_inputs, use_cache=False).logits.flatten(0, 1)  # [rows * L, V]
     index = inputs["response_index"]
     # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
     pred = logits[index - 1].float() / temperature  # [B, T, V]

@@ -92,8 +92,8 @@ def batch(processor) -> Batch:
 
 
 def test_shared_images_are_processed_once_with_the_same_tensors(processor, batch):
-    """The n responses of a prompt share its image object, through a pickle round trip too; processing each
-    distinct object once gives exactly the tensors of processing every entry, in the batch's order."""
+    """The n responses of a prompt share its image object, through a pickle round trip too; the distinct
+    objects' pixels, taken in `image_order`, are exactly the tensors of processing every entry."""
     import pickle
 
     shipped = pickle.loads(pickle.dumps(batch))
@@ -101,9 +101,34 @@ def test_shared_images_are_processed_once_with_the_same_tensors(processor, batch
     assert len(images) == 6 and len({id(im) for im in images}) == 3
     images.append(copy.deepcopy(images[0]))  # equal pixels, another object: processed on its own, still right
     want = processor.image_processor(images=images, return_tensors="pt")
-    pixel_values, grid = actor_lib.image_inputs(images, processor)
+    pixel_values, grid, order = actor_lib.image_inputs(images, processor)
+    assert order.tolist() == [0, 0, 1, 1, 2, 2, 3]
     assert torch.equal(grid, want["image_grid_thw"])
-    assert torch.equal(pixel_values, want["pixel_values"])
+    every = actor_lib.every_image_copy({"pixel_values": pixel_values, "image_grid_thw": grid, "image_order": order})
+    assert torch.equal(every["pixel_values"], want["pixel_values"])
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_encoding_each_distinct_image_once_gives_the_same_logprobs_and_gradients(model, processor, batch,
+                                                                               padding_free):
+    shuffled = batch.select([3, 6, 0, 5, 2, 7, 1, 4])  # copies of an image apart, distinct images interleaved
+    inputs = actor_lib.model_inputs(model, shuffled, processor, CPU, padding_free)
+    assert inputs["image_order"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert inputs["pixel_values"].shape[0] * 2 == actor_lib.every_image_copy(inputs)["pixel_values"].shape[0]
+    results = []
+    for layout in (inputs, actor_lib.every_image_copy(inputs)):
+        model.zero_grad()
+        logp, _ = actor_lib.response_logprobs(model, layout)
+        logp.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "visual" in n and p.grad is not None}
+        results.append((logp.detach(), grads))
+    model.zero_grad()
+    (once, once_grads), (every, every_grads) = results
+    assert torch.allclose(once, every, atol=1e-5)
+    assert once_grads.keys() == every_grads.keys() and len(once_grads) > 10
+    for name in once_grads:
+        assert torch.allclose(once_grads[name], every_grads[name], rtol=1e-4, atol=1e-6), name
+    assert not hasattr(model.model, "get_image_features") or "get_image_features" not in vars(model.model)
 
 
 # -- packed layout ----------------------------------------------------------------------------------
