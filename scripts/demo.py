@@ -235,8 +235,7 @@ class Pipeline:
             rows.append((label, s))
         split_counts = {}
         for kind in ("easy", "medium", "hard"):
-            with open(self.path("split", f"{kind}case.json")) as f:
-                split_counts[kind] = len(json.load(f))
+            split_counts[kind] = len(self.split_records(kind))
         lines = ["| model | accuracy | format rate | keyword recall | mean response length |",
                  "| --- | --- | --- | --- | --- |"]
         for label, s in rows:

@@ -99,6 +99,14 @@ def image_inputs(images: list[Any], processor: Any) -> tuple[torch.Tensor, torch
     return vision["pixel_values"], vision["image_grid_thw"][order], order
 
 
+def _first_entries(image_order: list[int]) -> list[int]:
+    """For each distinct image 0, 1, ..., the index of its first entry in `image_order`."""
+    first: dict[int, int] = {}
+    for entry, distinct in enumerate(image_order):
+        first.setdefault(distinct, entry)
+    return [first[u] for u in range(len(first))]
+
+
 @contextlib.contextmanager
 def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None) -> Iterator[None]:
     """During the block, the vision tower of a Qwen2.5-VL `model` encodes only the distinct images.
@@ -114,11 +122,10 @@ def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None
     inner = model.model
     encode = inner.get_image_features
     order = image_order.tolist()
-    first = {u: i for i, u in reversed(list(enumerate(order)))}  # distinct image -> its first entry
+    firsts = _first_entries(order)
 
     def encode_distinct(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any) -> Any:
-        distinct_grid = image_grid_thw[[first[u] for u in range(len(first))]]
-        out = encode(pixel_values, distinct_grid, **kwargs)
+        out = encode(pixel_values, image_grid_thw[firsts], **kwargs)
         out.pooler_output = tuple(out.pooler_output[u] for u in order)
         return out
 
@@ -133,8 +140,8 @@ def every_image_copy(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """`inputs` with the pixels of every image entry written out and no image_order: what the model would
     encode without `images_encoded_once` (the reference its tests and benchmark compare against)."""
     order = inputs["image_order"].tolist()
-    sizes = inputs["image_grid_thw"].prod(-1)
-    distinct = torch.split(inputs["pixel_values"], [int(sizes[order.index(u)]) for u in range(max(order) + 1)])
+    sizes = inputs["image_grid_thw"][_first_entries(order)].prod(-1)
+    distinct = torch.split(inputs["pixel_values"], sizes.tolist())
     full = {k: v for k, v in inputs.items() if k != "image_order"}
     full["pixel_values"] = torch.cat([distinct[u] for u in order])
     return full
