@@ -1,10 +1,13 @@
 """Padded vs padding-free (packed) actor updates at several response-length spreads.
 
-Both paths are the actor's own (pebr.workers.actor): `model_inputs(..., padding_free=False)` right-pads
+All paths are the actor's own (pebr.workers.actor): `model_inputs(..., padding_free=False)` right-pads
 every micro-batch to its longest sequence (`collate`); `padding_free=True` lays its sequences end to end
 in one row (`collate_packed`: per-sequence multimodal RoPE positions and a leading row of text positions
-restarting at 0 per sequence, from which transformers builds a block-diagonal causal mask). Both feed
-`response_logprobs`; the packed log-probs are checked against the padded ones before anything is timed.
+restarting at 0 per sequence). The packed row is timed twice: with the variable-length attention that
+`worker.actor.padding_free` loads (`pebr.workers.attention`: each sequence attends on its own), and with
+plain SDPA, where transformers builds a block-diagonal [S, S] mask from the positions (what packing cost
+before the varlen attention). All feed `response_logprobs`; the packed log-probs are checked against the
+padded ones before anything is timed.
 """
 
 from __future__ import annotations
@@ -57,37 +60,42 @@ def step(model, batch: Batch, processor: Any, size: int, padding_free: bool) -> 
     return time.perf_counter() - t0, computed
 
 
-def max_logprob_gap(model, batch: Batch, processor: Any, size: int) -> float:
+def max_logprob_gap(padded_model, packed_model, batch: Batch, processor: Any, size: int) -> float:
     """Largest |padded - packed| log-prob over all response tokens (must be ~0 for packing to be correct)."""
     gap = 0.0
     with torch.no_grad():
         for mb in micro(batch, size):
-            padded, _ = actor_lib.response_logprobs(model, actor_lib.model_inputs(model, mb, processor, CPU, False))
-            packed, _ = actor_lib.response_logprobs(model, actor_lib.model_inputs(model, mb, processor, CPU, True))
+            padded, _ = actor_lib.response_logprobs(
+                padded_model, actor_lib.model_inputs(padded_model, mb, processor, CPU, False))
+            packed, _ = actor_lib.response_logprobs(
+                packed_model, actor_lib.model_inputs(packed_model, mb, processor, CPU, True))
             gap = max(gap, float((padded - packed).abs().max()))
     return gap
 
 
 def measure(model_path: str, prompts: list[dict], processor: Any, n: int, micro_size: int, reps: int,
             load_fn) -> list[dict]:
-    """Interleaved padded / packed repetitions per spread; one row per spread with raw timings."""
-    model = actor_lib.load_hf_model(model_path)
-    model.config.use_cache = False
-    model.train()
+    """Interleaved padded / packed (varlen) / packed (SDPA mask) repetitions per spread; one row per spread
+    with raw timings. The models are the same weights loaded with SDPA and with the varlen attention."""
+    models = {}
+    for name, padding_free in (("sdpa", False), ("varlen", True)):
+        models[name] = actor_lib.load_hf_model(model_path, padding_free=padding_free)
+        models[name].config.use_cache = False
+        models[name].train()
+    variants = {"padded": (models["sdpa"], False), "packed": (models["varlen"], True),
+                "packed_sdpa_mask": (models["sdpa"], True)}
     rows = []
     for name, (low, high) in SPREADS.items():
         batch = make_batch(prompts, processor, n, low, high, seed=0)
         useful = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
-        gap = max_logprob_gap(model, batch, processor, micro_size)
-        step(model, batch, processor, micro_size, padding_free=False)  # warm-up
-        step(model, batch, processor, micro_size, padding_free=True)
-        row = {"spread": name, "useful_tokens": useful, "logprob_gap": gap, "padded_s": [], "packed_s": [],
-               "load": []}
+        row = {"spread": name, "useful_tokens": useful, "load": [],
+               "logprob_gap": max_logprob_gap(models["sdpa"], models["varlen"], batch, processor, micro_size)}
+        for model, padding_free in variants.values():  # warm-up
+            step(model, batch, processor, micro_size, padding_free)
         for _ in range(reps):
             row["load"].append(load_fn())
-            s, row["padded_computed"] = step(model, batch, processor, micro_size, padding_free=False)
-            row["padded_s"].append(s)
-            s, row["packed_computed"] = step(model, batch, processor, micro_size, padding_free=True)
-            row["packed_s"].append(s)
+            for variant, (model, padding_free) in variants.items():
+                s, row[f"{variant}_computed"] = step(model, batch, processor, micro_size, padding_free)
+                row.setdefault(f"{variant}_s", []).append(s)
         rows.append(row)
     return rows

@@ -294,15 +294,18 @@ def report(r: dict) -> str:
         lines.append("")
     if "padding" in r:
         lines += ["### 4. Actor update (forward + backward), padded vs padding-free (`worker.actor.padding_free`)",
-                  "", "| response lengths | useful tokens | padded: computed tokens (useful share) | padded tokens/s | "
-                  "packed tokens/s | packed / padded speed | max log-prob gap | load |", "|---|---|---|---|---|---|---|---|"]
+                  "", "Packed = one row per micro-batch with the varlen attention that `padding_free` loads; "
+                  "packed, SDPA mask = the same row under plain SDPA (a block-diagonal [S, S] mask).", "",
+                  "| response lengths | useful tokens | padded: computed tokens (useful share) | padded tokens/s | "
+                  "packed tokens/s | **packed / padded speed** | packed, SDPA mask / padded | max log-prob gap | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in r["padding"]:
             u = row["useful_tokens"]
-            pad_tps = [u / t for t in row["padded_s"]]
-            pack_tps = [u / t for t in row["packed_s"]]
+            tps = {v: [u / t for t in row[f"{v}_s"]] for v in ("padded", "packed", "packed_sdpa_mask")}
             lines.append(f"| {row['spread']} | {u} | {row['padded_computed']} ({u / row['padded_computed']:.1%}) | "
-                         f"{fmt(summary(pad_tps))} | {fmt(summary(pack_tps))} | "
-                         f"{fmt(ratio_cells(pack_tps, pad_tps))} | {row['logprob_gap']:.1e} | "
+                         f"{fmt(summary(tps['padded']))} | {fmt(summary(tps['packed']))} | "
+                         f"**{fmt(ratio_cells(tps['packed'], tps['padded']))}** | "
+                         f"{fmt(ratio_cells(tps['packed_sdpa_mask'], tps['padded']))} | {row['logprob_gap']:.1e} | "
                          f"{summary(row['load'])['median']:.2f} |")
         lines.append("")
     return "\n".join(lines)

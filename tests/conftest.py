@@ -39,8 +39,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Workers see the project first and keep the caller's PYTHONPATH (where Ray itself may live).
+        pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ROOT}})
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": pythonpath}})
     yield ray
     ray.shutdown()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Any
 
 # Qwen2.5-VL's special tokens, in the order their ids are assigned after the BPE vocabulary.
 SPECIAL_TOKENS = [
@@ -69,6 +70,18 @@ SIZES = {
     "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, inter=768, mrope=[8, 12, 12],
                   v_hidden=128, v_depth=4, v_heads=4, v_inter=384, vocab=2000),
 }
+# Real-scale shapes for GPU benchmarks (benchmarks/gpu_update.py): built from config on the device, never
+# written to disk. The tokenizer stays the small one; the embedding and lm_head keep Qwen2.5's 151936 rows,
+# so the logits cost what they cost in the real model.
+GPU_SIZES = {
+    # Qwen2.5-0.5B's text shape (head_dim 64) with an 8-block vision tower.
+    "gpu-0.6b": dict(hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, mrope=[8, 12, 12],
+                     v_hidden=1280, v_depth=8, v_heads=16, v_inter=3420, vocab=2000, model_vocab=151936),
+    # Qwen2.5-1.5B's text shape (head_dim 128) with Qwen2.5-VL's full 32-block vision tower: about 2.2 B.
+    "gpu-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, inter=8960, mrope=[16, 24, 24],
+                   v_hidden=1280, v_depth=32, v_heads=16, v_inter=3420, vocab=2000, model_vocab=151936),
+}
+
 
 _WORDS = (
     "red blue green yellow purple gray grey brown cyan black white orange large small big tiny metal rubber "
@@ -128,6 +141,63 @@ def build_tokenizer(vocab_size: int, seed: int):
     return fast
 
 
+def model_config(size: str, tokenizer: Any) -> Any:
+    """The Qwen2.5-VL config of `size` (SIZES or GPU_SIZES) for `tokenizer`'s special tokens."""
+    from transformers import Qwen2_5_VLConfig
+
+    shapes = {**SIZES, **GPU_SIZES}
+    if size not in shapes:
+        raise ValueError(f"size must be one of {sorted(shapes)}, got {size!r}")
+    s = shapes[size]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision_blocks = s["v_depth"]
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=max(len(tokenizer), s.get("model_vocab", 0)),
+            hidden_size=s["hidden"],
+            intermediate_size=s["inter"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv_heads"],
+            max_position_embeddings=4096 if size in SIZES else 32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": s["mrope"]},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=vision_blocks,
+            hidden_size=s["v_hidden"],
+            intermediate_size=s["v_inter"],
+            num_heads=s["v_heads"],
+            out_hidden_size=s["hidden"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            # Full attention in every 8th block and the last, as Qwen2.5-VL's 32 blocks have at 7, 15, 23, 31.
+            fullatt_block_indexes=sorted({*range(7, vision_blocks, 8), vision_blocks - 1}),
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_processor(tokenizer: Any, min_pixels: int = 28 * 28 * 4, max_pixels: int = 224 * 224) -> Any:
+    """A Qwen2.5-VL processor around `tokenizer`. The default pixel budget keeps image token counts low
+    (a 112x112 image -> 16 tokens)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=CHAT_TEMPLATE)
+
+
 def build_tiny_model(output: str, size: str = "tiny", seed: int = 0) -> str:
     """Write a randomly initialised Qwen2.5-VL with tokenizer and processor to `output`.
 
@@ -140,72 +210,20 @@ def build_tiny_model(output: str, size: str = "tiny", seed: int = 0) -> str:
         The output directory.
     """
     import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-    )
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    s = SIZES[size]
     os.makedirs(output, exist_ok=True)
-
-    tokenizer = build_tokenizer(s["vocab"], seed)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = len(tokenizer)
-
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=s["hidden"],
-            intermediate_size=s["inter"],
-            num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"],
-            num_key_value_heads=s["kv_heads"],
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": s["mrope"]},
-            tie_word_embeddings=False,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=s["v_depth"],
-            hidden_size=s["v_hidden"],
-            intermediate_size=s["v_inter"],
-            num_heads=s["v_heads"],
-            out_hidden_size=s["hidden"],
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[s["v_depth"] - 1],
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    tokenizer = build_tokenizer(SIZES[size]["vocab"], seed)
+    config = model_config(size, tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [eos, pad]
+    model.generation_config.pad_token_id = pad
     model.save_pretrained(output, safe_serialization=True)
-
-    # Small pixel budgets keep image token counts low (a 112x112 image -> 16 tokens).
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=224 * 224)
-    video_processor = Qwen2VLVideoProcessor()
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(output)
+    build_processor(tokenizer).save_pretrained(output)
     tokenizer.save_pretrained(output)
     with open(os.path.join(output, "pebr_tiny_model.json"), "w") as f:
         json.dump({"size": size, "seed": seed, "num_parameters": sum(p.numel() for p in model.parameters())}, f)

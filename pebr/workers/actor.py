@@ -22,6 +22,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from pebr.algorithms.losses import agg_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, ppo_policy_loss
 from pebr.protocol import Batch
+from pebr.workers.attention import register_varlen_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -33,14 +34,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_hf_model(model_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a Qwen2.5-VL-style model in fp32 (the master weights)."""
+def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free: bool = False) -> torch.nn.Module:
+    """Load a Qwen2.5-VL-style model in fp32 (the master weights).
+
+    With `padding_free` its attention is the variable-length one (`pebr.workers.attention`), which packed
+    micro-batches (`collate_packed`) need to cost no more than padded ones; otherwise SDPA.
+    """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
         model_path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa")
+        attn_implementation=register_varlen_attention() if padding_free else "sdpa")
     return model
 
 
@@ -227,11 +232,16 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
         logits = model(**forward_inputs, use_cache=False).logits.flatten(0, 1)  # [rows * L, V]
     index = inputs["response_index"]
     # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
-    pred = logits[index - 1].float() / temperature  # [B, T, V]
+    pred = logits[index - 1].float()  # [B, T, V]
+    if temperature != 1.0:
+        pred = pred / temperature
     labels = inputs["input_ids"].flatten()[index]
     mask = inputs["response_mask"]
     logp = logprobs_from_logits(pred, labels) * mask
-    entropy = entropy_from_logits(pred) * mask if with_entropy else None
+    entropy = None
+    if with_entropy:  # a metric, never in the loss: no graph, so its [B, T, V] intermediates are freed at once
+        with torch.no_grad():
+            entropy = entropy_from_logits(pred) * mask
     return logp, entropy
 
 
@@ -430,7 +440,7 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 # Scaled so that the gradient summed over micro-batches and averaged over ranks by FSDP
                 # is the gradient of the loss averaged over the whole global mini-batch.
                 (loss * weight * world / denom).backward()
-                log("actor/entropy", masked_mean(entropy.detach(), rmask).item())
+                log("actor/entropy", masked_mean(entropy, rmask).item())
                 for k, v in pg_metrics.items():
                     log(f"actor/{k}", v)
             log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)

@@ -71,7 +71,7 @@ class FSDPWorker:
         compute_dtype = actor_lib.resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device)
         self.model = self.optimizer = self.scheduler = self.ref_model = None
         if self.need_actor:
-            model = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code)
+            model = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code, wcfg.actor.padding_free)
             if mcfg.freeze_vision_tower:
                 model.model.visual.requires_grad_(False)
             if mcfg.enable_gradient_checkpointing:
@@ -81,7 +81,8 @@ class FSDPWorker:
                                                cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda")
             self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
             if not cfg.algorithm.disable_kl:  # KL as a loss term or as a reward penalty: both need the reference
-                ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code).requires_grad_(False)
+                ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code,
+                                               wcfg.actor.padding_free).requires_grad_(False)
                 self.ref_model = actor_lib.shard_model(
                     ref.to(self.device), param_dtype=compute_dtype,
                     cpu_offload=wcfg.ref.fsdp.enable_cpu_offload and self.device.type == "cuda")

