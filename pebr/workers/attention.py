@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import weakref
 from typing import Any, Callable
 
@@ -102,9 +103,13 @@ def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: l
     if kernel == "flash_attn":
         return _flash_attn_varlen()(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
     fn = _torch_varlen()
-    params = inspect.signature(fn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return fn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
+    params = inspect.signature(fn).parameters  # torch 2.10-2.12 spell causality is_causal, later window_size
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif not math.isclose(scale, q.shape[-1] ** -0.5):
+        raise ValueError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
+    return fn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
