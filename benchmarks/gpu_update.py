@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import sys
@@ -160,6 +161,8 @@ def run_size(size: str, args, device: torch.device) -> dict:
     rows = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up: kernels, allocator, the autotuning of the first shapes
         one(v)
+    if args.profile:
+        profile(one, size, args.profile, device)
     for _ in range(args.reps):
         for v in VARIANTS:
             rows[v].append(one(v))
@@ -169,6 +172,29 @@ def run_size(size: str, args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def profile(one, size: str, out_dir: str, device: torch.device) -> None:
+    """One update per variant under torch.profiler: the top operators by device and by host time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    os.makedirs(out_dir, exist_ok=True)
+    for v in VARIANTS:
+        t0 = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            one(v)
+        wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in averages) / 1e6 if device.type == "cuda" else float("nan")
+        tables = [f"# {size}, {v}: {wall:.2f} s wall under the profiler, device busy {busy:.2f} s"]
+        for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total", "cpu_time_total"]:
+            tables.append(averages.table(sort_by=key, row_limit=25, max_name_column_width=70))
+        name = f"profile_{size}_{''.join(c if c.isalnum() else '_' for c in v)}.txt"
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write("\n\n".join(tables))
+        print(tables[0], "\n", tables[1][:6000], flush=True)
 
 
 def report(results: list[dict], peak: float | None, device_name: str) -> str:
@@ -208,6 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile one update per variant (torch.profiler) and write the tables to DIR")
     args = parser.parse_args(argv)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":

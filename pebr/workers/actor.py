@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.profiler import record_function
 
 from pebr.algorithms.losses import agg_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, ppo_policy_loss
 from pebr.protocol import Batch
@@ -417,8 +418,10 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
                                           cfg.padding_free, device):
                 mb = mini.select(idx)
-                inputs = model_inputs(model, mb, processor, device, cfg.padding_free)
-                logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
+                with record_function("pebr/model_inputs"):
+                    inputs = model_inputs(model, mb, processor, device, cfg.padding_free)
+                with record_function("pebr/forward"):
+                    logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
                 t = logp.shape[1]
                 rmask = inputs["response_mask"]
                 if "old_logprobs" in mb.tensors:
@@ -439,17 +442,19 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                     loss_sums["kl"] += kl_loss.item() * weight
                 # Scaled so that the gradient summed over micro-batches and averaged over ranks by FSDP
                 # is the gradient of the loss averaged over the whole global mini-batch.
-                (loss * weight * world / denom).backward()
+                with record_function("pebr/backward"):
+                    (loss * weight * world / denom).backward()
                 log("actor/entropy", masked_mean(entropy, rmask).item())
                 for k, v in pg_metrics.items():
                     log(f"actor/{k}", v)
             log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)
             if use_kl:
                 log("actor/kl_loss", global_sum(loss_sums["kl"], device) / denom)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
-                optimizer.step()
+            with record_function("pebr/optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if math.isfinite(grad_norm):
+                    optimizer.step()
             log("actor/grad_norm", grad_norm)
             log("actor/lr", scheduler.get_last_lr()[0])
     scheduler.step()
