@@ -151,7 +151,7 @@ def run_size(size: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        out = {"s": seconds, "grad_norm": metrics["actor/grad_norm"]}
+        out = {"s": seconds, "grad_norm": metrics["actor/grad_norm"], "images_encoded": metrics["actor/images_encoded"]}
         if device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         plan = actor_lib.plan_micro_batches(batch, args.micro, actor_lib.token_budget(cfg), cfg.padding_free, device)
@@ -204,8 +204,8 @@ def report(results: list[dict], peak: float | None, device_name: str) -> str:
         lines += [f"### {r['size']}: {r['params'] / 1e9:.2f} B parameters, {r['sequences']} sequences, "
                   f"{r['tokens']} tokens, {r['flops'] / 1e12:.1f} model TFLOP per update (packed kernel: "
                   f"{r['varlen_kernel']})", "",
-                  "| layout | micro-batches | update s | tokens/s | model TFLOP/s | MFU vs measured peak | peak GiB | "
-                  "speed vs padded fixed |", "|---|---|---|---|---|---|---|---|"]
+                  "| layout | micro-batches | images encoded | update s | tokens/s | model TFLOP/s | MFU vs measured peak | "
+                  "peak GiB | speed vs padded fixed |", "|---|---|---|---|---|---|---|---|---|"]
         base = [x["s"] for x in r["variants"]["padded, fixed micro-batches"]]
         for v, xs in r["variants"].items():
             secs = [x["s"] for x in xs]
@@ -214,7 +214,8 @@ def report(results: list[dict], peak: float | None, device_name: str) -> str:
             mfu = fmt(summary([t / peak for t in tflops])) if peak else "n/a"
             mem = f"{max(x.get('peak_gib', 0) for x in xs):.1f}" if "peak_gib" in xs[0] else "n/a"
             speed = summary([b / s for b, s in zip(base, secs)])
-            lines.append(f"| {v} | {xs[0]['micro_batches']} | {fmt(summary(secs))} | {fmt(summary(tps))} | "
+            lines.append(f"| {v} | {xs[0]['micro_batches']} | {xs[0].get('images_encoded', 'n/a')} | "
+                         f"{fmt(summary(secs))} | {fmt(summary(tps))} | "
                          f"{fmt(summary(tflops))} | {mfu} | {mem} | {fmt(speed)} |")
         lines.append("")
     return "\n".join(lines)

@@ -51,6 +51,19 @@ class Batch:
         width = int(lengths.max()) if len(lengths) else 0
         return (torch.arange(width)[None, :] < lengths[:, None]).float()
 
+    def image_groups(self) -> list[list[int]]:
+        """Indices of the samples that share their image objects (the n responses of a prompt), each group in
+        batch order, groups in order of first appearance; a sample without images is a group of its own.
+
+        Sharing is by object identity, which survives `select` and pickling one batch (pickle keeps shared
+        objects shared), so these are exactly the images `pebr.workers.actor.image_inputs` encodes once.
+        """
+        groups: dict[Any, list[int]] = {}
+        for i, ims in enumerate(self.images):
+            key = tuple(id(im) for im in ims) if ims else ("no image", i)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
     def select(self, indices: Sequence[int]) -> "Batch":
         idx = list(indices)
         index = torch.tensor(idx, dtype=torch.long)

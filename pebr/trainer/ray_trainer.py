@@ -181,17 +181,24 @@ def reuses_current_logprobs(cfg: PPOConfig, num_samples: int) -> bool:
 def balanced_order(batch: Batch, parts: int) -> list[int]:
     """An order of samples that gives each of `parts` equal chunks a similar number of tokens.
 
-    Samples are dealt longest-first to the chunk with the fewest tokens so far (greedy
-    partitioning); ranks then finish their forward/backward passes at about the same time.
+    The samples that share an image (a prompt's n responses, `Batch.image_groups`) are dealt together,
+    largest group first, to the chunk with the fewest tokens so far that has room for the whole group
+    (greedy partitioning): ranks then finish their passes at about the same time, and each image is
+    encoded on one rank instead of on every rank that got one of its responses. A group that fits in no
+    chunk is cut, longest samples first. Within a chunk the batch order is kept.
     """
     size = len(batch) // parts
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
     loads, chunks = [0] * parts, [[] for _ in range(parts)]
-    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
-        open_chunks = [c for c in range(parts) if len(chunks[c]) < size]
-        c = min(open_chunks, key=lambda c: loads[c])
-        chunks[c].append(i)
-        loads[c] += lengths[i]
+    for group in sorted(batch.image_groups(), key=lambda g: -sum(lengths[i] for i in g)):
+        rest = sorted(group, key=lambda i: -lengths[i])
+        while rest:
+            open_chunks = [c for c in range(parts) if len(chunks[c]) < size]
+            whole = [c for c in open_chunks if size - len(chunks[c]) >= len(rest)]
+            c = min(whole or open_chunks, key=lambda c: loads[c])
+            take, rest = rest[:size - len(chunks[c])], rest[size - len(chunks[c]):]
+            chunks[c] += take
+            loads[c] += sum(lengths[i] for i in take)
     return [i for c in chunks for i in sorted(c)]
 
 

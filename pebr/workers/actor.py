@@ -246,6 +246,11 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     return logp, entropy
 
 
+def distinct_images(batch: Batch) -> int:
+    """How many distinct image objects `batch` holds (each is processed and encoded once per forward)."""
+    return len({id(im) for ims in batch.images for im in ims})
+
+
 def fixed_slices(count: int, size: int) -> list[list[int]]:
     """Indices of consecutive slices of `size` out of `count` samples (the last may be shorter)."""
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
@@ -289,6 +294,33 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int, padding_free: b
             groups[-1].append(i)
         else:
             groups.append([i])
+    return groups
+
+
+def image_group_budget_groups(lengths: Sequence[int], max_tokens: int, units: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Packed (padding_free) micro-batches of at most `max_tokens` tokens that keep samples sharing an image
+    together, so that each image is encoded in as few micro-batches as the budget allows.
+
+    `units` are the image groups (`Batch.image_groups`): the n responses of a prompt. A unit larger than
+    the budget is cut into budget-sized pieces (`token_budget_groups` within it); the pieces are then
+    packed first-fit, largest first. Packed, a sequence costs its length wherever it goes, so keeping a
+    unit together costs no padding; sorting by length instead scatters a prompt's responses over every
+    micro-batch, which then each encode the image again (measured on an H100: the vision tower became
+    a third of a 2 B model's update, benchmarks/RESULTS.md).
+    """
+    pieces = [[unit[j] for j in piece] for unit in units
+              for piece in token_budget_groups([lengths[i] for i in unit], max_tokens, padding_free=True)]
+    groups: list[list[int]] = []
+    loads: list[int] = []
+    for piece in sorted(pieces, key=lambda p: -sum(lengths[i] for i in p)):
+        tokens = sum(lengths[i] for i in piece)
+        at = next((g for g, load in enumerate(loads) if load + tokens <= max_tokens), None)
+        if at is None:
+            groups.append(list(piece))
+            loads.append(tokens)
+        else:
+            groups[at].extend(piece)
+            loads[at] += tokens
     return groups
 
 
@@ -344,14 +376,18 @@ def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_
                        device: torch.device) -> list[list[int]]:
     """Sample indices of each micro-batch of `batch`.
 
-    With `max_tokens` None: consecutive slices of `size` samples. Otherwise token-budget groups
-    (`token_budget_groups`), split so that every rank gets the same number of micro-batches (the
+    With `max_tokens` None: consecutive slices of `size` samples. Otherwise token-budget groups: similar
+    lengths together when padded (`token_budget_groups`), a prompt's responses together when packed
+    (`image_group_budget_groups`); then split so that every rank gets the same number of micro-batches (the
     largest any rank needs, agreed by an all_reduce: a collective, so every rank must call this).
     """
     if max_tokens is None:
         return fixed_slices(len(batch), size)
     lengths = sequence_lengths(batch)
-    groups = token_budget_groups(lengths, max_tokens, padding_free)
+    if padding_free:
+        groups = image_group_budget_groups(lengths, max_tokens, batch.image_groups())
+    else:
+        groups = token_budget_groups(lengths, max_tokens, padding_free)
     return split_to_count(groups, global_max(len(groups), device), lengths, padding_free)
 
 
@@ -415,8 +451,13 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
             optimizer.zero_grad(set_to_none=True)
-            for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
-                                          cfg.padding_free, device):
+            plan = plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens, cfg.padding_free,
+                                      device)
+            # Each micro-batch encodes its distinct images once; fewer encodings than images x micro-batches
+            # is what keeping a prompt's responses together buys (image_group_budget_groups, balanced_order).
+            log("actor/images_encoded", float(sum(distinct_images(mini.select(idx)) for idx in plan)))
+            log("actor/distinct_images", float(distinct_images(mini)))
+            for idx in plan:
                 mb = mini.select(idx)
                 with record_function("pebr/model_inputs"):
                     inputs = model_inputs(model, mb, processor, device, cfg.padding_free)

@@ -43,3 +43,31 @@ def cfg_with(*overrides: str):
 ])
 def test_old_logprob_pass_is_skipped_only_when_exact(overrides, samples, expected):
     assert reuses_current_logprobs(cfg_with(*overrides), samples) is expected
+
+
+def batch_of_groups(lengths: list[int], image_of: list[str | None]) -> Batch:
+    """Samples of the given lengths; samples with the same label share one image object (None: no image)."""
+    images = {label: object() for label in set(image_of) if label is not None}
+    return Batch(prompt_ids=[[1] * (n - 1) for n in lengths], response_ids=[[2] for _ in lengths],
+                 images=[[images[label]] if label else [] for label in image_of])
+
+
+def test_image_groups_are_samples_sharing_their_image_objects():
+    batch = batch_of_groups([3] * 6, ["a", "b", None, "a", None, "b"])
+    assert batch.image_groups() == [[0, 3], [1, 5], [2], [4]]
+    assert batch.select([5, 0, 1, 3]).image_groups() == [[0, 2], [1, 3]]  # b a b a: select keeps objects shared
+
+
+def test_balanced_order_keeps_a_prompts_responses_on_one_rank():
+    # Prompts A, B, C, D with 2 responses each, interleaved: A = {0, 4} (20 tokens), B = {1, 5} (18), C = {2, 6} (4),
+    # D = {3, 7} (2). Largest group first to the lighter chunk with room: A -> 0, B -> 1, C -> 1 (18 < 20), D -> 0.
+    batch = batch_of_groups([10, 9, 2, 1, 10, 9, 2, 1], ["A", "B", "C", "D"] * 2)
+    assert balanced_order(batch, 2) == [0, 3, 4, 7, 1, 2, 5, 6]
+    # Dealt one sample at a time (no images), the two samples of every pair land in different chunks:
+    # with images, both ranks would encode all four.
+    assert balanced_order(batch_of_lengths([10, 9, 2, 1, 10, 9, 2, 1]), 2) == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_balanced_order_cuts_a_group_that_fits_no_chunk():
+    # One image, 4 responses, 2 chunks of 2: the two longest go to the first chunk, the rest to the other.
+    assert balanced_order(batch_of_groups([2, 5, 3, 4], ["A"] * 4), 2) == [1, 3, 0, 2]

@@ -226,6 +226,32 @@ def test_token_budget_groups_cover_every_sample_within_budget(padding_free, budg
         actor_lib.split_to_count(groups, len(lengths) + 1, lengths, padding_free)
 
 
+def test_packed_groups_keep_a_prompts_responses_together_by_hand():
+    lengths, units = [6, 5, 4, 3, 3, 2], [[0, 1], [2, 3], [4, 5]]
+    # Units of 11, 7 and 5 tokens, largest first into the first group they fit.
+    assert actor_lib.image_group_budget_groups(lengths, 11, units) == [[0, 1], [2, 3], [4, 5]]
+    assert actor_lib.image_group_budget_groups(lengths, 12, units) == [[0, 1], [2, 3, 4, 5]]
+    # A unit over the budget is cut as token_budget_groups cuts it ([6], [5, 4], [3]); the pieces are then packed.
+    assert actor_lib.image_group_budget_groups([6, 5, 4, 3], 9, [[0, 1, 2, 3]]) == [[1, 2], [0, 3]]
+
+
+def test_packed_plan_encodes_each_image_once_when_its_responses_fit_the_budget(batch):
+    """Sorted by length, a prompt's responses spread over the micro-batches, and each encodes the image again."""
+    lengths = actor_lib.sequence_lengths(batch)
+    largest_unit = max(sum(lengths[i] for i in unit) for unit in batch.image_groups())
+    budget = largest_unit + 10
+
+    def encodings(plan):
+        return sum(actor_lib.distinct_images(batch.select(idx)) for idx in plan)
+
+    packed = actor_lib.plan_micro_batches(batch, 2, budget, True, CPU)
+    by_length = actor_lib.token_budget_groups(lengths, budget, padding_free=True)
+    assert sorted(i for g in packed for i in g) == list(range(len(batch)))
+    assert all(actor_lib.micro_batch_tokens([lengths[i] for i in g], True) <= budget for g in packed)
+    assert encodings(packed) == actor_lib.distinct_images(batch) == 3
+    assert encodings(by_length) > encodings(packed)
+
+
 def test_padded_token_count_is_count_times_longest():
     assert actor_lib.micro_batch_tokens([10, 30, 20], padding_free=False) == 90
     assert actor_lib.micro_batch_tokens([10, 30, 20], padding_free=True) == 60
