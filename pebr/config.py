@@ -111,12 +111,14 @@ class ActorConfig:
     clip_ratio_dual: float = 3.0
     loss_avg_mode: str = "token"  # token | seq
     ppo_epochs: int = 1
-    # Pack each micro-batch's sequences end to end in one row (no pad tokens computed). Off by default:
-    # with SDPA on CPU it is measured slower than padding (benchmarks/RESULTS.md); the GPU recipes turn it on.
+    # Pack each micro-batch's sequences end to end in one row (no pad tokens computed); the model then runs
+    # the variable-length attention of pebr/workers/attention.py (flash varlen on CUDA). The GPU recipes
+    # turn it on; on CPU it measured about as fast as padding (benchmarks/RESULTS.md), so it is off there.
     padding_free: bool = False
     # Cut micro-batches by token count (max_token_len_per_gpu) instead of by micro_batch_size_per_device_*:
-    # tokens are count x longest when padded, the sum of lengths when padding_free. A single longer
-    # sequence gets a micro-batch of its own. Same gradient as fixed-size micro-batches.
+    # tokens are count x longest when padded (similar lengths grouped), the sum of lengths when padding_free
+    # (a prompt's responses kept together, so its image is encoded once). A single longer sequence gets a
+    # micro-batch of its own. Same gradient as fixed-size micro-batches.
     dynamic_batching: bool = False
     max_token_len_per_gpu: int = 16384
     ulysses_sequence_parallel_size: int = 1
