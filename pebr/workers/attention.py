@@ -10,15 +10,17 @@ attention on its own, which is what padding-free training needs:
   or flash-attn's `flash_attn_varlen_func` when that package is installed and torch has no varlen kernel;
 * otherwise (CPU, fp32): one fused causal SDPA call per sequence, on views of the packed tensors.
 
-Any call without packed text positions (the vision tower's blocks, a padded batch with its mask) goes to
-transformers' SDPA unchanged, so a model loaded with this implementation computes what SDPA computes.
-No mask is built for it: transformers skips mask creation for attention functions it has no mask
-function for, which is the point (no [S, S] tensor).
+Every other call (the vision tower's blocks, a row without packed positions) goes to transformers' SDPA
+unchanged. No mask is built for this implementation: transformers skips mask creation for attention
+functions it has no mask function for, which is the point (no [S, S] tensor). A right-padded batch through
+such a model is therefore causal over each row, which leaves its real tokens exact (tested); the trainer
+still loads plain SDPA when it pads.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 import weakref
@@ -62,21 +64,20 @@ _segments = _SegmentCache()
 
 
 @functools.lru_cache(maxsize=None)
+def _optional(module: str, name: str) -> Callable | None:
+    """`module.name`, or None where this installation lacks it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _torch_varlen() -> Callable | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+    return _optional("torch.nn.attention.varlen", "varlen_attn")
 
 
-@functools.lru_cache(maxsize=None)
 def _flash_attn_varlen() -> Callable | None:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+    return _optional("flash_attn", "flash_attn_varlen_func")
 
 
 def varlen_kernel(device: torch.device, dtype: torch.dtype) -> str:

@@ -107,16 +107,28 @@ class FSDPWorker:
 
     # -- rollout ----------------------------------------------------------------------------------
     def sync_weights(self) -> float:
-        """Load the actor's current weights into the rollout engine (all ranks take part in the gather)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+        """Load the actor's current weights into the rollout engine (all ranks take part in the gathers)."""
         t0 = time.time()
         if self.model is not None and self.weights_stale:
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-            self.rollout.load_weights(state.items())
-            del state
+            self.rollout.load_weights(self._full_parameters())
         self.weights_stale = False
         return time.time() - t0
+
+    def _full_parameters(self):
+        """(name, full tensor) of each parameter, gathered one at a time as the engine consumes them, so the
+        sync holds one unsharded parameter beside the engine's copy instead of a whole unsharded model.
+        Every rank walks the parameters in the same order: each gather is a collective."""
+        from torch.distributed.tensor import DTensor
+
+        for name, param in self.model.named_parameters():
+            tensor = param.detach()
+            if isinstance(tensor, DTensor):
+                local = tensor.to_local()
+                if local.device != self.device:  # a CPU-offloaded shard: NCCL gathers device tensors only
+                    tensor = DTensor.from_local(local.to(self.device), tensor.device_mesh, tensor.placements,
+                                                shape=tensor.shape, stride=tensor.stride())
+                tensor = tensor.full_tensor()
+            yield name, tensor
 
     def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
         """n responses for each prompt; returns the batch and timings."""

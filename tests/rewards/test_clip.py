@@ -125,7 +125,9 @@ def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) ->
         assert out[2]["clip"] == 0.0 and out[2]["format"] == 0.0
         # A second worker finds the same scorer instead of loading another copy.
         other = RewardWorker.remote(STAGE1, reward_function_kwargs=kwargs)
-        assert ray.get(other.compute.remote(inputs[:1]))[0]["clip"] == pytest.approx(out[0]["clip"], abs=1e-6)
+        # Scored alone instead of in a batch of three: float32 kernels round differently by batch size, and
+        # the reward divides the similarity by a small threshold (seen here: 1.6e-6 apart), hence 1e-5 as above.
+        assert ray.get(other.compute.remote(inputs[:1]))[0]["clip"] == pytest.approx(out[0]["clip"], abs=1e-5)
         assert named_actors(ray).count(CLIP_ACTOR_NAME) == 1
         ray.kill(other)
     finally:

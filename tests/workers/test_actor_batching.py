@@ -174,6 +174,17 @@ def test_packed_logprobs_and_entropies_match_padded(model, packing_model, proces
     assert (logp_leaky - logp_pad).abs().max() > 1e-3
 
 
+def test_padded_rows_through_the_varlen_model_are_exact(model, varlen_model, processor, batch):
+    """transformers builds no mask for the varlen attention, so a right-padded row is causal over its pads:
+    the real tokens come out as with SDPA and its mask."""
+    inputs = actor_lib.collate(batch, processor, CPU)
+    assert not inputs["attention_mask"].all()
+    with torch.no_grad():
+        want, _ = actor_lib.response_logprobs(model, inputs)
+        got, _ = actor_lib.response_logprobs(varlen_model, inputs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("packing_model", ["varlen", "sdpa"], indirect=True)
 def test_packed_gradients_match_padded(model, packing_model, processor, batch):
     weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(1))
