@@ -122,7 +122,9 @@ class FSDPWorker:
 
         for name, param in self.model.named_parameters():
             tensor = param.detach()
-            if isinstance(tensor, DTensor):
+            if isinstance(tensor, DTensor) and tensor.device_mesh.size() == 1:
+                tensor = tensor.to_local()  # one rank holds it all: no collective to pay for
+            elif isinstance(tensor, DTensor):
                 local = tensor.to_local()
                 if local.device != self.device:  # a CPU-offloaded shard: NCCL gathers device tensors only
                     tensor = DTensor.from_local(local.to(self.device), tensor.device_mesh, tensor.placements,
