@@ -451,14 +451,13 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
             optimizer.zero_grad(set_to_none=True)
-            plan = plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens, cfg.padding_free,
-                                      device)
             # Each micro-batch encodes its distinct images once; fewer encodings than images x micro-batches
             # is what keeping a prompt's responses together buys (image_group_budget_groups, balanced_order).
-            log("actor/images_encoded", float(sum(distinct_images(mini.select(idx)) for idx in plan)))
-            log("actor/distinct_images", float(distinct_images(mini)))
-            for idx in plan:
+            images_encoded = 0
+            for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
+                                          cfg.padding_free, device):
                 mb = mini.select(idx)
+                images_encoded += distinct_images(mb)
                 with record_function("pebr/model_inputs"):
                     inputs = model_inputs(model, mb, processor, device, cfg.padding_free)
                 with record_function("pebr/forward"):
@@ -488,6 +487,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 log("actor/entropy", masked_mean(entropy, rmask).item())
                 for k, v in pg_metrics.items():
                     log(f"actor/{k}", v)
+            log("actor/images_encoded", float(images_encoded))
+            log("actor/distinct_images", float(distinct_images(mini)))
             log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)
             if use_kl:
                 log("actor/kl_loss", global_sum(loss_sums["kl"], device) / denom)

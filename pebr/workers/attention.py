@@ -43,21 +43,34 @@ def packed_segments(text_positions: torch.Tensor) -> list[int]:
 
 
 class _SegmentCache:
-    """The segments of the last positions tensor seen: every decoder layer of one forward (and its
-    recomputation under gradient checkpointing) gets the same tensor object, and finding the boundaries
-    costs a device sync, so it is done once per forward. A weak reference, not an id: a new tensor can
-    reuse a dead one's id and address."""
+    """The segments of the last positions tensor seen: their lengths and cumulative offsets (`cu_seqlens`, on
+    the positions' device). Every decoder layer of one forward (and its recomputation under gradient
+    checkpointing) gets the same tensor object, and finding the boundaries costs a device sync, so it is
+    done once per forward, not once per layer. A weak reference, not an id: a new tensor can reuse a dead
+    one's id and address."""
 
     def __init__(self) -> None:
         self.ref: weakref.ref | None = None
         self.version = -1
         self.lengths: list[int] = []
+        self.cu_seqlens: torch.Tensor | None = None
 
-    def lengths_of(self, positions: torch.Tensor) -> list[int]:
+    def _refresh(self, positions: torch.Tensor) -> None:
         if self.ref is None or self.ref() is not positions or self.version != positions._version:
             self.lengths = packed_segments(positions)
+            offsets = [0]
+            for n in self.lengths:
+                offsets.append(offsets[-1] + n)
+            self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=positions.device)
             self.ref, self.version = weakref.ref(positions), positions._version
+
+    def lengths_of(self, positions: torch.Tensor) -> list[int]:
+        self._refresh(positions)
         return self.lengths
+
+    def cu_seqlens_of(self, positions: torch.Tensor) -> torch.Tensor:
+        self._refresh(positions)
+        return self.cu_seqlens
 
 
 _segments = _SegmentCache()
@@ -90,27 +103,31 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa_loop"
 
 
-def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
-                   kernel: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_params() -> frozenset[str]:
+    """The keyword names this torch's `varlen_attn` takes (torch 2.10-2.12 spell causality is_causal, later
+    window_size); read once, not in every layer's call."""
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
+
+
+def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], cu_seqlens: torch.Tensor,
+                   scale: float, kernel: str) -> torch.Tensor:
     """Causal attention within each segment. q [S, H, D], k / v [S, H, D] (heads already matched); returns [S, H, D]."""
     if kernel == "sdpa_loop":
         out = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
                                               is_causal=True, scale=scale).transpose(0, 1)
                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return torch.cat(out)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32, device=q.device).cumsum(0)
-    longest = max(lengths)
+    cu, longest = cu_seqlens.to(q.device), max(lengths)
     if kernel == "flash_attn":
         return _flash_attn_varlen()(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
-    fn = _torch_varlen()
-    params = inspect.signature(fn).parameters  # torch 2.10-2.12 spell causality is_causal, later window_size
+    params = _torch_varlen_params()
     kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kwargs["scale"] = scale
     elif not math.isclose(scale, q.shape[-1] ** -0.5):
         raise ValueError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
-    return fn(q, k, v, cu, cu, longest, longest, **kwargs)
+    return _torch_varlen()(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -134,9 +151,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    lengths = _segments.lengths_of(position_ids)
+    lengths, cu_seqlens = _segments.lengths_of(position_ids), _segments.cu_seqlens_of(position_ids)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
-    out = _causal_varlen(q, k, v, lengths, scale, varlen_kernel(query.device, query.dtype))
+    out = _causal_varlen(q, k, v, lengths, cu_seqlens, scale, varlen_kernel(query.device, query.dtype))
     return out.unsqueeze(0), None
 
 

@@ -106,3 +106,9 @@ def test_padding_free_models_load_with_the_varlen_attention(tiny_model_dir, tmp_
     # A checkpoint's config stays loadable anywhere: the name of this process's registration is not saved.
     model.config.save_pretrained(tmp_path)
     assert att.VARLEN_ATTENTION not in (tmp_path / "config.json").read_text()
+
+
+def test_cumulative_offsets_of_the_segments_for_the_varlen_kernel():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert att._segments.cu_seqlens_of(positions).tolist() == [0, 3, 5, 6]
+    assert att._segments.cu_seqlens_of(positions).dtype == torch.int32
