@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -118,6 +119,8 @@ class WorkerGroup:
         remote = ray.remote(FSDPWorker).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
         self.timeout = cfg.trainer.worker_timeout_s
+        self._last_rollout: str | None = None  # the id of the rollout the workers hold
+        self._experience: tuple[Batch, list[list[int]], set[str]] | None = None  # (batch, shares, tensors held)
         try:
             addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
             ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
@@ -132,33 +135,64 @@ class WorkerGroup:
         self.workers = []
 
     def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
-        """Spread prompts over the rollout groups (ranks sharing a tensor-parallel engine get the same ones)."""
+        """Spread prompts over the rollout groups (ranks sharing a tensor-parallel engine get the same ones).
+
+        The workers keep what they generated and send back no images: the batch carries the prompts' own
+        image objects, and per sample where it was generated (non_tensors["origin"]: rollout id, rollout
+        group, position), so that `compute_log_probs` can leave samples where they already are.
+        """
         groups = self.size // self.tp
         shards = [prompts[g::groups] for g in range(groups)]
-        futures = [w.generate.remote(shards[rank // self.tp], sampling) for rank, w in enumerate(self.workers)]
+        rollout_id = self._last_rollout = uuid.uuid4().hex
+        futures = [w.generate.remote(shards[rank // self.tp], sampling, rollout_id) for rank, w in enumerate(self.workers)]
         results = ray_get(futures, "rollout", self.timeout)
-        batches = [results[g * self.tp][0] for g in range(groups)]
+        batches = []
+        for g in range(groups):
+            batch, shard = results[g * self.tp][0], shards[g]
+            if len(batch) != len(shard) * sampling["n"]:
+                raise WorkerFailure(f"rollout group {g} returned {len(batch)} samples for {len(shard)} prompts x "
+                                    f"n={sampling['n']}")
+            batch.images = [shard[j // sampling["n"]].get("images") or [] for j in range(len(batch))]
+            batch.non_tensors["origin"] = [(rollout_id, g, j) for j in range(len(batch))]
+            batches.append(batch)
         timing = {k: max(r[1][k] for r in results) for k in results[0][1]}
         return Batch.concat(batches), timing
 
     def compute_log_probs(self, batch: Batch, with_old: bool = True) -> dict[str, torch.Tensor]:
-        """Old (unless `with_old` is False) and reference log-probs [N, T], plus the entropy with the old ones."""
-        parts = ray_get([w.compute_log_probs.remote(b, with_old) for w, b in zip(self.workers, batch.chunk(self.size))],
+        """Old (unless `with_old` is False) and reference log-probs [N, T], plus the entropy with the old ones.
+
+        Each rank gets its share of the step (`rank_shares`) and keeps it for `update_actor`, so the samples
+        are sent once per step (and not at all when they are still where they were generated).
+        """
+        mini = self.cfg.worker.actor.global_batch_size * self.cfg.worker.rollout.n
+        shares = rank_shares(batch, self.size, min(mini, len(batch)))
+        payloads = [share_payload(batch, share, rank // self.tp, self._last_rollout) for rank, share in enumerate(shares)]
+        parts = ray_get([w.compute_log_probs.remote(p, with_old) for w, p in zip(self.workers, payloads)],
                         "log-prob computation", self.timeout)
+        self._experience = (batch, shares, set(parts[0]))
         if not parts[0]:
             return {}
         width = max(t.shape[1] for p in parts for t in p.values())
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return {k: torch.cat([pad(p[k]) for p in parts]) for k in parts[0]}
+        out = {k: torch.zeros(len(batch), width) for k in parts[0]}
+        for share, part in zip(shares, parts):
+            for k, t in part.items():
+                out[k][share, :t.shape[1]] = t
+        return out
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
-        """Each global mini-batch (a contiguous block of global_batch_size x n samples) is split evenly over
+        """One PPO update per rank on the share `compute_log_probs` left there, with only the tensors the
+        workers do not hold yet (advantages, response_mask, ...).
+
+        Each global mini-batch (a contiguous block of global_batch_size x n samples) is split evenly over
         the ranks, so an optimizer step sees the same samples whatever the number of workers."""
-        mini = self.cfg.worker.actor.global_batch_size * self.cfg.worker.rollout.n
-        per_rank = mini // self.size
-        shards = [batch.select([start + rank * per_rank + i for start in range(0, len(batch), mini)
-                                for i in range(per_rank)]) for rank in range(self.size)]
-        results = ray_get([w.update_actor.remote(b) for w, b in zip(self.workers, shards)],
+        if self._experience is None or self._experience[0] is not batch:
+            raise RuntimeError("update_actor(batch) needs compute_log_probs(batch) first: the workers hold the "
+                               "step's samples from that call")
+        _, shares, held = self._experience
+        self._experience = None
+        index = [torch.tensor(share, dtype=torch.long) for share in shares]
+        sends = [{k: v.index_select(0, i) for k, v in batch.tensors.items() if k not in held} for i in index]
+        results = ray_get([w.update_actor.remote(t) for w, t in zip(self.workers, sends)],
                           "actor update", self.timeout)
         return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
@@ -200,6 +234,36 @@ def balanced_order(batch: Batch, parts: int) -> list[int]:
             chunks[c] += take
             loads[c] += sum(lengths[i] for i in take)
     return [i for c in chunks for i in sorted(c)]
+
+
+def share_payload(batch: Batch, share: list[int], group: int, last_rollout: str | None) -> Batch | tuple[str, list[int]]:
+    """What a rank of rollout group `group` is sent for `share`: (rollout id, positions) when every sample
+    of it came from that group's engine in the workers' last rollout, which the rank still holds, else
+    the samples themselves."""
+    origins = [batch.non_tensors["origin"][i] for i in share] if "origin" in batch.non_tensors else []
+    if share and origins and all(o[0] == last_rollout and o[1] == group for o in origins):
+        return last_rollout, [o[2] for o in origins]
+    return batch.select(share)
+
+
+def rank_shares(batch: Batch, ranks: int, mini_batch: int) -> list[list[int]]:
+    """The samples each rank computes log-probs for and trains on this step.
+
+    From every global mini-batch (a contiguous block of `mini_batch` samples: one optimizer step) each rank
+    gets an equal part, chosen by `balanced_order` (similar token counts, a prompt's responses on one rank);
+    a rank's share is its parts block after block, which `update_policy` cuts into mini-batches again.
+    One assignment serves both passes, so each rank receives its samples once per step.
+    """
+    if mini_batch % ranks or len(batch) % mini_batch:
+        raise ValueError(f"a batch of {len(batch)} samples in mini-batches of {mini_batch} cannot be split evenly "
+                         f"over {ranks} ranks")
+    per_rank = mini_batch // ranks
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    for start in range(0, len(batch), mini_batch):
+        order = balanced_order(batch.select(range(start, start + mini_batch)), ranks)
+        for rank in range(ranks):
+            shares[rank] += [start + i for i in order[rank * per_rank:(rank + 1) * per_rank]]
+    return shares
 
 
 class RayPPOTrainer:
@@ -325,8 +389,6 @@ class RayPPOTrainer:
 
             with timed(metrics, "make_batch"):
                 batch = self.make_batch(metrics)
-            # Reordered before anything is attached to it, so that scores and log-probs line up with it.
-            batch = batch.select(balanced_order(batch, self.workers.size))
             # Reward scoring runs in its own actor while the workers compute log-probs.
             reward_future = None
             if "scores" not in batch.tensors:

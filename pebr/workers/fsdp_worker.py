@@ -3,9 +3,15 @@
 The controller calls these methods on every worker at once (each with its own share of the batch)
 and waits for all of them, because the FSDP collectives need every rank. Data flow per step:
 
-    generate(prompts)          -> Batch of responses          (syncs the actor's weights into the engine first)
-    compute_log_probs(batch)   -> old / ref log-probs, entropy
-    update_actor(batch)        -> metrics                     (marks the engine's weights stale)
+    generate(prompts)                -> Batch of responses, without the images the controller already has
+                                        (syncs the actor's weights into the engine first; keeps the rollout)
+    compute_log_probs(share)         -> old / ref log-probs, entropy (keeps the share as this step's experience)
+    update_actor(tensors)            -> metrics      (the experience + the controller's advantages; marks the
+                                                      engine's weights stale)
+
+A rank's samples cross the process boundary at most once per step after generation: `share` is a Batch,
+or only the positions of the samples in this worker's own last rollout when they are all there (one rank,
+or a share that stayed where it was generated), and the update receives only the tensors the worker lacks.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class FSDPWorker:
         self.total_steps = total_steps
         self.need_actor = need_actor
         self.weights_stale = True
+        self.last_rollout: tuple[str, Batch] | None = None  # (rollout id, batch with images) of the last generate
+        self.experience: Batch | None = None  # this step's share, from compute_log_probs to update_actor
 
     # -- set-up -----------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -132,8 +140,12 @@ class FSDPWorker:
                 tensor = tensor.full_tensor()
             yield name, tensor
 
-    def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
-        """n responses for each prompt; returns the batch and timings."""
+    def generate(self, prompts: list[dict], sampling: dict, rollout_id: str = "") -> tuple[Batch, dict]:
+        """n responses for each prompt; returns the batch, without its images, and timings.
+
+        The batch is kept (with the images) under `rollout_id`, so that a later `compute_log_probs` can name
+        samples by position instead of receiving them again; the controller holds the images already.
+        """
         sync_s = self.sync_weights()
         t0 = time.time()
         sampling_cfg = SamplingConfig(**sampling)
@@ -162,12 +174,21 @@ class FSDPWorker:
         if rollout_logprobs:
             width = max(len(r) for r in response_ids)
             batch.tensors["rollout_logprobs"] = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in rollout_logprobs])
-        return batch, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
+        self.last_rollout = (rollout_id, batch)
+        text_only = Batch(batch.prompt_ids, batch.response_ids, [[] for _ in response_ids], dict(batch.non_tensors),
+                          dict(batch.tensors))
+        return text_only, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
 
     # -- training ---------------------------------------------------------------------------------
-    def compute_log_probs(self, batch: Batch, with_old: bool = True) -> dict[str, torch.Tensor]:
+    def compute_log_probs(self, share: Batch | tuple[str, list[int]], with_old: bool = True) -> dict[str, torch.Tensor]:
         """Old log-probs and entropy (unless `with_old` is False: the update then uses its own, detached)
-        and reference log-probs, [N, T]."""
+        and reference log-probs, [N, T], of this rank's share of the step; the share, with them, is kept for
+        `update_actor`.
+
+        Args:
+            share: the samples as a Batch, or (rollout id, positions) of samples in this worker's last rollout.
+        """
+        batch = self._own_samples(*share) if isinstance(share, tuple) else share
         acfg = self.cfg.worker.actor
         temperature = self.cfg.worker.rollout.temperature
         layout = {"padding_free": acfg.padding_free, "max_token_len": actor_lib.token_budget(acfg)}
@@ -180,9 +201,29 @@ class FSDPWorker:
             out["ref_logprobs"], _ = actor_lib.compute_logprobs(
                 self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
                 temperature, **layout, with_entropy=False)
+        batch.tensors.update(out)
+        self.experience = batch
         return out
 
-    def update_actor(self, batch: Batch) -> dict[str, float]:
+    def _own_samples(self, rollout_id: str, positions: list[int]) -> Batch:
+        if self.last_rollout is None or self.last_rollout[0] != rollout_id:
+            held = self.last_rollout[0] if self.last_rollout else None
+            raise RuntimeError(f"worker {self.rank} was asked for samples of rollout {rollout_id!r} but holds "
+                               f"rollout {held!r}; the controller must send the samples themselves")
+        return self.last_rollout[1].select(positions)
+
+    def update_actor(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Update on the experience kept by `compute_log_probs`, with the controller's per-sample `tensors`
+        (advantages, response_mask, ...) added to the ones computed here."""
+        if self.experience is None:
+            raise RuntimeError(f"worker {self.rank}: update_actor without compute_log_probs first (no experience "
+                               "held for this step)")
+        batch, self.experience = self.experience, None
+        for name, value in tensors.items():
+            if value.shape[0] != len(batch):
+                raise ValueError(f"worker {self.rank}: tensor {name!r} has {value.shape[0]} rows for an experience "
+                                 f"of {len(batch)} samples")
+        batch.tensors.update(tensors)
         acfg = self.cfg.worker.actor
         mini_batch_size = acfg.global_batch_size * self.cfg.worker.rollout.n // self.world_size
         metrics = actor_lib.update_policy(self.model, self.optimizer, self.scheduler, batch, self.processor,

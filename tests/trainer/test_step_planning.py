@@ -1,4 +1,5 @@
-"""The controller's pure planning helpers: the balanced split over ranks and the old log-prob shortcut."""
+"""The controller's pure planning helpers: the balanced split over ranks, what each rank is sent, and the old
+log-prob shortcut."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from pebr.config import load_config
 from pebr.protocol import Batch
-from pebr.trainer.ray_trainer import balanced_order, reuses_current_logprobs
+from pebr.trainer.ray_trainer import balanced_order, rank_shares, reuses_current_logprobs, share_payload
 from tests.trainer.test_config import REQUIRED, stage
 
 
@@ -71,3 +72,29 @@ def test_balanced_order_keeps_a_prompts_responses_on_one_rank():
 def test_balanced_order_cuts_a_group_that_fits_no_chunk():
     # One image, 4 responses, 2 chunks of 2: the two longest go to the first chunk, the rest to the other.
     assert balanced_order(batch_of_groups([2, 5, 3, 4], ["A"] * 4), 2) == [1, 3, 0, 2]
+
+
+def test_rank_shares_balance_each_mini_batch_by_hand():
+    # Two mini-batches of 4 over 2 ranks. Block 0 = lengths [10, 9, 1, 2]: balanced_order -> [0, 2 | 1, 3].
+    # Block 1 = [1, 1, 8, 8]: 8 -> A, 8 -> B, 1 -> A, 1 -> B -> [4, 6 | 5, 7] (ties keep batch order).
+    shares = rank_shares(batch_of_lengths([10, 9, 1, 2, 1, 1, 8, 8]), ranks=2, mini_batch=4)
+    assert shares == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # Every optimizer step (block) gives each rank 2 samples, in block order: update_policy's mini-batches.
+    assert rank_shares(batch_of_lengths([5, 4, 3, 2]), ranks=1, mini_batch=2) == [[0, 1, 2, 3]]
+
+
+def test_rank_shares_refuse_an_uneven_split():
+    with pytest.raises(ValueError, match="6 samples in mini-batches of 4"):
+        rank_shares(batch_of_lengths([1] * 6), ranks=2, mini_batch=4)
+
+
+def test_share_payload_sends_positions_only_for_samples_the_rank_generated():
+    batch = batch_of_lengths([3, 3, 3, 3])
+    batch.non_tensors["origin"] = [("r2", 0, 0), ("r2", 0, 1), ("r2", 1, 0), ("r1", 0, 2)]
+    assert share_payload(batch, [1, 0], group=0, last_rollout="r2") == ("r2", [1, 0])
+    # Another group's sample, an older rollout's, or no origin at all: the samples themselves travel.
+    for share, group in (([0, 2], 0), ([2], 0), ([3], 0)):
+        sent = share_payload(batch, share, group, "r2")
+        assert isinstance(sent, Batch) and sent.non_tensors["origin"] == [batch.non_tensors["origin"][i] for i in share]
+    assert share_payload(batch, [2], group=1, last_rollout="r2") == ("r2", [0])
+    assert isinstance(share_payload(batch_of_lengths([3]), [0], group=0, last_rollout="r2"), Batch)

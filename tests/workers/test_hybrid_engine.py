@@ -10,7 +10,7 @@ import torch
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.trainer.main import build_dataset, load_processor
-from pebr.trainer.ray_trainer import WorkerGroup, batch_advantages
+from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, batch_advantages, ray_get, share_payload
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,6 +63,7 @@ def test_one_rank_and_two_ranks_give_the_same_update(groups, prompts):
     # The reference equals the initial actor, so the first KL is zero on both.
     torch.testing.assert_close(batch.tensors["ref_logprobs"], batch.tensors["old_logprobs"], atol=1e-5, rtol=0)
     m2 = two.update_actor(batch)
+    one.compute_log_probs(batch)  # the experience each worker keeps for its update (the same old log-probs)
     m1 = one.update_actor(batch)
     assert m2["actor/grad_norm"] > 0
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl_loss"):
@@ -149,3 +150,24 @@ def test_merged_model_loads_in_vllm_and_transformers(groups, tmp_path):
     res = subprocess.run([sys.executable, "-c", code, os.path.join(actor_dir, "huggingface")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert "GENERATED 8" in res.stdout or "GENERATED" in res.stdout, res.stderr[-3000:]
+
+
+def test_samples_left_on_the_worker_give_the_same_log_probs_as_samples_sent(groups, prompts):
+    _, one = groups
+    batch, _ = one.generate(prompts, sampling(seed=5))
+    everything = list(range(len(batch)))
+    # One rank generated every sample of the last rollout: it is sent positions, not samples.
+    sent = share_payload(batch, everything, 0, one._last_rollout)
+    assert sent == (one._last_rollout, everything)
+    kept = one.compute_log_probs(batch)
+    copy = batch.select(everything)
+    del copy.non_tensors["origin"]  # no provenance: the samples themselves travel
+    shipped = one.compute_log_probs(copy)
+    for key in ("old_logprobs", "ref_logprobs", "entropy"):
+        assert torch.equal(kept[key], shipped[key]), key
+    # A worker asked for samples of a rollout it no longer holds says so instead of using other samples.
+    with pytest.raises(WorkerFailure, match="holds rollout"):
+        ray_get(one.workers[0].compute_log_probs.remote(("not-the-last-rollout", [0])), "log-probs")
+    # And an update without the step's experience is refused by the controller.
+    with pytest.raises(RuntimeError, match="compute_log_probs"):
+        one.update_actor(batch)
