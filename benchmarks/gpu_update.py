@@ -9,7 +9,9 @@ differ only in the micro-batch layout:
 * padded, fixed: `micro_batch_size_per_device_for_update` sequences per forward, right-padded (SDPA);
 * padded, token budget: `dynamic_batching` with `max_token_len_per_gpu` (count x longest per forward);
 * packed, token budget: `padding_free` + `dynamic_batching` (sum of lengths per forward, one row, the
-  varlen attention of `pebr.workers.attention`).
+  varlen attention of `pebr.workers.attention`);
+* with --compile, also the packed layout with torch.compile'd decoder layers (`use_torch_compile`); its
+  warm-up update pays the compilation, which is reported apart.
 
 Model FLOPs per step (what MFU divides by the time): 6 x (text matmul parameters, lm_head included) x
 tokens + 6 x layers x hidden x sum(length^2) for causal attention (forward + backward), + 6 x vision
@@ -46,6 +48,7 @@ VARIANTS = {
     "padded, token budget": dict(padding_free=False, dynamic_batching=True),
     "packed (varlen), token budget": dict(padding_free=True, dynamic_batching=True),
 }
+COMPILED = "packed (varlen), token budget, compiled layers"
 
 
 def init_single_rank(device: torch.device) -> None:
@@ -113,7 +116,7 @@ def model_flops(model, batch: Batch, patches_per_image: int) -> float:
     return 6 * matmul * sum(lengths) + attention + 6 * vision * patches_per_image * distinct
 
 
-def run_size(size: str, args, device: torch.device) -> dict:
+def run_size(size: str, args, device: torch.device, save=lambda partial: None) -> dict:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_tokenizer(2000, 0)
@@ -135,8 +138,18 @@ def run_size(size: str, args, device: torch.device) -> dict:
     print(f"[{size}] {params / 1e9:.2f} B parameters, {len(batch)} sequences, {tokens} tokens, "
           f"{flops / 1e12:.1f} TFLOP per step; packed kernel: {varlen_kernel(device, torch.bfloat16)}", flush=True)
 
+    variants = dict(VARIANTS)
+    eager_forwards = [layer.forward for layer in actor_lib.decoder_layers(model)]
+    if args.compile:
+        variants[COMPILED] = dict(padding_free=True, dynamic_batching=True)
+        actor_lib.compile_decoder_layers(model)
+        compiled_forwards = [layer.forward for layer in actor_lib.decoder_layers(model)]
+
     def one(variant: str) -> dict:
-        layout = VARIANTS[variant]
+        layout = variants[variant]
+        for layer, eager, compiled in zip(actor_lib.decoder_layers(model), eager_forwards,
+                                          compiled_forwards if args.compile else eager_forwards):
+            layer.forward = compiled if variant == COMPILED else eager
         attention = register_varlen_attention() if layout["padding_free"] else "sdpa"
         model.set_attn_implementation(attention)
         assert model.config.text_config._attn_implementation == attention, model.config.text_config._attn_implementation
@@ -158,30 +171,35 @@ def run_size(size: str, args, device: torch.device) -> dict:
         out["micro_batches"] = len(plan)
         return out
 
-    rows = {v: [] for v in VARIANTS}
-    for v in VARIANTS:  # warm-up: kernels, allocator, the autotuning of the first shapes
+    rows = {v: [] for v in variants}
+    warmup = {}
+    for v in variants:  # warm-up: kernels, allocator, the autotuning of the first shapes, the compilation
+        t0 = time.perf_counter()
         one(v)
+        warmup[v] = time.perf_counter() - t0
+        print(f"[{size}] warm-up {v}: {warmup[v]:.1f} s", flush=True)
     if args.profile:
-        profile(one, size, args.profile, device)
-    for _ in range(args.reps):
-        for v in VARIANTS:
-            rows[v].append(one(v))
+        profile(one, size, args.profile, device, variants)
     result = {"size": size, "params": params, "sequences": len(batch), "tokens": tokens, "flops": flops,
-              "varlen_kernel": varlen_kernel(device, torch.bfloat16), "variants": rows}
+              "varlen_kernel": varlen_kernel(device, torch.bfloat16), "variants": rows, "warmup_s": warmup}
+    for _ in range(args.reps):
+        for v in variants:
+            rows[v].append(one(v))
+        save(result)  # after every round, so a run cut short keeps what it measured
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def profile(one, size: str, out_dir: str, device: torch.device) -> None:
+def profile(one, size: str, out_dir: str, device: torch.device, variants: dict) -> None:
     """One update per variant under torch.profiler: the top operators by device and by host time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     os.makedirs(out_dir, exist_ok=True)
-    for v in VARIANTS:
+    for v in variants:
         t0 = time.perf_counter()
         with torch_profile(activities=activities) as prof:
             one(v)
@@ -217,6 +235,9 @@ def report(results: list[dict], peak: float | None, device_name: str) -> str:
             lines.append(f"| {v} | {xs[0]['micro_batches']} | {xs[0].get('images_encoded', 'n/a')} | "
                          f"{fmt(summary(secs))} | {fmt(summary(tps))} | "
                          f"{fmt(summary(tflops))} | {mfu} | {mem} | {fmt(speed)} |")
+        if COMPILED in r.get("warmup_s", {}):
+            lines.append(f"\nWarm-up update (first shapes, allocator; the compiled row also its compilation): " + ", ".join(
+                f"{v} {t:.1f} s" for v, t in r["warmup_s"].items()))
         lines.append("")
     return "\n".join(lines)
 
@@ -233,6 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--micro", type=int, default=4, help="micro_batch_size_per_device_for_update (fixed layout)")
     parser.add_argument("--budget", type=int, default=8192, help="max_token_len_per_gpu (token-budget layouts)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd decoder layers (packed)")
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -244,13 +266,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     init_single_rank(device)
     peak = matmul_tflops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = []
+    results: list[dict] = []
+
+    def save(partial: dict) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "peak_tflops": peak, "args": vars(args), "results": results + [partial]}, f,
+                          indent=1)
+
     try:
         for size in args.sizes:
-            results.append(run_size(size, args, device))
-            if args.json:  # after every size, so a run cut short keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"device": name, "peak_tflops": peak, "args": vars(args), "results": results}, f, indent=1)
+            results.append(run_size(size, args, device, save))
     finally:
         print(report(results, peak, name), flush=True)
         dist.destroy_process_group()

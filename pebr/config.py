@@ -121,6 +121,10 @@ class ActorConfig:
     # micro-batch of its own. Same gradient as fixed-size micro-batches.
     dynamic_batching: bool = False
     max_token_len_per_gpu: int = 16384
+    # torch.compile each text decoder layer (actor and reference): fused elementwise kernels where the update
+    # is bound by kernel launches rather than by matmuls (GPUs, benchmarks/gpu_update.py). The first steps
+    # pay the compilation (about a minute); off by default.
+    use_torch_compile: bool = False
     ulysses_sequence_parallel_size: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -55,6 +55,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(model.model.language_model.layers)
 
 
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """torch.compile the forward of each text decoder layer, in place (worker.actor.use_torch_compile).
+
+    Only the layer's own computation is compiled: FSDP's gather/reshard hooks and gradient checkpointing
+    wrap `forward` from outside, so they run as they do eagerly, and the packed attention excludes itself
+    (`torch.compiler.disable`), leaving each layer two graphs around it. The layers share their code, so
+    one compilation serves all of them; shapes are dynamic from the start because every micro-batch has
+    another length.
+    """
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
 def shard_model(model: torch.nn.Module, *, param_dtype: torch.dtype, cpu_offload: bool,
                 reshard_after_forward: bool = True) -> torch.nn.Module:
     """Apply FSDP2 per decoder layer and at the root.

@@ -130,6 +130,7 @@ def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: l
     return _torch_varlen()(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
+@torch.compiler.disable  # a Python loop over sequences on CPU and a cached host-side boundary list: kept eager
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:

@@ -87,6 +87,8 @@ class FSDPWorker:
             model.config.use_cache = False
             self.model = actor_lib.shard_model(model.to(self.device), param_dtype=compute_dtype,
                                                cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda")
+            if wcfg.actor.use_torch_compile:
+                actor_lib.compile_decoder_layers(self.model)
             self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
             if not cfg.algorithm.disable_kl:  # KL as a loss term or as a reward penalty: both need the reference
                 ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code,
@@ -94,6 +96,8 @@ class FSDPWorker:
                 self.ref_model = actor_lib.shard_model(
                     ref.to(self.device), param_dtype=compute_dtype,
                     cpu_offload=wcfg.ref.fsdp.enable_cpu_offload and self.device.type == "cuda")
+                if wcfg.actor.use_torch_compile:
+                    actor_lib.compile_decoder_layers(self.ref_model)
         self.rollout = self._build_rollout(compute_dtype)
         return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device)}
 

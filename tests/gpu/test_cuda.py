@@ -1,4 +1,4 @@
-"""On a CUDA device: the varlen attention kernel, and GRPO steps with NCCL, FSDP2 in bf16 and the hf rollout.
+"""On a CUDA device: the varlen attention kernel, compiled decoder layers, and GRPO steps with NCCL, FSDP2 in bf16 and the hf rollout.
 
 CI has no GPU, so these are skipped there (marker `gpu`); on a GPU machine run `pytest -m gpu tests/gpu`.
 vLLM's CUDA build is not needed: the rollout here is transformers `generate` (worker.rollout.name=hf);
@@ -59,6 +59,36 @@ def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
     err = {k: float((v - reference).abs().max()) for k, v in out.items()}
     assert err["packed"] <= max(2 * err["padded"], 0.05), err
     rel = float((grads["packed"] - grads["padded"]).norm() / grads["padded"].norm())
+    assert rel < 0.05, rel
+
+
+def test_compiled_layers_match_eager_in_bf16(tiny_model_dir):
+    """worker.actor.use_torch_compile on the GPU (Triton kernels, packed rows through the varlen kernel): log-probs
+    as close to an fp32 CPU reference as eager bf16's, and the same gradient within bf16 noise."""
+    import copy
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = _batch(processor)
+    cpu = torch.device("cpu")
+    ref_model = actor_lib.load_hf_model(tiny_model_dir, padding_free=True)
+    with torch.no_grad():
+        reference, _ = actor_lib.response_logprobs(ref_model, actor_lib.model_inputs(ref_model, batch, processor, cpu,
+                                                                                      True))
+    eager = actor_lib.load_hf_model(tiny_model_dir, padding_free=True).to(CUDA, torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    actor_lib.compile_decoder_layers(compiled)
+    out, grads = {}, {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        inputs = actor_lib.model_inputs(model, batch, processor, CUDA, True)
+        logp, _ = actor_lib.response_logprobs(model, inputs)
+        logp.sum().backward()
+        out[name] = logp.detach().float().cpu()
+        grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    err = {k: float((v - reference).abs().max()) for k, v in out.items()}
+    assert err["compiled"] <= max(2 * err["eager"], 0.05), err
+    rel = float((grads["compiled"] - grads["eager"]).norm() / grads["eager"].norm())
     assert rel < 0.05, rel
 
 

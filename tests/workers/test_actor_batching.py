@@ -206,6 +206,35 @@ def test_packed_gradients_match_padded(model, packing_model, processor, batch):
         assert gap <= 1e-4 * g.norm() + 1e-9, f"{name}: |packed - padded| = {gap:.3e}, |padded| = {g.norm():.3e}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_compiled_decoder_layers_give_the_same_logprobs_and_gradients(model, varlen_model, processor, batch, padding_free):
+    """worker.actor.use_torch_compile: the same numbers as eager, padded (SDPA inside the graph) and packed (the
+    varlen attention left out of it), for two micro-batches of different lengths (dynamic shapes)."""
+    eager = varlen_model if padding_free else model
+    compiled = copy.deepcopy(eager)
+    actor_lib.compile_decoder_layers(compiled)
+    weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(2))
+    for part in (batch.select(range(0, 5)), batch.select(range(5, 8))):
+        results = []
+        for m in (eager, compiled):
+            m.train()
+            m.zero_grad(set_to_none=True)
+            inputs = actor_lib.model_inputs(m, part, processor, CPU, padding_free)
+            logp, _ = actor_lib.response_logprobs(m, inputs)
+            (logp * weights[:len(part), :logp.shape[1]]).sum().backward()
+            results.append((logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+            m.zero_grad(set_to_none=True)
+        (want, want_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert set(got_grads) == set(want_grads)
+        for name, g in want_grads.items():
+            gap = (got_grads[name] - g).norm()
+            assert gap <= 1e-4 * g.norm() + 1e-9, f"{name}: |compiled - eager| = {gap:.3e}, |eager| = {g.norm():.3e}"
+    # The layers really run compiled: their forward is torch.compile's wrapper, not the module's method.
+    assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in actor_lib.decoder_layers(compiled))
+
+
 # -- token-budget micro-batches ---------------------------------------------------------------------
 
 
