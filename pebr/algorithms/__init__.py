@@ -22,6 +22,7 @@ from pebr.algorithms.losses import (
     masked_var,
     masked_whiten,
     ppo_policy_loss,
+    token_logprobs,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "grpo_advantages",
     "kl_penalty",
     "logprobs_from_logits",
+    "token_logprobs",
     "masked_mean",
     "masked_var",
     "masked_whiten",

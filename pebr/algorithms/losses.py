@@ -20,6 +20,7 @@ __all__ = [
     "ppo_policy_loss",
     "entropy_from_logits",
     "logprobs_from_logits",
+    "token_logprobs",
 ]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -295,3 +296,72 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     picked = torch.gather(logits, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits / temperature)[label]`` row by row, in chunks of rows, keeping only ``logits`` (as
+    given, e.g. bf16) and the ``[N]`` normalisers for the backward; the entropy comes out alongside, without
+    a graph. The backward rebuilds each chunk's softmax: ``d logp / d z = onehot(label) - softmax(z)``."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk_rows, with_entropy):
+        n, dtype = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
+        picked = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=dtype, device=logits.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = logits[rows].to(dtype)
+            if temperature != 1.0:
+                z = z / temperature
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            picked[rows] = z.gather(-1, labels[rows, None]).squeeze(-1)
+            if with_entropy:
+                entropy[rows] = entropy_from_logits(z)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            z = logits[rows].to(lse.dtype)
+            if ctx.temperature != 1.0:
+                z = z / ctx.temperature
+            g = grad_logp[rows, None].to(lse.dtype)
+            dz = torch.exp(z - lse[rows, None]).mul_(-g)
+            dz.scatter_add_(-1, labels[rows, None], g)
+            if ctx.temperature != 1.0:
+                dz /= ctx.temperature
+            grad[rows] = dz.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_bytes: int = 2 ** 28) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of ``labels`` under ``softmax(logits / temperature)``, and optionally the entropies, one per row.
+
+    The same numbers as `logprobs_from_logits` / `entropy_from_logits` on ``logits.float() / temperature``,
+    but a VLM's ``[N, V]`` logits (V ~ 150k) are never copied to float32 whole: rows are converted a chunk
+    at a time (about ``chunk_bytes`` each), and the graph keeps the logits as given plus ``[N]``
+    normalisers. At a token budget of 16k that is tens of GiB less than the float32 path holds (an
+    H100 ran out of memory there, benchmarks/RESULTS.md).
+
+    Args:
+        logits: ``[N, V]``, any float dtype; the gradient comes back in that dtype.
+        labels: ``[N]`` token ids.
+
+    Returns:
+        ``[N]`` log-probs (differentiable) and ``[N]`` entropies (no graph) or None, in float32 (float64 for
+        float64 logits).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"token_logprobs wants logits [N, V] and labels [N], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    chunk_rows = max(1, chunk_bytes // (4 * logits.shape[1]))
+    logp, entropy = _ChunkedTokenLogprobs.apply(logits, labels.long(), float(temperature), chunk_rows, with_entropy)
+    return logp, entropy if with_entropy else None

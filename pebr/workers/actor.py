@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.profiler import record_function
 
-from pebr.algorithms.losses import agg_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, masked_mean, ppo_policy_loss
+from pebr.algorithms.losses import agg_loss, kl_penalty, masked_mean, ppo_policy_loss, token_logprobs
 from pebr.protocol import Batch
 from pebr.workers.attention import register_varlen_attention
 
@@ -240,23 +240,30 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     `response_index` indexes the flattened row(s), so the result has the same shape for both layouts.
     Logits are divided by the rollout temperature, so the log-probs are those of the distribution
     the responses were sampled from.
+
+    The LM head runs only on the positions that predict a response token (`logits_to_keep`): the prompt's
+    positions, image tokens included, need no [V]-wide row. Log-probs come from `token_logprobs`, which
+    never holds a float32 copy of the [tokens, V] logits.
     """
     forward_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index", "image_order")}
-    with images_encoded_once(model, inputs.get("image_order")):
-        logits = model(**forward_inputs, use_cache=False).logits.flatten(0, 1)  # [rows * L, V]
-    index = inputs["response_index"]
-    # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
-    pred = logits[index - 1].float()  # [B, T, V]
-    if temperature != 1.0:
-        pred = pred / temperature
-    labels = inputs["input_ids"].flatten()[index]
     mask = inputs["response_mask"]
-    logp = logprobs_from_logits(pred, labels) * mask
-    entropy = None
-    if with_entropy:  # a metric, never in the loss: no graph, so its [B, T, V] intermediates are freed at once
-        with torch.no_grad():
-            entropy = entropy_from_logits(pred) * mask
-    return logp, entropy
+    valid = mask.bool()
+    width = inputs["input_ids"].shape[1]
+    # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
+    predictors = inputs["response_index"][valid] - 1  # [n] flat positions (row * width + column)
+    rows, columns = predictors // width, predictors % width
+    keep = torch.unique(columns)  # sorted; for a packed row exactly `columns`
+    with images_encoded_once(model, inputs.get("image_order")):
+        logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits  # [rows, len(keep), V]
+    if logits.shape[0] == 1 and keep.numel() == columns.numel():
+        logits = logits[0]  # packed: row k of the kept logits is predictor k, no gather needed
+    else:
+        logits = logits[rows, torch.searchsorted(keep, columns)]  # [n, V]
+    labels = inputs["input_ids"].flatten()[inputs["response_index"][valid]]
+    logp, entropy = token_logprobs(logits, labels, temperature, with_entropy=with_entropy)
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    # Entropy is a metric, never in the loss: token_logprobs computes it without a graph.
+    return zeros.masked_scatter(valid, logp), None if entropy is None else zeros.masked_scatter(valid, entropy)
 
 
 def distinct_images(batch: Batch) -> int:
