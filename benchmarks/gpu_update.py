@@ -13,9 +13,10 @@ differ only in the micro-batch layout:
 * with --compile, also the packed layout with torch.compile'd decoder layers (`use_torch_compile`); its
   warm-up update pays the compilation, which is reported apart.
 
-Model FLOPs per step (what MFU divides by the time): 6 x (text matmul parameters, lm_head included) x
-tokens + 6 x layers x hidden x sum(length^2) for causal attention (forward + backward), + 6 x vision
-parameters x patches of each distinct image once. Gradient checkpointing's recomputation is not counted
+Model FLOPs per step (what MFU divides by the time), the work a log-prob update needs: 6 x (text decoder
+matmul parameters) x tokens + 6 x lm_head parameters x response tokens (the only positions whose logits are
+used; `response_logprobs` computes no others) + 6 x layers x hidden x sum(length^2) for causal attention
+(forward + backward) + 6 x vision parameters x patches of each distinct image once. Gradient checkpointing's recomputation is not counted
 (MFU, not hardware utilisation). The peak is measured in the same run: an 8192^3 bf16 matmul.
 
     python benchmarks/gpu_update.py --sizes gpu-0.6b gpu-2b --json $OUT/gpu_update.json
@@ -107,13 +108,13 @@ def model_flops(model, batch: Batch, patches_per_image: int) -> float:
     text = model.model.language_model
     cfg = text.config
     matmul = sum(p.numel() for name, p in text.named_parameters() if "layers." in name and p.dim() == 2)
-    matmul += model.lm_head.weight.numel()
     lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    head = 6 * model.lm_head.weight.numel() * sum(len(r) for r in batch.response_ids)
     attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * sum(
         L * L for L in lengths)
     vision = sum(p.numel() for p in model.model.visual.parameters() if p.dim() == 2)
     distinct = len({id(ims[0]) for ims in batch.images})
-    return 6 * matmul * sum(lengths) + attention + 6 * vision * patches_per_image * distinct
+    return 6 * matmul * sum(lengths) + head + attention + 6 * vision * patches_per_image * distinct
 
 
 def run_size(size: str, args, device: torch.device, save=lambda partial: None) -> dict:

@@ -33,63 +33,52 @@ def _batch(processor):
     return make_batch(processor)
 
 
-def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
-    """Packed rows through the flash varlen kernel against padded rows through SDPA, both bf16 on the GPU,
-    each compared with an fp32 CPU reference: packing may not add error beyond bf16's own."""
+def _compare_in_bf16(tiny_model_dir, models, candidate: str, baseline: str) -> None:
+    """`models` maps a name to (a bf16 model on the GPU, padding_free). Each runs the same batch; `candidate`'s log-probs may be no further from an fp32 CPU reference than
+    `baseline`'s (twice that, or bf16's 0.05), and its gradient must be `baseline`'s within 5 %."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     batch = _batch(processor)
-    kernel = varlen_kernel(CUDA, torch.bfloat16)
-    assert kernel in ("torch_varlen", "flash_attn"), f"no varlen kernel on this GPU (got {kernel})"
-
     ref_model = actor_lib.load_hf_model(tiny_model_dir)
     cpu = torch.device("cpu")
     with torch.no_grad():
         reference, _ = actor_lib.response_logprobs(ref_model, actor_lib.model_inputs(ref_model, batch, processor, cpu,
                                                                                       False))
-    out, grads = {}, {}
-    for name, padding_free in (("padded", False), ("packed", True)):
-        model = actor_lib.load_hf_model(tiny_model_dir, padding_free=padding_free).to(CUDA, torch.bfloat16)
+    err, grads = {}, {}
+    for name, (model, padding_free) in models.items():
         inputs = actor_lib.model_inputs(model, batch, processor, CUDA, padding_free)
         logp, _ = actor_lib.response_logprobs(model, inputs)
         logp.sum().backward()
-        out[name] = logp.detach().float().cpu()
+        err[name] = float((logp.detach().float().cpu() - reference).abs().max())
         grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
-    err = {k: float((v - reference).abs().max()) for k, v in out.items()}
-    assert err["packed"] <= max(2 * err["padded"], 0.05), err
-    rel = float((grads["packed"] - grads["padded"]).norm() / grads["padded"].norm())
+    assert err[candidate] <= max(2 * err[baseline], 0.05), err
+    rel = float((grads[candidate] - grads[baseline]).norm() / grads[baseline].norm())
     assert rel < 0.05, rel
+
+
+def _bf16_model(tiny_model_dir, padding_free: bool) -> torch.nn.Module:
+    return actor_lib.load_hf_model(tiny_model_dir, padding_free=padding_free).to(CUDA, torch.bfloat16)
+
+
+def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
+    """Packed rows through the flash varlen kernel against padded rows through SDPA, both bf16 on the GPU:
+    packing may not add error beyond bf16's own."""
+    kernel = varlen_kernel(CUDA, torch.bfloat16)
+    assert kernel in ("torch_varlen", "flash_attn"), f"no varlen kernel on this GPU (got {kernel})"
+    _compare_in_bf16(tiny_model_dir, {"padded": (_bf16_model(tiny_model_dir, False), False),
+                                      "packed": (_bf16_model(tiny_model_dir, True), True)}, "packed", "padded")
 
 
 def test_compiled_layers_match_eager_in_bf16(tiny_model_dir):
-    """worker.actor.use_torch_compile on the GPU (Triton kernels, packed rows through the varlen kernel): log-probs
-    as close to an fp32 CPU reference as eager bf16's, and the same gradient within bf16 noise."""
+    """worker.actor.use_torch_compile on the GPU (Triton kernels, packed rows through the varlen kernel): as close
+    to the fp32 reference as eager bf16, and the same gradient within bf16 noise."""
     import copy
 
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    batch = _batch(processor)
-    cpu = torch.device("cpu")
-    ref_model = actor_lib.load_hf_model(tiny_model_dir, padding_free=True)
-    with torch.no_grad():
-        reference, _ = actor_lib.response_logprobs(ref_model, actor_lib.model_inputs(ref_model, batch, processor, cpu,
-                                                                                      True))
-    eager = actor_lib.load_hf_model(tiny_model_dir, padding_free=True).to(CUDA, torch.bfloat16)
+    eager = _bf16_model(tiny_model_dir, True)
     compiled = copy.deepcopy(eager)
     actor_lib.compile_decoder_layers(compiled)
-    out, grads = {}, {}
-    for name, model in (("eager", eager), ("compiled", compiled)):
-        inputs = actor_lib.model_inputs(model, batch, processor, CUDA, True)
-        logp, _ = actor_lib.response_logprobs(model, inputs)
-        logp.sum().backward()
-        out[name] = logp.detach().float().cpu()
-        grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
-    err = {k: float((v - reference).abs().max()) for k, v in out.items()}
-    assert err["compiled"] <= max(2 * err["eager"], 0.05), err
-    rel = float((grads["compiled"] - grads["eager"]).norm() / grads["eager"].norm())
-    assert rel < 0.05, rel
+    _compare_in_bf16(tiny_model_dir, {"eager": (eager, True), "compiled": (compiled, True)}, "compiled", "eager")
 
 
 def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
