@@ -75,13 +75,6 @@ class Batch:
             tensors={k: v.index_select(0, index) for k, v in self.tensors.items()},
         )
 
-    def chunk(self, parts: int) -> list["Batch"]:
-        """Split into `parts` contiguous pieces of equal size (N must divide)."""
-        if len(self) % parts:
-            raise ValueError(f"cannot split a batch of {len(self)} into {parts} equal parts")
-        size = len(self) // parts
-        return [self.select(range(i * size, (i + 1) * size)) for i in range(parts)]
-
     @staticmethod
     def concat(batches: Sequence["Batch"]) -> "Batch":
         batches = [b for b in batches if len(b)]

@@ -304,6 +304,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     a graph. The backward rebuilds each chunk's softmax: ``d logp / d z = onehot(label) - softmax(z)``."""
 
     @staticmethod
+    def _scaled(logits, rows, dtype, temperature):
+        """Rows `rows` of the logits in the compute dtype, divided by the temperature: z."""
+        z = logits[rows].to(dtype)
+        return z / temperature if temperature != 1.0 else z
+
+    @staticmethod
     def forward(ctx, logits, labels, temperature, chunk_rows, with_entropy):
         n, dtype = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
         picked = torch.empty(n, dtype=dtype, device=logits.device)
@@ -311,9 +317,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         entropy = torch.empty(n if with_entropy else 0, dtype=dtype, device=logits.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = logits[rows].to(dtype)
-            if temperature != 1.0:
-                z = z / temperature
+            z = _ChunkedTokenLogprobs._scaled(logits, rows, dtype, temperature)
             lse[rows] = torch.logsumexp(z, dim=-1)
             picked[rows] = z.gather(-1, labels[rows, None]).squeeze(-1)
             if with_entropy:
@@ -329,9 +333,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            z = logits[rows].to(lse.dtype)
-            if ctx.temperature != 1.0:
-                z = z / ctx.temperature
+            z = _ChunkedTokenLogprobs._scaled(logits, rows, lse.dtype, ctx.temperature)
             g = grad_logp[rows, None].to(lse.dtype)
             dz = torch.exp(z - lse[rows, None]).mul_(-g)
             dz.scatter_add_(-1, labels[rows, None], g)

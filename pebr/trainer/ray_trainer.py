@@ -241,7 +241,7 @@ def share_payload(batch: Batch, share: list[int], group: int, last_rollout: str 
     of it came from that group's engine in the workers' last rollout, which the rank still holds, else
     the samples themselves."""
     origins = [batch.non_tensors["origin"][i] for i in share] if "origin" in batch.non_tensors else []
-    if share and origins and all(o[0] == last_rollout and o[1] == group for o in origins):
+    if origins and all(o[0] == last_rollout and o[1] == group for o in origins):
         return last_rollout, [o[2] for o in origins]
     return batch.select(share)
 

@@ -249,9 +249,9 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     mask = inputs["response_mask"]
     valid = mask.bool()
     width = inputs["input_ids"].shape[1]
+    positions = inputs["response_index"][valid]  # [n] flat positions (row * width + column) of response tokens
     # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
-    predictors = inputs["response_index"][valid] - 1  # [n] flat positions (row * width + column)
-    rows, columns = predictors // width, predictors % width
+    rows, columns = (positions - 1) // width, (positions - 1) % width
     keep = torch.unique(columns)  # sorted; for a packed row exactly `columns`
     with images_encoded_once(model, inputs.get("image_order")):
         logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits  # [rows, len(keep), V]
@@ -259,7 +259,7 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
         logits = logits[0]  # packed: row k of the kept logits is predictor k, no gather needed
     else:
         logits = logits[rows, torch.searchsorted(keep, columns)]  # [n, V]
-    labels = inputs["input_ids"].flatten()[inputs["response_index"][valid]]
+    labels = inputs["input_ids"].flatten()[positions]
     logp, entropy = token_logprobs(logits, labels, temperature, with_entropy=with_entropy)
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     # Entropy is a metric, never in the loss: token_logprobs computes it without a graph.
