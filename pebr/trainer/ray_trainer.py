@@ -123,7 +123,8 @@ class WorkerGroup:
         self._experience: tuple[Batch, list[list[int]], set[str]] | None = None  # (batch, shares, tensors held)
         try:
             addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
-            ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
+            # Each worker's rank, device, start-up time and how weights reach its engine.
+            self.started = ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -291,6 +292,7 @@ class RayPPOTrainer:
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
         self.workers = WorkerGroup(cfg, self.total_steps)
+        print(f"rollout weight sync: {self.workers.started[0]['weight_sync']}", flush=True)
         if self._resume_path:
             try:
                 self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))

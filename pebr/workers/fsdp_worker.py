@@ -99,7 +99,8 @@ class FSDPWorker:
                 if wcfg.actor.use_torch_compile:
                     actor_lib.compile_decoder_layers(self.ref_model)
         self.rollout = self._build_rollout(compute_dtype)
-        return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device)}
+        return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device),
+                "weight_sync": self.rollout.weight_sync}
 
     def _build_rollout(self, compute_dtype: torch.dtype):
         rcfg, mcfg = self.cfg.worker.rollout, self.cfg.worker.actor.model
@@ -115,7 +116,8 @@ class FSDPWorker:
             cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager or self.device.type == "cpu",
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
             limit_images=rcfg.limit_images, seed=rcfg.seed + self.rank, trust_remote_code=mcfg.trust_remote_code,
-            tokenizer=self.processor.tokenizer, external_launcher=True, sleep_mode=self.device.type == "cuda")
+            tokenizer=self.processor.tokenizer, external_launcher=True, sleep_mode=self.device.type == "cuda",
+            weight_names=[name for name, _ in self.model.named_parameters()] if self.model is not None else None)
 
     # -- rollout ----------------------------------------------------------------------------------
     def sync_weights(self) -> float:

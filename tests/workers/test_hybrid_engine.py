@@ -72,6 +72,7 @@ def test_one_rank_and_two_ranks_give_the_same_update(groups, prompts):
 
 def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
     two, _ = groups
+    assert [w["weight_sync"] for w in two.started] == ["direct copies into the engine's parameters"] * 2
     batch, _ = two.generate(prompts, sampling(seed=11))
     mask = batch.response_mask()
     before = two.compute_log_probs(batch)["old_logprobs"]

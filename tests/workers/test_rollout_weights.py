@@ -1,0 +1,114 @@
+"""Weights reaching the vLLM engine: the name/layout plan (by hand) and direct copies against vLLM's own loader."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pebr.workers.rollout import engine_weight_plan
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def rename(name: str) -> str | None:
+    return name.replace("model.", "lm.", 1)
+
+
+def test_plan_stacks_fused_parts_in_the_engine_order_whatever_order_they_come_in():
+    sources = ["model.l0.attn.v_proj.weight", "model.l0.attn.q_proj.weight", "model.l0.attn.k_proj.weight",
+               "model.l0.mlp.up_proj.weight", "model.l0.mlp.gate_proj.weight", "model.norm.weight"]
+    engine = ["lm.l0.attn.qkv_proj.weight", "lm.l0.mlp.gate_up_proj.weight", "lm.norm.weight"]
+    assert engine_weight_plan(sources, engine, rename, PACKED) == {
+        "lm.l0.attn.qkv_proj.weight": ["model.l0.attn.q_proj.weight", "model.l0.attn.k_proj.weight",
+                                       "model.l0.attn.v_proj.weight"],
+        "lm.l0.mlp.gate_up_proj.weight": ["model.l0.mlp.gate_proj.weight", "model.l0.mlp.up_proj.weight"],
+        "lm.norm.weight": ["model.norm.weight"],
+    }
+
+
+@pytest.mark.parametrize("sources, engine, message", [
+    (["model.a.weight", "model.b.weight"], ["lm.a.weight"], "'model.b.weight' has no engine parameter"),
+    (["model.a.weight"], ["lm.a.weight", "lm.b.weight"], "fills the engine parameter 'lm.b.weight'"),
+    (["model.x.q_proj.weight", "model.x.k_proj.weight"], ["lm.x.qkv_proj.weight"], "made of 3 parts"),
+    (["model.x.qkv_proj.weight"], ["lm.x.qkv_proj.weight"], "made of 3 parts"),  # already fused: not this layout
+    (["model.a.weight", "lm.a.weight"], ["lm.a.weight"], "both fill part 0"),
+])
+def test_plan_refuses_what_does_not_fit_and_says_which_weight(sources, engine, message):
+    def keep_lm(name):  # "lm.a.weight" maps to itself, so two sources can land on one parameter
+        return name if name.startswith("lm.") else rename(name)
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        engine_weight_plan(sources, engine, keep_lm, PACKED)
+
+
+def test_plan_refuses_a_weight_the_engine_drops():
+    with pytest.raises(ValueError, match="drops the trained weight 'model.rotary.inv_freq'"):
+        engine_weight_plan(["model.rotary.inv_freq"], [], lambda name: None, PACKED)
+
+
+def direct_against_reload(model_dir: str, dtype: str) -> dict:
+    """In a fresh process (one vLLM engine each): perturbed float32 weights pushed by direct copies, then by
+    vLLM's `reload_weights`, and greedy generations after each."""
+    import random
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from pebr.utils.scenes import render_scene, sample_scene
+    from pebr.workers.rollout import SamplingConfig, VLLMRollout
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    trained = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in model.named_parameters()}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rollout = VLLMRollout(model_dir, dtype=dtype, max_model_len=512, tensor_parallel_size=1,
+                          gpu_memory_utilization=0.5, cpu_kv_cache_gb=1, enforce_eager=True,
+                          enable_chunked_prefill=False, max_num_batched_tokens=512, limit_images=1, seed=0,
+                          trust_remote_code=False, tokenizer=tokenizer, external_launcher=False,
+                          weight_names=list(trained))
+    image = render_scene(sample_scene(random.Random(0)), size=56)
+    prompts = [{"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many cubes?<|im_end|>\n"
+                          "<|im_start|>assistant\n", "images": [image]},
+               {"prompt": "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"}]
+    greedy = SamplingConfig(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=24, logprobs=True)
+
+    def generate():
+        return [(g.responses[0], g.logprobs[0]) for g in rollout.generate(prompts, greedy)]
+
+    untrained = generate()
+    mode = rollout.weight_sync
+    rollout.load_weights(iter(trained.items()))
+    direct = generate()
+    rollout.plan = None  # the same engine, now through vLLM's loader
+    rollout.load_weights(iter({n: p.detach() for n, p in model.named_parameters()}.items()))
+    assert generate() == untrained, "reload_weights did not restore the untrained weights"
+    rollout.load_weights(iter(trained.items()))
+    return {"mode": mode, "untrained": untrained, "direct": direct, "reload": generate()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied, dtype", [(False, "fp32"), (True, "bf16")])
+def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir, tmp_path, ray_session, tied, dtype):
+    """Exact agreement, float32 sources into a bf16 engine included (the actor's master weights are float32),
+    and a model whose LM head shares the embedding (its packed CPU kernel must be rebuilt too)."""
+    import shutil
+
+    model_dir = tiny_model_dir
+    if tied:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        model_dir = str(tmp_path / "tied")
+        shutil.copytree(tiny_model_dir, model_dir)
+        config = AutoConfig.from_pretrained(tiny_model_dir)
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+        AutoModelForImageTextToText.from_pretrained(tiny_model_dir, config=config).save_pretrained(model_dir)
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
+    out = ray_session.get(ray_session.remote(max_calls=1)(direct_against_reload).remote(model_dir, dtype))
+    assert out["mode"] == "direct copies into the engine's parameters"
+    assert out["direct"] != out["untrained"]  # the new weights reached the engine
+    for (tokens_d, logprobs_d), (tokens_r, logprobs_r) in zip(out["direct"], out["reload"]):
+        assert tokens_d == tokens_r
+        assert max(abs(a - b) for a, b in zip(logprobs_d, logprobs_r)) <= 1e-6
