@@ -161,7 +161,7 @@ def run_size(size: str, args, device: torch.device, save=lambda partial: None) -
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         metrics = actor_lib.update_policy(model, optimizer, scheduler, batch, processor, device, cfg, algo,
-                                          temperature=1.0, mini_batch_size=len(batch))
+                                          temperature=1.0, mini_batch_size=len(batch), first_on_policy=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

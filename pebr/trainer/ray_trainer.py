@@ -159,58 +159,71 @@ class WorkerGroup:
         timing = {k: max(r[1][k] for r in results) for k in results[0][1]}
         return Batch.concat(batches), timing
 
-    def compute_log_probs(self, batch: Batch, with_old: bool = True) -> dict[str, torch.Tensor]:
-        """Old (unless `with_old` is False) and reference log-probs [N, T], plus the entropy with the old ones.
+    def compute_log_probs(self, batch: Batch, on_policy: int = 0) -> dict[str, torch.Tensor]:
+        """Reference log-probs [N, T], and old log-probs with their entropies for all but the first
+        `on_policy` samples (the first global mini-batch, whose update supplies them: `on_policy_samples`).
 
         Each rank gets its share of the step (`rank_shares`) and keeps it for `update_actor`, so the samples
         are sent once per step (and not at all when they are still where they were generated).
         """
-        mini = self.cfg.worker.actor.global_batch_size * self.cfg.worker.rollout.n
-        shares = rank_shares(batch, self.size, min(mini, len(batch)))
+        mini = min(self.cfg.worker.actor.global_batch_size * self.cfg.worker.rollout.n, len(batch))
+        if on_policy not in (0, mini):
+            raise ValueError(f"on_policy must be 0 or the first mini-batch's {mini} samples, got {on_policy}")
+        shares = rank_shares(batch, self.size, mini)
+        skip = on_policy // self.size  # a rank's share starts with its part of the first mini-batch
         payloads = [share_payload(batch, share, rank // self.tp, self._last_rollout) for rank, share in enumerate(shares)]
-        parts = ray_get([w.compute_log_probs.remote(p, with_old) for w, p in zip(self.workers, payloads)],
+        parts = ray_get([w.compute_log_probs.remote(p, skip) for w, p in zip(self.workers, payloads)],
                         "log-prob computation", self.timeout)
-        self._experience = (batch, shares, set(parts[0]))
-        if not parts[0]:
-            return {}
-        width = max(t.shape[1] for p in parts for t in p.values())
-        out = {k: torch.zeros(len(batch), width) for k in parts[0]}
-        for share, part in zip(shares, parts):
-            for k, t in part.items():
-                out[k][share, :t.shape[1]] = t
+        self._experience = (batch, shares, skip, set(parts[0]))
+        out = {}
+        for name in parts[0]:
+            out[name] = torch.zeros(len(batch), max(p[name].shape[1] for p in parts))
+            for share, part in zip(shares, parts):
+                rows = share if name == "ref_logprobs" else share[skip:]
+                out[name][rows, :part[name].shape[1]] = part[name]
         return out
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
         """One PPO update per rank on the share `compute_log_probs` left there, with only the tensors the
-        workers do not hold yet (advantages, response_mask, ...).
+        workers do not hold yet (advantages, response_mask, ...). The old log-probs and entropies that the
+        update supplied for the first mini-batch are written into `batch`, so its metrics cover every sample.
 
         Each global mini-batch (a contiguous block of global_batch_size x n samples) is split evenly over
         the ranks, so an optimizer step sees the same samples whatever the number of workers."""
         if self._experience is None or self._experience[0] is not batch:
             raise RuntimeError("update_actor(batch) needs compute_log_probs(batch) first: the workers hold the "
                                "step's samples from that call")
-        _, shares, held = self._experience
+        _, shares, skip, held = self._experience
         self._experience = None
         index = [torch.tensor(share, dtype=torch.long) for share in shares]
         sends = [{k: v.index_select(0, i) for k, v in batch.tensors.items() if k not in held} for i in index]
         results = ray_get([w.update_actor.remote(t) for w, t in zip(self.workers, sends)],
                           "actor update", self.timeout)
-        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        for name in results[0][1]:
+            width = max(int(batch.response_lengths.max()), *(r[1][name].shape[1] for r in results))
+            full = torch.zeros(len(batch), width)
+            if name in batch.tensors:
+                full[:, :batch.tensors[name].shape[1]] = batch.tensors[name]
+            for share, (_, filled) in zip(shares, results):
+                full[share[:skip], :filled[name].shape[1]] = filled[name]
+            batch.tensors[name] = full
+        return {k: float(np.mean([r[0][k] for r in results])) for k in results[0][0]}
 
     def call_all(self, method: str, *args: Any) -> list:
         return ray_get([getattr(w, method).remote(*args) for w in self.workers], method, self.timeout)
 
 
-def reuses_current_logprobs(cfg: PPOConfig, num_samples: int) -> bool:
-    """True when the old log-prob pass can be skipped exactly.
+def on_policy_samples(cfg: PPOConfig, num_samples: int) -> int:
+    """How many leading samples of a step (its first global mini-batch) can skip the old log-prob pass.
 
-    With one PPO epoch and one mini-batch per rollout batch, the policy that sampled the batch is the one
-    being updated, so the old log-probs equal the current ones (ratio 1): the update uses its own detached
-    log-probs instead. A KL penalty in the reward still needs them before the update, so it keeps the pass.
+    Nothing updates the policy between sampling a batch and its first optimizer step, so the first
+    mini-batch's old log-probs are its current ones: the update takes them, detached, from its own forward
+    (ratio 1) and hands them back. With one mini-batch per rollout that skips the whole pass. A KL penalty
+    in the reward needs every old log-prob before the update, so it keeps the pass.
     """
-    a, actor = cfg.algorithm, cfg.worker.actor
-    one_mini_batch = num_samples == actor.global_batch_size * cfg.worker.rollout.n
-    return actor.ppo_epochs == 1 and one_mini_batch and not a.kl_in_reward
+    if cfg.algorithm.kl_in_reward:
+        return 0
+    return min(cfg.worker.actor.global_batch_size * cfg.worker.rollout.n, num_samples)
 
 
 def balanced_order(batch: Batch, parts: int) -> list[int]:
@@ -395,10 +408,10 @@ class RayPPOTrainer:
             reward_future = None
             if "scores" not in batch.tensors:
                 reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
-            reuse = reuses_current_logprobs(self.cfg, len(batch))
-            metrics["batch/old_logprobs_reused"] = float(reuse)
+            on_policy = on_policy_samples(self.cfg, len(batch))
+            metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
             with timed(metrics, "log_probs"):
-                batch.tensors.update(self.workers.compute_log_probs(batch, with_old=not reuse))
+                batch.tensors.update(self.workers.compute_log_probs(batch, on_policy))
             if reward_future is not None:
                 with timed(metrics, "reward_wait"):
                     scores = ray_get(reward_future, "reward")

@@ -282,6 +282,19 @@ def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
         yield batch.select(idx)
 
 
+def _rows_to_fill(batch: Batch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """`batch`'s [N, T] tensors `names`, created (zeros) or widened to the longest response where needed."""
+    width = int(batch.response_lengths.max())
+    for name in names:
+        have = batch.tensors.get(name)
+        if have is None or have.shape[1] < width:
+            full = torch.zeros(len(batch), width)
+            if have is not None:
+                full[:, :have.shape[1]] = have
+            batch.tensors[name] = full
+    return {name: batch.tensors[name] for name in names}
+
+
 def token_budget(cfg: Any) -> int | None:
     """The per-forward token budget of an ActorConfig: max_token_len_per_gpu with dynamic_batching, else None."""
     return cfg.max_token_len_per_gpu if cfg.dynamic_batching else None
@@ -440,7 +453,7 @@ def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, devic
 
 def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: Batch,
                   processor: Any, device: torch.device, cfg: Any, algo: Any, temperature: float,
-                  mini_batch_size: int) -> dict[str, float]:
+                  mini_batch_size: int, first_on_policy: bool = False) -> dict[str, float]:
     """PPO/GRPO updates on this rank's share of the experience.
 
     `batch` carries tensors old_logprobs, advantages and (with a KL loss) ref_logprobs, [N, T].
@@ -451,8 +464,12 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     FSDP averages gradients over ranks, hence the factor world_size. Because of that scaling any
     partition into micro-batches gives the same gradient: fixed `micro_batch_size_per_device_for_update`
     samples, or token-budget groups of at most `max_token_len_per_gpu` tokens when `cfg.dynamic_batching`;
-    `cfg.padding_free` packs each micro-batch into one row. A mini-batch without old_logprobs is taken as
-    on-policy: the current log-probs, detached, serve as old (ratio 1), which saves the old log-prob pass.
+    `cfg.padding_free` packs each micro-batch into one row.
+
+    With `first_on_policy`, the first mini-batch needs no old log-probs: nothing has updated the policy
+    since it sampled them, so its current log-probs, detached, are the old ones (ratio 1), which saves
+    computing them beforehand. They are written, with their entropies, into `batch.tensors["old_logprobs"]`
+    and `["entropy"]` (created where missing), for later PPO epochs and for the caller's metrics.
     """
     model.train()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -465,8 +482,12 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     def log(name: str, value: float) -> None:
         metrics.setdefault(name, []).append(value)
 
-    for _ in range(cfg.ppo_epochs):
-        for mini in micro_batches(batch, mini_batch_size):
+    for epoch in range(cfg.ppo_epochs):
+        for number, rows in enumerate(fixed_slices(len(batch), mini_batch_size)):
+            mini = batch.select(rows)
+            on_policy = first_on_policy and epoch == 0 and number == 0
+            if on_policy:
+                fill_from_update = _rows_to_fill(batch, ("old_logprobs", "entropy"))
             mask = mini.tensors["response_mask"]
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
@@ -484,10 +505,13 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                     logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
                 t = logp.shape[1]
                 rmask = inputs["response_mask"]
-                if "old_logprobs" in mb.tensors:
-                    old = mb.tensors["old_logprobs"][:, :t].to(device)
-                else:
+                if on_policy:
                     old = logp.detach()
+                    in_batch = [rows[i] for i in idx]
+                    fill_from_update["old_logprobs"][in_batch, :t] = old.float().cpu()
+                    fill_from_update["entropy"][in_batch, :t] = entropy.detach().float().cpu()
+                else:
+                    old = mb.tensors["old_logprobs"][:, :t].to(device)
                 adv = mb.tensors["advantages"][:, :t].to(device)
                 pg_loss, pg_metrics = ppo_policy_loss(
                     old, logp, adv, rmask, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,

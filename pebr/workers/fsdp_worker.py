@@ -5,9 +5,11 @@ and waits for all of them, because the FSDP collectives need every rank. Data fl
 
     generate(prompts)                -> Batch of responses, without the images the controller already has
                                         (syncs the actor's weights into the engine first; keeps the rollout)
-    compute_log_probs(share)         -> old / ref log-probs, entropy (keeps the share as this step's experience)
-    update_actor(tensors)            -> metrics      (the experience + the controller's advantages; marks the
-                                                      engine's weights stale)
+    compute_log_probs(share)         -> old / ref log-probs, entropy (keeps the share as this step's experience;
+                                        old ones only past the first mini-batch when the update is on-policy there)
+    update_actor(tensors)            -> metrics, and the first mini-batch's old log-probs when the update supplied
+                                        them (the experience + the controller's advantages; marks the engine's
+                                        weights stale)
 
 A rank's samples cross the process boundary at most once per step after generation: `share` is a Batch,
 or only the positions of the samples in this worker's own last rollout when they are all there (one rank,
@@ -46,6 +48,7 @@ class FSDPWorker:
         self.weights_stale = True
         self.last_rollout: tuple[str, Batch] | None = None  # (rollout id, batch with images) of the last generate
         self.experience: Batch | None = None  # this step's share, from compute_log_probs to update_actor
+        self.on_policy = 0  # how many of its first samples take their old log-probs from the update itself
 
     # -- set-up -----------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -186,29 +189,33 @@ class FSDPWorker:
         return text_only, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
 
     # -- training ---------------------------------------------------------------------------------
-    def compute_log_probs(self, share: Batch | tuple[str, list[int]], with_old: bool = True) -> dict[str, torch.Tensor]:
-        """Old log-probs and entropy (unless `with_old` is False: the update then uses its own, detached)
-        and reference log-probs, [N, T], of this rank's share of the step; the share, with them, is kept for
-        `update_actor`.
+    def compute_log_probs(self, share: Batch | tuple[str, list[int]], on_policy: int = 0) -> dict[str, torch.Tensor]:
+        """Old log-probs and entropies of all but the first `on_policy` samples of this rank's share, and
+        reference log-probs of all, [rows, T]; the share, with them, is kept for `update_actor`.
 
         Args:
             share: the samples as a Batch, or (rollout id, positions) of samples in this worker's last rollout.
+            on_policy: the length of the share's first mini-batch when the update takes that mini-batch's old
+                log-probs from its own forward (`update_policy`'s `first_on_policy`), else 0.
         """
         batch = self._own_samples(*share) if isinstance(share, tuple) else share
         acfg = self.cfg.worker.actor
         temperature = self.cfg.worker.rollout.temperature
         layout = {"padding_free": acfg.padding_free, "max_token_len": actor_lib.token_budget(acfg)}
         out = {}
-        if with_old:
+        if on_policy < len(batch):
+            rest = batch.select(range(on_policy, len(batch))) if on_policy else batch
             out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
-                self.model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
+                self.model, rest, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
                 temperature, **layout)
+            for name, rows in out.items():
+                batch.tensors[name] = torch.cat([torch.zeros(on_policy, rows.shape[1]), rows])
         if self.ref_model is not None:
             out["ref_logprobs"], _ = actor_lib.compute_logprobs(
                 self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
                 temperature, **layout, with_entropy=False)
-        batch.tensors.update(out)
-        self.experience = batch
+            batch.tensors["ref_logprobs"] = out["ref_logprobs"]
+        self.experience, self.on_policy = batch, on_policy
         return out
 
     def _own_samples(self, rollout_id: str, positions: list[int]) -> Batch:
@@ -218,9 +225,14 @@ class FSDPWorker:
                                f"rollout {held!r}; the controller must send the samples themselves")
         return self.last_rollout[1].select(positions)
 
-    def update_actor(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    def update_actor(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Update on the experience kept by `compute_log_probs`, with the controller's per-sample `tensors`
-        (advantages, response_mask, ...) added to the ones computed here."""
+        (advantages, response_mask, ...) added to the ones computed here.
+
+        Returns:
+            the update's metrics, and the old log-probs and entropies of the on-policy first mini-batch
+            (taken from the update's own forward; empty when `compute_log_probs` computed them all).
+        """
         if self.experience is None:
             raise RuntimeError(f"worker {self.rank}: update_actor without compute_log_probs first (no experience "
                                "held for this step)")
@@ -232,11 +244,15 @@ class FSDPWorker:
         batch.tensors.update(tensors)
         acfg = self.cfg.worker.actor
         mini_batch_size = acfg.global_batch_size * self.cfg.worker.rollout.n // self.world_size
+        if self.on_policy not in (0, min(mini_batch_size, len(batch))):
+            raise ValueError(f"worker {self.rank}: {self.on_policy} on-policy samples, but the first mini-batch "
+                             f"has {min(mini_batch_size, len(batch))}")
         metrics = actor_lib.update_policy(self.model, self.optimizer, self.scheduler, batch, self.processor,
                                           self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature,
-                                          mini_batch_size)
+                                          mini_batch_size, first_on_policy=self.on_policy > 0)
         self.weights_stale = True
-        return metrics
+        filled = {k: batch.tensors[k][:self.on_policy] for k in ("old_logprobs", "entropy")} if self.on_policy else {}
+        return metrics, filled
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, actor_dir: str, model_only: bool = False) -> None:

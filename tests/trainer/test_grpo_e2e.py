@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -51,7 +52,9 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
             assert key in m, key
         assert 0.0 <= m["reward/overall"] <= 1.0
         assert m["response/length_mean"] > 0
-        assert m["batch/old_logprobs_reused"] == 0.0  # 2 mini-batches per rollout: the old pass is needed
+        # 2 mini-batches per rollout: the update supplies the first one's old log-probs, the pass the second's.
+        assert m["batch/old_logprobs_from_update"] == 0.5
+        assert m["actor/entropy_rollout"] > 0 and math.isfinite(m["actor/kl_ref"])
     assert "val/overall" in metrics[1]  # val_freq=2
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
         assert json.load(f)["global_step"] == 2
@@ -148,8 +151,10 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
            "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
            "worker.actor.max_token_len_per_gpu=300"])
     (m,) = read_metrics(run_dir)
-    assert m["batch/old_logprobs_reused"] == 1.0
+    assert m["batch/old_logprobs_from_update"] == 1.0
     assert m["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    # The old log-probs handed back by the update, in their rows: equal to the reference ones at step 1.
+    assert m["actor/kl_ref"] == pytest.approx(0.0, abs=1e-6) and m["actor/entropy_rollout"] > 0
     assert m["actor/ppo_kl"] == 0.0 and m["actor/pg_clipfrac"] == 0.0  # ratio exactly 1 on-policy
     assert m["actor/grad_norm"] > 0
 

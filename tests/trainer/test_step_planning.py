@@ -7,7 +7,7 @@ import pytest
 
 from pebr.config import load_config
 from pebr.protocol import Batch
-from pebr.trainer.ray_trainer import balanced_order, rank_shares, reuses_current_logprobs, share_payload
+from pebr.trainer.ray_trainer import balanced_order, on_policy_samples, rank_shares, share_payload
 from tests.trainer.test_config import REQUIRED, stage
 
 
@@ -35,15 +35,15 @@ def cfg_with(*overrides: str):
 
 
 @pytest.mark.parametrize("overrides, samples, expected", [
-    # pebr_cpu.yaml: rollout 4 prompts, global 2, n 4 -> two optimizer steps per rollout: old log-probs needed.
-    ((), 16, False),
-    (("worker.actor.global_batch_size=4",), 16, True),  # one mini-batch, one epoch: exact reuse
-    (("worker.actor.global_batch_size=4", "worker.actor.ppo_epochs=2"), 16, False),
-    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false"), 16, False),  # KL in the reward
-    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false", "algorithm.disable_kl=true"), 16, True),
+    # pebr_cpu.yaml: rollout 4 prompts, global 2, n 4 -> two optimizer steps per rollout: the first one's 8.
+    ((), 16, 8),
+    (("worker.actor.global_batch_size=4",), 16, 16),  # one mini-batch: the whole pass is skipped
+    (("worker.actor.global_batch_size=4", "worker.actor.ppo_epochs=2"), 16, 16),  # epoch 1 supplies epoch 2's
+    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false"), 16, 0),  # KL in the reward
+    (("worker.actor.global_batch_size=4", "algorithm.use_kl_loss=false", "algorithm.disable_kl=true"), 16, 16),
 ])
-def test_old_logprob_pass_is_skipped_only_when_exact(overrides, samples, expected):
-    assert reuses_current_logprobs(cfg_with(*overrides), samples) is expected
+def test_old_logprob_pass_is_skipped_only_where_exact(overrides, samples, expected):
+    assert on_policy_samples(cfg_with(*overrides), samples) == expected
 
 
 def batch_of_groups(lengths: list[int], image_of: list[str | None]) -> Batch:

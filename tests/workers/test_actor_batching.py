@@ -361,13 +361,15 @@ def experience(model, processor, batch: Batch) -> Batch:
     return out
 
 
-def run_update(model, processor, batch: Batch, **actor_kw) -> dict[str, float]:
-    """One update_policy call (one optimizer step) on a copy of `model`."""
+def run_update(model, processor, batch: Batch, mini_batch_size: int | None = None, first_on_policy: bool = False,
+               **actor_kw) -> dict[str, float]:
+    """One update_policy call (one optimizer step per mini-batch; one mini-batch by default) on a copy of `model`."""
     policy = copy.deepcopy(model)
     cfg = ActorConfig(micro_batch_size_per_device_for_update=2, **actor_kw)
     optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
     return actor_lib.update_policy(policy, optimizer, scheduler, batch, processor, CPU, cfg, AlgorithmConfig(),
-                                   temperature=1.0, mini_batch_size=len(batch))
+                                   temperature=1.0, mini_batch_size=mini_batch_size or len(batch),
+                                   first_on_policy=first_on_policy)
 
 
 @pytest.mark.parametrize("loss_avg_mode", ["token", "seq"])
@@ -385,15 +387,39 @@ def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_mo
             assert got[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), (name, key)
 
 
-def test_update_policy_without_old_logprobs_is_on_policy(model, processor, batch):
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+def test_the_first_mini_batch_takes_its_old_logprobs_from_the_update(model, processor, batch, ppo_epochs):
+    """Two mini-batches: the update computing the first one's old log-probs itself gives what the old
+    log-prob pass gives, and hands those log-probs and entropies back (a second epoch then uses them)."""
     exp = experience(model, processor, batch)
-    exp.tensors["old_logprobs"] = actor_lib.compute_logprobs(model, batch, processor, CPU, 8, 1.0)[0]
-    with_old = run_update(model, processor, exp)
+    old, entropy = actor_lib.compute_logprobs(model, batch, processor, CPU, 8, 1.0)
+    exp.tensors["old_logprobs"] = old
+    half = len(batch) // 2
+    with_pass = run_update(model, processor, exp, mini_batch_size=half, ppo_epochs=ppo_epochs)
+
+    exp = experience(model, processor, batch)
+    exp.tensors["old_logprobs"] = old.clone()
+    exp.tensors["old_logprobs"][:half] = 0.0  # never read: the update writes them
+    from_update = run_update(model, processor, exp, mini_batch_size=half, first_on_policy=True,
+                             ppo_epochs=ppo_epochs)
+    for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/ppo_kl"):
+        assert from_update[key] == pytest.approx(with_pass[key], rel=1e-4, abs=1e-6), key
+    mask = batch.response_mask()
+    torch.testing.assert_close(exp.tensors["old_logprobs"] * mask, old * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(exp.tensors["entropy"][:half] * mask[:half], entropy[:half] * mask[:half],
+                               atol=1e-5, rtol=0)
+
+
+def test_one_on_policy_mini_batch_needs_no_old_logprobs_at_all(model, processor, batch):
+    exp = experience(model, processor, batch)
     del exp.tensors["old_logprobs"]
-    without = run_update(model, processor, exp)
-    assert without["actor/ppo_kl"] == 0.0 and without["actor/pg_clipfrac"] == 0.0
-    for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
-        assert without[key] == pytest.approx(with_old[key], rel=1e-4, abs=1e-7), key
+    metrics = run_update(model, processor, exp, first_on_policy=True)
+    assert metrics["actor/ppo_kl"] == 0.0 and metrics["actor/pg_clipfrac"] == 0.0  # ratio exactly 1
+    assert exp.tensors["old_logprobs"].shape == (len(batch), int(batch.response_lengths.max()))
+    off_policy = experience(model, processor, batch)
+    del off_policy.tensors["old_logprobs"]
+    with pytest.raises(KeyError, match="old_logprobs"):  # not on-policy, and no old log-probs given
+        run_update(model, processor, off_policy)
 
 
 def test_dynamic_batching_needs_a_positive_token_budget(tiny_model_dir, synthetic_data_dir):

@@ -50,6 +50,10 @@ def sampling(**kw):
 def experience(group: WorkerGroup, batch, scores):
     """Log-probs, fixed scores and GRPO advantages, as the trainer prepares them."""
     batch.tensors.update(group.compute_log_probs(batch))
+    return experience_scores(group, batch, scores)
+
+
+def experience_scores(group: WorkerGroup, batch, scores):
     batch.tensors["scores"] = torch.tensor(scores, dtype=torch.float32)
     batch_advantages(batch, group.cfg.algorithm)
     return batch
@@ -68,6 +72,27 @@ def test_one_rank_and_two_ranks_give_the_same_update(groups, prompts):
     assert m2["actor/grad_norm"] > 0
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl_loss"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_update_hands_back_the_first_mini_batchs_old_logprobs(groups, prompts):
+    """Two ranks, two mini-batches of 4: the log-prob pass skips the first, whose update returns what the
+    pass would have given, into the right rows."""
+    two, _ = groups
+    batch, _ = two.generate(prompts, sampling(seed=3))
+    full = two.compute_log_probs(batch)
+    part = two.compute_log_probs(batch, on_policy=4)
+    mask = batch.response_mask()
+    first, rest = slice(0, 4), slice(4, 8)
+    for name in ("old_logprobs", "entropy"):
+        assert not part[name][first].any()
+        torch.testing.assert_close(part[name][rest] * mask[rest], full[name][rest] * mask[rest], atol=0, rtol=0)
+    batch.tensors.update(part)
+    batch = experience_scores(two, batch, [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5])
+    two.update_actor(batch)
+    for name in ("old_logprobs", "entropy"):
+        torch.testing.assert_close(batch.tensors[name][:, :mask.shape[1]] * mask, full[name] * mask, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="on_policy must be 0 or the first mini-batch"):
+        two.compute_log_probs(batch, on_policy=2)
 
 
 def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
