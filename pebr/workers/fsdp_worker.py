@@ -251,7 +251,9 @@ class FSDPWorker:
                                           self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature,
                                           mini_batch_size, first_on_policy=self.on_policy > 0)
         self.weights_stale = True
-        filled = {k: batch.tensors[k][:self.on_policy] for k in ("old_logprobs", "entropy")} if self.on_policy else {}
+        filled = {}
+        if self.on_policy:  # cloned: a pickled slice would carry its whole storage
+            filled = {k: batch.tensors[k][:self.on_policy].clone() for k in ("old_logprobs", "entropy")}
         return metrics, filled
 
     # -- checkpoints ------------------------------------------------------------------------------
