@@ -51,7 +51,9 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
     """`ray.get` that turns a dead or failed worker into one clear error naming the call.
 
     For a list, results are awaited as they come, so a failure surfaces at once even while the other
-    workers are still blocked in a collective waiting for the one that died.
+    workers are still blocked in a collective waiting for the one that died. A worker whose collective
+    broke because a peer died (gloo: "connection closed by peer") can report before Ray notices the death;
+    the error then names the dead peer first.
     """
     single = not isinstance(refs, list)
     pending = [refs] if single else list(refs)
@@ -73,7 +75,31 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
         raise WorkerFailure(f"{what}: {who} died: {str(e).splitlines()[0]}") from e
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise WorkerFailure(f"{what} failed in {who}: {type(cause).__name__}: {cause}") from e
+        failed = f"{who}: {type(cause).__name__}: {cause}"
+        dead = _dead_peer(pending, position, DEAD_PEER_GRACE_S)
+        if dead is not None:
+            raise WorkerFailure(f"{what}: {dead}; {failed} (after it)") from e
+        raise WorkerFailure(f"{what} failed in {failed}") from e
+
+
+DEAD_PEER_GRACE_S = 5.0  # how long a failed call waits for news of a dead peer before reporting itself
+
+
+def _dead_peer(pending: list, position: dict, grace: float) -> str | None:
+    """'worker k of n died: ...' if one of the `pending` per-rank calls turns out, within `grace` seconds, to
+    belong to a worker that died; None otherwise (a worker still blocked in a collective answers nothing)."""
+    deadline = time.time() + grace
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.time()))
+        if not ready:
+            return None
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as e:
+            return f"worker {position[ready[0]]} of {len(position)} died: {str(e).splitlines()[0]}"
+        except ray.exceptions.RayTaskError:
+            continue
+    return None
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -14,7 +15,8 @@ from conftest import idle_cpus
 
 from pebr.config import load_config
 from pebr.trainer.main import build_dataset, load_processor
-from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup
+from pebr.trainer import ray_trainer
+from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, ray_get
 from tests.reliability.procs import trainer_argv, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -67,3 +69,43 @@ def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_da
     assert ray_session.available_resources().get("CPU", 0) == free_cpus
     print(f"\nfault report: worker rank 1 SIGKILLed while rank 0 was in compute_log_probs -> {message!r} after "
           f"{detect_s:.2f} s; after shutdown() worker processes gone: {gone}")
+
+
+class Rank:
+    """A stand-in rank for the error-ordering test: real Ray actors, no model."""
+
+    def fail_after(self, seconds: float) -> None:
+        time.sleep(seconds)
+        raise RuntimeError("Connection closed by peer")  # what gloo says when the other end is gone
+
+    def die_after(self, seconds: float) -> None:
+        time.sleep(seconds)
+        os._exit(1)
+
+    def block(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_a_collective_broken_by_a_dead_peer_names_the_dead_peer(ray_session, monkeypatch):
+    """Rank 0's collective fails because rank 1 died, and rank 0 reports first: the error still names rank 1."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
+    monkeypatch.setattr(ray_trainer, "DEAD_PEER_GRACE_S", 3.0)
+    remote = ray_session.remote(num_cpus=0, max_restarts=0)(Rank)
+    ranks = [remote.remote() for _ in range(3)]  # the third outlives the test's second call
+    try:
+        with pytest.raises(WorkerFailure) as err:
+            ray_get([ranks[0].fail_after.remote(0.5), ranks[1].die_after.remote(1.5)], "log-prob computation")
+        message = str(err.value)
+        assert message.startswith("log-prob computation: worker 1 of 2 died"), message
+        assert "worker 0 of 2: RuntimeError: Connection closed by peer (after it)" in message, message
+        # No peer dies: after the grace period the failed call reports itself.
+        t0 = time.time()
+        with pytest.raises(WorkerFailure) as err:
+            ray_get([ranks[0].fail_after.remote(0.1), ranks[2].block.remote(30)], "update")
+        assert str(err.value).startswith("update failed in worker 0 of 2: RuntimeError"), str(err.value)
+        assert 2.5 < time.time() - t0 < 10
+    finally:
+        for actor in ranks:
+            ray_session.kill(actor)
