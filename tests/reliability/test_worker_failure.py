@@ -71,40 +71,84 @@ def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_da
           f"{detect_s:.2f} s; after shutdown() worker processes gone: {gone}")
 
 
-class Rank:
-    """A stand-in rank for the error-ordering test: real Ray actors, no model."""
+class GlooRank:
+    """A bare rank: a Ray actor in a real gloo process group, without the model (the collectives are the point)."""
 
-    def fail_after(self, seconds: float) -> None:
-        time.sleep(seconds)
-        raise RuntimeError("Connection closed by peer")  # what gloo says when the other end is gone
+    def join(self, address: str, rank: int, world: int) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+
+    def all_reduce(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(4))
 
     def die_after(self, seconds: float) -> None:
         time.sleep(seconds)
         os._exit(1)
 
-    def block(self, seconds: float) -> None:
-        time.sleep(seconds)
+    def leave_then_die(self, seconds: float) -> None:
+        """Close this rank's gloo connections now and exit `seconds` later: the peer's collective breaks before
+        Ray can know of a death (a killed process's sockets close at once, its death is reported later)."""
+        import torch.distributed as dist
+
+        time.sleep(0.5)
+        dist.destroy_process_group()
+        self.die_after(seconds)
+
+    def raise_value_error(self) -> None:
+        raise ValueError("a bug in this rank's own code")
 
 
-def test_a_collective_broken_by_a_dead_peer_names_the_dead_peer(ray_session, monkeypatch):
-    """Rank 0's collective fails because rank 1 died, and rank 0 reports first: the error still names rank 1."""
+def gloo_ranks(ray_session, world: int) -> list:
+    import socket
+
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    remote = ray_session.remote(num_cpus=0, max_restarts=0)(GlooRank)
+    ranks = [remote.remote() for _ in range(world)]
+    ray_session.get([r.join.remote(address, i, world) for i, r in enumerate(ranks)])
+    return ranks
+
+
+def test_a_collective_broken_by_a_dead_peer_names_the_dead_peer(ray_session, monkeypatch):
+    """Rank 0 waits in a gloo all-reduce and rank 1 goes away: whichever news reaches the controller first, the
+    error names rank 1. Both orders are forced: rank 1's process exits inside the collective (Ray's report
+    usually comes first), and rank 1 closes its connections before exiting (rank 0's gloo error comes first)."""
     monkeypatch.setattr(ray_trainer, "DEAD_PEER_GRACE_S", 3.0)
-    remote = ray_session.remote(num_cpus=0, max_restarts=0)(Rank)
-    ranks = [remote.remote() for _ in range(3)]  # the third outlives the test's second call
+    for leaving, survivor_first in (("die_after", False), ("leave_then_die", True)):
+        ranks = gloo_ranks(ray_session, 2)
+        try:
+            with pytest.raises(WorkerFailure) as err:
+                ray_get([ranks[0].all_reduce.remote(), getattr(ranks[1], leaving).remote(1.0)],
+                        "log-prob computation")
+            message = str(err.value)
+            assert message.startswith("log-prob computation: worker 1 of 2 died"), message
+            if survivor_first:
+                assert "; worker 0 of 2: RuntimeError" in message and message.endswith("(after it)"), message
+        finally:
+            for actor in ranks:
+                ray_session.kill(actor)
+
+
+def test_a_rank_failing_on_its_own_is_named_after_the_grace_period(ray_session, monkeypatch):
+    """No peer dies: rank 0 raises, rank 1 stays blocked in the all-reduce rank 0 never joins."""
+    monkeypatch.setattr(ray_trainer, "DEAD_PEER_GRACE_S", 3.0)
+    ranks = gloo_ranks(ray_session, 2)
     try:
-        with pytest.raises(WorkerFailure) as err:
-            ray_get([ranks[0].fail_after.remote(0.5), ranks[1].die_after.remote(1.5)], "log-prob computation")
-        message = str(err.value)
-        assert message.startswith("log-prob computation: worker 1 of 2 died"), message
-        assert "worker 0 of 2: RuntimeError: Connection closed by peer (after it)" in message, message
-        # No peer dies: after the grace period the failed call reports itself.
         t0 = time.time()
         with pytest.raises(WorkerFailure) as err:
-            ray_get([ranks[0].fail_after.remote(0.1), ranks[2].block.remote(30)], "update")
-        assert str(err.value).startswith("update failed in worker 0 of 2: RuntimeError"), str(err.value)
+            ray_get([ranks[0].raise_value_error.remote(), ranks[1].all_reduce.remote()], "update")
+        assert str(err.value).startswith("update failed in worker 0 of 2: ValueError"), str(err.value)
         assert 2.5 < time.time() - t0 < 10
     finally:
         for actor in ranks:
