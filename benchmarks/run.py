@@ -295,18 +295,22 @@ def report(r: dict) -> str:
     if "padding" in r:
         lines += ["### 4. Actor update (forward + backward), padded vs padding-free (`worker.actor.padding_free`)",
                   "", "Packed = one row per micro-batch with the varlen attention that `padding_free` loads; "
-                  "packed, SDPA mask = the same row under plain SDPA (a block-diagonal [S, S] mask).", "",
+                  "packed, SDPA mask = the same row under plain SDPA (a block-diagonal [S, S] mask); shared prompt = "
+                  "packed with each prompt laid out once for its responses (`worker.actor.share_prompts`). "
+                  "Tokens/s count every sequence's tokens (useful tokens), whatever a layout computes.", "",
                   "| response lengths | useful tokens | padded: computed tokens (useful share) | padded tokens/s | "
-                  "packed tokens/s | **packed / padded speed** | packed, SDPA mask / padded | max log-prob gap | load |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "packed tokens/s | **packed / padded speed** | packed, SDPA mask / padded | shared prompt: computed "
+                  "tokens | **shared prompt / padded speed** | max log-prob gap | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in r["padding"]:
             u = row["useful_tokens"]
-            tps = {v: [u / t for t in row[f"{v}_s"]] for v in ("padded", "packed", "packed_sdpa_mask")}
+            tps = {v: [u / t for t in row[f"{v}_s"]] for v in ("padded", "packed", "packed_sdpa_mask", "packed_shared")}
             lines.append(f"| {row['spread']} | {u} | {row['padded_computed']} ({u / row['padded_computed']:.1%}) | "
                          f"{fmt(summary(tps['padded']))} | {fmt(summary(tps['packed']))} | "
                          f"**{fmt(ratio_cells(tps['packed'], tps['padded']))}** | "
-                         f"{fmt(ratio_cells(tps['packed_sdpa_mask'], tps['padded']))} | {row['logprob_gap']:.1e} | "
-                         f"{summary(row['load'])['median']:.2f} |")
+                         f"{fmt(ratio_cells(tps['packed_sdpa_mask'], tps['padded']))} | "
+                         f"{row['packed_shared_computed']} | **{fmt(ratio_cells(tps['packed_shared'], tps['padded']))}** | "
+                         f"{row['logprob_gap']:.1e} | {summary(row['load'])['median']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

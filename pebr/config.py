@@ -115,6 +115,12 @@ class ActorConfig:
     # the variable-length attention of pebr/workers/attention.py (flash varlen on CUDA). The GPU recipes
     # turn it on; on CPU it measured about as fast as padding (benchmarks/RESULTS.md), so it is off there.
     padding_free: bool = False
+    # With padding_free: lay out a prompt shared by several responses (the n of a GRPO group) once per packed
+    # row, its responses attending to it, instead of once per response; exact (same log-probs and gradients).
+    # The prompt, image tokens included, is often most of a sequence. Measured on CPU only: the attention of
+    # such rows runs PyTorch's SDPA per sequence on every device (no flash varlen form yet), so the GPU
+    # recipes leave it off.
+    share_prompts: bool = False
     # Cut micro-batches by token count (max_token_len_per_gpu) instead of by micro_batch_size_per_device_*:
     # tokens are count x longest when padded (similar lengths grouped), the sum of lengths when padding_free
     # (a prompt's responses kept together, so its image is encoded once). A single longer sequence gets a
@@ -261,6 +267,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    if actor.share_prompts and not actor.padding_free:
+        raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
+                          "out once only in a packed row")
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
     looks_local = actor.model.model_path.startswith(("/", "./", "../", "~"))

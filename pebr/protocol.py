@@ -64,6 +64,15 @@ class Batch:
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
+    def prompt_groups(self) -> list[list[int]]:
+        """Indices of the samples with the same prompt: equal prompt ids and the same image objects (as in
+        `image_groups`), each group in batch order, groups in order of first appearance. A packed micro-batch
+        with worker.actor.share_prompts lays each such prompt out once (`pebr.workers.actor.collate_packed`)."""
+        groups: dict[Any, list[int]] = {}
+        for i, (ids, ims) in enumerate(zip(self.prompt_ids, self.images)):
+            groups.setdefault((tuple(ids), tuple(id(im) for im in ims)), []).append(i)
+        return list(groups.values())
+
     def response_tensor(self, name: str) -> torch.Tensor:
         """`tensors[name]` as [N, longest response]: created as zeros, or widened with zeros, where needed."""
         width = int(self.response_lengths.max())

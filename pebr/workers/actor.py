@@ -170,9 +170,10 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
     """Model inputs for a micro-batch: prompt + response, right-padded, with pixel values.
 
     Returns a dict with input_ids / attention_mask / mm_token_type_ids [B, L], pixel_values, image_grid_thw
-    and image_order when there are images (`image_inputs`), `response_mask` [B, T], and `response_index` [B, T]: the
-    index of each response token in the flattened input_ids (row * L + position), so that
-    `response_logprobs` gathers the same way from this layout and from the packed one.
+    and image_order when there are images (`image_inputs`), `response_mask` [B, T], `response_index` [B, T]: the
+    index of each response token in the flattened input_ids (row * L + position), and `predictor_index` [B, T]:
+    that of the token whose logits predict it (here the one before), so that `response_logprobs` gathers the
+    same way from this layout and from the packed ones.
     """
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -192,43 +193,70 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
         out["pixel_values"], out["image_grid_thw"], out["image_order"] = image_inputs(images, processor)
     out["response_mask"] = batch.response_mask()
     out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
+    out["predictor_index"] = out["response_index"] - 1
     return {k: v.to(device) for k, v in out.items()}
 
 
-def collate_packed(batch: Batch, processor: Any, device: torch.device,
-                   model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def collate_packed(batch: Batch, processor: Any, device: torch.device, model: torch.nn.Module,
+                   share_prompts: bool = False) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch laid end to end in one row, with no padding (padding_free).
 
-    Returns input_ids / mm_token_type_ids [1, S] (S = sum of sequence lengths), position_ids [4, 1, S],
-    pixel_values / image_grid_thw / image_order as `collate` makes them, `response_mask` [B, T] and `response_index`
-    [B, T] (index of each response token in the row). Row 0 of position_ids is the text position,
-    restarting at 0 for each sequence: from it transformers builds a block-diagonal causal mask, so no
-    token attends across a sequence boundary. Rows 1-3 are each sequence's own multimodal RoPE positions
-    (`model.model.get_rope_index`), i.e. exactly what the padded forward computes. There is no
+    Returns input_ids / mm_token_type_ids [1, S] (S = the tokens laid out), position_ids [4, 1, S],
+    pixel_values / image_grid_thw / image_order of the images in the row, `response_mask`, `response_index` and
+    `predictor_index` [B, T] (indices into the row, in batch order). Row 0 of position_ids is the text
+    position, restarting at 0 for each sequence; the varlen attention (`pebr.workers.attention`) reads the
+    boundaries from it, so no token attends across one. Rows 1-3 are each sequence's own multimodal RoPE
+    positions (`model.model.get_rope_index`), i.e. exactly what the padded forward computes. There is no
     attention_mask on purpose: given one, transformers would ignore the boundaries in the positions.
+
+    With `share_prompts`, the samples of one prompt (`Batch.prompt_groups`) are laid out together and the
+    prompt once: the first sample whole, the others' responses only, their positions continuing the prompt's,
+    so each response attends to the prompt and to itself. The prompt's tokens and images are computed once
+    instead of once per response; autograd sums their gradients over the responses, so the result is the
+    same as laying out every sequence whole. The first token of each later response is predicted by the
+    prompt's last token, hence `predictor_index`.
     """
     padded = collate(batch, processor, torch.device("cpu"))
     attention_mask = padded.pop("attention_mask")
-    keep = attention_mask.bool()
-    lengths = attention_mask.sum(1)
-    starts = lengths.cumsum(0) - lengths
     rope, _ = model.model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"],
                                          image_grid_thw=padded.get("image_grid_thw"), attention_mask=attention_mask)
-    text = torch.arange(keep.shape[1]).expand_as(keep)
-    # Boolean indexing walks the rows in order, so sequence i occupies [starts[i], starts[i] + lengths[i]).
-    positions = torch.cat([text[None], rope.to(torch.long)], 0)[:, keep]
-    packed = dict(padded, input_ids=padded["input_ids"][keep][None],
-                  mm_token_type_ids=padded["mm_token_type_ids"][keep][None],
+    groups = batch.prompt_groups() if share_prompts else [[i] for i in range(len(batch))]
+    order = [i for group in groups for i in group]
+    leader = torch.zeros(len(batch), dtype=torch.long)  # the sample whose prompt tokens each sample uses
+    skip = torch.zeros(len(batch), dtype=torch.long)  # columns of each sample not laid out (a shared prompt)
+    for group in groups:
+        leader[group] = group[0]
+        skip[group[1:]] = len(batch.prompt_ids[group[0]])
+    columns = torch.arange(attention_mask.shape[1])
+    keep = attention_mask.bool() & (columns[None] >= skip[:, None])
+    counts = keep.sum(1)
+    start = torch.zeros(len(batch), dtype=torch.long)  # row offset of each sample's first token laid out
+    start[order] = torch.cumsum(counts[order], 0) - counts[order]
+    text = columns.expand_as(keep)
+    # Boolean indexing walks the rows in `order`, so sample i occupies [start[i], start[i] + counts[i]).
+    positions = torch.cat([text[None], rope.to(torch.long)], 0)[:, order][:, keep[order]]
+
+    def row_index(col: torch.Tensor) -> torch.Tensor:
+        """Row index of the token at padded column `col` [B, T] of each sample (a shared prompt's: the leader's)."""
+        return torch.where(col >= skip[:, None], start[:, None] - skip[:, None] + col, start[leader][:, None] + col)
+
+    response_columns = _response_positions(batch)
+    packed = dict(padded, input_ids=padded["input_ids"][order][keep[order]][None],
+                  mm_token_type_ids=padded["mm_token_type_ids"][order][keep[order]][None],
                   position_ids=positions[:, None, :],
-                  response_index=starts[:, None] + _response_positions(batch))
+                  response_index=row_index(response_columns), predictor_index=row_index(response_columns - 1))
+    if share_prompts and "image_grid_thw" in padded:  # only the leaders' image entries are in the row
+        first_entry = list(itertools.accumulate([0] + [len(ims) for ims in batch.images]))
+        entries = [e for i in order if i == int(leader[i]) for e in range(first_entry[i], first_entry[i + 1])]
+        packed["image_grid_thw"], packed["image_order"] = padded["image_grid_thw"][entries], padded["image_order"][entries]
     return {k: v.to(device) for k, v in packed.items()}
 
 
 def model_inputs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
-                 padding_free: bool) -> dict[str, torch.Tensor]:
-    """`collate_packed` or `collate`: both layouts feed `response_logprobs` alike."""
+                 padding_free: bool, share_prompts: bool = False) -> dict[str, torch.Tensor]:
+    """`collate_packed` or `collate`: all layouts feed `response_logprobs` alike (`share_prompts` only packed)."""
     if padding_free:
-        return collate_packed(batch, processor, device, model)
+        return collate_packed(batch, processor, device, model, share_prompts)
     return collate(batch, processor, device)
 
 
@@ -245,18 +273,19 @@ def response_logprobs(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t
     positions, image tokens included, need no [V]-wide row. Log-probs come from `token_logprobs`, which
     never holds a float32 copy of the [tokens, V] logits.
     """
-    forward_inputs = {k: v for k, v in inputs.items() if k not in ("response_mask", "response_index", "image_order")}
+    forward_inputs = {k: v for k, v in inputs.items()
+                      if k not in ("response_mask", "response_index", "predictor_index", "image_order")}
     mask = inputs["response_mask"]
     valid = mask.bool()
     width = inputs["input_ids"].shape[1]
     positions = inputs["response_index"][valid]  # [n] flat positions (row * width + column) of response tokens
-    # The token at position j is predicted by the logits at j - 1 (a response never starts a sequence).
-    rows, columns = (positions - 1) // width, (positions - 1) % width
-    keep = torch.unique(columns)  # sorted; for a packed row exactly `columns`
+    predictors = inputs["predictor_index"][valid]  # [n] where the logits predicting each of them are
+    rows, columns = predictors // width, predictors % width
+    keep = torch.unique(columns)  # sorted
     with images_encoded_once(model, inputs.get("image_order")):
         logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits  # [rows, len(keep), V]
-    if logits.shape[0] == 1 and keep.numel() == columns.numel():
-        logits = logits[0]  # packed: row k of the kept logits is predictor k, no gather needed
+    if logits.shape[0] == 1 and torch.equal(keep, columns):
+        logits = logits[0]  # one row, predictors in order: row k of the kept logits is predictor k, no gather
     else:
         logits = logits[rows, torch.searchsorted(keep, columns)]  # [n, V]
     labels = inputs["input_ids"].flatten()[positions]
@@ -317,7 +346,8 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int, padding_free: b
     return groups
 
 
-def image_group_budget_groups(lengths: Sequence[int], max_tokens: int, units: Sequence[Sequence[int]]) -> list[list[int]]:
+def image_group_budget_groups(lengths: Sequence[int], max_tokens: int, units: Sequence[Sequence[int]],
+                              shared: Sequence[int] | None = None) -> list[list[int]]:
     """Packed (padding_free) micro-batches of at most `max_tokens` tokens that keep samples sharing an image
     together, so that each image is encoded in as few micro-batches as the budget allows.
 
@@ -327,20 +357,29 @@ def image_group_budget_groups(lengths: Sequence[int], max_tokens: int, units: Se
     unit together costs no padding; sorting by length instead scatters a prompt's responses over every
     micro-batch, which then each encode the image again (measured on an H100: the vision tower became
     a third of a 2 B model's update, benchmarks/RESULTS.md).
+
+    `shared[u]`, when given, is the number of tokens of unit u's prompt laid out once per micro-batch
+    (`collate_packed` with share_prompts, units from `Batch.prompt_groups`): a piece then costs its prompt
+    once plus its samples' other tokens.
     """
-    pieces = [[unit[j] for j in piece] for unit in units
-              for piece in token_budget_groups([lengths[i] for i in unit], max_tokens, padding_free=True)]
+    pieces: list[list[int]] = []
+    costs: list[int] = []
+    for u, unit in enumerate(units):
+        once = shared[u] if shared is not None else 0
+        rest = [lengths[i] - once for i in unit]
+        for piece in token_budget_groups(rest, max_tokens - once, padding_free=True):
+            pieces.append([unit[j] for j in piece])
+            costs.append(once + sum(rest[j] for j in piece))
     groups: list[list[int]] = []
     loads: list[int] = []
-    for piece in sorted(pieces, key=lambda p: -sum(lengths[i] for i in p)):
-        tokens = sum(lengths[i] for i in piece)
-        at = next((g for g, load in enumerate(loads) if load + tokens <= max_tokens), None)
+    for k in sorted(range(len(pieces)), key=lambda k: -costs[k]):
+        at = next((g for g, load in enumerate(loads) if load + costs[k] <= max_tokens), None)
         if at is None:
-            groups.append(list(piece))
-            loads.append(tokens)
+            groups.append(list(pieces[k]))
+            loads.append(costs[k])
         else:
-            groups[at].extend(piece)
-            loads[at] += tokens
+            groups[at].extend(pieces[k])
+            loads[at] += costs[k]
     return groups
 
 
@@ -393,18 +432,22 @@ def global_max(value: int, device: torch.device) -> int:
 
 
 def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_free: bool,
-                       device: torch.device) -> list[list[int]]:
+                       device: torch.device, share_prompts: bool = False) -> list[list[int]]:
     """Sample indices of each micro-batch of `batch`.
 
     With `max_tokens` None: consecutive slices of `size` samples. Otherwise token-budget groups: similar
     lengths together when padded (`token_budget_groups`), a prompt's responses together when packed
-    (`image_group_budget_groups`); then split so that every rank gets the same number of micro-batches (the
-    largest any rank needs, agreed by an all_reduce: a collective, so every rank must call this).
+    (`image_group_budget_groups`, a shared prompt counted once with `share_prompts`); then split so that every
+    rank gets the same number of micro-batches (the largest any rank needs, agreed by an all_reduce: a
+    collective, so every rank must call this).
     """
     if max_tokens is None:
         return fixed_slices(len(batch), size)
     lengths = sequence_lengths(batch)
-    if padding_free:
+    if padding_free and share_prompts:
+        units = batch.prompt_groups()
+        groups = image_group_budget_groups(lengths, max_tokens, units, [len(batch.prompt_ids[u[0]]) for u in units])
+    elif padding_free:
         groups = image_group_budget_groups(lengths, max_tokens, batch.image_groups())
     else:
         groups = token_budget_groups(lengths, max_tokens, padding_free)
@@ -414,7 +457,7 @@ def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_
 @torch.no_grad()
 def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, device: torch.device,
                      micro_batch_size: int, temperature: float, *, padding_free: bool = False,
-                     max_token_len: int | None = None,
+                     share_prompts: bool = False, max_token_len: int | None = None,
                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs and entropies [N, T] of every response of `batch` (padded to the batch's longest);
     the entropies are None when `with_entropy` is False (the reference pass does not need them).
@@ -422,14 +465,15 @@ def compute_logprobs(model: torch.nn.Module, batch: Batch, processor: Any, devic
     Args:
         micro_batch_size: samples per forward when `max_token_len` is None.
         padding_free: pack each micro-batch into one row (`collate_packed`) instead of padding it.
+        share_prompts: in a packed row, lay out a prompt shared by several responses once.
         max_token_len: token budget per forward (dynamic micro-batches); rows come back in `batch` order.
     """
     model.eval()
     width = int(batch.response_lengths.max())
     logps = torch.zeros(len(batch), width)
     ents = torch.zeros(len(batch), width) if with_entropy else None
-    for idx in plan_micro_batches(batch, micro_batch_size, max_token_len, padding_free, device):
-        inputs = model_inputs(model, batch.select(idx), processor, device, padding_free)
+    for idx in plan_micro_batches(batch, micro_batch_size, max_token_len, padding_free, device, share_prompts):
+        inputs = model_inputs(model, batch.select(idx), processor, device, padding_free, share_prompts)
         logp, ent = response_logprobs(model, inputs, temperature, with_entropy=with_entropy)
         t = logp.shape[1]
         logps[idx, :t] = logp.float().cpu()
@@ -451,7 +495,7 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
     FSDP averages gradients over ranks, hence the factor world_size. Because of that scaling any
     partition into micro-batches gives the same gradient: fixed `micro_batch_size_per_device_for_update`
     samples, or token-budget groups of at most `max_token_len_per_gpu` tokens when `cfg.dynamic_batching`;
-    `cfg.padding_free` packs each micro-batch into one row.
+    `cfg.padding_free` packs each micro-batch into one row (a shared prompt once with `cfg.share_prompts`).
 
     With `first_on_policy`, the first mini-batch needs no old log-probs: nothing has updated the policy
     since it sampled them, so its current log-probs, detached, are the old ones (ratio 1), which saves
@@ -481,11 +525,11 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             # is what keeping a prompt's responses together buys (image_group_budget_groups, balanced_order).
             images_encoded = 0
             for idx in plan_micro_batches(mini, cfg.micro_batch_size_per_device_for_update, max_tokens,
-                                          cfg.padding_free, device):
+                                          cfg.padding_free, device, cfg.share_prompts):
                 mb = mini.select(idx)
                 images_encoded += distinct_images(mb)
                 with record_function("pebr/model_inputs"):
-                    inputs = model_inputs(model, mb, processor, device, cfg.padding_free)
+                    inputs = model_inputs(model, mb, processor, device, cfg.padding_free, cfg.share_prompts)
                 with record_function("pebr/forward"):
                     logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
                 t = logp.shape[1]

@@ -10,6 +10,11 @@ attention on its own, which is what padding-free training needs:
   or flash-attn's `flash_attn_varlen_func` when that package is installed and torch has no varlen kernel;
 * otherwise (CPU, fp32): one fused causal SDPA call per sequence, on views of the packed tensors.
 
+A shared prompt (worker.actor.share_prompts) is laid out once: a segment whose text positions start at p > 0
+is a response that continues the first p tokens of the last segment starting at 0 (its prompt and first
+response), so it attends to those p tokens and causally to itself (`segment_layout`). Such rows take the SDPA
+loop on every device (its flash varlen form has not been run on a GPU).
+
 Every other call (the vision tower's blocks, a row without packed positions) goes to transformers' SDPA
 unchanged. No mask is built for this implementation: transformers skips mask creation for attention
 functions it has no mask function for, which is the point (no [S, S] tensor). A right-padded batch through
@@ -22,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import itertools
 import math
 import weakref
 from typing import Any, Callable
@@ -42,35 +48,55 @@ def packed_segments(text_positions: torch.Tensor) -> list[int]:
     return [b - a for a, b in zip(idx[:-1], idx[1:])]
 
 
+def segment_layout(text_positions: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """The segments of a [1, S] row of text positions (`packed_segments`): their lengths, their first
+    positions, and for each the row offset of the segment whose first tokens it continues (its own offset
+    when it starts at position 0).
+
+    A segment starting at position p > 0 continues the last segment that starts at 0, which must be at least
+    p tokens long (a response whose prompt was laid out once, with the prompt's first response).
+
+    Raises:
+        ValueError: a segment starts at p > 0 with no earlier segment of at least p tokens starting at 0.
+    """
+    lengths = packed_segments(text_positions)
+    idx = list(itertools.accumulate([0] + lengths[:-1]))
+    firsts = text_positions.reshape(-1)[idx].tolist()
+    roots: list[int] = []
+    root, root_length = -1, 0
+    for offset, length, first in zip(idx, lengths, firsts):
+        if first == 0:
+            root, root_length = offset, length
+        elif first > root_length:
+            raise ValueError(f"a packed segment at row offset {offset} starts at position {first}, but no earlier "
+                             f"segment starting at position 0 has {first} tokens to continue")
+        roots.append(offset if first == 0 else root)
+    return lengths, firsts, roots
+
+
 class _SegmentCache:
-    """The segments of the last positions tensor seen: their lengths and cumulative offsets (`cu_seqlens`, on
-    the positions' device). Every decoder layer of one forward (and its recomputation under gradient
-    checkpointing) gets the same tensor object, and finding the boundaries costs a device sync, so it is
-    done once per forward, not once per layer. A weak reference, not an id: a new tensor can reuse a dead
+    """The segments of the last positions tensor seen (`segment_layout`) and their cumulative offsets
+    (`cu_seqlens`, on the positions' device). Every decoder layer of one forward (and its recomputation under
+    gradient checkpointing) gets the same tensor object, and finding the boundaries costs a device sync, so it
+    is done once per forward, not once per layer. A weak reference, not an id: a new tensor can reuse a dead
     one's id and address."""
 
     def __init__(self) -> None:
         self.ref: weakref.ref | None = None
         self.version = -1
-        self.lengths: list[int] = []
+        self.layout: tuple[list[int], list[int], list[int]] = ([], [], [])
         self.cu_seqlens: torch.Tensor | None = None
 
-    def _refresh(self, positions: torch.Tensor) -> None:
+    def of(self, positions: torch.Tensor) -> tuple[tuple[list[int], list[int], list[int]], torch.Tensor]:
+        """(`segment_layout(positions)`, cu_seqlens)."""
         if self.ref is None or self.ref() is not positions or self.version != positions._version:
-            self.lengths = packed_segments(positions)
+            self.layout = segment_layout(positions)
             offsets = [0]
-            for n in self.lengths:
+            for n in self.layout[0]:
                 offsets.append(offsets[-1] + n)
             self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=positions.device)
             self.ref, self.version = weakref.ref(positions), positions._version
-
-    def lengths_of(self, positions: torch.Tensor) -> list[int]:
-        self._refresh(positions)
-        return self.lengths
-
-    def cu_seqlens_of(self, positions: torch.Tensor) -> torch.Tensor:
-        self._refresh(positions)
-        return self.cu_seqlens
+        return self.layout, self.cu_seqlens
 
 
 _segments = _SegmentCache()
@@ -110,13 +136,24 @@ def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], cu_seqlens: torch.Tensor,
-                   scale: float, kernel: str) -> torch.Tensor:
-    """Causal attention within each segment. q [S, H, D], k / v [S, H, D] (heads already matched); returns [S, H, D]."""
-    if kernel == "sdpa_loop":
-        out = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                              is_causal=True, scale=scale).transpose(0, 1)
-               for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[list[int], list[int], list[int]],
+                   cu_seqlens: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
+    """Causal attention within each segment of `layout` (`segment_layout`), a continuing segment also over the
+    first tokens of the segment it continues. q [S, H, D], k / v [S, H, D] (heads already matched); returns [S, H, D]."""
+    lengths, firsts, roots = layout
+    if kernel == "sdpa_loop" or any(firsts):
+        out, offset = [], 0
+        for length, first, root in zip(lengths, firsts, roots):
+            own = slice(offset, offset + length)
+            qi, ki, vi = q[own], k[own], v[own]
+            mask = None
+            if first:  # keys: the continued segment's first `first` tokens, then its own; causal from the bottom right
+                ki, vi = torch.cat([k[root:root + first], ki]), torch.cat([v[root:root + first], vi])
+                mask = torch.ones(length, first + length, dtype=torch.bool, device=q.device).tril(diagonal=first)
+            out.append(F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                                                      attn_mask=mask, is_causal=mask is None,
+                                                      scale=scale).transpose(0, 1))
+            offset += length
         return torch.cat(out)
     cu, longest = cu_seqlens.to(q.device), max(lengths)
     if kernel == "flash_attn":
@@ -142,7 +179,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     packed = (attention_mask is None and position_ids is not None and query.shape[0] == 1
-              and getattr(module, "is_causal", False) and query.shape[2] == position_ids.shape[-1])
+              and getattr(module, "is_causal", False) and query.shape[2] == position_ids.shape[-1] == key.shape[2])
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -152,9 +189,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    lengths, cu_seqlens = _segments.lengths_of(position_ids), _segments.cu_seqlens_of(position_ids)
+    layout, cu_seqlens = _segments.of(position_ids)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
-    out = _causal_varlen(q, k, v, lengths, cu_seqlens, scale, varlen_kernel(query.device, query.dtype))
+    out = _causal_varlen(q, k, v, layout, cu_seqlens, scale, varlen_kernel(query.device, query.dtype))
     return out.unsqueeze(0), None
 
 

@@ -201,7 +201,8 @@ class FSDPWorker:
         batch = self._own_samples(*share) if isinstance(share, tuple) else share
         acfg = self.cfg.worker.actor
         temperature = self.cfg.worker.rollout.temperature
-        layout = {"padding_free": acfg.padding_free, "max_token_len": actor_lib.token_budget(acfg)}
+        layout = {"padding_free": acfg.padding_free, "share_prompts": acfg.share_prompts,
+                  "max_token_len": actor_lib.token_budget(acfg)}
         out = {}
         if on_policy < len(batch):
             rest = batch.select(range(on_policy, len(batch))) if on_policy else batch

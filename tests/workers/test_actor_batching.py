@@ -206,6 +206,59 @@ def test_packed_gradients_match_padded(model, packing_model, processor, batch):
         assert gap <= 1e-4 * g.norm() + 1e-9, f"{name}: |packed - padded| = {gap:.3e}, |padded| = {g.norm():.3e}"
 
 
+# -- a shared prompt laid out once (share_prompts) -------------------------------------------------------
+
+
+def test_a_shared_prompt_is_laid_out_once_and_gives_the_padded_logprobs(model, varlen_model, processor, batch):
+    shuffled = batch.select([3, 6, 0, 5, 2, 7, 1, 4])  # a prompt's responses apart: laid out together anyway
+    assert shuffled.prompt_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    padded = actor_lib.collate(shuffled, processor, CPU)
+    shared = actor_lib.model_inputs(varlen_model, shuffled, processor, CPU, padding_free=True, share_prompts=True)
+    prompts = {tuple(p) for p in shuffled.prompt_ids}
+    assert shared["input_ids"].shape[1] == sum(map(len, prompts)) + sum(RESPONSE_LENGTHS)
+    assert shared["image_grid_thw"].shape[0] == 3 and shared["image_order"].tolist() == [0, 1, 2]
+    model.eval(), varlen_model.eval()
+    with torch.no_grad():
+        logp_pad, ent_pad = actor_lib.response_logprobs(model, padded, temperature=0.7, with_entropy=True)
+        logp, ent = actor_lib.response_logprobs(varlen_model, shared, temperature=0.7, with_entropy=True)
+        # Every first response token predicted from the token before it in the row (the previous response's
+        # last token for a later response) instead of the prompt's last one: the comparison must tell.
+        wrong = dict(shared, predictor_index=shared["response_index"] - 1)
+        logp_wrong, _ = actor_lib.response_logprobs(varlen_model, wrong, temperature=0.7)
+    torch.testing.assert_close(logp, logp_pad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ent_pad, atol=1e-5, rtol=0)
+    assert (logp_wrong - logp_pad).abs().max() > 1e-3
+
+
+def test_a_shared_prompt_gives_the_padded_gradients(model, varlen_model, processor, batch):
+    weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for m, layout in ((model, {"padding_free": False}), (varlen_model, {"padding_free": True, "share_prompts": True})):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logp, _ = actor_lib.response_logprobs(m, actor_lib.model_inputs(m, batch, processor, CPU, **layout))
+        (logp * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        m.zero_grad(set_to_none=True)
+    padded, shared = grads
+    assert set(padded) == set(shared) and any(n.startswith("model.visual") for n in padded)
+    for name, g in padded.items():
+        gap = (shared[name] - g).norm()
+        assert gap <= 1e-4 * g.norm() + 1e-9, f"{name}: |shared - padded| = {gap:.3e}, |padded| = {g.norm():.3e}"
+
+
+def test_token_budgets_count_a_shared_prompt_once():
+    # Two prompts of 10 tokens, three responses each of 2, 3, 4 tokens: 12, 13, 14 tokens per sequence.
+    lengths = [12, 13, 14, 12, 13, 14]
+    units = [[0, 1, 2], [3, 4, 5]]
+    # Whole sequences: 39 tokens a prompt; a budget of 40 holds one prompt's three.
+    assert actor_lib.image_group_budget_groups(lengths, 40, units) == [[2, 1, 0], [5, 4, 3]]  # longest first
+    # The prompt once: 10 + 9 = 19 tokens a prompt, both in one micro-batch of 38.
+    assert actor_lib.image_group_budget_groups(lengths, 40, units, shared=[10, 10]) == [[2, 1, 0, 5, 4, 3]]
+    # A budget of 15 cuts a prompt's responses into pieces, each with the prompt: 10 + 3 + 2 and 10 + 4.
+    assert actor_lib.image_group_budget_groups(lengths, 15, units, shared=[10, 10]) == [[1, 0], [4, 3], [2], [5]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_compiled_decoder_layers_give_the_same_logprobs_and_gradients(model, varlen_model, processor, batch, padding_free):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pebr.workers import attention as att
@@ -40,6 +41,48 @@ def test_segments_start_wherever_the_position_does_not_follow_on():
     assert att.packed_segments(torch.tensor([[0, 1, 2]])) == [3]
     # A row that starts mid-sequence or jumps (not produced by collate_packed) still splits where positions break.
     assert att.packed_segments(torch.tensor([[5, 6, 9, 10]])) == [2, 2]
+
+
+def test_a_segment_starting_past_zero_continues_the_last_one_that_starts_at_zero():
+    # prompt of 2 + response of 2, two more responses of that prompt, then a prompt of 1 + response, one more response
+    lengths, firsts, roots = att.segment_layout(torch.tensor([[0, 1, 2, 3, 2, 3, 2, 0, 1, 1, 2]]))
+    assert (lengths, firsts, roots) == ([4, 2, 1, 2, 2], [0, 2, 2, 0, 1], [0, 0, 0, 7, 7])
+    with pytest.raises(ValueError, match="row offset 2 starts at position 3, but no earlier segment"):
+        att.segment_layout(torch.tensor([[0, 1, 3, 4]]))
+    with pytest.raises(ValueError, match="row offset 0 starts at position 5"):
+        att.segment_layout(torch.tensor([[5, 6]]))
+
+
+def test_responses_sharing_a_prompt_laid_out_once_attend_as_if_each_followed_it():
+    """Prompt P (3 tokens) with responses of 2, 1 and 3 tokens, then a lone sequence of 4; the row holds P once.
+    Each response token's output must equal its output in the full sequence P + response, computed by hand."""
+    gen = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, prompt, responses = 4, 2, 8, 3, [2, 1, 3]
+    full = [prompt + r for r in responses] + [4]
+    qs = [torch.randn(heads, n, dim, generator=gen) for n in full]
+    ks = [torch.randn(kv_heads, n, dim, generator=gen) for n in full]
+    vs = [torch.randn(kv_heads, n, dim, generator=gen) for n in full]
+    for t in (qs, ks, vs):  # the prompt's tokens are the same in every sequence that shares it
+        for i in (1, 2):
+            t[i][:, :prompt] = t[0][:, :prompt]
+    want = [by_hand(q, k, v, [q.shape[1]]) for q, k, v in zip(qs, ks, vs)]
+    # The row: P + response 0, response 1, response 2 (positions continuing P), the lone sequence.
+    parts = [slice(0, None), slice(prompt, None), slice(prompt, None), slice(0, None)]
+    row = [torch.cat([t[:, part] for t, part in zip(ts, parts)], 1)[None] for ts in (qs, ks, vs)]
+    positions = torch.cat([torch.arange(n)[part] for n, part in zip(full, parts)])[None]
+    out, _ = att.varlen_attention_forward(Layer(heads, kv_heads), *row, None, position_ids=positions)
+    expected = torch.cat([w[part] for w, part in zip(want, parts)])
+    torch.testing.assert_close(out[0].double(), expected, atol=1e-5, rtol=1e-5)
+
+    # The second response sees the prompt, not the first response: changing the first response's keys
+    # changes the first response's outputs only.
+    k2 = row[1].clone()
+    k2[:, :, prompt:prompt + responses[0]] += 3.0
+    again, _ = att.varlen_attention_forward(Layer(heads, kv_heads), row[0], k2, row[2], None, position_ids=positions)
+    first_response = slice(prompt, prompt + responses[0])
+    assert torch.equal(again[0, :prompt], out[0, :prompt])
+    assert torch.equal(again[0, first_response.stop:], out[0, first_response.stop:])
+    assert not torch.allclose(again[0, first_response], out[0, first_response])
 
 
 def test_packed_rows_attend_within_each_sequence_with_gqa():
@@ -81,13 +124,13 @@ def test_segments_are_found_again_for_a_new_positions_tensor():
     """Every layer of a forward shares one positions tensor, so the boundaries are cached per tensor object;
     a new tensor (even at a freed one's address, with the same shape) gets its own."""
     first = torch.tensor([[0, 1, 2, 0, 1, 2]])
-    assert att._segments.lengths_of(first) == [3, 3]
-    assert att._segments.lengths_of(first) == [3, 3]
+    assert att._segments.of(first)[0][0] == [3, 3]
+    assert att._segments.of(first)[0][0] == [3, 3]
     del first
     second = torch.tensor([[0, 1, 0, 1, 2, 3]])
-    assert att._segments.lengths_of(second) == [2, 4]
+    assert att._segments.of(second)[0][0] == [2, 4]
     second[0, 4:] = torch.tensor([0, 1])  # changed in place: found again
-    assert att._segments.lengths_of(second) == [2, 2, 2]
+    assert att._segments.of(second)[0][0] == [2, 2, 2]
 
 
 def test_kernel_choice():
@@ -110,5 +153,5 @@ def test_padding_free_models_load_with_the_varlen_attention(tiny_model_dir, tmp_
 
 def test_cumulative_offsets_of_the_segments_for_the_varlen_kernel():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert att._segments.cu_seqlens_of(positions).tolist() == [0, 3, 5, 6]
-    assert att._segments.cu_seqlens_of(positions).dtype == torch.int32
+    assert att._segments.of(positions)[1].tolist() == [0, 3, 5, 6]
+    assert att._segments.of(positions)[1].dtype == torch.int32
