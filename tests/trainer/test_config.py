@@ -57,6 +57,7 @@ def test_overrides_win_over_files():
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
     ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
+    ("worker.actor.share_prompts=true", "worker.actor.share_prompts=true needs worker.actor.padding_free=true"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
