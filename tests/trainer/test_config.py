@@ -57,11 +57,16 @@ def test_overrides_win_over_files():
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
     ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
-    ("worker.actor.share_prompts=true", "worker.actor.share_prompts=true needs worker.actor.padding_free=true"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, override])
+
+
+def test_shared_prompts_need_packed_rows():
+    with pytest.raises(ConfigError, match=r"share_prompts=true needs worker\.actor\.padding_free=true"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.actor.padding_free=false",
+                     "worker.actor.share_prompts=true"])
 
 
 def test_missing_model_path_and_missing_file():
