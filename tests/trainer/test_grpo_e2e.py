@@ -142,13 +142,13 @@ def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, r
 
 
 def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
-    """One mini-batch per rollout (old log-probs reused), padding-free rows and token-budget micro-batches,
-    all through the real workers. The reference equals the actor at step 1, so a zero KL also shows that
-    the reference log-probs came back in the right rows."""
+    """One mini-batch per rollout (old log-probs reused), padding-free rows with shared prompts and token-budget
+    micro-batches, all through the real workers. The reference equals the actor at step 1, so a zero KL also
+    shows that the reference log-probs came back in the right rows."""
     run_dir = str(tmp_path / "packed")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
         + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
-           "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
+           "worker.actor.padding_free=true", "worker.actor.share_prompts=true", "worker.actor.dynamic_batching=true",
            "worker.actor.max_token_len_per_gpu=300"])
     (m,) = read_metrics(run_dir)
     assert m["batch/old_logprobs_from_update"] == 1.0
