@@ -166,24 +166,28 @@ def main(argv: list[str] | None = None) -> dict:
                     "machine": machine(), "versions": versions(), "load_start": os.getloadavg()}
     logs = os.path.join(args.work_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    trainer, reward, ray = start_ours(setup)
-    try:
-        _, prompts, processor = load_prompts(setup)
-        if "rollout" not in args.skip:
-            bare = LineServer(["benchmarks/bare_vllm.py", setup.to_json()], os.path.join(logs, f"bare_vllm_{args.size}.log"))
-            ours, base, loads = interleave(args.reps, lambda: our_rollout(trainer, prompts, setup.sampling()), bare.run)
-            result["rollout"] = {"ours": ours, "bare": base, "load": loads, "bare_final": bare.close()}
-        if "grpo" not in args.skip:
-            trl = LineServer(["benchmarks/trl_grpo.py", setup.to_json()], os.path.join(logs, f"trl_{args.size}.log"))
-            result["trl_info"] = trl.info
-            ours, peer, loads = interleave(args.reps, lambda: our_step(trainer), trl.run)
-            result["grpo"] = {"ours": ours, "trl": peer, "load": loads, "trl_final": trl.close()}
-        result["rss_mb"] = {name: peak_rss_mb(pid) for name, pid in worker_pids(trainer, reward, ray).items()}
-        result["rss_mb"]["driver"] = peak_rss_mb()
-    finally:
-        trainer.workers.shutdown()
-        ray.kill(reward)
-        ray.shutdown()
+    if {"rollout", "grpo"} - set(args.skip):  # our trainer is started only for what needs it
+        trainer, reward, ray = start_ours(setup)
+        try:
+            _, prompts, processor = load_prompts(setup)
+            if "rollout" not in args.skip:
+                bare = LineServer(["benchmarks/bare_vllm.py", setup.to_json()],
+                                  os.path.join(logs, f"bare_vllm_{args.size}.log"))
+                ours, base, loads = interleave(args.reps, lambda: our_rollout(trainer, prompts, setup.sampling()),
+                                               bare.run)
+                result["rollout"] = {"ours": ours, "bare": base, "load": loads, "bare_final": bare.close()}
+            if "grpo" not in args.skip:
+                trl = LineServer(["benchmarks/trl_grpo.py", setup.to_json()],
+                                 os.path.join(logs, f"trl_{args.size}.log"))
+                result["trl_info"] = trl.info
+                ours, peer, loads = interleave(args.reps, lambda: our_step(trainer), trl.run)
+                result["grpo"] = {"ours": ours, "trl": peer, "load": loads, "trl_final": trl.close()}
+            result["rss_mb"] = {name: peak_rss_mb(pid) for name, pid in worker_pids(trainer, reward, ray).items()}
+            result["rss_mb"]["driver"] = peak_rss_mb()
+        finally:
+            trainer.workers.shutdown()
+            ray.kill(reward)
+            ray.shutdown()
     if "padding" not in args.skip:
         import padding
 

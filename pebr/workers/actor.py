@@ -248,7 +248,8 @@ def collate_packed(batch: Batch, processor: Any, device: torch.device, model: to
     if share_prompts and "image_grid_thw" in padded:  # only the leaders' image entries are in the row
         first_entry = list(itertools.accumulate([0] + [len(ims) for ims in batch.images]))
         entries = [e for i in order if i == int(leader[i]) for e in range(first_entry[i], first_entry[i + 1])]
-        packed["image_grid_thw"], packed["image_order"] = padded["image_grid_thw"][entries], padded["image_order"][entries]
+        packed["image_grid_thw"] = padded["image_grid_thw"][entries]
+        packed["image_order"] = padded["image_order"][entries]
     return {k: v.to(device) for k, v in packed.items()}
 
 

@@ -139,7 +139,8 @@ def _torch_varlen_params() -> frozenset[str]:
 def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[list[int], list[int], list[int]],
                    cu_seqlens: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
     """Causal attention within each segment of `layout` (`segment_layout`), a continuing segment also over the
-    first tokens of the segment it continues. q [S, H, D], k / v [S, H, D] (heads already matched); returns [S, H, D]."""
+    first tokens of the segment it continues. q [S, H, D], k / v [S, H, D] (heads already matched);
+    returns [S, H, D]."""
     lengths, firsts, roots = layout
     if kernel == "sdpa_loop" or any(firsts):
         out, offset = [], 0
