@@ -230,6 +230,26 @@ def test_a_shared_prompt_is_laid_out_once_and_gives_the_padded_logprobs(model, v
     assert (logp_wrong - logp_pad).abs().max() > 1e-3
 
 
+def test_a_shared_prompt_with_two_images_gives_the_padded_logprobs(model, varlen_model, processor):
+    """Two images in one prompt: only the first sample's image entries enter the row, in order."""
+    from PIL import Image
+
+    images = [Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (84, 56), (30, 30, 200))]
+    chat = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which image is redder?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[chat], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    two = Batch(prompt_ids=[ids] * 3, response_ids=[[11, 12, 13], [14], [15, 16]], images=[images] * 3,
+                non_tensors={})
+    batch = Batch.concat([two, make_batch(processor).select([0, 1])])
+    shared = actor_lib.model_inputs(varlen_model, batch, processor, CPU, padding_free=True, share_prompts=True)
+    assert shared["image_grid_thw"].shape[0] == 3 and shared["image_order"].tolist() == [0, 1, 2]
+    with torch.no_grad():
+        want, _ = actor_lib.response_logprobs(model.eval(), actor_lib.collate(batch, processor, CPU))
+        got, _ = actor_lib.response_logprobs(varlen_model.eval(), shared)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_a_shared_prompt_gives_the_padded_gradients(model, varlen_model, processor, batch):
     weights = torch.randn(batch.response_mask().shape, generator=torch.Generator().manual_seed(3))
     grads = []
