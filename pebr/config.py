@@ -112,8 +112,9 @@ class ActorConfig:
     loss_avg_mode: str = "token"  # token | seq
     ppo_epochs: int = 1
     # Pack each micro-batch's sequences end to end in one row (no pad tokens computed); the model then runs
-    # the variable-length attention of pebr/workers/attention.py (flash varlen on CUDA). The GPU recipes
-    # turn it on; on CPU it measured about as fast as padding (benchmarks/RESULTS.md), so it is off there.
+    # the variable-length attention of pebr/workers/attention.py (flash varlen on CUDA). Every recipe turns
+    # it on; alone it measured about as fast as padding on CPU, with share_prompts about twice as fast
+    # (benchmarks/RESULTS.md).
     padding_free: bool = False
     # With padding_free: lay out a prompt shared by several responses (the n of a GRPO group) once per packed
     # row, its responses attending to it, instead of once per response; exact (same log-probs and gradients).
