@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA = torch.device("cuda", 0)
+PADDED, PACKED = {"padding_free": False}, {"padding_free": True}
 
 
 def _batch(processor):
@@ -34,8 +35,9 @@ def _batch(processor):
 
 
 def _compare_in_bf16(tiny_model_dir, models, candidate: str, baseline: str) -> None:
-    """`models` maps a name to (a bf16 model on the GPU, padding_free). Each runs the same batch; `candidate`'s log-probs may be no further from an fp32 CPU reference than
-    `baseline`'s (twice that, or bf16's 0.05), and its gradient must be `baseline`'s within 5 %."""
+    """`models` maps a name to (a bf16 model on the GPU, `model_inputs`' layout keywords). Each runs the same batch;
+    `candidate`'s log-probs may be no further from an fp32 CPU reference than `baseline`'s (twice that, or bf16's
+    0.05), and its gradient must be `baseline`'s within 5 %."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
@@ -46,8 +48,8 @@ def _compare_in_bf16(tiny_model_dir, models, candidate: str, baseline: str) -> N
         reference, _ = actor_lib.response_logprobs(ref_model, actor_lib.model_inputs(ref_model, batch, processor, cpu,
                                                                                       False))
     err, grads = {}, {}
-    for name, (model, padding_free) in models.items():
-        inputs = actor_lib.model_inputs(model, batch, processor, CUDA, padding_free)
+    for name, (model, layout) in models.items():
+        inputs = actor_lib.model_inputs(model, batch, processor, CUDA, **layout)
         logp, _ = actor_lib.response_logprobs(model, inputs)
         logp.sum().backward()
         err[name] = float((logp.detach().float().cpu() - reference).abs().max())
@@ -66,8 +68,16 @@ def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
     packing may not add error beyond bf16's own."""
     kernel = varlen_kernel(CUDA, torch.bfloat16)
     assert kernel in ("torch_varlen", "flash_attn"), f"no varlen kernel on this GPU (got {kernel})"
-    _compare_in_bf16(tiny_model_dir, {"padded": (_bf16_model(tiny_model_dir, False), False),
-                                      "packed": (_bf16_model(tiny_model_dir, True), True)}, "packed", "padded")
+    _compare_in_bf16(tiny_model_dir, {"padded": (_bf16_model(tiny_model_dir, False), PADDED),
+                                      "packed": (_bf16_model(tiny_model_dir, True), PACKED)}, "packed", "padded")
+
+
+def test_shared_prompts_match_padded_in_bf16(tiny_model_dir):
+    """worker.actor.share_prompts on the GPU (each prompt once, its responses through the SDPA loop with a
+    bottom-right causal mask): as close to the fp32 reference as padded bf16, the same gradient within bf16 noise."""
+    shared = {"padding_free": True, "share_prompts": True}
+    _compare_in_bf16(tiny_model_dir, {"padded": (_bf16_model(tiny_model_dir, False), PADDED),
+                                      "shared": (_bf16_model(tiny_model_dir, True), shared)}, "shared", "padded")
 
 
 def test_compiled_layers_match_eager_in_bf16(tiny_model_dir):
@@ -78,7 +88,7 @@ def test_compiled_layers_match_eager_in_bf16(tiny_model_dir):
     eager = _bf16_model(tiny_model_dir, True)
     compiled = copy.deepcopy(eager)
     actor_lib.compile_decoder_layers(compiled)
-    _compare_in_bf16(tiny_model_dir, {"eager": (eager, True), "compiled": (compiled, True)}, "compiled", "eager")
+    _compare_in_bf16(tiny_model_dir, {"eager": (eager, PACKED), "compiled": (compiled, PACKED)}, "compiled", "eager")
 
 
 def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
