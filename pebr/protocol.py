@@ -18,7 +18,7 @@ marks real tokens. Ragged token lists are kept as lists so a batch costs what it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -58,20 +58,15 @@ class Batch:
         Sharing is by object identity, which survives `select` and pickling one batch (pickle keeps shared
         objects shared), so these are exactly the images `pebr.workers.actor.image_inputs` encodes once.
         """
-        groups: dict[Any, list[int]] = {}
-        for i, ims in enumerate(self.images):
-            key = tuple(id(im) for im in ims) if ims else ("no image", i)
-            groups.setdefault(key, []).append(i)
-        return list(groups.values())
+        return _groups(tuple(id(im) for im in ims) if ims else ("no image", i)
+                       for i, ims in enumerate(self.images))
 
     def prompt_groups(self) -> list[list[int]]:
         """Indices of the samples with the same prompt: equal prompt ids and the same image objects (as in
         `image_groups`), each group in batch order, groups in order of first appearance. A packed micro-batch
         with worker.actor.share_prompts lays each such prompt out once (`pebr.workers.actor.collate_packed`)."""
-        groups: dict[Any, list[int]] = {}
-        for i, (ids, ims) in enumerate(zip(self.prompt_ids, self.images)):
-            groups.setdefault((tuple(ids), tuple(id(im) for im in ims)), []).append(i)
-        return list(groups.values())
+        return _groups((tuple(ids), tuple(id(im) for im in ims))
+                       for ids, ims in zip(self.prompt_ids, self.images))
 
     def response_tensor(self, name: str) -> torch.Tensor:
         """`tensors[name]` as [N, longest response]: created as zeros, or widened with zeros, where needed."""
@@ -115,3 +110,11 @@ class Batch:
             non_tensors={k: [v for b in batches for v in b.non_tensors[k]] for k in batches[0].non_tensors},
             tensors=tensors,
         )
+
+
+def _groups(keys: Iterable[Any]) -> list[list[int]]:
+    """Indices of equal keys, each group in order, groups in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())

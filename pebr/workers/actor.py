@@ -445,11 +445,10 @@ def plan_micro_batches(batch: Batch, size: int, max_tokens: int | None, padding_
     if max_tokens is None:
         return fixed_slices(len(batch), size)
     lengths = sequence_lengths(batch)
-    if padding_free and share_prompts:
-        units = batch.prompt_groups()
-        groups = image_group_budget_groups(lengths, max_tokens, units, [len(batch.prompt_ids[u[0]]) for u in units])
-    elif padding_free:
-        groups = image_group_budget_groups(lengths, max_tokens, batch.image_groups())
+    if padding_free:
+        units = batch.prompt_groups() if share_prompts else batch.image_groups()
+        shared = [len(batch.prompt_ids[u[0]]) for u in units] if share_prompts else None
+        groups = image_group_budget_groups(lengths, max_tokens, units, shared)
     else:
         groups = token_budget_groups(lengths, max_tokens, padding_free)
     return split_to_count(groups, global_max(len(groups), device), lengths, padding_free)
