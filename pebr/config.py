@@ -162,6 +162,10 @@ class RolloutConfig:
     enable_chunked_prefill: bool = False
     tensor_parallel_size: int = 1
     max_num_batched_tokens: int = 8192
+    # Tokens per KV-cache block; None leaves vLLM's choice (16 on CUDA, 128 on CPU). The n responses of a prompt
+    # are n requests, and each recomputes the prompt's tokens past its last full block: a smaller block
+    # recomputes fewer (the CPU recipe sets 32, the smallest vLLM's CPU attention takes).
+    block_size: int | None = None
     val_override_config: dict = field(default_factory=dict)
 
 

@@ -566,7 +566,7 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             if use_kl:
                 log("actor/kl_loss", global_sum(loss_sums["kl"], device) / denom)
             with record_function("pebr/optimizer"):
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, foreach=True)
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
@@ -579,8 +579,10 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
 def build_optimizer(model: torch.nn.Module, optim_cfg: Any, total_steps: int):
     """AdamW with a constant or cosine schedule after linear warm-up; the schedule advances once per RL step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel over all parameters. torch's default on CPU is a Python loop over them, which took
+    # 31 ms per step at size small against 6 ms fused (benchmarks/RESULTS.md, seventh round).
     optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                  weight_decay=optim_cfg.weight_decay)
+                                  weight_decay=optim_cfg.weight_decay, fused=True)
     warmup = optim_cfg.lr_warmup_steps if optim_cfg.lr_warmup_steps is not None else int(
         optim_cfg.lr_warmup_ratio * total_steps)
 

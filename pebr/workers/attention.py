@@ -151,9 +151,11 @@ def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tu
             if first:  # keys: the continued segment's first `first` tokens, then its own; causal from the bottom right
                 ki, vi = torch.cat([k[root:root + first], ki]), torch.cat([v[root:root + first], vi])
                 mask = torch.ones(length, first + length, dtype=torch.bool, device=q.device).tril(diagonal=first)
-            out.append(F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                                      attn_mask=mask, is_causal=mask is None,
-                                                      scale=scale).transpose(0, 1))
+            # [1, H, L, D]: on CPU only 4-D inputs reach the fused flash kernel; 3-D ones take the math path,
+            # which builds the whole [L, L] score matrix (a causal root segment's forward took twice as long).
+            heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi)]
+            out.append(F.scaled_dot_product_attention(*heads_first, attn_mask=mask, is_causal=mask is None,
+                                                      scale=scale)[0].transpose(0, 1))
             offset += length
         return torch.cat(out)
     cu, longest = cu_seqlens.to(q.device), max(lengths)

@@ -97,7 +97,7 @@ class VLLMRollout:
                  gpu_memory_utilization: float, cpu_kv_cache_gb: float, enforce_eager: bool,
                  enable_chunked_prefill: bool, max_num_batched_tokens: int, limit_images: int, seed: int,
                  trust_remote_code: bool, tokenizer: Any, external_launcher: bool, sleep_mode: bool = False,
-                 weight_names: list[str] | None = None):
+                 weight_names: list[str] | None = None, block_size: int | None = None):
         # In-process engine: its model object is reachable for weight loading, and it joins the
         # process group that training already created instead of spawning its own.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -109,6 +109,8 @@ class VLLMRollout:
         kwargs: dict[str, Any] = {}
         if external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         self.llm = LLM(
             model=model_path,
             dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],

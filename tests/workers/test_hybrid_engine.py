@@ -98,6 +98,10 @@ def test_the_update_hands_back_the_first_mini_batchs_old_logprobs(groups, prompt
 def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
     two, _ = groups
     assert [w["weight_sync"] for w in two.started] == ["direct copies into the engine's parameters"] * 2
+    # The engines run the recipe's KV-cache block size, not vLLM's CPU default of 128.
+    sizes = ray_get([w.__ray_call__.remote(lambda self: self.rollout.llm.llm_engine.vllm_config.cache_config.block_size)
+                     for w in two.workers], "block sizes")
+    assert sizes == [two.cfg.worker.rollout.block_size] * 2 == [32, 32]
     batch, _ = two.generate(prompts, sampling(seed=11))
     mask = batch.response_mask()
     before = two.compute_log_probs(batch)["old_logprobs"]
