@@ -36,6 +36,8 @@ class BenchSetup:
             recipe's value. batch / global_batch optimizer steps are taken per generation, on both sides.
         bf16: bf16 compute everywhere (our FSDP mixed precision and vLLM dtype, the bare engine's dtype,
             TRL's `bf16=True`); fp32 otherwise.
+        workers: our trainer's workers (trainer.n_gpus_per_node), each with `threads` threads; TRL's single
+            process then gets `threads * workers` threads, so that both use the same cores.
     """
 
     size: str
@@ -48,6 +50,7 @@ class BenchSetup:
     threads: int = 2
     global_batch: int | None = None
     bf16: bool = False
+    workers: int = 1
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -63,11 +66,11 @@ class BenchSetup:
         return os.path.join(self.work_dir, "data")
 
     def overrides(self) -> list[str]:
-        """Config arguments for `pebr.config.load_config` (the CPU recipe with one worker)."""
+        """Config arguments for `pebr.config.load_config` (the CPU recipe with `workers` workers)."""
         return [
             f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
             f"worker.actor.model.model_path={self.model_dir}", f"data.train_files={self.data_dir}/train.json",
-            f"data.image_dir={self.data_dir}/images", "trainer.n_gpus_per_node=1",
+            f"data.image_dir={self.data_dir}/images", f"trainer.n_gpus_per_node={self.workers}",
             f"data.rollout_batch_size={self.batch}", f"worker.rollout.n={self.n}",
             f"data.max_response_length={self.max_tokens}", f"worker.actor.optim.lr={self.lr}",
             "trainer.save_freq=-1", "trainer.val_freq=-1", "trainer.logger=[console]",

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads per measured process (1: robust when the cores are shared)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="our trainer's workers (GRPO comparison only); TRL gets --threads x --workers threads")
     parser.add_argument("--out", default=None, help="write this size's section into this markdown file")
     parser.add_argument("--skip", nargs="*", default=[], choices=["rollout", "grpo", "padding"])
     parser.add_argument("--batch", type=int, default=4, help="prompts per step")
@@ -152,10 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for our trainer only (e.g. worker.actor.dynamic_batching=true)")
     args = parser.parse_args(argv)
+    if args.workers > 1 and not {"rollout", "padding"} <= set(args.skip):
+        parser.error("--workers > 1 compares the GRPO step only (the bare vLLM baseline and the padding benchmark "
+                     "are one process): add --skip rollout padding")
 
     started = time.time()
     setup = BenchSetup(size=args.size, work_dir=args.work_dir, threads=args.threads, batch=args.batch, n=args.n,
-                       max_tokens=args.max_tokens, global_batch=args.global_batch, bf16=args.bf16, extra=args.set)
+                       max_tokens=args.max_tokens, global_batch=args.global_batch, bf16=args.bf16,
+                       workers=args.workers, extra=args.set)
     set_threads(setup.threads)  # inherited by Ray workers and the baseline processes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -222,6 +228,15 @@ def write_section(path: str, label: str, section: str) -> None:
         f.write(text)
 
 
+def _cores(s: dict) -> str:
+    """How the compared processes share the cores (setups written before `workers` existed had one worker)."""
+    workers = s.get("workers", 1)
+    if workers == 1:
+        return f"{s['threads']} torch threads in every process, one worker"
+    return (f"{workers} workers of ours with {s['threads']} torch thread(s) each, TRL one process with "
+            f"{s['threads'] * workers} threads")
+
+
 def ratio_cells(a: list[float], b: list[float]) -> dict:
     """Per-pair ratios a_i / b_i (pairs ran back to back, under the same load)."""
     return summary([x / y for x, y in zip(a, b)])
@@ -237,7 +252,7 @@ def report(r: dict) -> str:
              f"at end {tuple(round(x, 2) for x in r['load_end'])}.",
              f"Settings: B={s['batch']} prompts x n={s['n']} responses, max_tokens={s['max_tokens']}, "
              f"global batch {s.get('global_batch') or 'of the CPU recipe'}, lr={s['lr']}, seed={s['seed']}, "
-             f"{s['threads']} torch threads in every process, {'bf16' if s.get('bf16') else 'fp32'}, one worker"
+             + _cores(s) + f", {'bf16' if s.get('bf16') else 'fp32'}"
              + (f"; ours also with {' '.join(s['extra'])}" if s.get("extra") else "") + ".", ""]
     if "rollout" in r:
         ro = r["rollout"]

@@ -32,7 +32,7 @@ def user_text(templated: str) -> str:
 
 def main() -> None:
     setup = BenchSetup.from_json(sys.argv[1])
-    set_threads(setup.threads)
+    set_threads(setup.threads * setup.workers)  # the cores all of our workers use
     import datasets
     import torch
     import trl

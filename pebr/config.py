@@ -87,15 +87,20 @@ class OptimConfig:
 
 @dataclass
 class FSDPConfig:
+    # True: each unit's gathered parameters are freed after its forward and gathered again for the backward
+    # (ZeRO-3). False keeps them from forward to backward (ZeRO-2: one all-gather less per update, the full
+    # parameters of a unit held meanwhile); the CPU recipe sets it, its ranks' gloo gathers being slow.
     enable_full_shard: bool = True
+    # FSDP2's CPU offload: parameters, gradients and optimizer state live on the CPU (CUDA only).
     enable_cpu_offload: bool = False
-    enable_rank0_init: bool = False
+    enable_rank0_init: bool = False  # not implemented: every rank loads the weights (refused when true)
     # Mixed precision of the sharded compute; master weights and optimizer state stay fp32.
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
 @dataclass
 class OffloadConfig:
+    # EasyR1's offloading between phases is not implemented (refused when true); use fsdp.enable_cpu_offload.
     offload_params: bool = False
     offload_optimizer: bool = False
 
@@ -272,6 +277,16 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    for role, part in (("actor", actor), ("ref", w.ref)):
+        if part.fsdp.enable_rank0_init:
+            raise ConfigError(f"worker.{role}.fsdp.enable_rank0_init=true is not implemented: every rank loads the "
+                              "weights from disk itself")
+        for key, value in ((f"worker.{role}.offload.offload_params", part.offload.offload_params),
+                           (f"worker.{role}.offload.offload_optimizer", part.offload.offload_optimizer)):
+            if value:
+                raise ConfigError(f"{key}=true is not implemented (nothing is moved off the device between phases); "
+                                  f"worker.{role}.fsdp.enable_cpu_offload=true keeps parameters, gradients and "
+                                  "optimizer state on the CPU instead (CUDA only)")
     if actor.share_prompts and not actor.padding_free:
         raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
                           "out once only in a packed row")

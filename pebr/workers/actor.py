@@ -85,6 +85,73 @@ def shard_model(model: torch.nn.Module, *, param_dtype: torch.dtype, cpu_offload
     return model
 
 
+def full_parameters(model: torch.nn.Module, device: torch.device,
+                    bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter of an FSDP2 `model`, for the rollout engine's weight sync.
+
+    Sharded parameters are gathered in buckets of about `bucket_bytes`: each rank lays its dim-0 shards of a
+    bucket end to end in one buffer and a single all-gather brings all ranks' buffers. One gather per
+    parameter cost a collective each: 0.19 s of a 1.7 s step for the small model on two gloo ranks
+    (benchmarks/RESULTS.md, seventh round). A bucket bounds the unsharded weights held at once beside the
+    engine's copy. With one rank nothing is gathered. Every rank must call this and consume it to the end:
+    the gathers are collectives, in `named_parameters` order.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    bucket: list[tuple[str, DTensor]] = []
+    size = 0
+
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if not isinstance(tensor, DTensor) or tensor.device_mesh.size() == 1:
+            yield name, tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            continue
+        if tuple(tensor.placements) != (Shard(0),):
+            raise ValueError(f"parameter {name!r} is sharded as {tensor.placements}; the weight sync gathers "
+                             "FSDP2's dim-0 shards (Shard(0)) only")
+        if bucket and (tensor.dtype != bucket[0][1].dtype or tensor.device_mesh != bucket[0][1].device_mesh):
+            yield from _gather_bucket(bucket, device)
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield from _gather_bucket(bucket, device)
+            bucket, size = [], 0
+    yield from _gather_bucket(bucket, device)
+
+
+def _gather_bucket(bucket: list[tuple[str, Any]], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full tensors of dim-0-sharded DTensors on one mesh with one all-gather. FSDP2 gives rank r rows
+    [r * c, (r + 1) * c) of a parameter's D0, with c = ceil(D0 / world) (the last ranks may hold fewer or none),
+    so each rank pads its shard to c rows and every rank's buffer has the same layout."""
+    if not bucket:
+        return
+    mesh = bucket[0][1].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    pieces, layout = [], []
+    for name, tensor in bucket:
+        rows, rest = tensor.shape[0], tuple(tensor.shape[1:])
+        chunk = -(-rows // world)
+        local = tensor.to_local().reshape(-1, *rest)
+        expected = max(0, min(chunk, rows - rank * chunk))
+        if local.shape[0] != expected:
+            raise ValueError(f"parameter {name!r}: rank {rank} holds {local.shape[0]} of {rows} rows, FSDP2's "
+                             f"even chunks give it {expected}")
+        padded = local.new_zeros((chunk, *rest))
+        padded[:expected] = local
+        pieces.append(padded.flatten())
+        layout.append((name, rows, rest, padded.numel()))
+    send = torch.cat(pieces).to(device)
+    received = send.new_empty(world * send.numel())
+    dist.all_gather_into_tensor(received, send, group=mesh.get_group())
+    received = received.view(world, -1)
+    offset = 0
+    for name, rows, rest, count in layout:
+        full = received[:, offset:offset + count].reshape(-1, *rest)[:rows]  # rank-major rows, padding cut
+        offset += count
+        yield name, full
+
+
 def _response_positions(batch: Batch) -> torch.Tensor:
     """Position [B, T] of each response token inside its own sequence (prompt + response).
 

@@ -89,7 +89,8 @@ class FSDPWorker:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             self.model = actor_lib.shard_model(model.to(self.device), param_dtype=compute_dtype,
-                                               cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda")
+                                               cpu_offload=wcfg.actor.fsdp.enable_cpu_offload and self.device.type == "cuda",
+                                               reshard_after_forward=wcfg.actor.fsdp.enable_full_shard)
             if wcfg.actor.use_torch_compile:
                 actor_lib.compile_decoder_layers(self.model)
             self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
@@ -98,7 +99,8 @@ class FSDPWorker:
                                                wcfg.actor.padding_free).requires_grad_(False)
                 self.ref_model = actor_lib.shard_model(
                     ref.to(self.device), param_dtype=compute_dtype,
-                    cpu_offload=wcfg.ref.fsdp.enable_cpu_offload and self.device.type == "cuda")
+                    cpu_offload=wcfg.ref.fsdp.enable_cpu_offload and self.device.type == "cuda",
+                    reshard_after_forward=wcfg.ref.fsdp.enable_full_shard)
                 if wcfg.actor.use_torch_compile:
                     actor_lib.compile_decoder_layers(self.ref_model)
         self.rollout = self._build_rollout(compute_dtype)
@@ -132,22 +134,9 @@ class FSDPWorker:
         return time.time() - t0
 
     def _full_parameters(self):
-        """(name, full tensor) of each parameter, gathered one at a time as the engine consumes them, so the
-        sync holds one unsharded parameter beside the engine's copy instead of a whole unsharded model.
-        Every rank walks the parameters in the same order: each gather is a collective."""
-        from torch.distributed.tensor import DTensor
-
-        for name, param in self.model.named_parameters():
-            tensor = param.detach()
-            if isinstance(tensor, DTensor) and tensor.device_mesh.size() == 1:
-                tensor = tensor.to_local()  # one rank holds it all: no collective to pay for
-            elif isinstance(tensor, DTensor):
-                local = tensor.to_local()
-                if local.device != self.device:  # a CPU-offloaded shard: NCCL gathers device tensors only
-                    tensor = DTensor.from_local(local.to(self.device), tensor.device_mesh, tensor.placements,
-                                                shape=tensor.shape, stride=tensor.stride())
-                tensor = tensor.full_tensor()
-            yield name, tensor
+        """(name, full tensor) of each parameter, gathered a bucket at a time as the engine consumes them
+        (`actor_lib.full_parameters`)."""
+        return actor_lib.full_parameters(self.model, self.device)
 
     def generate(self, prompts: list[dict], sampling: dict, rollout_id: str = "") -> tuple[Batch, dict]:
         """n responses for each prompt; returns the batch, without its images, and timings.

@@ -57,6 +57,10 @@ def test_overrides_win_over_files():
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
     ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
+    # EasyR1 keys this project does not implement are refused, not silently ignored.
+    ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
+    ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
+    ("worker.actor.fsdp.enable_rank0_init=true", "worker.actor.fsdp.enable_rank0_init"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
