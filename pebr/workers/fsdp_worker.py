@@ -120,7 +120,8 @@ class FSDPWorker:
             tensor_parallel_size=rcfg.tensor_parallel_size, gpu_memory_utilization=rcfg.gpu_memory_utilization,
             cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager or self.device.type == "cpu",
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
-            limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank, trust_remote_code=mcfg.trust_remote_code,
+            limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank,
+            trust_remote_code=mcfg.trust_remote_code,
             tokenizer=self.processor.tokenizer, external_launcher=True, sleep_mode=self.device.type == "cuda",
             weight_names=[name for name, _ in self.model.named_parameters()] if self.model is not None else None)
 
