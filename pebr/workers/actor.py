@@ -123,7 +123,7 @@ def full_parameters(model: torch.nn.Module, device: torch.device,
 def _gather_bucket(bucket: list[tuple[str, Any]], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors of dim-0-sharded DTensors on one mesh with one all-gather. FSDP2 gives rank r rows
     [r * c, (r + 1) * c) of a parameter's D0, with c = ceil(D0 / world) (the last ranks may hold fewer or none),
-    so each rank pads its shard to c rows and every rank's buffer has the same layout."""
+    so each rank pads a short shard to c rows and every rank's buffer has the same layout."""
     if not bucket:
         return
     mesh = bucket[0][1].device_mesh
@@ -137,10 +137,11 @@ def _gather_bucket(bucket: list[tuple[str, Any]], device: torch.device) -> Itera
         if local.shape[0] != expected:
             raise ValueError(f"parameter {name!r}: rank {rank} holds {local.shape[0]} of {rows} rows, FSDP2's "
                              f"even chunks give it {expected}")
-        padded = local.new_zeros((chunk, *rest))
-        padded[:expected] = local
-        pieces.append(padded.flatten())
-        layout.append((name, rows, rest, padded.numel()))
+        count = chunk * math.prod(rest)
+        pieces.append(local.flatten())
+        if expected < chunk:  # torch.cat copies once anyway; only a short shard needs zeros after it
+            pieces.append(local.new_zeros(count - local.numel()))
+        layout.append((name, rows, rest, count))
     send = torch.cat(pieces).to(device)
     received = send.new_empty(world * send.numel())
     dist.all_gather_into_tensor(received, send, group=mesh.get_group())

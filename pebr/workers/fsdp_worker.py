@@ -130,14 +130,10 @@ class FSDPWorker:
         """Load the actor's current weights into the rollout engine (all ranks take part in the gathers)."""
         t0 = time.time()
         if self.model is not None and self.weights_stale:
-            self.rollout.load_weights(self._full_parameters())
+            # Gathered a bucket at a time as the engine consumes them; a collective on every rank.
+            self.rollout.load_weights(actor_lib.full_parameters(self.model, self.device))
         self.weights_stale = False
         return time.time() - t0
-
-    def _full_parameters(self):
-        """(name, full tensor) of each parameter, gathered a bucket at a time as the engine consumes them
-        (`actor_lib.full_parameters`)."""
-        return actor_lib.full_parameters(self.model, self.device)
 
     def generate(self, prompts: list[dict], sampling: dict, rollout_id: str = "") -> tuple[Batch, dict]:
         """n responses for each prompt; returns the batch, without its images, and timings.
