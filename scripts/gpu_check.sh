@@ -28,7 +28,7 @@ print("packed attention kernel (bf16):", varlen_kernel(torch.device("cuda", 0), 
 EOF
 status=0
 date -u +"start %T"
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/pytest.log" \
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" \
   || status=1
 date -u +"benchmark %T"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_update.py --json "$OUT/gpu_update.json" ${GPU_BENCH_ARGS:-} 2>&1 \

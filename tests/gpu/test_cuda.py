@@ -1,4 +1,5 @@
-"""On a CUDA device: the varlen attention kernel, compiled decoder layers, and GRPO steps with NCCL, FSDP2 in bf16 and the hf rollout.
+"""On a CUDA device: the varlen attention kernel, compiled decoder layers, the weight sync's bucketed gather on
+NCCL, and GRPO steps with NCCL, FSDP2 in bf16 (with and without CPU offload) and the hf rollout.
 
 CI has no GPU, so these are skipped there (marker `gpu`); on a GPU machine run `pytest -m gpu tests/gpu`.
 vLLM's CUDA build is not needed: the rollout here is transformers `generate` (worker.rollout.name=hf);
@@ -91,7 +92,44 @@ def test_compiled_layers_match_eager_in_bf16(tiny_model_dir):
     _compare_in_bf16(tiny_model_dir, {"eager": (eager, PACKED), "compiled": (compiled, PACKED)}, "compiled", "eager")
 
 
-def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_bucketed_gather_on_nccl(tiny_model_dir, cpu_offload):
+    """The weight sync's bucket gather (`_gather_bucket`) through NCCL on one rank, from shards on the GPU and from
+    shards FSDP2 keeps in CPU memory (moved to the GPU for the collective): every parameter comes back whole, on
+    the GPU, bit for bit. One GPU cannot host two NCCL ranks; the uneven-shard layout is tested on gloo
+    (tests/workers/test_hybrid_engine.py)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(CUDA)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=CUDA)
+    try:
+        model = actor_lib.shard_model(actor_lib.load_hf_model(tiny_model_dir).to(CUDA), param_dtype=torch.bfloat16,
+                                      cpu_offload=cpu_offload)
+        params = [(name, p.detach()) for name, p in model.named_parameters()]
+        assert all(isinstance(t, DTensor) for _, t in params)
+        assert {t.to_local().device.type for _, t in params} == {"cpu" if cpu_offload else "cuda"}
+        gathered = {}
+        for start in range(0, len(params), 5):  # buckets of five parameters of mixed shapes
+            gathered.update(actor_lib._gather_bucket(params[start:start + 5], CUDA))
+        assert list(gathered) == [name for name, _ in params]
+        for name, tensor in params:
+            assert gathered[name].device.type == "cuda" and gathered[name].shape == tensor.shape, name
+            assert torch.equal(gathered[name].cpu(), tensor.to_local().cpu()), name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path,
+                                                    cpu_offload):
+    """Two GRPO steps on the GPU (fused AdamW on DTensors, foreach clipping), then a merged checkpoint. With
+    `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW state live in CPU memory."""
     run_dir = str(tmp_path / "run")
     argv = [
         f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
@@ -101,6 +139,7 @@ def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_da
         "trainer.device=cuda", "trainer.n_gpus_per_node=1", "worker.rollout.name=hf",
         "worker.actor.fsdp.mixed_precision=bf16", "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
         "worker.actor.model.enable_gradient_checkpointing=true", "data.max_response_length=24",
+        f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
         "trainer.max_steps=2", "trainer.save_freq=2", "trainer.val_freq=-1", f"trainer.save_checkpoint_path={run_dir}",
     ]
     run(argv)
