@@ -10,6 +10,8 @@ differ only in the micro-batch layout:
 * padded, token budget: `dynamic_batching` with `max_token_len_per_gpu` (count x longest per forward);
 * packed, token budget: `padding_free` + `dynamic_batching` (sum of lengths per forward, one row, the
   varlen attention of `pebr.workers.attention`);
+* packed, shared prompts: as packed, with `share_prompts` (a prompt laid out once for its n responses, which
+  attend to it through the per-sequence SDPA loop); the model FLOPs stay those of the unshared batch;
 * with --compile, also the packed layout with torch.compile'd decoder layers (`use_torch_compile`); its
   warm-up update pays the compilation, which is reported apart.
 
@@ -48,6 +50,7 @@ VARIANTS = {
     "padded, fixed micro-batches": dict(padding_free=False, dynamic_batching=False),
     "padded, token budget": dict(padding_free=False, dynamic_batching=True),
     "packed (varlen), token budget": dict(padding_free=True, dynamic_batching=True),
+    "packed, shared prompts, token budget": dict(padding_free=True, dynamic_batching=True, share_prompts=True),
 }
 COMPILED = "packed (varlen), token budget, compiled layers"
 
@@ -168,7 +171,8 @@ def run_size(size: str, args, device: torch.device, save=lambda partial: None) -
         out = {"s": seconds, "grad_norm": metrics["actor/grad_norm"], "images_encoded": metrics["actor/images_encoded"]}
         if device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        plan = actor_lib.plan_micro_batches(batch, args.micro, actor_lib.token_budget(cfg), cfg.padding_free, device)
+        plan = actor_lib.plan_micro_batches(batch, args.micro, actor_lib.token_budget(cfg), cfg.padding_free, device,
+                                          cfg.share_prompts)
         out["micro_batches"] = len(plan)
         return out
 
