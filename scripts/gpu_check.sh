@@ -3,7 +3,8 @@
 #   1. the CUDA tests (tests/gpu: varlen kernel vs padded SDPA in bf16; GRPO steps with NCCL, FSDP2 bf16,
 #      packing and the hf rollout; checkpoint merge);
 #   2. benchmarks/gpu_update.py: update-phase tokens/s and MFU, padded vs packed (GPU_BENCH_ARGS="--compile"
-#      adds torch.compile'd decoder layers).
+#      adds torch.compile'd decoder layers; quote variant names inside it:
+#      GPU_BENCH_ARGS='--variants "padded, token budget"').
 # Packages the machine lacks may come as wheels in .whl/ and Ray as .gpu/raysite.tar.xz
 # (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
 # Results go to $OUT (default ./gpu_out): pytest.log, gpu_update.json, gpu_update.log.
@@ -31,6 +32,7 @@ date -u +"start %T"
 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" \
   || status=1
 date -u +"benchmark %T"
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_update.py --json "$OUT/gpu_update.json" ${GPU_BENCH_ARGS:-} 2>&1 \
+eval "set -- ${GPU_BENCH_ARGS:-}"  # shell words, so that quoted variant names stay whole
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_update.py --json "$OUT/gpu_update.json" "$@" 2>&1 \
   | tee "$OUT/gpu_update.log" | grep -v "Loading weights" || status=1
 exit $status
