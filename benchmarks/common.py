@@ -130,9 +130,9 @@ def forget_prompts(llm: Any) -> None:
 def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[dict]]:
     """A bare `vllm.LLM` configured as our rollout engine, with its SamplingParams and requests.
 
-    Same model, prompts (with images), dtype, enforce_eager, max_model_len, batched-token budget, KV-cache
-    block size, KV cache size and sampling (including the logit bias that bans image placeholders, so both
-    engines sample from one distribution). `llm_kwargs` go to `vllm.LLM` (e.g. the external launcher).
+    Same model, prompts (with images), dtype, eager or compiled (`enforce_eager`), max_model_len,
+    batched-token budget, KV-cache block size, KV cache size and sampling (including the logit bias that
+    bans image placeholders, so both engines sample from one distribution). `llm_kwargs` go to `vllm.LLM` (e.g. the external launcher).
 
     Returns:
         (llm, sampling params, requests for `llm.generate`).
@@ -147,7 +147,8 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
 
     max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     llm = LLM(model=cfg.worker.actor.model.model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}[setup.dtype],
-              max_model_len=max_model_len, enforce_eager=True, enable_chunked_prefill=r.enable_chunked_prefill,
+              max_model_len=max_model_len, enforce_eager=r.enforce_eager,
+              enable_chunked_prefill=r.enable_chunked_prefill,
               max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
               limit_mm_per_prompt={"image": max(1, r.limit_images)}, seed=r.seed, disable_log_stats=True,
               **({"block_size": r.block_size} if r.block_size is not None else {}), **llm_kwargs)

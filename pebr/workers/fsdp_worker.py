@@ -118,7 +118,7 @@ class FSDPWorker:
             mcfg.model_path, dtype=dtype,
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
             tensor_parallel_size=rcfg.tensor_parallel_size, gpu_memory_utilization=rcfg.gpu_memory_utilization,
-            cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager or self.device.type == "cpu",
+            cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager,
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
             limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank,
             trust_remote_code=mcfg.trust_remote_code,

@@ -29,7 +29,9 @@ def make_config(model_dir: str, data_dir: str, world: int, *extra: str):
 
 @pytest.fixture(scope="module")
 def groups(tiny_model_dir, synthetic_data_dir, ray_session):
-    two = WorkerGroup(make_config(tiny_model_dir, synthetic_data_dir, 2), total_steps=10)
+    # The two-rank engines run vLLM's compiled model: the weight sync must reach it as it reaches an eager one.
+    two = WorkerGroup(make_config(tiny_model_dir, synthetic_data_dir, 2, "worker.rollout.enforce_eager=false"),
+                      total_steps=10)
     one = WorkerGroup(make_config(tiny_model_dir, synthetic_data_dir, 1), total_steps=10)
     yield two, one
     two.shutdown()
@@ -101,10 +103,14 @@ def test_the_update_hands_back_the_first_mini_batchs_old_logprobs(groups, prompt
 def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
     two, _ = groups
     assert [w["weight_sync"] for w in two.started] == ["direct copies into the engine's parameters"] * 2
-    # The engines run the recipe's KV-cache block size, not vLLM's CPU default of 128.
-    sizes = ray_get([w.__ray_call__.remote(lambda self: self.rollout.llm.llm_engine.vllm_config.cache_config.block_size)
-                     for w in two.workers], "block sizes")
-    assert sizes == [two.cfg.worker.rollout.block_size] * 2 == [32, 32]
+    # The engines run the recipe's KV-cache block size, not vLLM's CPU default of 128, and the compiled model.
+    def settings(self):
+        vllm_config = self.rollout.llm.llm_engine.vllm_config
+        return vllm_config.cache_config.block_size, vllm_config.compilation_config.mode.name
+
+    engines = ray_get([w.__ray_call__.remote(settings) for w in two.workers], "engine settings")
+    assert engines == [(two.cfg.worker.rollout.block_size, "DYNAMO_TRACE_ONCE")] * 2
+    assert two.cfg.worker.rollout.block_size == 32
     batch, _ = two.generate(prompts, sampling(seed=11))
     mask = batch.response_mask()
     before = two.compute_log_probs(batch)["old_logprobs"]
