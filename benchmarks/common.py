@@ -137,13 +137,12 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
     Returns:
         (llm, sampling params, requests for `llm.generate`).
     """
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from pebr.workers.rollout import banned_token_ids, set_engine_environment
+
     cfg, prompts, processor = load_prompts(setup)
     r = cfg.worker.rollout
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.cpu_kv_cache_gb))))
+    set_engine_environment(r.cpu_kv_cache_gb)
     from vllm import LLM, SamplingParams
-
-    from pebr.workers.rollout import banned_token_ids
 
     max_model_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     llm = LLM(model=cfg.worker.actor.model.model_path, dtype={"bf16": "bfloat16", "fp32": "float32"}[setup.dtype],
