@@ -132,7 +132,8 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
 
     Same model, prompts (with images), dtype, eager or compiled (`enforce_eager`), max_model_len,
     batched-token budget, KV-cache block size, KV cache size and sampling (including the logit bias that
-    bans image placeholders, so both engines sample from one distribution). `llm_kwargs` go to `vllm.LLM` (e.g. the external launcher).
+    bans image placeholders, so both engines sample from one distribution). `llm_kwargs` go to `vllm.LLM`
+    (e.g. the external launcher).
 
     Returns:
         (llm, sampling params, requests for `llm.generate`).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a CUDA machine without internet (see README, "Installing for GPUs"):
-#   1. the CUDA tests (tests/gpu: varlen kernel vs padded SDPA in bf16; GRPO steps with NCCL, FSDP2 bf16,
-#      packing and the hf rollout; checkpoint merge);
+#   1. the CUDA tests (tests/gpu: varlen kernel, shared prompts and compiled layers vs padded SDPA in bf16;
+#      the weight sync's bucketed gather on NCCL; GRPO steps with NCCL, FSDP2 bf16 with and without CPU
+#      offload, packing and the hf rollout; checkpoint merge);
 #   2. benchmarks/gpu_update.py: update-phase tokens/s and MFU, padded vs packed (GPU_BENCH_ARGS="--compile"
 #      adds torch.compile'd decoder layers; quote variant names inside it:
 #      GPU_BENCH_ARGS='--variants "padded, token budget"').
