@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, generate_texts, make_engine, set_cpu_vllm_env  # noqa: E402
+from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, generate_texts, make_engine  # noqa: E402
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
 DEFAULT_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_pixels", type=int, default=None, help="downscale larger images to this area")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    set_cpu_vllm_env()
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,
                   max_pixels=args.max_pixels)

@@ -28,15 +28,6 @@ DEFAULT_FORMAT_PROMPT = os.path.join(
 BACKENDS = ("vllm", "hf")
 
 
-def set_cpu_vllm_env() -> None:
-    """vLLM on CPU: run the engine in-process and cap the KV cache at 1 GiB, unless the user chose otherwise.
-
-    Without a KV cache size vLLM on CPU reserves most of the node's memory and may refuse to start.
-    """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 def make_engine(
     model_path: str,
     processor: Any,
@@ -74,8 +65,7 @@ def make_engine(
         device = torch.device("cuda" if cuda else "cpu")
         return HFRollout(model_path, processor=processor, device=device,
                          dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=False)
-    set_cpu_vllm_env()
-    return VLLMRollout(
+    return VLLMRollout(  # its engine environment: in-process, KV cache from cpu_kv_cache_gb on CPU
         model_path, dtype="bf16" if cuda else "fp32", max_model_len=max_model_len, tensor_parallel_size=1,
         gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gb=1, enforce_eager=not cuda,
         enable_chunked_prefill=False, max_num_batched_tokens=max_model_len, limit_images=limit_images,

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, evaluate_model, markdown_table, set_cpu_vllm_env  # noqa: E402
+from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, evaluate_model, markdown_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    set_cpu_vllm_env()
     result = evaluate_model(
         args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,
         limit=args.limit, temperature=args.temperature, format_prompt=args.format_prompt, backend=args.backend,
