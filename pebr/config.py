@@ -135,7 +135,8 @@ class ActorConfig:
     max_token_len_per_gpu: int = 16384
     # torch.compile each text decoder layer (actor and reference): fused elementwise kernels where the update
     # is bound by kernel launches rather than by matmuls (GPUs, benchmarks/gpu_update.py). The first steps
-    # pay the compilation (about a minute); off by default.
+    # pay the compilation (about a minute); off by default. On CPU it did not pay: forward + backward 0.358 vs
+    # 0.363 s eager at size small (benchmarks/RESULTS.md, ninth round).
     use_torch_compile: bool = False
     ulysses_sequence_parallel_size: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
