@@ -132,7 +132,8 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
 
     Same model, prompts (with images), dtype, eager or compiled (`enforce_eager`), max_model_len,
     batched-token budget, KV-cache block size, KV cache size and sampling (including the logit bias that
-    bans image placeholders, so both engines sample from one distribution). `llm_kwargs` go to `vllm.LLM`
+    bans image placeholders, so both engines sample from one distribution, and no detokenizing by vLLM: our
+    worker decodes the responses itself, inside its timed rollout). `llm_kwargs` go to `vllm.LLM`
     (e.g. the external launcher).
 
     Returns:
@@ -154,7 +155,7 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
               **({"block_size": r.block_size} if r.block_size is not None else {}), **llm_kwargs)
     s = setup.sampling()
     params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                            max_tokens=s["max_tokens"], seed=s["seed"],
+                            max_tokens=s["max_tokens"], seed=s["seed"], detokenize=False,
                             logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
     requests = [{"prompt": p["prompt"], "multi_modal_data": {"image": p["images"][0]}} if p.get("images")
                 else {"prompt": p["prompt"]} for p in prompts]

@@ -52,6 +52,13 @@ class AlgorithmConfig:
     filter_key: str = "overall"
     filter_low: float = 0.01
     filter_high: float = 0.99
+    # Where the PPO ratio's old log-probs come from. actor: the actor's own forward over the step's samples
+    # before the update (skipped for the first mini-batch, whose update supplies them). rollout: the log-probs
+    # the vLLM engine computed for the tokens it sampled; the engine holds the actor's weights at sampling
+    # time, so this skips that forward entirely, at the price of the engine/actor numeric gap entering the
+    # ratio (CPU fp32: 2e-8 on average at step 1, tests/trainer/test_grpo_e2e.py; larger in bf16 on GPUs).
+    # Needs the vLLM rollout sampling at temperature 1 from the full distribution (validate says why).
+    old_logprobs: str = "actor"  # actor | rollout
 
     @property
     def kl_in_loss(self) -> bool:
@@ -262,6 +269,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     d, a, w, t = cfg.data, cfg.algorithm, cfg.worker, cfg.trainer
     actor, rollout = w.actor, w.rollout
     _choice("algorithm.adv_estimator", a.adv_estimator, ("grpo", "rloo", "reinforce_plus_plus", "remax"))
+    _choice("algorithm.old_logprobs", a.old_logprobs, ("actor", "rollout"))
     _choice("algorithm.kl_penalty", a.kl_penalty, ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3"))
     _choice("worker.rollout.name", rollout.name, ("vllm", "hf"))
     _choice("worker.reward.reward_type", w.reward.reward_type, ("batch", "sequential"))
@@ -291,6 +299,17 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if actor.share_prompts and not actor.padding_free:
         raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
                           "out once only in a packed row")
+    if a.old_logprobs == "rollout":
+        if rollout.name != "vllm":
+            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.name=vllm (got {rollout.name!r}): "
+                              "only the vLLM engine returns the log-probs of the tokens it sampled")
+        if rollout.temperature != 1.0 or rollout.top_p < 1.0 or rollout.top_k > 0:
+            # vLLM's raw log-probs are the log-softmax of the model's logits, the actor's at temperature 1. Its
+            # processed ones carry temperature and truncation, but also the logit bias that bans image tokens,
+            # which the actor's do not: at temperature 0.7 the tiny model's differed by 6e-3 on average.
+            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.temperature=1.0, top_p=1.0 and "
+                              f"top_k=-1 (got {rollout.temperature}, {rollout.top_p}, {rollout.top_k}): only then "
+                              "are the engine's log-probs of its samples the actor's")
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
     looks_local = actor.model.model_path.startswith(("/", "./", "../", "~"))

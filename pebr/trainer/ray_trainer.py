@@ -185,9 +185,10 @@ class WorkerGroup:
         timing = {k: max(r[1][k] for r in results) for k in results[0][1]}
         return Batch.concat(batches), timing
 
-    def compute_log_probs(self, batch: Batch, on_policy: int = 0) -> dict[str, torch.Tensor]:
+    def compute_log_probs(self, batch: Batch, on_policy: int = 0, old: bool = True) -> dict[str, torch.Tensor]:
         """Reference log-probs [N, T], and old log-probs with their entropies for all but the first
-        `on_policy` samples (the first global mini-batch, whose update supplies them: `on_policy_samples`).
+        `on_policy` samples (the first global mini-batch, whose update supplies them: `on_policy_samples`);
+        none with `old=False` (`batch` carries the rollout's own as "old_logprobs").
 
         Each rank gets its share of the step (`rank_shares`) and keeps it for `update_actor`, so the samples
         are sent once per step (and not at all when they are still where they were generated).
@@ -198,7 +199,7 @@ class WorkerGroup:
         shares = rank_shares(batch, self.size, mini)
         skip = on_policy // self.size  # a rank's share starts with its part of the first mini-batch
         payloads = [share_payload(batch, share, rank // self.tp, self._last_rollout) for rank, share in enumerate(shares)]
-        parts = ray_get([w.compute_log_probs.remote(p, skip) for w, p in zip(self.workers, payloads)],
+        parts = ray_get([w.compute_log_probs.remote(p, skip, old) for w, p in zip(self.workers, payloads)],
                         "log-prob computation", self.timeout)
         self._experience = (batch, shares, skip, set(parts[0]))
         out = {}
@@ -241,9 +242,10 @@ def on_policy_samples(cfg: PPOConfig, num_samples: int) -> int:
     Nothing updates the policy between sampling a batch and its first optimizer step, so the first
     mini-batch's old log-probs are its current ones: the update takes them, detached, from its own forward
     (ratio 1) and hands them back. With one mini-batch per rollout that skips the whole pass. A KL penalty
-    in the reward needs every old log-prob before the update, so it keeps the pass.
+    in the reward needs every old log-prob before the update, so it keeps the pass. With the rollout's
+    log-probs as the old ones (algorithm.old_logprobs=rollout) no sample needs the pass.
     """
-    if cfg.algorithm.kl_in_reward:
+    if cfg.algorithm.kl_in_reward or cfg.algorithm.old_logprobs == "rollout":
         return 0
     return min(cfg.worker.actor.global_batch_size * cfg.worker.rollout.n, num_samples)
 
@@ -366,7 +368,8 @@ class RayPPOTrainer:
     def _sampling(self, overrides: dict | None = None) -> dict:
         r = self.cfg.worker.rollout
         s = {"n": r.n, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
-             "max_tokens": self.cfg.data.max_response_length, "seed": None}
+             "max_tokens": self.cfg.data.max_response_length, "seed": None,
+             "logprobs": self.cfg.algorithm.old_logprobs == "rollout"}
         s.update(overrides or {})
         return s
 
@@ -430,10 +433,13 @@ class RayPPOTrainer:
             reward_future = None
             if "scores" not in batch.tensors:
                 reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
+            old_from_rollout = self.cfg.algorithm.old_logprobs == "rollout"
+            if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
+                batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
             on_policy = on_policy_samples(self.cfg, len(batch))
             metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
             with timed(metrics, "log_probs"):
-                batch.tensors.update(self.workers.compute_log_probs(batch, on_policy))
+                batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
             if reward_future is not None:
                 with timed(metrics, "reward_wait"):
                     scores = ray_get(reward_future, "reward")
@@ -491,7 +497,7 @@ class RayPPOTrainer:
         if self.val_dataset is None:
             return {}
         r = self.cfg.worker.rollout
-        overrides = {"n": 1, "temperature": 0.5, "seed": r.seed, **dict(r.val_override_config)}
+        overrides = {"n": 1, "temperature": 0.5, "seed": r.seed, "logprobs": False, **dict(r.val_override_config)}
         prompts = [self.val_dataset[i] for i in range(len(self.val_dataset))]
         for p in prompts:
             p["uid"] = f"val-{p['index']}"

@@ -175,7 +175,8 @@ class FSDPWorker:
         return text_only, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
 
     # -- training ---------------------------------------------------------------------------------
-    def compute_log_probs(self, share: Batch | tuple[str, list[int]], on_policy: int = 0) -> dict[str, torch.Tensor]:
+    def compute_log_probs(self, share: Batch | tuple[str, list[int]], on_policy: int = 0,
+                          old: bool = True) -> dict[str, torch.Tensor]:
         """Old log-probs and entropies of all but the first `on_policy` samples of this rank's share, and
         reference log-probs of all, [rows, T]; the share, with them, is kept for `update_actor`.
 
@@ -183,6 +184,8 @@ class FSDPWorker:
             share: the samples as a Batch, or (rollout id, positions) of samples in this worker's last rollout.
             on_policy: the length of the share's first mini-batch when the update takes that mini-batch's old
                 log-probs from its own forward (`update_policy`'s `first_on_policy`), else 0.
+            old: False when the old log-probs are the rollout's (algorithm.old_logprobs=rollout): none are
+                computed, and `update_actor` receives them with the advantages.
         """
         batch = self._own_samples(*share) if isinstance(share, tuple) else share
         acfg = self.cfg.worker.actor
@@ -190,7 +193,7 @@ class FSDPWorker:
         layout = {"padding_free": acfg.padding_free, "share_prompts": acfg.share_prompts,
                   "max_token_len": actor_lib.token_budget(acfg)}
         out = {}
-        if on_policy < len(batch):
+        if old and on_policy < len(batch):
             rest = batch.select(range(on_policy, len(batch))) if on_policy else batch
             out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
                 self.model, rest, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,

@@ -57,6 +57,7 @@ def test_overrides_win_over_files():
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
     ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
+    ("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
     # EasyR1 keys this project does not implement are refused, not silently ignored.
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
@@ -71,6 +72,21 @@ def test_shared_prompts_need_packed_rows():
     with pytest.raises(ConfigError, match=r"share_prompts=true needs worker\.actor\.padding_free=true"):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.actor.padding_free=false",
                      "worker.actor.share_prompts=true"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["worker.rollout.name=hf"], r"old_logprobs=rollout needs worker\.rollout\.name=vllm \(got 'hf'\)"),
+    (["worker.rollout.temperature=0.7"], r"needs worker\.rollout\.temperature=1\.0, top_p=1\.0 and top_k=-1 "
+                                          r"\(got 0\.7, 1\.0, -1\)"),
+    (["worker.rollout.top_p=0.9"], r"\(got 1\.0, 0\.9, -1\)"),
+    (["worker.rollout.top_k=50"], r"\(got 1\.0, 1\.0, 50\)"),
+])
+def test_rollout_logprobs_need_the_engines_full_distribution(overrides, message):
+    # The stage recipes sample at temperature 1.2 with top_p 0.99: the CPU overlay's 1.0 and 1.0 are accepted.
+    base = [stage("pebr_stage2.yaml"), stage("pebr_cpu.yaml"), *REQUIRED, "algorithm.old_logprobs=rollout"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(base + overrides)
+    assert load_config(base).algorithm.old_logprobs == "rollout"
 
 
 def test_missing_model_path_and_missing_file():

@@ -159,6 +159,23 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     assert m["actor/grad_norm"] > 0
 
 
+def test_old_logprobs_from_the_rollout(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """algorithm.old_logprobs=rollout: no old log-prob pass; the engine's log-probs of the tokens it sampled are
+    the old ones. At step 1, in one mini-batch, the ratio compares them with the actor's forward on the same
+    weights (2 ranks, packed rows with shared prompts): equal to float error, in the right rows and columns."""
+    run_dir = str(tmp_path / "rollout_logprobs")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+        + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
+           "algorithm.old_logprobs=rollout"])
+    (m,) = read_metrics(run_dir)
+    assert m["batch/old_logprobs_from_update"] == 0.0
+    assert "actor/entropy_rollout" not in m  # no old log-prob pass ran, so nothing measured the rollout's entropy
+    assert abs(m["actor/ppo_kl"]) < 1e-5 and m["actor/pg_clipfrac"] == 0.0, m  # 2e-8 seen
+    # The reference equals the actor at step 1: the engine's log-probs against the reference's.
+    assert abs(m["actor/kl_ref"]) < 1e-5 and abs(m["actor/kl_loss"]) < 1e-5, m
+    assert m["actor/grad_norm"] > 0
+
+
 CHARS_REWARD = '''
 def compute_score(reward_inputs, **kwargs):
     # Characters per response token: the untrained tiny model picks tokens of 1 to ~8 characters at random.
