@@ -57,7 +57,10 @@ class AlgorithmConfig:
     # the vLLM engine computed for the tokens it sampled; the engine holds the actor's weights at sampling
     # time, so this skips that forward entirely, at the price of the engine/actor numeric gap entering the
     # ratio (CPU fp32: 2e-8 on average at step 1, tests/trainer/test_grpo_e2e.py; larger in bf16 on GPUs).
-    # Needs the vLLM rollout sampling at temperature 1 from the full distribution (validate says why).
+    # Needs the vLLM rollout sampling at temperature 1 from the full distribution (validate says why). Off in
+    # every recipe: on CPU at size small the engine's log-prob gathering cost more generation time (0.10-0.23 s)
+    # than the skipped pass saved (0.12 s), whole step 2.40-2.60 vs 2.30-2.44 s (benchmarks/RESULTS.md, tenth
+    # round). It saves more where the old pass covers more samples (several mini-batches per rollout).
     old_logprobs: str = "actor"  # actor | rollout
 
     @property
