@@ -64,6 +64,11 @@ class AlgorithmConfig:
     old_logprobs: str = "actor"  # actor | rollout
 
     @property
+    def old_from_rollout(self) -> bool:
+        """The PPO ratio's old log-probs are the rollout engine's (no old log-prob pass)."""
+        return self.old_logprobs == "rollout"
+
+    @property
     def kl_in_loss(self) -> bool:
         """KL to the reference as a term of the actor loss."""
         return self.use_kl_loss and not self.disable_kl
@@ -302,7 +307,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if actor.share_prompts and not actor.padding_free:
         raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
                           "out once only in a packed row")
-    if a.old_logprobs == "rollout":
+    if a.old_from_rollout:
         if rollout.name != "vllm":
             raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.name=vllm (got {rollout.name!r}): "
                               "only the vLLM engine returns the log-probs of the tokens it sampled")

@@ -245,7 +245,7 @@ def on_policy_samples(cfg: PPOConfig, num_samples: int) -> int:
     in the reward needs every old log-prob before the update, so it keeps the pass. With the rollout's
     log-probs as the old ones (algorithm.old_logprobs=rollout) no sample needs the pass.
     """
-    if cfg.algorithm.kl_in_reward or cfg.algorithm.old_logprobs == "rollout":
+    if cfg.algorithm.kl_in_reward or cfg.algorithm.old_from_rollout:
         return 0
     return min(cfg.worker.actor.global_batch_size * cfg.worker.rollout.n, num_samples)
 
@@ -369,7 +369,7 @@ class RayPPOTrainer:
         r = self.cfg.worker.rollout
         s = {"n": r.n, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
              "max_tokens": self.cfg.data.max_response_length, "seed": None,
-             "logprobs": self.cfg.algorithm.old_logprobs == "rollout"}
+             "logprobs": self.cfg.algorithm.old_from_rollout}
         s.update(overrides or {})
         return s
 
@@ -433,7 +433,7 @@ class RayPPOTrainer:
             reward_future = None
             if "scores" not in batch.tensors:
                 reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
-            old_from_rollout = self.cfg.algorithm.old_logprobs == "rollout"
+            old_from_rollout = self.cfg.algorithm.old_from_rollout
             if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
                 batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
             on_policy = on_policy_samples(self.cfg, len(batch))
