@@ -1,7 +1,9 @@
-"""Bad settings stop `python -m pebr.trainer.main` with exit code 2 and the key's name, before Ray starts."""
+"""Bad settings and bad data stop `python -m pebr.trainer.main` with exit code 2 naming the key (or the file,
+record and key), before Ray starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +27,29 @@ CASES = {
     "missing model": (["worker.actor.model.model_path=/nonexistent/model"], "worker.actor.model.model_path"),
     "missing reward file": (["worker.reward.reward_function=/nonexistent/reward.py:compute_score"],
                             "worker.reward.reward_function"),
-    "missing data file": (["data.train_files=/nonexistent/train.json"], "data.train_files='/nonexistent/train.json': no such file"),
+    "missing data file": (["data.train_files=/nonexistent/train.json"],
+                          "data.train_files='/nonexistent/train.json': no such file"),
+    # Found by the record reader in the driver, still before Ray: names the file, the record and the key.
+    "bad data record": (["data.train_files={bad_data}"],
+                        "{bad_data} record 1 qid='train_00001': key 'answer' is missing"),
 }
 
 
+@pytest.fixture(scope="module")
+def bad_data(synthetic_data_dir, tmp_path_factory) -> str:
+    with open(os.path.join(synthetic_data_dir, "train.json")) as f:
+        records = json.load(f)[:8]
+    del records[1]["answer"]
+    path = str(tmp_path_factory.mktemp("bad_data") / "train.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_setting_exits_2_naming_the_key_without_ray(case, base_argv, tmp_path):
-    extra, named = CASES[case]
+def test_bad_setting_exits_2_naming_the_key_without_ray(case, base_argv, bad_data, tmp_path):
+    extra, named = ([word.format(bad_data=bad_data) for word in CASES[case][0]],
+                    CASES[case][1].format(bad_data=bad_data))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *base_argv, *extra], cwd=ROOT,
                           env={**os.environ, **CHILD_ENV, "RAY_TMPDIR": str(tmp_path)}, capture_output=True,
@@ -39,7 +57,7 @@ def test_bad_setting_exits_2_naming_the_key_without_ray(case, base_argv, tmp_pat
     elapsed = time.time() - t0
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr, proc.stderr[-2000:]
-    assert "configuration error" in proc.stderr, proc.stderr[-2000:]
+    assert ("data error" if "record" in case else "configuration error") in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not os.listdir(tmp_path), "a Ray session was started"  # Ray writes its session under RAY_TMPDIR
