@@ -136,28 +136,36 @@ def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[list[int], list[int], list[int]],
-                   cu_seqlens: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
-    """Causal attention within each segment of `layout` (`segment_layout`), a continuing segment also over the
-    first tokens of the segment it continues. q [S, H, D], k / v [S, H, D] (heads already matched);
-    returns [S, H, D]."""
+def _sdpa_per_segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      layout: tuple[list[int], list[int], list[int]], scale: float) -> torch.Tensor:
+    """Causal attention within each segment of `layout` (`segment_layout`), one fused SDPA call per segment, a
+    continuing segment also over the first tokens of the segment it continues. query / key / value [1, H, S, D]
+    (heads already matched); returns [1, H, S, D].
+
+    The segments are `split` views of the row, whose backward writes each segment's gradient into one
+    concatenated buffer; indexing the row once per segment instead made every segment's backward fill a
+    row-sized zero tensor (fwd + bwd of the attention 20-25 % slower at size small, benchmarks/RESULTS.md).
+    [1, H, L, D] pieces matter too: on CPU only 4-D inputs reach the fused flash kernel; 3-D ones take the
+    math path, which builds the whole [L, L] score matrix (a root segment's forward took twice as long).
+    """
     lengths, firsts, roots = layout
-    if kernel == "sdpa_loop" or any(firsts):
-        out, offset = [], 0
-        for length, first, root in zip(lengths, firsts, roots):
-            own = slice(offset, offset + length)
-            qi, ki, vi = q[own], k[own], v[own]
-            mask = None
-            if first:  # keys: the continued segment's first `first` tokens, then its own; causal from the bottom right
-                ki, vi = torch.cat([k[root:root + first], ki]), torch.cat([v[root:root + first], vi])
-                mask = torch.ones(length, first + length, dtype=torch.bool, device=q.device).tril(diagonal=first)
-            # [1, H, L, D]: on CPU only 4-D inputs reach the fused flash kernel; 3-D ones take the math path,
-            # which builds the whole [L, L] score matrix (a causal root segment's forward took twice as long).
-            heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi)]
-            out.append(F.scaled_dot_product_attention(*heads_first, attn_mask=mask, is_causal=mask is None,
-                                                      scale=scale)[0].transpose(0, 1))
-            offset += length
-        return torch.cat(out)
+    index = {offset: i for i, offset in enumerate(itertools.accumulate([0] + lengths[:-1]))}
+    qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
+    out = []
+    for i, (length, first, root) in enumerate(zip(lengths, firsts, roots)):
+        ki, vi, mask = ks[i], vs[i], None
+        if first:  # keys: the continued segment's first `first` tokens, then its own; causal from the bottom right
+            r = index[root]
+            ki, vi = torch.cat([ks[r][:, :, :first], ki], dim=2), torch.cat([vs[r][:, :, :first], vi], dim=2)
+            mask = torch.ones(length, first + length, dtype=torch.bool, device=query.device).tril(diagonal=first)
+        out.append(F.scaled_dot_product_attention(qs[i], ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale))
+    return torch.cat(out, dim=2)
+
+
+def _varlen_kernel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                        cu_seqlens: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
+    """Causal attention within each segment through a flash varlen kernel ('torch_varlen' or 'flash_attn').
+    q / k / v [S, H, D] (heads already matched); returns [S, H, D]."""
     cu, longest = cu_seqlens.to(q.device), max(lengths)
     if kernel == "flash_attn":
         return _flash_attn_varlen()(q, k, v, cu, cu, longest, longest, softmax_scale=scale, causal=True)
@@ -193,9 +201,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layout, cu_seqlens = _segments.of(position_ids)
+    kernel = varlen_kernel(query.device, query.dtype)
+    if kernel == "sdpa_loop" or any(layout[1]):
+        return _sdpa_per_segment(query, key, value, layout, scale).transpose(1, 2), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
-    out = _causal_varlen(q, k, v, layout, cu_seqlens, scale, varlen_kernel(query.device, query.dtype))
-    return out.unsqueeze(0), None
+    return _varlen_kernel_call(q, k, v, layout[0], cu_seqlens, scale, kernel).unsqueeze(0), None
 
 
 def register_varlen_attention() -> str:

@@ -85,6 +85,40 @@ def test_responses_sharing_a_prompt_laid_out_once_attend_as_if_each_followed_it(
     assert not torch.allclose(again[0, first_response], out[0, first_response])
 
 
+def test_gradients_of_a_row_with_shared_prompts_equal_those_of_every_sequence_written_out():
+    """Backward through the packed row (a prompt laid out once for three responses, then a lone sequence) gives
+    each token of the row the gradient it gets when every sequence is written out whole and attended on its own:
+    the prompt's tokens summing what each of its sequences sends them."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, prompt, responses, lone = 4, 2, 8, 5, [3, 1, 4], 6
+    row_len = prompt + sum(responses) + lone
+    q = torch.randn(1, heads, row_len, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(1, kv_heads, row_len, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(1, kv_heads, row_len, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    upstream = torch.randn(1, row_len, heads, dim, dtype=torch.float64, generator=gen)
+    starts = [prompt + sum(responses[:i]) for i in range(len(responses))]
+    positions = torch.cat([torch.arange(prompt + responses[0])]
+                          + [torch.arange(prompt, prompt + r) for r in responses[1:]]
+                          + [torch.arange(lone)])[None]
+    out, _ = att.varlen_attention_forward(Layer(heads, kv_heads), q, k, v, None, position_ids=positions)
+    got = torch.autograd.grad((out * upstream).sum(), (q, k, v))
+
+    # Written out: sequence i = the prompt's row entries + response i's, attended causally on its own; the loss
+    # takes each row token's output once (the prompt's from the first sequence, where the row computes it).
+    loss = 0.0
+    sequences = [list(range(prompt)) + list(range(s, s + r)) for s, r in zip(starts, responses)]
+    sequences.append(list(range(row_len - lone, row_len)))
+    for number, rows in enumerate(sequences):
+        idx = torch.tensor(rows)
+        qi, ki, vi = q[:, :, idx], k[:, :, idx].repeat_interleave(2, 1), v[:, :, idx].repeat_interleave(2, 1)
+        oi = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(1, 2)
+        kept = slice(0, None) if number in (0, len(sequences) - 1) else slice(prompt, None)
+        loss = loss + (oi[:, kept] * upstream[:, idx[kept]]).sum()
+    want = torch.autograd.grad(loss, (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
 def test_packed_rows_attend_within_each_sequence_with_gqa():
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 1, 7, 3]
