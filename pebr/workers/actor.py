@@ -68,26 +68,13 @@ def compile_decoder_layers(model: torch.nn.Module) -> None:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
-def needs_fsdp(world_size: int, param_dtype: torch.dtype, cpu_offload: bool) -> bool:
-    """Whether FSDP2 has work to do: shards to gather, a compute dtype to cast to, or parameters to offload.
-
-    With one rank, fp32 compute and no offload it has none, yet every forward would still copy each parameter
-    into a flat buffer and out again, and every backward each gradient: 5-9 % of the update phase at size
-    small on CPU (benchmarks/RESULTS.md, twelfth round). The model then trains as a plain module, with the
-    same parameter names, checkpoints and weight sync.
-    """
-    return world_size > 1 or param_dtype != torch.float32 or cpu_offload
-
-
 def shard_model(model: torch.nn.Module, *, param_dtype: torch.dtype, cpu_offload: bool,
                 reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Apply FSDP2 per decoder layer and at the root (unless `needs_fsdp` says it has nothing to do).
+    """Apply FSDP2 per decoder layer and at the root.
 
     The vision tower stays in the root unit on purpose: a rank whose micro-batch has no image skips
     the vision forward, and per-block units there would then wait forever for that rank's collectives.
     """
-    if not needs_fsdp(dist.get_world_size() if dist.is_initialized() else 1, param_dtype, cpu_offload):
-        return model
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kwargs: dict[str, Any] = {"mp_policy": mp, "reshard_after_forward": reshard_after_forward}
     if cpu_offload:
