@@ -144,7 +144,8 @@ def _sdpa_per_segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     The segments are `split` views of the row, whose backward writes each segment's gradient into one
     concatenated buffer; indexing the row once per segment instead made every segment's backward fill a
-    row-sized zero tensor (fwd + bwd of the attention 20-25 % slower at size small, benchmarks/RESULTS.md).
+    row-sized zero tensor: at size small's shapes the attention's forward + backward took 26-32 ms per layer
+    instead of 19-23 ms, and a micro-batch's model forward + backward about 3 % longer (benchmarks/RESULTS.md).
     [1, H, L, D] pieces matter too: on CPU only 4-D inputs reach the fused flash kernel; 3-D ones take the
     math path, which builds the whole [L, L] score matrix (a root segment's forward took twice as long).
     """
