@@ -202,11 +202,12 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layout, cu_seqlens = _segments.of(position_ids)
+    lengths, firsts, _ = layout
     kernel = varlen_kernel(query.device, query.dtype)
-    if kernel == "sdpa_loop" or any(layout[1]):
+    if kernel == "sdpa_loop" or any(firsts):
         return _sdpa_per_segment(query, key, value, layout, scale).transpose(1, 2), None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [S, H, D]
-    return _varlen_kernel_call(q, k, v, layout[0], cu_seqlens, scale, kernel).unsqueeze(0), None
+    return _varlen_kernel_call(q, k, v, lengths, cu_seqlens, scale, kernel).unsqueeze(0), None
 
 
 def register_varlen_attention() -> str:

@@ -110,7 +110,8 @@ def test_gradients_of_a_row_with_shared_prompts_equal_those_of_every_sequence_wr
     sequences.append(list(range(row_len - lone, row_len)))
     for number, rows in enumerate(sequences):
         idx = torch.tensor(rows)
-        qi, ki, vi = q[:, :, idx], k[:, :, idx].repeat_interleave(2, 1), v[:, :, idx].repeat_interleave(2, 1)
+        groups = heads // kv_heads
+        qi, ki, vi = q[:, :, idx], k[:, :, idx].repeat_interleave(groups, 1), v[:, :, idx].repeat_interleave(groups, 1)
         oi = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(1, 2)
         kept = slice(0, None) if number in (0, len(sequences) - 1) else slice(prompt, None)
         loss = loss + (oi[:, kept] * upstream[:, idx[kept]]).sum()
