@@ -139,7 +139,7 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
     Returns:
         (llm, sampling params, requests for `llm.generate`).
     """
-    from pebr.workers.rollout import banned_token_ids, set_engine_environment
+    from pebr.workers.rollout import banned_token_ids, multimodal_engine_options, set_engine_environment
 
     cfg, prompts, processor = load_prompts(setup)
     r = cfg.worker.rollout
@@ -151,7 +151,7 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
               max_model_len=max_model_len, enforce_eager=r.enforce_eager,
               enable_chunked_prefill=r.enable_chunked_prefill,
               max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
-              limit_mm_per_prompt={"image": max(1, r.limit_images)}, seed=r.seed, disable_log_stats=True,
+              seed=r.seed, disable_log_stats=True, **multimodal_engine_options(r.limit_images),
               **({"block_size": r.block_size} if r.block_size is not None else {}), **llm_kwargs)
     s = setup.sampling()
     params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],

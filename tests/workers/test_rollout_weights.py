@@ -91,7 +91,10 @@ def direct_against_reload(model_dir: str, dtype: str) -> dict:
         short = "no error"
     except RuntimeError as e:
         short = str(e)
-    return {"mode": mode, "untrained": untrained, "direct": direct, "reload": reload, "short": short}
+    mm = rollout.llm.llm_engine.model_config.multimodal_config
+    return {"mode": mode, "untrained": untrained, "direct": direct, "reload": reload, "short": short,
+            "limits": {m: mm.get_limit_per_prompt(m) for m in ("image", "video")},
+            "skip_mm_profiling": mm.skip_mm_profiling}
 
 
 @pytest.mark.slow
@@ -117,6 +120,8 @@ def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir
     assert out["mode"] == "direct copies into the engine's parameters"
     assert out["direct"] != out["untrained"]  # the new weights reached the engine
     assert out["short"].startswith("weight sync stopped short: 1 of")
+    # Images only, and on CPU no start-up encoder run (`multimodal_engine_options`).
+    assert out["limits"] == {"image": 1, "video": 0} and out["skip_mm_profiling"] is True
     for (tokens_d, logprobs_d), (tokens_r, logprobs_r) in zip(out["direct"], out["reload"]):
         assert tokens_d == tokens_r
         assert max(abs(a - b) for a, b in zip(logprobs_d, logprobs_r)) <= 1e-6
