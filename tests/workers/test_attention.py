@@ -108,9 +108,9 @@ def test_gradients_of_a_row_with_shared_prompts_equal_those_of_every_sequence_wr
     loss = 0.0
     sequences = [list(range(prompt)) + list(range(s, s + r)) for s, r in zip(starts, responses)]
     sequences.append(list(range(row_len - lone, row_len)))
+    groups = heads // kv_heads
     for number, rows in enumerate(sequences):
         idx = torch.tensor(rows)
-        groups = heads // kv_heads
         qi, ki, vi = q[:, :, idx], k[:, :, idx].repeat_interleave(groups, 1), v[:, :, idx].repeat_interleave(groups, 1)
         oi = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(1, 2)
         kept = slice(0, None) if number in (0, len(sequences) - 1) else slice(prompt, None)
