@@ -106,10 +106,11 @@ def prepare(setup: BenchSetup) -> None:
 def load_prompts(setup: BenchSetup, count: int | None = None) -> tuple[Any, list[dict], Any]:
     """(config, the first `count` prompts of the training set with uids, processor)."""
     from pebr.config import load_config
-    from pebr.trainer.main import build_dataset, load_processor
+    from pebr.trainer.main import build_dataset
+    from pebr.workers.actor import load_processor
 
     cfg = load_config(setup.overrides())
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.worker.actor.model)
     dataset = build_dataset(cfg, cfg.data.train_files, processor)
     items = [dataset[i] for i in range(count if count is not None else setup.batch)]
     for item in items:

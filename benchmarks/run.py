@@ -56,11 +56,12 @@ def start_ours(setup: BenchSetup):
     import ray
 
     from pebr.data import StatefulBatchSampler
-    from pebr.trainer.main import build_dataset, load_processor, start_reward_worker
+    from pebr.trainer.main import build_dataset, start_reward_worker
+    from pebr.workers.actor import load_processor
     from pebr.trainer.ray_trainer import RayPPOTrainer, init_ray
 
     cfg, _, _ = load_prompts(setup)
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.worker.actor.model)
     train = build_dataset(cfg, cfg.data.train_files, processor)
     sampler = StatefulBatchSampler(len(train), cfg.data.rollout_batch_size, shuffle=False, seed=0, drop_last=True)
     os.environ["PYTHONPATH"] = ROOT

@@ -66,6 +66,22 @@ def build_messages(question: str, num_images: int, template: jinja2.Template | N
     return [{"role": "user", "content": parts}]
 
 
+def note_processor_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Log where the data's pixel bounds reach past the model's image processor, whose bounds then apply.
+
+    Both the actor and vLLM expand images with the model's processor as shipped, so that an image becomes
+    the same tokens on both sides; a data bound past the processor's is therefore not reached.
+    """
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    low, high = (size.get("shortest_edge"), size.get("longest_edge")) if hasattr(size, "get") else (None, None)
+    if min_pixels is not None and low is not None and min_pixels < low:
+        logger.info("data min_pixels=%d is below the model's image processor minimum of %d px: smaller images "
+                    "are enlarged to it, in training and in the rollout alike", min_pixels, low)
+    if max_pixels is not None and high is not None and max_pixels > high:
+        logger.info("data max_pixels=%d is above the model's image processor maximum of %d px: larger images "
+                    "are shrunk to it, in training and in the rollout alike", max_pixels, high)
+
+
 class PromptLengthCounter:
     """Counts prompt tokens after the processor expands each image into its patch tokens.
 
@@ -136,7 +152,8 @@ class RLDataset(Dataset):
             image_dir: directory that relative image paths are joined to.
             max_prompt_length: the most prompt tokens allowed, counted after image expansion.
             format_prompt: path to a jinja2 template rendered with `content` = the question text.
-            min_pixels, max_pixels: area bounds for resizing images (see `fit_size`).
+            min_pixels, max_pixels: area bounds for resizing images (see `fit_size`); the model's image
+                processor then applies its own (`note_processor_bounds`).
             filter_overlong_prompts: drop prompts over `max_prompt_length` (counted in the report)
                 instead of raising.
             on_bad_record: "raise" or "skip" for records with bad fields or bad images.
@@ -157,6 +174,7 @@ class RLDataset(Dataset):
         self.max_pixels = max_pixels
         self.prompt_key, self.answer_key, self.image_key = prompt_key, answer_key, image_key
         self._template = load_format_prompt(format_prompt) if format_prompt else None
+        note_processor_bounds(processor, min_pixels, max_pixels)
         count_tokens = PromptLengthCounter(processor)
 
         self.report = LoadReport(total=len(records))

@@ -9,18 +9,6 @@ from typing import Any, Callable
 from pebr.config import ConfigError, PPOConfig, load_config
 
 
-def load_processor(cfg: PPOConfig) -> Any:
-    from transformers import AutoProcessor
-
-    m = cfg.worker.actor.model
-    processor = AutoProcessor.from_pretrained(m.tokenizer_path or m.model_path, trust_remote_code=m.trust_remote_code)
-    if cfg.data.min_pixels:
-        processor.image_processor.min_pixels = cfg.data.min_pixels
-    if cfg.data.max_pixels:
-        processor.image_processor.max_pixels = cfg.data.max_pixels
-    return processor
-
-
 def load_dataset(cfg: PPOConfig, source: str, processor: Any):
     """Load and check every record up front: bad data stops here, not inside a worker.
 
@@ -78,9 +66,10 @@ def run(argv: list[str]) -> None:
 
     from pebr.data import StatefulBatchSampler
     from pebr.trainer.ray_trainer import RayPPOTrainer, init_ray
+    from pebr.workers.actor import load_processor
 
     cfg = load_config(argv)
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.worker.actor.model)
     train = build_dataset(cfg, cfg.data.train_files, processor)
     val = build_dataset(cfg, cfg.data.val_files, processor) if cfg.data.val_files else None
     if len(train) < cfg.data.rollout_batch_size:

@@ -235,7 +235,8 @@ def run(argv: list[str]) -> SampleSummary:
     import ray
     from tqdm import tqdm
 
-    from pebr.trainer.main import load_processor, start_reward_worker
+    from pebr.trainer.main import start_reward_worker
+    from pebr.workers.actor import load_processor
     from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
 
     cfg = load_config(argv, training=False)
@@ -246,7 +247,7 @@ def run(argv: list[str]) -> SampleSummary:
     summary = SampleSummary(output=out, per_question=per_question)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg))
+    dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg.worker.actor.model))
     summary.questions = len(dataset)
     _report_dropped(summary, cfg.data.train_files)
     complete, summary.removed_partial = recover_output(out, per_question)

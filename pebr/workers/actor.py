@@ -22,6 +22,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.profiler import record_function
 
 from pebr.algorithms.losses import agg_loss, kl_penalty, masked_mean, ppo_policy_loss, token_logprobs
+from pebr.config import ModelConfig
 from pebr.protocol import Batch
 from pebr.workers.attention import register_varlen_attention
 
@@ -48,6 +49,19 @@ def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free
         model_path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
         attn_implementation=register_varlen_attention() if padding_free else "sdpa")
     return model
+
+
+def load_processor(model: ModelConfig) -> Any:
+    """The processor of `model` (from its tokenizer_path, else its model_path), as vLLM loads it for the engine.
+
+    Its image bounds are left as the model ships them: the data set has already resized each image within
+    `data.min_pixels`..`data.max_pixels`, and the processor then applies the model's bounds here and inside
+    vLLM alike, so an image becomes the same tokens in the engine's prompt and in the actor's pixel values.
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
+                                         trust_remote_code=model.trust_remote_code)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

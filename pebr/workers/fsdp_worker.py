@@ -59,8 +59,6 @@ class FSDPWorker:
         return socket.gethostbyname(socket.gethostname()), port
 
     def init(self, master_addr: str, master_port: int) -> dict:
-        from transformers import AutoProcessor
-
         t0 = time.time()
         cfg, wcfg = self.cfg, self.cfg.worker
         self.device = pick_device(cfg.trainer.device)
@@ -73,12 +71,7 @@ class FSDPWorker:
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=self.rank, world_size=self.world_size)
         mcfg = wcfg.actor.model
-        self.processor = AutoProcessor.from_pretrained(mcfg.tokenizer_path or mcfg.model_path,
-                                                       trust_remote_code=mcfg.trust_remote_code)
-        if cfg.data.min_pixels:
-            self.processor.image_processor.min_pixels = cfg.data.min_pixels
-        if cfg.data.max_pixels:
-            self.processor.image_processor.max_pixels = cfg.data.max_pixels
+        self.processor = actor_lib.load_processor(mcfg)
         compute_dtype = actor_lib.resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device)
         self.model = self.optimizer = self.scheduler = self.ref_model = None
         if self.need_actor:

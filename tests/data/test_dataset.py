@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import pytest
 from PIL import Image
 
-from pebr.data.dataset import RLDataset
+from pebr.data.dataset import RLDataset, note_processor_bounds
 from pebr.data.records import DataError, load_records
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "format_prompt", "pebr.jinja")
@@ -197,3 +198,15 @@ def test_pebr_template_asks_for_the_exact_layout():
 
     with pytest.raises(jinja2.UndefinedError, match="content"):
         load_format_prompt(TEMPLATE).render()  # a missing question is an error, not an empty prompt
+
+
+def test_data_bounds_past_the_processors_are_logged(processor, caplog):
+    """The tiny processor keeps images within 3136..50176 px; data bounds outside that are not reached."""
+    with caplog.at_level(logging.INFO, logger="pebr.data.dataset"):
+        note_processor_bounds(processor, 3136, 50176)
+        note_processor_bounds(processor, None, None)
+        assert caplog.records == []
+        note_processor_bounds(processor, 576, 802816)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "data min_pixels=576 is below the model's image processor minimum of 3136 px",
+        "data max_pixels=802816 is above the model's image processor maximum of 50176 px"]

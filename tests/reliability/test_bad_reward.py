@@ -16,8 +16,9 @@ from conftest import idle_cpus
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.data import StatefulBatchSampler
-from pebr.trainer.main import build_dataset, load_processor, run
+from pebr.trainer.main import build_dataset, run
 from pebr.trainer.ray_trainer import WorkerFailure
+from pebr.workers.actor import load_processor
 from tests.reliability.procs import trainer_argv
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_bad_reward_stops_step_1_naming_the_sample(kind, tiny_model_dir, synthet
         "data.max_response_length=4"]
     # The offending sample is one of step 1's batch (the sampler's first batch).
     cfg = load_config(argv)
-    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     first = StatefulBatchSampler(len(dataset), cfg.data.rollout_batch_size, shuffle=True, seed=cfg.data.seed,
                                  drop_last=True).epoch_order(0)[0]
     bad_qid = dataset[first]["qid"]

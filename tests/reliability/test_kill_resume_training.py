@@ -19,7 +19,8 @@ import pytest
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.data import StatefulBatchSampler
-from pebr.trainer.main import build_dataset, load_processor
+from pebr.trainer.main import build_dataset
+from pebr.workers.actor import load_processor
 from tests.reliability.procs import (ROOT, descendants, pickle_like_files, sigkill, start, trainer_argv, wait_gone,
                                      wait_until)
 
@@ -95,7 +96,7 @@ def test_sigkill_after_checkpoint_and_during_save_then_resume(tiny_model_dir, sy
 
     # Each step trained on the batch an uninterrupted run serves: the sampler's order, no batch skipped.
     cfg = load_config(argv)
-    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     b = cfg.data.rollout_batch_size
     order = StatefulBatchSampler(len(dataset), b, shuffle=True, seed=cfg.data.seed, drop_last=True).epoch_order(0)
     for step in range(1, STEPS + 1):

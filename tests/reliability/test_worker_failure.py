@@ -14,9 +14,10 @@ import pytest
 from conftest import idle_cpus
 
 from pebr.config import load_config
-from pebr.trainer.main import build_dataset, load_processor
+from pebr.trainer.main import build_dataset
 from pebr.trainer import ray_trainer
 from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, ray_get
+from pebr.workers.actor import load_processor
 from tests.reliability.procs import trainer_argv, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ KILL_AFTER_S = 3.0
 def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     cfg = load_config(trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 1)
                       + ["worker.rollout.name=hf"])
-    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     free_cpus = idle_cpus(ray_session)
     group = WorkerGroup(cfg, total_steps=1)
     try:

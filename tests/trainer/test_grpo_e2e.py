@@ -11,7 +11,8 @@ import pytest
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.data import StatefulBatchSampler
-from pebr.trainer.main import build_dataset, load_processor, run
+from pebr.trainer.main import build_dataset, run
+from pebr.workers.actor import load_processor
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,7 +66,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
 
     cfg = load_config(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
-    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     order = StatefulBatchSampler(len(dataset), cfg.data.rollout_batch_size, shuffle=True,
                                  seed=cfg.data.seed, drop_last=True).epoch_order(0)
     batches = [{dataset.record_indices[i] for i in order[k * 4:(k + 1) * 4]} for k in range(3)]

@@ -11,8 +11,9 @@ import torch
 
 from pebr import checkpoint
 from pebr.config import load_config
-from pebr.trainer.main import build_dataset, load_processor
+from pebr.trainer.main import build_dataset
 from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, batch_advantages, ray_get, share_payload
+from pebr.workers.actor import load_processor
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test modules
@@ -41,7 +42,7 @@ def groups(tiny_model_dir, synthetic_data_dir, ray_session):
 @pytest.fixture(scope="module")
 def prompts(tiny_model_dir, synthetic_data_dir):
     cfg = make_config(tiny_model_dir, synthetic_data_dir, 2)
-    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg))
+    dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     items = [dataset[i] for i in range(4)]
     for item in items:
         item["uid"] = f"u{item['index']}"
