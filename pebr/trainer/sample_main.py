@@ -236,8 +236,8 @@ def run(argv: list[str]) -> SampleSummary:
     from tqdm import tqdm
 
     from pebr.trainer.main import start_reward_worker
-    from pebr.workers.actor import load_processor
     from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
+    from pebr.workers.actor import load_processor
 
     cfg = load_config(argv, training=False)
     if not cfg.worker.reward.reward_function:
