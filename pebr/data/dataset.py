@@ -27,6 +27,7 @@ from pebr.data.records import (
 logger = logging.getLogger(__name__)
 
 OVERLONG_REASON = "prompt_too_long"
+TOO_MANY_IMAGES_REASON = "too_many_images"
 
 
 def load_format_prompt(path: str) -> jinja2.Template:
@@ -143,6 +144,8 @@ class RLDataset(Dataset):
         prompt_key: str = "problem",
         answer_key: str = "answer",
         image_key: str = "images",
+        max_images: int | None = None,
+        source: str | None = None,
     ) -> None:
         """Validate every record, probe its images and measure its prompt.
 
@@ -154,6 +157,9 @@ class RLDataset(Dataset):
             format_prompt: path to a jinja2 template rendered with `content` = the question text.
             min_pixels, max_pixels: area bounds for resizing images (see `fit_size`); the model's image
                 processor then applies its own (`note_processor_bounds`).
+            max_images: the most images one prompt may have: the rollout engine's limit
+                (worker.rollout.limit_images), which it would otherwise enforce only when the record is drawn.
+            source: the file the records came from, named in errors before the record.
             filter_overlong_prompts: drop prompts over `max_prompt_length` (counted in the report)
                 instead of raising.
             on_bad_record: "raise" or "skip" for records with bad fields or bad images.
@@ -168,6 +174,7 @@ class RLDataset(Dataset):
         if max_prompt_length <= 0:
             raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
         self.processor = processor
+        self.source = source
         self.image_dir = image_dir
         self.max_prompt_length = max_prompt_length
         self.min_pixels = min_pixels
@@ -180,7 +187,7 @@ class RLDataset(Dataset):
         self.report = LoadReport(total=len(records))
         self._items: list[tuple[int, dict[str, Any], str]] = []  # (index, record, prompt)
         for index, raw in enumerate(records):
-            where = f"record {index}"
+            where = self._record_name(index)
             try:
                 record = normalize_record(
                     raw,
@@ -192,6 +199,9 @@ class RLDataset(Dataset):
                 )
                 where = f"{where} qid={record['qid']!r}"
                 images = record[image_key]
+                if max_images is not None and len(images) > max_images:
+                    raise BadRecord(TOO_MANY_IMAGES_REASON, f"{where}: {len(images)} images, more than the "
+                                    f"{max_images} the rollout engine takes per prompt (worker.rollout.limit_images)")
                 sizes = [
                     fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels) for image in images
                 ]
@@ -224,6 +234,9 @@ class RLDataset(Dataset):
         if self.report.num_skipped:
             logger.warning("RLDataset: %s", self.report.summary())
 
+    def _record_name(self, index: int) -> str:
+        return f"{self.source} record {index}" if self.source else f"record {index}"
+
     @property
     def num_overlong(self) -> int:
         """How many records were dropped because their prompt was over `max_prompt_length`."""
@@ -245,7 +258,8 @@ class RLDataset(Dataset):
                 images.append(load_image(image, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
             except (OSError, SyntaxError, ValueError) as err:
                 # The file passed the probe at construction, so it changed or is broken past the header.
-                raise DataError(f"record {index} qid={record['qid']!r}: image cannot be decoded: {err}") from err
+                where = f"{self._record_name(index)} qid={record['qid']!r}"
+                raise DataError(f"{where}: image cannot be decoded: {err}") from err
         return {
             "prompt": prompt,
             "images": images,

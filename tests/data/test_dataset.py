@@ -210,3 +210,17 @@ def test_data_bounds_past_the_processors_are_logged(processor, caplog):
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "data min_pixels=576 is below the model's image processor minimum of 3136 px",
         "data max_pixels=802816 is above the model's image processor maximum of 50176 px"]
+
+
+def test_a_record_with_more_images_than_the_engine_takes_is_refused_at_load(processor, image_dir):
+    records = [
+        {"qid": "one", "problem": "<image>How many?", "answer": 2, "images": ["wide.png"]},
+        {"qid": "two", "problem": "Compare <image> and <image>.", "answer": "left", "images": ["wide.png", "tall.png"]},
+    ]
+    with pytest.raises(DataError, match=r"record 1 qid='two': 2 images, more than the 1 the rollout engine takes "
+                                        r"per prompt \(worker.rollout.limit_images\)"):
+        make(records, processor, image_dir, max_images=1)
+    dataset = make(records, processor, image_dir, max_images=1, on_bad_record="skip")
+    assert [dataset[i]["qid"] for i in range(len(dataset))] == ["one"]
+    assert dataset.report.skipped == {"too_many_images": 1}
+    assert len(make(records, processor, image_dir, max_images=2)) == 2

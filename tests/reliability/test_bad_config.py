@@ -32,24 +32,34 @@ CASES = {
     # Found by the record reader in the driver, still before Ray: names the file, the record and the key.
     "bad data record": (["data.train_files={bad_data}"],
                         "{bad_data} record 1 qid='train_00001': key 'answer' is missing"),
+    # Found when the data set is built (still before Ray), not when vLLM is given the record mid-run.
+    "record with more images than the engine takes": (
+        ["data.train_files={two_images}"], "{two_images} record 2 qid='train_00002': 2 images, more than the 1 the "
+                                           "rollout engine takes per prompt (worker.rollout.limit_images)"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_data(synthetic_data_dir, tmp_path_factory) -> str:
+def bad_data(synthetic_data_dir, tmp_path_factory) -> dict[str, str]:
+    """Two broken copies of the first training records: one misses a key, one has a record with two images."""
     with open(os.path.join(synthetic_data_dir, "train.json")) as f:
         records = json.load(f)[:8]
-    del records[1]["answer"]
-    path = str(tmp_path_factory.mktemp("bad_data") / "train.json")
-    with open(path, "w") as f:
-        json.dump(records, f)
-    return path
+    missing = [dict(r) for r in records]
+    del missing[1]["answer"]
+    two_images = [dict(r) for r in records]
+    two_images[2]["images"] = two_images[2]["images"] * 2
+    two_images[2]["problem"] = "<image>" + two_images[2]["problem"]
+    paths = {}
+    for name, broken in (("bad_data", missing), ("two_images", two_images)):
+        paths[name] = str(tmp_path_factory.mktemp(name) / "train.json")
+        with open(paths[name], "w") as f:
+            json.dump(broken, f)
+    return paths
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_setting_exits_2_naming_the_key_without_ray(case, base_argv, bad_data, tmp_path):
-    extra, named = ([word.format(bad_data=bad_data) for word in CASES[case][0]],
-                    CASES[case][1].format(bad_data=bad_data))
+    extra, named = [word.format(**bad_data) for word in CASES[case][0]], CASES[case][1].format(**bad_data)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *base_argv, *extra], cwd=ROOT,
                           env={**os.environ, **CHILD_ENV, "RAY_TMPDIR": str(tmp_path)}, capture_output=True,
