@@ -132,6 +132,29 @@ def batch_advantages(batch: Batch, a: Any) -> None:
         response_mask=mask, token_rewards=token_rewards, gamma=a.gamma)
 
 
+def worker_resources(on_gpu: bool) -> dict[str, float]:
+    """What Ray reserves for one FSDP/vLLM worker.
+
+    A worker has its GPU to itself, but asks Ray for 0.9 of it: stage 1's CLIP scorer takes 0.1 of a GPU
+    (`pebr.workers.reward.DEFAULT_CLIP_GPU_FRACTION`) and must fit beside a worker, or on a node with one
+    GPU per worker the last worker could never be placed and the others would wait for it in the rendezvous.
+    Two workers never share a GPU: 0.9 + 0.9 > 1.
+    """
+    from pebr.workers.reward import DEFAULT_CLIP_GPU_FRACTION
+
+    return {"num_cpus": 1, "num_gpus": 1.0 - DEFAULT_CLIP_GPU_FRACTION if on_gpu else 0}
+
+
+def check_gpus_for_workers(world_size: int, on_gpu: bool) -> None:
+    """Refuse to start more GPU workers than the Ray cluster has GPUs: the rest would never be placed."""
+    from pebr.config import ConfigError
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if on_gpu and gpus < world_size:
+        raise ConfigError(f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} GPU workers, but the Ray "
+                          f"cluster has {gpus:g} GPUs")
+
+
 class WorkerGroup:
     """The FSDP/vLLM workers, one per rank, and the calls that go to all of them."""
 
@@ -142,7 +165,8 @@ class WorkerGroup:
         self.size = cfg.world_size
         self.tp = cfg.worker.rollout.tensor_parallel_size
         on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-        remote = ray.remote(FSDPWorker).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=0)
+        check_gpus_for_workers(self.size, on_gpu)
+        remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
         self.timeout = cfg.trainer.worker_timeout_s
         self._last_rollout: str | None = None  # the id of the rollout the workers hold

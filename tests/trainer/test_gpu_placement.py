@@ -1,0 +1,69 @@
+"""Ray places every GPU worker beside stage 1's CLIP scorer, on a cluster with one GPU per worker.
+
+Ray schedules GPUs as numbers, so a cluster that declares GPUs it does not have shows the placement on a CPU
+machine: a fresh Ray in a subprocess declares 2 GPUs, takes the CLIP scorer's share first (as `probe_reward`
+does before the workers start), then asks for the workers with the trainer's own resource request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = textwrap.dedent("""
+    import json, os
+    import ray
+    from pebr.config import ConfigError
+    from pebr.trainer.ray_trainer import check_gpus_for_workers, worker_resources
+    from pebr.workers.reward import DEFAULT_CLIP_GPU_FRACTION
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote
+    class Placed:
+        def gpus(self):
+            return ray.get_gpu_ids()
+
+    clip = Placed.options(num_gpus=DEFAULT_CLIP_GPU_FRACTION, num_cpus=0).remote()
+    ray.get(clip.gpus.remote(), timeout=60)
+    out = {}
+    for name, options, wait_s in (("trainer", worker_resources(True), 60),
+                                  ("whole GPUs", {"num_cpus": 1, "num_gpus": 1}, 10)):
+        workers = [Placed.options(**options).remote() for _ in range(2)]
+        ready, _ = ray.wait([w.gpus.remote() for w in workers], num_returns=2, timeout=wait_s)
+        out[name] = sorted(str(g) for ref in ready for g in ray.get(ref))
+        for w in workers:
+            ray.kill(w)
+    errors = []
+    for size, on_gpu in ((2, True), (3, True), (3, False)):
+        try:
+            check_gpus_for_workers(size, on_gpu)
+            errors.append(None)
+        except ConfigError as e:
+            errors.append(str(e))
+    out["checks"] = errors
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_workers_fit_beside_the_clip_scorer_and_too_few_gpus_are_refused():
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["trainer"] == ["0", "1"]  # both workers placed, one on each GPU
+    assert len(out["whole GPUs"]) == 1  # asking for whole GPUs, the second worker never gets one
+    assert out["checks"] == [None, "trainer.nnodes x trainer.n_gpus_per_node = 3 GPU workers, but the Ray "
+                                   "cluster has 2 GPUs", None]
