@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus | remax
+    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus (remax: refused, no greedy baseline rollout)
     gamma: float = 1.0
     disable_kl: bool = False
     use_kl_loss: bool = True
@@ -257,6 +257,10 @@ class PPOConfig:
         return asdict(self)
 
 
+# The sampling settings validation may override (pebr.workers.rollout.SamplingConfig's fields).
+VAL_SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "logprobs")
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
@@ -299,6 +303,20 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    if a.adv_estimator == "remax":
+        raise ConfigError("algorithm.adv_estimator=remax is not implemented in the trainer: it needs a greedy "
+                          "baseline response per prompt, which the rollout does not generate")
+    unknown = sorted(set(rollout.val_override_config) - set(VAL_SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"worker.rollout.val_override_config has unknown keys {unknown}; it takes "
+                          f"{list(VAL_SAMPLING_KEYS)}")
+    for key, value, default in (
+            ("worker.actor.ulysses_sequence_parallel_size", actor.ulysses_sequence_parallel_size, 1),
+            ("worker.actor.optim.strategy", actor.optim.strategy, "adamw"),
+            ("worker.hybrid_engine", w.hybrid_engine, True),
+            ("trainer.val_generations_to_log", t.val_generations_to_log, 0)):
+        if value != default:  # read by nothing: accepting another value would ignore it silently
+            raise ConfigError(f"{key}={value!r} is not implemented; only {default!r} is")
     for role, part in (("actor", actor), ("ref", w.ref)):
         if part.fsdp.enable_rank0_init:
             raise ConfigError(f"worker.{role}.fsdp.enable_rank0_init=true is not implemented: every rank loads the "

@@ -522,13 +522,21 @@ class RayPPOTrainer:
             return {}
         r = self.cfg.worker.rollout
         overrides = {"n": 1, "temperature": 0.5, "seed": r.seed, "logprobs": False, **dict(r.val_override_config)}
-        prompts = [self.val_dataset[i] for i in range(len(self.val_dataset))]
-        for p in prompts:
-            p["uid"] = f"val-{p['index']}"
-        batch, _ = self.workers.generate(prompts, self._sampling(overrides))
-        _, per_key = self._score(batch, self.val_reward_worker)
+        total = len(self.val_dataset)
+        chunk = self.cfg.data.val_batch_size if self.cfg.data.val_batch_size > 0 else total
+        per_key: dict[str, list[float]] = {}
+        lengths: list[int] = []
+        for start in range(0, total, chunk):  # a chunk's images are loaded only when it is generated
+            prompts = [self.val_dataset[i] for i in range(start, min(start + chunk, total))]
+            for p in prompts:
+                p["uid"] = f"val-{p['index']}"
+            batch, _ = self.workers.generate(prompts, self._sampling(overrides))
+            for k, v in self._score(batch, self.val_reward_worker)[1].items():
+                per_key.setdefault(k, []).extend(v)
+            lengths.extend(batch.response_lengths.tolist())
         out = {f"val/{k}": float(np.mean(v)) for k, v in per_key.items()}
-        out["val/response_length"] = float(batch.response_lengths.float().mean())
+        out["val/response_length"] = float(np.mean(lengths))
+        out["val/samples"] = float(len(lengths))
         return out
 
     def save_checkpoint(self) -> str:

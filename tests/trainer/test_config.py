@@ -64,6 +64,12 @@ def test_overrides_win_over_files():
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
     ("worker.actor.fsdp.enable_rank0_init=true", "worker.actor.fsdp.enable_rank0_init"),
+    ("worker.actor.ulysses_sequence_parallel_size=4", "ulysses_sequence_parallel_size=4 is not implemented"),
+    ("worker.actor.optim.strategy=adamw_bf16", "worker.actor.optim.strategy='adamw_bf16' is not implemented"),
+    ("worker.hybrid_engine=false", "worker.hybrid_engine=False is not implemented"),
+    ("trainer.val_generations_to_log=3", "trainer.val_generations_to_log=3 is not implemented"),
+    ("algorithm.adv_estimator=remax", "algorithm.adv_estimator=remax is not implemented"),
+    ("worker.rollout.val_override_config.temprature=0.5", "val_override_config has unknown keys"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -104,3 +110,16 @@ def test_missing_model_path_and_missing_file():
 def test_missing_reward_function():
     with pytest.raises(ConfigError, match="reward_function"):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.reward.reward_function=null"])
+
+
+def test_validation_overrides_name_the_sampling_fields():
+    """`VAL_SAMPLING_KEYS` lists what `SamplingConfig` takes, so a valid override never fails in a worker."""
+    import dataclasses
+
+    from pebr.config import VAL_SAMPLING_KEYS
+    from pebr.workers.rollout import SamplingConfig
+
+    assert set(VAL_SAMPLING_KEYS) == {f.name for f in dataclasses.fields(SamplingConfig)}
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.temperature=0.7",
+                       "worker.rollout.val_override_config.n=2"])
+    assert dict(cfg.worker.rollout.val_override_config) == {"temperature": 0.7, "n": 2}

@@ -26,6 +26,7 @@ def argv(model_dir: str, data_dir: str, run_dir: str, steps: int) -> list[str]:
         f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_2.py:compute_score",
         "data.max_response_length=24", f"trainer.max_steps={steps}", "trainer.save_freq=1", "trainer.save_limit=2",
         "trainer.save_rollouts=true", "trainer.val_freq=2", f"trainer.save_checkpoint_path={run_dir}",
+        "data.val_batch_size=3",  # the 8 validation prompts in chunks of 3, 3 and 2 over the 2 workers
     ]
 
 
@@ -56,7 +57,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         # 2 mini-batches per rollout: the update supplies the first one's old log-probs, the pass the second's.
         assert m["batch/old_logprobs_from_update"] == 0.5
         assert m["actor/entropy_rollout"] > 0 and math.isfinite(m["actor/kl_ref"])
-    assert "val/overall" in metrics[1]  # val_freq=2
+    assert "val/overall" in metrics[1] and metrics[1]["val/samples"] == 8  # val_freq=2, every chunk scored
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
         assert json.load(f)["global_step"] == 2
 
