@@ -51,15 +51,23 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     return worker
 
 
-def probe_reward(worker: Any, item: dict) -> None:
+def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None) -> None:
     """Score one made-up response before any rollout: a reward function that raises or returns the wrong
-    shape fails here, in seconds, instead of after the first step's generation."""
+    shape fails here, in seconds, instead of after the first step's generation.
+
+    Args:
+        require: score keys the run reads later -> the setting or step that reads it, named in the error.
+    """
     from pebr.trainer.ray_trainer import ray_get
 
     probe = {"response": "### The final answer is: " + item["ground_truth"], "response_length": 8,
              "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
              "image": item["images"][0] if item["images"] else None}
-    ray_get(worker.compute.remote([probe]), "reward function check on the first training record")
+    scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record")
+    for key, reader in (require or {}).items():
+        if key not in scores[0]:
+            raise ConfigError(f"worker.reward.reward_function returns {sorted(scores[0])}, without {key!r}, "
+                              f"which {reader} needs")
 
 
 def run(argv: list[str]) -> None:
@@ -82,7 +90,8 @@ def run(argv: list[str]) -> None:
     reward = start_reward_worker(cfg)
     trainer = None
     try:
-        probe_reward(reward, train[0])
+        a = cfg.algorithm
+        probe_reward(reward, train[0], {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
         trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
         trainer.fit()
     finally:

@@ -235,7 +235,7 @@ def run(argv: list[str]) -> SampleSummary:
     import ray
     from tqdm import tqdm
 
-    from pebr.trainer.main import start_reward_worker
+    from pebr.trainer.main import probe_reward, start_reward_worker
     from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
     from pebr.workers.actor import load_processor
 
@@ -267,6 +267,8 @@ def run(argv: list[str]) -> SampleSummary:
     workers = None
     correct = total = 0.0
     try:
+        # The difficulty split reads each record's accuracy: a reward without one would waste the whole run.
+        probe_reward(reward, dataset[todo[0]], {"accuracy": "the difficulty split (pebr.trainer.split)"})
         workers = WorkerGroup(cfg, total_steps=1, need_actor=False)  # kills its actors itself if start-up fails
         sampling = sampling_params(cfg)
         size = cfg.data.rollout_batch_size

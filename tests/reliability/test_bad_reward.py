@@ -14,7 +14,7 @@ import pytest
 from conftest import idle_cpus
 
 from pebr import checkpoint
-from pebr.config import load_config
+from pebr.config import ConfigError, load_config
 from pebr.data import StatefulBatchSampler
 from pebr.trainer.main import build_dataset, run
 from pebr.trainer.ray_trainer import WorkerFailure
@@ -86,3 +86,21 @@ def test_bad_reward_stops_step_1_naming_the_sample(kind, tiny_model_dir, synthet
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0) == free_cpus
     print(f"\nfault report: reward {kind} -> WorkerFailure after {elapsed:.1f} s (step 1): {message[:300]}")
+
+
+def test_online_filtering_on_a_key_the_reward_lacks_stops_before_any_rollout(tiny_model_dir, synthetic_data_dir,
+                                                                              ray_session, tmp_path):
+    reward_file = tmp_path / "overall_only.py"
+    reward_file.write_text("def compute_score(inputs):\n    return [{'overall': 0.5} for _ in inputs]\n")
+    run_dir = str(tmp_path / "run")
+    argv = trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, 2) + [
+        f"worker.reward.reward_function={reward_file}:compute_score", "algorithm.online_filtering=true",
+        "algorithm.filter_key=accuracy"]
+    free_cpus = idle_cpus(ray_session)
+    with pytest.raises(ConfigError, match=r"returns \['overall'\], without 'accuracy', which algorithm\.filter_key"):
+        run(argv)
+    assert checkpoint.complete_steps(run_dir) == []
+    deadline = time.time() + 20
+    while ray_session.available_resources().get("CPU", 0) < free_cpus and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == free_cpus  # the reward worker is gone

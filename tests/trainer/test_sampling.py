@@ -11,6 +11,7 @@ import pytest
 
 from conftest import idle_cpus
 
+from pebr.config import ConfigError
 from pebr.trainer.sample_main import SampleLogError, append_records, recover_output, run
 from pebr.trainer.split import split_dataset
 
@@ -154,3 +155,16 @@ def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_se
     report = split_dataset(out, train, os.path.dirname(out), per_question, log=lambda m: None)
     assert sum(report.sizes.values()) == 5 and not report.wrong_count
     assert report.never_sampled == ["too-long"]
+
+
+@pytest.mark.slow
+def test_a_reward_without_accuracy_stops_sampling_before_any_rollout(sample_setup, ray_session, tmp_path):
+    """The split reads every record's accuracy; a reward without it would have wasted the whole run."""
+    argv, out, _, _ = sample_setup
+    reward = tmp_path / "overall_only.py"
+    reward.write_text("def compute_score(inputs):\n    return [{'overall': 1.0} for _ in inputs]\n")
+    free_cpus = idle_cpus(ray_session)
+    with pytest.raises(ConfigError, match=r"returns \['overall'\], without 'accuracy', which the difficulty split"):
+        run(argv + [f"worker.reward.reward_function={reward}:compute_score"])
+    _wait_for_cpus(ray_session, free_cpus)
+    assert not os.path.exists(out)  # no worker started, nothing sampled
