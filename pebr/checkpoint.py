@@ -140,6 +140,28 @@ def _with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local.to(template.device, template.dtype)
 
 
+def check_resumable(checkpoint_dir: str, world_size: int) -> None:
+    """Refuse, before any worker starts, a checkpoint the workers could not resume from.
+
+    Raises:
+        CheckpointError: it was saved by another number of workers, or without optimizer state
+            (trainer.save_model_only), or its shard index is missing.
+    """
+    actor_dir = os.path.join(checkpoint_dir, "actor")
+    try:
+        with open(os.path.join(actor_dir, INDEX_FILE)) as f:
+            saved = json.load(f)["world_size"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{actor_dir}: no readable {INDEX_FILE} ({err})") from err
+    if saved != world_size:
+        raise CheckpointError(f"{checkpoint_dir} was saved by {saved} workers and resumes only with as many "
+                              f"(trainer.nnodes x trainer.n_gpus_per_node = {world_size} now)")
+    if not os.path.isfile(os.path.join(actor_dir, f"optim_world_size_{world_size}_rank_0.safetensors")):
+        raise CheckpointError(f"{checkpoint_dir} holds the weights only (saved with trainer.save_model_only=true), "
+                              "so training cannot resume from it; to start a new run from these weights, merge "
+                              "them (scripts/model_merger.py) and set worker.actor.model.model_path")
+
+
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  scheduler: Any, rank: int, world_size: int) -> None:
     """Restore this rank's shards written by `save_sharded` with the same world size."""

@@ -340,6 +340,7 @@ class RayPPOTrainer:
         self._batches = iter(self.sampler)
         self._resume_path = self._find_resume_checkpoint()
         if self._resume_path:
+            checkpoint.check_resumable(self._resume_path, cfg.world_size)  # before any worker starts
             with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
                 import json
 
