@@ -303,6 +303,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    if training and rollout.temperature <= 0:
+        # The actor divides its logits by the sampling temperature, and GRPO learns nothing from n equal greedy answers.
+        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be positive for training (validation "
+                          "may sample greedily through worker.rollout.val_override_config)")
+    if actor.clip_ratio_dual <= 1.0:
+        raise ConfigError(f"worker.actor.clip_ratio_dual={actor.clip_ratio_dual} must be > 1 (it bounds the loss of "
+                          "negative-advantage tokens at that multiple)")
     if a.adv_estimator == "remax":
         raise ConfigError("algorithm.adv_estimator=remax is not implemented in the trainer: it needs a greedy "
                           "baseline response per prompt, which the rollout does not generate")

@@ -69,6 +69,8 @@ def test_overrides_win_over_files():
     ("worker.hybrid_engine=false", "worker.hybrid_engine=False is not implemented"),
     ("trainer.val_generations_to_log=3", "trainer.val_generations_to_log=3 is not implemented"),
     ("algorithm.adv_estimator=remax", "algorithm.adv_estimator=remax is not implemented"),
+    ("worker.rollout.temperature=0", "worker.rollout.temperature=0.0 must be positive for training"),
+    ("worker.actor.clip_ratio_dual=1.0", "worker.actor.clip_ratio_dual=1.0 must be > 1"),
     ("worker.rollout.val_override_config.temprature=0.5", "val_override_config has unknown keys"),
 ])
 def test_bad_settings_name_the_key(override, key):
