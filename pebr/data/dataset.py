@@ -224,6 +224,8 @@ class RLDataset(Dataset):
                 continue
             self._items.append((index, record, prompt))
         self.report.kept = len(self._items)
+        # Stage 1's keyword term is 0 for every response to a record without key words (the trainer warns).
+        self.num_without_key_words = sum(1 for _, record, _ in self._items if not record["key_words"])
         if self.num_overlong:
             logger.warning(
                 "RLDataset: dropped %d of %d prompts longer than %d tokens",

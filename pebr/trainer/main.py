@@ -51,12 +51,15 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     return worker
 
 
-def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None) -> None:
+def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None) -> dict[str, float]:
     """Score one made-up response before any rollout: a reward function that raises or returns the wrong
     shape fails here, in seconds, instead of after the first step's generation.
 
     Args:
         require: score keys the run reads later -> the setting or step that reads it, named in the error.
+
+    Returns:
+        The scores of the made-up response (their keys are the reward's terms).
     """
     from pebr.trainer.ray_trainer import ray_get
 
@@ -68,6 +71,7 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
         if key not in scores[0]:
             raise ConfigError(f"worker.reward.reward_function returns {sorted(scores[0])}, without {key!r}, "
                               f"which {reader} needs")
+    return scores[0]
 
 
 def run(argv: list[str]) -> None:
@@ -91,7 +95,11 @@ def run(argv: list[str]) -> None:
     trainer = None
     try:
         a = cfg.algorithm
-        probe_reward(reward, train[0], {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
+        terms = probe_reward(reward, train[0], {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
+        if "keyword" in terms and train.num_without_key_words:
+            print(f"warning: {train.num_without_key_words} of {len(train)} training records in "
+                  f"{cfg.data.train_files} have no key_words: the reward's keyword term is 0 for all their "
+                  "responses", file=sys.stderr, flush=True)
         trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
         trainer.fit()
     finally:

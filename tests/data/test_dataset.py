@@ -44,6 +44,7 @@ def test_item_fields_and_resized_images(processor, image_dir):
     ]
     dataset = make(records, processor, image_dir, format_prompt=TEMPLATE)
     assert len(dataset) == 3 and dataset.report.kept == 3 and dataset.num_overlong == 0
+    assert dataset.num_without_key_words == 2  # b has none, c has None
 
     first = dataset[0]
     assert set(first) == {"prompt", "images", "ground_truth", "qid", "key_words", "index"}
