@@ -121,7 +121,8 @@ def test_records_without_key_words_are_reported_when_the_reward_has_a_keyword_te
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     reward_file = tmp_path / "with_keyword.py"
-    reward_file.write_text("def compute_score(inputs):\n    return [{'overall': 0.5, 'keyword': 0.0} for _ in inputs]\n")
+    reward_file.write_text("def compute_score(inputs):\n"
+                           "    return [{'overall': 0.5, 'keyword': 0.0} for _ in inputs]\n")
     argv = trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 2) + [
         f"data.train_files={train}", f"worker.reward.reward_function={reward_file}:compute_score",
         "trainer.device=cuda", "trainer.n_gpus_per_node=1"]
