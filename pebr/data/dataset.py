@@ -181,6 +181,8 @@ class RLDataset(Dataset):
         self.max_pixels = max_pixels
         self.prompt_key, self.answer_key, self.image_key = prompt_key, answer_key, image_key
         self._template = load_format_prompt(format_prompt) if format_prompt else None
+        from pebr.rewards.terms import clean_answer  # the graders' view of an answer (imports sympy: here only)
+
         note_processor_bounds(processor, min_pixels, max_pixels)
         count_tokens = PromptLengthCounter(processor)
 
@@ -198,6 +200,9 @@ class RLDataset(Dataset):
                     image_key=image_key,
                 )
                 where = f"{where} qid={record['qid']!r}"
+                if not clean_answer(record[answer_key]):
+                    raise BadRecord("bad_answer", f"{where}: key {answer_key!r} is {record[answer_key]!r}, which "
+                                    "leaves nothing to grade once spacing, markdown and math delimiters are removed")
                 images = record[image_key]
                 if max_images is not None and len(images) > max_images:
                     raise BadRecord(TOO_MANY_IMAGES_REASON, f"{where}: {len(images)} images, more than the "

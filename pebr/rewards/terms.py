@@ -12,9 +12,10 @@ The response format the prompt asks for (see PAPER.md) is::
     ### Step 1: ...
     ### The final answer is: <answer>
 
-Headers are matched case-insensitively with any spacing after ``###`` (the authors' release matched
-the final-answer header case-sensitively, so "### the final answer is:" fell back to grading the
-whole response).
+Headers are matched case-insensitively with any spacing after ``###``. The authors' release matched the
+final-answer header case-sensitively and graded the whole response when it found none; PAPER.md lists both
+as defects. Here a response without the header has no answer: a truncated or header-less response is not
+searched for a number that happens to equal the ground truth.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from math_verify import verify as mv_verify
 __all__ = [
     "format_reward",
     "extract_final_answer",
+    "clean_answer",
     "answers_match",
     "accuracy_reward",
     "keyword_recall",
@@ -63,6 +65,13 @@ _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
 
 # Signs and symbols that NFKC leaves alone but graders do not understand.
 _UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot "})
+# Superscript digits, made exponents before NFKC would turn "cm²" into "cm2".
+_SUPERSCRIPTS = str.maketrans({sup: f"^{digit}" for sup, digit in zip("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")})
+# Markdown around an answer ("**3**", "`B`") and LaTeX display delimiters ("$$3$$", "\[3\]", "\(3\)").
+_WRAPPERS = (("**", "**"), ("__", "__"), ("`", "`"), ("*", "*"), ("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"),
+             ("$", "$"))
+# A display-math block opened on its own line after the header: its lines up to the closing delimiter.
+_DISPLAY_OPEN = {"$$": "$$", "\\[": "\\]"}
 # Seconds a grader may spend on one comparison (sympy can be slow on adversarial expressions).
 _GRADER_TIMEOUT_S = 5
 # Answers longer than this are free text (a response without the final-answer header): math-verify
@@ -86,24 +95,25 @@ def format_reward(response: str) -> float:
 def extract_final_answer(response: str) -> str:
     """The answer the response commits to.
 
-    The text after the last ``### The final answer is:`` header, up to the end of its line; if
-    that line is empty the next non-empty line is taken (models often break the line after the
-    header). Without the header the whole response is the answer, as the paper specifies. A
-    ``\\boxed{...}`` inside the answer is unwrapped.
+    The text after the last ``### The final answer is:`` header that has one, up to the end of its line;
+    if that line is empty the next non-empty line is taken (models often break the line after the header),
+    and a display-math block opened there (``$$`` or ``\\[`` on its own line) is read to its closing
+    delimiter. A header with nothing after it before the next one (or the end) does not void an earlier
+    answer. Without the header there is no answer. A ``\\boxed{...}`` inside the answer is unwrapped.
 
     Args:
         response: the decoded response text.
 
     Returns:
-        The answer text, stripped (possibly empty).
+        The answer text, stripped; "" when there is none.
     """
     headers = list(_FINAL_ANSWER_LOOSE.finditer(response))
-    if headers:
-        rest = response[headers[-1].end() :]
-        lines = [line.strip() for line in rest.splitlines()]
-        answer = next((line for line in lines if line), "")
-    else:
-        answer = response.strip()
+    ends = [h.start() for h in headers[1:]] + [len(response)]
+    answer = ""
+    for header, end in reversed(list(zip(headers, ends))):
+        answer = _first_answer_line(response[header.end():end])
+        if answer:
+            break
     if "\\boxed{" in answer:
         boxed = extract_boxed_content(answer)
         if boxed != "None":  # mathruler's marker for an unclosed box
@@ -111,13 +121,32 @@ def extract_final_answer(response: str) -> str:
     return answer.strip()
 
 
-def _clean(text: str) -> str:
-    """Normalise unicode and strip what graders trip on: spacing, math delimiters, full stops."""
-    text = unicodedata.normalize("NFKC", text).translate(_UNICODE_FIXES).strip()
+def _first_answer_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines()]
+    lines = lines[:next((i for i, line in enumerate(lines) if i and line.startswith("###")), len(lines))]
+    lines = lines[next((i for i, line in enumerate(lines) if line), len(lines)):]
+    if not lines:
+        return ""
+    close = _DISPLAY_OPEN.get(lines[0])
+    if close is None:
+        return lines[0]
+    body = lines[1:lines.index(close, 1)] if close in lines[1:] else lines[1:]
+    return " ".join(line for line in body if line)
+
+
+def clean_answer(text: str) -> str:
+    """An answer or ground truth as the graders see it: unicode normalised; spacing, markdown emphasis, math
+    delimiters and a final full stop removed. "" when nothing else is left."""
+    text = unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)).translate(_UNICODE_FIXES).strip()
     text = text.rstrip("。.").strip()
-    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
-        text = text.strip("$").strip()
-    return text
+    unwrapped = True
+    while unwrapped:
+        unwrapped = False
+        for left, right in _WRAPPERS:
+            if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+                text, unwrapped = text[len(left):len(text) - len(right)].strip().rstrip("。.").strip(), True
+                break
+    return text if text.strip("$*`_") else ""
 
 
 def _choice_letter(answer: str) -> str | None:
@@ -164,10 +193,10 @@ def answers_match(answer: str, ground_truth: str) -> bool:
     Raises:
         ValueError: if the ground truth is empty.
     """
-    truth = _clean(ground_truth)
+    truth = clean_answer(ground_truth)
     if not truth:
         raise ValueError(f"ground truth is empty ({ground_truth!r}); every record needs an answer")
-    given = _clean(answer)
+    given = clean_answer(answer)
     if not given:
         return False
     choice = _CHOICE_TRUTH.match(truth)
@@ -208,8 +237,9 @@ def _squash(text: str) -> str:
 def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
     """Fraction of the key words that the response mentions.
 
-    A key word counts as mentioned when it occurs in the response as a substring, ignoring case
-    and runs of whitespace (so "traffic  Light" matches "traffic light"). Blank entries are ignored.
+    A key word counts as mentioned when it occurs in the response as a whole word or phrase, ignoring case
+    and runs of whitespace (so "traffic  Light" matches "traffic light"), also with a plural "s" or "es"
+    ("apple" matches "apples"); "red" inside "considered" is not a mention. Blank entries are ignored.
 
     Args:
         response: the decoded response text.
@@ -231,7 +261,11 @@ def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
     if not words:
         return 0.0
     text = _squash(response)
-    return sum(word in text for word in words) / len(words)
+    return sum(_mentions(text, word) for word in words) / len(words)
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?:e?s)?(?!\w)", text) is not None
 
 
 def length_reward(response_length: int, max_length: int = 512) -> float:

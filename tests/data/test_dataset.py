@@ -225,3 +225,14 @@ def test_a_record_with_more_images_than_the_engine_takes_is_refused_at_load(proc
     assert [dataset[i]["qid"] for i in range(len(dataset))] == ["one"]
     assert dataset.report.skipped == {"too_many_images": 1}
     assert len(make(records, processor, image_dir, max_images=2)) == 2
+
+
+@pytest.mark.parametrize("answer", [".", "$$", "**"])
+def test_a_ground_truth_with_nothing_to_grade_is_refused_at_load(processor, image_dir, answer):
+    """Scoring would raise on it at the step that draws the record; the data set says so when it loads."""
+    records = [{"qid": "ok", "problem": "What is 3+4?", "answer": "7"},
+               {"qid": "dot", "problem": "Why?", "answer": answer}]
+    with pytest.raises(DataError, match=r"record 1 qid='dot': key 'answer' is .*, which leaves nothing to grade"):
+        make(records, processor, image_dir)
+    dataset = make(records, processor, image_dir, on_bad_record="skip")
+    assert len(dataset) == 1 and dataset.report.skipped == {"bad_answer": 1}

@@ -65,7 +65,8 @@ def test_stage1_clip_weight_zero_never_touches_the_model_path(tmp_path) -> None:
     [
         (FULL, "9", {"overall": 1.0, "accuracy": 1.0, "format": 1.0}),
         (FULL, "8", {"overall": 0.1, "accuracy": 0.0, "format": 1.0}),
-        ("9", "9", {"overall": 0.9, "accuracy": 1.0, "format": 0.0}),
+        ("9", "9", {"overall": 0.0, "accuracy": 0.0, "format": 0.0}),  # no final-answer header, no answer
+        ("### The final answer is: 9", "9", {"overall": 0.9, "accuracy": 1.0, "format": 0.0}),
         ("", "9", {"overall": 0.0, "accuracy": 0.0, "format": 0.0}),
     ],
 )
@@ -76,7 +77,7 @@ def test_stage2(response: str, truth: str, expected: dict) -> None:
 
 def test_stage2_weights_can_be_overridden() -> None:
     manager = RewardManager(STAGE2, reward_function_kwargs={"accuracy_weight": 0.5, "format_weight": 0.5})
-    assert manager.compute([item("9", "9")])[0]["overall"] == pytest.approx(0.5)
+    assert manager.compute([item("### The final answer is: 9", "9")])[0]["overall"] == pytest.approx(0.5)
     with pytest.raises(KeyError, match="clip_weight"):
         RewardManager(STAGE2, reward_function_kwargs={"clip_weight": 0.4})
     with pytest.raises(KeyError, match="max_length"):
@@ -84,5 +85,6 @@ def test_stage2_weights_can_be_overridden() -> None:
 
 
 def test_sampling_reward_is_accuracy() -> None:
-    out = RewardManager(SAMPLE, require_overall=False).compute([item(), item(truth="8"), item("(B)", "B")])
+    items = [item(), item(truth="8"), item("### The final answer is: (B)", "B")]
+    out = RewardManager(SAMPLE, require_overall=False).compute(items)
     assert [scores["accuracy"] for scores in out] == [1.0, 0.0, 1.0]

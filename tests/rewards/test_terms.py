@@ -71,7 +71,11 @@ def test_format_reward(response: str, expected: float) -> None:
         ("### The final answer is: 1\n### The final answer is: 2", "2"),  # the last one counts
         ("### The final answer is:\n\n  42\n", "42"),  # answer on the next line
         ("### The final answer is: \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
-        ("  no header, just 12  ", "no header, just 12"),  # whole response
+        ("  no header, just 12  ", ""),  # no header, no answer (the release graded the whole text: a defect)
+        ("### The final answer is: 3\n### The final answer is:", "3"),  # an empty last header voids nothing
+        ("### The final answer is: 3\n### The final answer is:\n### Step 2: x", "3"),
+        ("### The final answer is:\n$$\n\\frac{1}{2}\n$$\nDone.", "\\frac{1}{2}"),  # display math block
+        ("### The final answer is:\n\\[\nx + 1\n\\]", "x + 1"),
         (ONLY_HEADERS, ""),
         ("", ""),
     ],
@@ -127,7 +131,16 @@ def test_answers_match(answer: str, truth: str, expected: bool) -> None:
         (UNICODE, "-5", 1.0),
         ("### the final answer is: \\frac{1}{2}", "0.5", 1.0),
         ("### The final answer is: 3 cm.", "3", 1.0),
-        ("7", "7", 1.0),  # no header: the whole response is graded
+        ("7", "7", 0.0),  # no header, no answer
+        # A truncated response mentions the truth on the way: graded as a whole it scored 1.0.
+        ("### Image Description: 3 red cubes and 5 blue balls.\n### Step 1: the balls number 5. Now", "5", 0.0),
+        ("### The final answer is: **3**", "3", 1.0),  # markdown around the answer
+        ("### The final answer is: **B**", "B", 1.0),
+        ("### The final answer is: `3`", "3", 1.0),
+        ("### The final answer is: $$3$$", "3", 1.0),
+        ("### The final answer is: \\(3\\)", "3", 1.0),
+        ("### The final answer is: 5 cm²", "5", 1.0),  # a superscript is an exponent, not a digit
+        ("### The final answer is: 3\n### The final answer is:", "3", 1.0),
         ("I think it is 8", "7", 0.0),
         (ONLY_HEADERS, "9", 0.0),
         ("", "9", 0.0),
@@ -143,14 +156,15 @@ def test_a_10k_token_response_is_never_parsed_as_one_formula(monkeypatch) -> Non
     real_parse = terms.mv_parse
     monkeypatch.setattr(terms, "mv_parse", lambda text, **kw: parsed.append(text) or real_parse(text, **kw))
     assert accuracy_reward(LONG, "9") == 1.0
-    assert accuracy_reward("word " * 10_000, "9") == 0.0  # no header: whole text graded
+    assert accuracy_reward("### The final answer is:\n" + "word " * 10_000, "9") == 0.0  # one long free-text line
     assert any(len(text) > 40_000 for text in parsed)  # the long text did reach the parser...
     assert all(len(text) <= terms._MAX_FORMULA_CHARS + 2 for text in parsed if text.startswith("$"))  # ...unwrapped
 
 
-def test_accuracy_rejects_empty_ground_truth() -> None:
+@pytest.mark.parametrize("truth", ["  ", ".", "$$", "**", "` `"])
+def test_accuracy_rejects_a_ground_truth_with_nothing_to_grade(truth: str) -> None:
     with pytest.raises(ValueError, match="ground truth is empty"):
-        accuracy_reward(FULL, "  ")
+        accuracy_reward(FULL, truth)
 
 
 # ---- keyword recall --------------------------------------------------------------------------
@@ -170,8 +184,16 @@ def test_keyword_recall(key_words, expected: float) -> None:
     assert keyword_recall(FULL, key_words) == pytest.approx(expected, abs=1e-12)
 
 
+def test_keyword_recall_counts_whole_words_and_plurals_only() -> None:
+    # As substrings, "red" was found in "considered", "cat" in "indicated" and "one" in "none": recall 1.0.
+    assert keyword_recall("We considered the indicated values; none apply.", ["red", "cat", "one"]) == 0.0
+    assert keyword_recall("two apples and three boxes", ["apple", "box", "three"]) == 1.0
+    assert keyword_recall("one apple", ["apples"]) == 0.0
+    assert keyword_recall("a red-brown cube (red)", ["red", "brown"]) == 1.0
+
+
 def test_keyword_recall_unicode_and_spacing() -> None:
-    assert keyword_recall(UNICODE, ["café", "三角形", "tea"]) == pytest.approx(2 / 3)
+    assert keyword_recall(UNICODE, ["café", "tea"]) == pytest.approx(1 / 2)
     assert keyword_recall("A traffic\n  light", ["Traffic Light"]) == 1.0
     assert keyword_recall("", ["red"]) == 0.0
 
