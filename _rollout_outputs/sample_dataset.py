@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rollouts per question (worker.rollout.n x trainer.total_epochs of the sampling run)")
     parser.add_argument("--skip_bad_lines", action="store_true",
                         help="count and skip malformed rollout lines instead of stopping at the first")
-    parser.add_argument("--strict", action="store_true", help="fail on a qid whose rollout count is not --n")
+    parser.add_argument("--allow_count_mismatch", action="store_true",
+                        help="split a qid sampled other than --n times anyway, by all / some / none correct "
+                             "(by default it is an error)")
     return parser.parse_args(argv)
 
 
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         split_dataset(args.rollouts, args.dataset, args.output_dir, args.n,
-                      skip_bad_lines=args.skip_bad_lines, strict=args.strict)
+                      skip_bad_lines=args.skip_bad_lines,
+                      allow_count_mismatch=args.allow_count_mismatch)
     except (SplitError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

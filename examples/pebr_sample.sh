@@ -8,7 +8,9 @@ TRAIN_FILES=${TRAIN_FILES:-dataset/train.json}                        # the RL d
 IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative image paths are joined to it (null: as written)
 ROLLOUTS=${ROLLOUTS:-_rollout_outputs/rollouts.jsonl}
 SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 / 2 read easycase / mediumcase.json here
-N_PER_QUESTION=8                                                      # worker.rollout.n x trainer.total_epochs
+# worker.rollout.n x trainer.total_epochs of this run: set it when overriding either, since the split
+# refuses questions sampled another number of times (rerunning this script resumes an interrupted sampling).
+N_PER_QUESTION=${N_PER_QUESTION:-8}
 N_GPUS=${N_GPUS:-8}
 
 python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \

@@ -9,6 +9,12 @@ The rollout file is read as a stream, one JSON record per line, keeping two inte
 so a file of millions of lines costs memory in proportion to the number of questions only.
 The data set's records are written to the split files exactly as they were read.
 
+The split refuses, before writing anything, what would give silently wrong files: a rollout file
+that shares no qid with the data set (sampled from another file), a question sampled other than n
+times (the rule is about exactly n rollouts; `allow_count_mismatch` opts out), and a qid shared by
+two data-set records (the rollout file keys rollouts by qid alone). The three files are replaced as
+a set, so stage 1 and stage 2 never train on the halves of two different splits.
+
 No torch, no Ray: `split_dataset` is called by `_rollout_outputs/sample_dataset.py` and by tests.
 """
 
@@ -25,6 +31,7 @@ from pebr.utils.jsonio import atomic_write_json, read_json_records
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
 MAX_LISTED = 20  # qids named in a warning before "... and K more"
+MAX_LISTED_IN_ERROR = 5  # an error names a few, enough to find them in the files
 
 
 class SplitError(ValueError):
@@ -49,7 +56,8 @@ class SplitReport:
         bad_lines: malformed rollout lines skipped (only with skip_bad_lines).
         sizes: split name -> number of data-set records written to it.
         correct_histogram: number of correct rollouts -> number of qids (over sampled qids in the data set).
-        wrong_count: qid -> rollouts seen, for qids with a count other than n.
+        wrong_count: qid -> rollouts seen, for qids with a count other than n (only filled with
+            allow_count_mismatch; otherwise such a qid is an error).
         never_sampled: qids of data-set records that have no rollout (written to no split).
         unknown_qids: number of qids in the rollout file that the data set does not have.
         paths: split name -> file written.
@@ -93,8 +101,9 @@ def classify(correct: int, total: int) -> str:
 
     Returns:
         "easy" when all are correct, "hard" when none is, else "medium". With total == n this is the
-        paper's 8/8, 1-7, 0/8 rule; with another count (reported as a warning) the same all/some/none
-        reading is used, so duplicated rollouts cannot turn an all-correct question into "medium".
+        paper's 8/8, 1-7, 0/8 rule; `split_dataset` passes another count only with
+        allow_count_mismatch (and warns), and then the same all/some/none reading is used, so
+        duplicated rollouts cannot turn an all-correct question into "medium".
     """
     if total <= 0:
         raise ValueError(f"a question needs at least one rollout to be classified, got total={total}")
@@ -186,43 +195,91 @@ def read_dataset(path: str) -> list[Any]:
     return read_json_records(path, SplitError)
 
 
-def _listed(qids: list[str]) -> str:
-    shown = ", ".join(qids[:MAX_LISTED])
-    return shown + (f" ... and {len(qids) - MAX_LISTED} more" if len(qids) > MAX_LISTED else "")
+def _listed(qids: list[str], limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(qids[:limit])
+    return shown + (f" ... and {len(qids) - limit} more" if len(qids) > limit else "")
+
+
+def dataset_qids(records: list[Any], stem: str, dataset: str) -> list[str]:
+    """The qid of every data-set record, in order (see `record_qid`).
+
+    Raises:
+        SplitError: two records with one qid (an explicit one, or one equal to another record's
+            "<stem>-<index>" default), naming the file, the qids and the records' 0-based positions.
+            The rollout file keys rollouts by qid alone, so such records could not be told apart:
+            both would be written to one split and counted twice.
+    """
+    qids = [record_qid(record, stem, index) for index, record in enumerate(records)]
+    positions: dict[str, list[int]] = {}
+    for index, qid in enumerate(qids):
+        positions.setdefault(qid, []).append(index)
+    shared = [f"{qid!r} (records {', '.join(map(str, where))})" for qid, where in positions.items() if len(where) > 1]
+    if shared:
+        raise SplitError(
+            f"{dataset}: {len(shared)} qids are used by more than one record (0-based positions in the file): "
+            f"{_listed(shared, MAX_LISTED_IN_ERROR)}; the rollouts of such records cannot be told apart, so they "
+            "cannot be split: give every record its own qid (and sample again) or remove the duplicates")
+    return qids
+
+
+def _write_splits(output_dir: str, splits: dict[str, list[Any]]) -> dict[str, str]:
+    """Replace the three split files as a set; returns split name -> path.
+
+    Each file is first written complete and fsynced beside its target (with the project's atomic
+    writer), and only when all three are on disk are they renamed over the previous ones. A failure
+    while writing (disk full, a crash, an interrupt) leaves the previous set as it was; only a crash
+    between the three renames, a few microseconds, could mix old and new files.
+    """
+    paths = {name: os.path.join(output_dir, SPLIT_FILES[name]) for name in SPLIT_NAMES}
+    staged = {name: os.path.join(output_dir, f".{SPLIT_FILES[name]}.staged") for name in SPLIT_NAMES}
+    try:
+        for name in SPLIT_NAMES:
+            atomic_write_json(staged[name], splits[name])
+    except BaseException:
+        for path in staged.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for name in SPLIT_NAMES:
+        os.replace(staged[name], paths[name])
+    return paths
 
 
 def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, skip_bad_lines: bool = False,
-                  strict: bool = False, log: Any = print) -> SplitReport:
+                  allow_count_mismatch: bool = False, log: Any = print) -> SplitReport:
     """Write easycase.json, mediumcase.json and hardcase.json from a rollout file and the data set.
 
     Args:
         rollouts: JSONL rollout records {qid, score: {accuracy, ...}, ...}.
         dataset: the sampled data set (.json list or .jsonl); its records are copied unchanged.
-        output_dir: where the three files go (created if missing).
-        n: expected rollouts per qid; other counts are warned about (or an error with `strict`).
+        output_dir: where the three files go (created if missing). They are replaced as a set, and
+            left as they were when the split stops with an error.
+        n: rollouts per qid (worker.rollout.n x trainer.total_epochs of the sampling run); a sampled
+            qid with another count is an error unless `allow_count_mismatch`.
         skip_bad_lines: count and skip malformed rollout lines instead of stopping at the first.
-        strict: raise on any qid with a rollout count other than n.
+        allow_count_mismatch: split a qid with a count other than n anyway, by all / some / none
+            correct of the rollouts seen, with a warning naming the qids.
         log: where warnings and statistics go (a print-like function).
 
     Returns:
         The `SplitReport`.
 
     Raises:
-        SplitError: a missing/malformed file, a malformed rollout line (file and line number), or with
-            `strict` a qid with a count other than n.
+        SplitError: a missing/malformed file, a malformed rollout line (file and line number), a qid
+            shared by two data-set records, no data-set qid in the rollout file, or a qid with a
+            count other than n (unless `allow_count_mismatch`). Nothing is written then.
         ValueError: n < 1.
     """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     report = SplitReport(n=n)
     records = read_dataset(dataset)
-    counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
     stem = os.path.splitext(os.path.basename(dataset))[0]
+    qids = dataset_qids(records, stem, dataset)  # before the rollout file, which may take minutes to read
+    counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
     splits: dict[str, list[Any]] = {name: [] for name in SPLIT_NAMES}
-    known: set[str] = set()
-    for index, record in enumerate(records):
-        qid = record_qid(record, stem, index)
-        known.add(qid)
+    known = set(qids)
+    for qid, record in zip(qids, records):
         entry = counts.get(qid)
         if entry is None:
             report.never_sampled.append(qid)
@@ -233,13 +290,30 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         report.correct_histogram[entry.correct] = report.correct_histogram.get(entry.correct, 0) + 1
     report.unknown_qids = sum(1 for qid in counts if qid not in known)
 
+    if not records:
+        raise SplitError(f"{dataset} holds no records: nothing to split (nothing was written to {output_dir})")
+    if not report.correct_histogram:
+        # Writing three empty files would replace a good split and look like a successful run.
+        found = (f"{len(counts)} qids, e.g. {_listed(list(counts), MAX_LISTED_IN_ERROR)}" if counts
+                 else "no rollout records")
+        raise SplitError(
+            f"none of the {len(records)} qids of {dataset} (e.g. {_listed(qids, MAX_LISTED_IN_ERROR)}) is in the "
+            f"rollout file {rollouts} ({found}): it was sampled from another data set, or sampling has not run; "
+            f"pass the data set that was sampled (data.train_files of the sampling run). Nothing was written: "
+            f"the split files in {output_dir} are left as they were")
     if report.wrong_count:
-        listed = _listed([f"{q} ({c})" for q, c in report.wrong_count.items()])
-        message = (f"{len(report.wrong_count)} qids of {rollouts} have a rollout count other than n={n}: {listed}; "
-                   "they are split by all / some / none correct of the rollouts seen")
-        if strict:
-            raise SplitError(message)
-        log(f"warning: {message}")
+        listed = _listed([f"{q} ({c})" for q, c in report.wrong_count.items()],
+                         MAX_LISTED if allow_count_mismatch else MAX_LISTED_IN_ERROR)
+        message = (f"{len(report.wrong_count)} qids of {rollouts} have a rollout count other than n={n}: {listed}")
+        if not allow_count_mismatch:
+            raise SplitError(
+                f"{message}; the split rule (all / 1..n-1 / none correct) is about exactly n rollouts. Rerun the "
+                "sampling (examples/pebr_sample.sh resumes: it removes a question's incomplete rollouts and samples "
+                "what is missing), check that n is worker.rollout.n x trainer.total_epochs of the sampling run, "
+                "or split by all / some / none correct of the rollouts seen anyway with --allow_count_mismatch "
+                "(split_dataset(..., allow_count_mismatch=True)). Nothing was written: the split "
+                f"files in {output_dir} are left as they were")
+        log(f"warning: {message}; they are split by all / some / none correct of the rollouts seen")
     if report.never_sampled:
         log(f"warning: {len(report.never_sampled)} records of {dataset} were never sampled and are in no split: "
             f"{_listed(report.never_sampled)}")
@@ -248,10 +322,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     if report.bad_lines:
         log(f"warning: skipped {report.bad_lines} malformed lines of {rollouts}")
 
-    for name in SPLIT_NAMES:
-        path = os.path.join(output_dir, SPLIT_FILES[name])
-        atomic_write_json(path, splits[name])
-        report.sizes[name] = len(splits[name])
-        report.paths[name] = path
+    report.paths = _write_splits(output_dir, splits)
+    report.sizes = {name: len(splits[name]) for name in SPLIT_NAMES}
     log(report.summary())
     return report

@@ -10,6 +10,7 @@ import tracemalloc
 import pytest
 from omegaconf import OmegaConf
 
+import pebr.trainer.split as split_module
 from pebr.trainer.split import SplitError, classify, split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,9 +45,10 @@ CASES = {
     "q-hard": [0.0] * 8,
     "q-half": [0.5] * 8,  # partial credit is not correct: accuracy must be 1.0
     "q-never": None,
-    "q-short": [1.0] * 5,  # a count other than n: warned, all correct -> easy
+    "q-short": [1.0] * 5,  # a count other than n: an error, or with the opt-in warned, all correct -> easy
     "q-double": [1.0] * 16,  # duplicated rollouts, all correct: still easy (the authors' release got this wrong)
 }
+WRONG_COUNT = ("q-short", "q-double")
 EXPECTED = {"easy": ["q-easy", "q-short", "q-double"],
             "medium": ["q-medium", "q-one", "q-seven", "train-9"],
             "hard": ["q-hard", "q-half"]}
@@ -73,6 +75,27 @@ def files(tmp_path):
     return str(dataset), str(rollouts), records
 
 
+def _drop_qids(rollouts, qids):
+    """Remove the rollouts of `qids` from the file: what is left has exactly N per sampled qid."""
+    lines = [line for line in open(rollouts).read().splitlines()
+             if not line.strip() or json.loads(line)["qid"] not in qids]
+    _write_jsonl(rollouts, lines)
+
+
+def _previous_split(out):
+    """Split files of an earlier run, to check that a refused split leaves them as they were."""
+    out.mkdir(exist_ok=True)
+    before = {}
+    for filename in ("easycase.json", "mediumcase.json", "hardcase.json"):
+        (out / filename).write_text(json.dumps([{"qid": f"old-{filename}"}]))
+        before[filename] = (out / filename).read_text()
+    return before
+
+
+def _files_in(out):
+    return {filename: (out / filename).read_text() for filename in os.listdir(out)}
+
+
 def test_classify_rule():
     assert classify(8, 8) == "easy"
     assert [classify(k, 8) for k in range(1, 8)] == ["medium"] * 7
@@ -85,7 +108,7 @@ def test_split_puts_each_qid_where_it_belongs(files, tmp_path):
     dataset, rollouts, records = files
     out = tmp_path / "split"
     messages = []
-    report = split_dataset(rollouts, dataset, str(out), N, log=messages.append)
+    report = split_dataset(rollouts, dataset, str(out), N, allow_count_mismatch=True, log=messages.append)
     by_qid = {r.get("qid", "train-9"): r for r in records}
     for name, filename in (("easy", "easycase.json"), ("medium", "mediumcase.json"), ("hard", "hardcase.json")):
         written = json.loads((out / filename).read_text(encoding="utf-8"))
@@ -103,14 +126,108 @@ def test_split_puts_each_qid_where_it_belongs(files, tmp_path):
     assert "2 qids" in text and "q-short (5)" in text and "q-double (16)" in text
     assert "1 records" in text and "q-never" in text and "never sampled" in text
     assert "easy" in text and "medium" in text and "hard" in text
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temporary files
+    assert "they are split by all / some / none" in text
+    # atomic writes leave no temporary or staged files
+    assert sorted(os.listdir(out)) == ["easycase.json", "hardcase.json", "mediumcase.json"]
 
 
-def test_strict_count_is_an_error(files, tmp_path):
+def test_exact_counts_split_without_opt_in(files, tmp_path):
     dataset, rollouts, _ = files
-    with pytest.raises(SplitError, match="q-short"):
-        split_dataset(rollouts, dataset, str(tmp_path / "s"), N, strict=True, log=lambda m: None)
-    assert not (tmp_path / "s" / "easycase.json").exists()
+    _drop_qids(rollouts, WRONG_COUNT)
+    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
+    assert not report.wrong_count
+    assert report.sizes == {name: len([q for q in qids if q not in WRONG_COUNT]) for name, qids in EXPECTED.items()}
+
+
+def test_count_other_than_n_is_an_error_by_default(files, tmp_path):
+    dataset, rollouts, _ = files
+    out = tmp_path / "s"
+    before = _previous_split(out)
+    with pytest.raises(SplitError) as err:
+        split_dataset(rollouts, dataset, str(out), N, log=lambda m: None)
+    message = str(err.value)
+    assert rollouts in message and "n=8" in message and "q-short (5)" in message and "q-double (16)" in message
+    assert "Rerun the sampling" in message and "allow_count_mismatch" in message
+    assert _files_in(out) == before  # refused: the previous split is kept
+
+
+def test_count_mismatch_error_names_only_a_few(tmp_path):
+    dataset = tmp_path / "train.json"
+    dataset.write_text(json.dumps([{"qid": f"q{i}"} for i in range(30)]))
+    rollouts = tmp_path / "rollouts.jsonl"
+    _write_jsonl(rollouts, [_rollout(f"q{i}", 1.0, s) for i in range(30) for s in range(3)])
+    listed = r"30 qids .*q0 \(3\), q1 \(3\), q2 \(3\), q3 \(3\), q4 \(3\) \.\.\. and 25 more"
+    with pytest.raises(SplitError, match=listed):
+        split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), N, log=lambda m: None)
+
+
+def test_rollouts_of_another_data_set_are_refused(files, tmp_path):
+    dataset, _, _ = files
+    other = tmp_path / "other.jsonl"
+    _write_jsonl(other, [_rollout(f"other-{i}", 1.0, s) for i in range(3) for s in range(N)])
+    out = tmp_path / "s"
+    before = _previous_split(out)
+    with pytest.raises(SplitError) as err:
+        split_dataset(str(other), dataset, str(out), N, log=lambda m: None)
+    message = str(err.value)
+    assert dataset in message and str(other) in message and "another data set" in message
+    assert "q-easy" in message and "other-0" in message  # a few qids of each side, to see the mismatch
+    assert _files_in(out) == before
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SplitError, match="no rollout records"):
+        split_dataset(str(empty), dataset, str(out), N, log=lambda m: None)
+    assert _files_in(out) == before
+
+
+def test_empty_data_set_is_refused(files, tmp_path):
+    _, rollouts, _ = files
+    dataset = tmp_path / "empty.json"
+    dataset.write_text("[]")
+    with pytest.raises(SplitError, match="empty.json holds no records"):
+        split_dataset(rollouts, str(dataset), str(tmp_path / "s"), N, log=lambda m: None)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("duplicate, qid, positions", [
+    ({"qid": "q-easy", "problem": "again"}, "'q-easy'", "records 0, 10"),
+    ({"qid": "train-9", "problem": "like the default qid of record 9"}, "'train-9'", "records 9, 10"),
+])
+def test_duplicate_qids_in_the_data_set_are_refused(files, tmp_path, duplicate, qid, positions):
+    dataset, rollouts, records = files
+    with open(dataset, "w") as f:
+        json.dump(records + [duplicate], f)
+    out = tmp_path / "s"
+    before = _previous_split(out)
+    with pytest.raises(SplitError) as err:
+        split_dataset(rollouts, dataset, str(out), N, allow_count_mismatch=True, log=lambda m: None)
+    message = str(err.value)
+    assert dataset in message and qid in message and positions in message and "own qid" in message
+    assert _files_in(out) == before
+
+
+def test_a_failed_write_keeps_the_previous_split(files, tmp_path, monkeypatch):
+    """The three files are replaced together: a failure on the last one leaves all three as they were."""
+    dataset, rollouts, _ = files
+    out = tmp_path / "s"
+    before = _previous_split(out)
+    real_write = split_module.atomic_write_json
+
+    def disk_full_on_hardcase(path, value):
+        if "hardcase" in os.path.basename(path):
+            raise OSError(28, "No space left on device")
+        real_write(path, value)
+
+    monkeypatch.setattr(split_module, "atomic_write_json", disk_full_on_hardcase)
+    with pytest.raises(OSError, match="No space left"):
+        split_dataset(rollouts, dataset, str(out), N, allow_count_mismatch=True, log=lambda m: None)
+    assert _files_in(out) == before  # no new easy / medium file beside an old hard one, no staged leftovers
+
+    monkeypatch.setattr(split_module, "atomic_write_json", real_write)
+    report = split_dataset(rollouts, dataset, str(out), N, allow_count_mismatch=True, log=lambda m: None)
+    assert sorted(os.listdir(out)) == ["easycase.json", "hardcase.json", "mediumcase.json"]
+    assert len(json.loads((out / "hardcase.json").read_text())) == report.sizes["hard"]
 
 
 @pytest.mark.parametrize("bad, what", [("{not json", "malformed JSON"),
@@ -126,7 +243,8 @@ def test_malformed_line_names_file_and_line(files, tmp_path, bad, what):
         split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
     assert f"{rollouts} line 11" in str(err.value) and what in str(err.value)
 
-    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, skip_bad_lines=True, log=lambda m: None)
+    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, skip_bad_lines=True, allow_count_mismatch=True,
+                           log=lambda m: None)
     assert report.bad_lines == 1
     assert report.sizes == {name: len(q) for name, q in EXPECTED.items()}
 
@@ -143,7 +261,13 @@ def test_cli_flags_and_exit_code(files, tmp_path, capsys):
     dataset, rollouts, _ = files
     cli = _cli()
     out = tmp_path / "cli"
-    assert cli.main(["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out), "--n", "8"]) == 0
+    argv = ["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out), "--n", "8"]
+    assert cli.main(argv) == 1  # q-short and q-double were not sampled 8 times
+    assert "q-short (5)" in capsys.readouterr().err and not out.exists()
+    assert cli.main(argv + ["--allow_count_mismatch"]) == 0  # the opt-in splits them by all / some / none
+    assert "they are split by all / some / none" in capsys.readouterr().out
+    _drop_qids(rollouts, WRONG_COUNT)
+    assert cli.main(argv) == 0
     assert len(json.loads((out / "mediumcase.json").read_text())) == len(EXPECTED["medium"])
     assert "never sampled" in capsys.readouterr().out
     with open(rollouts, "a") as f:
