@@ -8,15 +8,19 @@ A sample is dropped, with the reason counted, when
     teaches describe-then-reason answers, not self-correction loops;
   * small_image: an image is narrower or shorter than ``--min_size`` px (28 is the Qwen2.5-VL
     patch-merge unit; smaller images cannot be tokenised);
-  * missing_image / unreadable_image: an image file is absent, or Pillow cannot read its header;
-  * malformed: the record is not a dict, ``messages`` is not a list of {role, content} dicts with
-    string values, or ``images`` is neither a string nor a list of strings (reported by index).
+  * missing_image / unreadable_image / large_image: an image file is absent; or Pillow cannot decode
+    it in full (a file cut short keeps a good header, so the pixels are decoded, not just the header);
+    or it has more pixels than ``pebr.data.images.MAX_SOURCE_PIXELS``;
+  * malformed / unknown_role / no_assistant_turn / placeholder_mismatch: the record breaks a rule of
+    ``pebr.data.sharegpt.check_sharegpt_record``, the check that pebr/sft.py's loader applies too (not
+    a dict, ``messages`` empty or not {role, content} strings, a role other than system/user/assistant,
+    no assistant turn, ``<image>`` placeholders in the user turns not matching ``images``); these are
+    also listed one by one, by index.
 Text-only samples (no ``images`` or an empty list) are kept. ``images`` given as one string is
 written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects.
 
 Input is a ``.json`` list or a ``.jsonl`` file; the output takes the format of its own suffix and is
-written atomically. Cost is linear in the number of samples: only image headers are read, once per
-distinct path.
+written atomically. Cost is linear in the number of samples: each distinct image path is decoded once.
 """
 
 from __future__ import annotations
@@ -29,14 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pebr.data.images import probe_image  # noqa: E402
+from pebr.data.records import BadRecord  # noqa: E402
+from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
-REASONS = ("malformed", "reflective", "missing_image", "unreadable_image", "small_image")
-MAX_REPORTED = 20  # malformed records listed one by one before the rest is summarised
+REASONS = (*SHAREGPT_REASONS, "reflective", "missing_image", "unreadable_image", "large_image", "small_image")
+MAX_REPORTED = 20  # invalid records listed one by one before the rest is summarised
+# probe_image's reason tags -> this script's
+_PROBE_REASONS = {"image_missing": "missing_image", "image_unreadable": "unreadable_image",
+                  "image_too_large": "large_image"}
 
 
 class FilterInputError(ValueError):
@@ -45,18 +55,22 @@ class FilterInputError(ValueError):
 
 @dataclass
 class FilterReport:
-    """What :func:`filter_records` did: totals, drop counts by reason, and malformed records by index."""
+    """What :func:`filter_records` did: totals, drop counts by reason, and invalid records by index.
+
+    ``invalid`` holds ``(index, reason, message)`` for each record that failed the sharegpt check, the
+    message naming the record (``"record 12: key 'messages' ..."``).
+    """
 
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
-    malformed: list[tuple[int, str]] = field(default_factory=list)
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per fact."""
-        out = [f"malformed record {i}: {why}" for i, why in self.malformed[:MAX_REPORTED]]
-        if len(self.malformed) > MAX_REPORTED:
-            out.append(f"... and {len(self.malformed) - MAX_REPORTED} more malformed records")
+        out = [f"{reason} {message}" for _, reason, message in self.invalid[:MAX_REPORTED]]
+        if len(self.invalid) > MAX_REPORTED:
+            out.append(f"... and {len(self.invalid) - MAX_REPORTED} more invalid records")
         out += [f"dropped {self.dropped[r]} {r}" for r in REASONS]
         out.append(f"before {self.total}, after {self.kept} (dropped {self.total - self.kept})")
         return out
@@ -76,27 +90,6 @@ def write_records(path: str | Path, records: list[Any]) -> None:
     atomic_write_json(str(path), records)
 
 
-def _messages_problem(messages: Any) -> str | None:
-    """Why ``messages`` is malformed, or None when it is a list of {role: str, content: str} dicts."""
-    if not isinstance(messages, list):
-        return f"'messages' must be a list, got {type(messages).__name__}"
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {j} needs string 'role' and 'content': {str(m)[:80]}"
-    return None
-
-
-def _image_list(images: Any) -> list[str] | None:
-    """``images`` as a list of paths; None when its type is wrong. A missing field means no images."""
-    if images is None:
-        return []
-    if isinstance(images, str):
-        return [images]
-    if isinstance(images, list) and all(isinstance(p, str) for p in images):
-        return images
-    return None
-
-
 def _is_reflective(messages: list[dict[str, str]]) -> bool:
     # Collapse whitespace so that a line break inside the phrase does not hide it.
     return any(
@@ -105,17 +98,28 @@ def _is_reflective(messages: list[dict[str, str]]) -> bool:
 
 
 def _image_status(path: Path, min_size: int, cache: dict[Path, str | None]) -> str | None:
-    """Drop reason for one image (None when usable); reads the header only, memoised per path."""
+    """Drop reason for one image (None when usable), memoised per path.
+
+    The header check is the one pebr/sft.py runs at load (`probe_image`); the full decode after it
+    finds files cut short, whose header still parses (a truncated JPEG passes even the probe) and
+    which would otherwise fail only inside a training step.
+    """
     if path not in cache:
-        if not path.is_file():
-            cache[path] = "missing_image"
-        else:
-            try:
-                with Image.open(path) as im:  # lazy: parses the header, not the pixel data
-                    width, height = im.size
-                cache[path] = "small_image" if min(width, height) < min_size else None
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
-                cache[path] = "unreadable_image"
+        try:
+            width, height = probe_image(str(path), None, str(path))
+        except BadRecord as err:
+            cache[path] = _PROBE_REASONS.get(err.reason, "unreadable_image")
+            return cache[path]
+        if min(width, height) < min_size:
+            cache[path] = "small_image"  # too small to train on whatever its pixels; no need to decode
+            return cache[path]
+        try:
+            with Image.open(path) as im:
+                im.load()
+            cache[path] = None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            # PIL signals broken pixel data with all of these ("image file is truncated" is an OSError).
+            cache[path] = "unreadable_image"
     return cache[path]
 
 
@@ -138,18 +142,14 @@ def filter_records(
     report = FilterReport(total=len(records))
     kept = []
     for idx, rec in enumerate(records):
-        reason, images = None, None
-        if not isinstance(rec, dict):
-            problem: str | None = f"record must be a dict, got {type(rec).__name__}"
-        else:
-            problem = _messages_problem(rec.get("messages"))
-            images = _image_list(rec.get("images"))
-            if problem is None and images is None:
-                problem = f"'images' must be a string or a list of strings, got {str(rec.get('images'))[:80]}"
-        if problem is not None:
-            report.malformed.append((idx, problem))
-            reason = "malformed"
-        elif _is_reflective(rec["messages"]):
+        try:
+            images = check_sharegpt_record(rec, f"record {idx}")["images"]
+        except BadRecord as err:
+            report.invalid.append((idx, err.reason, str(err)))
+            report.dropped[err.reason] += 1
+            continue
+        reason = None
+        if _is_reflective(rec["messages"]):
             reason = "reflective"
         else:
             for p in images:

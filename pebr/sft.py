@@ -31,8 +31,10 @@ import torch
 from torch.utils.data import Dataset
 
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
-from pebr.data.images import fit_size, load_image, probe_image
+from pebr.data.images import fit_size, load_image, probe_image, resolve_path
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
+from pebr.data.sharegpt import check_sharegpt_record
+from pebr.utils.jsonio import read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ DEFAULT_FORMAT_PROMPT = os.path.join(
 # The Qwen chat layout (ChatML): an assistant turn is "<|im_start|>assistant\n" + content + "<|im_end|>".
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
-ROLES = ("system", "user", "assistant")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,47 +63,13 @@ def load_sharegpt(path: str) -> list[dict[str, Any]]:
         assistant turn) and `images` (always a list of strings; a plain string becomes a list of one).
 
     Raises:
-        DataError: the file cannot be read, or a record is malformed (message names file, record, key),
-            or the number of `<image>` placeholders differs from the number of images.
+        DataError: the file cannot be read (naming the file, and the line of a .jsonl), or a record is
+            malformed (naming file, record, key; the rules of `pebr.data.sharegpt.check_sharegpt_record`,
+            which dataset/filter.py applies too), or the number of `<image>` placeholders differs from the
+            number of images.
     """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
-                data = [json.loads(line) for line in handle if line.strip()]
-            else:
-                data = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read sharegpt data: {err}") from err
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of sharegpt records, found {type(data).__name__}")
-    return [_check_sharegpt_record(value, f"{path} record {i}") for i, value in enumerate(data)]
-
-
-def _check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(value).__name__}")
-    messages = value.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: key 'messages' must be a non-empty list")
-    for j, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: key 'messages'[{j}] must be a dict with a string 'content'")
-        if message.get("role") not in ROLES:
-            raise DataError(f"{where}: key 'messages'[{j}]['role'] is {message.get('role')!r}, expected one of {ROLES}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: key 'messages' has no assistant turn, so nothing would be learned")
-    images = value.get("images") or []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
-        raise DataError(f"{where}: key 'images' must be a list of paths")
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
-    if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
-        raise DataError(
-            f"{where}: the user turns hold {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but key 'images' "
-            f"has {len(images)} image(s)"
-        )
-    return {"messages": messages, "images": images}
+    data = read_json_records(path, DataError)
+    return [check_sharegpt_record(value, f"{path} record {i}") for i, value in enumerate(data)]
 
 
 def to_chat(
@@ -231,6 +198,7 @@ class SFTDataset(Dataset):
     Attributes:
         num_overlong: samples dropped for length.
         lengths: token length of each kept sample.
+        record_indices: the index in `records` of each kept sample.
     """
 
     def __init__(
@@ -266,6 +234,7 @@ class SFTDataset(Dataset):
         count_tokens = PromptLengthCounter(processor)
         self.samples: list[tuple[list[dict[str, Any]], list[str]]] = []
         self.lengths: list[int] = []
+        self.record_indices: list[int] = []  # the record each sample came from, for error messages
         self.num_overlong = 0
         for index, record in enumerate(records):
             where = f"sft record {index}"
@@ -283,6 +252,7 @@ class SFTDataset(Dataset):
                 continue
             self.samples.append((chat, record["images"]))
             self.lengths.append(length)
+            self.record_indices.append(index)
         if self.num_overlong:
             logger.warning("SFT: dropped %d of %d samples longer than %d tokens", self.num_overlong, len(records), max_length)
         if not self.samples:
@@ -292,8 +262,22 @@ class SFTDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Decode the sample's images and encode it.
+
+        Raises:
+            DataError: an image cannot be decoded (e.g. a truncated JPEG, whose header passed the probe at
+                construction), naming the record and the path; PIL's bare OSError would name neither.
+        """
         chat, paths = self.samples[i]
-        images = [load_image(p, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels) for p in paths]
+        images = []
+        for path in paths:
+            try:
+                images.append(load_image(path, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying the file is broken
+                raise DataError(
+                    f"sft record {self.record_indices[i]}: image {resolve_path(path, self.image_dir)!r} cannot be "
+                    f"decoded: {err} (run dataset/filter.py over the SFT data first)"
+                ) from err
         return encode_chat(self.processor, chat, images)
 
 

@@ -57,7 +57,8 @@ CASES = [
     ({"messages": "hello", "images": ["ok.png"]}, "malformed"),  # 13
     ({"messages": [{"role": "user"}], "images": ["ok.png"]}, "malformed"),  # 14: no content
     (_sample(images=5), "malformed"),  # 15
-    (_sample(images=["ok.png", "narrow.png"]), "small_image"),  # 16: any bad image drops the sample
+    # 16: any bad image drops the sample
+    (_sample(question="<image><image>How many?", images=["ok.png", "narrow.png"]), "small_image"),
     (_sample(images=["ok.png", 3]), "malformed"),  # 17
 ]
 
@@ -103,7 +104,7 @@ def test_min_size_option_and_default_image_root(tmp_path, image_root, capsys):
     assert flt.load_records(out) == [_sample(images=["ok.png"])]
 
 
-def test_each_image_header_is_read_once(image_root, monkeypatch):
+def test_each_image_is_checked_once(image_root, monkeypatch):
     records = [_sample(images=["ok.png"]) for _ in range(50)] + [_sample(images=["nowhere.png"])] * 3
     opened = []
     real_open = flt.Image.open
@@ -113,8 +114,11 @@ def test_each_image_header_is_read_once(image_root, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(flt.Image, "open", counting_open)
+    flt.filter_records(records[:1], image_root)
+    once = list(opened)  # the header check and the full decode may each open the file
+    opened.clear()
     kept, report = flt.filter_records(records, image_root)
-    assert opened == ["ok.png"]
+    assert opened == once and set(once) == {"ok.png"}  # memoised: 50 records cost what one does
     assert (len(kept), report.dropped["missing_image"]) == (50, 3)
 
 
@@ -166,3 +170,66 @@ def test_warmup_docs_carry_the_paper_settings():
     assert entry["columns"] == {"messages": "messages", "images": "images"}
     tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
     assert entry["tags"] == tags
+
+
+def _noise_image(path: Path, fmt: str) -> bytes:
+    """A 128x128 noise image saved as `fmt`; noise keeps the compressed file long enough to cut."""
+    import random
+
+    rng = random.Random(0)
+    im = Image.frombytes("RGB", (128, 128), bytes(rng.randrange(256) for _ in range(128 * 128 * 3)))
+    im.save(path, fmt)
+    return path.read_bytes()
+
+
+def test_truncated_images_are_unreadable(tmp_path):
+    # The header of a cut file still parses, so only a full decode finds the missing pixel data.
+    root = tmp_path / "imgs"
+    root.mkdir()
+    png, jpeg = _noise_image(root / "whole.png", "PNG"), _noise_image(root / "whole.jpg", "JPEG")
+    (root / "half.png").write_bytes(png[: len(png) // 2])
+    (root / "third.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    with Image.open(root / "third.jpg") as im:
+        assert im.size == (128, 128)  # the premise: the header alone looks fine
+    records = [_sample(images=[name]) for name in ("whole.png", "half.png", "whole.jpg", "third.jpg")]
+    kept, report = flt.filter_records(records, root)
+    assert [r["images"] for r in kept] == [["whole.png"], ["whole.jpg"]]
+    assert report.dropped["unreadable_image"] == 2
+
+
+def test_truncated_images_are_not_hidden_by_pil_settings():
+    # ImageFile.LOAD_TRUNCATED_IMAGES = True would make a full decode pad cut files with grey instead of failing.
+    import pebr.data.images  # noqa: F401  (imported for its side effects, if any)
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    for folder in ("pebr", "dataset", "scripts"):
+        for source in (REPO / folder).rglob("*.py"):
+            assert "LOAD_TRUNCATED_IMAGES" not in source.read_text(encoding="utf-8"), source
+
+
+# Records that pebr/sft.py's loader refuses; the filter must drop them too, each under its reason.
+LOADER_REJECTS = [
+    (_sample(question="<image>q", images=[]), "placeholder_mismatch"),  # 0: a placeholder, no image
+    (_sample(question="<image><image>q", images=["ok.png"]), "placeholder_mismatch"),  # 1: two for one
+    ({"messages": [], "images": ["ok.png"]}, "malformed"),  # 2
+    ({"messages": [{"role": "user", "content": "<image>q"}], "images": ["ok.png"]}, "no_assistant_turn"),  # 3
+    ({"messages": [{"role": "human", "content": "<image>q"}, {"role": "gpt", "content": "a"}],
+      "images": ["ok.png"]}, "unknown_role"),  # 4
+    (_sample(images=["ok.png"]), "kept"),  # 5
+]
+
+
+def test_records_the_sft_loader_rejects_are_dropped_and_counted(tmp_path, image_root, capsys):
+    src = _write_input(tmp_path / "raw.jsonl", [rec for rec, _ in LOADER_REJECTS])
+    out = tmp_path / "clean.jsonl"
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 0
+    printed = capsys.readouterr().out
+    for idx, (_, fate) in enumerate(LOADER_REJECTS):
+        if fate != "kept":
+            assert f"{fate} record {idx}:" in printed  # listed by index, as malformed records are
+    for line in ("dropped 2 placeholder_mismatch", "dropped 1 malformed", "dropped 1 no_assistant_turn",
+                 "dropped 1 unknown_role", "before 6, after 1 (dropped 5)"):
+        assert line in printed
+    assert "2 <image> placeholder(s) but key 'images' has 1 image(s)" in printed
+    assert flt.load_records(out) == [LOADER_REJECTS[5][0]]

@@ -216,3 +216,58 @@ def test_optimizer_groups_follow_freezing_and_vision_lr(tiny_model_dir) -> None:
     assert frozen == sum(p.numel() for p in model.model.visual.parameters())
     (group,) = build_optimizer(model, cfg).param_groups
     assert group["lr"] == 1e-3 and not visual & {id(p) for p in group["params"]}
+
+
+def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path) -> None:
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + '{"messages": [oops\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not JSON"):
+        load_sharegpt(str(bad))
+
+
+def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
+    # One rule set for both: the records the loader refuses are the ones the filter drops.
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (10, 20, 30)).save(tmp_path / "ok.png")
+    ok = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+          "images": ["ok.png"]}
+    refused = [
+        {**ok, "images": []},
+        {**ok, "messages": [{"role": "user", "content": "<image><image>q"}, ok["messages"][1]]},
+        {**ok, "messages": []},
+        {**ok, "messages": ok["messages"][:1]},
+        {**ok, "messages": [{"role": "human", "content": "<image>q"}, {"role": "gpt", "content": "a"}]},
+    ]
+    for record in refused:
+        (tmp_path / "one.json").write_text(json.dumps([ok, record]))
+        with pytest.raises(DataError, match="one.json record 1: .*key '(messages|images)'"):
+            load_sharegpt(str(tmp_path / "one.json"))
+    raw, clean = tmp_path / "raw.json", tmp_path / "clean.json"
+    raw.write_text(json.dumps([ok, *refused]))
+    subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "filter.py"), "--input", str(raw), "--output",
+                    str(clean)], check=True, capture_output=True)
+    assert load_sharegpt(str(clean)) == [ok]
+
+
+def test_undecodable_image_names_the_record_and_path(tmp_path, processor) -> None:
+    # A JPEG cut to a third keeps a good header, so it passes the load-time probe and fails on decode.
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    Image.frombytes("RGB", (128, 128), bytes(rng.randrange(256) for _ in range(128 * 128 * 3))).save(
+        tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    overlong = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 2000}],
+                "images": []}
+    cut = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+           "images": ["cut.jpg"]}
+    ds = SFTDataset([overlong, cut], processor, image_dir=str(tmp_path), max_length=512, format_prompt=None)
+    assert len(ds) == 1  # sample 0 is record 1: the message must name the record
+    path = os.path.join(str(tmp_path), "cut.jpg")
+    with pytest.raises(DataError, match=rf"sft record 1: image '{path}' cannot be decoded: .*truncated.*filter\.py"):
+        ds[0]

@@ -1,0 +1,76 @@
+"""Check one sharegpt SFT record: the one rule set of dataset/filter.py and pebr/sft.py (no torch).
+
+A sharegpt record is::
+
+    {"messages": [{"role": "user", "content": "<image>question"},
+                  {"role": "assistant", "content": "### Image Description: ..."}],
+     "images": ["relative/path.png"]}
+
+The filter drops what the SFT loader would refuse, so both call `check_sharegpt_record`; a record the
+filter keeps then never stops a training run at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord
+
+ROLES = ("system", "user", "assistant")
+# Reason tags of `BadRecord`, counted by dataset/filter.py.
+SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "placeholder_mismatch")
+
+
+def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
+    """Check a record's shape and return it normalised.
+
+    Args:
+        value: one record, as parsed from JSON.
+        where: how to name the record in messages (e.g. "data.json record 3").
+
+    Returns:
+        ``{"messages": [...], "images": [...]}``: messages as given (a list of {"role", "content"} with
+        string values, at least one assistant turn); images always a list of non-empty strings (a
+        missing key or None is no image, a plain string a list of one). Other keys are not copied.
+
+    Raises:
+        BadRecord: naming `where` and the key, with reason
+            "malformed" (wrong types, no messages), "unknown_role" (a role outside `ROLES`, e.g. the
+            sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn) or "placeholder_mismatch"
+            (the user turns' `<image>` placeholders do not match the images; no placeholder with one
+            image is allowed, the image then goes before the first question).
+    """
+    if not isinstance(value, dict):
+        raise BadRecord("malformed", f"{where}: a record must be a JSON object, got {type(value).__name__}")
+    messages = value.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("malformed", f"{where}: key 'messages' must be a non-empty list")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise BadRecord("malformed", f"{where}: key 'messages'[{j}] must be a dict with a string 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            # A non-string role is a broken record; a foreign role name is a known layout mix-up.
+            reason = "unknown_role" if isinstance(role, str) else "malformed"
+            raise BadRecord(reason, f"{where}: key 'messages'[{j}]['role'] is {role!r}, expected one of {ROLES}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(
+            "no_assistant_turn", f"{where}: key 'messages' has no assistant turn, so nothing would be learned"
+        )
+    images = value.get("images")
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        raise BadRecord(
+            "malformed", f"{where}: key 'images' must be a path or a list of paths, got {str(value.get('images'))[:80]}"
+        )
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+    if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
+        raise BadRecord(
+            "placeholder_mismatch",
+            f"{where}: the user turns hold {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but key 'images' "
+            f"has {len(images)} image(s)",
+        )
+    return {"messages": messages, "images": images}
