@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, generate_texts, make_engine  # noqa: E402
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
+NO_ANSWER = "(none: the response has no \"### The final answer is:\" line)"
 DEFAULT_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
                   max_pixels=args.max_pixels)
     print(text)
     print("\n=== extracted final answer ===")
-    print(extract_final_answer(text))
+    print(extract_final_answer(text) or NO_ANSWER)
     return text
 
 

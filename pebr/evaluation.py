@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
+from pebr.utils.jsonio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def generate_texts(
         engine: from `make_engine`.
         tokenizer: decodes the response ids (special tokens dropped).
         prompts: dicts {"prompt": chat-templated text, "images": [PIL images]}.
-        max_new_tokens: response budget.
+        max_new_tokens: response budget (4096, the paper's inference setting).
         temperature: 0 is greedy.
 
     Returns:
@@ -107,21 +108,25 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
     """Aggregate per-record scores.
 
     Args:
         rows: dicts with "correct" (0/1), "format" (0/1), "keyword_recall" (float or None when the
             record has no key words), "response_length" (int).
+        skipped: records of this group whose prompt was too long to run; they count as wrong, as a
+            benchmark's unanswered questions do, so that skipping cannot raise the accuracy.
 
     Returns:
-        count, accuracy, format_rate, keyword_recall (mean over records with key words; None if none
-        has any), mean_response_length. Rates are fractions in [0, 1].
+        count (records run), skipped, accuracy (over count + skipped), format_rate, keyword_recall (mean
+        over records with key words; None if none has any), mean_response_length. Rates are fractions
+        in [0, 1].
     """
     recalls = [r["keyword_recall"] for r in rows if r["keyword_recall"] is not None]
     return {
         "count": len(rows),
-        "accuracy": _mean([r["correct"] for r in rows]),
+        "skipped": skipped,
+        "accuracy": _mean([r["correct"] for r in rows] + [0] * skipped),
         "format_rate": _mean([r["format"] for r in rows]),
         "keyword_recall": _mean(recalls),
         "mean_response_length": _mean([r["response_length"] for r in rows]),
@@ -144,14 +149,14 @@ def evaluate_model(
     image_dir: str | None = None,
     *,
     output: str | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = 4096,
     limit: int | None = None,
     temperature: float = 0.0,
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
     backend: str = "vllm",
     max_prompt_length: int = 2048,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
+    min_pixels: int | None = 576,
+    max_pixels: int | None = 802816,
     seed: int = 0,
     category_key: str = "category",
 ) -> dict[str, Any]:
@@ -162,13 +167,14 @@ def evaluate_model(
         data: a PeBR GRPO-format file/directory (see `pebr.data.records.load_records`) or the records.
         image_dir: directory the image paths are relative to.
         output: a path prefix; when given, writes OUTPUT.json and OUTPUT.md (see `write_report`).
-        max_new_tokens: response budget.
+        max_new_tokens: response budget (4096, the paper's inference setting).
         limit: evaluate only the first `limit` records.
         temperature: 0 is greedy (the default, as in the paper's inference).
         format_prompt: jinja template for the question ("" or None: the bare question).
         backend: "vllm" (batched, the default) or "hf".
-        max_prompt_length: longer prompts are skipped and counted in "skipped_overlong".
-        min_pixels, max_pixels: image area bounds (None: unbounded; the processor then applies its own).
+        max_prompt_length: longer prompts are skipped, counted in "skipped_overlong" and graded wrong.
+        min_pixels, max_pixels: image area bounds, by default the stage recipes' (the resolution the model
+            was trained at); None: unbounded on that side (the processor then applies its own).
         seed: the engine's seed (matters only with temperature > 0).
         category_key: the record key holding its category; per-category scores when present.
 
@@ -214,13 +220,19 @@ def evaluate_model(
     for row in rows:
         if row["category"] is not None:
             by_category[str(row["category"])].append(row)
+    kept = set(dataset.record_indices)
+    skipped_by_category: dict[str, int] = defaultdict(int)
+    for index, record in enumerate(records):
+        if index not in kept and record.get(category_key) is not None:
+            skipped_by_category[str(record[category_key])] += 1
+            by_category.setdefault(str(record[category_key]), [])
     result = {
         "model_path": model_path,
         "data": data if isinstance(data, str) else f"<{len(records)} records>",
         "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
                      "format_prompt": format_prompt, "limit": limit, "seed": seed},
-        "overall": summarize(rows),
-        "per_category": {cat: summarize(group) for cat, group in sorted(by_category.items())},
+        "overall": summarize(rows, len(records) - len(rows)),
+        "per_category": {cat: summarize(group, skipped_by_category[cat]) for cat, group in sorted(by_category.items())},
         "skipped_overlong": dataset.num_overlong,
         "wall_s": wall,
         "records": rows,
@@ -251,7 +263,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"{_cell(s['keyword_recall'], True)} | {_cell(s['mean_response_length'], False)} |"
         )
     if result.get("skipped_overlong"):
-        lines += ["", f"{result['skipped_overlong']} prompts were longer than the prompt limit and were skipped."]
+        lines += ["", f"{result['skipped_overlong']} prompts were longer than the prompt limit: skipped, and counted "
+                  "as wrong in the accuracy (count is the records run)."]
     return "\n".join(lines) + "\n"
 
 
@@ -266,8 +279,6 @@ def write_report(result: dict[str, Any], prefix: str) -> tuple[str, str]:
     folder = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
     json_path, md_path = prefix + ".json", prefix + ".md"
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, ensure_ascii=False)
-    with open(md_path, "w", encoding="utf-8") as handle:
-        handle.write(markdown_table(result))
+    atomic_write_text(json_path, json.dumps(result, indent=2, ensure_ascii=False))
+    atomic_write_text(md_path, markdown_table(result))
     return json_path, md_path

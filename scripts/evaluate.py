@@ -1,9 +1,11 @@
 """Evaluate a model on PeBR GRPO-format data (the synthetic test split, or a benchmark laid out the same way).
 
     python scripts/evaluate.py --model_path M --data FILE [--image_dir D] [--output OUT_PREFIX]
-        [--max_new_tokens 512] [--limit K] [--temperature 0] [--backend vllm|hf]
+        [--max_new_tokens 4096] [--limit K] [--temperature 0] [--backend vllm|hf]
 
-All prompts go through one batched vLLM generation (greedy by default). Reports accuracy overall and per
+All prompts go through one batched vLLM generation (greedy, up to 4096 new tokens, images within the stage
+recipes' 576..802816 px: the paper's inference settings, by default). Prompts over --max_prompt_length are
+skipped and graded wrong. Reports accuracy overall and per
 `category` (when the records have one), format rate, keyword recall (records with `key_words`) and mean
 response length in tokens; writes OUT_PREFIX.json (with every response) and OUT_PREFIX.md (a table).
 """
@@ -26,14 +28,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="PeBR GRPO-format .json/.jsonl/.parquet file or directory")
     parser.add_argument("--image_dir", default=None, help="directory the records' image paths are relative to")
     parser.add_argument("--output", default=None, help="prefix of the .json and .md reports (default: none)")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--max_new_tokens", type=int, default=4096)
     parser.add_argument("--limit", type=int, default=None, help="only the first K records")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--max_prompt_length", type=int, default=2048)
-    parser.add_argument("--min_pixels", type=int, default=None)
-    parser.add_argument("--max_pixels", type=int, default=None)
+    parser.add_argument("--min_pixels", type=int, default=576, help="image area bounds (the stage recipes')")
+    parser.add_argument("--max_pixels", type=int, default=802816)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
