@@ -323,6 +323,10 @@ def seed_summary(out: str, seeds: list[int], stage_s: dict[int, float]) -> str:
     return table
 
 
+# Written into an --out directory this script creates (or finds empty); --force deletes only such a directory.
+OWNER_MARK = ".pebr_demo_output"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_runs"))
@@ -330,11 +334,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run the pipeline once per seed (OUT/seed_K) and summarise the spread in OUT/seeds.md")
-    parser.add_argument("--force", action="store_true", help="rerun every stage even if its output exists")
+    parser.add_argument("--force", action="store_true",
+                        help="delete --out (only a directory this script created) and rerun every stage")
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
     if args.force and os.path.isdir(args.out):
+        if os.listdir(args.out) and not os.path.exists(os.path.join(args.out, OWNER_MARK)):
+            print(f"error: --force would delete {args.out}, which scripts/demo.py did not create (no {OWNER_MARK} "
+                  "in it); give --out a directory of its own", file=sys.stderr)
+            return 2
         shutil.rmtree(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    if not os.listdir(args.out):  # a directory of its own: --force may delete it later
+        open(os.path.join(args.out, OWNER_MARK), "w").close()
     runs = {s: os.path.join(args.out, f"seed_{s}") for s in args.seeds} if args.seeds else {args.seed: args.out}
     stage_s = {}
     for seed, out in runs.items():

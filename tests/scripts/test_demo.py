@@ -28,6 +28,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # Rerunning skips every finished stage.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") >= 8, again.stdout[-2000:]
+    assert os.path.exists(os.path.join(out, ".pebr_demo_output"))  # so that --force may delete it
 
 
 def test_seed_summary_by_hand(tmp_path):
@@ -80,3 +81,15 @@ def test_stage1_data_is_easy_or_easy_plus_medium(tmp_path, capsys):
     write(easy=0, medium=0)
     assert pipe.split_file(*pipe.stage1_kinds()) == str(tmp_path / "data" / "train.json")
     assert "no easy or medium cases" in capsys.readouterr().out
+
+
+def test_force_deletes_only_a_directory_the_demo_created(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    assert demo.main(["--out", str(mine), "--force", "--profile", "quick"]) == 2
+    assert (mine / "thesis.tex").read_text() == "keep me"
+    assert "which scripts/demo.py did not create" in capsys.readouterr().err
