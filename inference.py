@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, generate_texts, make_engine  # noqa: E402
+from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, check_model_path, generate_texts, make_engine  # noqa: E402
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
 NO_ANSWER = "(none: the response has no \"### The final answer is:\" line)"
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--max_pixels", type=int, default=None, help="downscale larger images to this area")
     args = parser.parse_args(argv)
+    check_model_path(args.model_path)
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,
@@ -86,4 +87,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from pebr.trainer.main import run_cli
+
+    sys.exit(run_cli(main, None))  # a bad option or data file: its message and exit code 2, no traceback

@@ -271,7 +271,7 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key} must be positive, got {value}")
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """A path that cannot be a hub id ("org/name", "name@split"), so that its absence is certainly an error."""
     return path.startswith(("/", "./", "../", "~"))
 
@@ -350,13 +350,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                               "are the engine's log-probs of its samples the actor's")
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
-    if _looks_local(actor.model.model_path) and not os.path.isdir(os.path.expanduser(actor.model.model_path)):
+    if looks_local(actor.model.model_path) and not os.path.isdir(os.path.expanduser(actor.model.model_path)):
         raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
     if not d.train_files:
         raise ConfigError("data.train_files is required")
     for key, source in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         # Checked here, not only by the record reader, so that a mistyped path fails before transformers loads.
-        if _looks_local(source) and not os.path.exists(os.path.expanduser(source)):
+        if looks_local(source) and not os.path.exists(os.path.expanduser(source)):
             raise ConfigError(f"{key}={source!r}: no such file or directory")
     if cfg.world_size % rollout.tensor_parallel_size:
         raise ConfigError(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pebr.config import ConfigError, looks_local
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.jsonio import atomic_write_text
 
@@ -102,6 +103,19 @@ def generate_texts(
             ids.pop()
         results.append((tokenizer.decode(ids, skip_special_tokens=True), len(ids)))
     return results
+
+
+def check_model_path(model_path: str) -> None:
+    """A model path that can only be local and is not a directory is the user's error, said before transformers
+    raises on it; anything shaped like a hub id ("org/name") is left to transformers.
+
+    Raises:
+        ConfigError: naming --model_path.
+    """
+    if os.path.isdir(os.path.expanduser(model_path)):
+        return
+    if looks_local(model_path) or model_path.count("/") != 1:
+        raise ConfigError(f"--model_path {model_path!r}: no such directory")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -30,6 +30,7 @@ import jinja2
 import torch
 from torch.utils.data import Dataset
 
+from pebr.config import ConfigError
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
 from pebr.data.images import fit_size, load_image, probe_image, resolve_path
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
@@ -351,7 +352,7 @@ class SFTConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for values that cannot work."""
+        """Raise ConfigError (a ValueError) naming the field for values that cannot work."""
         checks = [
             ("epochs", self.epochs > 0), ("lr", self.lr > 0), ("batch_size", self.batch_size >= 1),
             ("grad_accum", self.grad_accum >= 1), ("max_length", self.max_length >= 1),
@@ -361,9 +362,9 @@ class SFTConfig:
         ]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"sft config: {name}={getattr(self, name)!r} is out of range")
+                raise ConfigError(f"sft config: {name}={getattr(self, name)!r} is out of range")
         if not os.path.isdir(self.model_path):
-            raise ValueError(f"sft config: model_path {self.model_path!r} is not a directory")
+            raise ConfigError(f"sft config: model_path {self.model_path!r} is not a directory")
 
 
 def freeze_vision(model: torch.nn.Module) -> int:

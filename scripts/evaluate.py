@@ -19,7 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, evaluate_model, markdown_table  # noqa: E402
+from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_model_path, evaluate_model,  # noqa: E402
+                             markdown_table)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_pixels", type=int, default=802816)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    check_model_path(args.model_path)
     logging.basicConfig(level=logging.WARNING)
     result = evaluate_model(
         args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,
@@ -52,4 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pebr.trainer.main import run_cli
+
+    sys.exit(run_cli(main, None))  # a bad option or data file: its message and exit code 2, no traceback
