@@ -2,6 +2,8 @@
 # Dataset-level sampling with the warm-up model, then the easy / medium / hard split.
 # Rerunning after an interruption resumes: finished questions are kept, nothing is duplicated.
 set -euo pipefail
+source "$(dirname "$0")/refuse_overrides.sh"
+refuse_overrides "data.train_files=TRAIN_FILES trainer.sample_output=ROLLOUTS" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
 TRAIN_FILES=${TRAIN_FILES:-dataset/train.json}                        # the RL data set to split

@@ -2,6 +2,8 @@
 # Stage 1 of PeBR-R1: perception RL on the easy cases, then merge the final checkpoint.
 # Extra arguments are config overrides (key=value) or more config files (config=FILE).
 set -euo pipefail
+source "$(dirname "$0")/refuse_overrides.sh"
+refuse_overrides "trainer.save_checkpoint_path=RUN_DIR" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
 TRAIN_FILES=${TRAIN_FILES:-dataset/easycase.json}                     # written by examples/pebr_sample.sh

@@ -2,6 +2,8 @@
 # Stage 2 of PeBR-R1: reasoning RL on the medium cases, from the merged stage-1 model; then merge.
 # Extra arguments are config overrides (key=value) or more config files (config=FILE).
 set -euo pipefail
+source "$(dirname "$0")/refuse_overrides.sh"
+refuse_overrides "trainer.save_checkpoint_path=RUN_DIR worker.actor.model.model_path=MODEL_PATH" "$@"
 
 STAGE1_DIR=${STAGE1_DIR:-checkpoints/easy_r1/pebr_stage1}
 TRAIN_FILES=${TRAIN_FILES:-dataset/mediumcase.json}                   # written by examples/pebr_sample.sh
