@@ -54,9 +54,10 @@ def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free
 def load_processor(model: ModelConfig) -> Any:
     """The processor of `model` (from its tokenizer_path, else its model_path).
 
-    Its image bounds are left as the model ships them, as vLLM's engine uses them: the data set has already resized each image within
-    `data.min_pixels`..`data.max_pixels`, and the processor then applies the model's bounds here and inside
-    vLLM alike, so an image becomes the same tokens in the engine's prompt and in the actor's pixel values.
+    Its image bounds are left as the model ships them, as vLLM's engine uses them: the data set has already
+    resized each image within `data.min_pixels`..`data.max_pixels`, and the processor then applies the
+    model's bounds here and inside vLLM alike, so an image becomes the same tokens in the engine's prompt
+    and in the actor's pixel values.
     """
     from transformers import AutoProcessor
 
