@@ -8,21 +8,34 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["inference.py", "--model_path", "/nonexistent/model"], "--model_path '/nonexistent/model': no such directory"),
-    (["scripts/evaluate.py", "--model_path", "./no/such/model", "--data", "x.json"],
+@pytest.mark.parametrize("tool, argv, message", [
+    ("inference", ["--model_path", "/nonexistent/model"], "--model_path '/nonexistent/model': no such directory"),
+    ("evaluate", ["--model_path", "./no/such/model", "--data", "x.json"],
      "--model_path './no/such/model': no such directory"),
-    (["scripts/evaluate.py", "--model_path", "{model}", "--data", "/nonexistent/test.json"],
-     "/nonexistent/test.json"),
-    (["scripts/sft_warmup.py", "--model_path", "/nonexistent/model", "--data", "x.json", "--output_dir", "{tmp}"],
+    ("evaluate", ["--model_path", "{model}", "--data", "/nonexistent/test.json"], "/nonexistent/test.json"),
+    ("sft_warmup", ["--model_path", "/nonexistent/model", "--data", "x.json", "--output_dir", "{tmp}"],
      "sft config: model_path '/nonexistent/model' is not a directory"),
 ])
-def test_bad_input_exits_2_with_its_message_and_no_traceback(argv, message, tiny_model_dir, tmp_path):
-    argv = [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys):
+    """Through `run_cli`, as each script's __main__ runs it."""
+    import importlib
+
+    from pebr.trainer.main import run_cli
+
+    main = importlib.import_module(tool).main
+    assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_from_the_command_line_there_is_no_traceback():
+    """One real process, for the exit code and stderr as a user sees them (each script's __main__ runs run_cli)."""
+    proc = subprocess.run([sys.executable, "inference.py", "--model_path", "/nonexistent/model"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "configuration error: --model_path '/nonexistent/model': no such directory" in proc.stderr

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     ray.get(clip.gpus.remote(), timeout=60)
     out = {}
     for name, options, wait_s in (("trainer", worker_resources(True), 60),
-                                  ("whole GPUs", {"num_cpus": 1, "num_gpus": 1}, 10)):
+                                  ("whole GPUs", {"num_cpus": 1, "num_gpus": 1}, 5)):
         workers = [Placed.options(**options).remote() for _ in range(2)]
         ready, _ = ray.wait([w.gpus.remote() for w in workers], num_returns=2, timeout=wait_s)
         out[name] = sorted(str(g) for ref in ready for g in ray.get(ref))
