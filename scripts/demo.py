@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -323,6 +323,22 @@ def seed_summary(out: str, seeds: list[int], stage_s: dict[int, float]) -> str:
     return table
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX-512 BF16: without either, torch emulates bf16 matmuls, and the full profile's bf16 warm-up
+    step took 24 s against 2 s in fp32 on an AVX2-only AMD EPYC (2026-11-29)."""
+    import torch
+
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported",
+                                                                        "_is_avx512_bf16_supported"))
+
+
+def resolve_bf16(profile: Profile, choice: str, native: bool) -> Profile:
+    """The profile with its bf16 flags kept ("yes"), cleared ("no"), or kept only where bf16 is native ("auto")."""
+    if choice == "no" or (choice == "auto" and not native):
+        return replace(profile, bf16=False, sft_bf16=False)
+    return profile
+
+
 # Written into an --out directory this script creates (or finds empty); --force deletes only such a directory.
 OWNER_MARK = ".pebr_demo_output"
 
@@ -334,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run the pipeline once per seed (OUT/seed_K) and summarise the spread in OUT/seeds.md")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="the profile's bf16 compute: auto keeps it only on a CPU with AMX or AVX-512 BF16 "
+                             "(elsewhere bf16 is emulated, about 10x slower than fp32)")
     parser.add_argument("--force", action="store_true",
                         help="delete --out (only a directory this script created) and rerun every stage")
     args = parser.parse_args(argv)
@@ -347,11 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if not os.listdir(args.out):  # a directory of its own: --force may delete it later
         open(os.path.join(args.out, OWNER_MARK), "w").close()
+    profile = PROFILES[args.profile]
+    native = cpu_has_native_bf16()
+    profile = resolve_bf16(profile, args.bf16, native)
+    if PROFILES[args.profile].bf16 and not profile.bf16:
+        print(f"[demo] bf16 off ({'--bf16 no' if args.bf16 == 'no' else 'no AMX or AVX-512 BF16 on this CPU'}): "
+              "fp32 throughout; the README's figures were measured in bf16 on an AMX CPU", flush=True)
     runs = {s: os.path.join(args.out, f"seed_{s}") for s in args.seeds} if args.seeds else {args.seed: args.out}
     stage_s = {}
     for seed, out in runs.items():
         t0 = time.time()
-        pipeline = Pipeline(out, PROFILES[args.profile], seed, args.force)
+        pipeline = Pipeline(out, profile, seed, args.force)
         pipeline.run()
         stage_s[seed] = sum(pipeline.times.values())
         print(f"[demo] total {time.time() - t0:.0f} s (all stages, including any done before: {stage_s[seed]:.0f} s)"

@@ -93,3 +93,16 @@ def test_force_deletes_only_a_directory_the_demo_created(tmp_path, capsys):
     assert demo.main(["--out", str(mine), "--force", "--profile", "quick"]) == 2
     assert (mine / "thesis.tex").read_text() == "keep me"
     assert "which scripts/demo.py did not create" in capsys.readouterr().err
+
+
+def test_bf16_is_kept_only_where_the_cpu_runs_it_natively_unless_asked():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    full = demo.PROFILES["full"]
+    assert full.bf16 and full.sft_bf16
+    flags = {(choice, native): (p.bf16, p.sft_bf16) for choice in ("auto", "yes", "no") for native in (True, False)
+             for p in [demo.resolve_bf16(full, choice, native)]}
+    assert flags == {("auto", True): (True, True), ("auto", False): (False, False), ("yes", True): (True, True),
+                     ("yes", False): (True, True), ("no", True): (False, False), ("no", False): (False, False)}
+    assert isinstance(demo.cpu_has_native_bf16(), bool)
