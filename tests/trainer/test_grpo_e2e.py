@@ -125,15 +125,21 @@ def compute_score(reward_inputs, **kwargs):
 '''
 
 
+def varied_reward(tmp_path) -> list[str]:
+    """The override for a reward that differs between responses (TEXT_REWARD): the stage-2 reward gives every
+    response of the untrained model 0 (it never writes the final-answer line), hence zero advantages and no
+    gradient, which a test of the update's gradient cannot use."""
+    reward_file = tmp_path / "text_reward.py"
+    reward_file.write_text(TEXT_REWARD)
+    return [f"worker.reward.reward_function={reward_file}:compute_score"]
+
+
 def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     """With 2 workers the controller reorders the batch to balance tokens; every saved reward must still be
     the reward of the response saved next to it (a reward that differs for almost every response)."""
-    reward_file = tmp_path / "text_reward.py"
-    reward_file.write_text(TEXT_REWARD)
     run_dir = str(tmp_path / "aligned")
-    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
-        + [f"worker.reward.reward_function={reward_file}:compute_score", "trainer.val_freq=-1",
-           "data.max_response_length=12"])
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
+        + ["trainer.val_freq=-1", "data.max_response_length=12"])
     with open(os.path.join(run_dir, "rollouts", "step_1.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert len({r["reward/overall"] for r in records}) > 4  # the check below can tell samples apart
@@ -148,7 +154,7 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     micro-batches, all through the real workers. The reference equals the actor at step 1, so a zero KL also
     shows that the reference log-probs came back in the right rows."""
     run_dir = str(tmp_path / "packed")
-    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
         + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
            "worker.actor.padding_free=true", "worker.actor.share_prompts=true", "worker.actor.dynamic_batching=true",
            "worker.actor.max_token_len_per_gpu=300"])
@@ -166,7 +172,7 @@ def test_old_logprobs_from_the_rollout(tiny_model_dir, synthetic_data_dir, ray_s
     the old ones. At step 1, in one mini-batch, the ratio compares them with the actor's forward on the same
     weights (2 ranks, packed rows with shared prompts): equal to float error, in the right rows and columns."""
     run_dir = str(tmp_path / "rollout_logprobs")
-    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
         + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
            "algorithm.old_logprobs=rollout"])
     (m,) = read_metrics(run_dir)
