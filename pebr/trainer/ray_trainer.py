@@ -21,7 +21,7 @@ from pebr.algorithms.advantages import (compute_advantages, group_ids_from_uids,
                                        zero_variance_group_fraction)
 from pebr.algorithms.filtering import groups_within
 from pebr.algorithms.losses import kl_penalty, masked_mean
-from pebr.config import PPOConfig, config_to_yaml
+from pebr.config import ConfigError, PPOConfig, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
 from pebr.utils.jsonio import atomic_write_json
@@ -147,8 +147,6 @@ def worker_resources(on_gpu: bool) -> dict[str, float]:
 
 def check_gpus_for_workers(world_size: int, on_gpu: bool) -> None:
     """Refuse to start more GPU workers than the Ray cluster has GPUs: the rest would never be placed."""
-    from pebr.config import ConfigError
-
     gpus = ray.cluster_resources().get("GPU", 0)
     if on_gpu and gpus < world_size:
         raise ConfigError(f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} GPU workers, but the Ray "
