@@ -8,7 +8,7 @@ refuse_overrides "trainer.save_checkpoint_path=RUN_DIR" "$@"
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
 TRAIN_FILES=${TRAIN_FILES:-dataset/easycase.json}                     # written by examples/pebr_sample.sh
 IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative image paths are joined to it
-CLIP_MODEL_PATH=${CLIP_MODEL_PATH:-qihoo360/fg-clip-large}            # a local FG-CLIP (or any CLIP) directory
+CLIP_MODEL_PATH=${CLIP_MODEL_PATH:-qihoo360/fg-clip-large}            # FG-CLIP: a hub id or a local directory
 N_GPUS=${N_GPUS:-7}
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage1}
 

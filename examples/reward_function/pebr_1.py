@@ -34,6 +34,13 @@ DEFAULTS: dict[str, Any] = {
     "accuracy_weight": 0.0,
     "clip_model_path": None,
     "clip_threshold": 0.4,
+    # FG-CLIP's modelling code ships with its checkpoint, so it loads only with this set.
+    "clip_trust_remote_code": False,
+    # Caption limit in tokens; None: the CLIP's own (248 for FG-CLIP, 77 for OpenAI CLIP).
+    "clip_max_text_length": None,
+    # Square size images are resized to before scoring (336 in the paper); None: the processor's own
+    # resize and centre crop.
+    "clip_image_size": None,
     "max_length": 512,
 }
 
@@ -49,10 +56,15 @@ def _scorer(options: dict[str, Any]) -> Any:
     if not path:
         raise ValueError(
             "clip_model_path is not set in worker.reward.reward_function_kwargs; the CLIP term needs "
-            "a local CLIP-family model directory (or set clip_weight=0)"
+            "a CLIP-family model (a local directory or a hub id) or clip_weight=0"
         )
     if path not in _scorers:
-        _scorers[path] = get_clip_scorer(path)
+        _scorers[path] = get_clip_scorer(
+            path,
+            trust_remote_code=bool(options["clip_trust_remote_code"]),
+            max_text_length=options["clip_max_text_length"],
+            image_size=options["clip_image_size"],
+        )
     return _scorers[path]
 
 

@@ -1,19 +1,59 @@
 """Image-caption cosine similarity with a CLIP-family model (FG-CLIP in the paper).
 
-`ClipScorer` loads a transformers CLIP-family model, its tokenizer and its image processor from a
-local directory once, then scores whole batches. It knows nothing of Ray: `pebr.workers.reward`
-wraps it in a shared actor.
+`ClipScorer` loads a transformers CLIP-family model, its tokenizer and its image processor once, then
+scores whole batches. It knows nothing of Ray: `pebr.workers.reward` wraps it in a shared actor.
+
+FG-CLIP differs from transformers' CLIP in ways the scorer handles here rather than in the reward file:
+its modelling code ships with the checkpoint (`trust_remote_code`, and its `auto_map` may name another
+auto class than `AutoModel`), its features are plain tensors, its `get_text_features` takes no
+attention mask, and it has two position tables: 77 "short" positions and 248 long ones, chosen with
+`walk_short_pos`. The paper scores captions of up to 248 tokens, so the long table is used whenever
+the scorer's caption limit is over 77 tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 
-__all__ = ["ClipScorer"]
+from pebr.config import looks_local
+
+__all__ = ["ClipScorer", "resolve_model_dir", "SHORT_TEXT_POSITIONS"]
+
+# Positions of CLIP's original text tower; FG-CLIP keeps them as its "short" table.
+SHORT_TEXT_POSITIONS = 77
+
+
+def resolve_model_dir(path: str, key: str = "clip_model_path") -> str:
+    """A local directory holding the model `path` names.
+
+    `path` is a directory, or a hub id ("org/name") whose snapshot is fetched, or taken from the local
+    Hugging Face cache when the machine is offline (HF_HUB_OFFLINE=1).
+
+    Raises:
+        FileNotFoundError: naming `key`, when `path` is neither a directory nor a hub id this
+            machine can fetch or find in its cache.
+    """
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return expanded
+    if looks_local(path) or path.count("/") != 1:
+        raise FileNotFoundError(f"CLIP model directory not found: {path!r} ({key})")
+    from huggingface_hub import snapshot_download  # imported here: only hub ids need it
+
+    try:
+        return snapshot_download(path)
+    except Exception as exc:  # offline without a cached copy, no such repo, network errors
+        raise FileNotFoundError(
+            f"{key}={path!r} is not a local directory, and the hub model of that name could not be fetched "
+            f"or found in the Hugging Face cache ({type(exc).__name__}: {exc}). Download it where the "
+            f"network is reachable (huggingface-cli download {path} --local-dir DIR) and set {key}=DIR"
+        ) from exc
 
 
 def _features(output: object) -> torch.Tensor:
@@ -30,12 +70,30 @@ def _features(output: object) -> torch.Tensor:
     return pooled
 
 
+def _auto_model_class(model_dir: str, trust_remote_code: bool) -> Any:
+    """The transformers auto class that loads the checkpoint: `AutoModel`, unless the checkpoint's
+    remote code registers its model under another one only (FG-CLIP's card loads it with
+    `AutoModelForCausalLM`)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    registered = [name for name in (getattr(config, "auto_map", None) or {}) if name.startswith("AutoModel")]
+    if not trust_remote_code or not registered or "AutoModel" in registered:
+        return transformers.AutoModel
+    return getattr(transformers, registered[0])
+
+
+def _accepts(method: Any, name: str) -> bool:
+    parameters = inspect.signature(method).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 class ClipScorer:
     """Cosine similarity between images and captions.
 
     Args:
         model_path: local directory with a CLIP-family model saved by `save_pretrained`, its
-            tokenizer and its image processor.
+            tokenizer and its image processor, or a hub id (see `resolve_model_dir`).
         device: torch device; default "cuda" when available, else "cpu".
         dtype: parameter dtype; default bfloat16 on CUDA, float32 on CPU.
         max_text_length: caption length limit in tokens; default the text model's
@@ -43,9 +101,12 @@ class ClipScorer:
         batch_size: images per forward pass (bounds memory for large batches).
         trust_remote_code: passed to transformers; needed for FG-CLIP's own modelling code. Off by
             default so that a path never runs code unless asked.
+        image_size: when set, each image is resized to image_size x image_size before the model's
+            processor, so the whole image is scored (the paper resizes to 336); when None, the
+            processor's own resize and centre crop apply, which cut the sides of a non-square image.
 
     Raises:
-        FileNotFoundError: if model_path is not a directory.
+        FileNotFoundError: if model_path is neither a directory nor a reachable hub id.
     """
 
     def __init__(
@@ -56,25 +117,38 @@ class ClipScorer:
         max_text_length: int | None = None,
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        image_size: int | None = None,
     ) -> None:
         # Imported here so that importing this module stays cheap.
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer
 
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(f"CLIP model directory not found: {model_path!r} (clip_model_path)")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
         self.model_path = model_path
+        model_dir = resolve_model_dir(model_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        auto_class = _auto_model_class(model_dir, trust_remote_code)
+        self.model = auto_class.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.image_processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        positions = int(text_config.max_position_embeddings)
         if max_text_length is None:
-            text_config = getattr(self.model.config, "text_config", self.model.config)
-            max_text_length = int(text_config.max_position_embeddings)
+            max_text_length = positions
+        elif not 2 <= max_text_length <= positions:
+            raise ValueError(f"max_text_length={max_text_length} (clip_max_text_length): the CLIP model at "
+                             f"{model_path!r} takes 2 to {positions} tokens")
         self.max_text_length = max_text_length
         self.batch_size = batch_size
+        self.image_size = image_size
+        # Keyword arguments of get_text_features beyond input_ids, by what the model's signature takes.
+        self.text_kwargs: dict[str, Any] = {}
+        if _accepts(self.model.get_text_features, "walk_short_pos"):
+            self.text_kwargs["walk_short_pos"] = max_text_length <= SHORT_TEXT_POSITIONS
+        self.pass_attention_mask = _accepts(self.model.get_text_features, "attention_mask")
 
     @torch.inference_mode()
     def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
@@ -98,8 +172,20 @@ class ClipScorer:
             scores.extend(self._score_batch(images[start:stop], captions[start:stop]))
         return scores
 
-    def _score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
-        pixels = self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    def _prepare(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        if self.image_size is not None:
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return image
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[Image.Image], captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected embeddings of N images and N captions, as the model gives them (not normalised).
+
+        Returns:
+            (image_emb, text_emb), each (N, D) float32 on the scorer's device.
+        """
+        pixels = self.image_processor(images=[self._prepare(image) for image in images], return_tensors="pt")
         text = self.tokenizer(
             list(captions),
             padding=True,
@@ -108,12 +194,13 @@ class ClipScorer:
             return_tensors="pt",
         )
         pixel_values = pixels["pixel_values"].to(self.device, dtype=self.model.dtype)
-        image_emb = _features(self.model.get_image_features(pixel_values=pixel_values))  # (N, D)
-        text_emb = _features(
-            self.model.get_text_features(
-                input_ids=text["input_ids"].to(self.device),
-                attention_mask=text["attention_mask"].to(self.device),
-            )
-        )  # (N, D)
-        cosine = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)  # (N,)
-        return cosine.cpu().tolist()
+        image_emb = _features(self.model.get_image_features(pixel_values=pixel_values))
+        text_kwargs = dict(self.text_kwargs)
+        if self.pass_attention_mask:
+            text_kwargs["attention_mask"] = text["attention_mask"].to(self.device)
+        text_emb = _features(self.model.get_text_features(input_ids=text["input_ids"].to(self.device), **text_kwargs))
+        return image_emb.float(), text_emb.float()
+
+    def _score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
+        image_emb, text_emb = self.embed(images, captions)
+        return torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1).cpu().tolist()

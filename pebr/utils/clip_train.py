@@ -495,15 +495,8 @@ def train_tiny_clip(
 @torch.inference_mode()
 def _embed(scorer: Any, images: Sequence[Image.Image], captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm embeddings (N, D) of images and captions with a ClipScorer's model, each computed once."""
-    from pebr.rewards.clip import _features
-
-    pixels = scorer.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    text = scorer.tokenizer(list(captions), padding=True, truncation=True, max_length=scorer.max_text_length,
-                            return_tensors="pt")
-    image_emb = _features(scorer.model.get_image_features(pixel_values=pixels["pixel_values"]))
-    text_emb = _features(scorer.model.get_text_features(input_ids=text["input_ids"],
-                                                        attention_mask=text["attention_mask"]))
-    return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    image_emb, text_emb = scorer.embed(images, captions)
+    return F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
 
 
 def evaluate_alignment(

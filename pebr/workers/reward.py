@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import ray
 from PIL import Image
 
+from pebr.config import looks_local
 from pebr.rewards.clip import ClipScorer
 from pebr.rewards.manager import RewardManager
 
@@ -105,25 +106,27 @@ def get_clip_scorer(
     """The job's CLIP scorer for `model_path`, created on first use.
 
     Args:
-        model_path: local directory of the CLIP-family model.
+        model_path: local directory of the CLIP-family model, or a hub id ("org/name"), which the scorer
+            fetches or takes from the Hugging Face cache where it runs (see `resolve_model_dir`).
         use_ray: None: the shared actor when Ray is initialised, in-process otherwise; True/False
             force one or the other.
         num_gpus: GPU share of the actor; default `DEFAULT_CLIP_GPU_FRACTION` when the cluster (or
             this process) has GPUs, else 0.
         **scorer_kwargs: passed to `ClipScorer` (device, dtype, max_text_length, batch_size,
-            trust_remote_code) when the scorer is created.
+            trust_remote_code, image_size) when the scorer is created.
 
     Returns:
         An object with ``score(images, captions) -> list[float]``.
 
     Raises:
-        FileNotFoundError: if model_path is not a directory.
+        FileNotFoundError: if model_path is neither a directory nor a hub id the scorer can fetch.
         ValueError: if the shared actor already exists for a different model.
         RuntimeError: if the actor cannot be scheduled or loaded within 10 minutes.
     """
-    if not os.path.isdir(model_path):
+    if os.path.isdir(os.path.expanduser(model_path)):
+        model_path = os.path.abspath(os.path.expanduser(model_path))
+    elif looks_local(model_path) or model_path.count("/") != 1:
         raise FileNotFoundError(f"CLIP model directory not found: {model_path!r} (clip_model_path)")
-    model_path = os.path.abspath(model_path)
     if use_ray is None:
         use_ray = ray.is_initialized()
     if not use_ray:
