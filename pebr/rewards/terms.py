@@ -310,16 +310,18 @@ def extract_image_description(response: str) -> str:
 
 
 def clip_alignment_reward(similarity: float, threshold: float = 0.4) -> float:
-    """Map an image-caption cosine similarity to a reward.
+    """Map an image-caption cosine similarity to a reward, as the paper writes it.
 
-    r = 1 if s >= threshold, else max(s, 0) / threshold.
+    r = 1 if s >= threshold, else s / threshold. A caption whose similarity is negative (further from
+    the image than an unrelated one) gets a negative reward, down to -1 / threshold, rather than the
+    0 of an empty description.
 
     Args:
         similarity: cosine similarity s in [-1, 1].
         threshold: similarity at which the reward saturates (0.4 in the paper).
 
     Returns:
-        A float in [0, 1].
+        A float in [-1 / threshold, 1].
 
     Raises:
         ValueError: if similarity is not finite or threshold is not positive.
@@ -330,4 +332,4 @@ def clip_alignment_reward(similarity: float, threshold: float = 0.4) -> float:
         raise ValueError(f"CLIP similarity is not finite: {similarity}")
     if similarity >= threshold:
         return 1.0
-    return max(similarity, 0.0) / threshold
+    return similarity / threshold

@@ -118,7 +118,7 @@ def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) ->
         scorer = ray.get_actor(CLIP_ACTOR_NAME)  # the shared actor exists in this namespace
         assert ray.get(scorer.device.remote()) == "cpu"
         for scores, s in zip(out, similarity):
-            expected_clip = min(max(s, 0.0) / threshold, 1.0)
+            expected_clip = min(s / threshold, 1.0)  # negative for a negative similarity, as the paper has it
             assert scores["clip"] == pytest.approx(expected_clip, abs=1e-5)
             assert scores["clip"] == pytest.approx(clip_alignment_reward(s, threshold), abs=1e-5)
             assert scores["overall"] == pytest.approx(0.4 * expected_clip + 0.4 * 2 / 3 + 0.1 + 0.1, abs=1e-5)

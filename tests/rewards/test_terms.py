@@ -242,7 +242,7 @@ def test_extract_image_description(response: str, expected: str) -> None:
 @pytest.mark.parametrize(
     "similarity, threshold, expected",
     [(0.9, 0.4, 1.0), (0.4, 0.4, 1.0), (0.2, 0.4, 0.5), (0.1, 0.4, 0.25), (0.0, 0.4, 0.0),
-     (-0.3, 0.4, 0.0), (0.1, 0.2, 0.5)],
+     (-0.3, 0.4, -0.75), (-1.0, 0.4, -2.5), (0.1, 0.2, 0.5)],  # negative s: s / 0.4 as the paper writes it
 )
 def test_clip_alignment_reward(similarity: float, threshold: float, expected: float) -> None:
     assert clip_alignment_reward(similarity, threshold) == pytest.approx(expected, abs=1e-12)
