@@ -90,7 +90,7 @@ def check_on_bad_record(on_bad_record: str) -> None:
 
 
 @dataclass
-class _RawRecord:
+class RawRecord:
     """A record as read, with where it came from (for messages and default qids)."""
 
     value: Any
@@ -101,7 +101,7 @@ class _RawRecord:
     parse_error: str | None = None  # set when the JSONL line itself is malformed
 
 
-def _read_json(path: str) -> Iterator[_RawRecord]:
+def _read_json(path: str) -> Iterator[RawRecord]:
     stem = os.path.splitext(os.path.basename(path))[0]
     with open(path, "rb") as handle:
         raw = handle.read()
@@ -115,10 +115,10 @@ def _read_json(path: str) -> Iterator[_RawRecord]:
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source must hold a list of records, found {type(data).__name__}")
     for index, value in enumerate(data):
-        yield _RawRecord(value, path, stem, index)
+        yield RawRecord(value, path, stem, index)
 
 
-def _read_jsonl(path: str) -> Iterator[_RawRecord]:
+def _read_jsonl(path: str) -> Iterator[RawRecord]:
     stem = os.path.splitext(os.path.basename(path))[0]
     index = 0
     # Binary lines, decoded one by one, so that a bad byte spoils one record and not the whole file.
@@ -132,11 +132,11 @@ def _read_jsonl(path: str) -> Iterator[_RawRecord]:
                 value, parse_error = None, f"not UTF-8 text (byte {err.start})"
             except json.JSONDecodeError as err:
                 value, parse_error = None, err.msg
-            yield _RawRecord(value, path, stem, index, line=line_number, parse_error=parse_error)
+            yield RawRecord(value, path, stem, index, line=line_number, parse_error=parse_error)
             index += 1
 
 
-def _read_parquet(path: str) -> Iterator[_RawRecord]:
+def _read_parquet(path: str) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq  # imported here: only parquet sources need it
 
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -145,20 +145,20 @@ def _read_parquet(path: str) -> Iterator[_RawRecord]:
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot read parquet file: {err}") from err
     for index, value in enumerate(rows):
-        yield _RawRecord(value, path, stem, index)
+        yield RawRecord(value, path, stem, index)
 
 
 _READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
 
-def _read_file(path: str) -> Iterator[_RawRecord]:
+def _read_file(path: str) -> Iterator[RawRecord]:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _READERS:
         raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {JSON_SUFFIXES}")
     yield from _READERS[suffix](path)
 
 
-def _read_hub(source: str) -> Iterator[_RawRecord]:
+def _read_hub(source: str) -> Iterator[RawRecord]:
     name, split = source.rsplit("@", 1)
     if not name or not split:
         raise DataError(f"{source!r}: a hub source is written 'name@split'")
@@ -170,10 +170,10 @@ def _read_hub(source: str) -> Iterator[_RawRecord]:
         raise DataError(f"{source!r}: datasets.load_dataset({name!r}, split={split!r}) failed: {err}") from err
     stem = f"{name.rstrip('/').split('/')[-1]}-{split}"
     for index, value in enumerate(table):
-        yield _RawRecord(value, source, stem, index)
+        yield RawRecord(value, source, stem, index)
 
 
-def _iter_source(source: str) -> Iterator[_RawRecord]:
+def iter_source(source: str) -> Iterator[RawRecord]:
     """Yield raw records from a file, a directory of files (sorted by name), or a `name@split`."""
     source = os.path.expanduser(source)
     if os.path.isdir(source):
@@ -325,7 +325,7 @@ def normalize_record(
     return record
 
 
-def _describe(raw: _RawRecord) -> str:
+def describe_raw(raw: RawRecord) -> str:
     if raw.line is not None:
         return f"{raw.origin} line {raw.line} (record {raw.index})"
     return f"{raw.origin} record {raw.index}"
@@ -365,9 +365,9 @@ def load_records(
     report = LoadReport()
     records: list[dict[str, Any]] = []
     seen_qids: Counter[str] = Counter()
-    for raw in _iter_source(source):
+    for raw in iter_source(source):
         report.total += 1
-        where = _describe(raw)
+        where = describe_raw(raw)
         try:
             if raw.parse_error is not None:
                 raise BadRecord("malformed_json", f"{where}: malformed JSON: {raw.parse_error}")

@@ -7,7 +7,9 @@ have zero GRPO advantage, which is why stage 2 trains on the medium cases only.
 
 The rollout file is read as a stream, one JSON record per line, keeping two integers per qid,
 so a file of millions of lines costs memory in proportion to the number of questions only.
-The data set's records are written to the split files exactly as they were read.
+The data set is read from whatever the sampling run read (a .json, .jsonl or .parquet file, a
+directory of them, or a hub `name@split`), with the loader's default qids, and its records are
+written to the JSON split files exactly as they were read.
 
 The split refuses, before writing anything, what would give silently wrong files: a rollout file
 that shares no qid with the data set (sampled from another file), a question sampled other than n
@@ -26,7 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pebr.utils.jsonio import atomic_write_json, read_json_records
+from pebr.data.records import DataError, describe_raw, iter_source
+from pebr.utils.jsonio import atomic_write_json
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -184,15 +187,36 @@ def record_qid(record: Any, stem: str, index: int) -> str:
     return f"{stem}-{index}" if qid is None else str(qid)
 
 
-def read_dataset(path: str) -> list[Any]:
-    """The data set's records as they are in the file (.json list or .jsonl), unchanged.
+@dataclass
+class DatasetRecord:
+    """A data-set record as read, its qid and how to name it in messages."""
+
+    value: Any
+    qid: str
+    where: str
+
+
+def read_dataset(source: str) -> list[DatasetRecord]:
+    """The data set's records as they are in the source, unchanged, each with its qid.
+
+    `source` is anything the sampling run reads as data.train_files: a .json, .jsonl or .parquet file,
+    a directory of them, or a hub `name@split`; qids default as the loader gives them, so they match the
+    rollout file's.
 
     Raises:
-        SplitError: a missing or malformed file, naming it (and the line for .jsonl).
+        SplitError: a missing or unreadable source or a malformed JSONL line, naming the file and line.
     """
-    if not os.path.isfile(path):
-        raise SplitError(f"data-set file {path!r} does not exist")
-    return read_json_records(path, SplitError)
+    records = []
+    try:
+        for raw in iter_source(source):
+            where = describe_raw(raw)
+            if raw.parse_error is not None:
+                raise SplitError(f"{where}: malformed JSON: {raw.parse_error}")
+            qid = record_qid(raw.value, raw.stem, raw.index)
+            records.append(DatasetRecord(raw.value, qid, f"{where} qid={qid!r}"))
+    except DataError as err:
+        raise SplitError(f"data set {source!r}: {err}") from err
+    return records
 
 
 def _listed(qids: list[str], limit: int = MAX_LISTED) -> str:
@@ -200,26 +224,42 @@ def _listed(qids: list[str], limit: int = MAX_LISTED) -> str:
     return shown + (f" ... and {len(qids) - limit} more" if len(qids) > limit else "")
 
 
-def dataset_qids(records: list[Any], stem: str, dataset: str) -> list[str]:
-    """The qid of every data-set record, in order (see `record_qid`).
+def check_unique_qids(records: list[DatasetRecord], dataset: str) -> None:
+    """Refuse two records with one qid (an explicit one, or one equal to another record's default).
+
+    The rollout file keys rollouts by qid alone, so such records could not be told apart: both would be
+    written to one split and counted twice.
 
     Raises:
-        SplitError: two records with one qid (an explicit one, or one equal to another record's
-            "<stem>-<index>" default), naming the file, the qids and the records' 0-based positions.
-            The rollout file keys rollouts by qid alone, so such records could not be told apart:
-            both would be written to one split and counted twice.
+        SplitError: naming the data set, the qids and the records.
     """
-    qids = [record_qid(record, stem, index) for index, record in enumerate(records)]
-    positions: dict[str, list[int]] = {}
-    for index, qid in enumerate(qids):
-        positions.setdefault(qid, []).append(index)
-    shared = [f"{qid!r} (records {', '.join(map(str, where))})" for qid, where in positions.items() if len(where) > 1]
+    places: dict[str, list[str]] = {}
+    for record in records:
+        places.setdefault(record.qid, []).append(record.where)
+    shared = [f"{qid!r} ({'; '.join(where)})" for qid, where in places.items() if len(where) > 1]
     if shared:
         raise SplitError(
-            f"{dataset}: {len(shared)} qids are used by more than one record (0-based positions in the file): "
+            f"{dataset}: {len(shared)} qids are used by more than one record: "
             f"{_listed(shared, MAX_LISTED_IN_ERROR)}; the rollouts of such records cannot be told apart, so they "
             "cannot be split: give every record its own qid (and sample again) or remove the duplicates")
-    return qids
+
+
+def check_json_storable(records: list[DatasetRecord]) -> None:
+    """The split files are JSON: refuse, before writing, a record JSON cannot hold (say an image stored as
+    bytes in a parquet file or a hub data set), naming it.
+
+    Raises:
+        SplitError: naming the record and the type JSON cannot hold.
+    """
+    for record in records:
+        try:
+            json.dumps(record.value, ensure_ascii=False)
+        except (TypeError, ValueError) as err:
+            raise SplitError(
+                f"{record.where}: {err}; the split files are JSON, so a data set whose records hold such values "
+                "(images as bytes or decoded images, say) cannot be split as it is: write it as JSON records "
+                "whose images are file paths (data.image_dir joins relative ones), sample that, and split it. "
+                "Nothing was written") from err
 
 
 def _write_splits(output_dir: str, splits: dict[str, list[Any]]) -> dict[str, str]:
@@ -251,7 +291,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
 
     Args:
         rollouts: JSONL rollout records {qid, score: {accuracy, ...}, ...}.
-        dataset: the sampled data set (.json list or .jsonl); its records are copied unchanged.
+        dataset: the sampled data set, as the sampling run's data.train_files named it (a .json, .jsonl or
+            .parquet file, a directory of them, or a hub `name@split`); its records are copied unchanged
+            into the JSON split files.
         output_dir: where the three files go (created if missing). They are replaced as a set, and
             left as they were when the split stops with an error.
         n: rollouts per qid (worker.rollout.n x trainer.total_epochs of the sampling run); a sampled
@@ -266,26 +308,27 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
 
     Raises:
         SplitError: a missing/malformed file, a malformed rollout line (file and line number), a qid
-            shared by two data-set records, no data-set qid in the rollout file, or a qid with a
-            count other than n (unless `allow_count_mismatch`). Nothing is written then.
+            shared by two data-set records, no data-set qid in the rollout file, a qid with a
+            count other than n (unless `allow_count_mismatch`), or a record JSON cannot hold. Nothing
+            is written then.
         ValueError: n < 1.
     """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     report = SplitReport(n=n)
     records = read_dataset(dataset)
-    stem = os.path.splitext(os.path.basename(dataset))[0]
-    qids = dataset_qids(records, stem, dataset)  # before the rollout file, which may take minutes to read
+    check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
+    qids = [record.qid for record in records]
     counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
-    splits: dict[str, list[Any]] = {name: [] for name in SPLIT_NAMES}
+    splits: dict[str, list[DatasetRecord]] = {name: [] for name in SPLIT_NAMES}
     known = set(qids)
-    for qid, record in zip(qids, records):
-        entry = counts.get(qid)
+    for record in records:
+        entry = counts.get(record.qid)
         if entry is None:
-            report.never_sampled.append(qid)
+            report.never_sampled.append(record.qid)
             continue
         if entry.total != n:
-            report.wrong_count[qid] = entry.total
+            report.wrong_count[record.qid] = entry.total
         splits[classify(entry.correct, entry.total)].append(record)
         report.correct_histogram[entry.correct] = report.correct_histogram.get(entry.correct, 0) + 1
     report.unknown_qids = sum(1 for qid in counts if qid not in known)
@@ -322,7 +365,8 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     if report.bad_lines:
         log(f"warning: skipped {report.bad_lines} malformed lines of {rollouts}")
 
-    report.paths = _write_splits(output_dir, splits)
+    check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])
+    report.paths = _write_splits(output_dir, {name: [r.value for r in splits[name]] for name in SPLIT_NAMES})
     report.sizes = {name: len(splits[name]) for name in SPLIT_NAMES}
     log(report.summary())
     return report

@@ -191,8 +191,8 @@ def test_empty_data_set_is_refused(files, tmp_path):
 
 
 @pytest.mark.parametrize("duplicate, qid, positions", [
-    ({"qid": "q-easy", "problem": "again"}, "'q-easy'", "records 0, 10"),
-    ({"qid": "train-9", "problem": "like the default qid of record 9"}, "'train-9'", "records 9, 10"),
+    ({"qid": "q-easy", "problem": "again"}, "'q-easy'", ("record 0 qid", "record 10 qid")),
+    ({"qid": "train-9", "problem": "like the default qid of record 9"}, "'train-9'", ("record 9 qid", "record 10 qid")),
 ])
 def test_duplicate_qids_in_the_data_set_are_refused(files, tmp_path, duplicate, qid, positions):
     dataset, rollouts, records = files
@@ -203,7 +203,8 @@ def test_duplicate_qids_in_the_data_set_are_refused(files, tmp_path, duplicate, 
     with pytest.raises(SplitError) as err:
         split_dataset(rollouts, dataset, str(out), N, allow_count_mismatch=True, log=lambda m: None)
     message = str(err.value)
-    assert dataset in message and qid in message and positions in message and "own qid" in message
+    assert dataset in message and qid in message and "own qid" in message
+    assert all(position in message for position in positions)
     assert _files_in(out) == before
 
 
@@ -307,3 +308,49 @@ def test_memory_is_bounded_by_questions_not_lines(tmp_path):
     tracemalloc.stop()
     assert report.sizes["easy"] == 10 and not report.wrong_count
     assert peak < size / 20, (peak, size)
+
+
+def test_a_directory_of_jsonl_and_parquet_splits_with_the_loaders_qids(tmp_path):
+    """Sampling reads a directory, parquet or JSONL; the split reads the same source, with the same qids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pebr.data.records import load_records
+
+    data = tmp_path / "rl"
+    data.mkdir()
+    part_a = [{"problem": f"<image>a{i}?", "answer": str(i), "images": [f"a/{i}.png"]} for i in range(2)]
+    part_b = [{"qid": "b-own", "problem": "<image>b?", "answer": "7", "images": ["b/0.png"]},
+              {"problem": "<image>b1?", "answer": "8", "images": ["b/1.png"]}]
+    _write_jsonl(data / "a.jsonl", [json.dumps(r) for r in part_a])
+    pq.write_table(pa.Table.from_pylist(part_b), data / "b.parquet")
+    loaded, _ = load_records(str(data))
+    assert [r["qid"] for r in loaded] == ["a-0", "a-1", "b-own", "b-1"]  # defaults by each file's stem
+    rows = ([_rollout("a-0", 1.0, s) for s in range(N)] + [_rollout("a-1", float(s % 2), s) for s in range(N)]
+            + [_rollout("b-own", 0.0, s) for s in range(N)] + [_rollout("b-1", 1.0, s) for s in range(N)])
+    _write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    out = tmp_path / "split"
+    report = split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(out), N, log=lambda m: None)
+    assert report.sizes == {"easy": 2, "medium": 1, "hard": 1}
+    # As read, no qid added (parquet gives the record without one a null qid column).
+    assert json.loads((out / "easycase.json").read_text()) == [part_a[0], {**part_b[1], "qid": None}]
+    assert json.loads((out / "hardcase.json").read_text()) == [part_b[0]]
+
+
+def test_a_record_json_cannot_hold_is_refused_by_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"qid": "text", "problem": "<image>q?", "answer": "1", "images": ["x.png"], "blob": None},
+               {"qid": "bytes", "problem": "<image>q?", "answer": "1", "images": ["y.png"], "blob": b"\x89PNG"}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "rl.parquet")
+    rows = [_rollout(qid, 1.0, s) for qid in ("text", "bytes") for s in range(N)]
+    _write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    out = tmp_path / "split"
+    before = _previous_split(out)
+    with pytest.raises(SplitError) as err:
+        split_dataset(str(tmp_path / "rollouts.jsonl"), str(tmp_path / "rl.parquet"), str(out), N, log=lambda m: None)
+    message = str(err.value)
+    assert "rl.parquet record 1" in message and "'bytes'" in message and "bytes" in message
+    assert "file paths" in message and "Nothing was written" in message
+    assert _files_in(out) == before
