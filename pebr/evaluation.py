@@ -44,7 +44,7 @@ def make_engine(
 
     Args:
         model_path: a Hugging Face Qwen2.5-VL directory.
-        processor: its processor (the tokenizer is used for the banned vision tokens and EOS).
+        processor: its processor (the hf backend generates with it; vLLM loads its own from model_path).
         backend: "vllm" or "hf".
         max_model_len: prompt plus response tokens the vLLM engine must hold.
         limit_images: the most images in one prompt.
@@ -71,7 +71,7 @@ def make_engine(
         model_path, dtype="bf16" if cuda else "fp32", max_model_len=max_model_len, tensor_parallel_size=1,
         gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gb=1, enforce_eager=not cuda,
         enable_chunked_prefill=False, max_num_batched_tokens=max_model_len, limit_images=limit_images,
-        seed=seed, trust_remote_code=False, tokenizer=processor.tokenizer, external_launcher=False,
+        seed=seed, trust_remote_code=False, external_launcher=False,
     )
 
 

@@ -57,3 +57,25 @@ def idle_cpus(ray, timeout: float = 60.0) -> float:
     while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
         time.sleep(0.2)
     return total
+
+
+@pytest.fixture(scope="session")
+def coarse_tokenizer_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A tokenizer_path for the tiny model: its processor files, with the BPE merges cut to the first quarter,
+    so that a prompt becomes other (more) token ids than with the model's own tokenizer. The ids stay within
+    the model's vocabulary and the special tokens are kept."""
+    import json
+    import shutil
+
+    out = str(tmp_path_factory.mktemp("coarse_tokenizer"))
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors") and name not in ("config.json", "generation_config.json"):
+            shutil.copy(os.path.join(tiny_model_dir, name), out)
+    path = os.path.join(out, "tokenizer.json")
+    with open(path) as f:
+        tokenizer = json.load(f)
+    merges = tokenizer["model"]["merges"]
+    tokenizer["model"]["merges"] = merges[: len(merges) // 4]
+    with open(path, "w") as f:
+        json.dump(tokenizer, f)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.profiler import record_function
 
 from pebr.algorithms.losses import agg_loss, kl_penalty, masked_mean, ppo_policy_loss, token_logprobs
-from pebr.config import ModelConfig
+from pebr.config import ConfigError, ModelConfig
 from pebr.protocol import Batch
 from pebr.workers.attention import register_varlen_attention
 
@@ -58,11 +59,35 @@ def load_processor(model: ModelConfig) -> Any:
     resized each image within `data.min_pixels`..`data.max_pixels`, and the processor then applies the
     model's bounds here and inside vLLM alike, so an image becomes the same tokens in the engine's prompt
     and in the actor's pixel values.
-    """
-    from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
-                                         trust_remote_code=model.trust_remote_code)
+    vLLM takes its tokenizer from tokenizer_path too, but its image processor from model_path; a
+    tokenizer_path whose image processor settings differ from model_path's is refused, since the engine and
+    the actor would then expand one image into different tokens.
+
+    Raises:
+        ConfigError: naming both paths and the settings that differ.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
+                                              trust_remote_code=model.trust_remote_code)
+    if model.tokenizer_path and os.path.realpath(model.tokenizer_path) != os.path.realpath(model.model_path):
+        engine_side = AutoImageProcessor.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code)
+        ours, theirs = _image_settings(processor.image_processor), _image_settings(engine_side)
+        differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+        if differ:
+            shown = "; ".join(f"{key}: {ours.get(key)!r} vs {theirs.get(key)!r}" for key in differ[:5])
+            raise ConfigError(
+                f"worker.actor.model.tokenizer_path={model.tokenizer_path!r} has an image processor that differs "
+                f"from model_path={model.model_path!r}'s, which the vLLM engine uses ({shown}); make them equal, "
+                "or leave tokenizer_path unset")
+    return processor
+
+
+def _image_settings(image_processor: Any) -> dict[str, Any]:
+    """An image processor's settings, without the names of its classes (slow and fast ones work alike)."""
+    return {key: value for key, value in image_processor.to_dict().items()
+            if not key.startswith("_") and key not in ("image_processor_type", "processor_class")}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -115,7 +115,7 @@ class FSDPWorker:
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
             limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank,
             trust_remote_code=mcfg.trust_remote_code,
-            tokenizer=self.processor.tokenizer, external_launcher=True, sleep_mode=self.device.type == "cuda",
+            tokenizer_path=mcfg.tokenizer_path, external_launcher=True, sleep_mode=self.device.type == "cuda",
             weight_names=[name for name, _ in self.model.named_parameters()] if self.model is not None else None)
 
     # -- rollout ----------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ class VLLMRollout:
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, cpu_kv_cache_gb: float, enforce_eager: bool,
                  enable_chunked_prefill: bool, max_num_batched_tokens: int, limit_images: int, seed: int,
-                 trust_remote_code: bool, tokenizer: Any, external_launcher: bool, sleep_mode: bool = False,
+                 trust_remote_code: bool, external_launcher: bool, tokenizer_path: str | None = None,
+                 sleep_mode: bool = False,
                  weight_names: list[str] | None = None, block_size: int | None = None):
         set_engine_environment(cpu_kv_cache_gb)
         from vllm import LLM
@@ -144,6 +145,9 @@ class VLLMRollout:
             kwargs["block_size"] = block_size
         self.llm = LLM(
             model=model_path,
+            # The engine tokenizes the chat-templated prompt itself: it must use the actor's tokenizer
+            # (worker.actor.model.tokenizer_path) or the two sides would score different token ids.
+            tokenizer=tokenizer_path or model_path,
             dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
@@ -158,7 +162,7 @@ class VLLMRollout:
             **multimodal_engine_options(limit_images),
             **kwargs,
         )
-        self.banned = banned_token_ids(tokenizer)
+        self.banned = banned_token_ids(self.llm.get_tokenizer())
         # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
         # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).
         self.sleep_mode = sleep_mode

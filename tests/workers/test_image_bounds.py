@@ -5,6 +5,9 @@ applies its own bounds, on the actor's side and inside vLLM alike. Were the two 
 would become one number of tokens in the engine's prompt and another in the actor's pixel values, and the
 actor's forward would fail ("Image features and image tokens do not match") or score another image than the
 one sampled from. The log-probs of both sides are compared too, with two images in one prompt among them.
+
+The tokenizer comes from a `worker.actor.model.tokenizer_path` that splits text into other ids than the
+model's own tokenizer, so the engine must tokenize the prompt with that path as the actor does.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CASES = {"under the minimum": (576, 784), "over the maximum": (57344, 802816), "two images": (3136, 50176)}
 
 
-def both_sides(model_dir: str, data_dir: str, two_image_file: str) -> dict[str, dict]:
+def both_sides(model_dir: str, tokenizer_dir: str, data_dir: str, two_image_file: str) -> dict[str, dict]:
     """In a fresh process (one vLLM engine): for each case, the first prompt's image sizes after the data set,
     its length and image tokens as the engine's prompt and as the actor expands it, and the largest gap
     between the engine's log-probs of its sampled tokens and the actor's (a plain transformers forward)."""
     import torch
 
-    from pebr.config import load_config
+    from pebr.config import ModelConfig, load_config
     from pebr.protocol import Batch
     from pebr.trainer.main import build_dataset
     from pebr.workers import actor as actor_lib
@@ -43,18 +46,20 @@ def both_sides(model_dir: str, data_dir: str, two_image_file: str) -> dict[str, 
             f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
             f"worker.actor.model.model_path={model_dir}", f"data.train_files={train}",
             f"data.image_dir={data_dir}/images", f"data.min_pixels={min_pixels}", f"data.max_pixels={max_pixels}",
-            "worker.rollout.limit_images=2"])
+            "worker.rollout.limit_images=2", f"worker.actor.model.tokenizer_path={tokenizer_dir}"])
         processor = actor_lib.load_processor(cfg.worker.actor.model)
+        own_tokenizer = actor_lib.load_processor(ModelConfig(model_path=model_dir))
         item = build_dataset(cfg, cfg.data.train_files, processor)[0]
         _, grid, _ = actor_lib.image_inputs(item["images"], processor)
         rows[case] = {"sizes": [im.size for im in item["images"]],
                       "actor_len": len(processor(text=[item["prompt"]], images=item["images"])["input_ids"][0]),
+                      "model_tokenizer_len": len(own_tokenizer(text=[item["prompt"]], images=item["images"])["input_ids"][0]),
                       "actor_image_tokens": int(grid.prod(-1).sum()) // 4}
         prompts.append(item)
     rollout = VLLMRollout(model_dir, dtype="fp32", max_model_len=1024, tensor_parallel_size=1,
                           gpu_memory_utilization=0.5, cpu_kv_cache_gb=1, enforce_eager=True,
                           enable_chunked_prefill=False, max_num_batched_tokens=1024, limit_images=2, seed=0,
-                          trust_remote_code=False, tokenizer=processor.tokenizer, external_launcher=False)
+                          trust_remote_code=False, external_launcher=False, tokenizer_path=tokenizer_dir)
     sampled = SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8, seed=3, logprobs=True)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     model = actor_lib.load_hf_model(model_dir).eval()
@@ -87,17 +92,19 @@ def two_image_file(synthetic_data_dir, tmp_path) -> str:
     return path
 
 
-def test_actor_and_engine_see_the_same_image_tokens(tiny_model_dir, synthetic_data_dir, two_image_file, ray_session):
+def test_actor_and_engine_see_the_same_image_tokens(tiny_model_dir, coarse_tokenizer_dir, synthetic_data_dir,
+                                                    two_image_file, ray_session):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
     rows = ray_session.get(ray_session.remote(max_calls=1)(both_sides).remote(
-        tiny_model_dir, synthetic_data_dir, two_image_file))
+        tiny_model_dir, coarse_tokenizer_dir, synthetic_data_dir, two_image_file))
     assert {case: row["sizes"] for case, row in rows.items()} == {
         "under the minimum": [(28, 28)], "over the maximum": [(252, 252)], "two images": [(56, 56), (56, 56)]}
     for case, row in rows.items():
         assert row["actor_image_tokens"] == row["engine_image_tokens"], (case, row)
         assert row["actor_len"] == row["engine_len"], (case, row)
+        assert row["model_tokenizer_len"] < row["engine_len"], (case, row)  # tokenizer_path's ids, not the model's
         assert row["logprob_gap"] < 2e-3, (case, row)
     # The processor's bounds win on both sides: 28x28 is enlarged to 56x56 (4 tokens), 252x252 shrunk to 224x224.
     assert [row["engine_image_tokens"] for row in rows.values()] == [4, 64, 8]

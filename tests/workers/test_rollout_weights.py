@@ -54,7 +54,7 @@ def direct_against_reload(model_dir: str, dtype: str) -> dict:
     import random
 
     import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
 
     from pebr.utils.scenes import render_scene, sample_scene
     from pebr.workers.rollout import SamplingConfig, VLLMRollout
@@ -62,11 +62,10 @@ def direct_against_reload(model_dir: str, dtype: str) -> dict:
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     trained = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in model.named_parameters()}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rollout = VLLMRollout(model_dir, dtype=dtype, max_model_len=512, tensor_parallel_size=1,
                           gpu_memory_utilization=0.5, cpu_kv_cache_gb=1, enforce_eager=True,
                           enable_chunked_prefill=False, max_num_batched_tokens=512, limit_images=1, seed=0,
-                          trust_remote_code=False, tokenizer=tokenizer, external_launcher=False,
+                          trust_remote_code=False, external_launcher=False,
                           weight_names=list(trained))
     image = render_scene(sample_scene(random.Random(0)), size=56)
     prompts = [{"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many cubes?<|im_end|>\n"
