@@ -52,7 +52,7 @@ def resolve_model_dir(path: str, key: str = "clip_model_path") -> str:
         raise FileNotFoundError(
             f"{key}={path!r} is not a local directory, and the hub model of that name could not be fetched "
             f"or found in the Hugging Face cache ({type(exc).__name__}: {exc}). Download it where the "
-            f"network is reachable (huggingface-cli download {path} --local-dir DIR) and set {key}=DIR"
+            f"network is reachable (hf download {path} --local-dir DIR) and set {key}=DIR"
         ) from exc
 
 
