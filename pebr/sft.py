@@ -11,9 +11,9 @@ A sharegpt record is::
                   {"role": "assistant", "content": "### Image Description: ..."}],
      "images": ["relative/path.png"]}
 
-The user turn is turned into the prompt the RL stages see: images first, then the question rendered
-through the PeBR format prompt (`pebr.data.dataset.build_messages`), so the warm-up model learns to
-answer exactly the prompt it will be sampled and trained on later.
+The user turn is turned into the prompt the RL stages see: the question rendered through the PeBR
+format prompt, each image where its placeholder stands (`pebr.data.dataset.build_messages`), so the
+warm-up model learns to answer exactly the prompt it will be sampled and trained on later.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def to_chat(
 ) -> list[dict[str, Any]]:
     """Turn a sharegpt record into chat messages for `processor.apply_chat_template`.
 
-    Each user turn becomes its images (as many as its `<image>` placeholders; a record whose text has no
-    placeholder gets its one image in the first user turn) followed by its text. The first user turn's
+    Each user turn becomes its text with its images where its `<image>` placeholders stand (a record whose
+    text has no placeholder gets its images at the start of the first user turn). The first user turn's
     text is rendered through `template`, as the RL prompts are; later turns stay as they are.
 
     Args:

@@ -14,7 +14,7 @@ import jinja2
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pebr.data.images import fit_size, load_image, probe_image
+from pebr.data.images import MAX_ASPECT_RATIO, fit_size, load_image, probe_image
 from pebr.data.records import (
     IMAGE_PLACEHOLDER,
     BadRecord,
@@ -33,8 +33,12 @@ TOO_MANY_IMAGES_REASON = "too_many_images"
 def load_format_prompt(path: str) -> jinja2.Template:
     """Read a jinja2 prompt template; rendering fails on any variable other than the ones passed.
 
+    The template is rendered once here, so that one using another variable than `content`, or holding an
+    `<image>` placeholder of its own, fails at load and not at the first record.
+
     Raises:
-        DataError: the file is missing or is not valid jinja2 (the message names file and line).
+        DataError: the file is missing, is not valid jinja2, uses a variable other than `content`, or holds
+            `<image>` (the message names the file, and the line where jinja2 gives one).
     """
     try:
         with open(path, encoding="utf-8") as handle:
@@ -43,27 +47,55 @@ def load_format_prompt(path: str) -> jinja2.Template:
         raise DataError(f"format_prompt {path!r} cannot be read: {err}") from err
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
     try:
-        return environment.from_string(text)
+        template = environment.from_string(text)
+        rendered = template.render(content="")
     except jinja2.TemplateSyntaxError as err:
         raise DataError(f"format_prompt {path!r} line {err.lineno}: {err.message}") from err
+    except jinja2.UndefinedError as err:
+        raise DataError(f"format_prompt {path!r}: {err.message}; the only variable given is `content` (the "
+                        "record's question)") from err
+    if IMAGE_PLACEHOLDER in rendered:
+        raise DataError(f"format_prompt {path!r}: it holds {IMAGE_PLACEHOLDER!r}; images are placed where the "
+                        "record's question puts them, so the template must not add placeholders of its own")
+    return template
 
 
 def build_messages(question: str, num_images: int, template: jinja2.Template | None) -> list[dict[str, Any]]:
-    """One user turn: the images first, then the (templated) question text.
+    """One user turn: the (templated) question, with each image where its `<image>` placeholder stands.
+
+    The template is rendered with the placeholders in `content`, then the text is cut at them, so a
+    question like "compare <image> with <image>" keeps its images in place; a question without
+    placeholders gets all its images first. The PeBR data's "<image>question" thus gives the image, then
+    the templated question. Spaces around a placeholder are dropped (the vision tokens delimit it).
 
     Args:
-        question: the record's prompt; its `<image>` placeholders are removed, since the images are
-            given as separate content parts.
-        num_images: how many {"type": "image"} parts to put before the text.
-        template: rendered with `content` = the question text; None uses the text as it is.
+        question: the record's prompt, with one `<image>` per image or none.
+        num_images: how many {"type": "image"} parts the turn holds.
+        template: rendered with `content` = the question; None uses the question as it is.
 
     Returns:
         The chat messages for `processor.apply_chat_template`.
+
+    Raises:
+        DataError: the question holds placeholders, but not `num_images` of them.
     """
-    content = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    content = question.strip()
     text = template.render(content=content) if template is not None else content
-    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
-    parts.append({"type": "text", "text": text})
+    if IMAGE_PLACEHOLDER not in text:
+        text = IMAGE_PLACEHOLDER * num_images + text
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    if len(chunks) - 1 != num_images:
+        raise DataError(f"the question has {len(chunks) - 1} {IMAGE_PLACEHOLDER} placeholders but {num_images} images: "
+                        f"{question[:80]!r}")
+    parts: list[dict[str, Any]] = []
+    for position, chunk in enumerate(chunks):
+        if position > 0:
+            parts.append({"type": "image"})
+            chunk = chunk.lstrip()
+        if position < len(chunks) - 1:
+            chunk = chunk.rstrip()
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
     return [{"role": "user", "content": parts}]
 
 
@@ -210,6 +242,11 @@ class RLDataset(Dataset):
                 sizes = [
                     fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels) for image in images
                 ]
+                for position, (width, height) in enumerate(sizes):
+                    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                        raise BadRecord("image_aspect_ratio", f"{where}: image {position} becomes {width}x{height} "
+                                        f"px within data.min_pixels..max_pixels, its long side more than "
+                                        f"{MAX_ASPECT_RATIO} times its short side, which the model's processor refuses")
             except BadRecord as err:
                 if on_bad_record == "raise":
                     raise

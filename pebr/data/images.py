@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pebr.data.records import BadRecord
 
@@ -21,6 +21,11 @@ PATCH_MULTIPLE = 28  # 14-px patches, merged 2x2
 # A source image above this many pixels is refused at load time: decoding it would take gigabytes in
 # every worker that reads it (PIL itself refuses twice its own limit as a "decompression bomb").
 MAX_SOURCE_PIXELS = 100_000_000
+# Qwen2.5-VL's processor refuses an image whose long side is more than this many times its short side.
+MAX_ASPECT_RATIO = 200
+# EXIF orientations that turn the image a quarter: its displayed width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
 
 
 def fit_size(
@@ -37,7 +42,8 @@ def fit_size(
         min_pixels, max_pixels: area bounds; None means unbounded on that side.
 
     Returns:
-        (new_width, new_height), both multiples of 28 and >= 28.
+        (new_width, new_height), both multiples of 28 and >= 28 (so the area exceeds max_pixels only
+        when max_pixels is under 28 x 28).
 
     Raises:
         ValueError: a side is not positive, or min_pixels > max_pixels.
@@ -53,6 +59,11 @@ def fit_size(
         scale = math.sqrt(width * height / max_pixels)
         new_w = max(step, math.floor(width / scale / step) * step)
         new_h = max(step, math.floor(height / scale / step) * step)
+        # A very thin image keeps its short side at 28 px, so the long side alone must give way.
+        if new_w * new_h > max_pixels and new_h == step:
+            new_w = max(step, max_pixels // step // step * step)
+        elif new_w * new_h > max_pixels and new_w == step:
+            new_h = max(step, max_pixels // step // step * step)
     elif min_pixels is not None and new_w * new_h < min_pixels:
         scale = math.sqrt(min_pixels / (width * height))
         new_w = math.ceil(width * scale / step) * step
@@ -79,7 +90,10 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
     """Check that an image is there and readable, cheaply, and return its (width, height).
 
     Reads the header and runs PIL's `verify` (structure and checksums for PNG) without decoding the
-    pixels, so missing, empty and truncated files fail at load time and not inside a worker.
+    pixels, so missing, empty and truncated files fail at load time and not inside a worker. A JPEG, which
+    `verify` does not check, is decoded at an eighth of its size (its entropy-coded data is read whole, so a
+    truncated file fails, at a fraction of a full decode's cost). The size returned is the displayed one,
+    after the EXIF orientation that `load_image` applies.
 
     Args:
         image: a path (str), raw bytes, or a PIL image (as `normalize_record` leaves them).
@@ -95,6 +109,8 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
     """
     if isinstance(image, Image.Image):
         width, height = image.size
+        if _quarter_turned(image):
+            width, height = height, width
     else:
         if isinstance(image, str):
             path = resolve_path(image, image_dir)
@@ -111,7 +127,16 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
                 if width * height > MAX_SOURCE_PIXELS:
                     raise BadRecord("image_too_large", f"{where}: image {name!r} is {width}x{height} pixels, more "
                                     f"than {MAX_SOURCE_PIXELS} (pebr.data.images.MAX_SOURCE_PIXELS)")
-                opened.verify()
+                if opened.format == "JPEG":
+                    turned = _quarter_turned(opened)
+                    opened.draft("RGB", (max(1, opened.width // 8), max(1, opened.height // 8)))
+                    opened.load()
+                else:
+                    opened.verify()  # must come first after opening, so the EXIF is read from a second open
+                    with _open(image, image_dir) as again:
+                        turned = _quarter_turned(again)
+            if turned:
+                width, height = height, width
         except BadRecord:
             raise
         except Image.DecompressionBombError as err:
@@ -124,6 +149,11 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
     return width, height
 
 
+def _quarter_turned(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns it a quarter (its displayed sides are swapped)."""
+    return image.getexif().get(_EXIF_ORIENTATION) in _QUARTER_TURNS
+
+
 def _open(image: Any, image_dir: str | None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
@@ -132,10 +162,35 @@ def _open(image: Any, image_dir: str | None) -> Image.Image:
     return Image.open(resolve_path(image, image_dir))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as the model should see it, in RGB.
+
+    The EXIF orientation is applied (a phone photo stored sideways is turned upright, as viewers and the
+    `datasets` library show it); transparent pixels are laid on white, since a plain RGB conversion would
+    show what is under them, black in most diagrams drawn on a transparent background; 16- and 32-bit
+    grey levels are scaled to 8 bits rather than clipped at 255.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        grey = image if image.mode in ("I", "F") else image.convert("I")
+        brightest = grey.getextrema()[1]
+        # 16-bit data is 0..65535 whatever the mode says; 8-bit data stored in a wider mode stays as it is.
+        top = 65535 if image.mode.startswith("I;16") else 255 if brightest <= 255 else max(65535, brightest)
+        scale = 255 / top
+        return grey.point(lambda v: v * scale).convert("L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(
     image: Any, image_dir: str | None, *, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> Image.Image:
-    """Decode an image, convert it to RGB and resize it with `fit_size`.
+    """Decode an image, make it upright RGB (`to_rgb`) and resize it with `fit_size`.
 
     Args:
         image: a path (joined to `image_dir` unless absolute), raw bytes, or a PIL image.
@@ -150,7 +205,7 @@ def load_image(
     """
     opened = _open(image, image_dir)
     try:
-        rgb = opened.convert("RGB")  # forces the full decode; the file handle is released below
+        rgb = to_rgb(opened)  # forces the full decode; the file handle is released below
     finally:
         if opened is not image:
             opened.close()

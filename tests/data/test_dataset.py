@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pebr.data.dataset import RLDataset, note_processor_bounds
-from pebr.data.records import DataError, load_records
+from pebr.data.records import BadRecord, DataError, load_records
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "format_prompt", "pebr.jinja")
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -64,7 +64,8 @@ def test_item_fields_and_resized_images(processor, image_dir):
     assert second["prompt"].count(VISION) == 2
     # 50x90 rounds to 56x84 = 4704 px.
     assert [im.size for im in second["images"]] == [(112, 56), (56, 84)]
-    assert "Compare  and ." in second["prompt"]
+    # Each image stays where its placeholder stood (it used to be moved to the front: "Compare  and .").
+    assert f"<|im_start|>user\nCompare{VISION}and{VISION}." in second["prompt"]
 
     third = dataset[2]
     assert third["images"] == [] and third["key_words"] == [] and VISION not in third["prompt"]
@@ -199,6 +200,31 @@ def test_pebr_template_asks_for_the_exact_layout():
 
     with pytest.raises(jinja2.UndefinedError, match="content"):
         load_format_prompt(TEMPLATE).render()  # a missing question is an error, not an empty prompt
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ question }}", r"'question' is undefined; the only variable given is `content`"),
+    ("<image>{{ content }}", r"holds '<image>'"),
+])
+def test_format_prompt_problems_fail_at_load_naming_the_file(tmp_path, template, message):
+    from pebr.data.dataset import load_format_prompt
+
+    path = tmp_path / "mine.jinja"
+    path.write_text(template)
+    with pytest.raises(DataError, match=rf"format_prompt '{path}': .*{message}"):
+        load_format_prompt(str(path))
+
+
+def test_image_too_thin_for_the_processor_is_a_counted_skip(processor, tmp_path):
+    Image.new("RGB", (20000, 25), "red").save(tmp_path / "ribbon.png")
+    Image.new("RGB", (60, 60), "red").save(tmp_path / "square.png")
+    records = [{"qid": "thin", "problem": "<image>q?", "answer": "1", "images": ["ribbon.png"]},
+               {"qid": "fine", "problem": "<image>q?", "answer": "1", "images": ["square.png"]}]
+    with pytest.raises(BadRecord, match=r"qid='thin': image 0 becomes 19992x28 px.*more than 200 times"):
+        make(records, processor, str(tmp_path), max_pixels=802816)
+    dataset = make(records, processor, str(tmp_path), max_pixels=802816, on_bad_record="skip")
+    assert len(dataset) == 1 and dataset.report.skipped == {"image_aspect_ratio": 1}
+    assert dataset[0]["qid"] == "fine"
 
 
 def test_data_bounds_past_the_processors_are_logged(processor, caplog):

@@ -37,7 +37,7 @@ def test_fit_size_properties():
     for width, height in [(1, 1), (27, 900), (3000, 29), (640, 480), (333, 777)]:
         w, h = fit_size(width, height, 3136, 50176)
         assert w % 28 == 0 and h % 28 == 0 and w >= 28 and h >= 28
-        assert w * h <= 50176 or min(w, h) == 28
+        assert w * h <= 50176
     with pytest.raises(ValueError, match="positive"):
         fit_size(0, 10)
     with pytest.raises(ValueError, match="must not exceed"):
@@ -117,3 +117,65 @@ def test_enormous_image_is_refused_at_load_time(tmp_path, side):
         with pytest.raises(BadRecord, match="too large|pixels, more than") as err:
             probe_image(str(path), None, "record 7")
     assert err.value.reason == "image_too_large" and "record 7" in str(err.value)
+
+
+def test_thin_images_stay_within_max_pixels():
+    # The short side cannot go under 28 px, so the long side alone gives way (it once came out 3444x28).
+    assert fit_size(6000, 25, 3136, 50176) == (1792, 28) and 1792 * 28 <= 50176
+    assert fit_size(25, 6000, 3136, 50176) == (28, 1792)
+
+
+def test_transparent_pixels_are_laid_on_white(tmp_path):
+    drawing = Image.new("RGBA", (56, 56), (0, 0, 0, 0))  # a black square on a transparent background
+    drawing.paste((0, 0, 0, 255), (10, 10, 30, 30))
+    drawing.save(tmp_path / "rgba.png")
+    rgb = load_image(str(tmp_path / "rgba.png"), None)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((20, 20)) == (0, 0, 0)
+    palette = Image.new("P", (28, 28), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert load_image(str(tmp_path / "palette.png"), None).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    levels = np.linspace(0, 65535, 56 * 56).reshape(56, 56).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    grey = np.asarray(load_image(str(tmp_path / "grey16.png"), None))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255
+    assert (grey == 255).mean() < 0.01  # clipping at 255 made almost every pixel white
+    assert abs(int(grey[28, 28]) - 128) <= 2
+
+
+@pytest.mark.parametrize("orientation, displayed", [(1, (112, 56)), (3, (112, 56)), (6, (56, 112)), (8, (56, 112))])
+def test_exif_orientation_is_applied_in_probe_and_load(tmp_path, orientation, displayed):
+    photo = Image.new("RGB", (112, 56), (255, 0, 0))
+    photo.paste((0, 0, 255), (0, 0, 56, 56))  # blue on the stored image's left half
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    photo.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    photo.save(tmp_path / "photo.png", exif=exif.tobytes())
+    for name in ("photo.jpg", "photo.png"):
+        path = str(tmp_path / name)
+        assert probe_image(path, None, "r") == displayed
+        upright = load_image(path, None)
+        assert upright.size == displayed
+    # Orientation 6 turns the image a quarter clockwise for display: its stored left half goes on top.
+    if orientation == 6:
+        red, green, blue = upright.getpixel((28, 10))
+        assert blue > 200 and red < 60
+
+
+def test_truncated_jpeg_fails_the_probe(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    Image.frombytes("RGB", (128, 128), bytes(rng.randrange(256) for _ in range(128 * 128 * 3))).save(
+        tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert probe_image(str(tmp_path / "whole.jpg"), None, "r") == (128, 128)
+    with pytest.raises(BadRecord, match=r"rec 4: image .*cut\.jpg' cannot be read: image file is truncated") as err:
+        probe_image(str(tmp_path / "cut.jpg"), None, "rec 4")
+    assert err.value.reason == "image_unreadable"

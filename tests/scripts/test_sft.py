@@ -252,8 +252,9 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
 
 
 def test_undecodable_image_names_the_record_and_path(tmp_path, processor) -> None:
-    # A JPEG cut to a third keeps a good header, so it passes the load-time probe and fails on decode.
+    # A JPEG cut to a third keeps a good header; the load-time probe decodes it (at an eighth of its size).
     import random
+    import shutil
 
     from PIL import Image
 
@@ -266,8 +267,13 @@ def test_undecodable_image_names_the_record_and_path(tmp_path, processor) -> Non
                 "images": []}
     cut = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
            "images": ["cut.jpg"]}
+    path = os.path.join(str(tmp_path), "cut.jpg")
+    with pytest.raises(DataError, match=rf"sft record 1: image '{path}' cannot be read: .*truncated.*filter\.py"):
+        SFTDataset([overlong, cut], processor, image_dir=str(tmp_path), max_length=512, format_prompt=None)
+    # A file broken after the load is named when its sample is read.
+    shutil.copy(tmp_path / "whole.jpg", tmp_path / "cut.jpg")
     ds = SFTDataset([overlong, cut], processor, image_dir=str(tmp_path), max_length=512, format_prompt=None)
     assert len(ds) == 1  # sample 0 is record 1: the message must name the record
-    path = os.path.join(str(tmp_path), "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
     with pytest.raises(DataError, match=rf"sft record 1: image '{path}' cannot be decoded: .*truncated.*filter\.py"):
         ds[0]
