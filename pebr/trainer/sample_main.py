@@ -98,20 +98,27 @@ def _scan_output(path: str) -> tuple[dict[str, set[int]], int]:
     return samples, good_bytes
 
 
-def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
+def recover_output(path: str, per_question: int, batch_size: int | None = None) -> tuple[set[str], list[str]]:
     """Make `path` hold only questions with all their records; return those and the ones removed.
+
+    A batch's records are appended in one write, so an interruption leaves incomplete records for at most
+    one batch of questions, with differing counts. More incomplete questions than that, or several with one
+    and the same set of samples, is a file written with a smaller n: removing them would throw that run's
+    samples away, so it is an error instead.
 
     Args:
         path: the JSONL sample output (need not exist).
         per_question: the number of records a complete question has (samples 0 .. per_question-1).
+        batch_size: questions per batch (data.rollout_batch_size); None: no limit from it.
 
     Returns:
         (complete qids, qids whose partial records were removed). The file is rewritten atomically
         (temporary file, fsync, rename) only when something had to be removed.
 
     Raises:
-        SampleLogError: an unreadable line before the last, a duplicate (qid, sample), or a qid with
-            a sample index outside 0 .. per_question-1 (written with another n or total_epochs).
+        SampleLogError: an unreadable line before the last, a duplicate (qid, sample), a qid with
+            a sample index outside 0 .. per_question-1 (written with another n or total_epochs), or
+            incomplete questions that no interruption leaves (written with a smaller n or total_epochs).
     """
     if not os.path.exists(path):
         return set(), []
@@ -125,6 +132,15 @@ def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
                 "away or set trainer.sample_output")
     complete = {qid for qid, seen in samples.items() if seen == full}
     partial = sorted(qid for qid in samples if qid not in complete)
+    alike = len(partial) > 1 and len({frozenset(samples[qid]) for qid in partial}) == 1
+    if alike or (batch_size is not None and len(partial) > batch_size):
+        counts = Counter(len(samples[qid]) for qid in partial)
+        raise SampleLogError(
+            f"{path}: {len(partial)} questions have fewer than the {per_question} samples this run makes "
+            f"(worker.rollout.n x trainer.total_epochs), {dict(sorted(counts.items()))} (samples: questions), "
+            f"more than an interrupted batch leaves: the file was written with a smaller n or total_epochs. "
+            "Resuming would delete those samples: move the file away or set trainer.sample_output to a new "
+            "file (or rerun with the settings that wrote it)")
     truncated = good_bytes != os.path.getsize(path)
     if partial or truncated:
         _rewrite_keeping(path, complete, good_bytes)
@@ -250,7 +266,7 @@ def run(argv: list[str]) -> SampleSummary:
     dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg.worker.actor.model))
     summary.questions = len(dataset)
     _report_dropped(summary, cfg.data.train_files)
-    complete, summary.removed_partial = recover_output(out, per_question)
+    complete, summary.removed_partial = recover_output(out, per_question, cfg.data.rollout_batch_size)
     if summary.removed_partial:
         print(f"{out}: removed the records of {len(summary.removed_partial)} questions sampled only in part "
               "(an interrupted batch); they are sampled again", flush=True)

@@ -69,6 +69,21 @@ def test_recover_rejects_a_file_it_cannot_trust(tmp_path):
         recover_output(path, 2)
 
 
+def test_a_file_from_a_smaller_n_is_refused_not_emptied(tmp_path):
+    """Raising n (or total_epochs) leaves every question short: resuming must not delete the old samples."""
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [_rec(q, s) for q in "abc" for s in range(4)])
+    before = open(path, "rb").read()
+    with pytest.raises(SampleLogError, match=r"3 questions have fewer than the 8 samples.*\{4: 3\}.*smaller n"):
+        recover_output(path, 8)
+    assert open(path, "rb").read() == before  # the refused file is left as it was
+    os.remove(path)
+    append_records(path, [_rec(q, 0) for q in "abcde"] + [_rec("e", 1)])  # more than a batch of 4, counts differ
+    with pytest.raises(SampleLogError, match="5 questions"):
+        recover_output(path, 8, batch_size=4)
+    assert recover_output(path, 8, batch_size=8)[1] == list("abcde")  # within one batch: an interruption
+
+
 # -- a run on the tiny model ---------------------------------------------------------------------------
 N, EPOCHS = 2, 2  # 4 responses per question
 
