@@ -168,9 +168,32 @@ def _read_hub(source: str) -> Iterator[RawRecord]:
         table = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types (network, missing split, ...)
         raise DataError(f"{source!r}: datasets.load_dataset({name!r}, split={split!r}) failed: {err}") from err
+    table = table.cast(_undecoded_images(table.features))
     stem = f"{name.rstrip('/').split('/')[-1]}-{split}"
     for index, value in enumerate(table):
         yield RawRecord(value, source, stem, index)
+
+
+def _undecoded_images(features: Any) -> Any:
+    """The features with every image column left as {"bytes", "path"}.
+
+    `datasets` decodes images while rows are read: one corrupt image would stop the whole load with a bare
+    PIL error, and every image would sit decoded in memory. Undecoded, images go through the same checks
+    and lazy decoding as those of local files.
+    """
+    import datasets
+
+    if isinstance(features, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(features, dict):  # Features, and a struct's dict of fields
+        return type(features)({key: _undecoded_images(value) for key, value in features.items()})
+    if isinstance(features, (list, tuple)):
+        return [_undecoded_images(value) for value in features]
+    if isinstance(features, datasets.List):
+        return datasets.List(_undecoded_images(features.feature), length=features.length)
+    if isinstance(features, datasets.LargeList):
+        return datasets.LargeList(_undecoded_images(features.feature))
+    return features
 
 
 def iter_source(source: str) -> Iterator[RawRecord]:

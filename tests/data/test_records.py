@@ -112,6 +112,30 @@ def test_hub_style_source_goes_through_datasets(tmp_path, monkeypatch):
     assert records == [{"problem": "from datasets", "answer": "9", "qid": "h0", "images": [], "key_words": []}]
 
 
+def test_hub_images_arrive_undecoded(tmp_path, monkeypatch):
+    """datasets decodes Image columns as rows are read: one corrupt image stopped the whole load with a bare
+    PIL error. Now images arrive as bytes and are checked (and counted when skipped) like local files."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    png = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(png, format="PNG")
+    features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "images": datasets.List(datasets.Image())})
+    (tmp_path / "hubby" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"problem": ["<image>q1", "<image>q2"], "answer": ["a", "b"],
+         "images": [[{"bytes": png.getvalue(), "path": None}], [{"bytes": b"not an image", "path": "broken.png"}]]},
+        features=features).to_parquet(str(tmp_path / "hubby" / "data" / "train-00000.parquet"))
+    records, report = load_records(f"{tmp_path / 'hubby'}@train")
+    assert report.kept == 2 and [type(r["images"][0]) for r in records] == [bytes, bytes]
+    assert records[0]["images"][0] == png.getvalue()
+
+
 def test_missing_source_and_empty_directory(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         load_records(str(tmp_path / "nope.json"))
