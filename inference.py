@@ -19,6 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
+from pebr.config import ConfigError  # noqa: E402
 from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, check_model_path, generate_texts, make_engine  # noqa: E402
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
@@ -46,6 +47,7 @@ def answer(
 
     from pebr.data.dataset import build_messages, load_format_prompt
     from pebr.data.images import load_image
+    from pebr.data.records import DataError
 
     for path, what in ((image, "image"), (model_path, "model_path")):
         if not os.path.exists(path):
@@ -54,7 +56,10 @@ def answer(
     template = load_format_prompt(format_prompt) if format_prompt else None
     prompt = processor.apply_chat_template(build_messages(question, 1, template), add_generation_prompt=True,
                                            tokenize=False)
-    picture = load_image(image, None, max_pixels=max_pixels)
+    try:
+        picture = load_image(image, None, max_pixels=max_pixels)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying a file is not a readable image
+        raise DataError(f"image {image!r} cannot be read: {err}") from err
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_pixels", type=int, default=None, help="downscale larger images to this area")
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
+    if not os.path.isfile(args.image):
+        raise ConfigError(f"--image {args.image!r}: no such file")
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,

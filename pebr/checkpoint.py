@@ -13,7 +13,9 @@ Layout of one checkpoint (the directory appears only once it is complete):
 
 A save goes to `global_step_{k}.partial/` and is renamed when every rank has written its files, so a
 crash during a save leaves a `.partial` directory that is ignored and cleaned up, never a half
-checkpoint that a restart would load. Weights are never pickled: tensors are safetensors, the rest JSON.
+checkpoint that a restart would load. Deleting works the other way round: a checkpoint is first renamed to
+`global_step_{k}.deleting/`, then removed, so a crash while deleting never leaves a half checkpoint under
+its step's name either. Weights are never pickled: tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations
@@ -63,28 +65,47 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 
 def remove_partial(checkpoint_dir: str) -> list[str]:
-    """Delete leftovers of interrupted saves; returns what was removed."""
+    """Delete leftovers of interrupted saves and deletions; returns what was removed."""
     removed = []
     if os.path.isdir(checkpoint_dir):
         for name in os.listdir(checkpoint_dir):
-            if name.endswith(".partial"):
+            if name.endswith((".partial", ".deleting")):
                 shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
                 removed.append(name)
     return removed
 
 
+def _delete(path: str) -> None:
+    """Remove a checkpoint directory so that no crash leaves part of it under its own name."""
+    doomed = path + ".deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: int) -> str:
-    """Write the trainer state into the partial directory, publish it by renaming, then rotate."""
+    """Write the trainer state into the partial directory, publish it by renaming, then rotate.
+
+    Rotation keeps the `save_limit` highest steps up to this one and never touches a later step (the
+    trainer refuses to start a run below another run's checkpoints, see `later_steps`).
+    """
     tmp = partial_dir(checkpoint_dir, step)
     atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state)
     final = step_dir(checkpoint_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
-        shutil.rmtree(final)
+        _delete(final)
     os.replace(tmp, final)
     if save_limit > 0:
-        for old in complete_steps(checkpoint_dir)[:-save_limit]:
-            shutil.rmtree(step_dir(checkpoint_dir, old), ignore_errors=True)
+        earlier = [s for s in complete_steps(checkpoint_dir) if s < step]
+        for old in earlier[: max(0, len(earlier) - (save_limit - 1))]:
+            _delete(step_dir(checkpoint_dir, old))
     return final
+
+
+def later_steps(checkpoint_dir: str, step: int) -> list[int]:
+    """Complete checkpoints in `checkpoint_dir` of a step after `step`: another run's, when a run starts at
+    `step` (auto-resume would take them for this run's, and rotation would keep them over this run's)."""
+    return [s for s in complete_steps(checkpoint_dir) if s > step]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -100,10 +121,24 @@ def _placement(t: torch.Tensor) -> dict:
 
 
 def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors to a safetensors file atomically and durably (fsynced before the rename).
+
+    Tensors that share memory (tied embeddings, whose local shards already sit in CPU memory on CPU runs
+    and with CPU offload) are copied apart, since safetensors refuses shared storage.
+    """
     from safetensors.torch import save_file
 
+    seen: set[int] = set()
+    host = {}
+    for name, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        pointer = value.untyped_storage().data_ptr()
+        host[name] = value.clone() if pointer in seen and value.numel() else value
+        seen.add(pointer)
     tmp = path + ".tmp"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+    save_file(host, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -148,18 +183,15 @@ def check_resumable(checkpoint_dir: str, world_size: int) -> None:
             (trainer.save_model_only), or its shard index is missing.
     """
     actor_dir = os.path.join(checkpoint_dir, "actor")
-    try:
-        with open(os.path.join(actor_dir, INDEX_FILE)) as f:
-            saved = json.load(f)["world_size"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{actor_dir}: no readable {INDEX_FILE} ({err})") from err
+    saved = read_index(actor_dir)["world_size"]
     if saved != world_size:
         raise CheckpointError(f"{checkpoint_dir} was saved by {saved} workers and resumes only with as many "
                               f"(trainer.nnodes x trainer.n_gpus_per_node = {world_size} now)")
     if not os.path.isfile(os.path.join(actor_dir, f"optim_world_size_{world_size}_rank_0.safetensors")):
         raise CheckpointError(f"{checkpoint_dir} holds the weights only (saved with trainer.save_model_only=true), "
                               "so training cannot resume from it; to start a new run from these weights, merge "
-                              "them (scripts/model_merger.py) and set worker.actor.model.model_path")
+                              "them (scripts/model_merger.py), set worker.actor.model.model_path to the merged "
+                              "model and trainer.save_checkpoint_path to a new directory")
 
 
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -197,6 +229,24 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
         scheduler.load_state_dict(extra["scheduler"])
 
 
+def read_index(actor_dir: str) -> dict[str, Any]:
+    """The shard index of an actor checkpoint: {"world_size": W, "tensors": {name: {shape, shard_dim}}}.
+
+    Raises:
+        CheckpointError: naming the file when it is missing, not JSON or lacks a key.
+    """
+    path = os.path.join(actor_dir, INDEX_FILE)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        if not isinstance(index.get("world_size"), int) or not isinstance(index.get("tensors"), dict):
+            raise ValueError("no integer 'world_size' and 'tensors' mapping")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
+                              "global_step_* directory") from err
+    return index
+
+
 def check_complete(actor_dir: str) -> int:
     """Return the world size of a complete sharded actor checkpoint, or raise CheckpointError."""
     actor_dir = os.path.abspath(actor_dir)
@@ -207,8 +257,7 @@ def check_complete(actor_dir: str) -> int:
     index_path = os.path.join(actor_dir, INDEX_FILE)
     if not os.path.isfile(index_path):
         raise CheckpointError(f"{index_path} is missing: not a sharded actor checkpoint")
-    with open(index_path) as f:
-        world = json.load(f)["world_size"]
+    world = read_index(actor_dir)["world_size"]
     for r in range(world):
         path = os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors")
         if not os.path.isfile(path):
@@ -221,10 +270,15 @@ def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     world = check_complete(actor_dir)
-    with open(os.path.join(actor_dir, INDEX_FILE)) as f:
-        index = json.load(f)["tensors"]
-    handles = [safe_open(os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors"), "pt")
-               for r in range(world)]
+    index = read_index(actor_dir)["tensors"]
+    handles = []
+    for r in range(world):
+        path = os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors")
+        try:
+            handles.append(safe_open(path, "pt"))
+        except Exception as err:  # safetensors raises its own error type for a damaged header
+            raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
+                                  "global_step_* directory") from err
     full = {}
     for name, info in index.items():
         dim = info["shard_dim"]

@@ -106,13 +106,19 @@ def generate_texts(
 
 
 def check_model_path(model_path: str) -> None:
-    """A model path that can only be local and is not a directory is the user's error, said before transformers
-    raises on it; anything shaped like a hub id ("org/name") is left to transformers.
+    """A model path that can only be local and is not a directory, or a directory without weights, is the user's
+    error, said before transformers raises on it; anything shaped like a hub id ("org/name") is left to
+    transformers.
 
     Raises:
-        ConfigError: naming --model_path.
+        ConfigError: naming --model_path (and, for a trainer checkpoint's huggingface/ folder, the merger).
     """
-    if os.path.isdir(os.path.expanduser(model_path)):
+    directory = os.path.expanduser(model_path)
+    if os.path.isdir(directory):
+        if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory)):
+            raise ConfigError(f"--model_path {model_path!r} holds no weights (*.safetensors); a trainer checkpoint's "
+                              "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
+                              "<global_step_k>/actor")
         return
     if looks_local(model_path) or model_path.count("/") != 1:
         raise ConfigError(f"--model_path {model_path!r}: no such directory")

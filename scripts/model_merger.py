@@ -28,7 +28,11 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
     Args:
         local_dir: the `.../global_step_k/actor` directory.
         target_dir: where to write; default `<local_dir>/huggingface`.
-        dtype: weight dtype on disk; "auto" keeps the config's dtype (fp32 when it names none).
+        dtype: weight dtype on disk; "auto" keeps the config's dtype, which the trainer saves as the base
+            model's (fp32 when it names none).
+
+    The weights are written to `<target_dir>.merging` first and moved in when complete, replacing the
+    target's previous weight files (a stale shard index would make loaders look for shards that are gone).
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -44,15 +48,28 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
         model = AutoModelForImageTextToText.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(getattr(torch, name))
+    staging = os.path.abspath(target_dir).rstrip("/") + ".merging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    written = set(os.listdir(staging))
     os.makedirs(target_dir, exist_ok=True)
-    model.save_pretrained(target_dir, safe_serialization=True)
+    for f in os.listdir(target_dir):
+        if _is_weight_file(f):
+            os.remove(os.path.join(target_dir, f))
+    for f in written:
+        os.replace(os.path.join(staging, f), os.path.join(target_dir, f))
+    shutil.rmtree(staging, ignore_errors=True)
     if os.path.abspath(target_dir) != os.path.abspath(hf_dir):
+        # The tokenizer, processor and chat template; not the config, which save_pretrained wrote with the dtype.
         for f in os.listdir(hf_dir):
-            if not f.endswith(".safetensors") and f != "model.safetensors.index.json":
-                src = os.path.join(hf_dir, f)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(target_dir, f))
+            src = os.path.join(hf_dir, f)
+            if f not in written and not _is_weight_file(f) and os.path.isfile(src):
+                shutil.copy2(src, os.path.join(target_dir, f))
     return target_dir
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin")) or name.endswith(".index.json")
 
 
 def main(argv: list[str] | None = None) -> int:

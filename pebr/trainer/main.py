@@ -109,8 +109,9 @@ def run(argv: list[str]) -> None:
 
 
 def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None) -> int:
-    """Run an entry point. A bad configuration or data file is the user's input, not a crash: its message
-    goes to stderr and the exit code is 2."""
+    """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
+    message goes to stderr and the exit code is 2."""
+    from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -122,6 +123,9 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None) -> int:
         return 2
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -346,6 +346,14 @@ class RayPPOTrainer:
             self.global_step = state["global_step"]
             self.sampler.load_state_dict(state["sampler"])
             self._batches = iter(self.sampler)
+        later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
+        if later:
+            raise checkpoint.CheckpointError(
+                f"{self.ckpt_dir} holds checkpoints of steps {later[:5]} after the step this run starts at "
+                f"({self.global_step}), from another run: a later auto-resume would take them for this run's, and "
+                "save_limit would delete this run's saves before them. Resume from the latest "
+                "(trainer.find_last_checkpoint=true, no trainer.load_checkpoint_path), or set another "
+                "trainer.save_checkpoint_path")
         os.makedirs(self.ckpt_dir, exist_ok=True)
         with open(os.path.join(self.ckpt_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))

@@ -42,13 +42,17 @@ def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free
 
     With `padding_free` its attention is the variable-length one (`pebr.workers.attention`), which packed
     micro-batches (`collate_packed`) need to cost no more than padded ones; otherwise SDPA.
+    The dtype the checkpoint was stored in is kept as `model.source_dtype` (None when its config names
+    none), so that saved configs, and models merged from them, keep the base model's dtype.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    source_dtype = getattr(config, "dtype", None)
     model = AutoModelForImageTextToText.from_pretrained(
         model_path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
         attn_implementation=register_varlen_attention() if padding_free else "sdpa")
+    model.source_dtype = source_dtype
     return model
 
 

@@ -18,6 +18,7 @@ or a share that stayed where it was generated), and the update receives only the
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -245,7 +246,10 @@ class FSDPWorker:
                                 None if model_only else self.scheduler, self.rank, self.world_size)
         if self.rank == 0:
             hf_dir = os.path.join(actor_dir, "huggingface")
-            self.model.config.save_pretrained(hf_dir)
+            config = copy.deepcopy(self.model.config)
+            if getattr(self.model, "source_dtype", None) is not None:
+                config.dtype = self.model.source_dtype  # the base model's, not the fp32 of the master weights
+            config.save_pretrained(hf_dir)
             self.processor.save_pretrained(hf_dir)
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:

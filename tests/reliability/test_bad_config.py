@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -74,3 +76,22 @@ def test_bad_setting_exits_2_naming_the_key_without_ray(case, base_argv, bad_dat
     # Failing early is shown by what did not happen (no Ray session). The time is reported, not asserted:
     # a 10 s bound failed once on a busy 2-core CI machine (10.4 s), and timings belong in benchmarks/.
     print(f"\nfault report: {case} -> rc 2 in {elapsed:.1f} s: {proc.stderr.strip().splitlines()[-1]}")
+
+
+@pytest.mark.slow
+def test_a_run_below_another_runs_checkpoints_is_refused(base_argv, tmp_path):
+    """A fresh run (or one resumed from elsewhere) in a folder holding later steps would have its saves
+    rotated away by save_limit, and a later auto-resume would pick the other run's step."""
+    run_dir = tmp_path / "run"
+    (run_dir / "global_step_7").mkdir(parents=True)
+    (run_dir / "global_step_7" / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    proc = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *base_argv,
+                           f"trainer.save_checkpoint_path={run_dir}", "trainer.find_last_checkpoint=false"],
+                          cwd=ROOT, env={**os.environ, **CHILD_ENV, "RAY_TMPDIR": ray_tmp},
+                          capture_output=True, text=True, timeout=300)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "checkpoint error:" in proc.stderr and "steps [7] after the step this run starts at (0)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(run_dir)) == ["global_step_7"]  # nothing written beside it

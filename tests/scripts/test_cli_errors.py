@@ -20,6 +20,12 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     ("evaluate", ["--model_path", "{model}", "--data", "/nonexistent/test.json"], "/nonexistent/test.json"),
     ("sft_warmup", ["--model_path", "/nonexistent/model", "--data", "x.json", "--output_dir", "{tmp}"],
      "sft config: model_path '/nonexistent/model' is not a directory"),
+    ("inference", ["--model_path", "{model}", "--image", "/nonexistent/photo.jpg"],
+     "--image '/nonexistent/photo.jpg': no such file"),
+    ("inference", ["--model_path", "{tmp}/not_an_image", "--image", "{tmp}/not_an_image/config.json"],
+     "holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface folder gets them from "
+     "scripts/model_merger.py"),
+    ("inference", ["--model_path", "{model}", "--image", "{model}/config.json"], "/config.json' cannot be read"),
 ])
 def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys):
     """Through `run_cli`, as each script's __main__ runs it."""
@@ -28,6 +34,9 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     from pebr.trainer.main import run_cli
 
     main = importlib.import_module(tool).main
+    unmerged = tmp_path / "not_an_image"  # what a checkpoint's actor/huggingface holds before merging
+    unmerged.mkdir()
+    (unmerged / "config.json").write_text("{}")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
     assert message in capsys.readouterr().err
 

@@ -36,8 +36,8 @@ def test_inference_prints_answer_and_extracted_answer(backend, tiny_model_dir, c
 def test_inference_names_a_missing_image(tiny_model_dir) -> None:
     import inference
 
-    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
-        inference.main(["--model_path", tiny_model_dir, "--image", "/nowhere.jpg"])
+    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):  # the library call; the CLI's exit 2 is in test_cli_errors
+        inference.answer(tiny_model_dir, "/nowhere.jpg", "How many?")
 
 
 def test_summarize_by_hand() -> None:

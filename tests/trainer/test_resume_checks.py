@@ -36,5 +36,75 @@ def test_a_weights_only_checkpoint_is_refused_with_the_way_forward(tmp_path):
                                                          r".*scripts/model_merger\.py"):
         checkpoint.check_resumable(path, 1)
     os.remove(os.path.join(path, "actor", checkpoint.INDEX_FILE))
-    with pytest.raises(checkpoint.CheckpointError, match=r"no readable shard_index\.json"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"shard_index\.json cannot be read"):
         checkpoint.check_resumable(path, 1)
+
+
+def test_rotation_keeps_this_save_and_never_deletes_a_later_step(tmp_path):
+    for step in (1, 2, 3):
+        saved(tmp_path, step, with_optimizer=False)
+    checkpoint.save_sharded(str(tmp_path / "global_step_4.partial" / "actor"), torch.nn.Linear(4, 3), None, None, 0, 1)
+    checkpoint.finalize(str(tmp_path), 4, {"global_step": 4}, save_limit=2)
+    assert checkpoint.complete_steps(str(tmp_path)) == [3, 4]
+    # Steps of another run above this save: it used to be rotated away itself, leaving the other run's steps.
+    for step in (10, 20):
+        saved(tmp_path, step, with_optimizer=False)
+    assert checkpoint.later_steps(str(tmp_path), 4) == [10, 20]
+    checkpoint.save_sharded(str(tmp_path / "global_step_5.partial" / "actor"), torch.nn.Linear(4, 3), None, None, 0, 1)
+    checkpoint.finalize(str(tmp_path), 5, {"global_step": 5}, save_limit=2)
+    assert checkpoint.complete_steps(str(tmp_path)) == [4, 5, 10, 20]
+
+
+def test_a_crash_while_deleting_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    for step in (1, 2):
+        saved(tmp_path, step, with_optimizer=True)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if path.endswith(".deleting") and os.path.isdir(path):
+            os.remove(os.path.join(path, "actor", "model_world_size_1_rank_0.safetensors"))
+            raise KeyboardInterrupt  # the process dies with part of the directory gone
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    checkpoint.save_sharded(str(tmp_path / "global_step_3.partial" / "actor"), torch.nn.Linear(4, 3), None, None, 0, 1)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.finalize(str(tmp_path), 3, {"global_step": 3}, save_limit=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    # Step 1 was renamed away before its files went: it is not taken for a complete checkpoint.
+    assert checkpoint.complete_steps(str(tmp_path)) == [2, 3]
+    assert checkpoint.remove_partial(str(tmp_path)) == ["global_step_1.deleting"]
+    assert sorted(os.listdir(tmp_path)) == ["global_step_2", "global_step_3"]
+
+
+class Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight  # as Qwen2.5-VL-3B ties lm_head to embed_tokens
+
+
+def test_tied_weights_save_and_load(tmp_path):
+    """safetensors refuses tensors sharing memory; on CPU the local shards are not copied on their way out."""
+    model = Tied()
+    actor = str(tmp_path / "global_step_1.partial" / "actor")
+    checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1)
+    final = checkpoint.finalize(str(tmp_path), 1, {"global_step": 1}, save_limit=-1)
+    merged = checkpoint.merge_shards(os.path.join(final, "actor"))
+    assert torch.equal(merged["head.weight"], model.embed.weight) and torch.equal(merged["embed.weight"],
+                                                                                   model.embed.weight)
+    fresh = Tied()
+    checkpoint.load_sharded(os.path.join(final, "actor"), fresh, None, None, rank=0, world_size=1)
+    assert torch.equal(fresh.embed.weight, model.embed.weight) and fresh.head.weight is fresh.embed.weight
+
+
+@pytest.mark.parametrize("damage", ["index", "shard"])
+def test_damaged_files_are_named(tmp_path, damage):
+    path = saved(tmp_path, 1, with_optimizer=False)
+    actor = os.path.join(path, "actor")
+    target = os.path.join(actor, checkpoint.INDEX_FILE if damage == "index" else "model_world_size_1_rank_0.safetensors")
+    with open(target, "r+b") as f:
+        f.truncate(5)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{target} cannot be read .*damaged"):
+        checkpoint.merge_shards(actor)

@@ -1,0 +1,77 @@
+"""scripts/model_merger.py: the dtype on disk and in config.json, and a target that held another model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from pebr import checkpoint
+from pebr.workers.actor import load_hf_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from model_merger import merge  # noqa: E402
+
+
+@pytest.fixture
+def bf16_checkpoint(tiny_model_dir, tmp_path) -> tuple[str, dict]:
+    """A one-rank checkpoint of a model stored in bf16, as the trainer saves it (fp32 master weights)."""
+    from transformers import AutoModelForImageTextToText
+
+    base = str(tmp_path / "base_bf16")
+    AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for name in os.listdir(tiny_model_dir):  # tokenizer, processor, chat template
+        if not name.endswith(".safetensors") and name not in os.listdir(base):
+            shutil.copy(os.path.join(tiny_model_dir, name), base)
+    model = load_hf_model(base)
+    assert model.dtype == torch.float32 and model.source_dtype == torch.bfloat16
+    actor = str(tmp_path / "run" / "global_step_1.partial" / "actor")
+    checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1)
+    hf_dir = os.path.join(actor, "huggingface")
+    config = model.config
+    config.dtype = model.source_dtype  # what FSDPWorker.save_checkpoint writes
+    config.save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+        if os.path.exists(os.path.join(base, name)):
+            shutil.copy(os.path.join(base, name), hf_dir)
+    final = checkpoint.finalize(str(tmp_path / "run"), 1, {"global_step": 1}, save_limit=-1)
+    return os.path.join(final, "actor"), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def saved_dtype(directory: str) -> str:
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)["dtype"]
+
+
+def test_auto_keeps_the_base_models_dtype(bf16_checkpoint):
+    from safetensors import safe_open
+
+    actor, _ = bf16_checkpoint
+    out = merge(actor)
+    assert saved_dtype(out) == "bfloat16"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
+def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    actor, weights = bf16_checkpoint
+    target = tmp_path / "served"
+    target.mkdir()
+    # What a sharded save of another model leaves: an index naming shards, and the shards.
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    out = merge(actor, str(target), dtype="fp32")
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    assert saved_dtype(out) == "float32"  # the config save_pretrained wrote, not the checkpoint's copied over it
+    assert os.path.isfile(os.path.join(out, "tokenizer.json")) and not os.path.exists(f"{target}.merging")
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
+    assert merged.dtype == torch.float32
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
