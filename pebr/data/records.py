@@ -106,7 +106,7 @@ def _read_json(path: str) -> Iterator[RawRecord]:
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is skipped
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from err
     except json.JSONDecodeError as err:
@@ -127,7 +127,7 @@ def _read_jsonl(path: str) -> Iterator[RawRecord]:
             if not line.strip():
                 continue
             try:
-                value, parse_error = json.loads(line.decode("utf-8")), None
+                value, parse_error = json.loads(line.decode("utf-8-sig")), None
             except UnicodeDecodeError as err:
                 value, parse_error = None, f"not UTF-8 text (byte {err.start})"
             except json.JSONDecodeError as err:

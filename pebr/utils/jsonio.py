@@ -22,7 +22,7 @@ def read_json_records(path: str, error: type[Exception] = ValueError) -> list[An
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is skipped
             if path.endswith(".jsonl"):
                 records = []
                 for line_number, line in enumerate(handle, start=1):

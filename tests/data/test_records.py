@@ -320,3 +320,11 @@ def test_loading_records_does_not_import_torch():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert result.stdout.strip() == "False"
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    record = {"qid": "bom", "problem": "q", "answer": "1"}
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({**record, "qid": "bom2"}).encode() + b"\n")
+    records, report = load_records(str(tmp_path))
+    assert [r["qid"] for r in records] == ["bom", "bom2"] and report.num_skipped == 0
