@@ -24,8 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", default="_rollout_outputs/rollouts.jsonl",
                         help="JSONL rollouts from pebr.trainer.sample_main (trainer.sample_output)")
-    parser.add_argument("--dataset", default="dataset/train.json", help="the data set that was sampled (the sampling run's data.train_files: a .json, .jsonl or "
-                             ".parquet file, a directory of them, or a hub name@split)")
+    parser.add_argument("--dataset", default="dataset/train.json",
+                        help="the data set that was sampled (the sampling run's data.train_files: a .json, .jsonl "
+                             "or .parquet file, a directory of them, or a hub name@split)")
     parser.add_argument("--output_dir", default="dataset", help="where easycase/mediumcase/hardcase.json go")
     parser.add_argument("--n", type=int, default=8,
                         help="rollouts per question (worker.rollout.n x trainer.total_epochs of the sampling run)")

@@ -276,6 +276,11 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~"))
 
 
+def looks_like_model_id(path: str) -> bool:
+    """A path shaped like a hub model id ("org/name"), which the hub or its local cache may resolve."""
+    return not looks_local(path) and path.count("/") == 1
+
+
 def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     """Check settings that the type system cannot; raise ConfigError naming the key.
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pebr.config import ConfigError, looks_local
+from pebr.config import ConfigError, looks_like_model_id
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.jsonio import atomic_write_text
 
@@ -120,7 +120,7 @@ def check_model_path(model_path: str) -> None:
                               "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
                               "<global_step_k>/actor")
         return
-    if looks_local(model_path) or model_path.count("/") != 1:
+    if not looks_like_model_id(model_path):
         raise ConfigError(f"--model_path {model_path!r}: no such directory")
 
 

@@ -69,7 +69,7 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
 
 
 def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin")) or name.endswith(".index.json")
+    return name.endswith((".safetensors", ".bin", ".index.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

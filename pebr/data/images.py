@@ -173,9 +173,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         grey = image if image.mode in ("I", "F") else image.convert("I")
-        brightest = grey.getextrema()[1]
         # 16-bit data is 0..65535 whatever the mode says; 8-bit data stored in a wider mode stays as it is.
-        top = 65535 if image.mode.startswith("I;16") else 255 if brightest <= 255 else max(65535, brightest)
+        if image.mode.startswith("I;16"):
+            top = 65535
+        else:
+            brightest = grey.getextrema()[1]
+            top = 255 if brightest <= 255 else max(65535, brightest)
         scale = 255 / top
         return grey.point(lambda v: v * scale).convert("L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pebr.config import looks_local
+from pebr.config import looks_like_model_id
 
 __all__ = ["ClipScorer", "resolve_model_dir", "SHORT_TEXT_POSITIONS"]
 
@@ -42,7 +42,7 @@ def resolve_model_dir(path: str, key: str = "clip_model_path") -> str:
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         return expanded
-    if looks_local(path) or path.count("/") != 1:
+    if not looks_like_model_id(path):
         raise FileNotFoundError(f"CLIP model directory not found: {path!r} ({key})")
     from huggingface_hub import snapshot_download  # imported here: only hub ids need it
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import ray
 from PIL import Image
 
-from pebr.config import looks_local
+from pebr.config import looks_like_model_id
 from pebr.rewards.clip import ClipScorer
 from pebr.rewards.manager import RewardManager
 
@@ -125,7 +125,7 @@ def get_clip_scorer(
     """
     if os.path.isdir(os.path.expanduser(model_path)):
         model_path = os.path.abspath(os.path.expanduser(model_path))
-    elif looks_local(model_path) or model_path.count("/") != 1:
+    elif not looks_like_model_id(model_path):
         raise FileNotFoundError(f"CLIP model directory not found: {model_path!r} (clip_model_path)")
     if use_ray is None:
         use_ray = ray.is_initialized()
