@@ -19,6 +19,7 @@ setup(
         "omegaconf>=2.3",
         "datasets",
         "safetensors",
+        "peft>=0.21",
         "pillow",
         "tqdm",
         "mathruler",

@@ -143,8 +143,12 @@ def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 scheduler: Any, rank: int, world_size: int) -> None:
-    """Write this rank's shards of the model (and optimizer) into `actor_dir`."""
+                 scheduler: Any, rank: int, world_size: int, lora: dict | None = None) -> None:
+    """Write this rank's shards of the model (and optimizer) into `actor_dir`.
+
+    `lora` ({"rank", "alpha", "target_modules"} of a model with LoRA adapters) goes into the shard index, which
+    the merger reads to fold the adapters into the weights and a resume checks against its settings.
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     os.makedirs(actor_dir, exist_ok=True)
@@ -152,8 +156,10 @@ def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     model_sd = get_model_state_dict(model)
     _save_tensors(os.path.join(actor_dir, f"model_{tag}.safetensors"), {k: _local(v) for k, v in model_sd.items()})
     if rank == 0:
-        atomic_write_json(os.path.join(actor_dir, INDEX_FILE),
-                          {"world_size": world_size, "tensors": {k: _placement(v) for k, v in model_sd.items()}})
+        index = {"world_size": world_size, "tensors": {k: _placement(v) for k, v in model_sd.items()}}
+        if lora:
+            index["lora"] = lora
+        atomic_write_json(os.path.join(actor_dir, INDEX_FILE), index)
     if optimizer is None:
         return
     optim_sd = get_optimizer_state_dict(model, optimizer)
@@ -175,15 +181,23 @@ def _with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local.to(template.device, template.dtype)
 
 
-def check_resumable(checkpoint_dir: str, world_size: int) -> None:
+def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = None) -> None:
     """Refuse, before any worker starts, a checkpoint the workers could not resume from.
 
+    Args:
+        lora: the run's LoRA settings ({"rank", "alpha", "target_modules"}), None without LoRA.
+
     Raises:
-        CheckpointError: it was saved by another number of workers, or without optimizer state
-            (trainer.save_model_only), or its shard index is missing.
+        CheckpointError: it was saved by another number of workers, with other LoRA settings, or without
+            optimizer state (trainer.save_model_only), or its shard index is missing.
     """
     actor_dir = os.path.join(checkpoint_dir, "actor")
-    saved = read_index(actor_dir)["world_size"]
+    index = read_index(actor_dir)
+    saved = index["world_size"]
+    if index.get("lora") != lora:
+        raise CheckpointError(f"{checkpoint_dir} was saved with LoRA settings {index.get('lora')} and this run has "
+                              f"{lora} (worker.actor.model.lora_rank, lora_alpha, lora_target_modules); resume with "
+                              "the saved ones, or start a new run in another trainer.save_checkpoint_path")
     if saved != world_size:
         raise CheckpointError(f"{checkpoint_dir} was saved by {saved} workers and resumes only with as many "
                               f"(trainer.nnodes x trainer.n_gpus_per_node = {world_size} now)")

@@ -86,6 +86,14 @@ class ModelConfig:
     trust_remote_code: bool = False
     freeze_vision_tower: bool = False
     enable_gradient_checkpointing: bool = True
+    # LoRA (pebr/workers/lora.py): rank 0 trains every weight; rank > 0 trains only adapters of rank lora_rank
+    # on these linears of the text decoder (scaled by lora_alpha / lora_rank), everything else frozen. The
+    # reference is then the actor with its adapters off (no second model), and the engine and merged
+    # checkpoints get the folded weights W + scale * B @ A.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
@@ -339,6 +347,15 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                 raise ConfigError(f"{key}=true is not implemented (nothing is moved off the device between phases); "
                                   f"worker.{role}.fsdp.enable_cpu_offload=true keeps parameters, gradients and "
                                   "optimizer state on the CPU instead (CUDA only)")
+    lora = actor.model
+    if lora.lora_rank < 0:
+        raise ConfigError(f"worker.actor.model.lora_rank={lora.lora_rank} must be >= 0 (0: no LoRA)")
+    if lora.lora_rank and lora.lora_alpha <= 0:
+        raise ConfigError(f"worker.actor.model.lora_alpha={lora.lora_alpha} must be positive")
+    if lora.lora_rank and (not lora.lora_target_modules
+                           or not all(isinstance(m, str) and m for m in lora.lora_target_modules)):
+        raise ConfigError(f"worker.actor.model.lora_target_modules={list(lora.lora_target_modules)} must be a "
+                          "non-empty list of linear layer names, e.g. [q_proj, v_proj]")
     if actor.share_prompts and not actor.padding_free:
         raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
                           "out once only in a packed row")

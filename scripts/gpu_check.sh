@@ -2,11 +2,11 @@
 # The GPU checks, in one run on a CUDA machine without internet (see README, "Installing for GPUs"):
 #   1. the CUDA tests (tests/gpu: varlen kernel, shared prompts and compiled layers vs padded SDPA in bf16;
 #      the weight sync's bucketed gather on NCCL; GRPO steps with NCCL, FSDP2 bf16 with and without CPU
-#      offload, packing and the hf rollout; checkpoint merge);
+#      offload, with LoRA, packing and the hf rollout; checkpoint merge);
 #   2. benchmarks/gpu_update.py: update-phase tokens/s and MFU, padded vs packed (GPU_BENCH_ARGS="--compile"
 #      adds torch.compile'd decoder layers; quote variant names inside it:
 #      GPU_BENCH_ARGS='--variants "padded, token budget"').
-# Packages the machine lacks may come as wheels in .whl/ and Ray as .gpu/raysite.tar.xz
+# Packages the machine lacks (e.g. transformers 5.19, peft) may come as wheels in .whl/ and Ray as .gpu/raysite.tar.xz
 # (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
 # Results go to $OUT (default ./gpu_out): pytest.log, gpu_update.json, gpu_update.log.
 set -uo pipefail

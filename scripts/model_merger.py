@@ -5,7 +5,8 @@
 
 The default target is `<local_dir>/huggingface`, which already holds the config, tokenizer and processor
 saved with the checkpoint; the merged weights are written there as safetensors, so transformers and
-vLLM load the directory as it is. An incomplete checkpoint (interrupted save) is refused.
+vLLM load the directory as it is. A checkpoint trained with LoRA is written as a plain model, its adapters
+folded into the weights. An incomplete checkpoint (interrupted save) is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import CheckpointError, latest_checkpoint, merge_shards  # noqa: E402
+from pebr.checkpoint import CheckpointError, latest_checkpoint, merge_shards, read_index  # noqa: E402
+from pebr.workers.lora import fold_lora  # noqa: E402
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -41,6 +43,9 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}/config.json is missing: not an actor checkpoint directory")
     state = merge_shards(local_dir)
+    adapters = read_index(local_dir).get("lora")
+    if adapters:  # trained with LoRA: the adapters folded into plain weights, under the base model's names
+        state = dict(fold_lora(state.items(), adapters["alpha"] / adapters["rank"]))
     target_dir = target_dir or hf_dir
     config = AutoConfig.from_pretrained(hf_dir)
     name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")

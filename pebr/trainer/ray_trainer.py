@@ -25,6 +25,7 @@ from pebr.config import ConfigError, PPOConfig, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
 from pebr.utils.jsonio import atomic_write_json
+from pebr.workers.lora import requested_settings
 
 
 class WorkerFailure(RuntimeError):
@@ -338,7 +339,8 @@ class RayPPOTrainer:
         self._batches = iter(self.sampler)
         self._resume_path = self._find_resume_checkpoint()
         if self._resume_path:
-            checkpoint.check_resumable(self._resume_path, cfg.world_size)  # before any worker starts
+            checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
+                                       requested_settings(cfg.worker.actor.model))
             with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
                 import json
 

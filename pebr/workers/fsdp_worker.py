@@ -18,6 +18,7 @@ or a share that stayed where it was generated), and the update receives only the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -30,6 +31,7 @@ from pebr import checkpoint
 from pebr.config import PPOConfig
 from pebr.protocol import Batch
 from pebr.workers import actor as actor_lib
+from pebr.workers import lora
 from pebr.workers.rollout import HFRollout, SamplingConfig, VLLMRollout
 
 
@@ -79,6 +81,8 @@ class FSDPWorker:
             model = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code, wcfg.actor.padding_free)
             if mcfg.freeze_vision_tower:
                 model.model.visual.requires_grad_(False)
+            if mcfg.lora_rank:
+                model = lora.add_lora(model, lora.requested_settings(mcfg))
             if mcfg.enable_gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -88,7 +92,9 @@ class FSDPWorker:
             if wcfg.actor.use_torch_compile:
                 actor_lib.compile_decoder_layers(self.model)
             self.optimizer, self.scheduler = actor_lib.build_optimizer(self.model, wcfg.actor.optim, self.total_steps)
-            if not cfg.algorithm.disable_kl:  # KL as a loss term or as a reward penalty: both need the reference
+            # KL as a loss term or as a reward penalty: both need the reference; with LoRA it is the actor with
+            # its adapters off (`_reference`).
+            if not cfg.algorithm.disable_kl and not mcfg.lora_rank:
                 ref = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code,
                                                wcfg.actor.padding_free).requires_grad_(False)
                 self.ref_model = actor_lib.shard_model(
@@ -108,6 +114,8 @@ class FSDPWorker:
                              dtype=actor_lib.resolve_dtype(rcfg.dtype, self.device),
                              trust_remote_code=mcfg.trust_remote_code)
         dtype = rcfg.dtype if rcfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        # What the weight sync will send: the actor's parameters, LoRA layers folded into plain weights.
+        names = None if self.model is None else lora.folded_names(n for n, _ in self.model.named_parameters())
         return VLLMRollout(
             mcfg.model_path, dtype=dtype,
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
@@ -117,7 +125,20 @@ class FSDPWorker:
             limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank,
             trust_remote_code=mcfg.trust_remote_code,
             tokenizer_path=mcfg.tokenizer_path, external_launcher=True, sleep_mode=self.device.type == "cuda",
-            weight_names=[name for name, _ in self.model.named_parameters()] if self.model is not None else None)
+            weight_names=names)
+
+    def _reference(self) -> tuple[torch.nn.Module | None, contextlib.AbstractContextManager]:
+        """The model that gives reference log-probs, and the context to run it in (None: no KL at all)."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        if self.model is not None and lora.lora_settings(self.model) and not self.cfg.algorithm.disable_kl:
+            return self.model, lora.adapters_disabled(self.model)
+        return None, contextlib.nullcontext()
+
+    def _lora_scaling(self) -> float:
+        """alpha / rank of the actor's LoRA adapters (unused without them)."""
+        settings = lora.lora_settings(self.model)
+        return settings["alpha"] / settings["rank"] if settings else 0.0
 
     # -- rollout ----------------------------------------------------------------------------------
     def sync_weights(self) -> float:
@@ -125,7 +146,9 @@ class FSDPWorker:
         t0 = time.time()
         if self.model is not None and self.weights_stale:
             # Gathered a bucket at a time as the engine consumes them; a collective on every rank.
-            self.rollout.load_weights(actor_lib.full_parameters(self.model, self.device))
+            # LoRA layers are folded into plain weights on the way (a no-op without adapters).
+            self.rollout.load_weights(lora.fold_lora(actor_lib.full_parameters(self.model, self.device),
+                                                     self._lora_scaling()))
         self.weights_stale = False
         return time.time() - t0
 
@@ -194,10 +217,12 @@ class FSDPWorker:
                 temperature, **layout)
             for name, rows in out.items():
                 batch.tensors[name] = torch.cat([torch.zeros(on_policy, rows.shape[1]), rows])
-        if self.ref_model is not None:
-            out["ref_logprobs"], _ = actor_lib.compute_logprobs(
-                self.ref_model, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
-                temperature, **layout, with_entropy=False)
+        reference, context = self._reference()
+        if reference is not None:
+            with context:
+                out["ref_logprobs"], _ = actor_lib.compute_logprobs(
+                    reference, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
+                    temperature, **layout, with_entropy=False)
             batch.tensors["ref_logprobs"] = out["ref_logprobs"]
         self.experience, self.on_policy = batch, on_policy
         return out
@@ -243,7 +268,8 @@ class FSDPWorker:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, actor_dir: str, model_only: bool = False) -> None:
         checkpoint.save_sharded(actor_dir, self.model, None if model_only else self.optimizer,
-                                None if model_only else self.scheduler, self.rank, self.world_size)
+                                None if model_only else self.scheduler, self.rank, self.world_size,
+                                lora=lora.lora_settings(self.model))
         if self.rank == 0:
             hf_dir = os.path.join(actor_dir, "huggingface")
             config = copy.deepcopy(self.model.config)

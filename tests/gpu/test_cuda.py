@@ -125,11 +125,12 @@ def test_bucketed_gather_on_nccl(tiny_model_dir, cpu_offload):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cpu_offload", [False, True])
+@pytest.mark.parametrize("cpu_offload,lora_rank", [(False, 0), (True, 0), (False, 8)])
 def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path,
-                                                    cpu_offload):
+                                                    cpu_offload, lora_rank):
     """Two GRPO steps on the GPU (fused AdamW on DTensors, foreach clipping), then a merged checkpoint. With
-    `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW state live in CPU memory."""
+    `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW state live in CPU memory; with `lora_rank`
+    only adapters train, the reference is the actor with them off, and the merger folds them in."""
     run_dir = str(tmp_path / "run")
     argv = [
         f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
@@ -140,6 +141,7 @@ def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_da
         "worker.actor.fsdp.mixed_precision=bf16", "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
         "worker.actor.model.enable_gradient_checkpointing=true", "data.max_response_length=24",
         f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
+        f"worker.actor.model.lora_rank={lora_rank}", "worker.actor.optim.lr=1e-3",
         "trainer.max_steps=2", "trainer.save_freq=2", "trainer.val_freq=-1", f"trainer.save_checkpoint_path={run_dir}",
     ]
     run(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from pebr import checkpoint
 
 
-def saved(tmp_path, step: int, with_optimizer: bool) -> str:
+def saved(tmp_path, step: int, with_optimizer: bool, lora: dict | None = None) -> str:
     """A real checkpoint of a small model, written as a one-rank run writes it."""
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
@@ -18,7 +19,7 @@ def saved(tmp_path, step: int, with_optimizer: bool) -> str:
         model(torch.randn(2, 4)).sum().backward()
         optimizer.step()
     checkpoint.save_sharded(str(tmp_path / f"global_step_{step}.partial" / "actor"), model, optimizer, None,
-                            rank=0, world_size=1)
+                            rank=0, world_size=1, lora=lora)
     return checkpoint.finalize(str(tmp_path), step, {"global_step": step}, save_limit=-1)
 
 
@@ -28,6 +29,19 @@ def test_a_full_checkpoint_resumes_with_its_world_size_only(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"saved by 1 workers and resumes only with as many "
                                                          r"\(trainer\.nnodes x trainer\.n_gpus_per_node = 2 now\)"):
         checkpoint.check_resumable(path, 2)
+
+
+def test_a_checkpoint_resumes_with_its_lora_settings_only(tmp_path):
+    adapters = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    with_lora = saved(tmp_path / "lora", 1, with_optimizer=True, lora=adapters)
+    checkpoint.check_resumable(with_lora, 1, dict(adapters))
+    for other in (None, {**adapters, "rank": 8}, {**adapters, "target_modules": ["q_proj"]}):
+        with pytest.raises(checkpoint.CheckpointError, match=r"saved with LoRA settings \{'rank': 4.*this run has "
+                                                             + re.escape(str(other))):
+            checkpoint.check_resumable(with_lora, 1, other)
+    plain = saved(tmp_path / "plain", 1, with_optimizer=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"saved with LoRA settings None and this run has \{'rank'"):
+        checkpoint.check_resumable(plain, 1, adapters)
 
 
 def test_a_weights_only_checkpoint_is_refused_with_the_way_forward(tmp_path):
