@@ -288,17 +288,18 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict[str, Any], prefix: str) -> tuple[str, str]:
-    """Write PREFIX.json (the whole result) and PREFIX.md (`markdown_table`); returns both paths.
-
-    A prefix ending in ".json" or ".md" has that suffix dropped first.
-    """
+def report_paths(prefix: str) -> tuple[str, str]:
+    """PREFIX.json and PREFIX.md; a prefix ending in ".json" or ".md" has that suffix dropped first."""
     for suffix in (".json", ".md"):
         if prefix.endswith(suffix):
             prefix = prefix[: -len(suffix)]
-    folder = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(folder, exist_ok=True)
-    json_path, md_path = prefix + ".json", prefix + ".md"
+    return prefix + ".json", prefix + ".md"
+
+
+def write_report(result: dict[str, Any], prefix: str) -> tuple[str, str]:
+    """Write the whole result as JSON and `markdown_table` as markdown to `report_paths(prefix)`; returns both."""
+    json_path, md_path = report_paths(prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     atomic_write_text(json_path, json.dumps(result, indent=2, ensure_ascii=False))
     atomic_write_text(md_path, markdown_table(result))
     return json_path, md_path

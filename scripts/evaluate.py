@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_model_path, evaluate_model,  # noqa: E402
-                             markdown_table)
+                             markdown_table, report_paths)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(markdown_table(result))
     if args.output:
-        print(f"wrote {args.output}.json and {args.output}.md")
+        print("wrote {} and {}".format(*report_paths(args.output)))
     return result
 
 

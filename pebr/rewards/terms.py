@@ -56,12 +56,30 @@ _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
 
 # A multiple-choice ground truth: one capital letter, optionally bracketed, optionally a full stop.
 _CHOICE_TRUTH = re.compile(r"^[(\[]?\s*([A-Z])\s*[)\]]?\s*\.?$")
-# A choice in an answer: "B", "(B)", "[B]", "B.", "B) 12 cm", "Option B: ...". A lower-case letter is
-# accepted only when it is the whole answer, so that "a triangle" is not read as choice A.
+# A choice in an answer: "B", "(B)", "[B]", "B.", "B) 12 cm", "B 12 cm", "Option B: ...", "The answer is B".
+# A capital letter followed by a lower-case word is an article or pronoun ("A triangle", "I think B"), and
+# a lower-case letter counts only when it is the whole answer ("a triangle" is not choice A).
 _CHOICE_ANSWER_UPPER = re.compile(
-    r"^(?:(?:option|choice|answer)\s*:?\s*)?[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s|$)", _FLAGS
+    r"^(?:(?i:(?:the\s+)?(?:correct\s+)?(?:option|choice|answer)(?:\s+is)?)\s*:?\s*)?"
+    r"[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s+(?![a-z])|$)"
 )
 _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
+# Two choices or more ("A, B, C, D", "A or B", "(A)/(B)"): a hedge, wrong whatever the truth.
+_SEVERAL_CHOICES = re.compile(r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
+# Where an answer line goes on to explain itself: a sentence ends, a parenthesis with words in it opens, or
+# a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
+# "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds.
+_EXPLANATION = re.compile(r"[.。;!?]\s+|\s+\((?=[^)]*\b[A-Za-z]{2,}\s)|,?\s+(?i:because|since)\b")
+# A number and what follows it ("20 m/s", "8 \\text{ cm}^2", "30°"), and the unit's markup.
+_NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
+_UNIT_MARKUP = re.compile(r"\\(?:text|mathrm)\s*\{|[{}\s]|\\[,;!]")
+# A unit: common SI-style base units with exponents, joined by / or a product sign ("m/s^2", "kg·m", "cm^2").
+# Named, not guessed: "2x" is an expression, not 2 of a unit x.
+_UNIT = re.compile(r"^(?:(?:k|c|m|µ|n)?(?:m|g|s|l|L|N|J|W|V|A|Pa|Hz)|h|min|mL|ml|mol|K|°C|°F|°|%|rad|deg)"
+                   r"(?:\^-?\d)?(?:[/·*](?:(?:k|c|m)?(?:m|g|s|l|L)|h|min|mol|K)(?:\^-?\d)?)*$")
+# Points named by capital letters, in an answer about a figure ("AB", "\\angle ABC", "∠ABC", "\\triangle ABC").
+_FIGURE_MARKERS = re.compile(r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
+_TRIANGLE = re.compile(r"\\triangle|△")
 
 # Signs and symbols that NFKC leaves alone but graders do not understand.
 _UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot "})
@@ -117,8 +135,8 @@ def extract_final_answer(response: str) -> str:
     if "\\boxed{" in answer:
         boxed = extract_boxed_content(answer)
         if boxed != "None":  # mathruler's marker for an unclosed box
-            answer = boxed
-    return answer.strip()
+            return boxed.strip()
+    return _EXPLANATION.split(answer, maxsplit=1)[0].strip()
 
 
 def _first_answer_line(text: str) -> str:
@@ -150,11 +168,54 @@ def clean_answer(text: str) -> str:
 
 
 def _choice_letter(answer: str) -> str | None:
+    """The one choice an answer names; "" for several (a hedge); None when it names none."""
+    answer = answer.replace("**", "").replace("__", "")  # "**B** 12 cm"
+    if _SEVERAL_CHOICES.match(answer):
+        return ""
     match = _CHOICE_ANSWER_UPPER.match(answer)
     if match and match.group(1).isupper():
         return match.group(1)
     match = _CHOICE_ANSWER_LOWER.match(answer)
     return match.group(1).upper() if match else None
+
+
+def _point_names(text: str) -> tuple[str, bool] | None:
+    """(the capital letters, whether a triangle) of an answer that names points of a figure, else None."""
+    letters = _FIGURE_MARKERS.sub("", text)
+    if len(letters) < 2 or not letters.isascii() or not letters.isalpha() or not letters.isupper():
+        return None
+    return letters, bool(_TRIANGLE.search(text))
+
+
+def _same_figure(answer: tuple[str, bool], truth: tuple[str, bool]) -> bool:
+    """A segment or angle read either way (AB = BA, ABC = CBA, not BAC); a triangle in any order."""
+    (given, given_triangle), (wanted, wanted_triangle) = answer, truth
+    if given_triangle or wanted_triangle:
+        return len(given) == len(wanted) and sorted(given) == sorted(wanted)
+    return given in (wanted, wanted[::-1])
+
+
+def _number_and_unit(text: str) -> tuple[float, str] | None:
+    """(value, unit without markup) of "20 m/s", "8 \\text{ cm}^2", "2.5"; None for anything else."""
+    match = _NUMBER_UNIT.match(text)
+    if match is None:
+        return None
+    unit = _UNIT_MARKUP.sub("", match["unit"]).replace("\\cdot", "·")
+    if unit and not _UNIT.match(unit):
+        return None
+    try:
+        return float(match["number"].replace(",", "")), unit
+    except ValueError:
+        return None
+
+
+def _same_quantity(answer: str, ground_truth: str) -> bool:
+    """Equal numbers with the same unit, or with a unit on one side only. The graders strip some units
+    (cm, degrees) but not others (m/s, \\text{cm}^2), and an answer without its unit is read alike for all."""
+    given, wanted = _number_and_unit(answer), _number_and_unit(ground_truth)
+    if given is None or wanted is None or not math.isclose(given[0], wanted[0], rel_tol=1e-9, abs_tol=1e-12):
+        return False
+    return not given[1] or not wanted[1] or given[1] == wanted[1]
 
 
 def _math_verify_match(answer: str, ground_truth: str) -> bool:
@@ -206,12 +267,15 @@ def answers_match(answer: str, ground_truth: str) -> bool:
             return letter == choice.group(1)
     if given.casefold() == truth.casefold():
         return True
+    names = _point_names(given), _point_names(truth)
+    if None not in names:  # the graders read "BAC" as the product B*A*C, equal to "ABC"
+        return _same_figure(*names)
     try:
         if grade_answer(given, truth):
             return True
     except Exception:  # noqa: BLE001 - mathruler raises on some malformed LaTeX; treat as no match
         pass
-    return _math_verify_match(given, truth)
+    return _math_verify_match(given, truth) or _same_quantity(given, truth)
 
 
 def accuracy_reward(response: str, ground_truth: str) -> float:

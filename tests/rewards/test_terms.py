@@ -78,6 +78,13 @@ def test_format_reward(response: str, expected: float) -> None:
         ("### The final answer is:\n\\[\nx + 1\n\\]", "x + 1"),
         (ONLY_HEADERS, ""),
         ("", ""),
+        # The answer, not the explanation after it (math-verify would keep the explanation's last number).
+        ("### The final answer is: 4. This is because 2+1=3.", "4"),
+        ("### The final answer is: 5 (2 red and 3 blue)", "5"),
+        ("### The final answer is: 3, since 1 + 2 = 3", "3"),
+        ("### The final answer is: 3.14. That is pi.", "3.14"),
+        ("### The final answer is: 2 (x+1)", "2 (x+1)"),  # a bracket of formula, not of words
+        ("### The final answer is: \\boxed{3}. Because 1+2=3", "3"),
     ],
 )
 def test_extract_final_answer(response: str, expected: str) -> None:
@@ -110,6 +117,29 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("x^2+1", "1+x^2", True),
         ("\\sqrt{2}", "\\sqrt2", True),
         ("Yes", "yes", True),
+        ("A triangle", "A", False),  # capitalised, still an article
+        ("I think B", "B", False),  # a pronoun, not choice I
+        ("The answer is B", "B", True),
+        ("**B** 12 cm", "B", True),
+        ("B 12 cm", "B", True),
+        ("A, B, C, D", "A", False),  # every choice at once: a hedge
+        ("A or B", "B", False),
+        ("(A)/(B)", "A", False),
+        ("\\angle BAC", "\\angle ABC", False),  # another vertex: the graders read both as products B*A*C
+        ("BAC", "ABC", False),
+        ("\\angle CBA", "\\angle ABC", True),  # the same angle read the other way
+        ("∠ABC", "\\angle ABC", True),
+        ("BA", "AB", True),
+        ("\\triangle BCA", "\\triangle ABC", True),
+        ("NO", "YES", False),
+        ("20", "20 m/s", True),  # an answer without its unit, as "8" against "8 cm²"
+        ("20 m/s", "20", True),
+        ("8 \\text{ cm}^2", "8 cm²", True),
+        ("9.8", "9.8 m/s^2", True),
+        ("21", "20 m/s", False),
+        ("20 kg", "20 m/s", False),
+        ("2x", "2", False),  # an expression, not 2 of a unit x
+        ("20 - 3", "20", False),
         ("4", "3", False),
         ("30", "3", False),
         ("1/3", "0.3", False),
@@ -134,6 +164,12 @@ def test_answers_match(answer: str, truth: str, expected: bool) -> None:
         ("7", "7", 0.0),  # no header, no answer
         # A truncated response mentions the truth on the way: graded as a whole it scored 1.0.
         ("### Image Description: 3 red cubes and 5 blue balls.\n### Step 1: the balls number 5. Now", "5", 0.0),
+        # An explanation on the answer line: its numbers are not the answer (graded whole, these scored the
+        # other way round).
+        ("### The final answer is: 4. This is because 2+1=3.", "3", 0.0),
+        ("### The final answer is: 4. This is because 2+1=3.", "4", 1.0),
+        ("### The final answer is: 5 (2 red and 3 blue)", "3", 0.0),
+        ("### The final answer is: 5 (2 red and 3 blue)", "5", 1.0),
         ("### The final answer is: **3**", "3", 1.0),  # markdown around the answer
         ("### The final answer is: **B**", "B", 1.0),
         ("### The final answer is: `3`", "3", 1.0),

@@ -115,3 +115,10 @@ def test_evaluate_script_grades_every_response_and_counts_a_skipped_prompt_wrong
     assert "1 prompts were longer than the prompt limit: skipped, and counted as wrong" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 3 + len(saved["per_category"])  # header, rule, "all", one per category
+
+
+def test_report_paths_drop_a_suffix_given_with_the_prefix() -> None:
+    from pebr.evaluation import report_paths
+
+    assert report_paths("out/eval") == ("out/eval.json", "out/eval.md")
+    assert report_paths("out/eval.json") == report_paths("out/eval.md") == ("out/eval.json", "out/eval.md")
