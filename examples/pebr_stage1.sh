@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 1 of PeBR-R1: perception RL on the easy cases, then merge the final checkpoint.
-# Extra arguments are config overrides (key=value) or more config files (config=FILE).
+# Extra arguments are config overrides (key=value) or more config files (config=FILE). Files are applied first
+# and every key=value after them, so the keys this recipe sets below from its variables come from the variables.
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
 refuse_overrides "trainer.save_checkpoint_path=RUN_DIR" "$@"

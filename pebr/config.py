@@ -267,6 +267,7 @@ class PPOConfig:
 
 # The sampling settings validation may override (pebr.workers.rollout.SamplingConfig's fields).
 VAL_SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "logprobs")
+LOGGERS = ("console", "file", "wandb", "tensorboard")  # trainer.logger's back-ends
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -287,6 +288,25 @@ def looks_local(path: str) -> bool:
 def looks_like_model_id(path: str) -> bool:
     """A path shaped like a hub model id ("org/name"), which the hub or its local cache may resolve."""
     return not looks_local(path) and path.count("/") == 1
+
+
+def _check_val_sampling(overrides: dict) -> None:
+    """worker.rollout.val_override_config: known keys, each of a type and range vLLM accepts (vLLM itself
+    says so only at the first validation, which may come many steps in)."""
+    unknown = sorted(set(overrides) - set(VAL_SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"worker.rollout.val_override_config has unknown keys {unknown}; it takes "
+                          f"{list(VAL_SAMPLING_KEYS)}")
+    checks = {"n": (int, lambda v: v >= 1, ">= 1"), "max_tokens": (int, lambda v: v >= 1, ">= 1"),
+              "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
+              "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
+              "top_k": (int, lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+              "seed": ((int, type(None)), lambda v: True, "an integer or null"),
+              "logprobs": (bool, lambda v: True, "true or false")}
+    for key, value in overrides.items():
+        kind, ok, wanted = checks[key]
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not ok(value):
+            raise ConfigError(f"worker.rollout.val_override_config.{key}={value!r} must be {wanted}")
 
 
 def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
@@ -326,10 +346,6 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if a.adv_estimator == "remax":
         raise ConfigError("algorithm.adv_estimator=remax is not implemented in the trainer: it needs a greedy "
                           "baseline response per prompt, which the rollout does not generate")
-    unknown = sorted(set(rollout.val_override_config) - set(VAL_SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"worker.rollout.val_override_config has unknown keys {unknown}; it takes "
-                          f"{list(VAL_SAMPLING_KEYS)}")
     for key, value, default in (
             ("worker.actor.ulysses_sequence_parallel_size", actor.ulysses_sequence_parallel_size, 1),
             ("worker.actor.optim.strategy", actor.optim.strategy, "adamw"),
@@ -391,8 +407,35 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         path = path if sep and path.endswith(".py") else spec
         if not os.path.isfile(path):
             raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
+    bounds = d.min_pixels, d.max_pixels
+    if None not in bounds and bounds[0] > bounds[1]:
+        raise ConfigError(f"data.min_pixels={bounds[0]} is larger than data.max_pixels={bounds[1]}")
+    if not 0.0 < rollout.top_p <= 1.0:
+        raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
+    _check_val_sampling(rollout.val_override_config)
+    unknown = sorted(set(t.logger) - set(LOGGERS))
+    if unknown:
+        raise ConfigError(f"trainer.logger has unknown back-ends {unknown}; choose from {list(LOGGERS)}")
+    if not d.val_files and (t.val_only or t.val_freq > 0):
+        raise ConfigError(f"trainer.{'val_only=true' if t.val_only else f'val_freq={t.val_freq}'} needs "
+                          "data.val_files (the questions to validate on)")
     if not training:
         return cfg
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1, or null to run trainer.total_epochs")
+    if t.max_steps is None and t.total_epochs < 1:
+        raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1 (or set trainer.max_steps)")
+    _positive("worker.actor.ppo_epochs", actor.ppo_epochs)
+    o = actor.optim
+    for key, value in (("worker.actor.optim.lr", o.lr), ("worker.actor.max_grad_norm", actor.max_grad_norm)):
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"worker.actor.optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    for key, value in (("worker.actor.optim.lr_warmup_ratio", o.lr_warmup_ratio),
+                       ("worker.actor.optim.min_lr_ratio", o.min_lr_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}={value} must be in [0, 1]")
     if w.reward.reward_function is None:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
     if a.adv_estimator in ("grpo", "rloo") and rollout.n < 2:
@@ -443,6 +486,9 @@ def _structured_merge(base: Any, sources: list, origin: str) -> Any:
 
 def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = True) -> Any:
     """Build the configuration from `config=FILE` plus dotted overrides, then validate it.
+
+    The files are merged in their order, then every key=value in theirs, wherever they stand in `argv`:
+    a key=value always beats a file.
 
     Args:
         argv: command-line words such as ["config=examples/pebr_stage1.yaml", "worker.rollout.n=4"].

@@ -363,8 +363,30 @@ class SFTConfig:
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"sft config: {name}={getattr(self, name)!r} is out of range")
+        from transformers import SchedulerType
+
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler not in schedulers:  # transformers says so only after the data scan and model load
+            raise ConfigError(f"sft config: lr_scheduler={self.lr_scheduler!r} is not one of {schedulers}")
         if not os.path.isdir(self.model_path):
             raise ConfigError(f"sft config: model_path {self.model_path!r} is not a directory")
+
+
+def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over a micro-batch's labelled tokens, divided by the labelled tokens of
+    the whole accumulated batch (Trainer's `num_items_in_batch`; this micro-batch's own without it).
+
+    So the accumulated gradient is that of the token mean over every sample of the optimizer step, however the
+    step is split into micro-batches. Qwen2.5-VL takes no loss arguments, and Trainer then averaged the
+    micro-batches' own token means: a short answer in a micro-batch of its own weighed as much as all the tokens
+    of another one.
+    """
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.ne(-100).sum()
+    return total / count
 
 
 def freeze_vision(model: torch.nn.Module) -> int:
@@ -454,6 +476,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=lambda feats: collate(feats, pad_id),
         optimizers=(build_optimizer(model, cfg), None),  # Trainer adds the warmup/decay schedule
+        compute_loss_func=token_mean_loss,
     )
     start = time.perf_counter()
     result = trainer.train()

@@ -1,14 +1,18 @@
 """Metric loggers: console, a JSONL file in the run directory, wandb, tensorboard.
 
 The JSONL file is the record a resumed run continues: on resume, lines for steps after the
-checkpoint's step are dropped, so a step is never logged twice.
+checkpoint's step are dropped, so a step is never logged twice. A resumed run logs to the same wandb run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
+
+from pebr.config import LOGGERS
+from pebr.utils.jsonio import atomic_write_text
 
 
 class MetricsFile:
@@ -20,7 +24,8 @@ class MetricsFile:
             with open(path) as f:
                 for line in f:
                     try:
-                        if json.loads(line).get("step", 0) <= resume_step:
+                        # A run that restarts from step 0 logs everything again, step 0's validation included.
+                        if resume_step and json.loads(line).get("step", 0) <= resume_step:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
@@ -35,15 +40,28 @@ class MetricsFile:
             f.flush()
 
 
+def wandb_run_id(run_dir: str, resume_step: int) -> str:
+    """The wandb run of this run directory: the one saved there when resuming, so that the curves continue in
+    one run; a new one (saved for later resumes) when the run starts at step 0."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if resume_step and os.path.isfile(path):
+        with open(path) as f:
+            saved = f.read().strip()
+        if saved:
+            return saved
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 class Tracker:
     """Fans metrics out to the configured back-ends (`trainer.logger`)."""
 
     def __init__(self, backends: list[str], run_dir: str, project: str, experiment: str, config: dict,
                  resume_step: int):
-        unknown = set(backends) - {"console", "file", "wandb", "tensorboard"}
+        unknown = sorted(set(backends) - set(LOGGERS))  # the trainer's config check says so before any work
         if unknown:
-            raise ValueError(f"trainer.logger: unknown back-ends {sorted(unknown)}; "
-                             "choose from console, file, wandb, tensorboard")
+            raise ValueError(f"trainer.logger: unknown back-ends {unknown}; choose from {list(LOGGERS)}")
         self.console = "console" in backends
         self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), resume_step) if "file" in backends else None
         self.wandb = self.tb = None
@@ -52,7 +70,7 @@ class Tracker:
 
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=project, name=experiment, config=config, dir=run_dir, mode=mode,
-                                    resume="allow")
+                                    id=wandb_run_id(run_dir, resume_step), resume="allow")
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 

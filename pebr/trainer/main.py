@@ -90,6 +90,12 @@ def run(argv: list[str]) -> None:
                           f"({len(train)} usable records in {cfg.data.train_files})")
     sampler = StatefulBatchSampler(len(train), cfg.data.rollout_batch_size, shuffle=cfg.data.shuffle,
                                    seed=cfg.data.seed, drop_last=True)
+    left_out = len(train) % cfg.data.rollout_batch_size
+    if left_out:  # every step needs a whole batch (its mini-batches and ranks divide it)
+        print(f"note: {left_out} of {len(train)} training records do not fill a batch of "
+              f"data.rollout_batch_size={cfg.data.rollout_batch_size} and are left out of each epoch ("
+              + ("other ones each epoch, the order being shuffled)" if cfg.data.shuffle else
+                 "the same ones each epoch: data.shuffle=false)"), flush=True)
     init_ray(cfg)
     reward = start_reward_worker(cfg)
     trainer = None

@@ -346,7 +346,13 @@ class RayPPOTrainer:
 
                 state = json.load(f)
             self.global_step = state["global_step"]
-            self.sampler.load_state_dict(state["sampler"])
+            try:
+                self.sampler.load_state_dict(state["sampler"])
+            except ValueError as err:
+                raise checkpoint.CheckpointError(
+                    f"{self._resume_path} cannot continue its data order: {err}. Resume with the data.train_files "
+                    "and data.rollout_batch_size it was saved with, or start a new run in another "
+                    "trainer.save_checkpoint_path") from None
             self._batches = iter(self.sampler)
         later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
         if later:
@@ -489,12 +495,13 @@ class RayPPOTrainer:
                 self.save_rollouts(batch)
             metrics["timing/step_s"] = time.time() - step_start
             metrics["perf/tokens_per_s"] = metrics["response/tokens_total"] / metrics["timing/step_s"]
-            if t.val_freq > 0 and self.val_dataset is not None and (
-                    self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
-                metrics.update(self.validate())
+            # Saved before validating: a validation that fails must not take the step's training with it.
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
                     self.save_checkpoint()
+            if t.val_freq > 0 and self.val_dataset is not None and (
+                    self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
+                metrics.update(self.validate())
             self.tracker.log(self.global_step, metrics)
             bar.update(1)
         bar.close()

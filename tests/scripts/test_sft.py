@@ -158,6 +158,24 @@ def test_loss_falls_on_a_repeated_batch(tmp_path, clean_sft, synthetic_data_dir,
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 10  # falls at (nearly) every step
 
 
+def test_an_accumulated_step_averages_over_all_its_tokens(tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir):
+    """A batch of 2 in one micro-batch and in two of 1 (grad_accum=2): the same loss, the token mean over both
+    answers, though one answer is 20x as long as the other (the mean of the micro-batches' means differs)."""
+    image = _image_records(clean_sft)[0]["images"]
+    answers = ["3", "### Step 1: " + "count the red cubes, then the blue balls; " * 8 + "\n### The final answer is: 3"]
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>How many?"},
+                                              {"role": "assistant", "content": a}], "images": image} for a in answers]))
+    losses = {}
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        metrics = train_sft(SFTConfig(
+            model_path=tiny_model_dir, data=str(data), image_dir=os.path.join(synthetic_data_dir, "images"),
+            output_dir=str(tmp_path / f"out{grad_accum}"), batch_size=batch_size, grad_accum=grad_accum,
+            max_steps=1, warmup_ratio=0.0, lr_scheduler="constant", format_prompt=""))
+        losses[grad_accum] = metrics["train_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_cli_trains_and_saves_a_model_transformers_and_vllm_load(
     tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir
 ) -> None:
@@ -200,6 +218,8 @@ def test_config_rejects_bad_values(tiny_model_dir) -> None:
         SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr=0).validate()
     with pytest.raises(ValueError, match="model_path"):
         SFTConfig(model_path="/nonexistent", data="x", output_dir="y").validate()
+    with pytest.raises(ValueError, match=r"lr_scheduler='cosin' is not one of \['linear', 'cosine'"):
+        SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr_scheduler="cosin").validate()
     assert os.path.isfile(DEFAULT_FORMAT_PROMPT)
 
 

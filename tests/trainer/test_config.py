@@ -72,6 +72,24 @@ def test_overrides_win_over_files():
     ("worker.rollout.temperature=0", "worker.rollout.temperature=0.0 must be positive for training"),
     ("worker.actor.clip_ratio_dual=1.0", "worker.actor.clip_ratio_dual=1.0 must be > 1"),
     ("worker.rollout.val_override_config.temprature=0.5", "val_override_config has unknown keys"),
+    # Refused at load, not at the first rollout or validation (vLLM), nor by training nothing.
+    ("worker.rollout.top_p=1.5", "worker.rollout.top_p=1.5 must be in"),
+    ("worker.rollout.val_override_config.n=two", "val_override_config.n='two' must be >= 1"),
+    ("worker.rollout.val_override_config.n=0", "val_override_config.n=0 must be >= 1"),
+    ("worker.rollout.val_override_config.max_tokens=-5", "val_override_config.max_tokens=-5 must be >= 1"),
+    ("worker.rollout.val_override_config.logprobs=3", "val_override_config.logprobs=3 must be true or false"),
+    ("trainer.logger=[console,wandbb]", "trainer.logger has unknown back-ends"),
+    ("trainer.val_freq=5", "trainer.val_freq=5 needs data.val_files"),
+    ("trainer.val_only=true", "trainer.val_only=true needs data.val_files"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 1, or null"),
+    ("trainer.total_epochs=0", "trainer.total_epochs=0 must be >= 1"),
+    ("worker.actor.ppo_epochs=0", "worker.actor.ppo_epochs"),
+    ("worker.actor.max_grad_norm=0", "worker.actor.max_grad_norm=0.0 must be positive"),
+    ("worker.actor.optim.lr=-1", "worker.actor.optim.lr=-1.0 must be positive"),
+    ("worker.actor.optim.betas=[0.9]", "must be two numbers in"),
+    ("worker.actor.optim.lr_warmup_ratio=1.5", "worker.actor.optim.lr_warmup_ratio=1.5 must be in"),
+    ("worker.actor.optim.min_lr_ratio=2", "worker.actor.optim.min_lr_ratio=2.0 must be in"),
+    ("data.min_pixels=900000", "data.min_pixels=900000 is larger than data.max_pixels=802816"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -23,6 +23,28 @@ def test_metrics_file_drops_steps_after_the_resumed_one(tmp_path):
     assert [(r["step"], r["reward/overall"]) for r in rows] == [(1, 0.1), (2, 0.2), (3, 0.9)]
 
 
+def test_a_run_restarted_before_its_first_checkpoint_logs_step_0_once(tmp_path):
+    run_dir = str(tmp_path)
+    t = Tracker(["file"], run_dir, "p", "e", {}, resume_step=0)
+    t.log(0, {"val/overall": 0.3})
+    t.log(1, {"reward/overall": 0.1})
+    again = Tracker(["file"], run_dir, "p", "e", {}, resume_step=0)  # the rerun validates before step 1 again
+    again.log(0, {"val/overall": 0.3})
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for resume_step in (0, 2, 0):  # start, resume at step 2, start over
+        t = Tracker(["wandb"], str(tmp_path), "pebr-test", "resume", {}, resume_step=resume_step)
+        ids.append(t.wandb.id)
+        t.close()
+    assert ids[0] == ids[1] != ids[2]
+
+
 def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -122,3 +122,29 @@ def test_damaged_files_are_named(tmp_path, damage):
         f.truncate(5)
     with pytest.raises(checkpoint.CheckpointError, match=rf"{target} cannot be read .*damaged"):
         checkpoint.merge_shards(actor)
+
+
+def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_path):
+    """The saved data order fits one data set and batch size: another is a CheckpointError (exit 2 through
+    run_cli), raised before any worker starts, not a ValueError traceback."""
+    from pebr.config import load_config
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.json").write_text("[]")
+    cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
+                       "worker.reward.reward_function=" + os.path.join(os.path.dirname(__file__), "__init__.py"),
+                       "trainer.n_gpus_per_node=1", "data.rollout_batch_size=2", "worker.actor.global_batch_size=2",
+                       "worker.rollout.n=2", f"trainer.save_checkpoint_path={run_dir}"])
+    saved_order = StatefulBatchSampler(10, 3, shuffle=True, seed=cfg.data.seed, drop_last=True).state_dict()
+    model = torch.nn.Linear(4, 3)
+    checkpoint.save_sharded(str(run_dir / "global_step_1.partial" / "actor"), model,
+                            torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
+    checkpoint.finalize(str(run_dir), 1, {"global_step": 1, "sampler": saved_order}, save_limit=-1)
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 cannot continue its data order: sampler state "
+                                                         r"key 'batch_size' is 3, but this sampler has 2.*data\.train_files "
+                                                         r"and data\.rollout_batch_size"):
+        RayPPOTrainer(cfg, None, None, sampler, None, None)
