@@ -11,13 +11,22 @@ A sample is dropped, with the reason counted, when
   * missing_image / unreadable_image / large_image: an image file is absent; or Pillow cannot decode
     it in full (a file cut short keeps a good header, so the pixels are decoded, not just the header);
     or it has more pixels than ``pebr.data.images.MAX_SOURCE_PIXELS``;
+  * thin_image: an image's long side is more than ``pebr.data.images.MAX_ASPECT_RATIO`` (200) times its
+    short side, which the Qwen2.5-VL processor refuses;
+  * turn_order: after an optional system turn, the turns are not user, assistant, user, ... ending with
+    an assistant turn; LLaMA-Factory's sharegpt reader skips such samples;
   * malformed / unknown_role / no_assistant_turn / placeholder_mismatch: the record breaks a rule of
     ``pebr.data.sharegpt.check_sharegpt_record``, the check that pebr/sft.py's loader applies too (not
     a dict, ``messages`` empty or not {role, content} strings, a role other than system/user/assistant,
     no assistant turn, ``<image>`` placeholders in the user turns not matching ``images``); these are
     also listed one by one, by index.
 Text-only samples (no ``images`` or an empty list) are kept. ``images`` given as one string is
-written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects.
+written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects, and one image without
+an ``<image>`` placeholder gets one at the start of the first user turn (where pebr/sft.py puts it), since
+LLaMA-Factory refuses a sample whose images and placeholders differ in number.
+
+Nothing is written when every sample is dropped (exit status 2): an empty output would replace a good one,
+and the usual cause is a wrong ``--image_root``, which the ``missing_image`` count shows.
 
 Input is a ``.json`` list or a ``.jsonl`` file; the output takes the format of its own suffix and is
 written atomically. Cost is linear in the number of samples: each distinct image path is decoded once.
@@ -36,13 +45,14 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pebr.data.images import probe_image  # noqa: E402
-from pebr.data.records import BadRecord  # noqa: E402
+from pebr.data.images import MAX_ASPECT_RATIO, probe_image  # noqa: E402
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
-REASONS = (*SHAREGPT_REASONS, "reflective", "missing_image", "unreadable_image", "large_image", "small_image")
+REASONS = (*SHAREGPT_REASONS, "turn_order", "reflective", "missing_image", "unreadable_image", "large_image",
+           "small_image", "thin_image")
 MAX_REPORTED = 20  # invalid records listed one by one before the rest is summarised
 # probe_image's reason tags -> this script's
 _PROBE_REASONS = {"image_missing": "missing_image", "image_unreadable": "unreadable_image",
@@ -90,6 +100,21 @@ def write_records(path: str | Path, records: list[Any]) -> None:
     atomic_write_json(str(path), records)
 
 
+def _turns_alternate(messages: list[dict[str, str]]) -> bool:
+    roles = [m["role"] for m in messages]
+    if roles and roles[0] == "system":
+        roles = roles[1:]
+    return len(roles) % 2 == 0 and all(role == ("user", "assistant")[i % 2] for i, role in enumerate(roles))
+
+
+def _with_placeholder(messages: list[dict[str, str]], images: list[str]) -> list[dict[str, str]]:
+    """The messages, with an ``<image>`` before the first user turn's text when one image has none."""
+    if len(images) != 1 or any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "user"):
+        return messages
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [{**m, "content": IMAGE_PLACEHOLDER + m["content"]} if i == first else m for i, m in enumerate(messages)]
+
+
 def _is_reflective(messages: list[dict[str, str]]) -> bool:
     # Collapse whitespace so that a line break inside the phrase does not hide it.
     return any(
@@ -112,6 +137,9 @@ def _image_status(path: Path, min_size: int, cache: dict[Path, str | None]) -> s
             return cache[path]
         if min(width, height) < min_size:
             cache[path] = "small_image"  # too small to train on whatever its pixels; no need to decode
+            return cache[path]
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            cache[path] = "thin_image"
             return cache[path]
         try:
             with Image.open(path) as im:
@@ -149,7 +177,9 @@ def filter_records(
             report.dropped[err.reason] += 1
             continue
         reason = None
-        if _is_reflective(rec["messages"]):
+        if not _turns_alternate(rec["messages"]):
+            reason = "turn_order"
+        elif _is_reflective(rec["messages"]):
             reason = "reflective"
         else:
             for p in images:
@@ -160,7 +190,7 @@ def filter_records(
             report.dropped[reason] += 1
             continue
         if "images" in rec:
-            rec = {**rec, "images": images}
+            rec = {**rec, "images": images, "messages": _with_placeholder(rec["messages"], images)}
         kept.append(rec)
     report.kept = len(kept)
     return kept, report
@@ -179,11 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     except FilterInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if os.path.isdir(args.output):
+        print(f"error: --output {args.output} is a directory; name the file to write", file=sys.stderr)
+        return 2
     image_root = args.image_root if args.image_root is not None else str(Path(args.input).parent)
     kept, report = filter_records(records, image_root, args.min_size)
     for line in report.lines():
         print(line)
-    write_records(args.output, kept)
+    if report.total and not report.kept:
+        print(f"error: every sample was dropped (reasons above; images are looked for under {image_root}); "
+              f"{args.output} was not written", file=sys.stderr)
+        return 2
+    try:
+        write_records(args.output, kept)
+    except OSError as err:
+        print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 

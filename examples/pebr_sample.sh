@@ -15,6 +15,19 @@ SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 
 N_PER_QUESTION=${N_PER_QUESTION:-8}
 N_GPUS=${N_GPUS:-8}
 
+if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the whole sampling run
+  case "$(realpath -m "${SPLIT_DIR}")/" in "$(realpath -m "${TRAIN_FILES}")"/*)
+    echo "error: SPLIT_DIR=${SPLIT_DIR} lies in TRAIN_FILES=${TRAIN_FILES}: a later sampling run would read the" \
+         "split files there as more questions; set SPLIT_DIR elsewhere" >&2
+    exit 2;;
+  esac
+fi
+# Records sampling skips as malformed (data.on_bad_record=skip) are skipped by the split too.
+split_args=()
+for arg in "$@"; do
+  [ "${arg}" = "data.on_bad_record=skip" ] && split_args+=(--skip_bad_lines)
+done
+
 python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \
     worker.actor.model.model_path="${MODEL_PATH}" \
     data.train_files="${TRAIN_FILES}" \
@@ -24,4 +37,4 @@ python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \
     "$@"
 
 python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
-    --output_dir "${SPLIT_DIR}" --n "${N_PER_QUESTION}"
+    --output_dir "${SPLIT_DIR}" --n "${N_PER_QUESTION}" ${split_args[@]+"${split_args[@]}"}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pebr.config import ConfigError, PPOConfig, load_config
+from pebr.utils.jsonio import atomic_open, atomic_write_json
 
 MAX_LISTED = 20
 
@@ -148,8 +149,6 @@ def recover_output(path: str, per_question: int, batch_size: int | None = None) 
 
 
 def _rewrite_keeping(path: str, keep: set[str], good_bytes: int) -> None:
-    from pebr.utils.jsonio import atomic_open
-
     with open(path, "rb") as src, atomic_open(path, "wb") as dst:
         read = 0
         for line in src:
@@ -200,8 +199,7 @@ def _report_dropped(summary: SampleSummary, source: str) -> None:
     listed = ", ".join(summary.dropped[:MAX_LISTED])
     more = f" ... and {len(summary.dropped) - MAX_LISTED} more" if len(summary.dropped) > MAX_LISTED else ""
     print(f"warning: {total} records of {source} are not sampled ({reasons}); qids: {listed}{more}", flush=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"source": source, "reasons": summary.dropped_reasons, "qids": summary.dropped}, f, indent=2)
+    atomic_write_json(path, {"source": source, "reasons": summary.dropped_reasons, "qids": summary.dropped})
     print(f"the full list of records not sampled is in {path}", flush=True)
 
 
@@ -259,6 +257,8 @@ def run(argv: list[str]) -> SampleSummary:
     if not cfg.worker.reward.reward_function:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
     out = cfg.trainer.sample_output
+    if os.path.isdir(out):
+        raise ConfigError(f"trainer.sample_output={out!r} is a directory; name the JSONL file to write")
     per_question = cfg.worker.rollout.n * cfg.trainer.total_epochs
     summary = SampleSummary(output=out, per_question=per_question)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

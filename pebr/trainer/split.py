@@ -196,12 +196,16 @@ class DatasetRecord:
     where: str
 
 
-def read_dataset(source: str) -> list[DatasetRecord]:
+def read_dataset(source: str, malformed: list[str] | None = None) -> list[DatasetRecord]:
     """The data set's records as they are in the source, unchanged, each with its qid.
 
     `source` is anything the sampling run reads as data.train_files: a .json, .jsonl or .parquet file,
     a directory of them, or a hub `name@split`; qids default as the loader gives them, so they match the
     rollout file's.
+
+    Args:
+        malformed: where to list malformed JSONL lines (named by file and line) and skip them, as sampling
+            with data.on_bad_record=skip did; without it such a line is an error.
 
     Raises:
         SplitError: a missing or unreadable source or a malformed JSONL line, naming the file and line.
@@ -211,12 +215,33 @@ def read_dataset(source: str) -> list[DatasetRecord]:
         for raw in iter_source(source):
             where = describe_raw(raw)
             if raw.parse_error is not None:
-                raise SplitError(f"{where}: malformed JSON: {raw.parse_error}")
+                if malformed is None:
+                    raise SplitError(f"{where}: malformed JSON: {raw.parse_error}")
+                malformed.append(where)
+                continue
             qid = record_qid(raw.value, raw.stem, raw.index)
             records.append(DatasetRecord(raw.value, qid, f"{where} qid={qid!r}"))
     except DataError as err:
         raise SplitError(f"data set {source!r}: {err}") from err
     return records
+
+
+def check_output_dir(output_dir: str, dataset: str) -> None:
+    """Refuse an output directory that is a file, or that is (or lies in) the directory being split: a
+    later sampling run would read the split files there as more questions.
+
+    Raises:
+        SplitError: naming both.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SplitError(f"output directory {output_dir} is a file; name a directory for the split files")
+    if os.path.isdir(dataset):
+        source, target = os.path.realpath(dataset), os.path.realpath(output_dir)
+        if os.path.commonpath([source, target]) == source:
+            raise SplitError(
+                f"the split files would go into {output_dir}, inside the data set directory {dataset}: sampling "
+                f"that directory again would take easycase/mediumcase/hardcase.json for more questions; write "
+                "them elsewhere (SPLIT_DIR, --output_dir)")
 
 
 def _listed(qids: list[str], limit: int = MAX_LISTED) -> str:
@@ -298,7 +323,8 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
             left as they were when the split stops with an error.
         n: rollouts per qid (worker.rollout.n x trainer.total_epochs of the sampling run); a sampled
             qid with another count is an error unless `allow_count_mismatch`.
-        skip_bad_lines: count and skip malformed rollout lines instead of stopping at the first.
+        skip_bad_lines: count and skip malformed rollout lines, and malformed JSONL lines of the data set
+            (which sampling with data.on_bad_record=skip skipped too), instead of stopping at the first.
         allow_count_mismatch: split a qid with a count other than n anyway, by all / some / none
             correct of the rollouts seen, with a warning naming the qids.
         log: where warnings and statistics go (a print-like function).
@@ -316,7 +342,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     report = SplitReport(n=n)
-    records = read_dataset(dataset)
+    check_output_dir(output_dir, dataset)
+    malformed: list[str] = []
+    records = read_dataset(dataset, malformed if skip_bad_lines else None)
     check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
     qids = [record.qid for record in records]
     counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
@@ -364,6 +392,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         log(f"warning: {report.unknown_qids} qids of {rollouts} are not in {dataset} (ignored)")
     if report.bad_lines:
         log(f"warning: skipped {report.bad_lines} malformed lines of {rollouts}")
+    if malformed:
+        log(f"warning: skipped {len(malformed)} malformed lines of {dataset} (not sampled either): "
+            f"{_listed(malformed)}")
 
     check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])
     report.paths = _write_splits(output_dir, {name: [r.value for r in splits[name]] for name in SPLIT_NAMES})

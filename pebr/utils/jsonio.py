@@ -43,6 +43,12 @@ def read_json_records(path: str, error: type[Exception] = ValueError) -> list[An
     return data
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     """A handle on a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`,
@@ -52,6 +58,7 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users' jobs
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()

@@ -233,3 +233,39 @@ def test_records_the_sft_loader_rejects_are_dropped_and_counted(tmp_path, image_
         assert line in printed
     assert "2 <image> placeholder(s) but key 'images' has 1 image(s)" in printed
     assert flt.load_records(out) == [LOADER_REJECTS[5][0]]
+
+
+def test_llamafactory_shape_thin_images_and_turn_order(tmp_path, image_root, capsys):
+    """What LLaMA-Factory and the Qwen2.5-VL processor refuse: one image without a placeholder gets one (where
+    pebr/sft.py puts it); turns out of user/assistant order and images over 200:1 are dropped and counted."""
+    Image.new("RGB", (7000, 30), (10, 20, 30)).save(image_root / "thin.png")
+    system = {"role": "system", "content": "Be brief."}
+    records = [
+        _sample(images=["ok.png"], question="How many?"),  # kept, with "<image>How many?"
+        {"messages": [system, *_sample()["messages"]], "images": ["ok.png"]},  # a system turn first: kept
+        _sample(images=["thin.png"]),  # 7000 x 30: thin_image
+        {"messages": [{"role": "user", "content": "<image>A"}, {"role": "user", "content": "B"},
+                      {"role": "assistant", "content": "C"}], "images": ["ok.png"]},  # two user turns: turn_order
+        {"messages": [*_sample()["messages"], {"role": "user", "content": "And?"}], "images": ["ok.png"]},
+    ]
+    out = tmp_path / "clean.json"
+    assert flt.main(["--input", str(_write_input(tmp_path / "raw.json", records)), "--output", str(out),
+                     "--image_root", str(image_root)]) == 0
+    printed = capsys.readouterr().out
+    assert "dropped 1 thin_image" in printed and "dropped 2 turn_order" in printed
+    kept = flt.load_records(out)
+    assert kept[0]["messages"][0]["content"] == "<image>How many?"
+    assert kept[1] == records[1] and len(kept) == 2
+
+
+def test_nothing_is_written_when_every_sample_is_dropped(tmp_path, image_root, capsys):
+    out = tmp_path / "clean.json"
+    out.write_text("[\"a good earlier output\"]")
+    src = _write_input(tmp_path / "raw.json", [_sample(images=["ok.png"])] * 3)
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(tmp_path / "wrong")]) == 2
+    captured = capsys.readouterr()
+    assert "dropped 3 missing_image" in captured.out
+    assert f"every sample was dropped (reasons above; images are looked for under {tmp_path / 'wrong'})" in captured.err
+    assert out.read_text() == "[\"a good earlier output\"]"
+    assert flt.main(["--input", str(src), "--output", str(tmp_path), "--image_root", str(image_root)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -88,6 +88,27 @@ def test_a_file_from_a_smaller_n_is_refused_not_emptied(tmp_path):
 N, EPOCHS = 2, 2  # 4 responses per question
 
 
+def test_a_directory_as_sample_output_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
+                                                                    monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"trainer\.sample_output=.* is a directory"):
+        run(["config=examples/pebr_sample.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
+             f"data.train_files={synthetic_data_dir}/train.json", f"trainer.sample_output={tmp_path}"])
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """The atomic writer's temporary file is created 0600; the published file gets the usual 0666 & ~umask,
+    so that a trainer running as another user can read the split and the SFT data."""
+    from pebr.utils.jsonio import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "split.json"), [{"qid": "q"}])
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "split.json").st_mode & 0o777 == 0o644
+
+
 @pytest.fixture
 def sample_setup(tmp_path, synthetic_data_dir, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's format_prompt and reward_function paths are relative to the repo

@@ -354,3 +354,36 @@ def test_a_record_json_cannot_hold_is_refused_by_name(tmp_path):
     assert "rl.parquet record 1" in message and "'bytes'" in message and "bytes" in message
     assert "file paths" in message and "Nothing was written" in message
     assert _files_in(out) == before
+
+
+def test_a_malformed_line_sampling_skipped_is_skipped_with_skip_bad_lines(tmp_path):
+    """Sampling with data.on_bad_record=skip leaves a malformed JSONL line out; the split with --skip_bad_lines
+    does too, keeping the other records' default qids (their line numbers)."""
+    data = tmp_path / "train.jsonl"
+    good = [{"problem": f"<image>q{i}?", "answer": str(i), "images": [f"{i}.png"]} for i in range(3)]
+    data.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n" + json.dumps(good[2]) + "\n")
+    rows = [_rollout(q, 1.0, s) for q in ("train-0", "train-2", "train-3") for s in range(N)]
+    _write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    with pytest.raises(SplitError, match=r"train\.jsonl line 2.*malformed JSON"):
+        split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "out"), N, log=lambda m: None)
+    said = []
+    report = split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "out"), N,
+                           skip_bad_lines=True, log=said.append)
+    assert report.sizes == {"easy": 3, "medium": 0, "hard": 0}
+    assert any("skipped 1 malformed lines of" in line and "line 2" in line for line in said)
+
+
+def test_split_files_may_not_go_into_the_directory_being_split(tmp_path):
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps([{"qid": "q0", "problem": "<image>?", "answer": "1",
+                                                  "images": ["0.png"]}]))
+    _write_jsonl(tmp_path / "rollouts.jsonl", [_rollout("q0", 1.0, s) for s in range(N)])
+    for output in (data, data / "split"):
+        with pytest.raises(SplitError, match="inside the data set directory"):
+            split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(output), N, log=lambda m: None)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SplitError, match="is a file"):
+        split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "a_file"), N, log=lambda m: None)
+    assert split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "split"), N,
+                         log=lambda m: None).sizes["easy"] == 1
