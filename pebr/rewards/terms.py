@@ -179,19 +179,25 @@ def _choice_letter(answer: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
-def _point_names(text: str) -> tuple[str, bool] | None:
-    """(the capital letters, whether a triangle) of an answer that names points of a figure, else None."""
+def _point_names(text: str) -> tuple[str, str] | None:
+    """(capital letters, kind) of an answer naming points of a figure, kind "triangle" or "path" (a segment or
+    an angle); a bare roman numeral is kind "roman". None for anything else."""
     letters = _FIGURE_MARKERS.sub("", text)
     if len(letters) < 2 or not letters.isascii() or not letters.isalpha() or not letters.isupper():
         return None
-    return letters, bool(_TRIANGLE.search(text))
+    if _TRIANGLE.search(text):
+        return letters, "triangle"
+    return letters, "roman" if letters == text and not set(letters) - set("IVXLCDM") else "path"
 
 
-def _same_figure(answer: tuple[str, bool], truth: tuple[str, bool]) -> bool:
-    """A segment or angle read either way (AB = BA, ABC = CBA, not BAC); a triangle in any order."""
-    (given, given_triangle), (wanted, wanted_triangle) = answer, truth
-    if given_triangle or wanted_triangle:
+def _same_figure(answer: tuple[str, str], truth: tuple[str, str]) -> bool:
+    """A segment or angle read either way (AB = BA, ABC = CBA, not BAC); a triangle in any order; a roman
+    numeral as written (IV is not VI)."""
+    (given, given_kind), (wanted, wanted_kind) = answer, truth
+    if "triangle" in (given_kind, wanted_kind):
         return len(given) == len(wanted) and sorted(given) == sorted(wanted)
+    if "roman" in (given_kind, wanted_kind):
+        return given == wanted
     return given in (wanted, wanted[::-1])
 
 
