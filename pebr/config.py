@@ -92,8 +92,7 @@ class ModelConfig:
     # checkpoints get the folded weights W + scale * B @ A.
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_target_modules: list = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_target_modules: list = field(default_factory=lambda: ["all-linear"])  # or some of q_proj ... down_proj
 
 
 @dataclass
@@ -368,10 +367,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.actor.model.lora_rank={lora.lora_rank} must be >= 0 (0: no LoRA)")
     if lora.lora_rank and lora.lora_alpha <= 0:
         raise ConfigError(f"worker.actor.model.lora_alpha={lora.lora_alpha} must be positive")
-    if lora.lora_rank and (not lora.lora_target_modules
-                           or not all(isinstance(m, str) and m for m in lora.lora_target_modules)):
-        raise ConfigError(f"worker.actor.model.lora_target_modules={list(lora.lora_target_modules)} must be a "
-                          "non-empty list of linear layer names, e.g. [q_proj, v_proj]")
+    if lora.lora_rank:
+        from pebr.workers.lora import target_modules
+
+        try:
+            target_modules(str(name) for name in lora.lora_target_modules)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if actor.share_prompts and not actor.padding_free:
         raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
                           "out once only in a packed row")

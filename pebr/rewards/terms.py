@@ -65,7 +65,8 @@ _CHOICE_ANSWER_UPPER = re.compile(
 )
 _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
 # Two choices or more ("A, B, C, D", "A or B", "(A)/(B)"): a hedge, wrong whatever the truth.
-_SEVERAL_CHOICES = re.compile(r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
+_SEVERAL_CHOICES = re.compile(
+    r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
 # Where an answer line goes on to explain itself: a sentence ends, a parenthesis with words in it opens, or
 # a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
 # "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds.
@@ -78,7 +79,8 @@ _UNIT_MARKUP = re.compile(r"\\(?:text|mathrm)\s*\{|[{}\s]|\\[,;!]")
 _UNIT = re.compile(r"^(?:(?:k|c|m|µ|n)?(?:m|g|s|l|L|N|J|W|V|A|Pa|Hz)|h|min|mL|ml|mol|K|°C|°F|°|%|rad|deg)"
                    r"(?:\^-?\d)?(?:[/·*](?:(?:k|c|m)?(?:m|g|s|l|L)|h|min|mol|K)(?:\^-?\d)?)*$")
 # Points named by capital letters, in an answer about a figure ("AB", "\\angle ABC", "∠ABC", "\\triangle ABC").
-_FIGURE_MARKERS = re.compile(r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
+_FIGURE_MARKERS = re.compile(
+    r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
 _TRIANGLE = re.compile(r"\\triangle|△")
 
 # Signs and symbols that NFKC leaves alone but graders do not understand.

@@ -33,13 +33,32 @@ def target_pattern(module_names: Iterable[str]) -> str:
     return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
 
 
+# The linear layers of a Qwen2.5-VL text decoder layer; "all-linear" (peft's and verl's name) means all of them.
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_modules(names: Iterable[str]) -> list[str]:
+    """The decoder linears named, "all-linear" expanded, in the decoder's order (so that settings listed in
+    another order compare equal).
+
+    Raises:
+        ValueError: a name that is not one of `DECODER_LINEARS` or "all-linear".
+    """
+    names = list(names)
+    unknown = sorted(set(names) - {*DECODER_LINEARS, "all-linear"})
+    if unknown or not names:
+        raise ValueError(f"worker.actor.model.lora_target_modules={names}: {unknown or 'empty'}; name linear layers "
+                         f"of the text decoder, {list(DECODER_LINEARS)}, or all-linear")
+    return [name for name in DECODER_LINEARS if name in names or "all-linear" in names]
+
+
 def requested_settings(model_cfg: Any) -> dict[str, Any] | None:
     """{"rank", "alpha", "target_modules"} asked for by a worker.actor.model config; None without LoRA. The same
     dict is stored in checkpoints, and a resume compares the two."""
     if not model_cfg.lora_rank:
         return None
     return {"rank": int(model_cfg.lora_rank), "alpha": float(model_cfg.lora_alpha),
-            "target_modules": [str(name) for name in model_cfg.lora_target_modules]}
+            "target_modules": target_modules(str(name) for name in model_cfg.lora_target_modules)}
 
 
 def add_lora(model: torch.nn.Module, settings: dict[str, Any]) -> torch.nn.Module:
@@ -70,19 +89,21 @@ def lora_settings(model: torch.nn.Module) -> dict[str, Any] | None:
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` as its base model: every LoRA layer passes its input through `base_layer` only.
 
-    peft's switch also clears the adapters' requires_grad; switching back sets it again for the active
-    adapter, the state `add_lora` left, so the optimizer and FSDP see the same trainable parameters after.
+    Only the layers' switch is flipped. peft's `enable_adapters` would also clear and then set the adapters'
+    requires_grad, and under FSDP2 that reaches only the copies in use at that moment: entered while the
+    parameters were sharded (the reference pass first in a step), it left the sharded adapters frozen, every
+    later unshard copied the flag, and the next optimizer step had no trainable parameter.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True  # what `disable_adapters` reads
     try:
         yield
     finally:
         for layer in layers:
-            layer.enable_adapters(True)
+            layer._disable_adapters = False
 
 
 def base_name(name: str) -> str:

@@ -144,7 +144,7 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
                             torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
     checkpoint.finalize(str(run_dir), 1, {"global_step": 1, "sampler": saved_order}, save_limit=-1)
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
-    with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 cannot continue its data order: sampler state "
-                                                         r"key 'batch_size' is 3, but this sampler has 2.*data\.train_files "
-                                                         r"and data\.rollout_batch_size"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 cannot continue its data order: sampler "
+                                                         r"state key 'batch_size' is 3, but this sampler has 2.*"
+                                                         r"data\.train_files and data\.rollout_batch_size"):
         RayPPOTrainer(cfg, None, None, sampler, None, None)

@@ -63,15 +63,27 @@ def test_adapted_model_equals_its_folded_weights_and_switches_back_to_its_base(t
     assert (adapted - original).abs().max() > 1e-2  # the adapters change the function...
     torch.testing.assert_close(plain, adapted, atol=1e-5, rtol=0)  # ...and folding keeps it
     torch.testing.assert_close(switched_off, original, atol=0, rtol=0)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable  # restored after the switch
+    with lora.adapters_disabled(model):  # the switch leaves requires_grad alone (FSDP2 copies it at each unshard)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
     with pytest.raises(ValueError, match=r"lora_target_modules=\['qkv_proj'\] matches no linear layer"):
         lora.add_lora(load_hf_model(tiny_model_dir), {**ADAPTERS, "target_modules": ["qkv_proj"]})
+
+
+def test_target_modules_are_the_decoders_linears_in_one_order():
+    assert lora.target_modules(["all-linear"]) == list(lora.DECODER_LINEARS)
+    in_order = ["q_proj", "v_proj"]
+    assert lora.target_modules(["v_proj", "q_proj"]) == lora.target_modules(in_order) == in_order
+    settings = {"lora_rank": 8, "lora_alpha": 16, "lora_target_modules": ["down_proj", "q_proj"]}
+    assert lora.requested_settings(type("M", (), settings)) == {"rank": 8, "alpha": 16.0,
+                                                                 "target_modules": ["q_proj", "down_proj"]}
 
 
 @pytest.mark.parametrize("override,message", [
     ("worker.actor.model.lora_rank=-1", "lora_rank=-1 must be >= 0"),
     ("worker.actor.model.lora_alpha=0", "lora_alpha=0.0 must be positive"),
-    ("worker.actor.model.lora_target_modules=[]", r"lora_target_modules=\[\] must be a non-empty list"),
+    ("worker.actor.model.lora_target_modules=[]", r"lora_target_modules=\[\]: empty"),
+    ("worker.actor.model.lora_target_modules=[q_proj,lm_head]", r"\['lm_head'\]; name linear layers of the text "
+                                                                 r"decoder, \['q_proj'.*or all-linear"),
 ])
 def test_bad_lora_settings_are_refused_naming_the_key(tiny_model_dir, synthetic_data_dir, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -95,10 +107,15 @@ def test_two_ranks_train_adapters_against_the_base_and_merge_them(tiny_model_dir
     from pebr.trainer.ray_trainer import WorkerGroup, batch_advantages
     from pebr.workers.actor import load_processor
 
+    # One mini-batch per rollout (global batch = rollout batch of 4 prompts), two epochs over it: the first
+    # optimizer step takes its old log-probs from its own forward, so the reference pass is the step's first
+    # forward (the parameters still sharded), and the second step needs the adapters to have stayed trainable.
     cfg = make_config(tiny_model_dir, synthetic_data_dir, 2, "worker.actor.optim.lr=5e-2",
+                      "worker.actor.global_batch_size=4", "worker.actor.ppo_epochs=2",
                       f"worker.actor.model.lora_rank={ADAPTERS['rank']}",
                       f"worker.actor.model.lora_alpha={ADAPTERS['alpha']}",
                       f"worker.actor.model.lora_target_modules=[{','.join(ADAPTERS['target_modules'])}]")
+    assert cfg.worker.actor.fsdp.enable_full_shard is False  # the CPU recipe's ZeRO-2, where the bug showed
     dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
     prompts = [dict(dataset[i], uid=f"u{i}") for i in range(4)]
     sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_tokens": 16, "logprobs": True}
@@ -106,16 +123,19 @@ def test_two_ranks_train_adapters_against_the_base_and_merge_them(tiny_model_dir
     try:
         assert all(w["weight_sync"] == "direct copies into the engine's parameters" for w in group.started)
         batch, _ = group.generate(prompts, dict(sampling, seed=3))
-        first = group.compute_log_probs(batch)
+        first = group.compute_log_probs(batch, on_policy=len(batch))  # reference only: the update gives the old
+        assert set(first) == {"ref_logprobs"}
         mask = batch.response_mask()
-        # B starts at zero: the reference (adapters off) and the actor agree before any update.
-        torch.testing.assert_close(first["ref_logprobs"] * mask, first["old_logprobs"] * mask, atol=1e-5, rtol=0)
         batch.tensors.update(first)
         batch.tensors["scores"] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
         batch_advantages(batch, cfg.algorithm)
-        assert group.update_actor(batch)["actor/grad_norm"] > 0
+        metrics = group.update_actor(batch)  # two optimizer steps; writes the old log-probs into `batch`
+        assert metrics["actor/grad_norm"] > 0
+        # B starts at zero: the reference (adapters off) and the actor agreed before the update.
+        torch.testing.assert_close(first["ref_logprobs"] * mask, batch.tensors["old_logprobs"][:, :mask.shape[1]]
+                                   * mask, atol=1e-5, rtol=0)
         again = group.compute_log_probs(batch)
-        moved = ((again["old_logprobs"] - first["old_logprobs"]).abs() * mask).max().item()
+        moved = ((again["old_logprobs"] - first["ref_logprobs"]).abs() * mask).max().item()
         assert moved > 0.05, moved
         # The reference is still the base model, though the model it runs in has changed.
         torch.testing.assert_close(again["ref_logprobs"] * mask, first["ref_logprobs"] * mask, atol=1e-5, rtol=0)
