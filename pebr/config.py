@@ -362,16 +362,16 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                 raise ConfigError(f"{key}=true is not implemented (nothing is moved off the device between phases); "
                                   f"worker.{role}.fsdp.enable_cpu_offload=true keeps parameters, gradients and "
                                   "optimizer state on the CPU instead (CUDA only)")
-    lora = actor.model
-    if lora.lora_rank < 0:
-        raise ConfigError(f"worker.actor.model.lora_rank={lora.lora_rank} must be >= 0 (0: no LoRA)")
-    if lora.lora_rank and lora.lora_alpha <= 0:
-        raise ConfigError(f"worker.actor.model.lora_alpha={lora.lora_alpha} must be positive")
-    if lora.lora_rank:
+    model = actor.model
+    if model.lora_rank < 0:
+        raise ConfigError(f"worker.actor.model.lora_rank={model.lora_rank} must be >= 0 (0: no LoRA)")
+    if model.lora_rank:
         from pebr.workers.lora import target_modules
 
+        if model.lora_alpha <= 0:
+            raise ConfigError(f"worker.actor.model.lora_alpha={model.lora_alpha} must be positive")
         try:
-            target_modules(str(name) for name in lora.lora_target_modules)
+            target_modules(str(name) for name in model.lora_target_modules)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if actor.share_prompts and not actor.padding_free:

@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pebr.checkpoint import CheckpointError, latest_checkpoint, merge_shards, read_index  # noqa: E402
-from pebr.workers.lora import fold_lora  # noqa: E402
+from pebr.workers.lora import fold_lora, scaling  # noqa: E402
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -45,7 +45,7 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
     state = merge_shards(local_dir)
     adapters = read_index(local_dir).get("lora")
     if adapters:  # trained with LoRA: the adapters folded into plain weights, under the base model's names
-        state = dict(fold_lora(state.items(), adapters["alpha"] / adapters["rank"]))
+        state = dict(fold_lora(state.items(), scaling(adapters)))
     target_dir = target_dir or hf_dir
     config = AutoConfig.from_pretrained(hf_dir)
     name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")

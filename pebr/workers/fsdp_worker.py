@@ -135,11 +135,6 @@ class FSDPWorker:
             return self.model, lora.adapters_disabled(self.model)
         return None, contextlib.nullcontext()
 
-    def _lora_scaling(self) -> float:
-        """alpha / rank of the actor's LoRA adapters (unused without them)."""
-        settings = lora.lora_settings(self.model)
-        return settings["alpha"] / settings["rank"] if settings else 0.0
-
     # -- rollout ----------------------------------------------------------------------------------
     def sync_weights(self) -> float:
         """Load the actor's current weights into the rollout engine (all ranks take part in the gathers)."""
@@ -148,7 +143,7 @@ class FSDPWorker:
             # Gathered a bucket at a time as the engine consumes them; a collective on every rank.
             # LoRA layers are folded into plain weights on the way (a no-op without adapters).
             self.rollout.load_weights(lora.fold_lora(actor_lib.full_parameters(self.model, self.device),
-                                                     self._lora_scaling()))
+                                                     lora.scaling(lora.lora_settings(self.model))))
         self.weights_stale = False
         return time.time() - t0
 

@@ -85,6 +85,11 @@ def lora_settings(model: torch.nn.Module) -> dict[str, Any] | None:
     return getattr(model, "lora_settings", None)
 
 
+def scaling(settings: dict[str, Any] | None) -> float:
+    """alpha / rank, the factor of B @ A (0 without adapters, for which `fold_lora` never uses it)."""
+    return settings["alpha"] / settings["rank"] if settings else 0.0
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` as its base model: every LoRA layer passes its input through `base_layer` only.
