@@ -88,6 +88,26 @@ def test_bad_reward_stops_step_1_naming_the_sample(kind, tiny_model_dir, synthet
     print(f"\nfault report: reward {kind} -> WorkerFailure after {elapsed:.1f} s (step 1): {message[:300]}")
 
 
+def test_a_validation_that_fails_keeps_the_checkpoint_of_its_step(tiny_model_dir, synthetic_data_dir, ray_session,
+                                                                   tmp_path):
+    """The step is saved before it is validated: a reward that fails only on a validation record costs the
+    validation, not the step's training."""
+    import json
+
+    reward_file = tmp_path / "reward_raises.py"
+    reward_file.write_text(REWARDS["raises"])
+    with open(os.path.join(synthetic_data_dir, "test.json")) as f:
+        bad_qid = json.load(f)[0]["qid"]
+    run_dir = str(tmp_path / "run")
+    argv = trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, 1) + [
+        f"worker.reward.reward_function={reward_file}:compute_score", "worker.rollout.name=hf",
+        "data.max_response_length=4", f"data.val_files={synthetic_data_dir}/test.json", "trainer.val_freq=1",
+        "trainer.val_before_train=false", f"worker.reward.reward_function_kwargs.bad_qid={bad_qid}"]
+    with pytest.raises(WorkerFailure, match=rf"reward failed in a worker: .*qid={bad_qid!r}"):
+        run(argv)
+    assert checkpoint.complete_steps(run_dir) == [1]
+
+
 def test_online_filtering_on_a_key_the_reward_lacks_stops_before_any_rollout(tiny_model_dir, synthetic_data_dir,
                                                                               ray_session, tmp_path):
     reward_file = tmp_path / "overall_only.py"
