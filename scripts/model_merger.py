@@ -7,24 +7,55 @@ The default target is `<local_dir>/huggingface`, which already holds the config,
 saved with the checkpoint; the merged weights are written there as safetensors, so transformers and
 vLLM load the directory as it is. A checkpoint trained with LoRA is written as a plain model, its adapters
 folded into the weights. An incomplete checkpoint (interrupted save) is refused.
+
+A finished merge leaves `merged_from.json` in the target: the checkpoint's shard files (size, mtime) and the
+dtype. A second merge of the same checkpoint into the same target is then skipped (the stage-2 recipe merges
+stage 1's newest checkpoint at every start, and rewriting a 7B model takes minutes); `--force` merges anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import CheckpointError, latest_checkpoint, merge_shards, read_index  # noqa: E402
+from pebr.checkpoint import (INDEX_FILE, CheckpointError, check_complete, latest_checkpoint,  # noqa: E402
+                             merge_shards, read_index)
+from pebr.utils.jsonio import atomic_write_json  # noqa: E402
 from pebr.workers.lora import fold_lora, scaling  # noqa: E402
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") -> str:
+MARKER = "merged_from.json"
+
+
+def provenance(local_dir: str, dtype: str) -> dict:
+    """What a merge was made from: the checkpoint's shard files (size, mtime) and the requested dtype."""
+    world = check_complete(local_dir)
+    files = [INDEX_FILE] + [f"model_world_size_{world}_rank_{r}.safetensors" for r in range(world)]
+    stats = {f: os.stat(os.path.join(local_dir, f)) for f in files}
+    return {"checkpoint": os.path.abspath(local_dir), "dtype": dtype,
+            "files": {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}}
+
+
+def already_merged(target_dir: str, made_from: dict) -> bool:
+    """The target holds a finished merge of these shards, its weight files as they were written."""
+    try:
+        with open(os.path.join(target_dir, MARKER)) as f:
+            marker = json.load(f)
+        written = marker.pop("weights")
+        return marker == made_from and all(os.path.getsize(os.path.join(target_dir, f)) == size
+                                           for f, size in written.items())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return False
+
+
+def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", force: bool = False) -> str:
     """Write the merged model; returns the target directory.
 
     Args:
@@ -32,6 +63,7 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
         target_dir: where to write; default `<local_dir>/huggingface`.
         dtype: weight dtype on disk; "auto" keeps the config's dtype, which the trainer saves as the base
             model's (fp32 when it names none).
+        force: merge even when the target holds a finished merge of these very shards.
 
     The weights are written to `<target_dir>.merging` first and moved in when complete, replacing the
     target's previous weight files (a stale shard index would make loaders look for shards that are gone).
@@ -42,11 +74,15 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
     hf_dir = os.path.join(local_dir, "huggingface")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}/config.json is missing: not an actor checkpoint directory")
+    target_dir = target_dir or hf_dir
+    made_from = provenance(local_dir, dtype)
+    if not force and already_merged(target_dir, made_from):
+        print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
+        return target_dir
     state = merge_shards(local_dir)
     adapters = read_index(local_dir).get("lora")
     if adapters:  # trained with LoRA: the adapters folded into plain weights, under the base model's names
         state = dict(fold_lora(state.items(), scaling(adapters)))
-    target_dir = target_dir or hf_dir
     config = AutoConfig.from_pretrained(hf_dir)
     name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
     with torch.device("meta"):
@@ -58,6 +94,9 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
     model.save_pretrained(staging, safe_serialization=True)
     written = set(os.listdir(staging))
     os.makedirs(target_dir, exist_ok=True)
+    marker = os.path.join(target_dir, MARKER)
+    if os.path.exists(marker):  # first: an interrupted replacement must not pass for a finished merge
+        os.remove(marker)
     for f in os.listdir(target_dir):
         if _is_weight_file(f):
             os.remove(os.path.join(target_dir, f))
@@ -68,8 +107,10 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto") ->
         # The tokenizer, processor and chat template; not the config, which save_pretrained wrote with the dtype.
         for f in os.listdir(hf_dir):
             src = os.path.join(hf_dir, f)
-            if f not in written and not _is_weight_file(f) and os.path.isfile(src):
+            if f not in written and f != MARKER and not _is_weight_file(f) and os.path.isfile(src):
                 shutil.copy2(src, os.path.join(target_dir, f))
+    weights = {f: os.path.getsize(os.path.join(target_dir, f)) for f in written if _is_weight_file(f)}
+    atomic_write_json(marker, {**made_from, "weights": weights})  # last: the merge is finished
     return target_dir
 
 
@@ -84,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--latest_in", help="a run's checkpoint directory: merge its newest complete checkpoint")
     parser.add_argument("--target_dir", default=None, help="default: <local_dir>/huggingface")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--force", action="store_true", help="merge again even when the target holds this merge")
     args = parser.parse_args(argv)
     local_dir = args.local_dir
     if args.latest_in:
@@ -93,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         local_dir = os.path.join(latest, "actor")
     try:
-        out = merge(local_dir, args.target_dir, args.dtype)
+        out = merge(local_dir, args.target_dir, args.dtype, args.force)
     except CheckpointError as e:
         print(f"model_merger: {e}", file=sys.stderr)
         return 2

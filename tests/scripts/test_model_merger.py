@@ -75,3 +75,33 @@ def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
     assert merged.dtype == torch.float32
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_again(bf16_checkpoint, capsys):
+    actor, weights = bf16_checkpoint
+    out = merge(actor)
+    weight_file = os.path.join(out, "model.safetensors")
+
+    def merged_again(**kwargs) -> bool:
+        before = os.stat(weight_file).st_mtime_ns
+        os.utime(weight_file, ns=(before - 10**9, before - 10**9))  # so a rewrite shows, however fast
+        merge(actor, **kwargs)
+        return os.stat(weight_file).st_mtime_ns != before - 10**9
+
+    assert not merged_again() and "already holds this checkpoint's merge" in capsys.readouterr().out
+    assert merged_again(force=True)
+    assert merged_again(dtype="fp32") and saved_dtype(out) == "float32"
+    assert not merged_again(dtype="fp32")
+    shard = os.path.join(actor, "model_world_size_1_rank_0.safetensors")
+    os.utime(shard)  # a checkpoint written again under the same name
+    assert merged_again(dtype="fp32")
+    with open(weight_file, "ab") as f:  # weights changed after the merge
+        f.write(b"\0")
+    assert merged_again(dtype="fp32")
+    # A replacement cut short removes the marker first, so the next merge redoes it.
+    os.remove(os.path.join(out, "merged_from.json"))
+    assert merged_again(dtype="fp32")
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
