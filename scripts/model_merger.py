@@ -2,11 +2,13 @@
 
     python scripts/model_merger.py --local_dir checkpoints/easy_r1/exp/global_step_10/actor [--target_dir DIR]
     python scripts/model_merger.py --latest_in checkpoints/easy_r1/exp     # the newest complete checkpoint
+    python scripts/model_merger.py --latest_in RUN_DIR --adapter_dir DIR   # a LoRA run's adapters for peft
 
 The default target is `<local_dir>/huggingface`, which already holds the config, tokenizer and processor
 saved with the checkpoint; the merged weights are written there as safetensors, so transformers and
 vLLM load the directory as it is. A checkpoint trained with LoRA is written as a plain model, its adapters
-folded into the weights. An incomplete checkpoint (interrupted save) is refused.
+folded into the weights; `--adapter_dir` writes its adapters alone as a peft adapter instead (a few MB, for
+`PeftModel.from_pretrained(base_model, DIR)`). An incomplete checkpoint (interrupted save) is refused.
 
 A finished merge leaves `merged_from.json` in the target: the checkpoint's shard files (size, mtime) and the
 dtype. A second merge of the same checkpoint into the same target is then skipped (the stage-2 recipe merges
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pebr.checkpoint import (INDEX_FILE, CheckpointError, check_complete, latest_checkpoint,  # noqa: E402
                              merge_shards, read_index)
 from pebr.utils.jsonio import atomic_write_json  # noqa: E402
-from pebr.workers.lora import fold_lora, scaling  # noqa: E402
+from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -114,6 +116,46 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     return target_dir
 
 
+def export_adapter(local_dir: str, adapter_dir: str) -> str:
+    """Write a LoRA checkpoint's adapters as a peft adapter directory (adapter_config.json and
+    adapter_model.safetensors), through `<adapter_dir>.writing` and a rename; returns the directory.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete or was not trained with LoRA, or adapter_dir is a file.
+    """
+    from safetensors.torch import save_file
+
+    settings = read_index(local_dir).get("lora")
+    if not settings:
+        raise CheckpointError(f"{local_dir} was trained without LoRA (its {INDEX_FILE} has no 'lora' settings): "
+                              "there is no adapter to export; merge it as a whole model instead")
+    if os.path.isfile(adapter_dir) or (os.path.isdir(adapter_dir) and os.listdir(adapter_dir) and not
+                                       os.path.isfile(os.path.join(adapter_dir, "adapter_config.json"))):
+        raise CheckpointError(f"--adapter_dir {adapter_dir} holds something other than a peft adapter; name a new "
+                              "or empty directory (an earlier export is replaced)")
+    config, tensors = peft_adapter(merge_shards(local_dir), settings)
+    config.base_model_name_or_path = _run_model_path(local_dir)
+    staging = os.path.abspath(adapter_dir).rstrip("/") + ".writing"
+    shutil.rmtree(staging, ignore_errors=True)
+    config.save_pretrained(staging)
+    save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # empty, or an earlier export
+    os.replace(staging, adapter_dir)
+    return adapter_dir
+
+
+def _run_model_path(local_dir: str) -> str | None:
+    """The model a run trained from, as its config.yaml (beside its global_step_* directories) names it."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(local_dir))), "config.yaml")
+    try:
+        model_path = OmegaConf.select(OmegaConf.load(path), "worker.actor.model.model_path")
+    except Exception:  # no or another config.yaml (a checkpoint moved alone): peft does not need the name
+        return None
+    return None if model_path is None else str(model_path)
+
+
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".index.json"))
 
@@ -126,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target_dir", default=None, help="default: <local_dir>/huggingface")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--force", action="store_true", help="merge again even when the target holds this merge")
+    parser.add_argument("--adapter_dir", default=None,
+                        help="a LoRA checkpoint: write its adapters here as a peft adapter instead of merging")
     args = parser.parse_args(argv)
     local_dir = args.local_dir
     if args.latest_in:
@@ -135,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         local_dir = os.path.join(latest, "actor")
     try:
-        out = merge(local_dir, args.target_dir, args.dtype, args.force)
+        if args.adapter_dir:
+            out = export_adapter(local_dir, args.adapter_dir)
+        else:
+            out = merge(local_dir, args.target_dir, args.dtype, args.force)
     except CheckpointError as e:
         print(f"model_merger: {e}", file=sys.stderr)
         return 2
-    print(f"merged {local_dir} ->")
+    print(f"{'adapters of' if args.adapter_dir else 'merged'} {local_dir} ->")
     print(out)  # the last line is the merged model's directory, for recipes to pick up
     return 0
 

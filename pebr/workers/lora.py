@@ -122,6 +122,27 @@ def folded_names(names: Iterable[str]) -> list[str]:
     return [base_name(name) for name in names if not _ADAPTER.match(name)]
 
 
+def peft_adapter(state: dict[str, torch.Tensor], settings: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The adapters of a LoRA model's full state dict as peft saves them: (LoraConfig, tensors under peft's file
+    names, `base_model.model.<module>.lora_A.weight`), for `PeftModel.from_pretrained(base model, directory)`.
+
+    Raises:
+        ValueError: the state holds no adapter.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=0.0, bias="none",
+                        target_modules=target_pattern(settings["target_modules"]))
+    tensors = {}
+    for name, tensor in state.items():
+        match = _ADAPTER.match(name)
+        if match:
+            tensors[f"base_model.model.{match['module']}.lora_{match['part']}.weight"] = tensor.contiguous()
+    if not tensors:
+        raise ValueError("no LoRA adapter weights (names with .lora_A. / .lora_B.) in the state dict")
+    return config, tensors
+
+
 def fold_lora(named_tensors: Iterable[tuple[str, torch.Tensor]], scaling: float) -> Iterator[tuple[str, torch.Tensor]]:
     """Plain weights from a LoRA model's (name, tensor) stream: W + scaling * B @ A under the base name.
 

@@ -15,7 +15,7 @@ from pebr.workers.actor import load_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from model_merger import merge  # noqa: E402
+from model_merger import main, merge  # noqa: E402
 
 
 @pytest.fixture
@@ -105,3 +105,9 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
 
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_adapter_export_of_a_checkpoint_without_lora_is_refused(bf16_checkpoint, tmp_path, capsys):
+    actor, _ = bf16_checkpoint
+    assert main(["--local_dir", actor, "--adapter_dir", str(tmp_path / "adapter")]) == 2
+    assert "trained without LoRA" in capsys.readouterr().err and not os.path.exists(tmp_path / "adapter")

@@ -189,7 +189,8 @@ def test_merged_model_loads_in_vllm_and_transformers(groups, tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     res = subprocess.run([sys.executable, "-c", code, os.path.join(actor_dir, "huggingface")], env=env,
                          capture_output=True, text=True, timeout=300)
-    assert "GENERATED 8" in res.stdout or "GENERATED" in res.stdout, res.stderr[-3000:]
+    generated = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("GENERATED ")]
+    assert generated and 1 <= int(generated[0]) <= 8, res.stderr[-3000:]  # greedy may stop at EOS before 8
 
 
 def test_samples_left_on_the_worker_give_the_same_log_probs_as_samples_sent(groups, prompts):

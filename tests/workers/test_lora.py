@@ -174,3 +174,47 @@ def test_two_ranks_train_adapters_against_the_base_and_merge_them(tiny_model_dir
         assert all(torch.equal(restored[k].cpu(), v.cpu()) for k, v in trained.items())
     finally:
         group.shutdown()
+
+
+def test_adapters_exported_for_peft_give_the_merged_model(tiny_model_dir, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from model_merger import export_adapter, merge
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from pebr.workers.actor import load_hf_model
+
+    model = lora.add_lora(load_hf_model(tiny_model_dir), ADAPTERS)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.1)
+    run = tmp_path / "run"
+    actor = os.path.join(checkpoint.partial_dir(str(run), 1), "actor")
+    checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1, lora=ADAPTERS)
+    load_hf_model(tiny_model_dir).config.save_pretrained(os.path.join(actor, "huggingface"))
+    (run / "config.yaml").write_text(f"worker:\n  actor:\n    model:\n      model_path: {tiny_model_dir}\n")
+    actor = os.path.join(checkpoint.finalize(str(run), 1, {"global_step": 1}, save_limit=-1), "actor")
+
+    out = export_adapter(actor, str(tmp_path / "adapter"))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        original, trained = base(input_ids=ids).logits, model(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(base, out)  # adapters injected into `base`
+    assert peft_model.peft_config["default"].base_model_name_or_path == tiny_model_dir
+    merged = AutoModelForImageTextToText.from_pretrained(merge(actor), dtype=torch.float32)
+    with torch.no_grad():
+        adapted, ours = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (trained - original).abs().max() > 1e-2  # the adapters count
+    torch.testing.assert_close(adapted, trained, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, trained, atol=1e-5, rtol=0)
+
+    export_adapter(actor, out)  # an earlier export is replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointError, match="holds something other than a peft adapter"):
+        export_adapter(actor, str(tmp_path / "other"))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
