@@ -8,6 +8,8 @@ group ids, never with a Python loop over samples.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
@@ -94,7 +96,8 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
     Args:
         scores: ``[B]`` scalar rewards.
         group_ids: ``[B]`` integer group id per response (any integers; need not be contiguous).
-        eps: added to the std, which keeps all-equal groups at advantage 0.
+        eps: added to the std. A group whose rewards are all equal gets 0 exactly: its float mean may sit a
+            rounding step off the rewards (eight 0.9s), and that step over a std of the same size is not 0.
 
     Returns:
         ``[B]`` advantages, float dtype of ``scores``.
@@ -110,8 +113,10 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
     sq_sums = torch.zeros_like(sums).index_add_(0, inverse, deviation.square())
     std = torch.sqrt(sq_sums / (counts - 1.0).clamp_min(1.0))
     adv = deviation / (std[inverse] + eps)
-    singleton = counts[inverse] < 2
-    return torch.where(singleton, torch.zeros_like(adv), adv)
+    highest = torch.full_like(sums, -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lowest = torch.full_like(sums, math.inf).scatter_reduce(0, inverse, r, "amin")
+    no_spread = (counts < 2) | (highest == lowest)
+    return torch.where(no_spread[inverse], torch.zeros_like(adv), adv)
 
 
 def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -393,7 +393,10 @@ class RayPPOTrainer:
         return checkpoint.latest_checkpoint(self.ckpt_dir) if t.find_last_checkpoint else None
 
     # -- the phases of a step -------------------------------------------------------------------
-    def _next_prompts(self) -> list[dict]:
+    def _next_prompts(self, attempt: int) -> list[dict]:
+        """The sampler's next batch of prompts, each with a uid naming its group of responses. The attempt (a try
+        of online filtering) is part of it: tries past an epoch's end draw from a new shuffle, where a prompt
+        may come again, and its two groups must stay two."""
         try:
             indices = next(self._batches)
         except StopIteration:
@@ -401,7 +404,7 @@ class RayPPOTrainer:
             indices = next(self._batches)
         prompts = [self.train_dataset[i] for i in indices]
         for p in prompts:
-            p["uid"] = f"{self.global_step}-{p['index']}-{len(p['prompt'])}"
+            p["uid"] = f"{self.global_step}-{attempt}-{p['index']}"
         return prompts
 
     def _sampling(self, overrides: dict | None = None) -> dict:
@@ -424,7 +427,7 @@ class RayPPOTrainer:
         num_groups, tries = 0, 0
         while True:
             tries += 1
-            batch, timing = self.workers.generate(self._next_prompts(), self._sampling())
+            batch, timing = self.workers.generate(self._next_prompts(tries), self._sampling())
             for k, v in timing.items():
                 metrics[k] = metrics.get(k, 0.0) + v
             if not a.online_filtering:

@@ -56,6 +56,16 @@ def test_grpo_all_equal_group_is_zero_and_integer_scores_are_accepted():
     close(adv, [0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("value", [0.9, 0.1, 0.3, 1.0 / 3.0])
+def test_grpo_all_equal_float_rewards_are_exactly_zero(value):
+    # Eight 0.9s (stage 2: every answer right, no format) have a float32 mean a rounding step below 0.9;
+    # divided by a std of the same size that step was an advantage of -0.056.
+    scores = torch.tensor([value] * 8 + [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    adv = grpo_advantages(scores, torch.tensor([0] * 8 + [1] * 8))
+    assert torch.equal(adv[:8], torch.zeros(8))
+    assert adv[8] == pytest.approx(7 / 8 / math.sqrt(1 / 8), rel=1e-5)  # the mixed group is left as it was
+
+
 def test_grpo_matches_torch_std_per_group():
     torch.manual_seed(0)
     scores = torch.rand(24)

@@ -98,3 +98,22 @@ def test_share_payload_sends_positions_only_for_samples_the_rank_generated():
         assert isinstance(sent, Batch) and sent.non_tensors["origin"] == [batch.non_tensors["origin"][i] for i in share]
     assert share_payload(batch, [2], group=1, last_rollout="r2") == ("r2", [0])
     assert isinstance(share_payload(batch_of_lengths([3]), [0], group=0, last_rollout="r2"), Batch)
+
+
+def test_prompt_groups_stay_apart_when_filtering_tries_cross_an_epoch():
+    """Online filtering's tries within one step read past the epoch's end into a new shuffle, where a prompt may
+    come back: each draw of it is a group of its own (one uid for both merged two groups' advantages)."""
+    import types
+
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer
+
+    sampler = StatefulBatchSampler(10, 4, shuffle=True, seed=1, drop_last=True)
+    trainer = types.SimpleNamespace(sampler=sampler, _batches=iter(sampler), global_step=1,
+                                    train_dataset=[{"index": i, "prompt": f"q{i}"} for i in range(10)])
+    draws = [[(p["index"], p["uid"]) for p in RayPPOTrainer._next_prompts(trainer, attempt)]
+             for attempt in (1, 2, 3)]  # 12 prompts from 10
+    indices = [index for draw in draws for index, _ in draw]
+    assert len(set(indices)) < len(indices)  # a prompt came again
+    uids = [uid for draw in draws for _, uid in draw]
+    assert len(set(uids)) == len(uids)
