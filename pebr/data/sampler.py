@@ -83,14 +83,16 @@ class StatefulBatchSampler:
         self.epoch += 1
         self.position = 0
 
-    def state_dict(self) -> dict[str, int]:
-        """{"epoch", "position", "seed"} plus the sizes that give `position` its meaning."""
+    def state_dict(self) -> dict[str, int | bool]:
+        """{"epoch", "position", "seed"} plus the settings that give `position` its meaning."""
         return {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "num_items": self.num_items,
             "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,17 +102,19 @@ class StatefulBatchSampler:
         depends on it.
 
         Raises:
-            ValueError: a key is missing or negative, or the saved num_items / batch_size (when present)
-                differ from this sampler's, which would make the saved position point elsewhere.
+            ValueError: a key is missing or negative, or the saved num_items / batch_size / shuffle / drop_last
+                (when present) differ from this sampler's, which would make the saved position point elsewhere.
         """
         for key in ("epoch", "position", "seed"):
             if key not in state:
                 raise ValueError(f"sampler state is missing key {key!r} (has {sorted(state)})")
-        for key in ("num_items", "batch_size"):
+        changed = {"num_items": "the data set", "batch_size": "the batch size", "shuffle": "data.shuffle",
+                   "drop_last": "the drop-last setting"}
+        for key, what in changed.items():
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state key {key!r} is {state[key]}, but this sampler has {getattr(self, key)}: "
-                    "the data set or batch size changed since the state was saved"
+                    f"{what} changed since the state was saved"
                 )
         epoch, position, seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
         if epoch < 0 or not 0 <= position <= len(self):
