@@ -63,7 +63,7 @@ def test_resume_after_three_batches_gives_the_fourth():
     batches = list(itertools.islice(iter(run), 3))
     state = run.state_dict()
     assert state == {"epoch": 0, "position": 3, "seed": 0, "num_items": 20, "batch_size": 4, "shuffle": True,
-                     "drop_last": True}
+                     "drop_last": False}
     fourth = take(StatefulBatchSampler(20, 4, seed=0), 4)[3]
     resumed = StatefulBatchSampler(20, 4, seed=99)  # the saved seed wins
     resumed.load_state_dict(state)
@@ -95,8 +95,8 @@ def test_bad_arguments_and_states():
         sampler.load_state_dict({"epoch": 0, "position": 0, "seed": 0, "num_items": 12})
     with pytest.raises(ValueError, match="key 'shuffle' is False.*data.shuffle changed"):
         sampler.load_state_dict({**sampler.state_dict(), "shuffle": False})
-    with pytest.raises(ValueError, match="key 'drop_last' is False"):
-        sampler.load_state_dict({**sampler.state_dict(), "drop_last": False})
+    with pytest.raises(ValueError, match="key 'drop_last' is True"):
+        sampler.load_state_dict({**sampler.state_dict(), "drop_last": True})
     with pytest.raises(ValueError, match="position=5"):
         sampler.load_state_dict({"epoch": 0, "position": 5, "seed": 0})
     sampler.load_state_dict({"epoch": 1, "position": 2, "seed": 0})  # the three documented keys suffice
