@@ -21,6 +21,9 @@ PATCH_MULTIPLE = 28  # 14-px patches, merged 2x2
 # A source image above this many pixels is refused at load time: decoding it would take gigabytes in
 # every worker that reads it (PIL itself refuses twice its own limit as a "decompression bomb").
 MAX_SOURCE_PIXELS = 100_000_000
+# Formats whose pixel data PIL's verify() checks (PNG's chunk CRCs, WebP's chunk sizes), so a cut file fails the
+# probe without being decoded; JPEG is probed by a reduced decode, every other format by a full one.
+_VERIFIED_FORMATS = ("PNG", "WEBP")
 # Qwen2.5-VL's processor refuses an image whose long side is more than this many times its short side.
 MAX_ASPECT_RATIO = 200
 # EXIF orientations that turn the image a quarter: its displayed width is the stored height.
@@ -131,10 +134,13 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
                     turned = _quarter_turned(opened)
                     opened.draft("RGB", (max(1, opened.width // 8), max(1, opened.height // 8)))
                     opened.load()
-                else:
+                elif opened.format in _VERIFIED_FORMATS:
                     opened.verify()  # must come first after opening, so the EXIF is read from a second open
                     with _open(image, image_dir) as again:
                         turned = _quarter_turned(again)
+                else:  # PIL's verify() reads none of these formats' pixel data (BMP, GIF, TIFF...): decode it
+                    opened.load()
+                    turned = _quarter_turned(opened)
             if turned:
                 width, height = height, width
         except BadRecord:

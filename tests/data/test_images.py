@@ -179,3 +179,20 @@ def test_truncated_jpeg_fails_the_probe(tmp_path):
     with pytest.raises(BadRecord, match=r"rec 4: image .*cut\.jpg' cannot be read: image file is truncated") as err:
         probe_image(str(tmp_path / "cut.jpg"), None, "rec 4")
     assert err.value.reason == "image_unreadable"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_a_cut_file_fails_the_probe_in_every_format(tmp_path, fmt):
+    """PIL's verify() checks nothing of BMP, GIF or TIFF pixels: those cut files passed the probe and failed at
+    the step that drew them."""
+    import random
+
+    rng = random.Random(0)
+    image = Image.frombytes("RGB", (120, 80), bytes(rng.randrange(256) for _ in range(120 * 80 * 3)))
+    image.save(tmp_path / f"whole.{fmt.lower()}", fmt)
+    data = (tmp_path / f"whole.{fmt.lower()}").read_bytes()
+    (tmp_path / f"cut.{fmt.lower()}").write_bytes(data[: len(data) // 2])
+    assert probe_image(str(tmp_path / f"whole.{fmt.lower()}"), None, "r") == (120, 80)
+    with pytest.raises(BadRecord, match=rf"rec 2: image .*cut\.{fmt.lower()}' cannot be read") as err:
+        probe_image(str(tmp_path / f"cut.{fmt.lower()}"), None, "rec 2")
+    assert err.value.reason == "image_unreadable"
