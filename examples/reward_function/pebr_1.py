@@ -76,12 +76,10 @@ def setup(**kwargs: Any) -> None:
 
 
 def _clip_terms(reward_inputs: list[dict], options: dict[str, Any]) -> list[float]:
-    """CLIP alignment reward of each response; an empty description scores 0 without the model."""
+    """CLIP alignment reward of each response; an empty description, or a record without an image (the trainer
+    counts those before training), scores 0 without the model."""
     captions = [extract_image_description(item["response"]) for item in reward_inputs]
-    todo = [i for i, caption in enumerate(captions) if caption]
-    for i in todo:
-        if reward_inputs[i].get("image") is None:
-            raise ValueError(f"input qid={reward_inputs[i].get('qid')!r} has no image; the CLIP term needs one")
+    todo = [i for i, caption in enumerate(captions) if caption and reward_inputs[i].get("image") is not None]
     terms = [0.0] * len(reward_inputs)
     if todo:
         similarities = _scorer(options).score(

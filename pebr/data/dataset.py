@@ -268,6 +268,8 @@ class RLDataset(Dataset):
         self.report.kept = len(self._items)
         # Stage 1's keyword term is 0 for every response to a record without key words (the trainer warns).
         self.num_without_key_words = sum(1 for _, record, _ in self._items if not record["key_words"])
+        # Its CLIP term is 0 for every response to a record without an image (the trainer warns too).
+        self.num_without_images = sum(1 for _, record, _ in self._items if not record["images"])
         if self.num_overlong:
             logger.warning(
                 "RLDataset: dropped %d of %d prompts longer than %d tokens",

@@ -102,10 +102,11 @@ def run(argv: list[str]) -> None:
     try:
         a = cfg.algorithm
         terms = probe_reward(reward, train[0], {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
-        if "keyword" in terms and train.num_without_key_words:
-            print(f"warning: {train.num_without_key_words} of {len(train)} training records in "
-                  f"{cfg.data.train_files} have no key_words: the reward's keyword term is 0 for all their "
-                  "responses", file=sys.stderr, flush=True)
+        for term, count, lacking in (("keyword", train.num_without_key_words, "key_words"),
+                                     ("clip", train.num_without_images, "image")):
+            if term in terms and count:
+                print(f"warning: {count} of {len(train)} training records in {cfg.data.train_files} have no "
+                      f"{lacking}: the reward's {term} term is 0 for all their responses", file=sys.stderr, flush=True)
         trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
         trainer.fit()
     finally:

@@ -126,9 +126,10 @@ def test_online_filtering_on_a_key_the_reward_lacks_stops_before_any_rollout(tin
     assert ray_session.available_resources().get("CPU", 0) == free_cpus  # the reward worker is gone
 
 
-def test_records_without_key_words_are_reported_when_the_reward_has_a_keyword_term(
+def test_records_without_key_words_or_images_are_reported_when_the_reward_has_those_terms(
         tiny_model_dir, synthetic_data_dir, ray_session, tmp_path, capsys):
-    """Stage 1's keyword term is 0 for every response to a record without key words: said before training.
+    """Stage 1's keyword (CLIP) term is 0 for every response to a record without key words (an image): said
+    before training.
 
     `trainer.device=cuda` on this CPU machine then stops the run where the workers would start (the Ray cluster
     has no GPUs), which is the GPU-count check of WorkerGroup through the real entry point."""
@@ -138,14 +139,19 @@ def test_records_without_key_words_are_reported_when_the_reward_has_a_keyword_te
         records = json.load(f)[:8]
     for record in records[:3]:
         record.pop("key_words", None)
+    for record in records[6:]:  # text-only: stage 1's CLIP term is 0 for them
+        record["problem"] = record["problem"].replace("<image>", "")
+        record.pop("images")
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     reward_file = tmp_path / "with_keyword.py"
     reward_file.write_text("def compute_score(inputs):\n"
-                           "    return [{'overall': 0.5, 'keyword': 0.0} for _ in inputs]\n")
+                           "    return [{'overall': 0.5, 'keyword': 0.0, 'clip': 0.0} for _ in inputs]\n")
     argv = trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 2) + [
         f"data.train_files={train}", f"worker.reward.reward_function={reward_file}:compute_score",
         "trainer.device=cuda", "trainer.n_gpus_per_node=1"]
     with pytest.raises(ConfigError, match=r"= 1 GPU workers, but the Ray cluster has 0 GPUs"):
         run(argv)
-    assert f"warning: 3 of 8 training records in {train} have no key_words" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: 3 of 8 training records in {train} have no key_words" in err
+    assert f"warning: 2 of 8 training records in {train} have no image: the reward's clip term is 0" in err

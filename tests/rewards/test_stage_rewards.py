@@ -88,3 +88,14 @@ def test_sampling_reward_is_accuracy() -> None:
     items = [item(), item(truth="8"), item("### The final answer is: (B)", "B")]
     out = RewardManager(SAMPLE, require_overall=False).compute(items)
     assert [scores["accuracy"] for scores in out] == [1.0, 0.0, 1.0]
+
+
+def test_stage1_text_only_record_scores_clip_0_beside_an_image_record(tiny_clip_path: str) -> None:
+    """A record without an image (the data set accepts them) gets CLIP term 0; it used to raise mid-run."""
+    from PIL import Image
+
+    manager = RewardManager(STAGE1, reward_function_kwargs={"clip_model_path": tiny_clip_path})
+    with_image = {**item(), "image": Image.new("RGB", (32, 32), "red")}
+    pictured, text_only = manager.compute([with_image, item()])
+    assert pictured["clip"] != 0.0 and text_only["clip"] == 0.0  # s / 0.4 below the threshold, any sign
+    assert text_only["overall"] == pytest.approx(0.4 * 2 / 3 + 0.2)
