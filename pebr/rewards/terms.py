@@ -54,14 +54,15 @@ _ANY_HEADER = re.compile(r"###")
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
 
-# A multiple-choice ground truth: one capital letter, optionally bracketed, optionally a full stop.
-_CHOICE_TRUTH = re.compile(r"^[(\[]?\s*([A-Z])\s*[)\]]?\s*\.?$")
+# A multiple-choice ground truth: one capital letter, optionally bracketed, optionally a full stop, optionally
+# followed by the choice's text ("A. 60°", "(B) 12 cm").
+_CHOICE_TRUTH = re.compile(r"^[(\[]?\s*([A-Z])\s*(?:[)\]]?\s*\.?$|[)\].:]\s+\S)")
 # A choice in an answer: "B", "(B)", "[B]", "B.", "B) 12 cm", "B 12 cm", "Option B: ...", "The answer is B".
 # A capital letter followed by a lower-case word is an article or pronoun ("A triangle", "I think B"), and
 # a lower-case letter counts only when it is the whole answer ("a triangle" is not choice A).
 _CHOICE_ANSWER_UPPER = re.compile(
     r"^(?:(?i:(?:the\s+)?(?:correct\s+)?(?:option|choice|answer)(?:\s+is)?)\s*:?\s*)?"
-    r"[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s+(?![a-z])|$)"
+    r"[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s+(?![a-z])|$|\s+is\s+(?:the\s+)?(?:correct|right|answer|best)\b)"
 )
 _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
 # Two choices or more ("A, B, C, D", "A or B", "(A)/(B)"): a hedge, wrong whatever the truth.
@@ -69,15 +70,28 @@ _SEVERAL_CHOICES = re.compile(
     r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
 # Where an answer line goes on to explain itself: a sentence ends, a parenthesis with words in it opens, or
 # a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
-# "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds.
-_EXPLANATION = re.compile(r"[.。;!?]\s+|\s+\((?=[^)]*\b[A-Za-z]{2,}\s)|,?\s+(?i:because|since)\b")
+# "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds. LaTeX is not
+# prose: "\\;" is a space, "5!" a factorial and "(\\pi + 1)" a factor, not the start of an explanation.
+_EXPLANATION = re.compile(
+    r"(?<!\\)[.。;?]\s+|(?<![\\\d])!\s+|\s+\((?=[^)]*(?<![\\A-Za-z])[A-Za-z]{2,}\s)|,?\s+(?i:because|since)\b")
 # A number and what follows it ("20 m/s", "8 \\text{ cm}^2", "30°"), and the unit's markup.
-_NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
+# Commas only as thousands separators ("1,000"): "2,5" is not 25.
+_NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
 _UNIT_MARKUP = re.compile(r"\\(?:text|mathrm)\s*\{|[{}\s]|\\[,;!]")
 # A unit: common SI-style base units with exponents, joined by / or a product sign ("m/s^2", "kg·m", "cm^2").
 # Named, not guessed: "2x" is an expression, not 2 of a unit x.
 _UNIT = re.compile(r"^(?:(?:k|c|m|µ|n)?(?:m|g|s|l|L|N|J|W|V|A|Pa|Hz)|h|min|mL|ml|mol|K|°C|°F|°|%|rad|deg)"
                    r"(?:\^-?\d)?(?:[/·*](?:(?:k|c|m)?(?:m|g|s|l|L)|h|min|mol|K)(?:\^-?\d)?)*$")
+# Spellings of one unit.
+_UNIT_ALIASES = {"deg": "°", "degree": "°", "degrees": "°", "ml": "mL", "l": "L", "percent": "%"}
+# What is counted, after a count ("3 objects", "7 birds", "5 (units)"): up to four words of two letters or more.
+_COUNTED = re.compile(r"^\(?\s*(?P<words>[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})\s*\)?$")
+# Words after a number that change its value or hedge it ("2 pi", "3 or more", "5 hundred"): not what is counted.
+_NOT_COUNTED = frozenset(
+    "pi times plus minus over divided squared cubed sqrt root hundred thousand million billion trillion dozen "
+    "half halves third thirds quarter quarters fourth fourths fifth fifths tenth tenths or and to more less than "
+    "at least most about approximately around nearly almost over under per by of".split())
+_YES_NO = frozenset({"yes", "no", "true", "false"})
 # Points named by capital letters, in an answer about a figure ("AB", "\\angle ABC", "∠ABC", "\\triangle ABC").
 _FIGURE_MARKERS = re.compile(
     r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
@@ -203,23 +217,44 @@ def _same_figure(answer: tuple[str, str], truth: tuple[str, str]) -> bool:
     return given in (wanted, wanted[::-1])
 
 
+def _leading_word(text: str) -> str:
+    match = re.match(r"\W*([A-Za-z]+)", text)
+    return match.group(1).casefold() if match else ""
+
+
 def _number_and_unit(text: str) -> tuple[float, str] | None:
-    """(value, unit without markup) of "20 m/s", "8 \\text{ cm}^2", "2.5"; None for anything else."""
+    """(value, unit without markup) of "20 m/s", "8 \\text{ cm}^2", "2.5", "3 objects"; None for anything else."""
     match = _NUMBER_UNIT.match(text)
     if match is None:
         return None
-    unit = _UNIT_MARKUP.sub("", match["unit"]).replace("\\cdot", "·")
-    if unit and not _UNIT.match(unit):
-        return None
+    counted = _COUNTED.match(match["unit"])
+    if counted and not _UNIT_ALIASES.get(counted["words"]):
+        words = counted["words"].lower().split()
+        if _NOT_COUNTED.intersection(words):
+            return None
+        unit = " ".join(words)
+    else:
+        unit = _UNIT_MARKUP.sub("", match["unit"].strip("() ")).replace("\\cdot", "·")
+        unit = _UNIT_ALIASES.get(unit, unit)
+        if unit and not _UNIT.match(unit):
+            return None
     try:
         return float(match["number"].replace(",", "")), unit
     except ValueError:
         return None
 
 
+def _other_units(answer: str, ground_truth: str) -> bool:
+    """Both are a number with a unit, and the units differ ("3 m" and "3 cm"), which the graders, stripping
+    units, would call equal."""
+    given, wanted = _number_and_unit(answer), _number_and_unit(ground_truth)
+    return given is not None and wanted is not None and bool(given[1]) and bool(wanted[1]) and given[1] != wanted[1]
+
+
 def _same_quantity(answer: str, ground_truth: str) -> bool:
     """Equal numbers with the same unit, or with a unit on one side only. The graders strip some units
-    (cm, degrees) but not others (m/s, \\text{cm}^2), and an answer without its unit is read alike for all."""
+    (cm, degrees) but not others (m/s, \\text{cm}^2), and an answer without its unit is read alike for all;
+    what a count counts is a unit here ("3 objects" for "3")."""
     given, wanted = _number_and_unit(answer), _number_and_unit(ground_truth)
     if given is None or wanted is None or not math.isclose(given[0], wanted[0], rel_tol=1e-9, abs_tol=1e-12):
         return False
@@ -275,9 +310,13 @@ def answers_match(answer: str, ground_truth: str) -> bool:
             return letter == choice.group(1)
     if given.casefold() == truth.casefold():
         return True
+    if truth.casefold() in _YES_NO:  # "Yes, the triangle is isosceles" for "Yes"
+        return _leading_word(given) == truth.casefold()
     names = _point_names(given), _point_names(truth)
     if None not in names:  # the graders read "BAC" as the product B*A*C, equal to "ABC"
         return _same_figure(*names)
+    if _other_units(given, truth):
+        return False
     try:
         if grade_answer(given, truth):
             return True

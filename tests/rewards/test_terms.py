@@ -145,6 +145,37 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("30", "3", False),
         ("1/3", "0.3", False),
         ("", "3", False),
+        # What a count counts ("How many objects are left?"), not a product of letters for the graders.
+        ("3 objects", "3", True),
+        ("3 objects left", "3", True),
+        ("7 birds", "7", True),
+        ("5 (units)", "5", True),
+        ("8 (\\text{cm}^2)", "8", True),
+        ("3 objects", "4", False),
+        ("3 apples", "3 oranges", False),
+        ("2 pi", "2", False),  # words that change the value are not counted
+        ("5 hundred", "5", False),
+        # Another unit is another quantity, though both graders strip units.
+        ("3 m", "3 cm", False),
+        ("20 g", "20 kg", False),
+        ("90°", "90 cm", False),
+        ("3 cm^2", "3 cm^3", False),
+        ("90 degrees", "90°", True),
+        ("50 percent", "50%", True),
+        # A comma separates thousands, or nothing.
+        ("2,5", "25", False),
+        ("1,000,000", "1000000", True),
+        # Yes / no and choices said in a sentence.
+        ("Yes, the triangle is isosceles", "Yes", True),
+        ("No, it is not", "No", True),
+        ("Not sure", "No", False),
+        ("D is correct", "D", True),
+        ("C is the answer", "C", True),
+        ("C is the answer", "D", False),
+        # A choice truth with the choice's text.
+        ("A. 60°", "A. 60°", True),
+        ("A", "(A) 60°", True),
+        ("B", "A. 60°", False),
     ],
 )
 def test_answers_match(answer: str, truth: str, expected: bool) -> None:
@@ -178,6 +209,13 @@ def test_answers_match(answer: str, truth: str, expected: bool) -> None:
         ("### The final answer is: \\(3\\)", "3", 1.0),
         ("### The final answer is: 5 cm²", "5", 1.0),  # a superscript is an exponent, not a digit
         ("### The final answer is: 3\n### The final answer is:", "3", 1.0),
+        # LaTeX on the answer line is not an explanation: "\\;" is a space, "(\\pi + 1)" a factor, "5!" a factorial.
+        ("### The final answer is: 2 (\\pi + 1)", "2", 0.0),
+        ("### The final answer is: 2 (\\pi + 1)", "2\\pi + 2", 1.0),
+        ("### The final answer is: \\frac{1}{2} (\\sin x + \\cos x)", "\\frac{1}{2}", 0.0),
+        ("### The final answer is: 12\\; \\mathrm{cm}^2", "12 cm^2", 1.0),
+        ("### The final answer is: 5! = 120", "5", 0.0),
+        ("### The final answer is: A. 60°", "A. 60°", 1.0),  # the truth itself
         ("I think it is 8", "7", 0.0),
         (ONLY_HEADERS, "9", 0.0),
         ("", "9", 0.0),
