@@ -528,12 +528,17 @@ def _prefix_tokens(lengths: Sequence[int], padding_free: bool) -> list[int]:
     return [(c + 1) * longest for c, longest in enumerate(itertools.accumulate(lengths, max))]
 
 
-def global_sum(value: float, device: torch.device) -> float:
-    """The sum of `value` over all ranks (itself without torch.distributed)."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def global_sums(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over all ranks, in one collective (the values themselves without torch.distributed)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def global_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over all ranks (itself without torch.distributed)."""
+    return global_sums([value], device)[0]
 
 
 def global_max(value: int, device: torch.device) -> int:
@@ -632,6 +637,9 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             mask = mini.tensors["response_mask"]
             denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
+            # Token-weighted sums of the per-token metrics, so that they are means over the mini-batch's tokens
+            # on all ranks whatever the micro-batches (a micro-batch of one long response is not one of many).
+            token_sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
             # Each micro-batch encodes its distinct images once; fewer encodings than images x micro-batches
             # is what keeping a prompt's responses together buys (image_group_budget_groups, balanced_order).
@@ -669,9 +677,13 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 # is the gradient of the loss averaged over the whole global mini-batch.
                 with record_function("pebr/backward"):
                     (loss * weight * world / denom).backward()
-                log("actor/entropy", masked_mean(entropy, rmask).item())
-                for k, v in pg_metrics.items():
-                    log(f"actor/{k}", v)
+                tokens = float(rmask.sum())
+                for k, v in {"tokens": 1.0, "entropy": masked_mean(entropy, rmask).item(), **pg_metrics}.items():
+                    token_sums[k] = token_sums.get(k, 0.0) + v * tokens
+            totals = dict(zip(token_sums, global_sums(list(token_sums.values()), device)))
+            for k, v in totals.items():
+                if k != "tokens":
+                    log(f"actor/{k}", v / max(totals["tokens"], 1.0))
             log("actor/images_encoded", float(images_encoded))
             log("actor/distinct_images", float(distinct_images(mini)))
             log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)

@@ -456,7 +456,9 @@ def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_mo
     for name, kw in variants.items():
         got = run_update(varlen_model if kw.get("padding_free") else model, processor, exp,
                          loss_avg_mode=loss_avg_mode, **kw)
-        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm"):
+        # The per-token metrics too: token means over the mini-batch, not means of micro-batch means.
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl",
+                    "actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
             assert got[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), (name, key)
 
 
