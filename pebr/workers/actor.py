@@ -267,6 +267,40 @@ def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None
         del inner.get_image_features
 
 
+@contextlib.contextmanager
+def vision_tower_in_graph(model: torch.nn.Module) -> Iterator[None]:
+    """During the block, a forward of a Qwen2.5-VL `model` without images still runs its vision tower, on one
+    blank image of the smallest grid, and adds 0 x its output to the text embeddings: the vision parameters
+    then get a gradient, zero, as with images.
+
+    FSDP2 reduce-scatters only the parameters that received a gradient. A rank whose micro-batch had no image
+    gave the trainable vision tower none while the other ranks did, so the ranks' collectives differed in size
+    (gloo aborts, NCCL hangs). The encoding happens inside the model's own forward, where FSDP has gathered
+    the vision tower's parameters (outside it they are shards). Nothing is done for a frozen vision tower.
+    """
+    inner = model.model
+    if not any(p.requires_grad for p in inner.visual.parameters()):
+        yield
+        return
+    vision = inner.config.vision_config
+    merge = vision.spatial_merge_size
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+
+    def add_blank_image(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        embeds = kwargs["inputs_embeds"]
+        grid = torch.tensor([[1, merge, merge]], device=embeds.device)
+        blank = torch.zeros(merge * merge, width, device=embeds.device)
+        encoded = inner.get_image_features(blank, grid).pooler_output
+        kwargs["inputs_embeds"] = embeds + 0.0 * torch.cat(list(encoded)).sum().to(embeds.dtype)
+        return args, kwargs
+
+    handle = inner.language_model.register_forward_pre_hook(add_blank_image, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def every_image_copy(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`inputs` with the pixels of every image entry written out and no image_order: what the model would
     encode without `images_encoded_once` (the reference its tests and benchmark compare against)."""
@@ -650,7 +684,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 images_encoded += distinct_images(mb)
                 with record_function("pebr/model_inputs"):
                     inputs = model_inputs(model, mb, processor, device, cfg.padding_free, cfg.share_prompts)
-                with record_function("pebr/forward"):
+                with record_function("pebr/forward"), (
+                        contextlib.nullcontext() if any(mb.images) else vision_tower_in_graph(model)):
                     logp, entropy = response_logprobs(model, inputs, temperature, with_entropy=True)
                 t = logp.shape[1]
                 rmask = inputs["response_mask"]

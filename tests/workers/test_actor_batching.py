@@ -506,3 +506,47 @@ def test_dynamic_batching_needs_a_positive_token_budget(tiny_model_dir, syntheti
         load_config([*argv, "worker.actor.max_token_len_per_gpu=0"])
     # Without dynamic batching the budget is unused, so it is not checked.
     load_config([*argv[:-1], "worker.actor.dynamic_batching=false", "worker.actor.max_token_len_per_gpu=0"])
+
+
+def _update_on_rank(rank: int, world: int, init_method: str, out: str, model, processor, exp: Batch,
+                    shares: list[list[int]]) -> None:
+    """One gloo rank of an FSDP2 update of its share (forked: the arguments are the parent's objects)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        policy = actor_lib.shard_model(copy.deepcopy(model), param_dtype=torch.float32, cpu_offload=False)
+        optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
+        mine = exp.select(shares[rank])
+        actor_lib.update_policy(policy, optimizer, scheduler, mine, processor, CPU,
+                                ActorConfig(micro_batch_size_per_device_for_update=2), AlgorithmConfig(),
+                                temperature=1.0, mini_batch_size=len(mine))
+        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in policy.named_parameters()}
+        if rank == 0:
+            torch.save(full, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_micro_batch_has_no_image_trains_with_the_others(model, processor, batch, tmp_path):
+    """Rank 0's first micro-batch is the text-only prompt's two responses while rank 1 has images in every one;
+    with the vision tower trained, the ranks used to reduce different gradients and the update aborted."""
+    exp = experience(model, processor, batch)
+    assert [bool(exp.images[i]) for i in (4, 5)] == [False, False]
+    shares = [[4, 5, 0, 1], [2, 3, 6, 7]]
+    out = str(tmp_path / "rank0.pt")
+    torch.multiprocessing.start_processes(
+        _update_on_rank, args=(2, f"file://{tmp_path}/rendezvous", out, model, processor, exp, shares), nprocs=2,
+        start_method="fork")
+    two_ranks = torch.load(out)
+    one_rank = copy.deepcopy(model)
+    optimizer, scheduler = actor_lib.build_optimizer(one_rank, OptimConfig(lr=1e-3), total_steps=4)
+    actor_lib.update_policy(one_rank, optimizer, scheduler, exp, processor, CPU,
+                            ActorConfig(micro_batch_size_per_device_for_update=2), AlgorithmConfig(),
+                            temperature=1.0, mini_batch_size=len(exp))
+    before = {n: p.detach() for n, p in model.named_parameters()}
+    for name, p in one_rank.named_parameters():
+        torch.testing.assert_close(two_ranks[name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
+    assert max(float((two_ranks[n] - before[n]).abs().max()) for n in before) > 1e-4  # the update did something
+    assert any("visual" in n and not torch.equal(two_ranks[n], before[n]) for n in before)  # the vision tower too
