@@ -265,9 +265,12 @@ def check_complete(actor_dir: str) -> int:
     """Return the world size of a complete sharded actor checkpoint, or raise CheckpointError."""
     actor_dir = os.path.abspath(actor_dir)
     step = os.path.dirname(actor_dir)
-    if step.endswith(".partial") or not os.path.isfile(os.path.join(step, STATE_FILE)):
-        raise CheckpointError(f"{actor_dir} belongs to an incomplete checkpoint (no {STATE_FILE} in {step}); "
-                              "it was interrupted while saving; use an earlier global_step_* directory")
+    # A save is published by renaming global_step_k.partial when complete, and a rotation renames a checkpoint
+    # to .deleting first; any other name holds a whole checkpoint (or an actor directory copied out of one,
+    # without its trainer_state.json: still whole, which the index and shards below confirm).
+    if step.endswith((".partial", ".deleting")):
+        raise CheckpointError(f"{actor_dir} belongs to an incomplete checkpoint ({os.path.basename(step)}): it "
+                              "was interrupted while saving or deleting; use an earlier global_step_* directory")
     index_path = os.path.join(actor_dir, INDEX_FILE)
     if not os.path.isfile(index_path):
         raise CheckpointError(f"{index_path} is missing: not a sharded actor checkpoint")

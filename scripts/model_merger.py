@@ -25,11 +25,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import (INDEX_FILE, CheckpointError, check_complete, latest_checkpoint,  # noqa: E402
-                             merge_shards, read_index)
+from pebr.checkpoint import (INDEX_FILE, STATE_FILE, CheckpointError, check_complete,  # noqa: E402
+                             latest_checkpoint, merge_shards, read_index)
 from pebr.utils.jsonio import atomic_write_json  # noqa: E402
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
+# Files of a sharded checkpoint (model, optimizer, extra state of each rank).
+SHARD_PREFIXES = ("model_world_size_", "optim_world_size_", "extra_state_world_size_")
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -40,9 +42,13 @@ def provenance(local_dir: str, dtype: str) -> dict:
     """What a merge was made from: the checkpoint's shard files (size, mtime) and the requested dtype."""
     world = check_complete(local_dir)
     files = [INDEX_FILE] + [f"model_world_size_{world}_rank_{r}.safetensors" for r in range(world)]
-    stats = {f: os.stat(os.path.join(local_dir, f)) for f in files}
     return {"checkpoint": os.path.abspath(local_dir), "dtype": dtype,
-            "files": {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}}
+            "files": {f: _file_stat(os.path.join(local_dir, f)) for f in files}}
+
+
+def _file_stat(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def already_merged(target_dir: str, made_from: dict) -> bool:
@@ -51,8 +57,8 @@ def already_merged(target_dir: str, made_from: dict) -> bool:
         with open(os.path.join(target_dir, MARKER)) as f:
             marker = json.load(f)
         written = marker.pop("weights")
-        return marker == made_from and all(os.path.getsize(os.path.join(target_dir, f)) == size
-                                           for f, size in written.items())
+        return marker == made_from and all(_file_stat(os.path.join(target_dir, f)) == stat
+                                           for f, stat in written.items())
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
 
@@ -71,12 +77,16 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     target's previous weight files (a stale shard index would make loaders look for shards that are gone).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     hf_dir = os.path.join(local_dir, "huggingface")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}/config.json is missing: not an actor checkpoint directory")
     target_dir = target_dir or hf_dir
+    if os.path.isdir(target_dir) and any(f in (INDEX_FILE, STATE_FILE) or f.startswith(SHARD_PREFIXES)
+                                         for f in os.listdir(target_dir)):
+        raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint, whose files a merge there "
+                              "would replace; name another directory (the default is <local_dir>/huggingface)")
     made_from = provenance(local_dir, dtype)
     if not force and already_merged(target_dir, made_from):
         print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
@@ -91,6 +101,8 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         model = AutoModelForImageTextToText.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(getattr(torch, name))
+    if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):  # the base model's stop tokens, sampling
+        model.generation_config = GenerationConfig.from_pretrained(hf_dir)
     staging = os.path.abspath(target_dir).rstrip("/") + ".merging"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
@@ -111,7 +123,7 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             src = os.path.join(hf_dir, f)
             if f not in written and f != MARKER and not _is_weight_file(f) and os.path.isfile(src):
                 shutil.copy2(src, os.path.join(target_dir, f))
-    weights = {f: os.path.getsize(os.path.join(target_dir, f)) for f in written if _is_weight_file(f)}
+    weights = {f: _file_stat(os.path.join(target_dir, f)) for f in written if _is_weight_file(f)}
     atomic_write_json(marker, {**made_from, "weights": weights})  # last: the merge is finished
     return target_dir
 

@@ -83,10 +83,9 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
     weight_file = os.path.join(out, "model.safetensors")
 
     def merged_again(**kwargs) -> bool:
-        before = os.stat(weight_file).st_mtime_ns
-        os.utime(weight_file, ns=(before - 10**9, before - 10**9))  # so a rewrite shows, however fast
+        before = os.stat(weight_file).st_ino  # a merge writes a new file and renames it over the old one
         merge(actor, **kwargs)
-        return os.stat(weight_file).st_mtime_ns != before - 10**9
+        return os.stat(weight_file).st_ino != before
 
     assert not merged_again() and "already holds this checkpoint's merge" in capsys.readouterr().out
     assert merged_again(force=True)
@@ -95,8 +94,7 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
     shard = os.path.join(actor, "model_world_size_1_rank_0.safetensors")
     os.utime(shard)  # a checkpoint written again under the same name
     assert merged_again(dtype="fp32")
-    with open(weight_file, "ab") as f:  # weights changed after the merge
-        f.write(b"\0")
+    os.utime(weight_file)  # another model saved over the merge, even of the same size
     assert merged_again(dtype="fp32")
     # A replacement cut short removes the marker first, so the next merge redoes it.
     os.remove(os.path.join(out, "merged_from.json"))
@@ -104,6 +102,34 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
     from transformers import AutoModelForImageTextToText
 
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_the_base_models_generation_config_is_kept(bf16_checkpoint, tmp_path):
+    from transformers import GenerationConfig
+
+    actor, _ = bf16_checkpoint
+    hf_dir = os.path.join(actor, "huggingface")
+    GenerationConfig(eos_token_id=[7, 8], repetition_penalty=1.05, temperature=0.1, do_sample=True).save_pretrained(
+        hf_dir)
+    for out in (merge(actor), merge(actor, str(tmp_path / "served"))):
+        kept = GenerationConfig.from_pretrained(out)
+        assert (kept.eos_token_id, kept.repetition_penalty, kept.temperature) == ([7, 8], 1.05, 0.1), out
+
+
+def test_a_target_holding_checkpoint_shards_is_refused_and_a_copied_actor_directory_merges(bf16_checkpoint,
+                                                                                           tmp_path):
+    actor, weights = bf16_checkpoint
+    before = sorted(os.listdir(actor))
+    for target in (actor, os.path.dirname(actor)):
+        with pytest.raises(checkpoint.CheckpointError, match="holds a sharded checkpoint"):
+            merge(actor, target)
+    assert sorted(os.listdir(actor)) == before
+    copied = str(tmp_path / "elsewhere" / "actor")  # without the step directory's trainer_state.json
+    shutil.copytree(actor, copied)
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(merge(copied, dtype="fp32"))
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
 
 
