@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 from pebr.config import ConfigError  # noqa: E402
-from pebr.evaluation import BACKENDS, DEFAULT_FORMAT_PROMPT, check_model_path, generate_texts, make_engine  # noqa: E402
+from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
+from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_options,  # noqa: E402
+                             check_model_path, generate_texts, make_engine)
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
 NO_ANSWER = "(none: the response has no \"### The final answer is:\" line)"
@@ -36,7 +38,8 @@ def answer(
     temperature: float = 0.0,
     backend: str = "hf",
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
-    max_pixels: int | None = None,
+    min_pixels: int | None = DEFAULT_MIN_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> str:
     """The model's full response to `question` about the image at `image`.
 
@@ -57,7 +60,7 @@ def answer(
     prompt = processor.apply_chat_template(build_messages(question, 1, template), add_generation_prompt=True,
                                            tokenize=False)
     try:
-        picture = load_image(image, None, max_pixels=max_pixels)
+        picture = load_image(image, None, min_pixels=min_pixels, max_pixels=max_pixels)
     except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying a file is not a readable image
         raise DataError(f"image {image!r} cannot be read: {err}") from err
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
@@ -78,15 +81,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
-    parser.add_argument("--max_pixels", type=int, default=None, help="downscale larger images to this area")
+    parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS,
+                        help="image area bounds, as in training (the stage recipes')")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
+    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels)
     if not os.path.isfile(args.image):
         raise ConfigError(f"--image {args.image!r}: no such file")
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,
-                  max_pixels=args.max_pixels)
+                  min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     print(text)
     print("\n=== extracted final answer ===")
     print(extract_final_answer(text) or NO_ANSWER)

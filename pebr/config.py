@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
@@ -34,8 +36,8 @@ class DataConfig:
     format_prompt: Optional[str] = None
     shuffle: bool = True
     seed: int = 1
-    min_pixels: Optional[int] = 576
-    max_pixels: Optional[int] = 802816
+    min_pixels: Optional[int] = DEFAULT_MIN_PIXELS
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     filter_overlong_prompts: bool = True
     on_bad_record: str = "raise"  # raise | skip
 

@@ -115,13 +115,33 @@ def check_model_path(model_path: str) -> None:
     """
     directory = os.path.expanduser(model_path)
     if os.path.isdir(directory):
-        if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(directory)):
+        names = os.listdir(directory)
+        if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
+            raise ConfigError(f"--model_path {model_path!r} is a sharded trainer checkpoint; merge it into a Hugging "
+                              f"Face model first: scripts/model_merger.py --local_dir {model_path}")
+        if not any(name.endswith((".safetensors", ".bin")) for name in names):
             raise ConfigError(f"--model_path {model_path!r} holds no weights (*.safetensors); a trainer checkpoint's "
                               "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
                               "<global_step_k>/actor")
         return
     if not looks_like_model_id(model_path):
         raise ConfigError(f"--model_path {model_path!r}: no such directory")
+
+
+def check_generation_options(max_new_tokens: int | None = None, min_pixels: int | None = None,
+                             max_pixels: int | None = None, **positive: int | None) -> None:
+    """Command-line numbers that cannot work, said before any model loads: --max_new_tokens and every one of
+    `positive` (when given) at least 1, pixel bounds positive and in order.
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    flags = {"max_new_tokens": max_new_tokens, "min_pixels": min_pixels, "max_pixels": max_pixels, **positive}
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} {value} must be at least 1")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ConfigError(f"--min_pixels {min_pixels} is larger than --max_pixels {max_pixels}")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -220,6 +240,7 @@ def evaluate_model(
     records = records[:limit] if limit else records
     processor = AutoProcessor.from_pretrained(model_path)
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
+                        source=data if isinstance(data, str) else None,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
     items = [dataset[i] for i in range(len(dataset))]
     start = time.perf_counter()

@@ -32,10 +32,10 @@ from torch.utils.data import Dataset
 
 from pebr.config import ConfigError
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
-from pebr.data.images import fit_size, load_image, probe_image, resolve_path
+from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, fit_size, load_image, probe_image, resolve_path
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
-from pebr.utils.jsonio import read_json_records
+from pebr.utils.jsonio import atomic_write_text, read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class SFTConfig:
         vision_lr: learning rate of the vision encoder and merger when they train (None: `lr`).
         format_prompt: jinja template for the user turn ("" for none).
         bf16: bf16 autocast (fp32 master weights); on CPUs with AMX it is faster, measure it.
-        min_pixels, max_pixels: image area bounds (None: the processor's own).
+        min_pixels, max_pixels: image area bounds, the RL stages' by default (None: the processor's own).
         logging_steps: log the loss every this many steps.
         seed: seeds the data order.
     """
@@ -346,8 +346,8 @@ class SFTConfig:
     vision_lr: float | None = None
     format_prompt: str = DEFAULT_FORMAT_PROMPT
     bf16: bool = False
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    min_pixels: int | None = DEFAULT_MIN_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     logging_steps: int = 10
     seed: int = 0
 
@@ -359,6 +359,8 @@ class SFTConfig:
             ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("logging_steps", self.logging_steps >= 1),
             ("max_steps", self.max_steps == -1 or self.max_steps >= 1),
             ("vision_lr", self.vision_lr is None or self.vision_lr > 0),
+            ("min_pixels", self.min_pixels is None or self.min_pixels >= 1),
+            ("max_pixels", self.max_pixels is None or self.max_pixels >= max(1, self.min_pixels or 1)),
         ]
         for name, ok in checks:
             if not ok:
@@ -370,6 +372,9 @@ class SFTConfig:
             raise ConfigError(f"sft config: lr_scheduler={self.lr_scheduler!r} is not one of {schedulers}")
         if not os.path.isdir(self.model_path):
             raise ConfigError(f"sft config: model_path {self.model_path!r} is not a directory")
+        from pebr.evaluation import check_model_path
+
+        check_model_path(self.model_path)  # weights there, not a sharded or unmerged trainer checkpoint
 
 
 def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -482,6 +487,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     result = trainer.train()
     wall = time.perf_counter() - start
 
+    if model.source_dtype is not None:  # saved in the base model's dtype (trained with fp32 master weights)
+        model.to(model.source_dtype)
     trainer.save_model(cfg.output_dir)
     processor.save_pretrained(cfg.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -497,6 +504,6 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "log_history": trainer.state.log_history,
     }
-    with open(os.path.join(cfg.output_dir, "sft_metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(metrics, handle, indent=2)
+    # Written last, atomically: a directory without it holds an interrupted save.
+    atomic_write_text(os.path.join(cfg.output_dir, "sft_metrics.json"), json.dumps(metrics, indent=2))
     return metrics

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from pebr.sft import DEFAULT_FORMAT_PROMPT, SFTConfig, train_sft  # noqa: E402
 
 
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                         help="bf16 autocast with fp32 master weights")
-    parser.add_argument("--min_pixels", type=int, default=None)
-    parser.add_argument("--max_pixels", type=int, default=None)
+    parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS,
+                        help="image area bounds (the RL stages', so SFT trains at their resolution)")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--logging_steps", type=int, default=10)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,6 +21,9 @@ PATCH_MULTIPLE = 28  # 14-px patches, merged 2x2
 # A source image above this many pixels is refused at load time: decoding it would take gigabytes in
 # every worker that reads it (PIL itself refuses twice its own limit as a "decompression bomb").
 MAX_SOURCE_PIXELS = 100_000_000
+# Image area bounds of the stage recipes (the paper's 576..802816), which SFT, evaluation and inference share,
+# so a model sees its images at the resolution it was trained at.
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 576, 802816
 # Formats whose pixel data PIL's verify() checks (PNG's chunk CRCs, WebP's chunk sizes), so a cut file fails the
 # probe without being decoded; JPEG is probed by a reduced decode, every other format by a full one.
 _VERIFIED_FORMATS = ("PNG", "WEBP")

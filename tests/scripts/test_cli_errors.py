@@ -26,6 +26,23 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface folder gets them from "
      "scripts/model_merger.py"),
     ("inference", ["--model_path", "{model}", "--image", "{model}/config.json"], "/config.json' cannot be read"),
+    # Numbers that cannot work, before any model loads.
+    ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--limit", "0"], "--limit 0 must be at least 1"),
+    ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--max_prompt_length", "0"],
+     "--max_prompt_length 0 must be at least 1"),
+    ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--min_pixels", "900000"],
+     "--min_pixels 900000 is larger than --max_pixels 802816"),
+    ("inference", ["--model_path", "{model}", "--max_pixels", "0"], "--max_pixels 0 must be at least 1"),
+    ("inference", ["--model_path", "{model}", "--max_new_tokens", "0"], "--max_new_tokens 0 must be at least 1"),
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}", "--max_pixels", "0"],
+     "sft config: max_pixels=0 is out of range"),
+    # A trainer checkpoint before merging.
+    ("evaluate", ["--model_path", "{tmp}/actor", "--data", "x.json"], "is a sharded trainer checkpoint; merge it"),
+    ("sft_warmup", ["--model_path", "{tmp}/actor", "--data", "x.json", "--output_dir", "{tmp}/out"],
+     "is a sharded trainer checkpoint; merge it"),
+    # The reports would replace the data.
+    ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "{tmp}/test"],
+     "the --data file; choose another prefix"),
 ])
 def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys):
     """Through `run_cli`, as each script's __main__ runs it."""
@@ -37,6 +54,11 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     unmerged = tmp_path / "not_an_image"  # what a checkpoint's actor/huggingface holds before merging
     unmerged.mkdir()
     (unmerged / "config.json").write_text("{}")
+    actor = tmp_path / "actor"  # a trainer checkpoint's actor directory
+    actor.mkdir()
+    (actor / "shard_index.json").write_text("{}")
+    (actor / "model_world_size_1_rank_0.safetensors").write_bytes(b"")
+    (tmp_path / "test.json").write_text("[]")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
     assert message in capsys.readouterr().err
 

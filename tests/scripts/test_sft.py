@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -211,6 +212,23 @@ def test_cli_trains_and_saves_a_model_transformers_and_vllm_load(
     outputs = llm.generate([{"prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"}],
                            SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) >= 1
+
+
+def test_a_bf16_base_model_is_saved_in_bf16(tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir) -> None:
+    """Trained with fp32 master weights, saved in the base model's dtype (a 7B model in fp32 is twice the disk,
+    and every later stage and merge would keep fp32 as the base dtype)."""
+    from transformers import AutoModelForImageTextToText
+
+    base = str(tmp_path / "base_bf16")
+    AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for name in os.listdir(tiny_model_dir):  # tokenizer, processor, chat template
+        if not name.endswith(".safetensors") and name not in os.listdir(base):
+            shutil.copy(os.path.join(tiny_model_dir, name), base)
+    out = str(tmp_path / "warm")
+    train_sft(SFTConfig(model_path=base, data=clean_sft, image_dir=os.path.join(synthetic_data_dir, "images"),
+                        output_dir=out, max_steps=1, batch_size=2))
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    assert AutoModelForImageTextToText.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
 def test_config_rejects_bad_values(tiny_model_dir) -> None:
