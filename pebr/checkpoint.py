@@ -226,6 +226,13 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     missing = set(current) - set(loaded)
     if missing:
         raise CheckpointError(f"{model_file} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    saved = read_index(actor_dir)["tensors"]
+    other = [(k, saved[k]["shape"], list(v.shape)) for k, v in current.items()
+             if k in saved and saved[k].get("shape") != list(v.shape)]
+    if other:  # torch would say so per shard, printing the model's shard shape on both sides
+        name, was, now = other[0]
+        raise CheckpointError(f"{actor_dir} holds another model: {len(other)} tensors differ in shape, e.g. {name} "
+                              f"{was} in the checkpoint, {now} in worker.actor.model.model_path's model")
     set_model_state_dict(model, {k: _with_local(v, loaded[k]) for k, v in current.items()})
     if optimizer is None:
         return

@@ -148,3 +148,15 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
                                                          r"state key 'batch_size' is 3, but this sampler has 2.*"
                                                          r"data\.train_files and data\.rollout_batch_size"):
         RayPPOTrainer(cfg, None, None, sampler, None, None)
+
+
+def test_a_model_of_other_widths_is_refused_naming_a_tensor_and_both_shapes(tmp_path):
+    """The same parameter names at other sizes: torch's own error printed the model's shape on both sides."""
+    path = saved(tmp_path, 1, with_optimizer=True)
+    actor = os.path.join(path, "actor")
+    wider = torch.nn.Linear(4, 5)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds another model: 2 tensors differ in shape, e\.g\. "
+                                                         r"weight \[3, 4\] in the checkpoint, \[5, 4\] in"):
+        checkpoint.load_sharded(actor, wider, None, None, rank=0, world_size=1)
+    same = torch.nn.Linear(4, 3)
+    checkpoint.load_sharded(actor, same, None, None, rank=0, world_size=1)
