@@ -417,6 +417,10 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not 0.0 < rollout.top_p <= 1.0:
         raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
     _check_val_sampling(rollout.val_override_config)
+    val_tokens = rollout.val_override_config.get("max_tokens", d.max_response_length)
+    if val_tokens > d.max_response_length:  # the engine is sized for the training responses: vLLM cuts them there
+        raise ConfigError(f"worker.rollout.val_override_config.max_tokens={val_tokens} is more than "
+                          f"data.max_response_length={d.max_response_length}, which sizes the rollout engine")
     unknown = sorted(set(t.logger) - set(LOGGERS))
     if unknown:
         raise ConfigError(f"trainer.logger has unknown back-ends {unknown}; choose from {list(LOGGERS)}")

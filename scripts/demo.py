@@ -60,6 +60,9 @@ class Profile:
     sft_no_size_share: float = 0.0
     sft_bf16: bool = False
     bf16: bool = False  # bf16 compute for RL (this CPU's AMX makes bf16 matmuls ~4x faster than fp32)
+    # scripts/evaluate.py's engine: vLLM for hundreds of questions; for a handful, transformers' generate is done
+    # before a vLLM engine has started.
+    eval_backend: str = "vllm"
 
 
 PROFILES = {
@@ -78,7 +81,7 @@ PROFILES = {
     "quick": Profile(model_size="tiny", num_questions=40, sft_num=40, image_size=56, sft_epochs=1.0, sft_lr=1e-3,
                      sft_batch_size=8, max_response_length=24, rollout_batch_size=2, global_batch_size=2, rl_n=4,
                      rl_lr=1e-5, stage1_steps=1, stage2_steps=1, clip_steps=5, eval_limit=8,
-                     sft_total_answer_share=0.5, sft_no_size_share=0.5),
+                     sft_total_answer_share=0.5, sft_no_size_share=0.5, eval_backend="hf"),
 }
 
 
@@ -168,7 +171,7 @@ class Pipeline:
             name = label.split()[0] + label.split()[-1] if label.startswith("stage") else "warmup"
             cmd = [PY, "scripts/evaluate.py", "--model_path", model, "--data", os.path.join(data, "test.json"),
                    "--image_dir", images, "--output", self.path("eval", name),
-                   "--max_new_tokens", str(p.max_response_length)]
+                   "--max_new_tokens", str(p.max_response_length), "--backend", p.eval_backend]
             if p.eval_limit:
                 cmd += ["--limit", str(p.eval_limit)]
             self.stage(f"evaluate {label}", self.path("eval", name + ".json"), cmd)

@@ -8,7 +8,7 @@ and chat template), a Qwen2.5-VL image processor and processor, and randomly ini
 
 `tiny` (about 0.4 M parameters) loads and generates in about a second: it is for tests.
 `small` (about 7 M parameters) is large enough to learn the synthetic counting task on 2 CPU cores in
-minutes of SFT; see README ("The embedded default") for the measurement behind that choice.
+minutes of SFT: the demo trains it (README, "What the demo shows": what the three stages reach with it).
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ class WorkerGroup:
         self._last_rollout: str | None = None  # the id of the rollout the workers hold
         self._experience: tuple[Batch, list[list[int]], set[str]] | None = None  # (batch, shares, tensors held)
         try:
-            addr, port = ray_get(self.workers[0].address.remote(), "worker 0 address")
+            # Bounded too: a worker Ray cannot place (its CPUs or GPUs taken) never answers.
+            addr, port = ray_get(self.workers[0].address.remote(), f"worker 0 start (placed by Ray? it needs "
+                                 f"{worker_resources(on_gpu)})", self.timeout)
             # Each worker's rank, device, start-up time and how weights reach its engine.
             self.started = ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
         except BaseException:

@@ -112,7 +112,7 @@ class FSDPWorker:
         if rcfg.name == "hf":
             return HFRollout(mcfg.model_path, processor=self.processor, device=self.device,
                              dtype=actor_lib.resolve_dtype(rcfg.dtype, self.device),
-                             trust_remote_code=mcfg.trust_remote_code)
+                             trust_remote_code=mcfg.trust_remote_code, seed=rcfg.seed + self.rank)
         dtype = rcfg.dtype if rcfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         # What the weight sync will send: the actor's parameters, LoRA layers folded into plain weights.
         names = None if self.model is None else lora.folded_names(n for n, _ in self.model.named_parameters())
@@ -122,7 +122,10 @@ class FSDPWorker:
             tensor_parallel_size=rcfg.tensor_parallel_size, gpu_memory_utilization=rcfg.gpu_memory_utilization,
             cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager,
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
-            limit_images=rcfg.limit_images, block_size=rcfg.block_size, seed=rcfg.seed + self.rank,
+            limit_images=rcfg.limit_images, block_size=rcfg.block_size,
+            # One seed per engine: the ranks of a tensor-parallel engine run one sampler each, which must draw
+            # alike (different draws desynchronise their collectives); separate engines draw differently.
+            seed=rcfg.seed + self.rank // rcfg.tensor_parallel_size,
             trust_remote_code=mcfg.trust_remote_code,
             tokenizer_path=mcfg.tokenizer_path, external_launcher=True, sleep_mode=self.device.type == "cuda",
             weight_names=names)

@@ -317,13 +317,26 @@ class HFRollout:
     weight_sync = "load_state_dict into the transformers copy"
 
     def __init__(self, model_path: str, *, processor: Any, device: torch.device, dtype: torch.dtype,
-                 trust_remote_code: bool):
+                 trust_remote_code: bool, seed: int | None = None):
+        from transformers import GenerationConfig
+
         from pebr.workers.actor import load_hf_model
 
         self.processor = processor
         self.device = device
         self.model = load_hf_model(model_path, trust_remote_code).to(device=device, dtype=dtype).eval()
+        # transformers fills every setting generate() is not given from the model's generation_config.json
+        # (repetition_penalty, no_repeat_ngram_size...), which would sample a distribution the actor's
+        # log-probs do not describe, and another than vLLM's: the run's sampling settings only.
+        self.model.generation_config = GenerationConfig()
         self.banned = banned_token_ids(processor.tokenizer)
+        tok = processor.tokenizer
+        self.stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]  # <|endoftext|> is the pad token
+        # Finished rows are padded with a token that is never sampled (an image placeholder, banned), so that a
+        # sampled <|endoftext|> is kept as the response's last token, as vLLM keeps it.
+        self.fill = self.banned[0] if self.banned else tok.pad_token_id
+        if seed is not None:  # sampling draws from the process's generator: seeded once, like the vLLM engine
+            torch.manual_seed(seed)
 
     def release(self) -> None:
         """Nothing to release: the copy is small next to the sharded actor."""
@@ -334,11 +347,16 @@ class HFRollout:
         if unexpected:
             raise RuntimeError(f"hf rollout: unexpected weights {unexpected[:5]}")
 
-    @torch.no_grad()
     def generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
-        tok = self.processor.tokenizer
-        if sampling.seed is not None:
+        if sampling.seed is None:
+            return self._generate(prompts, sampling)
+        # A seeded call (validation) must not reset the stream the training rollouts draw from.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(sampling.seed)
+            return self._generate(prompts, sampling)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
         results = []
         for p in prompts:  # one prompt at a time: no padding side effects on positions
             inputs = self.processor(text=[p["prompt"]], images=p.get("images") or None, return_tensors="pt")
@@ -348,18 +366,17 @@ class HFRollout:
                 **inputs, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
                 top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
-                num_return_sequences=sampling.n, suppress_tokens=self.banned,
-                eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id],
-                pad_token_id=tok.pad_token_id)
+                num_return_sequences=sampling.n, suppress_tokens=self.banned, eos_token_id=self.stop,
+                pad_token_id=self.fill)
             prompt_ids = inputs["input_ids"][0].tolist()
             responses = []
             for row in out[:, len(prompt_ids):].tolist():
                 ids = []
                 for t in row:
-                    if t == tok.pad_token_id:
+                    if t == self.fill:
                         break
                     ids.append(t)
-                    if t == tok.convert_tokens_to_ids("<|im_end|>"):
+                    if t in self.stop:  # the stop token is part of the response (its log-prob is trained)
                         break
                 responses.append(ids)
             results.append(Generation(prompt_ids, responses))

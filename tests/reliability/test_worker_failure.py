@@ -155,3 +155,22 @@ def test_a_rank_failing_on_its_own_is_named_after_the_grace_period(ray_session, 
     finally:
         for actor in ranks:
             ray_session.kill(actor)
+
+
+def test_a_worker_ray_cannot_place_fails_within_the_worker_timeout(tiny_model_dir, synthetic_data_dir, ray_session,
+                                                                     tmp_path):
+    """Every CPU of the cluster taken: worker 0 is never placed, and start-up used to wait for it forever."""
+    cfg = load_config(trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 1)
+                      + ["worker.rollout.name=hf", "trainer.worker_timeout_s=3"])
+    free_cpus = idle_cpus(ray_session)
+    hog = ray_session.remote(num_cpus=free_cpus)(type("Hog", (), {"ready": lambda self: True})).remote()
+    try:
+        ray_session.get(hog.ready.remote(), timeout=60)
+        t0 = time.time()
+        with pytest.raises(WorkerFailure, match=r"worker 0 start \(placed by Ray\? it needs \{'num_cpus': 1.*no answer "
+                                                r"within 3 s \(trainer\.worker_timeout_s\)"):
+            WorkerGroup(cfg, total_steps=1)
+        assert time.time() - t0 < 30
+    finally:
+        ray_session.kill(hog)
+    assert idle_cpus(ray_session) == free_cpus

@@ -78,6 +78,8 @@ def test_overrides_win_over_files():
     ("worker.rollout.val_override_config.n=0", "val_override_config.n=0 must be >= 1"),
     ("worker.rollout.val_override_config.max_tokens=-5", "val_override_config.max_tokens=-5 must be >= 1"),
     ("worker.rollout.val_override_config.logprobs=3", "val_override_config.logprobs=3 must be true or false"),
+    ("worker.rollout.val_override_config.max_tokens=9000", "val_override_config.max_tokens=9000 is more than "
+     "data.max_response_length=2048, which sizes the rollout engine"),
     ("trainer.logger=[console,wandbb]", "trainer.logger has unknown back-ends"),
     ("trainer.val_freq=5", "trainer.val_freq=5 needs data.val_files"),
     ("trainer.val_only=true", "trainer.val_only=true needs data.val_files"),

@@ -1,0 +1,78 @@
+"""The transformers rollout backend (worker.rollout.name=hf): what it samples and what it hands back, as vLLM does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pebr.workers.rollout import HFRollout, SamplingConfig
+
+CPU = torch.device("cpu")
+PROMPT = [{"prompt": "<|im_start|>user\nHow many cubes?<|im_end|>\n<|im_start|>assistant\n"}]
+
+
+def sampling(**kw) -> SamplingConfig:
+    return SamplingConfig(**{"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 12, **kw})
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def rollout(model_dir: str, processor, seed: int | None = None) -> HFRollout:
+    return HFRollout(model_dir, processor=processor, device=CPU, dtype=torch.float32, trust_remote_code=False,
+                     seed=seed)
+
+
+@pytest.mark.parametrize("at_step", [1, 4])
+def test_a_sampled_endoftext_ends_the_response_and_is_kept(tiny_model_dir, processor, at_step):
+    """<|endoftext|> is a stop token and the pad token: it was cut as padding, so the actor never learnt to stop
+    there, and as the first token it left an empty response (vLLM keeps it, as the last token)."""
+    hf = rollout(tiny_model_dir, processor)
+    eot = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    calls = {"n": 0}
+
+    def choose_endoftext(module, args, out):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            out[..., eot] += 1e4
+        return out
+
+    handle = hf.model.lm_head.register_forward_hook(choose_endoftext)
+    try:
+        response = hf.generate(PROMPT, sampling())[0].responses[0]
+    finally:
+        handle.remove()
+    assert len(response) == at_step and response[-1] == eot
+
+
+def test_the_models_generation_config_does_not_change_sampling(tiny_model_dir, processor, tmp_path):
+    """A checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size) is not the run's sampling:
+    the actor's log-probs and vLLM know nothing of it."""
+    shipped = str(tmp_path / "with_generation_config")
+    shutil.copytree(tiny_model_dir, shipped)
+    path = os.path.join(shipped, "generation_config.json")
+    config = json.load(open(path)) if os.path.exists(path) else {}
+    json.dump({**config, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1}, open(path, "w"))
+    params = sampling(max_tokens=24)
+    plain = rollout(tiny_model_dir, processor).generate(PROMPT, params)[0].responses[0]
+    assert len(plain) > len(set(plain))  # greedy repeats itself, which those settings forbid
+    assert rollout(shipped, processor).generate(PROMPT, params)[0].responses[0] == plain
+
+
+def test_seeded_at_start_and_a_seeded_validation_leaves_the_training_stream_alone(tiny_model_dir, processor):
+    train, validation = sampling(n=4, temperature=1.0), sampling(temperature=0.5, seed=1)
+    first = rollout(tiny_model_dir, processor, seed=3)  # the generator is the process's: one rollout at a time
+    a1 = first.generate(PROMPT, train)[0].responses
+    first.generate(PROMPT, validation)
+    a2 = first.generate(PROMPT, train)[0].responses
+    second = rollout(tiny_model_dir, processor, seed=3)
+    b1, b2 = (second.generate(PROMPT, train)[0].responses for _ in range(2))
+    assert (a1, a2) == (b1, b2) and a1 != a2  # as if no validation had run; two steps sample differently
