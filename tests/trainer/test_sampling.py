@@ -122,7 +122,7 @@ def sample_setup(tmp_path, synthetic_data_dir, tiny_model_dir, monkeypatch):
             f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={train}",
             f"data.image_dir={os.path.join(synthetic_data_dir, 'images')}", f"trainer.sample_output={out}",
             "data.max_response_length=32", "data.rollout_batch_size=3", f"worker.rollout.n={N}",
-            f"trainer.total_epochs={EPOCHS}", "worker.rollout.tensor_parallel_size=1",
+            f"trainer.total_epochs={EPOCHS}", "worker.rollout.tensor_parallel_size=2",  # one engine over both ranks
             "trainer.n_gpus_per_node=2", "trainer.device=cpu"]
     return argv, str(out), [r["qid"] for r in records], str(train)
 
