@@ -81,6 +81,14 @@ def _group_sums(
     return inverse, counts, sums
 
 
+def _all_equal(values: torch.Tensor, inverse: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``[G]`` whether each group's values are all equal (its max is its min); ``inverse`` maps samples to groups."""
+    highest = torch.full((num_groups,), -math.inf, dtype=values.dtype, device=values.device)
+    lowest = torch.full((num_groups,), math.inf, dtype=values.dtype, device=values.device)
+    highest = highest.scatter_reduce(0, inverse, values, reduce="amax")
+    return highest == lowest.scatter_reduce(0, inverse, values, reduce="amin")
+
+
 def _as_float(scores: torch.Tensor) -> torch.Tensor:
     return scores if scores.dtype.is_floating_point else scores.float()
 
@@ -113,9 +121,7 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
     sq_sums = torch.zeros_like(sums).index_add_(0, inverse, deviation.square())
     std = torch.sqrt(sq_sums / (counts - 1.0).clamp_min(1.0))
     adv = deviation / (std[inverse] + eps)
-    highest = torch.full_like(sums, -math.inf).scatter_reduce(0, inverse, r, "amax")
-    lowest = torch.full_like(sums, math.inf).scatter_reduce(0, inverse, r, "amin")
-    no_spread = (counts < 2) | (highest == lowest)
+    no_spread = (counts < 2) | _all_equal(r, inverse, len(sums))
     return torch.where(no_spread[inverse], torch.zeros_like(adv), adv)
 
 
@@ -346,11 +352,5 @@ def zero_variance_group_fraction(scores: torch.Tensor, group_ids: torch.Tensor) 
     _check_outcome_inputs(scores, group_ids)
     if scores.numel() == 0:
         return 0.0
-    r = _as_float(scores)
     _, inverse = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(inverse.max().item()) + 1
-    group_max = torch.full((num_groups,), float("-inf"), dtype=r.dtype, device=r.device)
-    group_min = torch.full((num_groups,), float("inf"), dtype=r.dtype, device=r.device)
-    group_max = group_max.scatter_reduce(0, inverse, r, reduce="amax")
-    group_min = group_min.scatter_reduce(0, inverse, r, reduce="amin")
-    return (group_max == group_min).float().mean().item()
+    return _all_equal(_as_float(scores), inverse, int(inverse.max().item()) + 1).float().mean().item()
