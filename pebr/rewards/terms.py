@@ -227,17 +227,14 @@ def _number_and_unit(text: str) -> tuple[float, str] | None:
     match = _NUMBER_UNIT.match(text)
     if match is None:
         return None
-    counted = _COUNTED.match(match["unit"])
-    if counted and not _UNIT_ALIASES.get(counted["words"]):
-        words = counted["words"].lower().split()
-        if _NOT_COUNTED.intersection(words):
+    unit = _UNIT_MARKUP.sub("", match["unit"].strip("() ")).replace("\\cdot", "·")
+    unit = _UNIT_ALIASES.get(unit, unit)
+    if unit and not _UNIT.match(unit):  # not a unit: what is counted, or not a quantity
+        counted = _COUNTED.match(match["unit"])
+        words = counted["words"].lower().split() if counted else []
+        if not words or _NOT_COUNTED.intersection(words):
             return None
         unit = " ".join(words)
-    else:
-        unit = _UNIT_MARKUP.sub("", match["unit"].strip("() ")).replace("\\cdot", "·")
-        unit = _UNIT_ALIASES.get(unit, unit)
-        if unit and not _UNIT.match(unit):
-            return None
     try:
         return float(match["number"].replace(",", "")), unit
     except ValueError:

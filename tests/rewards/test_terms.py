@@ -161,6 +161,7 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("90°", "90 cm", False),
         ("3 cm^2", "3 cm^3", False),
         ("90 degrees", "90°", True),
+        ("3 Hz", "3 \\text{Hz}", True),  # a unit is a unit however it is written, not a counted "hz"
         ("50 percent", "50%", True),
         # A comma separates thousands, or nothing.
         ("2,5", "25", False),
