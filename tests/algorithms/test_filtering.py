@@ -12,6 +12,12 @@ def test_groups_within_keeps_groups_whose_mean_is_in_range():
     assert keep.tolist() == [False, False, True, True, False, False, True, True]
 
 
+def test_both_bounds_are_inclusive():
+    values = torch.tensor([0.25, 0.25, 0.75, 0.75, 0.2, 0.2])
+    gid = torch.tensor([0, 0, 1, 1, 2, 2])  # means 0.25 (= low), 0.75 (= high), 0.2 (below)
+    assert groups_within(values, gid, 0.25, 0.75).tolist() == [True, True, True, True, False, False]
+
+
 def test_groups_within_interleaved_groups():
     values = torch.tensor([0.0, 1.0, 1.0, 1.0])
     gid = torch.tensor([0, 1, 0, 1])  # group 0 mean 0.5, group 1 mean 1.0

@@ -107,7 +107,9 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
 
 
 def test_kl_as_reward_penalty_uses_the_reference(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
-    """use_kl_loss=false with KL enabled: the reference is built and the penalty enters the rewards."""
+    """use_kl_loss=false with KL enabled: the run builds the reference and logs its KL, with no KL loss. (At
+    step 1 the reference is the actor, so the penalty is 0 here; its arithmetic is tested by hand in
+    tests/trainer/test_step_planning.py.)"""
     run_dir = str(tmp_path / "klr")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
         + ["algorithm.use_kl_loss=false", "algorithm.kl_coef=0.1", "trainer.val_freq=-1", "data.max_response_length=8"])

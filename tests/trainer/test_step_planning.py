@@ -4,6 +4,7 @@ log-prob shortcut."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pebr.config import load_config
 from pebr.protocol import Batch
@@ -117,3 +118,32 @@ def test_prompt_groups_stay_apart_when_filtering_tries_cross_an_epoch():
     assert len(set(indices)) < len(indices)  # a prompt came again
     uids = [uid for draw in draws for _, uid in draw]
     assert len(set(uids)) == len(uids)
+
+
+def test_kl_in_the_reward_by_hand():
+    """use_kl_loss=false: each response's score loses kl_coef x its summed KL (k1 here) before GRPO."""
+    from pebr.config import AlgorithmConfig
+    from pebr.trainer.ray_trainer import batch_advantages
+
+    lengths = [2, 3, 1, 2, 1]
+    batch = Batch(prompt_ids=[[1]] * 5, response_ids=[[2] * n for n in lengths], images=[[]] * 5,
+                  non_tensors={"uid": ["a", "a", "a", "b", "b"]})
+    pad = -9.0  # past a response's end: must not count
+    batch.tensors["scores"] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    batch.tensors["old_logprobs"] = torch.tensor([[-1.0, -2.0, pad], [-1.0, -1.0, -1.0], [-0.5, pad, pad],
+                                                  [-1.0, -1.0, pad], [-1.0, pad, pad]])
+    batch.tensors["ref_logprobs"] = torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -1.0, -2.0], [-0.5, 0.0, 0.0],
+                                                  [-1.0, -3.0, 0.0], [-1.0, 0.0, 0.0]])
+    algorithm = AlgorithmConfig(use_kl_loss=False, kl_coef=0.5, kl_penalty="kl")
+    assert algorithm.kl_in_reward
+    batch_advantages(batch, algorithm)
+    # Summed KL per response: -0.5, 1, 0, 2, 0; scores 1.25, -0.5, 0 | 0, 1.
+    # Group a: mean 0.25, deviations 1, -0.75, -0.25, std sqrt(1.625 / 2) = 0.901388.
+    # Group b: 0 and 1, +-1/sqrt(2) (without the penalty both scored 1: advantage 0).
+    expected = [1.0 / 0.901388, -0.75 / 0.901388, -0.25 / 0.901388, -0.707107, 0.707107]
+    mask = batch.tensors["response_mask"]
+    assert mask.sum(-1).tolist() == lengths
+    advantages = batch.tensors["advantages"]
+    for row, value in enumerate(expected):
+        assert advantages[row, :lengths[row]].tolist() == pytest.approx([value] * lengths[row], abs=1e-5)
+    assert torch.all(advantages[mask == 0] == 0)

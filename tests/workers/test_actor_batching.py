@@ -22,6 +22,7 @@ from pebr.config import (
     OptimConfig,
     load_config,
 )
+from pebr.algorithms.losses import ppo_policy_loss
 from pebr.protocol import Batch
 from pebr.workers import actor as actor_lib
 
@@ -148,6 +149,28 @@ def test_encoding_each_distinct_image_once_gives_the_same_logprobs_and_gradients
 
 
 # -- packed layout ----------------------------------------------------------------------------------
+
+
+def test_logprobs_are_those_of_the_sampling_temperature_by_the_full_logits(model, processor, batch):
+    """log_softmax(logits / T) at each response token, from the model's full logits: the layouts are compared
+    with each other elsewhere, this is the number itself (a temperature left out would pass those)."""
+    model.eval()
+    inputs = actor_lib.collate(batch, processor, CPU)
+    forward = {k: v for k, v in inputs.items()
+               if k not in ("response_mask", "response_index", "predictor_index", "image_order")}
+    with torch.no_grad():
+        logp, entropy = actor_lib.response_logprobs(model, inputs, temperature=0.7, with_entropy=True)
+        with actor_lib.images_encoded_once(model, inputs.get("image_order")):
+            logits = model(**forward, use_cache=False).logits
+    valid = inputs["response_mask"].bool()
+    width = inputs["input_ids"].shape[1]
+    predictors, positions = inputs["predictor_index"][valid], inputs["response_index"][valid]
+    rows = logits[predictors // width, predictors % width].float() / 0.7
+    labels = inputs["input_ids"].flatten()[positions]
+    expected = torch.log_softmax(rows, -1).gather(-1, labels[:, None])[:, 0]
+    torch.testing.assert_close(logp[valid], expected, atol=1e-5, rtol=0)
+    probs = torch.softmax(rows, -1)
+    torch.testing.assert_close(entropy[valid], -(probs * torch.log_softmax(rows, -1)).sum(-1), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("packing_model", ["varlen", "sdpa"], indirect=True)
@@ -450,6 +473,17 @@ def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_mo
     exp = experience(model, processor, batch)
     base = run_update(model, processor, exp, loss_avg_mode=loss_avg_mode)
     assert base["actor/grad_norm"] > 0 and base["actor/kl_loss"] > 0
+    # The value itself: the PPO loss of the whole mini-batch at the starting weights, averaged over tokens
+    # (token) or over sequences of token means (seq), which differ on these responses of 1 to 24 tokens.
+    logp, _ = actor_lib.compute_logprobs(model, batch, processor, CPU, 8, 1.0)
+    cfg = ActorConfig()
+    modes = {"token": "token-mean", "seq": "seq-mean-token-mean"}
+    whole = {mode: ppo_policy_loss(exp.tensors["old_logprobs"], logp, exp.tensors["advantages"],
+                                   exp.tensors["response_mask"], clip_ratio_low=cfg.clip_ratio_low,
+                                   clip_ratio_high=cfg.clip_ratio_high, clip_ratio_dual=cfg.clip_ratio_dual,
+                                   loss_agg_mode=agg)[0].item() for mode, agg in modes.items()}
+    assert abs(whole["token"] - whole["seq"]) > 1e-3
+    assert base["actor/pg_loss"] == pytest.approx(whole[loss_avg_mode], rel=1e-4, abs=1e-6)
     variants = {"dynamic": {"dynamic_batching": True, "max_token_len_per_gpu": 150},
                 "dynamic packed": {"dynamic_batching": True, "max_token_len_per_gpu": 150, "padding_free": True},
                 "packed": {"padding_free": True}}
@@ -556,3 +590,18 @@ def test_a_rank_whose_micro_batch_has_no_image_trains_with_the_others(tiny_model
         torch.testing.assert_close(two_ranks[name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
     assert max(float((two_ranks[n] - before[n]).abs().max()) for n in before) > 1e-4  # the update did something
     assert any("visual" in n and not torch.equal(two_ranks[n], before[n]) for n in before)  # the vision tower too
+
+
+def test_warm_up_then_cosine_to_the_floor_by_hand():
+    """worker.actor.optim: lr_warmup_steps=2, warmup_style=cosine, min_lr_ratio=0.1, over 6 steps; the schedule
+    advances once per RL step."""
+    optimizer, scheduler = actor_lib.build_optimizer(
+        torch.nn.Linear(1, 1), OptimConfig(lr=1.0, lr_warmup_steps=2, warmup_style="cosine", min_lr_ratio=0.1),
+        total_steps=6)
+    rates = []
+    for _ in range(7):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # Warm-up (k + 1) / 2; then 0.1 + 0.9 * (1 + cos(pi * (k - 2) / 4)) / 2.
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 0.868198, 0.55, 0.231802, 0.1], abs=1e-6)
