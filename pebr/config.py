@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+import importlib.util
+import typing
+from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
@@ -94,13 +96,13 @@ class ModelConfig:
     # checkpoints get the folded weights W + scale * B @ A.
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_target_modules: list = field(default_factory=lambda: ["all-linear"])  # or some of q_proj ... down_proj
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # or some of q_proj ... down_proj
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1.0e-6
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1.0e-2
     strategy: str = "adamw"
     lr_warmup_ratio: float = 0.0
@@ -222,7 +224,7 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     project_name: str = "easy_r1"
     experiment_name: str = "demo"
-    logger: list = field(default_factory=lambda: ["console", "file"])
+    logger: List[str] = field(default_factory=lambda: ["console", "file"])
     nnodes: int = 1
     n_gpus_per_node: int = 8
     device: str = "auto"  # auto | cuda | cpu
@@ -424,6 +426,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     unknown = sorted(set(t.logger) - set(LOGGERS))
     if unknown:
         raise ConfigError(f"trainer.logger has unknown back-ends {unknown}; choose from {list(LOGGERS)}")
+    for backend, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if backend in t.logger and importlib.util.find_spec(package) is None:  # said now, not after Ray starts
+            raise ConfigError(f"trainer.logger includes {backend}, but the {package} package is not installed: "
+                              f"pip install {package} (or pip install -e '.[logging]'), or drop it from "
+                              "trainer.logger")
     if not d.val_files and (t.val_only or t.val_freq > 0):
         raise ConfigError(f"trainer.{'val_only=true' if t.val_only else f'val_freq={t.val_freq}'} needs "
                           "data.val_files (the questions to validate on)")
@@ -513,7 +520,13 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     for path in files:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        sources.append((OmegaConf.load(path), path))
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - yaml's and OmegaConf's parse errors, with the line
+            raise ConfigError(f"config file {path!r} cannot be read: {err}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of keys")
+        sources.append((loaded, path))
     for word in overrides:
         if "=" not in word:
             raise ConfigError(f"command-line override {word!r} is not of the form key=value")
@@ -521,11 +534,61 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     for src, origin in sources:
         merged = _structured_merge(merged, [src], origin)
     if overrides:
-        merged = _structured_merge(merged, [OmegaConf.from_dotlist(overrides)], "command line")
-    cfg = OmegaConf.to_object(merged)
+        merged = _structured_merge(merged, [_parse_overrides(overrides, schema)], "command line")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names no key
+        raise ConfigError(f"bad configuration key '{getattr(e, 'full_key', None) or '?'}': "
+                          f"{str(e).splitlines()[0]}") from None
     if isinstance(cfg, PPOConfig):
+        _expand_home(cfg)
         validate(cfg, training=training)
     return cfg
+
+
+def _parse_overrides(overrides: list[str], schema: type) -> DictConfig:
+    """key=value words as a config. A value is read as YAML ("4" an int, "[a,b]" a list, "null" None) except for
+    text settings, which keep it as typed: YAML would make experiment_name=0710 the octal 456, 1e3 a float and
+    cut a path at " #"."""
+    parsed = OmegaConf.create()
+    for word in overrides:
+        key, value = word.split("=", 1)
+        if _is_text(_field_type(schema, key)) and value not in ("null", "~"):
+            OmegaConf.update(parsed, key, value, force_add=True)
+        else:
+            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))
+    return parsed
+
+
+def _field_type(schema: type, dotted: str) -> Any:
+    """The declared type of a dotted key of a dataclass tree (None for a key it does not declare)."""
+    kind: Any = schema
+    for part in dotted.split("."):
+        if not is_dataclass(kind):
+            return None
+        kind = typing.get_type_hints(kind).get(part)
+    return kind
+
+
+def _is_text(kind: Any) -> bool:
+    return kind is str or (typing.get_origin(kind) is typing.Union and set(typing.get_args(kind)) == {str, type(None)})
+
+
+# Paths a user may give as ~/...: the shell leaves a ~ after "=" as it is, and the libraries do not expand it.
+_PATH_KEYS = ("worker.actor.model.model_path", "worker.actor.model.tokenizer_path", "data.train_files",
+              "data.val_files", "data.image_dir", "trainer.save_checkpoint_path", "trainer.load_checkpoint_path",
+              "trainer.sample_output")
+
+
+def _expand_home(cfg: Any) -> None:
+    for dotted in _PATH_KEYS:
+        *parents, name = dotted.split(".")
+        owner = cfg
+        for part in parents:
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(owner, name, os.path.expanduser(value))
 
 
 def config_to_yaml(cfg: Any) -> str:

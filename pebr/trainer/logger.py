@@ -74,7 +74,9 @@ class Tracker:
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # A resumed run logs its steps again from resume_step + 1: TensorBoard drops what an earlier run
+            # logged from there on (metrics.jsonl is trimmed the same way), instead of showing two values a step.
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}

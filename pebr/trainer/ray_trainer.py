@@ -461,10 +461,12 @@ class RayPPOTrainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         t = self.cfg.trainer
+        if t.val_only:  # validation alone, whatever val_before_train says and wherever the run resumed
+            self.tracker.log(self.global_step, self.validate())
+            self.tracker.close()
+            return
         if t.val_before_train and self.val_dataset is not None and self.global_step == 0 and t.val_freq != 0:
             self.tracker.log(0, self.validate())
-        if t.val_only:
-            return
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO steps", dynamic_ncols=True)
         while self.global_step < self.total_steps:
             self.global_step += 1
@@ -506,7 +508,11 @@ class RayPPOTrainer:
                     self.save_checkpoint()
             if t.val_freq > 0 and self.val_dataset is not None and (
                     self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
-                metrics.update(self.validate())
+                try:
+                    metrics.update(self.validate())
+                except BaseException:  # the step is saved: its training metrics are not lost with the validation
+                    self.tracker.log(self.global_step, metrics)
+                    raise
             self.tracker.log(self.global_step, metrics)
             bar.update(1)
         bar.close()

@@ -106,6 +106,17 @@ def test_a_validation_that_fails_keeps_the_checkpoint_of_its_step(tiny_model_dir
     with pytest.raises(WorkerFailure, match=rf"reward failed in a worker: .*qid={bad_qid!r}"):
         run(argv)
     assert checkpoint.complete_steps(run_dir) == [1]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # nor are its training metrics
+        (logged,) = [json.loads(line) for line in f]
+    assert logged["step"] == 1 and "reward/overall" in logged and "actor/pg_loss" in logged
+
+    # Validation alone (trainer.val_only), although the recipe does not validate before training: it resumes
+    # at step 1 and validates there, with a reward that works.
+    working = [a for a in argv if not a.startswith("worker.reward.")] + ["trainer.val_only=true"]
+    run(working)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 1] and rows[1]["val/samples"] == 8 and "val/overall" in rows[1]
 
 
 def test_online_filtering_on_a_key_the_reward_lacks_stops_before_any_rollout(tiny_model_dir, synthetic_data_dir,

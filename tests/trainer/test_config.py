@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import re
+import sys
 import os
 
 import pytest
@@ -145,3 +147,34 @@ def test_validation_overrides_name_the_sampling_fields():
     cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.temperature=0.7",
                        "worker.rollout.val_override_config.n=2"])
     assert dict(cfg.worker.rollout.val_override_config) == {"temperature": 0.7, "n": 2}
+
+
+def test_text_settings_keep_the_value_as_typed_and_paths_expand_the_home(tmp_path, monkeypatch):
+    """YAML would read experiment_name=0710 as the octal 456 and cut a path at " #"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.experiment_name=0710",
+                       "trainer.project_name=1e3", "data.image_dir=/data/run #3/img", "worker.rollout.n=4",
+                       "trainer.save_checkpoint_path=~/runs/a"])
+    assert (cfg.trainer.experiment_name, cfg.trainer.project_name, cfg.data.image_dir) == ("0710", "1e3",
+                                                                                           "/data/run #3/img")
+    assert cfg.worker.rollout.n == 4 and cfg.trainer.save_checkpoint_path == str(tmp_path / "runs" / "a")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: [1\n", "cannot be read: while parsing a flow sequence"),
+    ("- 1\n- 2\n", "holds a ListConfig, not a mapping of keys"),
+    ("trainer:\n  experiment_name: ${nowhere}\n", "bad configuration key"),
+])
+def test_a_config_file_that_is_not_a_mapping_of_keys_is_a_config_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"])
+
+
+def test_list_elements_are_typed_and_a_missing_logger_package_is_named(monkeypatch):
+    with pytest.raises(ConfigError, match=r"worker\.actor\.optim\.betas\[1\].*could not be converted to Float"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.actor.optim.betas=[0.9,x]"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what find_spec sees for a package that is not installed
+    with pytest.raises(ConfigError, match="trainer.logger includes wandb, but the wandb package is not installed"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=[console,wandb]"])

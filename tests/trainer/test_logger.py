@@ -59,3 +59,18 @@ def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
 def test_unknown_logger_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown back-ends"):
         Tracker(["console", "mlflow"], str(tmp_path), "p", "e", {}, resume_step=0)
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = Tracker(["tensorboard"], str(tmp_path), "p", "e", {}, resume_step=0)
+    for step in (1, 2, 3):
+        first.log(step, {"reward/overall": step / 10})
+    first.close()
+    resumed = Tracker(["tensorboard"], str(tmp_path), "p", "e", {}, resume_step=2)  # the checkpoint of step 2
+    resumed.log(3, {"reward/overall": 0.9})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("reward/overall")] == [(1, 0.1), (2, 0.2), (3, 0.9)]
