@@ -22,19 +22,21 @@ if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the
     exit 2;;
   esac
 fi
-# Records sampling skips as malformed (data.on_bad_record=skip) are skipped by the split too.
-split_args=()
-for arg in "$@"; do
-  [ "${arg}" = "data.on_bad_record=skip" ] && split_args+=(--skip_bad_lines)
-done
+config=(config=examples/pebr_sample.yaml
+    worker.actor.model.model_path="${MODEL_PATH}"
+    data.train_files="${TRAIN_FILES}"
+    data.image_dir="${IMAGE_DIR}"
+    trainer.sample_output="${ROLLOUTS}"
+    trainer.n_gpus_per_node="${N_GPUS}"
+    "$@")
 
-python3 -m pebr.trainer.sample_main config=examples/pebr_sample.yaml \
-    worker.actor.model.model_path="${MODEL_PATH}" \
-    data.train_files="${TRAIN_FILES}" \
-    data.image_dir="${IMAGE_DIR}" \
-    trainer.sample_output="${ROLLOUTS}" \
-    trainer.n_gpus_per_node="${N_GPUS}" \
-    "$@"
+python3 -m pebr.trainer.sample_main "${config[@]}"
+
+# Records sampling skipped as malformed (data.on_bad_record=skip, however it was set) the split skips too.
+split_args=()
+on_bad_record=$(python3 -c 'import sys; from pebr.config import load_config
+print(load_config(sys.argv[1:], training=False).data.on_bad_record)' "${config[@]}")
+[ "${on_bad_record}" = "skip" ] && split_args+=(--skip_bad_lines)
 
 python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
     --output_dir "${SPLIT_DIR}" --n "${N_PER_QUESTION}" ${split_args[@]+"${split_args[@]}"}

@@ -9,7 +9,8 @@ the easy ones do not fill one rollout batch) -> merge
 split -> a table (results.md) and a plot of reward and accuracy over the RL steps (training_curves.png).
 
 Each stage runs the project's own command line (the bash recipes' CPU twins for sampling and RL), shows
-its progress, and is skipped when its output exists (`--force` reruns everything). `--profile quick` is a
+its progress, and is skipped when it finished before with the same command and environment; a stage whose
+command changed, and every stage after one that ran, runs again on a fresh output (`--force` reruns everything). `--profile quick` is a
 shortened run on the tiny model (a few steps per stage) that the tests use. `--seeds 0 1 2` runs the whole
 pipeline once per seed (in OUT/seed_K) and writes OUT/seeds.md: each model's mean and spread over the seeds,
 and the per-seed change of stage 2 over the warm-up model.
@@ -90,28 +91,51 @@ class Pipeline:
         self.out, self.p, self.seed, self.force = os.path.abspath(out), profile, seed, force
         os.makedirs(self.out, exist_ok=True)
         self.times: dict[str, float] = {}
+        self.upstream_ran = False  # a stage ran in this call: every later one reads its new output
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
     def stage(self, name: str, output: str, cmd: list[str], env: dict | None = None) -> None:
-        """Run `cmd` unless `output` exists from an earlier run; outputs are published only on success."""
-        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
-        if os.path.exists(marker) and not self.force:
-            with open(marker) as f:
-                self.times[name] = float(f.read().strip() or "nan")  # what the stage took when it ran
+        """Run `cmd` unless it finished before with the same command and environment and nothing before it ran
+        again. Its marker (`.done`, written on success) records the command; an output left by other inputs is
+        deleted first (a stale RL run directory would be resumed), one left by an interrupted run of the same
+        inputs is kept (the trainer and the sampler resume it)."""
+        recipe = {"command": cmd, "env": env or {}}
+        done = self._finished(output)
+        if done is not None and done.get("recipe") == recipe and not self.force and not self.upstream_ran:
+            self.times[name] = float(done.get("seconds", "nan"))  # what the stage took when it ran
             print(f"[demo] {name}: done before, skipped ({output})", flush=True)
             return
+        if os.path.exists(output) and (done is not None or self.upstream_ran):
+            print(f"[demo] {name}: its inputs changed since {output} was made; making it again", flush=True)
+            shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+            if os.path.exists(output + ".done"):
+                os.remove(output + ".done")
         print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         # The bash recipes call `python3`: make it this interpreter (the project's virtual environment).
         path = os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", "")
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
         self.times[name] = time.time() - t0
+        self.upstream_ran = True
         marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
         with open(marker, "w") as f:
-            f.write(f"{self.times[name]:.1f}\n")
+            json.dump({"seconds": round(self.times[name], 1), "recipe": recipe}, f)
         print(f"[demo] {name}: {self.times[name]:.0f} s", flush=True)
+
+    @staticmethod
+    def _finished(output: str) -> dict | None:
+        """The marker of a finished stage; None when it never finished ({} for a marker of an older demo)."""
+        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
+        if not os.path.exists(marker):
+            return None
+        try:
+            with open(marker) as f:
+                done = json.load(f)
+        except ValueError:
+            return {}
+        return done if isinstance(done, dict) else {}
 
     def rl_overrides(self, steps: int) -> list[str]:
         p = self.p

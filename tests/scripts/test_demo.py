@@ -106,3 +106,28 @@ def test_bf16_is_kept_only_where_the_cpu_runs_it_natively_unless_asked():
     assert flags == {("auto", True): (True, True), ("auto", False): (False, False), ("yes", True): (True, True),
                      ("yes", False): (True, True), ("no", True): (False, False), ("no", False): (False, False)}
     assert isinstance(demo.cpu_has_native_bf16(), bool)
+
+
+def test_a_stage_runs_again_when_its_command_or_an_earlier_stage_changed(tmp_path, capsys):
+    """A finished stage is skipped only for the same command after no earlier stage ran again: a --seed or
+    --profile changed in the same --out reused every old output before."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    def write(path: str, text: str) -> list[str]:
+        return [sys.executable, "-c", f"open({path!r}, 'w').write({text!r})"]
+
+    first, second = str(tmp_path / "first.txt"), str(tmp_path / "second.txt")
+
+    def run(first_text: str) -> str:
+        pipeline = demo.Pipeline(str(tmp_path), demo.PROFILES["quick"], 0, force=False)
+        pipeline.stage("first", first, write(first, first_text))
+        pipeline.stage("second", second, write(second, "from " + open(first).read()))
+        return capsys.readouterr().out
+
+    run("a")
+    assert run("a").count("done before, skipped") == 2
+    out = run("b")  # the first stage's command changed: it runs, and so does the one after it
+    assert "first: its inputs changed" in out and "done before" not in out
+    assert open(second).read() == "from b"
+    assert run("b").count("done before, skipped") == 2

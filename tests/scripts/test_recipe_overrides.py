@@ -23,3 +23,30 @@ def test_an_override_the_recipe_uses_later_stops_it_naming_the_variable(recipe, 
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2, proc.stderr
     assert f"error: set {variable}=... instead of the override {override}" in proc.stderr
+
+
+@pytest.mark.parametrize("setting, skips", [("", False), ("on_bad_record: skip", True)])
+def test_the_split_skips_bad_lines_when_sampling_did_however_it_was_set(tmp_path, tiny_model_dir,
+                                                                       synthetic_data_dir, setting, skips):
+    """data.on_bad_record=skip from a config file counts too (the recipe looked for the literal override)."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # python3 for the recipe: sampling does nothing, the split prints its arguments, anything else is Python.
+    (bin_dir / "python3").write_text(
+        "#!/bin/bash\n"
+        'if [ "$1 $2" = "-m pebr.trainer.sample_main" ]; then exit 0; fi\n'
+        'if [ "$1" = "_rollout_outputs/sample_dataset.py" ]; then echo "SPLIT $*"; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  {setting}\n" if setting else "data: {}\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "MODEL_PATH": tiny_model_dir,
+           "TRAIN_FILES": os.path.join(synthetic_data_dir, "train.json"), "SPLIT_DIR": str(tmp_path / "split"),
+           "ROLLOUTS": str(tmp_path / "rollouts.jsonl")}
+    proc = subprocess.run(["bash", "examples/pebr_sample.sh", f"config={config}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (split,) = [line for line in proc.stdout.splitlines() if line.startswith("SPLIT ")]
+    assert ("--skip_bad_lines" in split) is skips, split
