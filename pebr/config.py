@@ -534,7 +534,10 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     for src, origin in sources:
         merged = _structured_merge(merged, [src], origin)
     if overrides:
-        merged = _structured_merge(merged, [_parse_overrides(overrides, schema)], "command line")
+        parsed = _parse_overrides(overrides, schema)
+        merged = _structured_merge(merged, [parsed], "command line")
+        for key in _whole_mappings(overrides, schema):  # key={...}: that mapping, not merged into the files' one
+            OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=False)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names no key
@@ -558,6 +561,17 @@ def _parse_overrides(overrides: list[str], schema: type) -> DictConfig:
         else:
             parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))
     return parsed
+
+
+def _whole_mappings(overrides: list[str], schema: type) -> list[str]:
+    """Keys of mapping settings (reward_function_kwargs, val_override_config) given a whole mapping on the
+    command line, e.g. worker.reward.reward_function_kwargs={}: it replaces the mapping ("={}" clears it)."""
+    keys = []
+    for word in overrides:
+        key, value = word.split("=", 1)
+        if _field_type(schema, key) is dict and value.lstrip().startswith("{"):
+            keys.append(key)
+    return keys
 
 
 def _field_type(schema: type, dotted: str) -> Any:

@@ -178,3 +178,16 @@ def test_list_elements_are_typed_and_a_missing_logger_package_is_named(monkeypat
     monkeypatch.setitem(sys.modules, "wandb", None)  # what find_spec sees for a package that is not installed
     with pytest.raises(ConfigError, match="trainer.logger includes wandb, but the wandb package is not installed"):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=[console,wandb]"])
+
+
+def test_a_whole_mapping_on_the_command_line_replaces_the_files_one():
+    """reward_function_kwargs={} clears stage 1's CLIP settings (merged, they stayed, and stage 2's reward refused
+    them); a dotted key still changes one entry."""
+    stage1 = [stage("pebr_stage1.yaml"), *REQUIRED]
+    kwargs = load_config(stage1).worker.reward.reward_function_kwargs
+    assert "clip_model_path" in kwargs
+    assert load_config(stage1 + ["worker.reward.reward_function_kwargs={}"]).worker.reward.reward_function_kwargs == {}
+    assert load_config(stage1 + ["worker.reward.reward_function_kwargs={clip_weight: 0}"]
+                       ).worker.reward.reward_function_kwargs == {"clip_weight": 0}
+    assert load_config(stage1 + ["worker.reward.reward_function_kwargs.clip_weight=0"]
+                       ).worker.reward.reward_function_kwargs == {**kwargs, "clip_weight": 0}
