@@ -125,6 +125,64 @@ def test_bucketed_gather_on_nccl(tiny_model_dir, cpu_offload):
         dist.destroy_process_group()
 
 
+def _grpo_argv(stage: int, tiny_model_dir: str, synthetic_data_dir: str, run_dir: str, *overrides: str) -> list[str]:
+    """Two GRPO steps of `stage`'s recipe on one GPU: NCCL, FSDP2 in bf16, packing, the hf rollout; a checkpoint
+    after step 2."""
+    return [
+        f"config={ROOT}/examples/pebr_stage{stage}.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+        f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
+        f"data.image_dir={synthetic_data_dir}/images",
+        f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_{stage}.py:compute_score",
+        "trainer.device=cuda", "trainer.n_gpus_per_node=1", "worker.rollout.name=hf",
+        "worker.actor.fsdp.mixed_precision=bf16", "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
+        "worker.actor.model.enable_gradient_checkpointing=true", "data.max_response_length=24",
+        "worker.actor.optim.lr=1e-3", "trainer.max_steps=2", "trainer.save_freq=2", "trainer.val_freq=-1",
+        f"trainer.save_checkpoint_path={run_dir}", *overrides,
+    ]
+
+
+def _finite_metrics(run_dir: str, keys: tuple[str, ...]) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "reward/overall", *keys):
+            assert math.isfinite(m[key]), (key, m[key])
+        assert m["response/length_mean"] > 0
+    assert checkpoint.complete_steps(run_dir) == [2]
+    return metrics
+
+
+def test_stage1_worker_beside_the_clip_scorer_on_one_gpu(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """Stage 1 on one GPU: the worker asks Ray for 0.9 of it and the CLIP scorer for the other 0.1, so both are
+    placed (a worker wanting the whole card would wait until worker_timeout_s); the scorer runs on CUDA."""
+    ray = ray_session
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_tiny_clip import build_tiny_clip
+
+    from pebr.workers.reward import CLIP_ACTOR_NAME, get_clip_scorer
+
+    clip_dir = build_tiny_clip(str(tmp_path / "clip"), seed=0)
+    # Created here so that it outlives the run (the reward worker would otherwise own it) and can be asked
+    # where it ran; the run's reward worker finds it by name.
+    scorer = get_clip_scorer(clip_dir, use_ray=True)
+    try:
+        assert ray.get(scorer.actor.device.remote()).startswith("cuda")
+        run_dir = str(tmp_path / "run")
+        run(_grpo_argv(1, tiny_model_dir, synthetic_data_dir, run_dir,
+                       f"worker.reward.reward_function_kwargs.clip_model_path={clip_dir}",
+                       "trainer.worker_timeout_s=300"))
+        # The tiny model writes no "Image Description" section, so the run's CLIP terms are 0: score one here.
+        _finite_metrics(run_dir, ("reward/clip", "reward/keyword"))
+        from PIL import Image
+
+        image = Image.open(os.path.join(synthetic_data_dir, "images", "train", "00000.png")).convert("RGB")
+        (similarity,) = scorer.score([image], ["a red cube and a blue sphere"])
+        assert math.isfinite(similarity) and -1.0 <= similarity <= 1.0, similarity
+    finally:
+        ray.kill(ray.get_actor(CLIP_ACTOR_NAME))
+
+
 @pytest.mark.parametrize("cpu_offload,lora_rank", [(False, 0), (True, 0), (False, 8)])
 def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path,
                                                     cpu_offload, lora_rank):
@@ -132,27 +190,10 @@ def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_da
     `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW state live in CPU memory; with `lora_rank`
     only adapters train, the reference is the actor with them off, and the merger folds them in."""
     run_dir = str(tmp_path / "run")
-    argv = [
-        f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
-        f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
-        f"data.image_dir={synthetic_data_dir}/images",
-        f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_2.py:compute_score",
-        "trainer.device=cuda", "trainer.n_gpus_per_node=1", "worker.rollout.name=hf",
-        "worker.actor.fsdp.mixed_precision=bf16", "worker.actor.padding_free=true", "worker.actor.dynamic_batching=true",
-        "worker.actor.model.enable_gradient_checkpointing=true", "data.max_response_length=24",
-        f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
-        f"worker.actor.model.lora_rank={lora_rank}", "worker.actor.optim.lr=1e-3",
-        "trainer.max_steps=2", "trainer.save_freq=2", "trainer.val_freq=-1", f"trainer.save_checkpoint_path={run_dir}",
-    ]
-    run(argv)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
-    assert [m["step"] for m in metrics] == [1, 2]
-    for m in metrics:
-        for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "reward/overall"):
-            assert math.isfinite(m[key]), (key, m[key])
-        assert m["response/length_mean"] > 0
-    assert checkpoint.complete_steps(run_dir) == [2]
+    run(_grpo_argv(2, tiny_model_dir, synthetic_data_dir, run_dir,
+                   f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
+                   f"worker.actor.model.lora_rank={lora_rank}"))
+    _finite_metrics(run_dir, ())
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from model_merger import merge
