@@ -186,14 +186,19 @@ def test_stage1_worker_beside_the_clip_scorer_on_one_gpu(tiny_model_dir, synthet
 @pytest.mark.parametrize("cpu_offload,lora_rank", [(False, 0), (True, 0), (False, 8)])
 def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path,
                                                     cpu_offload, lora_rank):
-    """Two GRPO steps on the GPU (fused AdamW on DTensors, foreach clipping), then a merged checkpoint. With
-    `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW state live in CPU memory; with `lora_rank`
-    only adapters train, the reference is the actor with them off, and the merger folds them in."""
+    """Two GRPO steps on the GPU (fused AdamW on DTensors, foreach clipping) with a reward that varies between
+    responses, then a merged checkpoint. With `fsdp.enable_cpu_offload` the actor's shards, gradients and AdamW
+    state live in CPU memory; with `lora_rank` only adapters train, the reference is the actor with them off, and
+    the merger folds them in."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "trainer"))
+    from test_grpo_e2e import varied_reward
+
     run_dir = str(tmp_path / "run")
+    # The stage-2 reward gives the untrained model's responses 0 each (no gradient; seen with LoRA on an H200).
     run(_grpo_argv(2, tiny_model_dir, synthetic_data_dir, run_dir,
                    f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
-                   f"worker.actor.model.lora_rank={lora_rank}"))
-    _finite_metrics(run_dir, ())
+                   f"worker.actor.model.lora_rank={lora_rank}", *varied_reward(tmp_path)))
+    assert _finite_metrics(run_dir, ())[0]["actor/grad_norm"] > 0
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from model_merger import merge
