@@ -2,11 +2,13 @@
 # The GPU checks, in one run on a CUDA machine without internet (see README, "Installing for GPUs"):
 #   1. the CUDA tests (tests/gpu: varlen kernel, shared prompts and compiled layers vs padded SDPA in bf16;
 #      the weight sync's bucketed gather on NCCL; GRPO steps with NCCL, FSDP2 bf16 with and without CPU
-#      offload, with LoRA, packing and the hf rollout; checkpoint merge);
+#      offload, with LoRA, packing and the hf rollout; checkpoint merge; stage 1 beside the CLIP scorer);
 #   2. benchmarks/gpu_update.py: update-phase tokens/s and MFU, padded vs packed (GPU_BENCH_ARGS="--compile"
 #      adds torch.compile'd decoder layers; quote variant names inside it:
 #      GPU_BENCH_ARGS='--variants "padded, token budget"').
-# Packages the machine lacks (e.g. transformers 5.19, peft) may come as wheels in .whl/ and Ray as .gpu/raysite.tar.xz
+# Packages the machine lacks may come as wheels in .whl/ (on the H200 image of 2026-12-04: transformers 5.19,
+# omegaconf, mathruler with pylatexenc, math-verify with latex2sympy2_extended and antlr4-python3-runtime, peft) and
+# Ray as .gpu/raysite.tar.xz
 # (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
 # Results go to $OUT (default ./gpu_out): pytest.log, gpu_update.json, gpu_update.log.
 set -uo pipefail
