@@ -8,8 +8,7 @@
 #      GPU_BENCH_ARGS='--variants "padded, token budget"').
 # Packages the machine lacks may come as wheels in .whl/ (on the H200 image of 2026-12-04: transformers 5.19,
 # omegaconf, mathruler with pylatexenc, math-verify with latex2sympy2_extended and antlr4-python3-runtime, peft) and
-# Ray as .gpu/raysite.tar.xz
-# (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
+# Ray as .gpu/raysite.tar.xz (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
 # Results go to $OUT (default ./gpu_out): pytest.log, gpu_update.json, gpu_update.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

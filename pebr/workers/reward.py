@@ -12,8 +12,9 @@ importing this module only defines classes.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import ray
@@ -79,14 +80,24 @@ class RemoteClipScorer:
 
     Args:
         actor: handle of a `ClipScorerActor`.
+        reconnect: returns a live scorer actor; called once when `actor` has died (its owner, the reward
+            worker that created it, ended: a run started right after another in the same Ray session).
     """
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+    def __init__(self, actor: ray.actor.ActorHandle,
+                 reconnect: Callable[[], ray.actor.ActorHandle] | None = None) -> None:
         self.actor = actor
+        self.reconnect = reconnect
 
     def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
         """See `ClipScorer.score`."""
-        return ray.get(self.actor.score.remote(list(images), list(captions)))
+        try:
+            return ray.get(self.actor.score.remote(list(images), list(captions)))
+        except ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed or self.reconnect is None:
+                raise
+            self.actor = self.reconnect()
+            return ray.get(self.actor.score.remote(list(images), list(captions)))
 
 
 def _cluster_has_gpus() -> bool:
@@ -136,6 +147,12 @@ def get_clip_scorer(
 
     if num_gpus is None:
         num_gpus = DEFAULT_CLIP_GPU_FRACTION if _cluster_has_gpus() else 0
+    connect = functools.partial(_scorer_actor, model_path, num_gpus, scorer_kwargs)
+    return RemoteClipScorer(connect(), reconnect=connect)
+
+
+def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any]) -> ray.actor.ActorHandle:
+    """The live scorer actor for `model_path`, created when none is (see `get_clip_scorer`)."""
     actor = ClipScorerActor.options(name=CLIP_ACTOR_NAME, get_if_exists=True, num_gpus=num_gpus).remote(
         model_path, **scorer_kwargs
     )
@@ -148,4 +165,4 @@ def get_clip_scorer(
         ) from exc
     if loaded != model_path:
         raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r}, not {model_path!r}")
-    return RemoteClipScorer(actor)
+    return actor

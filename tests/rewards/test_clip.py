@@ -136,3 +136,26 @@ def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) ->
             ray.kill(ray.get_actor(CLIP_ACTOR_NAME))
         except ValueError:
             pass
+
+
+@pytest.mark.slow
+def test_a_scorer_whose_owner_died_is_replaced(ray_session, tiny_clip_path: str) -> None:
+    """The shared scorer dies with the reward worker that created it (Ray ties an actor to its owner). A run
+    that starts right after another in the same Ray session (sampling, then training, in a notebook) must get a
+    live scorer, not the dying one its name still points to."""
+    ray = ray_session
+    first = RewardWorker.remote(STAGE1, reward_function_kwargs={"clip_model_path": tiny_clip_path})
+    ray.get(first.ready.remote())
+    dying = ray.get_actor(CLIP_ACTOR_NAME)
+    ray.kill(first)
+    try:
+        scorer = get_clip_scorer(tiny_clip_path, use_ray=True)
+        (similarity,) = scorer.score(images()[:1], CAPTIONS[:1])
+        assert similarity == pytest.approx(cosine_from_forward(tiny_clip_path, images()[:1], CAPTIONS[:1])[0],
+                                           abs=1e-5)
+        assert scorer.actor._actor_id != dying._actor_id
+    finally:
+        try:
+            ray.kill(ray.get_actor(CLIP_ACTOR_NAME))
+        except ValueError:
+            pass
