@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=8,
                         help="rollouts per question (worker.rollout.n x trainer.total_epochs of the sampling run)")
     parser.add_argument("--skip_bad_lines", action="store_true",
-                        help="count and skip malformed rollout lines, and malformed JSONL lines of the data set "
-                             "(as sampling with data.on_bad_record=skip did), instead of stopping at the first")
+                        help="count and skip malformed rollout lines, malformed JSONL lines of the data set and "
+                             "records whose qid an earlier record has (as sampling with data.on_bad_record=skip "
+                             "did), instead of stopping at the first")
     parser.add_argument("--allow_count_mismatch", action="store_true",
                         help="split a qid sampled other than --n times anyway, by all / some / none correct "
                              "(by default it is an error)")

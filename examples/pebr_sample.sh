@@ -10,9 +10,6 @@ TRAIN_FILES=${TRAIN_FILES:-dataset/train.json}                        # the RL d
 IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative image paths are joined to it (null: as written)
 ROLLOUTS=${ROLLOUTS:-_rollout_outputs/rollouts.jsonl}
 SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 / 2 read easycase / mediumcase.json here
-# worker.rollout.n x trainer.total_epochs of this run: set it when overriding either, since the split
-# refuses questions sampled another number of times (rerunning this script resumes an interrupted sampling).
-N_PER_QUESTION=${N_PER_QUESTION:-8}
 N_GPUS=${N_GPUS:-8}
 
 if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the whole sampling run
@@ -32,11 +29,14 @@ config=(config=examples/pebr_sample.yaml
 
 python3 -m pebr.trainer.sample_main "${config[@]}"
 
-# Records sampling skipped as malformed (data.on_bad_record=skip, however it was set) the split skips too.
+# The split takes the run's settings: questions sampled worker.rollout.n x trainer.total_epochs times, and the
+# records sampling skipped as malformed (data.on_bad_record=skip, however it was set) skipped too.
+settings=$(python3 -c 'import sys; from pebr.config import load_config
+cfg = load_config(sys.argv[1:], training=False)
+print(cfg.worker.rollout.n * cfg.trainer.total_epochs, cfg.data.on_bad_record)' "${config[@]}")
+read -r n_per_question on_bad_record <<< "${settings}"
 split_args=()
-on_bad_record=$(python3 -c 'import sys; from pebr.config import load_config
-print(load_config(sys.argv[1:], training=False).data.on_bad_record)' "${config[@]}")
 [ "${on_bad_record}" = "skip" ] && split_args+=(--skip_bad_lines)
 
 python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
-    --output_dir "${SPLIT_DIR}" --n "${N_PER_QUESTION}" ${split_args[@]+"${split_args[@]}"}
+    --output_dir "${SPLIT_DIR}" --n "${n_per_question}" ${split_args[@]+"${split_args[@]}"}

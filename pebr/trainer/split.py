@@ -62,6 +62,8 @@ class SplitReport:
         wrong_count: qid -> rollouts seen, for qids with a count other than n (only filled with
             allow_count_mismatch; otherwise such a qid is an error).
         never_sampled: qids of data-set records that have no rollout (written to no split).
+        repeated: where each later record with an earlier record's qid was (skipped: only with skip_bad_lines,
+            as sampling with data.on_bad_record=skip sampled the first record of a qid only).
         unknown_qids: number of qids in the rollout file that the data set does not have.
         paths: split name -> file written.
     """
@@ -73,6 +75,7 @@ class SplitReport:
     correct_histogram: dict[int, int] = field(default_factory=dict)
     wrong_count: dict[str, int] = field(default_factory=dict)
     never_sampled: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)
     unknown_qids: int = 0
     paths: dict[str, str] = field(default_factory=dict)
 
@@ -269,6 +272,20 @@ def check_unique_qids(records: list[DatasetRecord], dataset: str) -> None:
             "cannot be split: give every record its own qid (and sample again) or remove the duplicates")
 
 
+def first_of_each_qid(records: list[DatasetRecord]) -> tuple[list[DatasetRecord], list[str]]:
+    """The first record of each qid, and where the later ones were: what sampling with
+    data.on_bad_record=skip sampled (it skips a record whose qid was already used)."""
+    seen: set[str] = set()
+    kept, repeated = [], []
+    for record in records:
+        if record.qid in seen:
+            repeated.append(record.where)
+        else:
+            seen.add(record.qid)
+            kept.append(record)
+    return kept, repeated
+
+
 def check_json_storable(records: list[DatasetRecord]) -> None:
     """The split files are JSON: refuse, before writing, a record JSON cannot hold (say an image stored as
     bytes in a parquet file or a hub data set), naming it.
@@ -323,8 +340,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
             left as they were when the split stops with an error.
         n: rollouts per qid (worker.rollout.n x trainer.total_epochs of the sampling run); a sampled
             qid with another count is an error unless `allow_count_mismatch`.
-        skip_bad_lines: count and skip malformed rollout lines, and malformed JSONL lines of the data set
-            (which sampling with data.on_bad_record=skip skipped too), instead of stopping at the first.
+        skip_bad_lines: count and skip malformed rollout lines, malformed JSONL lines of the data set and
+            records whose qid an earlier record has (which sampling with data.on_bad_record=skip skipped too),
+            instead of stopping at the first.
         allow_count_mismatch: split a qid with a count other than n anyway, by all / some / none
             correct of the rollouts seen, with a warning naming the qids.
         log: where warnings and statistics go (a print-like function).
@@ -334,7 +352,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
 
     Raises:
         SplitError: a missing/malformed file, a malformed rollout line (file and line number), a qid
-            shared by two data-set records, no data-set qid in the rollout file, a qid with a
+            shared by two data-set records (unless `skip_bad_lines`), no data-set qid in the rollout file, a qid with a
             count other than n (unless `allow_count_mismatch`), or a record JSON cannot hold. Nothing
             is written then.
         ValueError: n < 1.
@@ -345,7 +363,10 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     check_output_dir(output_dir, dataset)
     malformed: list[str] = []
     records = read_dataset(dataset, malformed if skip_bad_lines else None)
-    check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
+    if skip_bad_lines:  # the first record of a qid is the one sampling kept
+        records, report.repeated = first_of_each_qid(records)
+    else:
+        check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
     qids = [record.qid for record in records]
     counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
     splits: dict[str, list[DatasetRecord]] = {name: [] for name in SPLIT_NAMES}
@@ -395,6 +416,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     if malformed:
         log(f"warning: skipped {len(malformed)} malformed lines of {dataset} (not sampled either): "
             f"{_listed(malformed)}")
+    if report.repeated:
+        log(f"warning: skipped {len(report.repeated)} records of {dataset} whose qid an earlier record has (not "
+            f"sampled either): {_listed(report.repeated)}")
 
     check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])
     report.paths = _write_splits(output_dir, {name: [r.value for r in splits[name]] for name in SPLIT_NAMES})

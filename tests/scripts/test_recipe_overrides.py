@@ -25,10 +25,16 @@ def test_an_override_the_recipe_uses_later_stops_it_naming_the_variable(recipe, 
     assert f"error: set {variable}=... instead of the override {override}" in proc.stderr
 
 
-@pytest.mark.parametrize("setting, skips", [("", False), ("on_bad_record: skip", True)])
-def test_the_split_skips_bad_lines_when_sampling_did_however_it_was_set(tmp_path, tiny_model_dir,
-                                                                       synthetic_data_dir, setting, skips):
-    """data.on_bad_record=skip from a config file counts too (the recipe looked for the literal override)."""
+@pytest.mark.parametrize("setting, extra, skips, n", [
+    ("", [], False, 8),
+    ("on_bad_record: skip", [], True, 8),
+    ("", ["worker.rollout.n=4", "trainer.total_epochs=3"], False, 12),
+])
+def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, synthetic_data_dir, setting, extra,
+                                                      skips, n):
+    """The split skips bad lines when sampling did, however data.on_bad_record=skip was set (the recipe looked
+    for the literal override), and expects worker.rollout.n x trainer.total_epochs rollouts a question (it
+    expected 8 whatever the run made)."""
     import sys
 
     bin_dir = tmp_path / "bin"
@@ -45,8 +51,9 @@ def test_the_split_skips_bad_lines_when_sampling_did_however_it_was_set(tmp_path
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "MODEL_PATH": tiny_model_dir,
            "TRAIN_FILES": os.path.join(synthetic_data_dir, "train.json"), "SPLIT_DIR": str(tmp_path / "split"),
            "ROLLOUTS": str(tmp_path / "rollouts.jsonl")}
-    proc = subprocess.run(["bash", "examples/pebr_sample.sh", f"config={config}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = subprocess.run(["bash", "examples/pebr_sample.sh", f"config={config}", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (split,) = [line for line in proc.stdout.splitlines() if line.startswith("SPLIT ")]
     assert ("--skip_bad_lines" in split) is skips, split
+    assert f" --n {n}" in split, split

@@ -208,6 +208,21 @@ def test_duplicate_qids_in_the_data_set_are_refused(files, tmp_path, duplicate, 
     assert _files_in(out) == before
 
 
+def test_with_skip_bad_lines_a_repeated_qid_keeps_its_first_record(files, tmp_path):
+    """Sampling with data.on_bad_record=skip sampled the first record of a qid and skipped the later ones; the
+    split with --skip_bad_lines does the same, named in a warning, instead of refusing after the sampling ran."""
+    dataset, rollouts, records = files
+    with open(dataset, "w") as f:
+        json.dump(records + [{"qid": "q-easy", "problem": "again", "answer": "x"}], f)
+    said = []
+    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, skip_bad_lines=True,
+                           allow_count_mismatch=True, log=said.append)
+    easy = json.loads((tmp_path / "s" / "easycase.json").read_text())
+    assert [r for r in easy if r.get("qid") == "q-easy"] == [records[0]]
+    assert len(report.repeated) == 1 and "record 10" in report.repeated[0]
+    assert any("skipped 1 records" in line and "record 10" in line for line in said)
+
+
 def test_a_failed_write_keeps_the_previous_split(files, tmp_path, monkeypatch):
     """The three files are replaced together: a failure on the last one leaves all three as they were."""
     dataset, rollouts, _ = files
