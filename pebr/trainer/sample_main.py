@@ -69,13 +69,15 @@ class SampleSummary:
 
 
 # -- the output log ----------------------------------------------------------------------------------
-def _scan_output(path: str) -> tuple[dict[str, set[int]], int]:
-    """Per-qid sample indices of the complete lines of `path`, and how many bytes are complete lines.
+def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int]:
+    """Per-qid sample indices of the complete lines of `path`, the qid of the last of them, and how many bytes
+    are complete lines.
 
     A last line without its newline is the trace of a write cut short and is not counted; any other
     unreadable line means the file was not written by this tool (or was edited), and stops the run.
     """
     samples: dict[str, set[int]] = {}
+    last_qid = None
     good_bytes = 0
     with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -96,25 +98,25 @@ def _scan_output(path: str) -> tuple[dict[str, set[int]], int]:
                 raise SampleLogError(f"{path} line {line_number}: qid {qid!r} sample {sample} appears twice; the file "
                                      "was appended to by another run: move it away or set trainer.sample_output")
             seen.add(sample)
-    return samples, good_bytes
+            last_qid = qid
+    return samples, last_qid, good_bytes
 
 
-def recover_output(path: str, per_question: int, batch_size: int | None = None) -> tuple[set[str], list[str]]:
-    """Make `path` hold only questions with all their records; return those and the ones removed.
+def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
+    """Make `path` hold only questions with all their records; return those and the one removed.
 
-    A batch's records are appended in one write, so an interruption leaves incomplete records for at most
-    one batch of questions, with differing counts. More incomplete questions than that, or several with one
-    and the same set of samples, is a file written with a smaller n: removing them would throw that run's
+    A batch's records are appended in one write, each question's samples together and in order, so an
+    interruption leaves at most one incomplete question: the file's last, with its first samples. Anything
+    else is a file written with a smaller n (or edited): removing those questions would throw that run's
     samples away, so it is an error instead.
 
     Args:
         path: the JSONL sample output (need not exist).
         per_question: the number of records a complete question has (samples 0 .. per_question-1).
-        batch_size: questions per batch (data.rollout_batch_size); None: no limit from it.
 
     Returns:
-        (complete qids, qids whose partial records were removed). The file is rewritten atomically
-        (temporary file, fsync, rename) only when something had to be removed.
+        (complete qids, qids whose partial records were removed: none or one). The file is rewritten
+        atomically (temporary file, fsync, rename) only when something had to be removed.
 
     Raises:
         SampleLogError: an unreadable line before the last, a duplicate (qid, sample), a qid with
@@ -123,7 +125,7 @@ def recover_output(path: str, per_question: int, batch_size: int | None = None) 
     """
     if not os.path.exists(path):
         return set(), []
-    samples, good_bytes = _scan_output(path)
+    samples, last_qid, good_bytes = _scan_output(path)
     full = set(range(per_question))
     for qid, seen in samples.items():
         if not seen <= full:
@@ -133,15 +135,16 @@ def recover_output(path: str, per_question: int, batch_size: int | None = None) 
                 "away or set trainer.sample_output")
     complete = {qid for qid, seen in samples.items() if seen == full}
     partial = sorted(qid for qid in samples if qid not in complete)
-    alike = len(partial) > 1 and len({frozenset(samples[qid]) for qid in partial}) == 1
-    if alike or (batch_size is not None and len(partial) > batch_size):
+    interrupted = partial == [last_qid] and samples[last_qid] == set(range(len(samples[last_qid])))
+    if partial and not interrupted:
         counts = Counter(len(samples[qid]) for qid in partial)
         raise SampleLogError(
             f"{path}: {len(partial)} questions have fewer than the {per_question} samples this run makes "
             f"(worker.rollout.n x trainer.total_epochs), {dict(sorted(counts.items()))} (samples: questions), "
-            f"more than an interrupted batch leaves: the file was written with a smaller n or total_epochs. "
-            "Resuming would delete those samples: move the file away or set trainer.sample_output to a new "
-            "file (or rerun with the settings that wrote it)")
+            f"e.g. {partial[0]!r}; an interrupted run leaves at most one, the file's last question with its first "
+            "samples: the file was written with a smaller n or total_epochs (or edited). Resuming would delete "
+            "those samples: move the file away or set trainer.sample_output to a new file (or rerun with the "
+            "settings that wrote it)")
     truncated = good_bytes != os.path.getsize(path)
     if partial or truncated:
         _rewrite_keeping(path, complete, good_bytes)
@@ -266,10 +269,10 @@ def run(argv: list[str]) -> SampleSummary:
     dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg.worker.actor.model))
     summary.questions = len(dataset)
     _report_dropped(summary, cfg.data.train_files)
-    complete, summary.removed_partial = recover_output(out, per_question, cfg.data.rollout_batch_size)
+    complete, summary.removed_partial = recover_output(out, per_question)
     if summary.removed_partial:
-        print(f"{out}: removed the records of {len(summary.removed_partial)} questions sampled only in part "
-              "(an interrupted batch); they are sampled again", flush=True)
+        print(f"{out}: removed the records of question {summary.removed_partial[0]!r}, sampled only in part "
+              "(an interrupted write); it is sampled again", flush=True)
     todo = [i for i, qid in enumerate(qids) if qid not in complete]
     summary.already_done = len(qids) - len(todo)
     if summary.already_done:

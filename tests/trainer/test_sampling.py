@@ -36,9 +36,8 @@ def test_recover_missing_file(tmp_path):
 def test_recover_drops_partial_questions_and_a_cut_line(tmp_path):
     path = str(tmp_path / "r.jsonl")
     append_records(path, [_rec("a", s) for s in range(3)] + [_rec("b", s) for s in range(3)])
-    append_records(path, [_rec("c", 0), _rec("c", 2)])  # c lacks sample 1
-    with open(path, "ab") as f:
-        f.write(json.dumps(_rec("d", 0)).encode()[:17])  # a crash in the middle of a write
+    with open(path, "ab") as f:  # a crash in the middle of a batch's write: c's first two samples and a cut line
+        f.write(b"".join(json.dumps(_rec(q, s)).encode() + b"\n" for q, s in (("c", 0), ("c", 1), ("d", 0)))[:-9])
     complete, removed = recover_output(path, 3)
     assert complete == {"a", "b"} and removed == ["c"]
     rows = [json.loads(line) for line in open(path)]
@@ -69,19 +68,28 @@ def test_recover_rejects_a_file_it_cannot_trust(tmp_path):
         recover_output(path, 2)
 
 
-def test_a_file_from_a_smaller_n_is_refused_not_emptied(tmp_path):
-    """Raising n (or total_epochs) leaves every question short: resuming must not delete the old samples."""
+@pytest.mark.parametrize("rows", [
+    [(q, s) for q in "abc" for s in range(4)],  # every question short
+    [(q, s) for q in "abc" for s in range(4)] + [("d", 0), ("d", 1)],  # that run, interrupted in its turn
+    [("a", 0), ("a", 1), ("a", 3)],  # the last question, but not its first samples
+    [("a", 0)] + [("b", s) for s in range(8)],  # a short question that is not the last
+])
+def test_a_file_no_interruption_leaves_is_refused_not_emptied(tmp_path, rows):
+    """Raising n (or total_epochs) leaves every question short: resuming must not delete the old samples. An
+    interrupted write leaves one short question at most, the last, with its first samples."""
     path = str(tmp_path / "r.jsonl")
-    append_records(path, [_rec(q, s) for q in "abc" for s in range(4)])
+    append_records(path, [_rec(q, s) for q, s in rows])
     before = open(path, "rb").read()
-    with pytest.raises(SampleLogError, match=r"3 questions have fewer than the 8 samples.*\{4: 3\}.*smaller n"):
+    with pytest.raises(SampleLogError, match=r"fewer than the 8 samples.*an interrupted run leaves at most one"):
         recover_output(path, 8)
     assert open(path, "rb").read() == before  # the refused file is left as it was
-    os.remove(path)
-    append_records(path, [_rec(q, 0) for q in "abcde"] + [_rec("e", 1)])  # more than a batch of 4, counts differ
-    with pytest.raises(SampleLogError, match="5 questions"):
-        recover_output(path, 8, batch_size=4)
-    assert recover_output(path, 8, batch_size=8)[1] == list("abcde")  # within one batch: an interruption
+
+
+def test_an_interrupted_question_after_complete_ones_is_removed(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [_rec(q, s) for q in "ab" for s in range(4)] + [_rec("c", s) for s in range(3)])
+    assert recover_output(path, 4) == ({"a", "b"}, ["c"])
+    assert [json.loads(line)["qid"] for line in open(path)] == ["a"] * 4 + ["b"] * 4
 
 
 # -- a run on the tiny model ---------------------------------------------------------------------------
