@@ -52,16 +52,20 @@ class LoadReport:
         kept: records returned.
         skipped: reason tag -> number of records skipped for it.
         messages: the first `MAX_REPORT_MESSAGES` skip messages, verbatim.
+        skipped_at: where every skipped record was (file and line or index), when the caller said.
     """
 
     total: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    skipped_at: list[str] = field(default_factory=list)
 
-    def add_skip(self, error: BadRecord) -> None:
+    def add_skip(self, error: BadRecord, where: str | None = None) -> None:
         """Count one skipped record under `error.reason` and keep its message if there is room."""
         self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
+        if where is not None:
+            self.skipped_at.append(where)
         if len(self.messages) < MAX_REPORT_MESSAGES:
             self.messages.append(str(error))
 
@@ -408,7 +412,7 @@ def load_records(
         except BadRecord as err:
             if on_bad_record == "raise":
                 raise
-            report.add_skip(err)
+            report.add_skip(err, where)
             continue
         seen_qids[record["qid"]] += 1
         records.append(record)

@@ -8,7 +8,7 @@ Each question of `data.train_files` gets `worker.rollout.n x trainer.total_epoch
 response:
 
     {"qid": ..., "response": "<complete text>", "ground_truth": ..., "score": {"accuracy": ..., ...},
-     "sample": <0-based rollout index of this question>, "index": <record index in the data set>,
+     "sample": <0-based rollout index of this question>, "index": <position among the records loaded, which a skipped bad record shifts>,
      "response_length": <tokens>}
 
 `_rollout_outputs/sample_dataset.py` then splits the data set into easy / medium / hard cases.
@@ -52,6 +52,8 @@ class SampleSummary:
         records_written: records appended by this run.
         removed_partial: qids whose incomplete records were removed at start.
         dropped: qids of data-set records that are not sampled (e.g. prompts over max_prompt_length).
+        skipped_at_load: where each record the loader skipped was (data.on_bad_record=skip: a bad answer,
+            a duplicate qid...), by file and line or index, since such a record may have no qid.
         dropped_reasons: reason -> count, over all records dropped at load time.
         mean_accuracy: mean accuracy of the responses written by this run (nan when none).
     """
@@ -64,6 +66,7 @@ class SampleSummary:
     records_written: int = 0
     removed_partial: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    skipped_at_load: list[str] = field(default_factory=list)
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     mean_accuracy: float = float("nan")
 
@@ -172,13 +175,13 @@ def append_records(path: str, records: list[dict]) -> None:
 
 
 # -- the data set ---------------------------------------------------------------------------------
-def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, list[str], list[str], dict[str, int]]:
+def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, list[str], list[str], list[str], dict[str, int]]:
     """The prompt data set and its qids, plus what was dropped at load time.
 
     Returns:
-        (dataset, qids, dropped_qids, dropped_reasons): `qids[i]` is the qid of `dataset[i]`;
-        dropped_qids are records read but not kept (too long, bad images); dropped_reasons counts
-        every dropped record by reason, including ones skipped before a qid could be read.
+        (dataset, qids, dropped_qids, skipped_at_load, dropped_reasons): `qids[i]` is the qid of `dataset[i]`;
+        dropped_qids are records read but not kept (too long, bad images); skipped_at_load where the records
+        the loader skipped were (they may have no qid); dropped_reasons counts both by reason.
     """
     from pebr.trainer.main import load_dataset
 
@@ -188,7 +191,7 @@ def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, list[str], list[s
     kept_set = set(kept)
     dropped = [r["qid"] for i, r in enumerate(records) if i not in kept_set]
     reasons = Counter(load_report.skipped) + Counter(dataset.report.skipped)
-    return dataset, qids, dropped, dict(reasons)
+    return dataset, qids, dropped, load_report.skipped_at, dict(reasons)
 
 
 def _report_dropped(summary: SampleSummary, source: str) -> None:
@@ -201,8 +204,12 @@ def _report_dropped(summary: SampleSummary, source: str) -> None:
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.dropped_reasons.items()))
     listed = ", ".join(summary.dropped[:MAX_LISTED])
     more = f" ... and {len(summary.dropped) - MAX_LISTED} more" if len(summary.dropped) > MAX_LISTED else ""
-    print(f"warning: {total} records of {source} are not sampled ({reasons}); qids: {listed}{more}", flush=True)
-    atomic_write_json(path, {"source": source, "reasons": summary.dropped_reasons, "qids": summary.dropped})
+    at_load = (f"; {len(summary.skipped_at_load)} skipped by the loader, at "
+               f"{', '.join(summary.skipped_at_load[:MAX_LISTED])}" if summary.skipped_at_load else "")
+    print(f"warning: {total} records of {source} are not sampled ({reasons}); qids: {listed}{more}{at_load}",
+          flush=True)
+    atomic_write_json(path, {"source": source, "reasons": summary.dropped_reasons, "qids": summary.dropped,
+                             "skipped_at_load": summary.skipped_at_load})
     print(f"the full list of records not sampled is in {path}", flush=True)
 
 
@@ -266,7 +273,8 @@ def run(argv: list[str]) -> SampleSummary:
     summary = SampleSummary(output=out, per_question=per_question)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    dataset, qids, summary.dropped, summary.dropped_reasons = load_prompts(cfg, load_processor(cfg.worker.actor.model))
+    processor = load_processor(cfg.worker.actor.model)
+    dataset, qids, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
     summary.questions = len(dataset)
     _report_dropped(summary, cfg.data.train_files)
     complete, summary.removed_partial = recover_output(out, per_question)

@@ -148,6 +148,30 @@ def _check_complete(path, qids, per_question):
     return rows
 
 
+def test_the_dropped_file_names_records_the_loader_skipped(sample_setup, tmp_path, capsys):
+    """Records the loader skips (data.on_bad_record=skip) may have no qid: the dropped file and the warning name
+    where they were, beside the qids of records the data set dropped (the file named only the latter)."""
+    from pebr.config import load_config
+    from pebr.trainer.sample_main import SampleSummary, _report_dropped, load_prompts
+    from pebr.workers.actor import load_processor
+
+    argv, out, _, train = sample_setup
+    records = json.load(open(train))
+    records.insert(1, {"qid": "no-answer", "problem": "<image>what?", "answer": "", "images": records[0]["images"]})
+    with open(train, "w") as f:
+        json.dump(records, f)
+    cfg = load_config(argv + ["data.on_bad_record=skip"], training=False)
+    summary = SampleSummary(output=out, per_question=1)
+    _, _, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(
+        cfg, load_processor(cfg.worker.actor.model))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _report_dropped(summary, train)
+    dropped = json.load(open(out.replace(".jsonl", ".dropped.json")))
+    assert dropped["qids"] == ["too-long"] and dropped["reasons"] == {"prompt_too_long": 1, "bad_answer": 1}
+    assert len(dropped["skipped_at_load"]) == 1 and "record 1" in dropped["skipped_at_load"][0]
+    assert "1 skipped by the loader, at " in capsys.readouterr().out
+
+
 def _wait_for_cpus(ray, expected, timeout=20.0):
     deadline = time.time() + timeout
     while ray.available_resources().get("CPU", 0) < expected and time.time() < deadline:
