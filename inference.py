@@ -49,8 +49,8 @@ def answer(
     from transformers import AutoProcessor
 
     from pebr.data.dataset import build_messages, load_format_prompt
-    from pebr.data.images import load_image
-    from pebr.data.records import DataError
+    from pebr.data.images import check_fitted_aspect, load_image
+    from pebr.data.records import BadRecord, DataError
 
     for path, what in ((image, "image"), (model_path, "model_path")):
         if not os.path.exists(path):
@@ -61,6 +61,9 @@ def answer(
                                            tokenize=False)
     try:
         picture = load_image(image, None, min_pixels=min_pixels, max_pixels=max_pixels)
+        check_fitted_aspect(*picture.size, f"image {image!r}")
+    except BadRecord:  # a DataError already, naming the image
+        raise
     except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying a file is not a readable image
         raise DataError(f"image {image!r} cannot be read: {err}") from err
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])

@@ -11,14 +11,16 @@ A sample is dropped, with the reason counted, when
   * missing_image / unreadable_image / large_image: an image file is absent; or Pillow cannot decode
     it in full (a file cut short keeps a good header, so the pixels are decoded, not just the header);
     or it has more pixels than ``pebr.data.images.MAX_SOURCE_PIXELS``;
-  * thin_image: an image's long side is more than ``pebr.data.images.MAX_ASPECT_RATIO`` (200) times its
-    short side, which the Qwen2.5-VL processor refuses;
+  * thin_image: an image's long side, once resized into SFT's default pixel bounds (sides multiples of
+    28 px), is more than ``pebr.data.images.MAX_ASPECT_RATIO`` (200) times its short side, which the
+    Qwen2.5-VL processor refuses;
   * turn_order: after an optional system turn, the turns are not user, assistant, user, ... ending with
     an assistant turn; LLaMA-Factory's sharegpt reader skips such samples;
-  * malformed / unknown_role / no_assistant_turn / placeholder_mismatch: the record breaks a rule of
-    ``pebr.data.sharegpt.check_sharegpt_record``, the check that pebr/sft.py's loader applies too (not
-    a dict, ``messages`` empty or not {role, content} strings, a role other than system/user/assistant,
-    no assistant turn, ``<image>`` placeholders in the user turns not matching ``images``); these are
+  * malformed / unknown_role / no_assistant_turn / vision_token_in_text / placeholder_mismatch: the record
+    breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check that pebr/sft.py's loader
+    applies too (not a dict, ``messages`` empty or not {role, content} strings, a role other than
+    system/user/assistant, no assistant turn, a turn holding one of the model's vision tokens such as
+    ``<|image_pad|>``, ``<image>`` placeholders in the user turns not matching ``images``); these are
     also listed one by one, by index.
 Text-only samples (no ``images`` or an empty list) are kept. ``images`` given as one string is
 written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects, and one image without
@@ -45,7 +47,8 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pebr.data.images import MAX_ASPECT_RATIO, probe_image  # noqa: E402
+from pebr.data.images import (  # noqa: E402
+    DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, fit_size, probe_image)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
@@ -138,7 +141,8 @@ def _image_status(path: Path, min_size: int, cache: dict[Path, str | None]) -> s
         if min(width, height) < min_size:
             cache[path] = "small_image"  # too small to train on whatever its pixels; no need to decode
             return cache[path]
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        fitted = fit_size(width, height, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)  # what SFT trains on
+        if max(fitted) > MAX_ASPECT_RATIO * min(fitted):
             cache[path] = "thin_image"
             return cache[path]
         try:

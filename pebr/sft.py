@@ -32,7 +32,8 @@ from torch.utils.data import Dataset
 
 from pebr.config import ConfigError
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
-from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, fit_size, load_image, probe_image, resolve_path
+from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitted_aspect, fit_size, load_image,
+                              probe_image, resolve_path)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
 from pebr.utils.jsonio import atomic_write_text, read_json_records
@@ -243,6 +244,7 @@ class SFTDataset(Dataset):
             for image in record["images"]:
                 try:
                     sizes.append(fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels))
+                    check_fitted_aspect(*sizes[-1], f"{where}: image {image!r}")
                 except BadRecord as err:
                     raise DataError(f"{err} (run dataset/filter.py over the SFT data first)") from err
             chat = to_chat(record, template)
@@ -279,7 +281,14 @@ class SFTDataset(Dataset):
                     f"sft record {self.record_indices[i]}: image {resolve_path(path, self.image_dir)!r} cannot be "
                     f"decoded: {err} (run dataset/filter.py over the SFT data first)"
                 ) from err
-        return encode_chat(self.processor, chat, images)
+        try:
+            return encode_chat(self.processor, chat, images)
+        except DataError:
+            raise
+        except (StopIteration, ValueError) as err:
+            # A StopIteration leaving __getitem__ would end the DataLoader's epoch early, silently.
+            raise DataError(f"sft record {self.record_indices[i]}: the processor refused it: "
+                            f"{type(err).__name__}: {err}") from err
 
 
 def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import jinja2
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pebr.data.images import MAX_ASPECT_RATIO, fit_size, load_image, probe_image
+from pebr.data.images import check_fitted_aspect, fit_size, load_image, probe_image
 from pebr.data.records import (
     IMAGE_PLACEHOLDER,
     BadRecord,
@@ -243,10 +243,7 @@ class RLDataset(Dataset):
                     fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels) for image in images
                 ]
                 for position, (width, height) in enumerate(sizes):
-                    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-                        raise BadRecord("image_aspect_ratio", f"{where}: image {position} becomes {width}x{height} "
-                                        f"px within data.min_pixels..max_pixels, its long side more than "
-                                        f"{MAX_ASPECT_RATIO} times its short side, which the model's processor refuses")
+                    check_fitted_aspect(width, height, f"{where}: image {position}")
             except BadRecord as err:
                 if on_bad_record == "raise":
                     raise

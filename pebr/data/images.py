@@ -77,6 +77,19 @@ def fit_size(
     return new_w, new_h
 
 
+def check_fitted_aspect(width: int, height: int, where: str) -> None:
+    """Refuse an image whose size after `fit_size` (not before: rounding a short side up to 28 px can push a
+    ratio under 200 past it) is thinner than the processor takes.
+
+    Raises:
+        BadRecord: reason "image_aspect_ratio", "<where> becomes WxH px ...".
+    """
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadRecord("image_aspect_ratio", f"{where} becomes {width}x{height} px within the pixel bounds, its "
+                        f"long side more than {MAX_ASPECT_RATIO} times its short side, which the model's processor "
+                        "refuses")
+
+
 def _source_name(image: Any) -> str:
     if isinstance(image, str):
         return image
@@ -177,7 +190,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     The EXIF orientation is applied (a phone photo stored sideways is turned upright, as viewers and the
     `datasets` library show it); transparent pixels are laid on white, since a plain RGB conversion would
     show what is under them, black in most diagrams drawn on a transparent background; 16- and 32-bit
-    grey levels are scaled to 8 bits rather than clipped at 255.
+    grey levels are scaled to 8 bits rather than clipped at 255, floating-point ones in 0..1 to 0..255.
     """
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
@@ -187,7 +200,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
             top = 65535
         else:
             brightest = grey.getextrema()[1]
-            top = 255 if brightest <= 255 else max(65535, brightest)
+            if image.mode == "F" and brightest <= 1.0:
+                top = 1.0  # floating-point pixels in 0..1, the usual convention (they came out black)
+            else:
+                top = 255 if brightest <= 255 else max(65535, brightest)
         scale = 255 / top
         return grey.point(lambda v: v * scale).convert("L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

@@ -8,7 +8,8 @@ Each question of `data.train_files` gets `worker.rollout.n x trainer.total_epoch
 response:
 
     {"qid": ..., "response": "<complete text>", "ground_truth": ..., "score": {"accuracy": ..., ...},
-     "sample": <0-based rollout index of this question>, "index": <position among the records loaded, which a skipped bad record shifts>,
+     "sample": <0-based rollout index of this question>,
+     "index": <position among the records loaded, which a skipped bad record shifts>,
      "response_length": <tokens>}
 
 `_rollout_outputs/sample_dataset.py` then splits the data set into easy / medium / hard cases.

@@ -17,9 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-# Tokens a rollout must never emit: an image placeholder in a response breaks the next forward pass
-# ("image features and image tokens do not match").
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+from pebr.data.records import VISION_TOKENS  # a rollout must never emit them
 
 
 @dataclass

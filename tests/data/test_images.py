@@ -148,6 +148,15 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert abs(int(grey[28, 28]) - 128) <= 2
 
 
+@pytest.mark.parametrize("value, grey", [(0.5, 128), (128.0, 128), (500.0, 2)])
+def test_floating_point_grey_is_scaled_by_its_range(tmp_path, value, grey):
+    """Floats up to 1 are 0..1 levels (they came out black), up to 255 8-bit levels, above it 16-bit ones."""
+    import numpy as np
+
+    Image.fromarray(np.full((56, 56), value, dtype=np.float32)).save(tmp_path / "float.tif")
+    assert abs(int(np.asarray(load_image(str(tmp_path / "float.tif"), None))[28, 28, 0]) - grey) <= 1
+
+
 @pytest.mark.parametrize("orientation, displayed", [(1, (112, 56)), (3, (112, 56)), (6, (56, 112)), (8, (56, 112))])
 def test_exif_orientation_is_applied_in_probe_and_load(tmp_path, orientation, displayed):
     photo = Image.new("RGB", (112, 56), (255, 0, 0))

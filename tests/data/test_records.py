@@ -206,6 +206,9 @@ def test_non_utf8_bytes(tmp_path):
         ({"problem": "<image>q", "answer": "1"}, "1 <image> placeholder.* 0 image", "image_count_mismatch"),
         ({"problem": "<image><image>q", "answer": "1", "images": ["a.png"]}, "2 <image>", "image_count_mismatch"),
         ("not a dict", "must be a JSON object", "not_a_dict"),
+        ({"problem": "<image>what is <|image_pad|>?", "answer": "1", "images": ["a.png"]},
+         r"'problem' holds the model's vision token '<\|image_pad\|>'", "vision_token_in_text"),
+        ({"problem": "q<|vision_start|>", "answer": "1"}, "vision token", "vision_token_in_text"),
     ],
 )
 def test_bad_record_raise_and_skip(tmp_path, record, key, reason):

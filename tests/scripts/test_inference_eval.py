@@ -40,6 +40,17 @@ def test_inference_names_a_missing_image(tiny_model_dir) -> None:
         inference.answer(tiny_model_dir, "/nowhere.jpg", "How many?")
 
 
+def test_inference_names_a_too_thin_image(tiny_model_dir, tmp_path) -> None:
+    import inference
+    from PIL import Image
+
+    from pebr.data.records import DataError
+
+    Image.new("RGB", (8100, 41)).save(tmp_path / "thin.png")  # 198:1, but 289:1 once fitted into the bounds
+    with pytest.raises(DataError, match=r"thin\.png' becomes 8092x28 px"):
+        inference.answer(tiny_model_dir, str(tmp_path / "thin.png"), "How many?")
+
+
 def test_summarize_by_hand() -> None:
     rows = [
         {"correct": 1.0, "format": 1.0, "keyword_recall": 0.5, "response_length": 10},

@@ -277,10 +277,11 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
         {**ok, "messages": []},
         {**ok, "messages": ok["messages"][:1]},
         {**ok, "messages": [{"role": "human", "content": "<image>q"}, {"role": "gpt", "content": "a"}]},
+        {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "the <|image_pad|> token"}]},
     ]
     for record in refused:
         (tmp_path / "one.json").write_text(json.dumps([ok, record]))
-        with pytest.raises(DataError, match="one.json record 1: .*key '(messages|images)'"):
+        with pytest.raises(DataError, match="one.json record 1: .*key '(messages|images)"):
             load_sharegpt(str(tmp_path / "one.json"))
     raw, clean = tmp_path / "raw.json", tmp_path / "clean.json"
     raw.write_text(json.dumps([ok, *refused]))
@@ -314,4 +315,37 @@ def test_undecodable_image_names_the_record_and_path(tmp_path, processor) -> Non
     assert len(ds) == 1  # sample 0 is record 1: the message must name the record
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
     with pytest.raises(DataError, match=rf"sft record 1: image '{path}' cannot be decoded: .*truncated.*filter\.py"):
+        ds[0]
+
+
+def test_a_thin_image_is_refused_by_its_fitted_size(tmp_path, processor) -> None:
+    """8100x41 px is 198:1, under the processor's 200, but resized into the pixel bounds it becomes 8092x28,
+    289:1: the filter drops it and the SFT data set names it (the processor's bare ValueError named nothing)."""
+    from PIL import Image
+
+    Image.new("RGB", (8100, 41), (200, 10, 10)).save(tmp_path / "thin.png")
+    Image.new("RGB", (5600, 28), (200, 10, 10)).save(tmp_path / "ok.png")  # exactly 200:1, kept
+    record = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+              "images": ["thin.png"]}
+    ok = {**record, "images": ["ok.png"]}
+    with pytest.raises(DataError, match=r"sft record 1: image 'thin.png' becomes 8092x28 px.*200 times"):
+        SFTDataset([ok, record], processor, image_dir=str(tmp_path), max_length=4096)
+    raw, clean = tmp_path / "raw.json", tmp_path / "clean.json"
+    raw.write_text(json.dumps([ok, record]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "filter.py"), "--input", str(raw),
+                           "--output", str(clean)], capture_output=True, text=True, check=True)
+    assert "dropped 1 thin_image" in proc.stdout + proc.stderr and json.loads(clean.read_text()) == [ok]
+
+
+def test_a_processor_error_names_the_record_instead_of_ending_the_epoch(tmp_path, processor) -> None:
+    """Records given to SFTDataset directly skip the loader's checks: a vision token in a turn makes the processor
+    run out of images with a StopIteration, which a DataLoader takes for the end of the data (SFT ended its epoch
+    early and saved as if it had finished)."""
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (10, 20, 30)).save(tmp_path / "ok.png")
+    record = {"messages": [{"role": "user", "content": "<image>q"},
+                           {"role": "assistant", "content": "the <|image_pad|> token"}], "images": ["ok.png"]}
+    ds = SFTDataset([record], processor, image_dir=str(tmp_path), max_length=4096)
+    with pytest.raises(DataError, match="sft record 0: the processor refused it: StopIteration"):
         ds[0]
