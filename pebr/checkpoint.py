@@ -21,6 +21,7 @@ its step's name either. Weights are never pickled: tensors are safetensors, the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import torch
 
 from pebr.utils.jsonio import atomic_write_json
 
+logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 INDEX_FILE = "shard_index.json"
@@ -239,6 +241,7 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     flat = load_file(os.path.join(actor_dir, f"optim_{tag}.safetensors"))
     with open(os.path.join(actor_dir, f"extra_state_{tag}.json")) as f:
         extra = json.load(f)
+    configured = [{k: g[k] for k in _CONFIGURED if k in g} for g in optimizer.param_groups]
     template = get_optimizer_state_dict(model, optimizer)
     state: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
@@ -248,6 +251,34 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": extra["param_groups"]})
     if scheduler is not None and extra.get("scheduler"):
         scheduler.load_state_dict(extra["scheduler"])
+    _apply_configured(optimizer, scheduler, configured, actor_dir, rank)
+
+
+# Optimizer settings the run's config gives (initial_lr: the schedule's base lr, worker.actor.optim.lr). Loading
+# a checkpoint's param_groups overwrote them: a resume with another lr ran on the old one, while config.yaml
+# recorded the new one.
+_CONFIGURED = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def _apply_configured(optimizer: torch.optim.Optimizer, scheduler: Any, configured: list[dict[str, Any]],
+                      actor_dir: str, rank: int) -> None:
+    """Put the configured settings back after a load (the moments and the schedule's position stay the
+    checkpoint's) and set the current lr from them; say which ones differ from the checkpoint's."""
+    changed = []
+    for i, (group, conf) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, value in conf.items():
+            saved = tuple(group[key]) if isinstance(group[key], list) else group[key]
+            if saved != value:
+                changed.append(f"group {i} {key} {saved} -> {value}")
+            group[key] = value
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if changed and rank == 0:
+        logger.warning("%s: the configured optimizer settings replace the checkpoint's: %s", actor_dir,
+                       "; ".join(changed))
 
 
 def read_index(actor_dir: str) -> dict[str, Any]:

@@ -7,6 +7,8 @@ bad file fails at load time with its record named, not deep inside a rollout wor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -289,6 +291,15 @@ class RLDataset(Dataset):
     def record_indices(self) -> list[int]:
         """Positions (in the records given to the constructor) of the kept records, in item order."""
         return [index for index, _, _ in self._items]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the kept records' qids and questions, in item order: a checkpoint's data order fits only
+        the data set it was saved with, and two data sets of one size are told apart by this."""
+        digest = hashlib.sha256()
+        for _, record, _ in self._items:
+            digest.update(json.dumps([record["qid"], record[self.prompt_key]], ensure_ascii=False).encode() + b"\n")
+        return digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self._items)

@@ -18,6 +18,7 @@ from pebr.utils.jsonio import atomic_write_text
 class MetricsFile:
     def __init__(self, path: str, resume_step: int):
         self.path = path
+        self.steps: set[int] = set()  # the steps logged so far
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             kept = []
@@ -25,8 +26,10 @@ class MetricsFile:
                 for line in f:
                     try:
                         # A run that restarts from step 0 logs everything again, step 0's validation included.
-                        if resume_step and json.loads(line).get("step", 0) <= resume_step:
+                        step = json.loads(line).get("step", 0)
+                        if resume_step and step <= resume_step:
                             kept.append(line if line.endswith("\n") else line + "\n")
+                            self.steps.add(step)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
             tmp = path + ".tmp"
@@ -35,6 +38,7 @@ class MetricsFile:
             os.replace(tmp, path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.steps.add(step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
             f.flush()
@@ -77,6 +81,10 @@ class Tracker:
             # A resumed run logs its steps again from resume_step + 1: TensorBoard drops what an earlier run
             # logged from there on (metrics.jsonl is trimmed the same way), instead of showing two values a step.
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+
+    def missing(self, step: int) -> bool:
+        """Whether metrics.jsonl has no line for `step` (False without the file back-end: nothing to tell by)."""
+        return self.file is not None and step not in self.file.steps
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}

@@ -340,6 +340,7 @@ class RayPPOTrainer:
         self.global_step = 0
         self._batches = iter(self.sampler)
         self._resume_path = self._find_resume_checkpoint()
+        state: dict = {}
         if self._resume_path:
             checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
                                        requested_settings(cfg.worker.actor.model))
@@ -348,6 +349,18 @@ class RayPPOTrainer:
 
                 state = json.load(f)
             self.global_step = state["global_step"]
+            if self.global_step > self.total_steps:
+                raise checkpoint.CheckpointError(
+                    f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
+                    "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
+                    "them to continue it, or start a new run in another trainer.save_checkpoint_path")
+            data = getattr(train_dataset, "fingerprint", None)
+            if state.get("data") and data and state["data"] != data:
+                raise checkpoint.CheckpointError(
+                    f"{self._resume_path} was saved with another training set: data.train_files, or which of its "
+                    "records were kept (data.max_prompt_length, the image bounds), holds other questions or "
+                    "another order, and the saved data order would repeat some prompts and skip others. Resume "
+                    "with the data it was saved with, or start a new run in another trainer.save_checkpoint_path")
             try:
                 self.sampler.load_state_dict(state["sampler"])
             except ValueError as err:
@@ -369,6 +382,8 @@ class RayPPOTrainer:
             f.write(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
+        if self._resume_path and state.get("metrics") and self.tracker.missing(self.global_step):
+            self.tracker.log(self.global_step, state["metrics"])
         self.workers = WorkerGroup(cfg, self.total_steps)
         print(f"rollout weight sync: {self.workers.started[0]['weight_sync']}", flush=True)
         if self._resume_path:
@@ -505,7 +520,7 @@ class RayPPOTrainer:
             # Saved before validating: a validation that fails must not take the step's training with it.
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
-                    self.save_checkpoint()
+                    self.save_checkpoint(metrics)
             if t.val_freq > 0 and self.val_dataset is not None and (
                     self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
                 try:
@@ -566,9 +581,13 @@ class RayPPOTrainer:
         out["val/samples"] = float(len(lengths))
         return out
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, metrics: dict[str, float]) -> str:
+        """Save the step; its training metrics go with it, so that a resume logs them when the run ended before
+        it did (killed during the validation that follows a save, say)."""
         t = self.cfg.trainer
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
-        state = {"global_step": self.global_step, "sampler": self.sampler.state_dict()}
+        state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
+                 "data": getattr(self.train_dataset, "fingerprint", None),
+                 "metrics": {k: float(v) for k, v in metrics.items()}}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

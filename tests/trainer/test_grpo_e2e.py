@@ -59,12 +59,28 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         assert m["actor/entropy_rollout"] > 0 and math.isfinite(m["actor/kl_ref"])
     assert "val/overall" in metrics[1] and metrics[1]["val/samples"] == 8  # val_freq=2, every chunk scored
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
-        assert json.load(f)["global_step"] == 2
+        saved = json.load(f)
+    assert saved["global_step"] == 2 and saved["metrics"]["actor/pg_loss"] == metrics[1]["actor/pg_loss"]
 
+    # The same questions in another order: the saved data order would repeat some prompts and skip others.
+    with open(os.path.join(synthetic_data_dir, "train.json")) as f:
+        records = json.load(f)
+    reordered = tmp_path / "reordered.json"
+    reordered.write_text(json.dumps(records[::-1]))
+    with pytest.raises(checkpoint.CheckpointError, match="global_step_2 was saved with another training set"):
+        run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3) + [f"data.train_files={reordered}"])
+
+    # Killed after step 2 was saved and before it was logged (during its validation, say): the resume logs it.
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        first_line = f.readline()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write(first_line)
     # The same command with one more step resumes from step 2 and serves the third batch.
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2 rotated step 1 away
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    resumed = read_metrics(run_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert resumed[1] == {"step": 2, **saved["metrics"]}
 
     cfg = load_config(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
     dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))

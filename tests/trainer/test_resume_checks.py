@@ -160,3 +160,58 @@ def test_a_model_of_other_widths_is_refused_naming_a_tensor_and_both_shapes(tmp_
         checkpoint.load_sharded(actor, wider, None, None, rank=0, world_size=1)
     same = torch.nn.Linear(4, 3)
     checkpoint.load_sharded(actor, same, None, None, rank=0, world_size=1)
+
+
+def test_a_resume_runs_on_the_configured_optimizer_settings(tmp_path, caplog):
+    """The checkpoint's moments and schedule position are loaded, its lr, betas and weight decay are not: a resume
+    with another worker.actor.optim.lr ran on the old one while config.yaml recorded the new one."""
+    def build(lr, betas, weight_decay):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+        return model, optimizer, scheduler
+
+    model, optimizer, scheduler = build(1e-3, (0.9, 0.999), 0.01)
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    actor = str(tmp_path / "global_step_2.partial" / "actor")
+    checkpoint.save_sharded(actor, model, optimizer, scheduler, rank=0, world_size=1)
+    path = checkpoint.finalize(str(tmp_path), 2, {"global_step": 2}, save_limit=-1)
+
+    model2, optimizer2, scheduler2 = build(5e-3, (0.8, 0.95), 0.1)
+    with caplog.at_level("WARNING"):
+        checkpoint.load_sharded(os.path.join(path, "actor"), model2, optimizer2, scheduler2, rank=0, world_size=1)
+    (group,) = optimizer2.param_groups
+    assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (5e-3, (0.8, 0.95), 0.1)
+    assert scheduler2.last_epoch == 2 and group["lr"] == pytest.approx(5e-3 * 3 / 4)  # the position is kept
+    assert scheduler2.get_last_lr() == [group["lr"]]
+    assert torch.equal(optimizer2.state[model2.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert "initial_lr 0.001 -> 0.005" in caplog.text and "weight_decay 0.01 -> 0.1" in caplog.text
+    scheduler2.step()
+    assert group["lr"] == pytest.approx(5e-3)
+
+
+def test_a_resume_past_the_runs_last_step_is_refused(tmp_path):
+    """max_steps lowered below the checkpoint's step: the run trained nothing, exited 0 and rewrote config.yaml."""
+    from pebr.config import load_config
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.json").write_text("[]")
+    cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
+                       "worker.reward.reward_function=" + os.path.join(os.path.dirname(__file__), "__init__.py"),
+                       "trainer.n_gpus_per_node=1", "data.rollout_batch_size=2", "worker.actor.global_batch_size=2",
+                       "worker.rollout.n=2", "trainer.max_steps=2", f"trainer.save_checkpoint_path={run_dir}"])
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    model = torch.nn.Linear(4, 3)
+    checkpoint.save_sharded(str(run_dir / "global_step_3.partial" / "actor"), model,
+                            torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
+    checkpoint.finalize(str(run_dir), 3, {"global_step": 3, "sampler": sampler.state_dict()}, save_limit=-1)
+    with pytest.raises(checkpoint.CheckpointError, match=r"global_step_3 is at step 3, past the 2 steps of this run"):
+        RayPPOTrainer(cfg, None, None, sampler, None, None)
+    assert not (run_dir / "config.yaml").exists()
