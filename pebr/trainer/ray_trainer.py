@@ -157,7 +157,7 @@ def check_gpus_for_workers(world_size: int, on_gpu: bool) -> None:
 class WorkerGroup:
     """The FSDP/vLLM workers, one per rank, and the calls that go to all of them."""
 
-    def __init__(self, cfg: PPOConfig, total_steps: int, need_actor: bool = True):
+    def __init__(self, cfg: PPOConfig, total_steps: int, need_actor: bool = True, start_step: int = 0):
         from pebr.workers.fsdp_worker import FSDPWorker
 
         self.cfg = cfg
@@ -166,7 +166,8 @@ class WorkerGroup:
         on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
         check_gpus_for_workers(self.size, on_gpu)
         remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
-        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
+        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor, start_step)
+                        for rank in range(self.size)]
         self.timeout = cfg.trainer.worker_timeout_s
         self._last_rollout: str | None = None  # the id of the rollout the workers hold
         self._experience: tuple[Batch, list[list[int]], set[str]] | None = None  # (batch, shares, tensors held)
@@ -384,7 +385,7 @@ class RayPPOTrainer:
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
         if self._resume_path and state.get("metrics") and self.tracker.missing(self.global_step):
             self.tracker.log(self.global_step, state["metrics"])
-        self.workers = WorkerGroup(cfg, self.total_steps)
+        self.workers = WorkerGroup(cfg, self.total_steps, start_step=self.global_step)
         print(f"rollout weight sync: {self.workers.started[0]['weight_sync']}", flush=True)
         if self._resume_path:
             try:

@@ -97,6 +97,27 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         checkpoint.check_complete(os.path.join(partial, "actor"))
 
 
+def test_a_resumed_run_does_not_replay_the_first_steps_samples(tiny_model_dir, synthetic_data_dir, ray_session,
+                                                                tmp_path):
+    """One question in every batch and no learning signal (the stage-2 reward gives the untrained model 0): a
+    resumed run's step 2 sampled exactly step 1's responses, its engine seeded as a fresh run's."""
+    with open(os.path.join(synthetic_data_dir, "train.json")) as f:
+        record = json.load(f)[0]
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps([dict(record, qid=f"copy-{i}") for i in range(16)]))
+    run_dir = str(tmp_path / "run")
+    base = argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + [
+        f"data.train_files={same}", "trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.optim.lr=1e-12"]
+    run(base)
+    run(base + ["trainer.max_steps=2"])
+
+    def responses(step):
+        with open(os.path.join(run_dir, "rollouts", f"step_{step}.jsonl")) as f:
+            return sorted(json.loads(line)["response"] for line in f)
+
+    assert responses(2) != responses(1)
+
+
 def test_hf_rollout_backend_runs_a_step(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     """worker.rollout.name=hf: transformers `generate` on a synced copy of the policy (no vLLM)."""
     run_dir = str(tmp_path / "hf")
