@@ -124,12 +124,9 @@ def test_damaged_files_are_named(tmp_path, damage):
         checkpoint.merge_shards(actor)
 
 
-def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_path):
-    """The saved data order fits one data set and batch size: another is a CheckpointError (exit 2 through
-    run_cli), raised before any worker starts, not a ValueError traceback."""
+def _trainer_config(tmp_path, *overrides: str):
+    """A configuration the trainer accepts (2 prompts x 2 responses, one rank) and its run directory."""
     from pebr.config import load_config
-    from pebr.data import StatefulBatchSampler
-    from pebr.trainer.ray_trainer import RayPPOTrainer
 
     run_dir = tmp_path / "run"
     (tmp_path / "model").mkdir()
@@ -137,12 +134,26 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
     cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
                        "worker.reward.reward_function=" + os.path.join(os.path.dirname(__file__), "__init__.py"),
                        "trainer.n_gpus_per_node=1", "data.rollout_batch_size=2", "worker.actor.global_batch_size=2",
-                       "worker.rollout.n=2", f"trainer.save_checkpoint_path={run_dir}"])
-    saved_order = StatefulBatchSampler(10, 3, shuffle=True, seed=cfg.data.seed, drop_last=True).state_dict()
+                       "worker.rollout.n=2", f"trainer.save_checkpoint_path={run_dir}", *overrides])
+    return cfg, run_dir
+
+
+def _save_run_step(run_dir, step: int, sampler) -> None:
+    """A complete checkpoint of `step` in `run_dir` whose data order is `sampler`'s."""
     model = torch.nn.Linear(4, 3)
-    checkpoint.save_sharded(str(run_dir / "global_step_1.partial" / "actor"), model,
+    checkpoint.save_sharded(str(run_dir / f"global_step_{step}.partial" / "actor"), model,
                             torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
-    checkpoint.finalize(str(run_dir), 1, {"global_step": 1, "sampler": saved_order}, save_limit=-1)
+    checkpoint.finalize(str(run_dir), step, {"global_step": step, "sampler": sampler.state_dict()}, save_limit=-1)
+
+
+def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_path):
+    """The saved data order fits one data set and batch size: another is a CheckpointError (exit 2 through
+    run_cli), raised before any worker starts, not a ValueError traceback."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer
+
+    cfg, run_dir = _trainer_config(tmp_path)
+    _save_run_step(run_dir, 1, StatefulBatchSampler(10, 3, shuffle=True, seed=cfg.data.seed, drop_last=True))
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 cannot continue its data order: sampler "
                                                          r"state key 'batch_size' is 3, but this sampler has 2.*"
@@ -196,22 +207,12 @@ def test_a_resume_runs_on_the_configured_optimizer_settings(tmp_path, caplog):
 
 def test_a_resume_past_the_runs_last_step_is_refused(tmp_path):
     """max_steps lowered below the checkpoint's step: the run trained nothing, exited 0 and rewrote config.yaml."""
-    from pebr.config import load_config
     from pebr.data import StatefulBatchSampler
     from pebr.trainer.ray_trainer import RayPPOTrainer
 
-    run_dir = tmp_path / "run"
-    (tmp_path / "model").mkdir()
-    (tmp_path / "train.json").write_text("[]")
-    cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
-                       "worker.reward.reward_function=" + os.path.join(os.path.dirname(__file__), "__init__.py"),
-                       "trainer.n_gpus_per_node=1", "data.rollout_batch_size=2", "worker.actor.global_batch_size=2",
-                       "worker.rollout.n=2", "trainer.max_steps=2", f"trainer.save_checkpoint_path={run_dir}"])
+    cfg, run_dir = _trainer_config(tmp_path, "trainer.max_steps=2")
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
-    model = torch.nn.Linear(4, 3)
-    checkpoint.save_sharded(str(run_dir / "global_step_3.partial" / "actor"), model,
-                            torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
-    checkpoint.finalize(str(run_dir), 3, {"global_step": 3, "sampler": sampler.state_dict()}, save_limit=-1)
+    _save_run_step(run_dir, 3, sampler)
     with pytest.raises(checkpoint.CheckpointError, match=r"global_step_3 is at step 3, past the 2 steps of this run"):
         RayPPOTrainer(cfg, None, None, sampler, None, None)
     assert not (run_dir / "config.yaml").exists()
