@@ -37,11 +37,26 @@ class MetricsFile:
                 f.writelines(kept)
             os.replace(tmp, path)
 
+    def drop_validation(self, step: int) -> None:
+        """Remove the lines of `step` that hold validation metrics only (an earlier trainer.val_only run's)."""
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if not _validation_only(json.loads(line), step)]
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.steps.add(step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
             f.flush()
+
+
+def _validation_only(row: dict[str, Any], step: int) -> bool:
+    return row.get("step") == step and all(k == "step" or k.startswith("val/") for k in row)
 
 
 def wandb_run_id(run_dir: str, resume_step: int) -> str:
@@ -86,9 +101,13 @@ class Tracker:
         """Whether metrics.jsonl has no line for `step` (False without the file back-end: nothing to tell by)."""
         return self.file is not None and step not in self.file.steps
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], replace_validation: bool = False) -> None:
+        """Log `step`'s metrics; `replace_validation`: drop an earlier validation-only line of the step from
+        metrics.jsonl first (trainer.val_only run again at one checkpoint appended a line each time)."""
         metrics = {k: float(v) for k, v in metrics.items()}
         if self.file:
+            if replace_validation:
+                self.file.drop_validation(step)
             self.file.log(step, metrics)
         if self.wandb:
             self.wandb.log(metrics, step=step)

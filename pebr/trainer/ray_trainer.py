@@ -478,7 +478,7 @@ class RayPPOTrainer:
     def fit(self) -> None:
         t = self.cfg.trainer
         if t.val_only:  # validation alone, whatever val_before_train says and wherever the run resumed
-            self.tracker.log(self.global_step, self.validate())
+            self.tracker.log(self.global_step, self.validate(), replace_validation=True)
             self.tracker.close()
             return
         if t.val_before_train and self.val_dataset is not None and self.global_step == 0 and t.val_freq != 0:
