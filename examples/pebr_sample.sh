@@ -3,6 +3,7 @@
 # Rerunning after an interruption resumes: finished questions are kept, nothing is duplicated.
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
+require_repo_root
 refuse_overrides "data.train_files=TRAIN_FILES trainer.sample_output=ROLLOUTS" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model

@@ -4,6 +4,7 @@
 # and every key=value after them, so the keys this recipe sets below from its variables come from the variables.
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
+require_repo_root
 refuse_overrides "trainer.save_checkpoint_path=RUN_DIR" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model

@@ -1,16 +1,32 @@
 # Sourced by the recipes. A few settings are also used by the recipe itself after the Python step (the
 # merge reads RUN_DIR, the split reads TRAIN_FILES and ROLLOUTS): given as key=value overrides, they would
-# reach the trainer but not that later step. Such an override stops the recipe, naming the variable to set.
+# reach the trainer but not that later step. Such an override stops the recipe, naming the variable to set;
+# so does a mapping that holds the key (trainer={save_checkpoint_path: ...} replaces the recipe's setting too).
+# Config files need no check: every key=value, the recipe's own included, is applied after them.
 #   refuse_overrides "KEY=VARIABLE ..." "$@"
 refuse_overrides() {
-    local pairs=$1 arg pair
+    local pairs=$1 arg pair key
     shift
     for arg in "$@"; do
+        [[ "${arg}" == *=* ]] || continue
+        key=${arg%%=*}
         for pair in ${pairs}; do
-            if [[ "${arg}" == "${pair%%=*}="* ]]; then
+            if [[ "${key}" == "${pair%%=*}" || "${pair%%=*}" == "${key}."* ]]; then
                 echo "error: set ${pair#*=}=... instead of the override ${arg}: this recipe also uses it after the Python step" >&2
                 exit 2
             fi
         done
     done
+}
+
+# The recipes read their config files and reward functions, and the user's relative paths, from the repository
+# root; started elsewhere, a relative RUN_DIR would go somewhere else than the caller meant. Stop instead.
+require_repo_root() {
+    local root
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+    if [ "$(pwd -P)" != "${root}" ]; then
+        echo "error: run this recipe from the repository root (cd ${root}): its config files, reward functions" \
+             "and relative paths are read from there" >&2
+        exit 2
+    fi
 }

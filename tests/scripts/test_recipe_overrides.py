@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("pebr_stage2.sh", "worker.actor.model.model_path=/tmp/model", "MODEL_PATH"),
     ("pebr_sample.sh", "data.train_files=my.json", "TRAIN_FILES"),
     ("pebr_sample_cpu.sh", "trainer.sample_output=/tmp/r.jsonl", "ROLLOUTS"),
+    # A mapping holding the key replaces the recipe's setting as well.
+    ("pebr_stage1.sh", "trainer={save_checkpoint_path: /tmp/elsewhere}", "RUN_DIR"),
+    ("pebr_stage2.sh", "worker.actor.model={model_path: /tmp/model}", "MODEL_PATH"),
+    ("pebr_stage2.sh", "worker={actor: {model: {model_path: /tmp/model}}}", "MODEL_PATH"),
 ])
 def test_an_override_the_recipe_uses_later_stops_it_naming_the_variable(recipe, override, variable):
     # PATH without python: the recipe must stop before it runs anything.
@@ -23,6 +27,15 @@ def test_an_override_the_recipe_uses_later_stops_it_naming_the_variable(recipe, 
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2, proc.stderr
     assert f"error: set {variable}=... instead of the override {override}" in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["worker.actor.model.lora_rank=8", "worker.actor.optim={lr: 1e-5}",
+                                      "trainer.save_checkpoint_path_extra=1"])
+def test_an_override_beside_the_recipes_keys_passes(override):
+    # PATH without the project's python: past the check, the recipe fails at its first python3 call instead.
+    proc = subprocess.run(["bash", os.path.join("examples", "pebr_stage2.sh"), override], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert "instead of the override" not in proc.stderr and proc.returncode not in (0, 2), proc.stderr
 
 
 @pytest.mark.parametrize("setting, extra, skips, n", [
@@ -57,3 +70,13 @@ def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, 
     (split,) = [line for line in proc.stdout.splitlines() if line.startswith("SPLIT ")]
     assert ("--skip_bad_lines" in split) is skips, split
     assert f" --n {n}" in split, split
+
+
+@pytest.mark.parametrize("recipe", ["pebr_stage1_cpu.sh", "pebr_stage2.sh", "pebr_sample_cpu.sh"])
+def test_a_recipe_started_outside_the_repository_root_stops(recipe, tmp_path):
+    """The CPU twins changed to the root themselves, so a caller's relative RUN_DIR or TRAIN_FILES was read
+    against the repository instead of where the caller stood."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", recipe)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin", "RUN_DIR": "runs/s1"})
+    assert proc.returncode == 2 and f"run this recipe from the repository root (cd {ROOT})" in proc.stderr, proc.stderr
+    assert not os.path.exists(os.path.join(ROOT, "runs"))
