@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
-    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels)
+    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature)
     if not os.path.isfile(args.image):
         raise ConfigError(f"--image {args.image!r}: no such file")
     logging.basicConfig(level=logging.WARNING)

@@ -124,18 +124,23 @@ def check_model_path(model_path: str) -> None:
                               "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
                               "<global_step_k>/actor")
         return
-    if not looks_like_model_id(model_path):
+    # "runs/x" is shaped like a hub id too, but a local "runs" folder says which was meant.
+    if not looks_like_model_id(model_path) or os.path.isdir(model_path.split("/")[0]):
         raise ConfigError(f"--model_path {model_path!r}: no such directory")
 
 
 def check_generation_options(max_new_tokens: int | None = None, min_pixels: int | None = None,
-                             max_pixels: int | None = None, **positive: int | None) -> None:
+                             max_pixels: int | None = None, temperature: float | None = None,
+                             **positive: int | None) -> None:
     """Command-line numbers that cannot work, said before any model loads: --max_new_tokens and every one of
-    `positive` (when given) at least 1, pixel bounds positive and in order.
+    `positive` (when given) at least 1, pixel bounds positive and in order, --temperature at least 0 (0: greedy;
+    vLLM refused a negative one after loading the model, transformers ran greedy while the report said -1).
 
     Raises:
         ConfigError: naming the flag.
     """
+    if temperature is not None and not temperature >= 0:
+        raise ConfigError(f"--temperature {temperature} must be at least 0 (0 is greedy)")
     flags = {"max_new_tokens": max_new_tokens, "min_pixels": min_pixels, "max_pixels": max_pixels, **positive}
     for name, value in flags.items():
         if value is not None and value < 1:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+sys.path.insert(0, ROOT)
+from pebr.utils.jsonio import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 @dataclass
@@ -120,8 +122,7 @@ class Pipeline:
         self.times[name] = time.time() - t0
         self.upstream_ran = True
         marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
-        with open(marker, "w") as f:
-            json.dump({"seconds": round(self.times[name], 1), "recipe": recipe}, f)
+        atomic_write_json(marker, {"seconds": round(self.times[name], 1), "recipe": recipe})
         print(f"[demo] {name}: {self.times[name]:.0f} s", flush=True)
 
     @staticmethod
@@ -221,8 +222,6 @@ class Pipeline:
 
     def split_file(self, *kinds: str) -> str:
         """The split's records of these kinds; with none (a weak warm-up model) every RL question, said loudly."""
-        from pebr.utils.jsonio import atomic_write_json
-
         records = [r for kind in kinds for r in self.split_records(kind)]
         if not records:
             print(f"[demo] WARNING: the warm-up model left no {' or '.join(kinds)} cases; this stage trains on all "
@@ -267,13 +266,13 @@ class Pipeline:
                  "| --- | --- | --- | --- | --- |"]
         for label, s in rows:
             fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+            length = "n/a" if s["mean_response_length"] is None else f"{s['mean_response_length']:.0f}"
             lines.append(f"| {label} | {fmt(s['accuracy'])} | {fmt(s['format_rate'])} | {fmt(s['keyword_recall'])} "
-                         f"| {s['mean_response_length']:.0f} |")
+                         f"| {length} |")
         lines += ["", f"held-out questions: {rows[0][1]['count']}; split of the RL questions: "
                   + ", ".join(f"{k} {v}" for k, v in split_counts.items())]
         table = "\n".join(lines)
-        with open(self.path("results.md"), "w") as f:
-            f.write(table + "\n")
+        atomic_write_text(self.path("results.md"), table + "\n")
         print("\n" + table + "\n", flush=True)
         self.plot()
         print(f"[demo] wrote {self.path('results.md')} and {self.path('training_curves.png')}", flush=True)
@@ -325,6 +324,8 @@ def seed_summary(out: str, seeds: list[int], stage_s: dict[int, float]) -> str:
 
     def cell(name: str, key: str) -> str:
         vals = [results[s, name][key] for s in seeds]
+        if None in vals:  # no held-out question had key words, or every prompt was skipped
+            return "n/a"
         return f"{pct(sum(vals) / len(vals))} ({pct(min(vals))}-{pct(max(vals))})"
 
     lines = [f"Seeds {', '.join(map(str, seeds))}; held-out questions per seed: {results[seeds[0], 'warmup']['count']}.",
@@ -337,16 +338,16 @@ def seed_summary(out: str, seeds: list[int], stage_s: dict[int, float]) -> str:
     gains = []
     for seed in seeds:
         gain = results[seed, "stage2"]["accuracy"] - results[seed, "warmup"]["accuracy"]
-        recall = results[seed, "stage1"]["keyword_recall"] - results[seed, "warmup"]["keyword_recall"]
+        recalls = (results[seed, "stage1"]["keyword_recall"], results[seed, "warmup"]["keyword_recall"])
+        recall = "n/a" if None in recalls else f"{100 * (recalls[0] - recalls[1]):+.1f}"
         gains.append(gain)
-        lines.append(f"| {seed} | {stage_s.get(seed, float('nan')) / 60:.1f} min | {100 * gain:+.1f} | {100 * recall:+.1f} |")
+        lines.append(f"| {seed} | {stage_s.get(seed, float('nan')) / 60:.1f} min | {100 * gain:+.1f} | {recall} |")
     warm = [results[s, "warmup"]["accuracy"] for s in seeds]
     lines += ["", f"Mean change of accuracy, stage 2 vs warm-up: {100 * sum(gains) / len(gains):+.1f} points; "
               f"spread of the warm-up accuracy over seeds (max-min): {100 * (max(warm) - min(warm)):.1f} points; "
               f"spread of the per-seed change: {100 * (max(gains) - min(gains)):.1f} points."]
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "seeds.md"), "w") as f:
-        f.write(table)
+    atomic_write_text(os.path.join(out, "seeds.md"), table)
     return table
 
 

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
-    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, limit=args.limit,
-                             max_prompt_length=args.max_prompt_length)
+    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature,
+                             limit=args.limit, max_prompt_length=args.max_prompt_length)
     if args.output:
         check_output_apart_from_data(args.output, args.data)
     logging.basicConfig(level=logging.WARNING)

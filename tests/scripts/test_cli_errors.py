@@ -34,6 +34,11 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "--min_pixels 900000 is larger than --max_pixels 802816"),
     ("inference", ["--model_path", "{model}", "--max_pixels", "0"], "--max_pixels 0 must be at least 1"),
     ("inference", ["--model_path", "{model}", "--max_new_tokens", "0"], "--max_new_tokens 0 must be at least 1"),
+    ("inference", ["--model_path", "{model}", "--temperature", "-0.5"], "--temperature -0.5 must be at least 0"),
+    ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--temperature", "-1"],
+     "--temperature -1.0 must be at least 0"),
+    # Shaped like a hub id ("org/name"), but "tests" is a folder here: a mistyped local path.
+    ("evaluate", ["--model_path", "tests/no_model", "--data", "x.json"], "--model_path 'tests/no_model': no such"),
     ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}", "--max_pixels", "0"],
      "sft config: max_pixels=0 is out of range"),
     # A trainer checkpoint before merging.

@@ -56,6 +56,22 @@ def test_seed_summary_by_hand(tmp_path):
     assert "+3.3 points" in table and "(max-min): 10.0 points" in table and "per-seed change: 4.0 points" in table
 
 
+def test_seed_summary_without_key_words(tmp_path):
+    """Held-out questions without key words give keyword recall None: n/a in the table, not a TypeError."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import json
+
+    from demo import seed_summary
+
+    os.makedirs(tmp_path / "seed_0" / "eval")
+    for name in ("warmup", "stage1", "stage2"):
+        overall = {"accuracy": 0.5, "keyword_recall": None, "format_rate": 1.0, "count": 4}
+        (tmp_path / "seed_0" / "eval" / f"{name}.json").write_text(json.dumps({"overall": overall}))
+    table = seed_summary(str(tmp_path), [0], {0: 60.0})
+    assert "| warm-up SFT | 50.0 (50.0-50.0) | n/a | 100.0 (100.0-100.0) |" in table
+    assert "| 0 | 1.0 min | +0.0 | n/a |" in table
+
+
 def test_stage1_data_is_easy_or_easy_plus_medium(tmp_path, capsys):
     """Stage 1 gets the easy cases when they fill a rollout batch, else easy + medium (never hard), said loudly;
     with no such cases at all, every RL question."""
