@@ -50,7 +50,7 @@ def answer(
 
     from pebr.data.dataset import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image
-    from pebr.data.records import BadRecord, DataError
+    from pebr.data.records import DataError
 
     for path, what in ((image, "image"), (model_path, "model_path")):
         if not os.path.exists(path):
@@ -61,11 +61,9 @@ def answer(
                                            tokenize=False)
     try:
         picture = load_image(image, None, min_pixels=min_pixels, max_pixels=max_pixels)
-        check_fitted_aspect(*picture.size, f"image {image!r}")
-    except BadRecord:  # a DataError already, naming the image
-        raise
     except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying a file is not a readable image
         raise DataError(f"image {image!r} cannot be read: {err}") from err
+    check_fitted_aspect(*picture.size, f"image {image!r}")  # a BadRecord, which is a DataError
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],

@@ -275,7 +275,7 @@ def _apply_configured(optimizer: torch.optim.Optimizer, scheduler: Any, configur
         scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() returns; no setter
     if changed and rank == 0:
         logger.warning("%s: the configured optimizer settings replace the checkpoint's: %s", actor_dir,
                        "; ".join(changed))

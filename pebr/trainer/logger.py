@@ -32,10 +32,7 @@ class MetricsFile:
                             self.steps.add(step)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(kept))
 
     def drop_validation(self, step: int) -> None:
         """Remove the lines of `step` that hold validation metrics only (an earlier trainer.val_only run's)."""
@@ -43,10 +40,7 @@ class MetricsFile:
             lines = f.readlines()
         kept = [line for line in lines if not _validation_only(json.loads(line), step)]
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.steps.add(step)

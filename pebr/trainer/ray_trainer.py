@@ -341,6 +341,8 @@ class RayPPOTrainer:
         self.global_step = 0
         self._batches = iter(self.sampler)
         self._resume_path = self._find_resume_checkpoint()
+        # Which records the data order indexes (the tests build a trainer without a data set).
+        self._data_fingerprint = getattr(train_dataset, "fingerprint", None)
         state: dict = {}
         if self._resume_path:
             checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
@@ -355,8 +357,7 @@ class RayPPOTrainer:
                     f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
                     "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
                     "them to continue it, or start a new run in another trainer.save_checkpoint_path")
-            data = getattr(train_dataset, "fingerprint", None)
-            if state.get("data") and data and state["data"] != data:
+            if state.get("data") and self._data_fingerprint and state["data"] != self._data_fingerprint:
                 raise checkpoint.CheckpointError(
                     f"{self._resume_path} was saved with another training set: data.train_files, or which of its "
                     "records were kept (data.max_prompt_length, the image bounds), holds other questions or "
@@ -383,7 +384,7 @@ class RayPPOTrainer:
             f.write(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
-        if self._resume_path and state.get("metrics") and self.tracker.missing(self.global_step):
+        if state.get("metrics") and self.tracker.missing(self.global_step):
             self.tracker.log(self.global_step, state["metrics"])
         self.workers = WorkerGroup(cfg, self.total_steps, start_step=self.global_step)
         print(f"rollout weight sync: {self.workers.started[0]['weight_sync']}", flush=True)
@@ -589,6 +590,6 @@ class RayPPOTrainer:
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                 "data": getattr(self.train_dataset, "fingerprint", None),
+                 "data": self._data_fingerprint,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)
