@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "max_length": 512,
 }
 
-_scorers: dict[str, Any] = {}
+_scorers: dict[tuple, Any] = {}  # by model path and settings
 
 
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -58,14 +58,12 @@ def _scorer(options: dict[str, Any]) -> Any:
             "clip_model_path is not set in worker.reward.reward_function_kwargs; the CLIP term needs "
             "a CLIP-family model (a local directory or a hub id) or clip_weight=0"
         )
-    if path not in _scorers:
-        _scorers[path] = get_clip_scorer(
-            path,
-            trust_remote_code=bool(options["clip_trust_remote_code"]),
-            max_text_length=options["clip_max_text_length"],
-            image_size=options["clip_image_size"],
-        )
-    return _scorers[path]
+    settings = {"trust_remote_code": bool(options["clip_trust_remote_code"]),
+                "max_text_length": options["clip_max_text_length"], "image_size": options["clip_image_size"]}
+    key = (path, *settings.values())
+    if key not in _scorers:
+        _scorers[key] = get_clip_scorer(path, **settings)
+    return _scorers[key]
 
 
 def setup(**kwargs: Any) -> None:

@@ -26,7 +26,7 @@ import threading
 import unicodedata
 from collections.abc import Sequence
 
-from mathruler.grader import extract_boxed_content, grade_answer
+from mathruler.grader import grade_answer
 from math_verify import parse as mv_parse
 from math_verify import verify as mv_verify
 
@@ -49,7 +49,8 @@ _STEP_ONE = re.compile(r"###\s*step\s*1\s*:", _FLAGS)
 _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 # Extraction also accepts the header without its colon ("### The final answer is 42"); the format
 # reward still requires the colon, so a sloppy header costs the format term, not the answer.
-_FINAL_ANSWER_LOOSE = re.compile(r"###\s*the\s+final\s+answer\s+is\b\s*:?", _FLAGS)
+# Markdown emphasis around the header's words ("### **The final answer is:** 5") is read past too.
+_FINAL_ANSWER_LOOSE = re.compile(r"###\s*[*_]*\s*the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*:?[*_]*", _FLAGS)
 _ANY_HEADER = re.compile(r"###")
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
@@ -96,6 +97,10 @@ _YES_NO = frozenset({"yes", "no", "true", "false"})
 _FIGURE_MARKERS = re.compile(
     r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
 _TRIANGLE = re.compile(r"\\triangle|△")
+# LaTeX that wraps words ("\\text{Yes}", "\\textbf{B}"): its content is what a yes/no or a choice is read from.
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|operatorname)\s*\{([^{}]*)\}")
+# A square root sign and what it takes: a bracketed group, a number or one letter ("√3", "2√(x+1)").
+_ROOT_SIGN = re.compile(r"√\s*(?:\(([^()]*)\)|\{([^{}]*)\}|(\d+(?:\.\d+)?|[A-Za-z]))")
 
 # Signs and symbols that NFKC leaves alone but graders do not understand.
 _UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot "})
@@ -133,7 +138,8 @@ def extract_final_answer(response: str) -> str:
     if that line is empty the next non-empty line is taken (models often break the line after the header),
     and a display-math block opened there (``$$`` or ``\\[`` on its own line) is read to its closing
     delimiter. A header with nothing after it before the next one (or the end) does not void an earlier
-    answer. Without the header there is no answer. A ``\\boxed{...}`` inside the answer is unwrapped.
+    answer. Without the header there is no answer. A ``\\boxed{...}`` inside the answer is unwrapped; the
+    contents of several different boxes are joined with ", ".
 
     Args:
         response: the decoded response text.
@@ -149,10 +155,27 @@ def extract_final_answer(response: str) -> str:
         if answer:
             break
     if "\\boxed{" in answer:
-        boxed = extract_boxed_content(answer)
-        if boxed != "None":  # mathruler's marker for an unclosed box
-            return boxed.strip()
+        boxed = _boxed_contents(answer)
+        if boxed:
+            # Several different boxes ("\\boxed{3} or \\boxed{5}") are graded together, not the last alone,
+            # so that hedging between answers is not rewarded.
+            return ", ".join(dict.fromkeys(boxed))
     return _EXPLANATION.split(answer, maxsplit=1)[0].strip()
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """The stripped contents of every closed ``\\boxed{...}`` in `text`, in order (braces balanced)."""
+    contents, start = [], text.find("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth:  # unclosed: nothing after it is boxed either
+            break
+        contents.append(text[start + len("\\boxed{"):i - 1].strip())
+        start = text.find("\\boxed{", i)
+    return contents
 
 
 def _first_answer_line(text: str) -> str:
@@ -172,6 +195,7 @@ def clean_answer(text: str) -> str:
     """An answer or ground truth as the graders see it: unicode normalised; spacing, markdown emphasis, math
     delimiters and a final full stop removed. "" when nothing else is left."""
     text = unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)).translate(_UNICODE_FIXES).strip()
+    text = _ROOT_SIGN.sub(lambda m: "\\sqrt{%s}" % next(g for g in m.groups() if g is not None), text)
     text = text.rstrip("。.").strip()
     unwrapped = True
     while unwrapped:
@@ -183,9 +207,17 @@ def clean_answer(text: str) -> str:
     return text if text.strip("$*`_") else ""
 
 
+def _plain_words(text: str) -> str:
+    """`text` with LaTeX word wrappers and math delimiters removed: "\\text{Yes}" -> "Yes"."""
+    previous = None
+    while previous != text:  # nested: "\\textbf{\\text{B}}"
+        previous, text = text, _TEXT_WRAPPER.sub(r"\1", text)
+    return text.replace("$", "").strip()
+
+
 def _choice_letter(answer: str) -> str | None:
     """The one choice an answer names; "" for several (a hedge); None when it names none."""
-    answer = answer.replace("**", "").replace("__", "")  # "**B** 12 cm"
+    answer = _plain_words(answer).replace("**", "").replace("__", "")  # "**B** 12 cm", "\\text{(B) } 12"
     if _SEVERAL_CHOICES.match(answer):
         return ""
     match = _CHOICE_ANSWER_UPPER.match(answer)
@@ -292,8 +324,12 @@ def answers_match(answer: str, ground_truth: str) -> bool:
         True when the answer is judged correct.
 
     Raises:
+        TypeError: if the ground truth or the answer is not a string.
         ValueError: if the ground truth is empty.
     """
+    for name, value in (("ground truth", ground_truth), ("answer", answer)):
+        if not isinstance(value, str):
+            raise TypeError(f"the {name} must be a string, got {type(value).__name__} {value!r}")
     truth = clean_answer(ground_truth)
     if not truth:
         raise ValueError(f"ground truth is empty ({ground_truth!r}); every record needs an answer")
@@ -307,8 +343,9 @@ def answers_match(answer: str, ground_truth: str) -> bool:
             return letter == choice.group(1)
     if given.casefold() == truth.casefold():
         return True
-    if truth.casefold() in _YES_NO:  # "Yes, the triangle is isosceles" for "Yes"
-        return _leading_word(given) == truth.casefold()
+    plain_truth = _plain_words(truth).casefold()
+    if plain_truth in _YES_NO:  # "Yes, the triangle is isosceles" or "\\text{Yes}" for "Yes"
+        return _leading_word(_plain_words(given)) == plain_truth
     names = _point_names(given), _point_names(truth)
     if None not in names:  # the graders read "BAC" as the product B*A*C, equal to "ABC"
         return _same_figure(*names)
@@ -347,7 +384,9 @@ def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
 
     A key word counts as mentioned when it occurs in the response as a whole word or phrase, ignoring case
     and runs of whitespace (so "traffic  Light" matches "traffic light"), also with a plural "s" or "es"
-    ("apple" matches "apples"); "red" inside "considered" is not a mention. Blank entries are ignored.
+    ("apple" matches "apples"); "red" inside "considered" is not a mention. In scripts without spaces between
+    words (Chinese, Japanese, Thai) a key word counts wherever it occurs. Blank and repeated entries are
+    ignored.
 
     Args:
         response: the decoded response text.
@@ -364,7 +403,7 @@ def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
         return 0.0
     if isinstance(key_words, str):
         raise TypeError(f"key_words must be a list of strings, got the string {key_words!r}")
-    words = [_squash(str(word)) for word in key_words]
+    words = list(dict.fromkeys(_squash(str(word)) for word in key_words))  # a repeated key word counts once
     words = [word for word in words if word]
     if not words:
         return 0.0
@@ -373,7 +412,11 @@ def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
 
 
 def _mentions(text: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?:e?s)?(?!\w)", text) is not None
+    # Scripts written without spaces between words (CJK, Thai: letters of category Lo) have no word
+    # boundary to look for, so there a key word's edge may touch other letters.
+    left = "" if unicodedata.category(word[0]) == "Lo" else r"(?<!\w)"
+    right = "" if unicodedata.category(word[-1]) == "Lo" else r"(?:e?s)?(?!\w)"
+    return re.search(rf"{left}{re.escape(word)}{right}", text) is not None
 
 
 def length_reward(response_length: int, max_length: int = 512) -> float:

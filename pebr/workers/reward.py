@@ -13,6 +13,7 @@ importing this module only defines classes.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -33,7 +34,8 @@ DEFAULT_CLIP_GPU_FRACTION = 0.1
 # How long to wait for the CLIP actor to be scheduled and loaded before calling it a resource problem.
 _START_TIMEOUT_S = 600.0
 
-_local_scorers: dict[str, ClipScorer] = {}
+# In-process scorers by (model path, settings): a scorer asked for with other settings is another scorer.
+_local_scorers: dict[tuple[str, str], ClipScorer] = {}
 
 
 class Scorer(Protocol):
@@ -64,9 +66,14 @@ class ClipScorerActor:
 
     def __init__(self, model_path: str, **scorer_kwargs: Any) -> None:
         self.scorer = ClipScorer(model_path, **scorer_kwargs)
+        self.scorer_kwargs = _non_default(scorer_kwargs)
 
     def model_path(self) -> str:
         return self.scorer.model_path
+
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """The model path and the settings (those not at their defaults) the scorer was created with."""
+        return self.scorer.model_path, self.scorer_kwargs
 
     def device(self) -> str:
         return str(self.scorer.device)
@@ -100,6 +107,12 @@ class RemoteClipScorer:
             return ray.get(self.actor.score.remote(list(images), list(captions)))
 
 
+def _non_default(scorer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a `ClipScorer` that differ from its defaults: what tells two scorers apart."""
+    defaults = {name: p.default for name, p in inspect.signature(ClipScorer.__init__).parameters.items()}
+    return {k: v for k, v in scorer_kwargs.items() if k not in defaults or v != defaults[k]}
+
+
 def _cluster_has_gpus() -> bool:
     # Ray hides the cards from actors that asked for none (CUDA_VISIBLE_DEVICES=""), so inside a
     # CPU-only RewardWorker torch.cuda.is_available() is False even on a GPU node: ask Ray too.
@@ -131,7 +144,7 @@ def get_clip_scorer(
 
     Raises:
         FileNotFoundError: if model_path is neither a directory nor a hub id the scorer can fetch.
-        ValueError: if the shared actor already exists for a different model.
+        ValueError: if the shared actor already exists for a different model or other settings.
         RuntimeError: if the actor cannot be scheduled or loaded within 10 minutes.
     """
     if os.path.isdir(os.path.expanduser(model_path)):
@@ -141,9 +154,10 @@ def get_clip_scorer(
     if use_ray is None:
         use_ray = ray.is_initialized()
     if not use_ray:
-        if model_path not in _local_scorers:
-            _local_scorers[model_path] = ClipScorer(model_path, **scorer_kwargs)
-        return _local_scorers[model_path]
+        key = (model_path, repr(sorted(_non_default(scorer_kwargs).items())))
+        if key not in _local_scorers:
+            _local_scorers[key] = ClipScorer(model_path, **scorer_kwargs)
+        return _local_scorers[key]
 
     if num_gpus is None:
         num_gpus = DEFAULT_CLIP_GPU_FRACTION if _cluster_has_gpus() else 0
@@ -157,7 +171,7 @@ def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any
         model_path, **scorer_kwargs
     )
     try:
-        loaded = ray.get(actor.model_path.remote(), timeout=_START_TIMEOUT_S)
+        loaded, settings = ray.get(actor.settings.remote(), timeout=_START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError as exc:
         raise RuntimeError(
             f"the CLIP scorer actor ({num_gpus} GPU) was not ready after {_START_TIMEOUT_S:.0f} s; "
@@ -165,4 +179,8 @@ def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any
         ) from exc
     if loaded != model_path:
         raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r}, not {model_path!r}")
+    if settings != _non_default(scorer_kwargs):
+        raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r} with the settings {settings}, not "
+                         f"{_non_default(scorer_kwargs)}; one job has one CLIP scorer, so give every reward "
+                         "function the same clip_* options")
     return actor

@@ -49,6 +49,9 @@ def test_scorer_matches_the_models_forward(tiny_clip_path: str) -> None:
 def test_long_captions_are_truncated(tiny_clip_path: str) -> None:
     scorer = get_clip_scorer(tiny_clip_path, use_ray=False)
     assert get_clip_scorer(tiny_clip_path, use_ray=False) is scorer  # loaded once per process
+    assert get_clip_scorer(tiny_clip_path, use_ray=False, max_text_length=None, image_size=None) is scorer  # defaults
+    shorter = get_clip_scorer(tiny_clip_path, use_ray=False, max_text_length=8)  # was `scorer`, cut at 16
+    assert shorter is not scorer and shorter.max_text_length == 8
     long_caption = " ".join(CAPTIONS * 10)  # far more than 16 tokens
     tokens = scorer.tokenizer(long_caption, truncation=True, max_length=16)["input_ids"]
     assert len(tokens) == 16 and tokens[-1] == scorer.tokenizer.eos_token_id  # pooled at EOS
@@ -154,6 +157,10 @@ def test_a_scorer_whose_owner_died_is_replaced(ray_session, tiny_clip_path: str)
         assert similarity == pytest.approx(cosine_from_forward(tiny_clip_path, images()[:1], CAPTIONS[:1])[0],
                                            abs=1e-5)
         assert scorer.actor._actor_id != dying._actor_id
+        # The live scorer was made with the reward file's default settings; other settings are refused, not
+        # served by a scorer that would ignore them.
+        with pytest.raises(ValueError, match="settings"):
+            get_clip_scorer(tiny_clip_path, use_ray=True, max_text_length=8)
     finally:
         try:
             ray.kill(ray.get_actor(CLIP_ACTOR_NAME))

@@ -237,6 +237,42 @@ def test_a_10k_token_response_is_never_parsed_as_one_formula(monkeypatch) -> Non
     assert all(len(text) <= terms._MAX_FORMULA_CHARS + 2 for text in parsed if text.startswith("$"))  # ...unwrapped
 
 
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [
+        # Words in LaTeX text macros: read for yes/no and choices (all three were 0 before).
+        ("\\boxed{\\text{Yes}}", "Yes", 1.0),
+        ("$\\text{No}$", "No", 1.0),
+        ("\\textbf{Yes}", "No", 0.0),
+        ("\\boxed{\\text{B}}", "B. 12 cm", 1.0),
+        ("\\boxed{\\text{(B) } 12}", "B", 1.0),
+        # Several different boxes are graded together: a hedge between answers is wrong.
+        ("\\boxed{3} or \\boxed{5}", "5", 0.0),
+        ("\\boxed{5}, that is \\boxed{5}", "5", 1.0),
+        ("x = \\boxed{3}, y = \\boxed{5}", "3, 5", 1.0),
+        # A unicode square root.
+        ("√3/2", "\\frac{\\sqrt{3}}{2}", 1.0),
+        ("2√(x+1)", "2\\sqrt{x+1}", 1.0),
+        ("√2", "2", 0.0),
+    ],
+)
+def test_answers_in_latex_words_boxes_and_root_signs(answer: str, truth: str, expected: float) -> None:
+    assert accuracy_reward("### The final answer is: " + answer, truth) == expected
+
+
+@pytest.mark.parametrize("header", ["### **The final answer is:** 5", "### **The final answer is**: 5",
+                                    "### __The final answer is__ 5"])
+def test_a_final_answer_header_in_markdown_emphasis_keeps_its_answer(header: str) -> None:
+    assert extract_final_answer(header) == "5" and accuracy_reward(header, "5") == 1.0
+    assert extract_final_answer("### The final answer isn't 5") == ""  # "is" must end the header's words
+
+
+@pytest.mark.parametrize("truth", [5, 5.0, None, ["5"]])
+def test_a_ground_truth_that_is_not_a_string_is_named(truth) -> None:
+    with pytest.raises(TypeError, match="ground truth must be a string"):
+        accuracy_reward("### The final answer is: 5", truth)
+
+
 @pytest.mark.parametrize("truth", ["  ", ".", "$$", "**", "` `"])
 def test_accuracy_rejects_a_ground_truth_with_nothing_to_grade(truth: str) -> None:
     with pytest.raises(ValueError, match="ground truth is empty"):
@@ -272,6 +308,12 @@ def test_keyword_recall_unicode_and_spacing() -> None:
     assert keyword_recall(UNICODE, ["café", "tea"]) == pytest.approx(1 / 2)
     assert keyword_recall("A traffic\n  light", ["Traffic Light"]) == 1.0
     assert keyword_recall("", ["red"]) == 0.0
+
+
+def test_keyword_recall_counts_a_repeated_key_word_once_and_finds_words_in_unspaced_scripts() -> None:
+    assert keyword_recall("a red cube", ["cube", "Cube", "sphere"]) == pytest.approx(1 / 2)  # was 2 / 3
+    assert keyword_recall("一只猫坐在桌子上", ["猫", "桌子", "狗"]) == pytest.approx(2 / 3)  # was 0
+    assert keyword_recall("this is considered", ["red"]) == 0.0  # Latin words keep their boundaries
 
 
 def test_keyword_recall_rejects_a_bare_string() -> None:
