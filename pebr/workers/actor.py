@@ -669,7 +669,8 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
             mini = batch.select(rows)
             on_policy = first_on_policy and epoch == 0 and number == 0
             mask = mini.tensors["response_mask"]
-            denom = max(global_sum(float(mask.sum()) if token_mode else float(len(mini)), device), 1.0)
+            # seq mode counts the rows with a response token, as agg_loss's row mean does (an empty row has no mean).
+            denom = max(global_sum(float(mask.sum()) if token_mode else float((mask.sum(-1) > 0).sum()), device), 1.0)
             loss_sums = {"pg": 0.0, "kl": 0.0}
             # Token-weighted sums of the per-token metrics, so that they are means over the mini-batch's tokens
             # on all ranks whatever the micro-batches (a micro-batch of one long response is not one of many).
@@ -700,7 +701,7 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 pg_loss, pg_metrics = ppo_policy_loss(
                     old, logp, adv, rmask, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
                     clip_ratio_dual=cfg.clip_ratio_dual, loss_agg_mode=agg_mode)
-                weight = float(rmask.sum()) if token_mode else float(len(mb))
+                weight = float(rmask.sum()) if token_mode else float((rmask.sum(-1) > 0).sum())
                 loss = pg_loss
                 loss_sums["pg"] += pg_loss.item() * weight
                 if use_kl:
@@ -729,10 +730,16 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if math.isfinite(grad_norm):
                     optimizer.step()
-            log("actor/grad_norm", grad_norm)
+            # A skipped optimizer step is counted, and its non-finite norm kept out of the mean of the others.
+            log("actor/skipped_optimizer_steps", float(not math.isfinite(grad_norm)))
+            if math.isfinite(grad_norm):
+                log("actor/grad_norm", grad_norm)
             log("actor/lr", scheduler.get_last_lr()[0])
     scheduler.step()
-    return {k: sum(v) / len(v) for k, v in metrics.items()}
+    result = {k: sum(v) / len(v) for k, v in metrics.items()}
+    result["actor/skipped_optimizer_steps"] = sum(metrics["actor/skipped_optimizer_steps"])
+    result.setdefault("actor/grad_norm", math.nan)  # every step skipped
+    return result
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: Any, total_steps: int):

@@ -461,7 +461,7 @@ def run_update(model, processor, batch: Batch, mini_batch_size: int | None = Non
                **actor_kw) -> dict[str, float]:
     """One update_policy call (one optimizer step per mini-batch; one mini-batch by default) on a copy of `model`."""
     policy = copy.deepcopy(model)
-    cfg = ActorConfig(micro_batch_size_per_device_for_update=2, **actor_kw)
+    cfg = ActorConfig(**{"micro_batch_size_per_device_for_update": 2, **actor_kw})
     optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
     return actor_lib.update_policy(policy, optimizer, scheduler, batch, processor, CPU, cfg, AlgorithmConfig(),
                                    temperature=1.0, mini_batch_size=mini_batch_size or len(batch),
@@ -494,6 +494,34 @@ def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_mo
         for key in ("actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl",
                     "actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
             assert got[key] == pytest.approx(base[key], rel=1e-4, abs=1e-7), (name, key)
+
+
+def test_an_empty_response_leaves_the_seq_mode_loss_the_same_for_every_micro_batch_size(model, processor, batch):
+    """agg_loss's row mean leaves out a row without tokens; the micro-batch weights and the global row count must
+    too, or the gradient depends on which micro-batch the empty row falls in (it did: -0.239 / -0.181 / -0.273)."""
+    short = Batch(prompt_ids=batch.prompt_ids, response_ids=[[]] + batch.response_ids[1:], images=batch.images,
+                  non_tensors={})
+    exp = experience(model, processor, short)
+    logp, _ = actor_lib.compute_logprobs(model, short, processor, CPU, 8, 1.0)
+    whole = ppo_policy_loss(exp.tensors["old_logprobs"], logp, exp.tensors["advantages"], exp.tensors["response_mask"],
+                            loss_agg_mode="seq-mean-token-mean")[0].item()
+    runs = {size: run_update(model, processor, exp, loss_avg_mode="seq", micro_batch_size_per_device_for_update=size)
+            for size in (1, 2, 8)}
+    for size, got in runs.items():
+        assert got["actor/pg_loss"] == pytest.approx(whole, rel=1e-4, abs=1e-6), size
+        assert got["actor/grad_norm"] == pytest.approx(runs[8]["actor/grad_norm"], rel=1e-4), size
+
+
+def test_a_skipped_optimizer_step_is_counted_and_the_others_norms_stay_readable(model, processor, batch):
+    exp = experience(model, processor, batch)
+    exp.tensors["advantages"][1, 0] = float("nan")  # poisons the first of two mini-batches
+    half = len(batch) // 2
+    metrics = run_update(model, processor, exp, mini_batch_size=half)
+    second = exp.select(range(half, len(batch)))
+    alone = run_update(model, processor, second)
+    assert metrics["actor/skipped_optimizer_steps"] == 1
+    assert metrics["actor/grad_norm"] == pytest.approx(alone["actor/grad_norm"], rel=1e-5)  # was nan
+    assert alone["actor/skipped_optimizer_steps"] == 0
 
 
 @pytest.mark.parametrize("ppo_epochs", [1, 2])
