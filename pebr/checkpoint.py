@@ -92,6 +92,13 @@ def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: in
     trainer refuses to start a run below another run's checkpoints, see `later_steps`).
     """
     tmp = partial_dir(checkpoint_dir, step)
+    try:
+        check_shards(os.path.join(tmp, "actor"), optimizer=True)
+    except CheckpointError as err:
+        # Published, it would become `latest` and rotation would delete the complete checkpoints before it.
+        raise CheckpointError(f"the checkpoint of step {step} is incomplete, so it is not published and no earlier "
+                              f"one is deleted: {err}. With several nodes, trainer.save_checkpoint_path must be on "
+                              "storage that every node writes to (a shared file system)") from err
     atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state)
     final = step_dir(checkpoint_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
@@ -309,12 +316,22 @@ def check_complete(actor_dir: str) -> int:
     if step.endswith((".partial", ".deleting")):
         raise CheckpointError(f"{actor_dir} belongs to an incomplete checkpoint ({os.path.basename(step)}): it "
                               "was interrupted while saving or deleting; use an earlier global_step_* directory")
+    return check_shards(actor_dir)
+
+
+def check_shards(actor_dir: str, optimizer: bool = False) -> int:
+    """Return the world size when the shard index and every rank's model shard are in `actor_dir`, and with
+    `optimizer` every rank's optimizer state as well if rank 0 saved one; else raise CheckpointError."""
     index_path = os.path.join(actor_dir, INDEX_FILE)
     if not os.path.isfile(index_path):
         raise CheckpointError(f"{index_path} is missing: not a sharded actor checkpoint")
     world = read_index(actor_dir)["world_size"]
-    for r in range(world):
-        path = os.path.join(actor_dir, f"model_world_size_{world}_rank_{r}.safetensors")
+    names = [f"model_world_size_{world}_rank_{r}.safetensors" for r in range(world)]
+    if optimizer and os.path.isfile(os.path.join(actor_dir, f"optim_world_size_{world}_rank_0.safetensors")):
+        names += [f"{kind}_world_size_{world}_rank_{r}.{ext}" for r in range(world)
+                  for kind, ext in (("optim", "safetensors"), ("extra_state", "json"))]
+    for name in names:
+        path = os.path.join(actor_dir, name)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     return world

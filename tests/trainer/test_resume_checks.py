@@ -69,6 +69,26 @@ def test_rotation_keeps_this_save_and_never_deletes_a_later_step(tmp_path):
     assert checkpoint.complete_steps(str(tmp_path)) == [4, 5, 10, 20]
 
 
+@pytest.mark.parametrize("missing", ["model_world_size_2_rank_1.safetensors", "optim_world_size_2_rank_1.safetensors",
+                                     "extra_state_world_size_2_rank_1.json"])
+def test_an_incomplete_save_is_not_published_and_deletes_no_earlier_checkpoint(tmp_path, missing):
+    """Rank 1's files absent from the head's directory (each node saving to its own disk): publishing it made it
+    `latest` and rotation deleted the only complete checkpoint."""
+    saved(tmp_path, 1, with_optimizer=True)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    actor = str(tmp_path / "global_step_2.partial" / "actor")
+    for rank in (0, 1):  # two ranks' files, as a 2-rank run on one shared disk writes them
+        checkpoint.save_sharded(actor, model, optimizer, None, rank=rank, world_size=2)
+    os.remove(os.path.join(actor, missing))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"step 2 is incomplete.*{missing} is missing.*shared"):
+        checkpoint.finalize(str(tmp_path), 2, {"global_step": 2}, save_limit=1)
+    assert checkpoint.complete_steps(str(tmp_path)) == [1]
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("global_step_1")
+
+
 def test_a_crash_while_deleting_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     for step in (1, 2):
         saved(tmp_path, step, with_optimizer=True)
