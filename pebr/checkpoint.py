@@ -351,14 +351,23 @@ def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
         except Exception as err:  # safetensors raises its own error type for a damaged header
             raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
                                   "global_step_* directory") from err
+
+    def read(rank: int, name: str) -> torch.Tensor:
+        try:
+            return handles[rank].get_tensor(name)
+        except Exception as err:  # safetensors' own error type: a tensor the index names is not in the shard
+            raise CheckpointError(f"{actor_dir}/model_world_size_{world}_rank_{rank}.safetensors has no readable "
+                                  f"tensor {name!r} ({err}), which {INDEX_FILE} names: the checkpoint is damaged; "
+                                  "use another global_step_* directory") from err
+
     full = {}
     for name, info in index.items():
         dim = info["shard_dim"]
         if dim is None:
-            full[name] = handles[0].get_tensor(name)
-            continue
-        parts = [h.get_tensor(name) for h in handles]
-        tensor = torch.cat([p for p in parts if p.numel() or p.dim() > 0], dim=dim)
+            tensor = read(0, name)
+        else:
+            parts = [read(r, name) for r in range(world)]
+            tensor = torch.cat([p for p in parts if p.numel() or p.dim() > 0], dim=dim)
         if list(tensor.shape) != info["shape"]:
             raise CheckpointError(f"{actor_dir}: merged {name} has shape {list(tensor.shape)}, expected {info['shape']}")
         full[name] = tensor

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -36,6 +37,8 @@ DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"
 
 
 MARKER = "merged_from.json"
+# What export_adapter writes (and alone may replace).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def provenance(local_dir: str, dtype: str) -> dict:
@@ -73,8 +76,10 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             model's (fp32 when it names none).
         force: merge even when the target holds a finished merge of these very shards.
 
-    The weights are written to `<target_dir>.merging` first and moved in when complete, replacing the
-    target's previous weight files (a stale shard index would make loaders look for shards that are gone).
+    Everything is written to `<target_dir>.merging` first. A new (or empty) target is that directory renamed,
+    so it is complete or absent. An existing one (the default `<local_dir>/huggingface`) gets the staged files
+    moved in after the previous model's weight files are removed (a stale shard index would make loaders look
+    for shards that are gone); other files in it are left alone.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
@@ -83,6 +88,8 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise CheckpointError(f"{hf_dir}/config.json is missing: not an actor checkpoint directory")
     target_dir = target_dir or hf_dir
+    if os.path.exists(target_dir) and not os.path.isdir(target_dir):
+        raise CheckpointError(f"--target_dir {target_dir} is a file; name a directory")
     if os.path.isdir(target_dir) and any(f in (INDEX_FILE, STATE_FILE) or f.startswith(SHARD_PREFIXES)
                                          for f in os.listdir(target_dir)):
         raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint, whose files a merge there "
@@ -95,35 +102,46 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     adapters = read_index(local_dir).get("lora")
     if adapters:  # trained with LoRA: the adapters folded into plain weights, under the base model's names
         state = dict(fold_lora(state.items(), scaling(adapters)))
-    config = AutoConfig.from_pretrained(hf_dir)
+    try:
+        config = AutoConfig.from_pretrained(hf_dir)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{hf_dir}/config.json cannot be read ({err})") from err
     name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the shards in {local_dir} do not fit the model of {hf_dir}/config.json: {err}") from err
     model = model.to(getattr(torch, name))
     if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):  # the base model's stop tokens, sampling
         model.generation_config = GenerationConfig.from_pretrained(hf_dir)
     staging = os.path.abspath(target_dir).rstrip("/") + ".merging"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    written = set(os.listdir(staging))
-    os.makedirs(target_dir, exist_ok=True)
+    into_checkpoint = os.path.isdir(target_dir) and os.path.samefile(target_dir, hf_dir)
+    if not into_checkpoint:
+        # The tokenizer, processor and chat template; not the config, which save_pretrained wrote with the dtype.
+        skip = _model_weight_files(hf_dir) | {MARKER} | set(os.listdir(staging))
+        for f in sorted(set(os.listdir(hf_dir)) - skip):
+            if os.path.isfile(os.path.join(hf_dir, f)):
+                shutil.copy2(os.path.join(hf_dir, f), os.path.join(staging, f))
+    written = sorted(os.listdir(staging))
+    weights = {f: _file_stat(os.path.join(staging, f)) for f in written if f in _model_weight_files(staging)}
     marker = os.path.join(target_dir, MARKER)
+    if not os.path.isdir(target_dir) or not os.listdir(target_dir):
+        atomic_write_json(os.path.join(staging, MARKER), {**made_from, "weights": weights})
+        if os.path.isdir(target_dir):
+            os.rmdir(target_dir)
+        os.replace(staging, target_dir)  # complete or absent
+        return target_dir
     if os.path.exists(marker):  # first: an interrupted replacement must not pass for a finished merge
         os.remove(marker)
-    for f in os.listdir(target_dir):
-        if _is_weight_file(f):
-            os.remove(os.path.join(target_dir, f))
+    for f in _model_weight_files(target_dir):
+        os.remove(os.path.join(target_dir, f))
     for f in written:
         os.replace(os.path.join(staging, f), os.path.join(target_dir, f))
     shutil.rmtree(staging, ignore_errors=True)
-    if os.path.abspath(target_dir) != os.path.abspath(hf_dir):
-        # The tokenizer, processor and chat template; not the config, which save_pretrained wrote with the dtype.
-        for f in os.listdir(hf_dir):
-            src = os.path.join(hf_dir, f)
-            if f not in written and f != MARKER and not _is_weight_file(f) and os.path.isfile(src):
-                shutil.copy2(src, os.path.join(target_dir, f))
-    weights = {f: _file_stat(os.path.join(target_dir, f)) for f in written if _is_weight_file(f)}
     atomic_write_json(marker, {**made_from, "weights": weights})  # last: the merge is finished
     return target_dir
 
@@ -137,21 +155,22 @@ def export_adapter(local_dir: str, adapter_dir: str) -> str:
     """
     from safetensors.torch import save_file
 
+    others = sorted(set(os.listdir(adapter_dir)) - set(ADAPTER_FILES)) if os.path.isdir(adapter_dir) else []
+    if os.path.isfile(adapter_dir) or others:
+        what = "is a file" if not others else f"holds {others}, not only an earlier export's adapter files"
+        raise CheckpointError(f"--adapter_dir {adapter_dir} {what}; name a new or empty directory (an earlier "
+                              "export is replaced)")
     settings = read_index(local_dir).get("lora")
     if not settings:
         raise CheckpointError(f"{local_dir} was trained without LoRA (its {INDEX_FILE} has no 'lora' settings): "
                               "there is no adapter to export; merge it as a whole model instead")
-    if os.path.isfile(adapter_dir) or (os.path.isdir(adapter_dir) and os.listdir(adapter_dir) and not
-                                       os.path.isfile(os.path.join(adapter_dir, "adapter_config.json"))):
-        raise CheckpointError(f"--adapter_dir {adapter_dir} holds something other than a peft adapter; name a new "
-                              "or empty directory (an earlier export is replaced)")
     config, tensors = peft_adapter(merge_shards(local_dir), settings)
     config.base_model_name_or_path = _run_model_path(local_dir)
     staging = os.path.abspath(adapter_dir).rstrip("/") + ".writing"
     shutil.rmtree(staging, ignore_errors=True)
     config.save_pretrained(staging)
     save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(adapter_dir, ignore_errors=True)  # empty, or an earlier export
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # empty, or an earlier export's ADAPTER_FILES alone
     os.replace(staging, adapter_dir)
     return adapter_dir
 
@@ -168,8 +187,22 @@ def _run_model_path(local_dir: str) -> str | None:
     return None if model_path is None else str(model_path)
 
 
-def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".index.json"))
+# The names transformers gives a model's weights: one file, or shards and their index.
+_WEIGHT_NAME = re.compile(r"(?:model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+                          r"|(?:model\.safetensors|pytorch_model\.bin)\.index\.json")
+
+
+def _model_weight_files(directory: str) -> set[str]:
+    """The files of the model saved in `directory`: weights under transformers' names and the shards an index
+    names. Nothing else (an adapter, embeddings, a user's files) counts."""
+    names = {f for f in os.listdir(directory) if _WEIGHT_NAME.fullmatch(f)}
+    for index in [f for f in names if f.endswith(".index.json")]:
+        try:
+            with open(os.path.join(directory, index)) as fh:
+                names |= set(json.load(fh)["weight_map"].values()) & set(os.listdir(directory))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged index: its own name is enough to replace it
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,91 @@ def test_adapter_export_of_a_checkpoint_without_lora_is_refused(bf16_checkpoint,
     actor, _ = bf16_checkpoint
     assert main(["--local_dir", actor, "--adapter_dir", str(tmp_path / "adapter")]) == 2
     assert "trained without LoRA" in capsys.readouterr().err and not os.path.exists(tmp_path / "adapter")
+
+
+def test_a_merge_leaves_files_that_are_not_the_models_weights(bf16_checkpoint, tmp_path):
+    """Every *.safetensors, *.bin and *.index.json in the target used to be deleted, a user's own included."""
+    actor, _ = bf16_checkpoint
+    target = tmp_path / "served"
+    target.mkdir()
+    mine = {"adapter_model.safetensors": "a", "embeddings.bin": "e", "faiss.index.json": "{}", "notes.txt": "n"}
+    for name, text in mine.items():
+        (target / name).write_text(text)
+    (target / "model.safetensors").write_text("an older merge")  # the model's own weights are replaced
+    out = merge(actor, str(target))
+    assert {name: (target / name).read_text() for name in mine} == mine
+    assert os.path.getsize(os.path.join(out, "model.safetensors")) > 1000
+
+
+def test_a_new_target_is_complete_or_absent(bf16_checkpoint, tmp_path, monkeypatch):
+    """A kill while the tokenizer and processor files were copied left weights without a processor."""
+    import model_merger
+
+    actor, _ = bf16_checkpoint
+    target = str(tmp_path / "served")
+    real_copy, calls = shutil.copy2, []
+
+    def killed_on_the_second_copy(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(model_merger.shutil, "copy2", killed_on_the_second_copy)
+    with pytest.raises(KeyboardInterrupt):
+        merge(actor, target)
+    assert not os.path.exists(target)
+    monkeypatch.setattr(model_merger.shutil, "copy2", real_copy)
+    out = merge(actor, target)
+    assert {"config.json", "tokenizer.json", "model.safetensors", "merged_from.json"} <= set(os.listdir(out))
+
+
+def test_a_symlink_to_the_checkpoints_own_folder_merges_there(bf16_checkpoint, tmp_path):
+    actor, weights = bf16_checkpoint
+    link = str(tmp_path / "hf_link")
+    os.symlink(os.path.join(actor, "huggingface"), link)
+    out = merge(actor, link, force=True)  # copied every file onto itself: SameFileError after the weights moved
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype="float32")
+    assert all(torch.equal(merged.state_dict()[k], v.float()) for k, v in weights.items())
+
+
+def test_damaged_checkpoints_and_targets_are_named_errors(bf16_checkpoint, tmp_path, capsys):
+    actor, _ = bf16_checkpoint
+    damaged = str(tmp_path / "damaged" / "actor")
+    shutil.copytree(actor, damaged)
+    index_path = os.path.join(damaged, checkpoint.INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    index["tensors"]["extra.weight"] = {"shape": [2], "shard_dim": None}
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    assert main(["--local_dir", damaged, "--target_dir", str(tmp_path / "out1")]) == 2
+    assert "rank_0.safetensors has no readable tensor 'extra.weight'" in capsys.readouterr().err
+    index["tensors"].pop("extra.weight")
+    name = next(iter(index["tensors"]))
+    index["tensors"][name]["shape"] = [1, 1]  # the shard holds another shape than the index says
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    assert main(["--local_dir", damaged, "--target_dir", str(tmp_path / "out2")]) == 2
+    assert f"merged {name} has shape" in capsys.readouterr().err
+    with open(os.path.join(actor, "huggingface", "config.json"), "w") as f:
+        f.write("{not json")
+    assert main(["--local_dir", actor, "--target_dir", str(tmp_path / "out3")]) == 2
+    assert "config.json cannot be read" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["--local_dir", actor, "--target_dir", str(tmp_path / "a_file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_an_adapter_directory_holding_other_files_is_refused(bf16_checkpoint, tmp_path, capsys):
+    actor, _ = bf16_checkpoint
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "README.md", "eval_results.json"):
+        (adapter / name).write_text("{}")
+    assert main(["--local_dir", actor, "--adapter_dir", str(adapter)]) == 2
+    assert "holds ['README.md', 'eval_results.json']" in capsys.readouterr().err
+    assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "eval_results.json"]

@@ -215,6 +215,7 @@ def test_adapters_exported_for_peft_give_the_merged_model(tiny_model_dir, tmp_pa
     export_adapter(actor, out)  # an earlier export is replaced
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(checkpoint.CheckpointError, match="holds something other than a peft adapter"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"holds \['notes.txt'\], not only an earlier export's adapter files"):
         export_adapter(actor, str(tmp_path / "other"))
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
