@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pebr.config import ConfigError, looks_like_model_id
+from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.jsonio import atomic_write_text
 
@@ -147,6 +148,23 @@ def check_generation_options(max_new_tokens: int | None = None, min_pixels: int 
             raise ConfigError(f"--{name} {value} must be at least 1")
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
         raise ConfigError(f"--min_pixels {min_pixels} is larger than --max_pixels {max_pixels}")
+    if max_pixels is not None and max_pixels < PATCH_MULTIPLE ** 2:
+        raise ConfigError(f"--max_pixels {max_pixels} is below {PATCH_MULTIPLE}x{PATCH_MULTIPLE} = "
+                          f"{PATCH_MULTIPLE ** 2}, the smallest image the model takes (one merged patch); it would "
+                          "be ignored")
+
+
+def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> None:
+    """The reports (`report_paths(output)`) must not replace the data file, land in a data directory (read as data
+    next time) or in the model's directory (where OUTPUT=MODEL/config would overwrite its config.json)."""
+    data, model = os.path.realpath(data), os.path.realpath(model_path)
+    for path in map(os.path.realpath, report_paths(output)):
+        if path == data or (os.path.isdir(data) and path.startswith(data.rstrip(os.sep) + os.sep)):
+            raise ConfigError(f"--output {output!r} would write {path}, {'the' if path == data else 'inside the'} "
+                              f"--data {'file' if path == data else 'directory'}; choose another prefix")
+        if os.path.isdir(model) and path.startswith(model.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"--output {output!r} would write {path} inside the --model_path directory; choose "
+                              "another prefix")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -235,7 +253,7 @@ def evaluate_model(
     from transformers import AutoProcessor
 
     from pebr.data.dataset import RLDataset
-    from pebr.data.records import load_records
+    from pebr.data.records import DataError, load_records
 
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -243,6 +261,8 @@ def evaluate_model(
         raise ValueError(f"limit must be positive, got {limit}")
     records = load_records(data)[0] if isinstance(data, str) else list(data)
     records = records[:limit] if limit else records
+    if not records:
+        raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
     processor = AutoProcessor.from_pretrained(model_path)
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None,

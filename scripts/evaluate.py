@@ -19,20 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.config import ConfigError  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_options,  # noqa: E402
-                             check_model_path, evaluate_model, markdown_table, report_paths)
-
-
-def check_output_apart_from_data(output: str, data: str) -> None:
-    """The reports must not replace the data file, nor land in a data directory (read as data next time)."""
-    data = os.path.realpath(data)
-    for path in report_paths(output):
-        path = os.path.realpath(path)
-        if path == data or (os.path.isdir(data) and path.startswith(data.rstrip(os.sep) + os.sep)):
-            raise ConfigError(f"--output {output!r} would write {path}, {'the' if path == data else 'inside the'} "
-                              f"--data {'file' if path == data else 'directory'}; choose another prefix")
+                             check_model_path, check_output_apart_from_inputs, evaluate_model, markdown_table,
+                             report_paths)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature,
                              limit=args.limit, max_prompt_length=args.max_prompt_length)
     if args.output:
-        check_output_apart_from_data(args.output, args.data)
+        check_output_apart_from_inputs(args.output, args.data, args.model_path)
     logging.basicConfig(level=logging.WARNING)
     result = evaluate_model(
         args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,

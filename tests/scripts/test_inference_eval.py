@@ -133,3 +133,23 @@ def test_report_paths_drop_a_suffix_given_with_the_prefix() -> None:
 
     assert report_paths("out/eval") == ("out/eval.json", "out/eval.md")
     assert report_paths("out/eval.json") == report_paths("out/eval.md") == ("out/eval.json", "out/eval.md")
+
+
+def test_reports_inside_the_model_or_data_and_empty_data_are_refused(tiny_model_dir, tmp_path) -> None:
+    """--output MODEL/config wrote the report over the model's config.json; an empty data file gave an empty
+    table and exit 0; --max_pixels under one 28x28 patch group was silently raised to it."""
+    from pebr.config import ConfigError
+    from pebr.data.records import DataError
+    from pebr.evaluation import check_generation_options, check_output_apart_from_inputs, evaluate_model
+
+    data = tmp_path / "test.json"
+    data.write_text("[]")
+    with pytest.raises(ConfigError, match="inside the --model_path directory"):
+        check_output_apart_from_inputs(os.path.join(tiny_model_dir, "config"), str(data), tiny_model_dir)
+    with pytest.raises(ConfigError, match="the --data file"):
+        check_output_apart_from_inputs(str(tmp_path / "test"), str(data), tiny_model_dir)
+    check_output_apart_from_inputs(str(tmp_path / "eval"), str(data), tiny_model_dir)  # beside both: fine
+    with pytest.raises(DataError, match="test.json holds no records"):
+        evaluate_model(tiny_model_dir, str(data), None, backend="hf")
+    with pytest.raises(ConfigError, match="--max_pixels 100 is below 28x28"):
+        check_generation_options(16, 1, 100, 0.0)
