@@ -26,6 +26,7 @@ from pebr.rewards.terms import (
 )
 from pebr.workers.reward import get_clip_scorer
 
+REWARD_TYPE = "batch"  # compute_score takes the list of inputs (worker.reward.reward_type=batch)
 DEFAULTS: dict[str, Any] = {
     "clip_weight": 0.4,
     "keyword_weight": 0.4,

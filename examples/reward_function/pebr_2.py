@@ -13,6 +13,7 @@ from typing import Any
 from pebr.rewards.manager import resolve_options
 from pebr.rewards.terms import accuracy_reward, format_reward
 
+REWARD_TYPE = "batch"  # compute_score takes the list of inputs (worker.reward.reward_type=batch)
 DEFAULTS: dict[str, Any] = {"accuracy_weight": 0.9, "format_weight": 0.1}
 
 

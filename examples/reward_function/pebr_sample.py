@@ -13,6 +13,8 @@ from typing import Any
 from pebr.rewards.manager import resolve_options
 from pebr.rewards.terms import accuracy_reward
 
+REWARD_TYPE = "batch"  # compute_score takes the list of inputs (worker.reward.reward_type=batch)
+
 
 def setup(**kwargs: Any) -> None:
     """Reject any option at start-up: this reward takes none."""

@@ -8,7 +8,9 @@ A reward file is plain Python, loaded at run time from ``worker.reward.reward_fu
 
 ``kwargs`` are ``worker.reward.reward_function_kwargs``. If the file defines ``setup(**kwargs)``,
 it is called once when the manager is built, so a bad configuration (a missing model path, an
-unknown weight) fails at start-up rather than at the first scoring step.
+unknown weight) fails at start-up rather than at the first scoring step. A file that sets
+``REWARD_TYPE = "batch"`` (or ``"sequential"``) is refused under the other reward_type, by name, instead of
+failing on its first input.
 
 Inputs are dicts with keys response (str), response_length (int), ground_truth (str),
 key_word (list[str]), image (PIL image or None) and qid (str). Outputs are one dict per input whose
@@ -183,6 +185,11 @@ class RewardManager:
         path, name = _split_spec(reward_function)
         self.module = load_reward_module(path)
         self.function = _function_from(self.module, name, path)
+        declared = getattr(self.module, "REWARD_TYPE", None)
+        if declared is not None and declared != reward_type:
+            raise ValueError(f"{path} declares REWARD_TYPE = {declared!r}: its functions take "
+                             f"{'the list of inputs' if declared == 'batch' else 'one input'}, so set "
+                             f"worker.reward.reward_type={declared} (it is {reward_type})")
         setup = getattr(self.module, "setup", None)
         if callable(setup):
             setup(**self.kwargs)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from pebr.rewards.manager import RewardFunctionError, RewardManager, load_reward_function, resolve_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INPUTS = [
     {"qid": "q-0", "response": "fine", "response_length": 3, "ground_truth": "1", "key_word": [], "image": None},
@@ -133,3 +136,13 @@ def test_resolve_options_rejects_unknown_keys() -> None:
     assert resolve_options({"a": 1, "b": 2}, {"b": 3}, "f.py") == {"a": 1, "b": 3}
     with pytest.raises(KeyError, match=r"\['c'\] for f.py; accepted keys: \['a', 'b'\]"):
         resolve_options({"a": 1, "b": 2}, {"c": 3}, "f.py")
+
+
+@pytest.mark.parametrize("name", ["pebr_1", "pebr_2", "pebr_sample"])
+def test_a_shipped_reward_file_under_the_other_reward_type_is_refused_by_name(name: str) -> None:
+    """Under reward_type=sequential they failed on the first input with "string indices must be integers"."""
+    spec = os.path.join(ROOT, "examples", "reward_function", f"{name}.py") + ":compute_score"
+    with pytest.raises(ValueError, match=rf"{name}\.py declares REWARD_TYPE = 'batch'.*reward_type=batch \(it is "
+                                         r"sequential\)"):
+        RewardManager(spec, reward_type="sequential", reward_function_kwargs={"clip_weight": 0} if name == "pebr_1"
+                      else None)
