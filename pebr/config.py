@@ -229,7 +229,7 @@ class TrainerConfig:
     n_gpus_per_node: int = 8
     device: str = "auto"  # auto | cuda | cpu
     max_try_make_batch: int = 20
-    val_freq: int = -1
+    val_freq: int = -1  # k > 0: every k steps and at the end; -1: at the end (and before, see below); 0: never
     val_before_train: bool = True
     val_only: bool = False
     val_generations_to_log: int = 0

@@ -70,7 +70,7 @@ class Batch:
 
     def response_tensor(self, name: str) -> torch.Tensor:
         """`tensors[name]` as [N, longest response]: created as zeros, or widened with zeros, where needed."""
-        width = int(self.response_lengths.max())
+        width = int(self.response_lengths.max()) if len(self) else 0
         have = self.tensors.get(name)
         if have is None or have.shape[1] < width:
             full = torch.zeros(len(self), width)
@@ -95,7 +95,12 @@ class Batch:
         batches = [b for b in batches if len(b)]
         if not batches:
             return Batch()
-        tensor_keys = set(batches[0].tensors)
+        tensor_keys, non_tensor_keys = set(batches[0].tensors), set(batches[0].non_tensors)
+        for i, b in enumerate(batches[1:], 1):
+            if set(b.tensors) != tensor_keys or set(b.non_tensors) != non_tensor_keys:
+                raise ValueError(f"Batch.concat: batch {i} has tensors {sorted(b.tensors)} and non-tensors "
+                                 f"{sorted(b.non_tensors)}, batch 0 {sorted(tensor_keys)} and {sorted(non_tensor_keys)}; "
+                                 "batches must have the same keys")
         width = {k: max(b.tensors[k].shape[1] for b in batches) for k in tensor_keys if batches[0].tensors[k].dim() > 1}
         tensors = {}
         for k in tensor_keys:

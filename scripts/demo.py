@@ -297,7 +297,9 @@ class Pipeline:
             steps = [offset + m["step"] for m in metrics]
             for ax, key in zip(axes, keys):
                 if any(key in m for m in metrics):
-                    ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", color=color, label=stage)
+                    values = [m.get(key) for m in metrics]  # null in the file: a non-finite value
+                    ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o", color=color,
+                            label=stage)
             offset = steps[-1] if steps else offset
         for ax, title in zip(axes, titles):
             ax.set_title(title)

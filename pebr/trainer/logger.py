@@ -7,6 +7,7 @@ checkpoint's step are dropped, so a step is never logged twice. A resumed run lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from typing import Any
@@ -45,7 +46,9 @@ class MetricsFile:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.steps.add(step)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            # Strict JSON (jq, pandas, JavaScript): a non-finite value is written as null, not NaN / Infinity.
+            row = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+            f.write(json.dumps({"step": step, **row}) + "\n")
             f.flush()
 
 
@@ -111,7 +114,9 @@ class Tracker:
         if self.console:
             keys = ("reward/overall", "reward/accuracy", "response/length_mean", "actor/pg_loss", "actor/kl_loss",
                     "actor/grad_norm", "timing/step_s", "val/overall")
-            shown = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
+            # The last part of a key, but validation keys whole: "overall" twice on a validation step told nothing.
+            shown = "  ".join(f"{k if k.startswith('val/') else k.split('/')[-1]}={metrics[k]:.4g}"
+                              for k in keys if k in metrics)
             print(f"step {step}: {shown}", flush=True)
 
     def close(self) -> None:

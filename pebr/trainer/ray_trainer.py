@@ -444,6 +444,7 @@ class RayPPOTrainer:
         a, need = self.cfg.algorithm, self.cfg.data.rollout_batch_size
         kept: list[Batch] = []
         num_groups, tries = 0, 0
+        generated: dict[str, list[float]] = {}  # every try's scores: the policy's reward, not the filter window's
         while True:
             tries += 1
             batch, timing = self.workers.generate(self._next_prompts(tries), self._sampling())
@@ -457,6 +458,8 @@ class RayPPOTrainer:
             batch.tensors["scores"] = scores
             for k, v in per_key.items():
                 batch.non_tensors[f"reward/{k}"] = v
+                generated.setdefault(k, []).extend(v)
+                metrics[f"reward/{k}"] = float(np.mean(generated[k]))
             if a.filter_key not in per_key:
                 raise KeyError(f"algorithm.filter_key={a.filter_key!r} is not a reward key; the reward function "
                                f"returns {sorted(per_key)}")
@@ -523,8 +526,9 @@ class RayPPOTrainer:
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
                     self.save_checkpoint(metrics)
-            if t.val_freq > 0 and self.val_dataset is not None and (
-                    self.global_step % t.val_freq == 0 or self.global_step == self.total_steps):
+            # Every val_freq steps, and at the end whenever there is validation data (val_freq=0: never).
+            if self.val_dataset is not None and t.val_freq != 0 and (
+                    (t.val_freq > 0 and self.global_step % t.val_freq == 0) or self.global_step == self.total_steps):
                 try:
                     metrics.update(self.validate())
                 except BaseException:  # the step is saved: its training metrics are not lost with the validation
@@ -538,13 +542,16 @@ class RayPPOTrainer:
     def batch_metrics(self, batch: Batch) -> dict[str, float]:
         mask = batch.tensors["response_mask"]
         lengths = batch.response_lengths.float()
-        m = {f"reward/{k[len('reward/'):]}": float(np.mean(v)) for k, v in batch.non_tensors.items()
+        # With online filtering, reward/* are the means over every generated response (make_batch logs them) and
+        # the kept groups' means go under reward_kept/*.
+        prefix = "reward_kept/" if self.cfg.algorithm.online_filtering else "reward/"
+        m = {f"{prefix}{k[len('reward/'):]}": float(np.mean(v)) for k, v in batch.non_tensors.items()
              if k.startswith("reward/")}
         gid = group_ids_from_uids(batch.non_tensors["uid"])
         m["batch/zero_variance_group_fraction"] = zero_variance_group_fraction(batch.tensors["scores"], gid)
         m["response/length_mean"] = float(lengths.mean())
         m["response/length_max"] = float(lengths.max())
-        m["response/clip_ratio"] = float((lengths >= self.cfg.data.max_response_length).float().mean())
+        m["response/clip_ratio"] = float(np.mean(batch.non_tensors["truncated"]))  # cut at the length limit
         m["response/tokens_total"] = float(lengths.sum() + sum(len(p) for p in batch.prompt_ids))
         if "entropy" in batch.tensors:
             m["actor/entropy_rollout"] = float(masked_mean(batch.tensors["entropy"], mask))

@@ -171,13 +171,16 @@ class FSDPWorker:
         self.rollout.release()
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
+        stops = {eos, tok.eos_token_id, tok.pad_token_id}  # the engines stop at <|im_end|> and <|endoftext|>
         rollout_logprobs: list[list[float]] = []
-        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in
-                                                                ("uid", "qid", "ground_truth", "key_words", "response", "index")}
+        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in ("uid", "qid", "ground_truth", "key_words",
+                                                                               "response", "index", "truncated")}
         for p, g in zip(prompts, gens):
             for j, r in enumerate(g.responses):
                 if g.logprobs is not None:
                     rollout_logprobs.append(g.logprobs[j] or [0.0])
+                # Cut by the length limit: as long as allowed and not ended by a stop token.
+                extra["truncated"].append(len(r) >= sampling_cfg.max_tokens and r[-1] not in stops)
                 r = r or [eos]  # an empty response still needs one token to carry its reward
                 prompt_ids.append(g.prompt_ids)
                 response_ids.append(r)

@@ -107,7 +107,7 @@ def test_a_resumed_run_does_not_replay_the_first_steps_samples(tiny_model_dir, s
     same.write_text(json.dumps([dict(record, qid=f"copy-{i}") for i in range(16)]))
     run_dir = str(tmp_path / "run")
     base = argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + [
-        f"data.train_files={same}", "trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.optim.lr=1e-12"]
+        f"data.train_files={same}", "trainer.val_freq=0", "data.max_response_length=8", "worker.actor.optim.lr=1e-12"]
     run(base)
     run(base + ["trainer.max_steps=2"])
 
@@ -122,7 +122,7 @@ def test_hf_rollout_backend_runs_a_step(tiny_model_dir, synthetic_data_dir, ray_
     """worker.rollout.name=hf: transformers `generate` on a synced copy of the policy (no vLLM)."""
     run_dir = str(tmp_path / "hf")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
-        + ["worker.rollout.name=hf", "trainer.val_freq=-1", "data.max_response_length=8"])
+        + ["worker.rollout.name=hf", "trainer.val_freq=0", "data.max_response_length=8"])
     (m,) = read_metrics(run_dir)
     assert m["step"] == 1 and 0 < m["response/length_mean"] <= 8
     assert checkpoint.complete_steps(run_dir) == [1]
@@ -131,12 +131,14 @@ def test_hf_rollout_backend_runs_a_step(tiny_model_dir, synthetic_data_dir, ray_
 def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, synthetic_data_dir, ray_session,
                                                             tmp_path):
     base = argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "keep"), steps=1) + [
-        "trainer.val_freq=-1", "data.max_response_length=8", "algorithm.online_filtering=true",
+        "trainer.val_freq=0", "data.max_response_length=8", "algorithm.online_filtering=true",
         "algorithm.filter_key=overall"]
     # Every group's mean lies in [0, 1]: the first try fills the batch.
     run(base + ["algorithm.filter_low=0.0", "algorithm.filter_high=1.0"])
     (m,) = read_metrics(str(tmp_path / "keep"))
     assert m["batch/filter_tries"] == 1 and m["batch/filter_kept_groups"] >= 4
+    # reward/* are over every generated response, the kept groups' under reward_kept/* (the same here: all kept).
+    assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"])
     # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
     with pytest.raises(RuntimeError, match="max_try_make_batch"):
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
@@ -146,12 +148,14 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
 def test_kl_as_reward_penalty_uses_the_reference(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     """use_kl_loss=false with KL enabled: the run builds the reference and logs its KL, with no KL loss. (At
     step 1 the reference is the actor, so the penalty is 0 here; its arithmetic is tested by hand in
-    tests/trainer/test_step_planning.py.)"""
+    tests/trainer/test_step_planning.py.) With validation data and val_freq=-1 the run validates at its end,
+    as EasyR1 does (it did not)."""
     run_dir = str(tmp_path / "klr")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
         + ["algorithm.use_kl_loss=false", "algorithm.kl_coef=0.1", "trainer.val_freq=-1", "data.max_response_length=8"])
     (m,) = read_metrics(run_dir)
     assert "actor/kl_ref" in m and "actor/kl_loss" not in m
+    assert m["val/samples"] == 8
 
 
 TEXT_REWARD = '''
@@ -178,7 +182,7 @@ def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, r
     the reward of the response saved next to it (a reward that differs for almost every response)."""
     run_dir = str(tmp_path / "aligned")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
-        + ["trainer.val_freq=-1", "data.max_response_length=12"])
+        + ["trainer.val_freq=0", "data.max_response_length=12"])
     with open(os.path.join(run_dir, "rollouts", "step_1.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert len({r["reward/overall"] for r in records}) > 4  # the check below can tell samples apart
@@ -194,7 +198,7 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     shows that the reference log-probs came back in the right rows."""
     run_dir = str(tmp_path / "packed")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
-        + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
+        + ["trainer.val_freq=0", "data.max_response_length=8", "worker.actor.global_batch_size=4",
            "worker.actor.padding_free=true", "worker.actor.share_prompts=true", "worker.actor.dynamic_batching=true",
            "worker.actor.max_token_len_per_gpu=300"])
     (m,) = read_metrics(run_dir)
@@ -212,7 +216,7 @@ def test_old_logprobs_from_the_rollout(tiny_model_dir, synthetic_data_dir, ray_s
     weights (2 ranks, packed rows with shared prompts): equal to float error, in the right rows and columns."""
     run_dir = str(tmp_path / "rollout_logprobs")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
-        + ["trainer.val_freq=-1", "data.max_response_length=8", "worker.actor.global_batch_size=4",
+        + ["trainer.val_freq=0", "data.max_response_length=8", "worker.actor.global_batch_size=4",
            "algorithm.old_logprobs=rollout"])
     (m,) = read_metrics(run_dir)
     assert m["batch/old_logprobs_from_update"] == 0.0
@@ -239,7 +243,7 @@ def test_grpo_learns_a_simple_reward(tiny_model_dir, synthetic_data_dir, ray_ses
     reward_file.write_text(CHARS_REWARD)
     run_dir = str(tmp_path / "learn")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=8)
-        + [f"worker.reward.reward_function={reward_file}:compute_score", "trainer.val_freq=-1",
+        + [f"worker.reward.reward_function={reward_file}:compute_score", "trainer.val_freq=0",
            "trainer.save_rollouts=false", "data.max_response_length=16", "worker.rollout.n=8",
            "worker.actor.global_batch_size=4", "worker.actor.optim.lr=1e-2", "algorithm.kl_coef=0.0"])
     chars = [m["reward/chars_per_token"] for m in read_metrics(run_dir)]

@@ -85,3 +85,13 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("reward/overall")] == [(1, 0.1), (2, 0.2), (3, 0.9)]
+
+
+def test_non_finite_metrics_are_null_in_the_file_and_validation_keys_are_whole_on_the_console(tmp_path, capsys):
+    """NaN / Infinity made metrics.jsonl invalid JSON for strict readers; the console printed "overall=" twice."""
+    t = Tracker(["file", "console"], str(tmp_path), "p", "e", {}, resume_step=0)
+    t.log(5, {"reward/overall": 0.2, "val/overall": 0.9, "actor/grad_norm": float("nan"), "x": float("inf")})
+    line = open(os.path.join(tmp_path, "metrics.jsonl")).read()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {
+        "step": 5, "reward/overall": 0.2, "val/overall": 0.9, "actor/grad_norm": None, "x": None}
+    assert "step 5: overall=0.2  grad_norm=nan  val/overall=0.9" in capsys.readouterr().out

@@ -147,3 +147,17 @@ def test_kl_in_the_reward_by_hand():
     for row, value in enumerate(expected):
         assert advantages[row, :lengths[row]].tolist() == pytest.approx([value] * lengths[row], abs=1e-5)
     assert torch.all(advantages[mask == 0] == 0)
+
+
+def test_concat_refuses_batches_with_other_keys_and_an_empty_batch_has_empty_response_tensors():
+    """concat took the first batch's keys: it dropped keys only later batches had, or raised a bare KeyError."""
+    def one(**non_tensors):
+        return Batch(prompt_ids=[[1]], response_ids=[[2, 3]], images=[[]],
+                     non_tensors={k: [v] for k, v in non_tensors.items()}, tensors={"scores": torch.zeros(1)})
+
+    joined = Batch.concat([one(uid="a"), one(uid="b")])
+    assert joined.non_tensors["uid"] == ["a", "b"] and joined.tensors["scores"].shape == (2,)
+    for batches in ([one(uid="a"), one(uid="b", extra=1)], [one(uid="b", extra=1), one(uid="a")]):
+        with pytest.raises(ValueError, match="batches must have the same keys"):
+            Batch.concat(batches)
+    assert Batch().response_tensor("old_logprobs").shape == (0, 0)  # raised on max() of no lengths
