@@ -303,7 +303,7 @@ def _check_val_sampling(overrides: dict) -> None:
     checks = {"n": (int, lambda v: v >= 1, ">= 1"), "max_tokens": (int, lambda v: v >= 1, ">= 1"),
               "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
               "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
-              "top_k": (int, lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+              "top_k": (int, lambda v: v >= -1, "-1 or 0 (off) or >= 1"),
               "seed": ((int, type(None)), lambda v: True, "an integer or null"),
               "logprobs": (bool, lambda v: True, "true or false")}
     for key, value in overrides.items():
@@ -331,14 +331,41 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     _choice("trainer.device", t.device, ("auto", "cuda", "cpu"))
     _choice("data.on_bad_record", d.on_bad_record, ("raise", "skip"))
     for key, value in (("worker.actor.fsdp.mixed_precision", actor.fsdp.mixed_precision),
+                       ("worker.ref.fsdp.mixed_precision", w.ref.fsdp.mixed_precision),
                        ("worker.rollout.dtype", rollout.dtype)):
         _choice(key, value, ("auto", "bf16", "fp32"))
+    if w.ref.fsdp.mixed_precision not in ("auto", actor.fsdp.mixed_precision):
+        raise ConfigError(f"worker.ref.fsdp.mixed_precision={w.ref.fsdp.mixed_precision}: the reference model computes "
+                          f"in the actor's precision (worker.actor.fsdp.mixed_precision={actor.fsdp.mixed_precision}), "
+                          "so that its log-probs compare with the actor's; set the actor's, or leave the ref's at auto")
     for key, value in (("data.rollout_batch_size", d.rollout_batch_size), ("worker.rollout.n", rollout.n),
                        ("trainer.nnodes", t.nnodes), ("trainer.n_gpus_per_node", t.n_gpus_per_node),
                        ("data.max_prompt_length", d.max_prompt_length),
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    if rollout.temperature < 0:
+        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be >= 0 (0 is greedy)")
+    if not 0.0 < rollout.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"worker.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} must be in (0, 1]")
+    if rollout.top_k < -1:
+        raise ConfigError(f"worker.rollout.top_k={rollout.top_k} must be -1 or 0 (off) or >= 1")
+    if not rollout.cpu_kv_cache_gb > 0:
+        raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be positive")
+    _positive("worker.rollout.limit_images", rollout.limit_images)
+    if not 0.0 <= actor.clip_ratio_low < 1.0 or actor.clip_ratio_high < 0.0:
+        raise ConfigError(f"worker.actor.clip_ratio_low={actor.clip_ratio_low} must be in [0, 1) and "
+                          f"worker.actor.clip_ratio_high={actor.clip_ratio_high} >= 0")
+    if a.kl_coef < 0:
+        raise ConfigError(f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    if t.load_checkpoint_path:
+        path = os.path.expanduser(t.load_checkpoint_path.rstrip("/"))
+        path = os.path.dirname(path) if os.path.basename(path) == "actor" else path
+        from pebr.checkpoint import STATE_FILE
+
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            raise ConfigError(f"trainer.load_checkpoint_path={t.load_checkpoint_path!r} is not a complete checkpoint "
+                              "(no trainer_state.json in it); name a global_step_* directory")
     if training and rollout.temperature <= 0:
         # The actor divides its logits by the sampling temperature, and GRPO learns nothing from n equal greedy answers.
         raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be positive for training (validation "
@@ -435,6 +462,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"trainer.{'val_only=true' if t.val_only else f'val_freq={t.val_freq}'} needs "
                           "data.val_files (the questions to validate on)")
     if not training:
+        if t.total_epochs < 1:  # sampling draws worker.rollout.n x trainer.total_epochs responses per question
+            raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1 (sampling draws "
+                              "worker.rollout.n x trainer.total_epochs responses per question)")
         return cfg
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1, or null to run trainer.total_epochs")
@@ -447,6 +477,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
             raise ConfigError(f"{key}={value} must be positive")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"worker.actor.optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if o.lr_warmup_steps is not None and o.lr_warmup_steps < 0:
+        raise ConfigError(f"worker.actor.optim.lr_warmup_steps={o.lr_warmup_steps} must be >= 0 (or null to use "
+                          "lr_warmup_ratio)")
     for key, value in (("worker.actor.optim.lr_warmup_ratio", o.lr_warmup_ratio),
                        ("worker.actor.optim.min_lr_ratio", o.min_lr_ratio)):
         if not 0.0 <= value <= 1.0:
@@ -479,7 +512,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
             f"number of workers ({cfg.world_size})")
     per_device = samples_per_update // cfg.world_size
     micro = actor.micro_batch_size_per_device_for_update
-    if micro < per_device and per_device % micro:
+    if not actor.dynamic_batching and micro < per_device and per_device % micro:  # token budgets ignore `micro`
         raise ConfigError(
             f"each worker gets {per_device} samples per update (global_batch_size x n / workers); "
             f"worker.actor.micro_batch_size_per_device_for_update="

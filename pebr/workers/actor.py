@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import os
 from typing import Any, Iterator, Sequence
@@ -27,6 +28,7 @@ from pebr.config import ConfigError, ModelConfig
 from pebr.protocol import Batch
 from pebr.workers.attention import register_varlen_attention
 
+logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -751,6 +753,12 @@ def build_optimizer(model: torch.nn.Module, optim_cfg: Any, total_steps: int):
                                   weight_decay=optim_cfg.weight_decay, fused=True)
     warmup = optim_cfg.lr_warmup_steps if optim_cfg.lr_warmup_steps is not None else int(
         optim_cfg.lr_warmup_ratio * total_steps)
+    if optim_cfg.lr_warmup_steps is None and optim_cfg.lr_warmup_ratio > 0 and warmup == 0:
+        logger.warning("lr_warmup_ratio=%s of %d steps rounds to no warm-up step", optim_cfg.lr_warmup_ratio,
+                       total_steps)
+    elif warmup >= total_steps > 0:
+        logger.warning("the lr warm-up (%d steps) does not end within the run's %d steps: the peak lr is never "
+                       "reached", warmup, total_steps)
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import glob
+import os
 import re
 import sys
-import os
 
 import pytest
 
@@ -53,7 +53,6 @@ def test_overrides_win_over_files():
     ("worker.rollout.n=four", "worker.rollout.n"),
     ("data.rollout_batch_size=500", "rollout_batch_size"),
     ("worker.actor.global_batch_size=1000", "global_batch_size"),
-    ("worker.actor.micro_batch_size_per_device_for_update=3", "micro_batch_size_per_device_for_update"),
     ("worker.rollout.n=1", "worker.rollout.n"),
     ("algorithm.adv_estimator=ppo_critic", "algorithm.adv_estimator"),
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
@@ -94,6 +93,18 @@ def test_overrides_win_over_files():
     ("worker.actor.optim.lr_warmup_ratio=1.5", "worker.actor.optim.lr_warmup_ratio=1.5 must be in"),
     ("worker.actor.optim.min_lr_ratio=2", "worker.actor.optim.min_lr_ratio=2.0 must be in"),
     ("data.min_pixels=900000", "data.min_pixels=900000 is larger than data.max_pixels=802816"),
+    # Passed validation and failed in vLLM or the workers after Ray started, or were ignored.
+    ("worker.rollout.gpu_memory_utilization=1.5", "gpu_memory_utilization=1.5 must be in"),
+    ("worker.rollout.gpu_memory_utilization=0", "gpu_memory_utilization=0.0 must be in"),
+    ("worker.rollout.top_k=-5", "worker.rollout.top_k=-5 must be -1 or 0"),
+    ("worker.rollout.cpu_kv_cache_gb=0", "cpu_kv_cache_gb=0.0 must be positive"),
+    ("worker.rollout.limit_images=0", "worker.rollout.limit_images must be positive"),
+    ("worker.actor.clip_ratio_low=-1", "clip_ratio_low=-1.0 must be in"),
+    ("algorithm.kl_coef=-1", "algorithm.kl_coef=-1.0 must be >= 0"),
+    ("worker.actor.optim.lr_warmup_steps=-3", "lr_warmup_steps=-3 must be >= 0"),
+    ("worker.ref.fsdp.mixed_precision=garbage", "worker.ref.fsdp.mixed_precision"),
+    ("worker.ref.fsdp.mixed_precision=bf16", "reference model computes in the actor's precision"),
+    ("trainer.load_checkpoint_path=./no_such_ckpt", "load_checkpoint_path='./no_such_ckpt' is not a complete"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -191,3 +202,25 @@ def test_a_whole_mapping_on_the_command_line_replaces_the_files_one():
                        ).worker.reward.reward_function_kwargs == {"clip_weight": 0}
     assert load_config(stage1 + ["worker.reward.reward_function_kwargs.clip_weight=0"]
                        ).worker.reward.reward_function_kwargs == {**kwargs, "clip_weight": 0}
+
+
+def test_the_micro_batch_size_must_divide_a_workers_samples_only_when_it_is_used():
+    fixed = [stage("pebr_stage2.yaml"), *REQUIRED, "worker.actor.micro_batch_size_per_device_for_update=3"]
+    with pytest.raises(ConfigError, match="micro_batch_size_per_device_for_update=3 must divide"):
+        load_config(fixed + ["worker.actor.dynamic_batching=false"])
+    load_config(fixed)  # token-budget micro-batches (the recipe's): the size is not used, so not refused
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.total_epochs=0", "trainer.total_epochs=0 must be >= 1 (sampling draws"),
+    ("worker.rollout.temperature=-1", "worker.rollout.temperature=-1.0 must be >= 0"),
+])
+def test_a_sampling_run_refuses_what_would_fail_after_ray_starts(override, message):
+    """Sampling skips the training checks; these reached Ray and vLLM (n=0 responses per question)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([stage("pebr_sample.yaml"), *REQUIRED, override], training=False)
+    load_config([stage("pebr_sample.yaml"), *REQUIRED, "worker.rollout.temperature=0"], training=False)  # greedy: fine
+
+
+def test_validation_sampling_takes_top_k_0_as_vllm_does():
+    load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.top_k=0"])
