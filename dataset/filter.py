@@ -16,11 +16,12 @@ A sample is dropped, with the reason counted, when
     Qwen2.5-VL processor refuses;
   * turn_order: after an optional system turn, the turns are not user, assistant, user, ... ending with
     an assistant turn; LLaMA-Factory's sharegpt reader skips such samples;
-  * malformed / unknown_role / no_assistant_turn / vision_token_in_text / placeholder_mismatch: the record
-    breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check that pebr/sft.py's loader
-    applies too (not a dict, ``messages`` empty or not {role, content} strings, a role other than
-    system/user/assistant, no assistant turn, a turn holding one of the model's vision tokens such as
-    ``<|image_pad|>``, ``<image>`` placeholders in the user turns not matching ``images``); these are
+  * malformed / unknown_role / no_assistant_turn / vision_token_in_text / chat_token_in_text /
+    placeholder_mismatch: the record breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check
+    that pebr/sft.py's loader applies too (not a dict, ``messages`` empty or not {role, content} strings, a role
+    other than system/user/assistant, no assistant turn, a turn holding one of the model's vision tokens such
+    as ``<|image_pad|>`` or the chat template's ``<|im_start|>`` / ``<|im_end|>`` / ``<|endoftext|>``,
+    ``<image>`` placeholders in the user turns not matching ``images``); these are
     also listed one by one, by index.
 Text-only samples (no ``images`` or an empty list) are kept. ``images`` given as one string is
 written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects, and one image without

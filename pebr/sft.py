@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,6 +48,7 @@ DEFAULT_FORMAT_PROMPT = os.path.join(
 # The Qwen chat layout (ChatML): an assistant turn is "<|im_start|>assistant\n" + content + "<|im_end|>".
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
+METRICS_FILE = "sft_metrics.json"  # written last: its presence marks a finished warm-up output
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +172,9 @@ def encode_chat(
     header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     mask = torch.tensor(assistant_label_mask(ids.tolist(), header, end_id))
-    expected = "".join(m["content"] + END_OF_TURN for m in chat if m["role"] == "assistant")
+    # Each turn as the tokenizer reads it back (its normalizer may change the text: NFC makes an OHM SIGN an Omega).
+    expected = "".join(tokenizer.decode(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) + END_OF_TURN
+                       for m in chat if m["role"] == "assistant")
     got = tokenizer.decode(ids[mask], skip_special_tokens=False)
     if got != expected:
         raise DataError(
@@ -283,8 +287,8 @@ class SFTDataset(Dataset):
                 ) from err
         try:
             return encode_chat(self.processor, chat, images)
-        except DataError:
-            raise
+        except DataError as err:
+            raise DataError(f"sft record {self.record_indices[i]}: {err}") from err
         except (StopIteration, ValueError) as err:
             # A StopIteration leaving __getitem__ would end the DataLoader's epoch early, silently.
             raise DataError(f"sft record {self.record_indices[i]}: the processor refused it: "
@@ -384,6 +388,16 @@ class SFTConfig:
         from pebr.evaluation import check_model_path
 
         check_model_path(self.model_path)  # weights there, not a sharded or unmerged trainer checkpoint
+        # The finished output replaces output_dir whole: it must not be, or hold, an input, nor a user's directory.
+        out = os.path.realpath(self.output_dir)
+        for name in ("model_path", "data", "image_dir"):
+            path = getattr(self, name)
+            if path and (os.path.realpath(path) == out or os.path.realpath(path).startswith(out + os.sep)):
+                raise ConfigError(f"sft config: output_dir {self.output_dir!r} is or holds {name} {path!r}, which the "
+                                  "saved model would replace; name another output_dir")
+        if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, METRICS_FILE)):
+            raise ConfigError(f"sft config: output_dir {self.output_dir!r} holds files but no {METRICS_FILE}, so it is "
+                              "not an earlier warm-up's output, which alone is replaced; name a new or empty directory")
 
 
 def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -464,8 +478,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum))
     logger.info("SFT: %d samples, %d steps/epoch, %d trainable parameters", len(dataset), steps_per_epoch, trainable)
 
+    # Everything is written to `staging` and renamed into place at the end: output_dir holds the previous complete
+    # output (or nothing) until the new one is complete.
+    staging = os.path.realpath(cfg.output_dir) + ".saving"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
     args = TrainingArguments(
-        output_dir=cfg.output_dir,
+        output_dir=staging,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -498,8 +516,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     if model.source_dtype is not None:  # saved in the base model's dtype (trained with fp32 master weights)
         model.to(model.source_dtype)
-    trainer.save_model(cfg.output_dir)
-    processor.save_pretrained(cfg.output_dir)
+    trainer.save_model(staging)
+    processor.save_pretrained(staging)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_loss": result.training_loss,
@@ -513,6 +531,18 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "log_history": trainer.state.log_history,
     }
-    # Written last, atomically: a directory without it holds an interrupted save.
-    atomic_write_text(os.path.join(cfg.output_dir, "sft_metrics.json"), json.dumps(metrics, indent=2))
+    atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
+    _replace_dir(staging, cfg.output_dir)
     return metrics
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Put directory `new` at `target`, the previous `target` kept aside until the new one is in place."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = os.path.realpath(target) + ".replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

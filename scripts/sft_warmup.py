@@ -7,7 +7,9 @@ Loss is on assistant tokens only; the user turn is rendered through the PeBR for
 stages (`--format_prompt ""` to train on the bare question). The vision tower and its projector are
 frozen by default, as in the paper (`--no-freeze_vision_tower` trains them too). OUT is a Hugging Face
 model directory (safetensors, processor, tokenizer) that transformers, vLLM and the RL recipes load;
-`OUT/sft_metrics.json` holds the losses and the wall time. At real scale use LLaMA-Factory (docs/).
+`OUT/sft_metrics.json` holds the losses and the wall time. OUT is written whole at the end (through OUT.saving)
+and replaces an earlier warm-up's output only then; no intermediate checkpoints are kept, so an interrupted run
+starts again. At real scale use LLaMA-Factory (docs/), which saves and resumes checkpoints.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ IMAGE_PLACEHOLDER = "<image>"
 # The model's own vision tokens. In a record's text they are taken for image slots ("image features and image
 # tokens do not match", or the processor running out of images); a rollout must never emit them either.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# The chat template's control tokens: in a turn's text they end the turn early or open another one.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 JSON_SUFFIXES = (".json", ".jsonl", ".parquet")
 ON_BAD_RECORD_CHOICES = ("raise", "skip")
 MAX_REPORT_MESSAGES = 10
@@ -284,8 +286,9 @@ def _normalize_answer(value: Any, where: str, key: str) -> str:
     return answer
 
 
-def check_no_vision_tokens(text: str, where: str, key: str) -> None:
-    """Refuse text holding one of the model's vision tokens (reason "vision_token_in_text").
+def check_no_model_tokens(text: str, where: str, key: str) -> None:
+    """Refuse text holding one of the model's vision tokens (reason "vision_token_in_text") or the chat template's
+    control tokens (reason "chat_token_in_text").
 
     Raises:
         BadRecord: naming `where`, the key and the token.
@@ -295,6 +298,10 @@ def check_no_vision_tokens(text: str, where: str, key: str) -> None:
             raise BadRecord("vision_token_in_text", f"{where}: key {key!r} holds the model's vision token {token!r}, "
                                                     f"which the processor would take for an image slot; mark images "
                                                     f"with {IMAGE_PLACEHOLDER} only")
+    for token in CHAT_TOKENS:
+        if token in text:
+            raise BadRecord("chat_token_in_text", f"{where}: key {key!r} holds the chat template's control token "
+                                                  f"{token!r}, which would end the turn there or start another")
 
 
 def _normalize_key_words(value: Any, where: str) -> list[str]:
@@ -349,7 +356,7 @@ def normalize_record(
         raise BadRecord("bad_prompt", f"{where}: key {prompt_key!r} is {problem}")
     if answer_key not in value or value[answer_key] is None:
         raise BadRecord("bad_answer", f"{where}: key {answer_key!r} is missing")
-    check_no_vision_tokens(prompt, where, prompt_key)
+    check_no_model_tokens(prompt, where, prompt_key)
     answer = _normalize_answer(value[answer_key], where, answer_key)
     images = _normalize_images(value.get(image_key), where, image_key)
     key_words = _normalize_key_words(value.get("key_words"), where)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, check_no_vision_tokens
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, check_no_model_tokens
 
 ROLES = ("system", "user", "assistant")
 # Reason tags of `BadRecord`, counted by dataset/filter.py.
-SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "vision_token_in_text", "placeholder_mismatch")
+SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "vision_token_in_text", "chat_token_in_text",
+                    "placeholder_mismatch")
 
 
 def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             # A non-string role is a broken record; a foreign role name is a known layout mix-up.
             reason = "unknown_role" if isinstance(role, str) else "malformed"
             raise BadRecord(reason, f"{where}: key 'messages'[{j}]['role'] is {role!r}, expected one of {ROLES}")
-        check_no_vision_tokens(message["content"], where, f"messages[{j}].content")
+        check_no_model_tokens(message["content"], where, f"messages[{j}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(
             "no_assistant_turn", f"{where}: key 'messages' has no assistant turn, so nothing would be learned"

@@ -209,6 +209,7 @@ def test_non_utf8_bytes(tmp_path):
         ({"problem": "<image>what is <|image_pad|>?", "answer": "1", "images": ["a.png"]},
          r"'problem' holds the model's vision token '<\|image_pad\|>'", "vision_token_in_text"),
         ({"problem": "q<|vision_start|>", "answer": "1"}, "vision token", "vision_token_in_text"),
+        ({"problem": "q<|im_end|>", "answer": "1"}, r"control token '<\|im_end\|>'", "chat_token_in_text"),
     ],
 )
 def test_bad_record_raise_and_skip(tmp_path, record, key, reason):

@@ -19,6 +19,7 @@ from pebr.sft import (
     SFTDataset,
     assistant_label_mask,
     collate,
+    encode_chat,
     load_sharegpt,
     train_sft,
 )
@@ -278,6 +279,9 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
         {**ok, "messages": ok["messages"][:1]},
         {**ok, "messages": [{"role": "human", "content": "<image>q"}, {"role": "gpt", "content": "a"}]},
         {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "the <|image_pad|> token"}]},
+        # The chat template's control tokens in a turn: they passed both and failed mid-training, naming no record.
+        {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "a<|im_end|>"}]},
+        {**ok, "messages": [{"role": "user", "content": "<image>q<|im_start|>assistant\n"}, ok["messages"][1]]},
     ]
     for record in refused:
         (tmp_path / "one.json").write_text(json.dumps([ok, record]))
@@ -349,3 +353,62 @@ def test_a_processor_error_names_the_record_instead_of_ending_the_epoch(tmp_path
     ds = SFTDataset([record], processor, image_dir=str(tmp_path), max_length=4096)
     with pytest.raises(DataError, match="sft record 0: the processor refused it: StopIteration"):
         ds[0]
+
+
+def test_text_the_tokenizer_normalises_keeps_its_labels(tmp_path, tiny_model_dir) -> None:
+    """The real Qwen2.5-VL tokenizer NFC-normalises: an OHM SIGN comes back as an Omega, and the label check
+    compared the decoded labels with the raw text, so one such answer ended a run mid-way."""
+    from transformers import AutoProcessor
+
+    model = tmp_path / "nfc"
+    shutil.copytree(tiny_model_dir, model)
+    with open(model / "tokenizer.json") as f:
+        spec = json.load(f)
+    spec["normalizer"] = {"type": "NFC"}
+    with open(model / "tokenizer.json", "w") as f:
+        json.dump(spec, f)
+    processor = AutoProcessor.from_pretrained(str(model))
+    chat = [{"role": "user", "content": "What is R?"}, {"role": "assistant", "content": "R = 5 \u2126"}]
+    out = encode_chat(processor, chat, [])
+    labelled = processor.tokenizer.decode(out["input_ids"][out["labels"] != -100])
+    assert labelled == "R = 5 \u03a9<|im_end|>"  # the normalised answer and its end-of-turn token
+
+
+def test_an_output_dir_that_is_an_input_or_a_users_directory_is_refused(tmp_path, tiny_model_dir) -> None:
+    """output_dir=model_path overwrote the base model in place."""
+    with pytest.raises(ValueError, match="is or holds model_path"):
+        SFTConfig(model_path=tiny_model_dir, data="x", output_dir=tiny_model_dir).validate()
+    data = tmp_path / "work" / "sft.json"
+    data.parent.mkdir()
+    data.write_text("[]")
+    with pytest.raises(ValueError, match="is or holds data"):
+        SFTConfig(model_path=tiny_model_dir, data=str(data), output_dir=str(tmp_path / "work")).validate()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds files but no sft_metrics.json"):
+        SFTConfig(model_path=tiny_model_dir, data="x", output_dir=str(tmp_path / "mine")).validate()
+
+
+def test_an_interrupted_save_leaves_the_previous_output_whole(tmp_path, clean_sft, synthetic_data_dir,
+                                                              tiny_model_dir, monkeypatch) -> None:
+    """A second run into the same directory, killed while saving, left its weights beside the first run's
+    sft_metrics.json, which marked the mixture as finished."""
+    from transformers import ProcessorMixin
+
+    out = str(tmp_path / "warm")
+    settings = dict(model_path=tiny_model_dir, data=clean_sft, image_dir=os.path.join(synthetic_data_dir, "images"),
+                    output_dir=out, batch_size=2, lr=1e-3)
+    train_sft(SFTConfig(max_steps=1, **settings))
+    first = {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProcessorMixin, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(SFTConfig(max_steps=2, **settings))
+    assert {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))} == first
+    monkeypatch.undo()
+    assert train_sft(SFTConfig(max_steps=2, **settings))["steps"] == 2  # the killed run's staging is cleared
+    assert json.load(open(os.path.join(out, "sft_metrics.json")))["steps"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["warm"]
