@@ -6,7 +6,7 @@ Schema of a rollout `Batch` of N samples (N = prompts x n responses):
     response_ids   list[list[int]]   the generated tokens (no padding)
     images         list[list[Image]] the prompt's images (the same objects for all n responses of a prompt)
     non_tensors    dict[str, list]   per-sample values: uid (prompt group), qid, ground_truth, key_words,
-                                     response (decoded text), prompt index
+                                     response (decoded text), prompt index, truncated (cut by the length limit)
     tensors        dict[str, Tensor] per-sample tensors with N as the first dimension, e.g. response_mask
                                      [N, T], old_logprobs [N, T], ref_logprobs [N, T], advantages [N, T],
                                      scores [N]; T is the longest response of the batch (right padding)
