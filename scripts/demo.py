@@ -9,8 +9,9 @@ the easy ones do not fill one rollout batch) -> merge
 split -> a table (results.md) and a plot of reward and accuracy over the RL steps (training_curves.png).
 
 Each stage runs the project's own command line (the bash recipes' CPU twins for sampling and RL), shows
-its progress, and is skipped when it finished before with the same command and environment; a stage whose
-command changed, and every stage after one that ran, runs again on a fresh output (`--force` reruns everything). `--profile quick` is a
+its progress, and is skipped when it finished before with the same command and environment after the same
+run of the stage before it; otherwise it runs again on a fresh output (`--force` reruns everything). An
+interrupted stage resumes on its next call with the same settings. `--profile quick` is a
 shortened run on the tiny model (a few steps per stage) that the tests use. `--seeds 0 1 2` runs the whole
 pipeline once per seed (in OUT/seed_K) and writes OUT/seeds.md: each model's mean and spread over the seeds,
 and the per-seed change of stage 2 over the warm-up model.
@@ -19,6 +20,7 @@ and the per-seed change of stage 2 over the warm-up model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -71,9 +73,9 @@ class Profile:
 PROFILES = {
     # The warm-up recipe of the SFT study: easier scenes (4 colours, 2-4 objects at 1.5x size) and the random
     # vision tower kept frozen (trained, it collapses to one constant vector), 3 epochs at lr 2e-3 in bf16.
-    # The SFT traces come from an imperfect teacher (60% answer with the total count, 60% omit sizes): with a
-    # faithful one the warm-up scored 52% and RL could not improve it; with this one stage 2 gains 8-18 points
-    # over 3 seeds (README). RL: 16 prompts x 8 per step in one on-policy update (no old log-prob pass) at lr 3e-5.
+    # The SFT traces come from an imperfect teacher (60% answer with the total count, right anyway for about a fifth
+    # of those, so about half end wrong; 60% omit sizes): with a faithful one the warm-up scored 52% and RL could not
+    # improve it; with this one stage 2 gains 8-18 points over 3 seeds (README). RL: 16 prompts x 8 per step in one on-policy update (no old log-prob pass) at lr 3e-5.
     # 300 held-out questions: with 60, one question is 1.7 points and the seed-to-seed spread drowns any effect.
     "full": Profile(model_size="small", num_questions=540, test_fraction=300 / 540, sft_num=1500, image_size=112,
                     sft_epochs=3.0, sft_lr=2e-3, sft_batch_size=8, max_response_length=256, rollout_batch_size=16,
@@ -88,55 +90,65 @@ PROFILES = {
 }
 
 
+def _digest(marker: dict) -> str:
+    return hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Pipeline:
-    def __init__(self, out: str, profile: Profile, seed: int, force: bool):
-        self.out, self.p, self.seed, self.force = os.path.abspath(out), profile, seed, force
+    def __init__(self, out: str, profile: Profile, seed: int):
+        self.out, self.p, self.seed = os.path.abspath(out), profile, seed
         os.makedirs(self.out, exist_ok=True)
         self.times: dict[str, float] = {}
-        self.upstream_ran = False  # a stage ran in this call: every later one reads its new output
+        self.upstream = ""  # the digest of the last stage's done marker: part of the next stage's recipe
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
     def stage(self, name: str, output: str, cmd: list[str], env: dict | None = None) -> None:
-        """Run `cmd` unless it finished before with the same command and environment and nothing before it ran
-        again. Its marker (`.done`, written on success) records the command; an output left by other inputs is
-        deleted first (a stale RL run directory would be resumed), one left by an interrupted run of the same
-        inputs is kept (the trainer and the sampler resume it)."""
-        recipe = {"command": cmd, "env": env or {}}
-        done = self._finished(output)
-        if done is not None and done.get("recipe") == recipe and not self.force and not self.upstream_ran:
+        """Run `cmd` unless it finished before with the same recipe: command, environment and the marker of the
+        stage before it (so a stage whose input was made again, even by an interrupted call, runs again).
+
+        Markers sit beside the output: `OUTPUT.started` (the recipe, written before the command runs) and
+        `OUTPUT.done` (written on success). An output left by another recipe is deleted first (a stale RL run
+        directory or rollout file would be resumed); one left by an interrupted run of this recipe is kept, for
+        the trainer and the sampler to resume."""
+        recipe = {"command": cmd, "env": env or {}, "upstream": self.upstream}
+        done, started = self._marker(output, "done"), self._marker(output, "started")
+        if done is not None and done.get("recipe") == recipe and os.path.exists(output):
             self.times[name] = float(done.get("seconds", "nan"))  # what the stage took when it ran
+            self.upstream = _digest(done)
             print(f"[demo] {name}: done before, skipped ({output})", flush=True)
             return
-        if os.path.exists(output) and (done is not None or self.upstream_ran):
-            print(f"[demo] {name}: its inputs changed since {output} was made; making it again", flush=True)
+        if os.path.exists(output) and (done is not None or started is None or started.get("recipe") != recipe):
+            print(f"[demo] {name}: {output} was made from other inputs; making it again", flush=True)
             shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
-            if os.path.exists(output + ".done"):
-                os.remove(output + ".done")
+        for kind in ("done", "started"):
+            if os.path.exists(f"{output}.{kind}"):
+                os.remove(f"{output}.{kind}")
+        atomic_write_json(f"{output}.started", {"recipe": recipe})
         print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         # The bash recipes call `python3`: make it this interpreter (the project's virtual environment).
         path = os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", "")
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
         self.times[name] = time.time() - t0
-        self.upstream_ran = True
-        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
-        atomic_write_json(marker, {"seconds": round(self.times[name], 1), "recipe": recipe})
+        done = {"seconds": round(self.times[name], 1), "finished": time.time(), "recipe": recipe}
+        atomic_write_json(f"{output}.done", done)
+        os.remove(f"{output}.started")
+        self.upstream = _digest(done)
         print(f"[demo] {name}: {self.times[name]:.0f} s", flush=True)
 
     @staticmethod
-    def _finished(output: str) -> dict | None:
-        """The marker of a finished stage; None when it never finished ({} for a marker of an older demo)."""
-        marker = output + ".done" if not os.path.isdir(output) else os.path.join(output, ".done")
-        if not os.path.exists(marker):
-            return None
+    def _marker(output: str, kind: str) -> dict | None:
+        """The `OUTPUT.kind` marker; None when there is none ({} for an unreadable one)."""
         try:
-            with open(marker) as f:
-                done = json.load(f)
+            with open(f"{output}.{kind}") as f:
+                marker = json.load(f)
+        except FileNotFoundError:
+            return None
         except ValueError:
             return {}
-        return done if isinstance(done, dict) else {}
+        return marker if isinstance(marker, dict) else {}
 
     def rl_overrides(self, steps: int) -> list[str]:
         p = self.p
@@ -179,7 +191,8 @@ class Pipeline:
                    ["bash", "examples/pebr_sample_cpu.sh", f"data.max_response_length={p.max_response_length}",
                     f"data.rollout_batch_size={max(p.rollout_batch_size, 16)}"],
                    env={"MODEL_PATH": self.path("warmup"), "TRAIN_FILES": os.path.join(data, "train.json"),
-                        "IMAGE_DIR": images, "ROLLOUTS": self.path("rollouts.jsonl"), "SPLIT_DIR": split})
+                        # In the stage's own output: made again with it when its inputs change.
+                        "IMAGE_DIR": images, "ROLLOUTS": os.path.join(split, "rollouts.jsonl"), "SPLIT_DIR": split})
         stage1_data, medium = self.split_file(*self.stage1_kinds()), self.split_file("medium")
         self.stage("stage 1 (perception RL on easy cases) + merge", self.path("stage1"),
                    ["bash", "examples/pebr_stage1_cpu.sh", *self.rl_overrides(p.stage1_steps),
@@ -402,11 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     if PROFILES[args.profile].bf16 and not profile.bf16:
         print(f"[demo] bf16 off ({'--bf16 no' if args.bf16 == 'no' else 'no AMX or AVX-512 BF16 on this CPU'}): "
               "fp32 throughout; the README's figures were measured in bf16 on an AMX CPU", flush=True)
+    if args.seeds:
+        args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would count twice in seeds.md
     runs = {s: os.path.join(args.out, f"seed_{s}") for s in args.seeds} if args.seeds else {args.seed: args.out}
     stage_s = {}
     for seed, out in runs.items():
         t0 = time.time()
-        pipeline = Pipeline(out, profile, seed, args.force)
+        pipeline = Pipeline(out, profile, seed)
         pipeline.run()
         stage_s[seed] = sum(pipeline.times.values())
         print(f"[demo] total {time.time() - t0:.0f} s (all stages, including any done before: {stage_s[seed]:.0f} s)"

@@ -42,6 +42,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pebr.utils import scenes as sc
+from pebr.utils.jsonio import atomic_write_text  # noqa: E402
 
 REFLECTIVE_SHARE = 0.10
 TINY_SHARE = 0.05
@@ -71,6 +72,10 @@ DEMO_SCENE = sc.Scene(
 )
 
 
+# The files that index the images, written in this order (train.json, which the recipes read, last).
+INDEX_FILES = ("scenes.json", "sft/sft.json", "test.json", "train.json")
+
+
 def _save_png(img: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG", optimize=False)  # no metadata, fixed compression: reproducible bytes
@@ -78,7 +83,7 @@ def _save_png(img: Any, path: Path) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(str(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _scene_entry(
@@ -248,17 +253,21 @@ def build_dataset(
     if not 0 <= test_fraction < 1:
         raise ValueError(f"--test_fraction must be in [0, 1), got {test_fraction}")
     sft_num = num if sft_num is None else sft_num
+    if sft_num:
+        _sft_kinds(sft_num, random.Random(0))  # its size check, before anything is drawn or written
     out = Path(output_dir)
     image_root = out / "images"
+    # The record files go first and come back last (each atomically): a run stopped half-way leaves no record
+    # file that names another run's images.
+    for name in INDEX_FILES:
+        (out / name).unlink(missing_ok=True)
     n_test = round(num * test_fraction)
     scene_log: dict[str, Any] = {}
     train = make_rl_split("train", num - n_test, seed, image_size, image_root, scene_log, scene_options)
     test = make_rl_split("test", n_test, seed, image_size, image_root, scene_log, scene_options)
     sft = make_sft(sft_num, seed, image_size, image_root, scene_log, scene_options, flaws)
-    _write_json(out / "train.json", train)
-    _write_json(out / "test.json", test)
-    _write_json(out / "scenes.json", scene_log)
-    _write_json(out / "sft" / "sft.json", sft)
+    for name, data in zip(INDEX_FILES, (scene_log, sft, test, train)):
+        _write_json(out / name, data)
     counts = {"train": len(train), "test": len(test), "sft": len(sft)}
     for flaw in ("total_answer", "no_size"):
         if getattr(flaws, flaw):

@@ -80,7 +80,7 @@ def test_stage1_data_is_easy_or_easy_plus_medium(tmp_path, capsys):
 
     from demo import PROFILES, Pipeline
 
-    pipe = Pipeline(str(tmp_path), PROFILES["full"], seed=0, force=False)  # rollout batch 16
+    pipe = Pipeline(str(tmp_path), PROFILES["full"], seed=0)  # rollout batch 16
     os.makedirs(tmp_path / "split")
 
     def write(easy: int, medium: int) -> None:
@@ -135,15 +135,56 @@ def test_a_stage_runs_again_when_its_command_or_an_earlier_stage_changed(tmp_pat
 
     first, second = str(tmp_path / "first.txt"), str(tmp_path / "second.txt")
 
-    def run(first_text: str) -> str:
-        pipeline = demo.Pipeline(str(tmp_path), demo.PROFILES["quick"], 0, force=False)
+    # The second stage's command is the same whatever the first wrote: only the chain of markers tells.
+    copy = [sys.executable, "-c", f"open({second!r}, 'w').write('from ' + open({first!r}).read())"]
+
+    def run(first_text: str, stages: int = 2) -> str:
+        pipeline = demo.Pipeline(str(tmp_path), demo.PROFILES["quick"], 0)
         pipeline.stage("first", first, write(first, first_text))
-        pipeline.stage("second", second, write(second, "from " + open(first).read()))
+        if stages == 2:
+            pipeline.stage("second", second, copy)
         return capsys.readouterr().out
 
     run("a")
     assert run("a").count("done before, skipped") == 2
     out = run("b")  # the first stage's command changed: it runs, and so does the one after it
-    assert "first: its inputs changed" in out and "done before" not in out
+    assert "first: " + first + " was made from other inputs" in out and "done before" not in out
     assert open(second).read() == "from b"
     assert run("b").count("done before, skipped") == 2
+    # A call stopped after the first stage ran again: the next one must not skip the second (it kept "from b").
+    run("c", stages=1)
+    out = run("c")
+    assert out.count("done before, skipped") == 1 and open(second).read() == "from c"
+    # An output whose marker outlived it is made again, not skipped.
+    os.remove(second)
+    assert "done before" not in run("c").split("second")[1] and open(second).read() == "from c"
+
+
+def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys):
+    """A stage stopped half-way left its output to be resumed by the next call, whatever settings that call had."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import subprocess
+
+    import demo
+
+    out, stop = str(tmp_path / "run"), tmp_path / "stop"
+
+    def partial(setting: str) -> list[str]:  # appends a line, as a resumed run adds steps; fails while `stop` exists
+        code = (f"import os; open({out!r}, 'a').write({setting!r} + chr(10)); "
+                f"raise SystemExit(os.path.exists({str(stop)!r}))")
+        return [sys.executable, "-c", code]
+
+    def interrupted(setting: str) -> None:
+        stop.touch()
+        with pytest.raises(subprocess.CalledProcessError):
+            pipeline.stage("rl", out, partial(setting))
+        stop.unlink()
+
+    pipeline = demo.Pipeline(str(tmp_path), demo.PROFILES["quick"], 0)
+    interrupted("lr=1e-5")
+    pipeline.stage("rl", out, partial("lr=1e-5"))  # the same recipe: resumed
+    assert open(out).read() == "lr=1e-5\nlr=1e-5\n"
+    interrupted("lr=3e-5")
+    pipeline.stage("rl", out, partial("lr=1e-5"))  # another recipe started it: made again
+    assert open(out).read() == "lr=1e-5\n"
+    assert "was made from other inputs" in capsys.readouterr().out

@@ -241,3 +241,31 @@ def test_description_keywords_and_response_for_a_hand_built_scene():
 def test_scene_from_dict_names_the_bad_object():
     with pytest.raises(ValueError, match="scene object 0: unknown color 'pink'"):
         sc.Scene.from_dict({"objects": [{"color": "pink", "shape": "cube", "size": "small", "position": [0.5, 0.5]}]})
+
+
+def test_a_bad_sft_size_writes_nothing_and_a_stopped_run_leaves_no_stale_record_file(runs, tmp_path):
+    """--sft_num was checked after the train/test images were drawn, so a rerun into a used directory replaced
+    the images and kept the old record files, whose answers no longer matched the pictures."""
+    out = tmp_path / "data"
+    _generate(out, 0)
+    before = _files(out)
+    cmd = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--num", str(NUM), "--seed", "1",
+           "--image_size", str(SIZE), "--sft_num", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "--sft_num must be 0 or at least" in res.stderr
+    assert _files(out) == before
+    # A run stopped while drawing: its record files are gone, not left naming the new images.
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_synthetic_data
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = make_synthetic_data.make_sft
+    make_synthetic_data.make_sft = stopped
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            make_synthetic_data.build_dataset(str(out), NUM, 1, 0.2, SIZE, SFT_NUM)
+    finally:
+        make_synthetic_data.make_sft = real
+    assert not [name for name in make_synthetic_data.INDEX_FILES if (out / name).exists()]
