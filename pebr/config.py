@@ -589,7 +589,12 @@ def _parse_overrides(overrides: list[str], schema: type) -> DictConfig:
     parsed = OmegaConf.create()
     for word in overrides:
         key, value = word.split("=", 1)
-        if _is_text(_field_type(schema, key)) and value not in ("null", "~"):
+        kind = _field_type(schema, key)
+        if typing.get_origin(kind) is list and value.strip() and value.strip()[0] != "[" and value not in ("null", "~"):
+            # A list setting given bare (trainer.logger=console, ...=console,wandb): its items, not OmegaConf's
+            # "Value 'console' of type 'str' could not be converted to a ListConfig".
+            word = f"{key}=[{value}]"
+        if _is_text(kind) and value not in ("null", "~"):
             OmegaConf.update(parsed, key, value, force_add=True)
         else:
             parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))

@@ -224,3 +224,12 @@ def test_a_sampling_run_refuses_what_would_fail_after_ray_starts(override, messa
 
 def test_validation_sampling_takes_top_k_0_as_vllm_does():
     load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.top_k=0"])
+
+
+def test_a_list_setting_given_bare_is_read_as_its_items():
+    """trainer.logger=console failed with OmegaConf's "could not be converted to a ListConfig"."""
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=console",
+                       "worker.actor.model.lora_target_modules=q_proj,v_proj"])
+    assert cfg.trainer.logger == ["console"] and cfg.worker.actor.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=[console,file]"]).trainer.logger == [
+        "console", "file"]
