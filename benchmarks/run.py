@@ -69,7 +69,7 @@ def start_ours(setup: BenchSetup):
     reward = start_reward_worker(cfg)
     trainer = RayPPOTrainer(cfg, train, None, sampler, reward, reward)
     trainer.tracker = Capture()
-    trainer.save_checkpoint = lambda: ""  # fit saves at its last step; a benchmark step must not
+    trainer.save_checkpoint = lambda *_: ""  # fit saves at its last step; a benchmark step must not
     return trainer, reward, ray
 
 
