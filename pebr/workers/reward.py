@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -33,6 +34,8 @@ CLIP_ACTOR_NAME = "pebr_clip_scorer"
 DEFAULT_CLIP_GPU_FRACTION = 0.1
 # How long to wait for the CLIP actor to be scheduled and loaded before calling it a resource problem.
 _START_TIMEOUT_S = 600.0
+# How long a dying scorer may keep its name before a new one can take it.
+_DEAD_NAME_WAIT_S = 60.0
 
 # In-process scorers by (model path, settings): a scorer asked for with other settings is another scorer.
 _local_scorers: dict[tuple[str, str], ClipScorer] = {}
@@ -167,16 +170,25 @@ def get_clip_scorer(
 
 def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any]) -> ray.actor.ActorHandle:
     """The live scorer actor for `model_path`, created when none is (see `get_clip_scorer`)."""
-    actor = ClipScorerActor.options(name=CLIP_ACTOR_NAME, get_if_exists=True, num_gpus=num_gpus).remote(
-        model_path, **scorer_kwargs
-    )
-    try:
-        loaded, settings = ray.get(actor.settings.remote(), timeout=_START_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError as exc:
-        raise RuntimeError(
-            f"the CLIP scorer actor ({num_gpus} GPU) was not ready after {_START_TIMEOUT_S:.0f} s; "
-            f"check that the cluster has that much free ({ray.available_resources()})"
-        ) from exc
+    deadline = time.monotonic() + _DEAD_NAME_WAIT_S
+    while True:
+        actor = ClipScorerActor.options(name=CLIP_ACTOR_NAME, get_if_exists=True, num_gpus=num_gpus).remote(
+            model_path, **scorer_kwargs
+        )
+        try:
+            loaded, settings = ray.get(actor.settings.remote(), timeout=_START_TIMEOUT_S)
+            break
+        except ray.exceptions.RayActorError as exc:
+            # The name still pointed at a scorer whose owner had just died; it is released once Ray has marked the
+            # actor dead, and the next call creates a live one. A scorer that failed to load is an error.
+            if exc.actor_init_failed or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise RuntimeError(
+                f"the CLIP scorer actor ({num_gpus} GPU) was not ready after {_START_TIMEOUT_S:.0f} s; "
+                f"check that the cluster has that much free ({ray.available_resources()})"
+            ) from exc
     if loaded != model_path:
         raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r}, not {model_path!r}")
     if settings != _non_default(scorer_kwargs):
