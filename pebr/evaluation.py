@@ -21,7 +21,7 @@ import torch
 from pebr.config import ConfigError, looks_like_model_id
 from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
-from pebr.utils.jsonio import atomic_write_text
+from pebr.utils.jsonio import atomic_write_text, is_within
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +157,12 @@ def check_generation_options(max_new_tokens: int | None = None, min_pixels: int 
 def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> None:
     """The reports (`report_paths(output)`) must not replace the data file, land in a data directory (read as data
     next time) or in the model's directory (where OUTPUT=MODEL/config would overwrite its config.json)."""
-    data, model = os.path.realpath(data), os.path.realpath(model_path)
     for path in map(os.path.realpath, report_paths(output)):
-        if path == data or (os.path.isdir(data) and path.startswith(data.rstrip(os.sep) + os.sep)):
-            raise ConfigError(f"--output {output!r} would write {path}, {'the' if path == data else 'inside the'} "
-                              f"--data {'file' if path == data else 'directory'}; choose another prefix")
-        if os.path.isdir(model) and path.startswith(model.rstrip(os.sep) + os.sep):
+        if is_within(path, data):
+            same = path == os.path.realpath(data)
+            raise ConfigError(f"--output {output!r} would write {path}, {'the' if same else 'inside the'} "
+                              f"--data {'file' if same else 'directory'}; choose another prefix")
+        if os.path.isdir(model_path) and is_within(path, model_path):
             raise ConfigError(f"--output {output!r} would write {path} inside the --model_path directory; choose "
                               "another prefix")
 

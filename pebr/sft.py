@@ -37,7 +37,7 @@ from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitt
                               probe_image, resolve_path)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
-from pebr.utils.jsonio import atomic_write_text, read_json_records
+from pebr.utils.jsonio import atomic_write_text, is_within, read_json_records, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -389,12 +389,12 @@ class SFTConfig:
 
         check_model_path(self.model_path)  # weights there, not a sharded or unmerged trainer checkpoint
         # The finished output replaces output_dir whole: it must not be, or hold, an input, nor a user's directory.
-        out = os.path.realpath(self.output_dir)
         for name in ("model_path", "data", "image_dir"):
             path = getattr(self, name)
-            if path and (os.path.realpath(path) == out or os.path.realpath(path).startswith(out + os.sep)):
+            if path and is_within(path, self.output_dir):
                 raise ConfigError(f"sft config: output_dir {self.output_dir!r} is or holds {name} {path!r}, which the "
                                   "saved model would replace; name another output_dir")
+        out = self.output_dir
         if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, METRICS_FILE)):
             raise ConfigError(f"sft config: output_dir {self.output_dir!r} holds files but no {METRICS_FILE}, so it is "
                               "not an earlier warm-up's output, which alone is replaced; name a new or empty directory")
@@ -532,17 +532,5 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
     }
     atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
-    _replace_dir(staging, cfg.output_dir)
+    replace_directory(staging, cfg.output_dir)
     return metrics
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Put directory `new` at `target`, the previous `target` kept aside until the new one is in place."""
-    if not os.path.exists(target):
-        os.replace(new, target)
-        return
-    old = os.path.realpath(target) + ".replaced"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, CheckpointError, check_complete,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
-from pebr.utils.jsonio import atomic_write_json  # noqa: E402
+from pebr.utils.jsonio import atomic_write_json, replace_directory  # noqa: E402
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 # Files of a sharded checkpoint (model, optimizer, extra state of each rank).
@@ -127,13 +127,11 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             if os.path.isfile(os.path.join(hf_dir, f)):
                 shutil.copy2(os.path.join(hf_dir, f), os.path.join(staging, f))
     written = sorted(os.listdir(staging))
-    weights = {f: _file_stat(os.path.join(staging, f)) for f in written if f in _model_weight_files(staging)}
+    weights = {f: _file_stat(os.path.join(staging, f)) for f in sorted(_model_weight_files(staging))}
     marker = os.path.join(target_dir, MARKER)
     if not os.path.isdir(target_dir) or not os.listdir(target_dir):
         atomic_write_json(os.path.join(staging, MARKER), {**made_from, "weights": weights})
-        if os.path.isdir(target_dir):
-            os.rmdir(target_dir)
-        os.replace(staging, target_dir)  # complete or absent
+        replace_directory(staging, target_dir)  # complete or absent
         return target_dir
     if os.path.exists(marker):  # first: an interrupted replacement must not pass for a finished merge
         os.remove(marker)
@@ -170,8 +168,7 @@ def export_adapter(local_dir: str, adapter_dir: str) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     config.save_pretrained(staging)
     save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(adapter_dir, ignore_errors=True)  # empty, or an earlier export's ADAPTER_FILES alone
-    os.replace(staging, adapter_dir)
+    replace_directory(staging, adapter_dir)  # in place of nothing, an empty directory or an earlier export
     return adapter_dir
 
 

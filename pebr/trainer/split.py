@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pebr.data.records import DataError, describe_raw, iter_source
-from pebr.utils.jsonio import atomic_write_json
+from pebr.utils.jsonio import atomic_write_json, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -238,13 +238,11 @@ def check_output_dir(output_dir: str, dataset: str) -> None:
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise SplitError(f"output directory {output_dir} is a file; name a directory for the split files")
-    if os.path.isdir(dataset):
-        source, target = os.path.realpath(dataset), os.path.realpath(output_dir)
-        if os.path.commonpath([source, target]) == source:
-            raise SplitError(
-                f"the split files would go into {output_dir}, inside the data set directory {dataset}: sampling "
-                f"that directory again would take easycase/mediumcase/hardcase.json for more questions; write "
-                "them elsewhere (SPLIT_DIR, --output_dir)")
+    if os.path.isdir(dataset) and is_within(output_dir, dataset):
+        raise SplitError(
+            f"the split files would go into {output_dir}, inside the data set directory {dataset}: sampling "
+            f"that directory again would take easycase/mediumcase/hardcase.json for more questions; write "
+            "them elsewhere (SPLIT_DIR, --output_dir)")
 
 
 def _listed(qids: list[str], limit: int = MAX_LISTED) -> str:

@@ -2,13 +2,16 @@
 
 Record files are either a JSON list (`.json`) or one JSON value a line (`.jsonl`). Errors name the
 file and, for JSONL, the line. Writes go to a temporary file beside the target, are fsynced and then
-renamed over it, so a crash leaves the old file or the new one, never half of one.
+renamed over it, so a crash leaves the old file or the new one, never half of one; a directory built
+beside its target is published by `replace_directory` the same way. `is_within` is the check the writers use
+to refuse an output that is, or lies inside, one of their inputs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import IO, Any, Iterator
@@ -82,3 +85,23 @@ def atomic_write_json(path: str, value: Any) -> None:
     else:
         text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
     atomic_write_text(path, text)
+
+
+def replace_directory(new: str, target: str) -> None:
+    """Put the finished directory `new` at `target`. A previous `target` is renamed aside first and deleted only
+    once `new` is in place, so a crash leaves the old directory (under `target` or `<target>.replaced`) or the
+    new one, never a mixture."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    old = os.path.realpath(target) + ".replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies inside it, links resolved."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory

@@ -71,9 +71,6 @@ class ClipScorerActor:
         self.scorer = ClipScorer(model_path, **scorer_kwargs)
         self.scorer_kwargs = _non_default(scorer_kwargs)
 
-    def model_path(self) -> str:
-        return self.scorer.model_path
-
     def settings(self) -> tuple[str, dict[str, Any]]:
         """The model path and the settings (those not at their defaults) the scorer was created with."""
         return self.scorer.model_path, self.scorer_kwargs
@@ -170,6 +167,7 @@ def get_clip_scorer(
 
 def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any]) -> ray.actor.ActorHandle:
     """The live scorer actor for `model_path`, created when none is (see `get_clip_scorer`)."""
+    wanted = _non_default(scorer_kwargs)
     deadline = time.monotonic() + _DEAD_NAME_WAIT_S
     while True:
         actor = ClipScorerActor.options(name=CLIP_ACTOR_NAME, get_if_exists=True, num_gpus=num_gpus).remote(
@@ -191,8 +189,8 @@ def _scorer_actor(model_path: str, num_gpus: float, scorer_kwargs: dict[str, Any
             ) from exc
     if loaded != model_path:
         raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r}, not {model_path!r}")
-    if settings != _non_default(scorer_kwargs):
+    if settings != wanted:
         raise ValueError(f"actor {CLIP_ACTOR_NAME!r} already serves {loaded!r} with the settings {settings}, not "
-                         f"{_non_default(scorer_kwargs)}; one job has one CLIP scorer, so give every reward "
+                         f"{wanted}; one job has one CLIP scorer, so give every reward "
                          "function the same clip_* options")
     return actor
