@@ -3,6 +3,7 @@
 #   1. the CUDA tests (tests/gpu: varlen kernel, shared prompts and compiled layers vs padded SDPA in bf16;
 #      the weight sync's bucketed gather on NCCL; GRPO steps with NCCL, FSDP2 bf16 with and without CPU
 #      offload, with LoRA, packing and the hf rollout; checkpoint merge; stage 1 beside the CLIP scorer);
+#      (GPU_TEST_ARGS: more pytest arguments, e.g. GPU_TEST_ARGS='-k stage1');
 #   2. benchmarks/gpu_update.py: update-phase tokens/s and MFU, padded vs packed (GPU_BENCH_ARGS="--compile"
 #      adds torch.compile'd decoder layers; quote variant names inside it:
 #      GPU_BENCH_ARGS='--variants "padded, token budget"').
@@ -31,7 +32,8 @@ print("packed attention kernel (bf16):", varlen_kernel(torch.device("cuda", 0), 
 EOF
 status=0
 date -u +"start %T"
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" \
+eval "set -- ${GPU_TEST_ARGS:-}"  # e.g. GPU_TEST_ARGS="-k stage1" to rerun some tests
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE "$@" 2>&1 | tee "$OUT/pytest.log" \
   || status=1
 date -u +"benchmark %T"
 eval "set -- ${GPU_BENCH_ARGS:-}"  # shell words, so that quoted variant names stay whole

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pebr import checkpoint
 from pebr.trainer.main import run
@@ -164,8 +165,11 @@ def test_stage1_worker_beside_the_clip_scorer_on_one_gpu(tiny_model_dir, synthet
 
     clip_dir = build_tiny_clip(str(tmp_path / "clip"), seed=0)
     # Created here so that it outlives the run (the reward worker would otherwise own it) and can be asked
-    # where it ran; the run's reward worker finds it by name.
-    scorer = get_clip_scorer(clip_dir, use_ray=True)
+    # where it ran; the run's reward worker finds it by name, and uses it only if it has the recipe's settings
+    # (a scorer with other settings is refused).
+    recipe = OmegaConf.load(os.path.join(ROOT, "examples", "pebr_stage1.yaml")).worker.reward.reward_function_kwargs
+    scorer = get_clip_scorer(clip_dir, use_ray=True, trust_remote_code=recipe.clip_trust_remote_code,
+                             image_size=recipe.clip_image_size)
     try:
         assert ray.get(scorer.actor.device.remote()).startswith("cuda")
         run_dir = str(tmp_path / "run")
