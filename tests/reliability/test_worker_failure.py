@@ -76,13 +76,24 @@ def test_dead_worker_fails_the_collective_call_fast(tiny_model_dir, synthetic_da
 class GlooRank:
     """A bare rank: a Ray actor in a real gloo process group, without the model (the collectives are the point)."""
 
-    def join(self, address: str, rank: int, world: int) -> None:
+    store = None
+
+    def open_store(self, world: int) -> int:
+        """Rank 0's rendezvous store, on a port the system picks (as the trainer's workers do)."""
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+        return self.store.port
+
+    def join(self, port: int, rank: int, world: int) -> None:
         import datetime
 
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+        timeout = datetime.timedelta(seconds=60)
+        if self.store is None:
+            self.store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=self.store, rank=rank, world_size=world, timeout=timeout)
 
     def all_reduce(self) -> None:
         import torch
@@ -108,17 +119,13 @@ class GlooRank:
 
 
 def gloo_ranks(ray_session, world: int) -> list:
-    import socket
-
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
     remote = ray_session.remote(num_cpus=0, max_restarts=0)(GlooRank)
     ranks = [remote.remote() for _ in range(world)]
-    ray_session.get([r.join.remote(address, i, world) for i, r in enumerate(ranks)])
+    port = ray_session.get(ranks[0].open_store.remote(world))
+    ray_session.get([r.join.remote(port, i, world) for i, r in enumerate(ranks)])
     return ranks
 
 

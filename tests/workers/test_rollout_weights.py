@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -126,3 +127,28 @@ def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir
     for (tokens_d, logprobs_d), (tokens_r, logprobs_r) in zip(out["direct"], out["reload"]):
         assert tokens_d == tokens_r
         assert max(abs(a - b) for a, b in zip(logprobs_d, logprobs_r)) <= 1e-6
+
+
+
+def test_shared_memory_mapped_during_set_up_loses_its_name_and_keeps_working():
+    """A segment mapped after the snapshot is unlinked (a killed process leaves nothing in /dev/shm) and stays
+    readable through its mapping; one mapped before the snapshot keeps its name."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    from pebr.workers.rollout import mapped_shared_memory, unlink_new_shared_memory
+
+    older = shared_memory.SharedMemory(create=True, size=4096)
+    before = mapped_shared_memory()
+    assert f"/dev/shm/{older.name}" in before
+    new = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        new.buf[:5] = b"hello"
+        assert unlink_new_shared_memory(before) == [f"/dev/shm/{new.name}"]
+        assert not os.path.exists(f"/dev/shm/{new.name}") and os.path.exists(f"/dev/shm/{older.name}")
+        assert bytes(new.buf[:5]) == b"hello"
+        assert unlink_new_shared_memory(before) == []  # an unlinked mapping shows as "(deleted)"
+    finally:
+        resource_tracker.unregister(new._name, "shared_memory")  # its name is gone: nothing for the tracker
+        new.close()
+        older.close()
+        older.unlink()
