@@ -2,7 +2,8 @@
 
 Settings follow ours (BenchSetup + the CPU recipe): B prompts x n responses per generation, the same
 max response length, learning rate, KL coefficient (a reference model, like use_kl_loss), clip ratio,
-max grad norm, temperature/top_p, micro-batch size and number of optimizer steps per generation, and
+max grad norm, temperature/top_p, micro-batch size and number of optimizer steps per generation, gradient
+checkpointing (TRL's default is on, the CPU recipe's off), and
 the same reward function (examples/reward_function/pebr_2.py through pebr.rewards.RewardManager).
 A step here is one generation plus the optimizer steps that consume it.
 
@@ -73,6 +74,8 @@ def main() -> None:
         steps_per_generation=accum * optimizer_steps, num_generations=setup.n,
         max_completion_length=setup.max_tokens, temperature=1.0, top_p=1.0, beta=a.kl_coef if a.use_kl_loss else 0.0,
         epsilon=acfg.clip_ratio_low, epsilon_high=acfg.clip_ratio_high, loss_type="dapo", num_iterations=1,
+        # TRL's GRPOConfig turns gradient checkpointing on unless told (TRL 1.x); ours follows the recipe.
+        gradient_checkpointing=acfg.model.enable_gradient_checkpointing,
         seed=setup.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     config = trl.GRPOConfig(**args)
     model = cfg.worker.actor.model.model_path
