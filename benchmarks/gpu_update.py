@@ -131,6 +131,7 @@ def run_size(size: str, args, device: torch.device, save=lambda partial: None) -
         model = Qwen2_5_VLForConditionalGeneration._from_config(model_config(size, tokenizer), dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.use_cache = False
+    actor_lib.embed_patches_by_matmul(model)  # as `load_hf_model` does for the trainer
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = sum(p.numel() for p in model.parameters())

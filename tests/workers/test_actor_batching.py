@@ -107,6 +107,38 @@ def batch(processor) -> Batch:
 # -- images -----------------------------------------------------------------------------------------
 
 
+def test_the_patch_embedding_by_matmul_gives_the_conv3ds_logits_and_gradients(tiny_model_dir, model, processor):
+    """`load_hf_model` computes the vision patch embedding as a matrix product (its stride-equals-kernel Conv3d
+    is linear in the patch): the logits and every gradient, the Conv3d weight's included, are those of the
+    model as transformers runs it, and the parameters keep their names."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    assert type(model.model.visual.patch_embed).forward is type(plain.model.visual.patch_embed).forward
+    assert "forward" in vars(model.model.visual.patch_embed) and "forward" not in vars(plain.model.visual.patch_embed)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    content = [{"type": "image"}, {"type": "text", "text": "How many?"}]
+    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    rng = random.Random(3)
+    image = Image.frombytes("RGB", (112, 84), bytes(rng.randrange(256) for _ in range(112 * 84 * 3)))
+    inputs = processor(text=[chat], images=[image], return_tensors="pt")
+    grads = []
+    for m in (model, plain):
+        m.zero_grad()
+        logits = m(**inputs, use_cache=False).logits
+        logits.float().logsumexp(-1).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        m.zero_grad()
+    (ours, our_grads), (theirs, their_grads) = grads
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert our_grads.keys() == their_grads.keys() and "model.visual.patch_embed.proj.weight" in our_grads
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_shared_images_are_processed_once_with_the_same_tensors(processor, batch):
     """The n responses of a prompt share its image object, through a pickle round trip too; the distinct
     objects' pixels, taken in `image_order`, are exactly the tensors of processing every entry."""
