@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import time
 
@@ -56,11 +55,9 @@ COMPILED = "packed (varlen), token budget, compiled layers"
 
 
 def init_single_rank(device: torch.device) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+    # A store on a port the system picks, as the trainer's workers meet (no free port to lose in between).
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
 
 
 def matmul_tflops(device: torch.device, size: int = 8192, reps: int = 10) -> float | None:
