@@ -59,8 +59,8 @@ def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free
     return model
 
 
-def embed_patches_by_matmul(model: torch.nn.Module) -> int:
-    """Compute the vision tower's patch embedding as one matrix product; returns how many modules changed.
+def embed_patches_by_matmul(model: torch.nn.Module) -> None:
+    """Compute the vision tower's patch embedding as one matrix product.
 
     Qwen2.5-VL embeds each flattened 3 x 2 x 14 x 14 patch with a Conv3d whose stride equals its kernel: a
     linear map of the patch, with the same weights and the same result up to rounding. On CPU (one thread,
@@ -68,15 +68,12 @@ def embed_patches_by_matmul(model: torch.nn.Module) -> int:
     product 5 and 1.6 ms. The Conv3d and its weight stay as they are, so checkpoints, the weight sync and the
     merger see the same parameters.
     """
-    changed = 0
     for module in model.modules():
         conv = getattr(module, "proj", None)
         if (type(module).__name__.endswith("VisionPatchEmbed") and isinstance(conv, torch.nn.Conv3d)
                 and conv.stride == conv.kernel_size and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1)
                 and conv.groups == 1 and conv.padding_mode == "zeros"):
             module.forward = _embed_patches.__get__(module)
-            changed += 1
-    return changed
 
 
 def _embed_patches(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

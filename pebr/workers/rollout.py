@@ -96,7 +96,7 @@ def mapped_shared_memory(maps: str = "/proc/self/maps") -> set[str]:
             lines = f.read().splitlines()
     except OSError:
         return set()
-    paths = (line.split(None, 5)[5] for line in lines if line.count(" ") >= 5 and " /dev/shm/" in line)
+    paths = (line.split(None, 5)[5] for line in lines if " /dev/shm/" in line)  # the pathname, the 6th field
     return {path for path in paths if not path.endswith(" (deleted)")}
 
 
