@@ -245,6 +245,10 @@ class TrainerConfig:
     # Write each step's prompts, responses and rewards to {run dir}/rollouts/step_{k}.jsonl.
     save_rollouts: bool = False
     worker_timeout_s: float = 3600.0
+    # Steps (1-based) to record under torch.profiler on every FSDP worker: a Chrome trace and an operator table
+    # per rank in {profile_dir}/step_{k}/ (pebr.utils.profiling). profile_dir defaults to {run dir}/profile.
+    profile_steps: List[int] = field(default_factory=list)
+    profile_dir: Optional[str] = None
 
 
 @dataclass
@@ -353,6 +357,10 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not rollout.cpu_kv_cache_gb > 0:
         raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be positive")
     _positive("worker.rollout.limit_images", rollout.limit_images)
+    bad_steps = [k for k in t.profile_steps if k < 1]
+    if bad_steps:
+        raise ConfigError(f"trainer.profile_steps={list(t.profile_steps)}: steps are counted from 1 (the first "
+                          f"step trained); {bad_steps} cannot be profiled")
     if not 0.0 <= actor.clip_ratio_low < 1.0 or actor.clip_ratio_high < 0.0:
         raise ConfigError(f"worker.actor.clip_ratio_low={actor.clip_ratio_low} must be in [0, 1) and "
                           f"worker.actor.clip_ratio_high={actor.clip_ratio_high} >= 0")

@@ -487,11 +487,18 @@ class RayPPOTrainer:
             return
         if t.val_before_train and self.val_dataset is not None and self.global_step == 0 and t.val_freq != 0:
             self.tracker.log(0, self.validate())
+        unreached = [k for k in t.profile_steps if not self.global_step < k <= self.total_steps]
+        if unreached:
+            print(f"trainer.profile_steps {unreached}: outside the steps this run trains "
+                  f"({self.global_step + 1}-{self.total_steps}), not profiled", flush=True)
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO steps", dynamic_ncols=True)
         while self.global_step < self.total_steps:
             self.global_step += 1
             metrics: dict[str, float] = {}
             step_start = time.time()
+            profile_dir = self.profile_dir(self.global_step)
+            if profile_dir:
+                self.workers.call_all("start_profile")
 
             with timed(metrics, "make_batch"):
                 batch = self.make_batch(metrics)
@@ -516,6 +523,11 @@ class RayPPOTrainer:
                 batch_advantages(batch, self.cfg.algorithm)
             with timed(metrics, "update_actor"):
                 metrics.update(self.workers.update_actor(batch))
+            if profile_dir:
+                with timed(metrics, "profile_write"):
+                    written = self.workers.call_all("stop_profile", profile_dir)
+                print(f"step {self.global_step} profiled: {len(written)} worker(s) wrote rank*.trace.json.gz (for "
+                      f"ui.perfetto.dev or chrome://tracing) and rank*.ops.txt in {profile_dir}", flush=True)
 
             metrics.update(self.batch_metrics(batch))
             if t.save_rollouts:
@@ -538,6 +550,13 @@ class RayPPOTrainer:
             bar.update(1)
         bar.close()
         self.tracker.close()
+
+    def profile_dir(self, step: int) -> str | None:
+        """Where step `step`'s profiles go, or None when trainer.profile_steps does not name it."""
+        t = self.cfg.trainer
+        if step not in t.profile_steps:
+            return None
+        return os.path.join(t.profile_dir or os.path.join(self.ckpt_dir, "profile"), f"step_{step}")
 
     def batch_metrics(self, batch: Batch) -> dict[str, float]:
         mask = batch.tensors["response_mask"]

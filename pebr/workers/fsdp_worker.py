@@ -28,10 +28,12 @@ import uuid
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
+from torch.profiler import record_function
 
 from pebr import checkpoint
 from pebr.config import PPOConfig
 from pebr.protocol import Batch
+from pebr.utils.profiling import StepProfiler
 from pebr.workers import actor as actor_lib
 from pebr.workers import lora
 from pebr.workers.rollout import SHM_PREFIX_ENV, HFRollout, SamplingConfig, VLLMRollout
@@ -64,6 +66,7 @@ class FSDPWorker:
         self.last_rollout: tuple[str, Batch] | None = None  # (rollout id, batch with images) of the last generate
         self.experience: Batch | None = None  # this step's share, from compute_log_probs to update_actor
         self.on_policy = 0  # how many of its first samples take their old log-probs from the update itself
+        self.profiler: StepProfiler | None = None  # set in `init`, records only between start_ and stop_profile
 
     # -- set-up -----------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -122,6 +125,7 @@ class FSDPWorker:
                 if wcfg.actor.use_torch_compile:
                     actor_lib.compile_decoder_layers(self.ref_model)
         self.rollout = self._build_rollout(compute_dtype)
+        self.profiler = StepProfiler(self.device)
         return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device),
                 "weight_sync": self.rollout.weight_sync}
 
@@ -163,8 +167,9 @@ class FSDPWorker:
         if self.model is not None and self.weights_stale:
             # Gathered a bucket at a time as the engine consumes them; a collective on every rank.
             # LoRA layers are folded into plain weights on the way (a no-op without adapters).
-            self.rollout.load_weights(lora.fold_lora(actor_lib.full_parameters(self.model, self.device),
-                                                     lora.scaling(lora.lora_settings(self.model))))
+            with record_function("pebr/weight_sync"):
+                self.rollout.load_weights(lora.fold_lora(actor_lib.full_parameters(self.model, self.device),
+                                                         lora.scaling(lora.lora_settings(self.model))))
         self.weights_stale = False
         return time.time() - t0
 
@@ -177,7 +182,8 @@ class FSDPWorker:
         sync_s = self.sync_weights()
         t0 = time.time()
         sampling_cfg = SamplingConfig(**sampling)
-        gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
+        with record_function("pebr/generate"):
+            gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
         self.rollout.release()
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -231,14 +237,15 @@ class FSDPWorker:
         out = {}
         if old and on_policy < len(batch):
             rest = batch.select(range(on_policy, len(batch))) if on_policy else batch
-            out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
-                self.model, rest, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
-                temperature, **layout)
+            with record_function("pebr/old_logprobs"):
+                out["old_logprobs"], out["entropy"] = actor_lib.compute_logprobs(
+                    self.model, rest, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
+                    temperature, **layout)
             for name, rows in out.items():
                 batch.tensors[name] = torch.cat([torch.zeros(on_policy, rows.shape[1]), rows])
         reference, context = self._reference()
         if reference is not None:
-            with context:
+            with context, record_function("pebr/ref_logprobs"):
                 out["ref_logprobs"], _ = actor_lib.compute_logprobs(
                     reference, batch, self.processor, self.device, acfg.micro_batch_size_per_device_for_experience,
                     temperature, **layout, with_entropy=False)
@@ -283,6 +290,15 @@ class FSDPWorker:
         if self.on_policy:  # cloned: a pickled slice would carry its whole storage
             filled = {k: batch.tensors[k][:self.on_policy].clone() for k in ("old_logprobs", "entropy")}
         return metrics, filled
+
+    # -- profiling --------------------------------------------------------------------------------
+    def start_profile(self) -> None:
+        """Record this worker's calls under torch.profiler until `stop_profile` (trainer.profile_steps)."""
+        self.profiler.start()
+
+    def stop_profile(self, out_dir: str) -> list[str]:
+        """Stop recording; write this rank's Chrome trace and operator table into `out_dir` (their paths)."""
+        return self.profiler.stop(out_dir, self.rank)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, actor_dir: str, model_only: bool = False) -> None:

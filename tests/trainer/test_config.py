@@ -233,3 +233,11 @@ def test_a_list_setting_given_bare_is_read_as_its_items():
     assert cfg.trainer.logger == ["console"] and cfg.worker.actor.model.lora_target_modules == ["q_proj", "v_proj"]
     assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=[console,file]"]).trainer.logger == [
         "console", "file"]
+
+
+def test_profile_steps_are_counted_from_one():
+    assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.profile_steps=[1,5]"]).trainer.profile_steps == [
+        1, 5]
+    with pytest.raises(ConfigError, match=re.escape("trainer.profile_steps=[2, 0]: steps are counted from 1 (the "
+                                                    "first step trained); [0] cannot be profiled")):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.profile_steps=[2,0]"])

@@ -210,6 +210,39 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     assert m["actor/grad_norm"] > 0
 
 
+def test_a_profiled_step_writes_a_trace_and_an_operator_table_per_rank(tiny_model_dir, synthetic_data_dir,
+                                                                         ray_session, tmp_path, capsys):
+    """trainer.profile_steps: each of the 2 workers records the named step under torch.profiler and writes a Chrome
+    trace and an operator table holding the step's phases (the engine's generation, the weight sync, both log-prob
+    passes, the update); a step the run never reaches is reported, not silently dropped."""
+    import gzip
+
+    run_dir = str(tmp_path / "profiled")
+    run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
+        + ["trainer.val_freq=0", "data.max_response_length=8", "trainer.profile_steps=[1,7]"])
+    out = capsys.readouterr().out
+    assert "trainer.profile_steps [7]: outside the steps this run trains (1-1), not profiled" in out
+    step_dir = os.path.join(run_dir, "profile", "step_1")
+    assert f"step 1 profiled: 2 worker(s) wrote" in out and step_dir in out
+    assert sorted(os.listdir(os.path.join(run_dir, "profile"))) == ["step_1"]
+    assert sorted(os.listdir(step_dir)) == ["rank0.ops.txt", "rank0.trace.json.gz", "rank1.ops.txt",
+                                            "rank1.trace.json.gz"]
+    phases = ["pebr/weight_sync", "pebr/generate", "pebr/old_logprobs", "pebr/ref_logprobs", "pebr/forward",
+              "pebr/backward", "pebr/optimizer"]
+    for rank in (0, 1):
+        with gzip.open(os.path.join(step_dir, f"rank{rank}.trace.json.gz"), "rt") as f:
+            events = json.load(f)["traceEvents"]
+        names = {e.get("name") for e in events}
+        assert set(phases) <= names, sorted(set(phases) - names)
+        assert "aten::mm" in names or "aten::addmm" in names
+        with open(os.path.join(step_dir, f"rank{rank}.ops.txt")) as f:
+            table = f.read()
+        assert table.startswith(f"# rank {rank}, the trainer's regions") and "operators by self_cpu_time_total" in table
+        assert all(p in table for p in ("pebr/generate", "pebr/backward")), table[:2000]
+    (m,) = read_metrics(run_dir)
+    assert m["timing/profile_write_s"] > 0
+
+
 def test_old_logprobs_from_the_rollout(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     """algorithm.old_logprobs=rollout: no old log-prob pass; the engine's log-probs of the tokens it sampled are
     the old ones. At step 1, in one mini-batch, the ratio compares them with the actor's forward on the same
