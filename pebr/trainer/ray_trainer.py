@@ -387,7 +387,9 @@ class RayPPOTrainer:
         if state.get("metrics") and self.tracker.missing(self.global_step):
             self.tracker.log(self.global_step, state["metrics"])
         self.workers = WorkerGroup(cfg, self.total_steps, start_step=self.global_step)
-        print(f"rollout weight sync: {self.workers.started[0]['weight_sync']}", flush=True)
+        nodes = len({w["node"] for w in self.workers.started})
+        print(f"{self.workers.size} worker(s) on {nodes} Ray node(s); rollout weight sync: "
+              f"{self.workers.started[0]['weight_sync']}", flush=True)
         if self._resume_path:
             try:
                 self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))

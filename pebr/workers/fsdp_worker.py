@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 
+import ray
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
@@ -127,7 +128,7 @@ class FSDPWorker:
         self.rollout = self._build_rollout(compute_dtype)
         self.profiler = StepProfiler(self.device)
         return {"rank": self.rank, "init_s": time.time() - t0, "device": str(self.device),
-                "weight_sync": self.rollout.weight_sync}
+                "weight_sync": self.rollout.weight_sync, "node": ray.get_runtime_context().get_node_id()}
 
     def _build_rollout(self, compute_dtype: torch.dtype):
         rcfg, mcfg = self.cfg.worker.rollout, self.cfg.worker.actor.model

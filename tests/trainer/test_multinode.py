@@ -1,0 +1,47 @@
+"""A run across two Ray nodes: two raylets, each with its own object store and one CPU, on this machine
+(`ray.cluster_utils.Cluster`), joined as a multi-node user would (trainer.ray_address, trainer.nnodes=2).
+
+One CPU per node leaves Ray one place for each worker, so rank 1 runs on the other node: its samples, log-probs
+and metrics cross between object stores, the process group meets at rank 0's node address, and each rank saves its
+own shards into the shared run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pebr import checkpoint
+from tests.reliability.procs import CHILD_ENV, ROOT, trainer_argv
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_run_spans_two_ray_nodes(tiny_model_dir, synthetic_data_dir, tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    # The raylets start the workers with this environment, as `ray start` on each node would.
+    for key, value in CHILD_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run_dir = str(tmp_path / "run")
+        argv = trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + [
+            f"trainer.ray_address={cluster.address}", "trainer.nnodes=2", "trainer.n_gpus_per_node=1"]
+        res = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *argv], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 worker(s) on 2 Ray node(s)" in res.stdout, res.stdout[-3000:]
+    checkpoint.check_resumable(checkpoint.step_dir(run_dir, 1), world_size=2)  # both ranks' shards, the index
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        (m,) = [json.loads(line) for line in f]
+    assert m["step"] == 1 and math.isfinite(m["actor/grad_norm"]) and m["response/tokens_total"] > 0
