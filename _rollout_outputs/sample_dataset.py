@@ -31,9 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=8,
                         help="rollouts per question (worker.rollout.n x trainer.total_epochs of the sampling run)")
     parser.add_argument("--skip_bad_lines", action="store_true",
-                        help="count and skip malformed rollout lines, malformed JSONL lines of the data set and "
-                             "records whose qid an earlier record has (as sampling with data.on_bad_record=skip "
-                             "did), instead of stopping at the first")
+                        help="count and skip malformed or repeated rollout lines, malformed JSONL lines of the "
+                             "data set, records its loader refuses and records whose qid an earlier valid record "
+                             "has (as sampling with data.on_bad_record=skip did), instead of stopping at the first")
+    for key, default in (("prompt_key", "problem"), ("answer_key", "answer"), ("image_key", "images")):
+        parser.add_argument(f"--{key}", default=default,
+                            help=f"the sampling run's data.{key} (with --skip_bad_lines: which records its loader "
+                                 "refused and skipped)")
     parser.add_argument("--allow_count_mismatch", action="store_true",
                         help="split a qid sampled other than --n times anyway, by all / some / none correct "
                              "(by default it is an error)")
@@ -44,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         split_dataset(args.rollouts, args.dataset, args.output_dir, args.n,
-                      skip_bad_lines=args.skip_bad_lines,
-                      allow_count_mismatch=args.allow_count_mismatch)
+                      skip_bad_lines=args.skip_bad_lines, allow_count_mismatch=args.allow_count_mismatch,
+                      prompt_key=args.prompt_key, answer_key=args.answer_key, image_key=args.image_key)
     except (SplitError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

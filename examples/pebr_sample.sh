@@ -20,6 +20,13 @@ if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the
     exit 2;;
   esac
 fi
+for split_file in easycase.json mediumcase.json hardcase.json; do  # the split would replace what it splits
+  if [ "$(realpath -m "${TRAIN_FILES}")" = "$(realpath -m "${SPLIT_DIR}/${split_file}")" ]; then
+    echo "error: TRAIN_FILES=${TRAIN_FILES} is the split file ${SPLIT_DIR}/${split_file}: the split would replace" \
+         "the records it splits; set SPLIT_DIR elsewhere" >&2
+    exit 2
+  fi
+done
 config=(config=examples/pebr_sample.yaml
     worker.actor.model.model_path="${MODEL_PATH}"
     data.train_files="${TRAIN_FILES}"
@@ -34,10 +41,11 @@ python3 -m pebr.trainer.sample_main "${config[@]}"
 # records sampling skipped as malformed (data.on_bad_record=skip, however it was set) skipped too.
 settings=$(python3 -c 'import sys; from pebr.config import load_config
 cfg = load_config(sys.argv[1:], training=False)
-print(cfg.worker.rollout.n * cfg.trainer.total_epochs, cfg.data.on_bad_record)' "${config[@]}")
-read -r n_per_question on_bad_record <<< "${settings}"
-split_args=()
+print(cfg.worker.rollout.n * cfg.trainer.total_epochs, cfg.data.on_bad_record)
+print(cfg.data.prompt_key); print(cfg.data.answer_key); print(cfg.data.image_key)' "${config[@]}")
+{ read -r n_per_question on_bad_record; read -r prompt_key; read -r answer_key; read -r image_key; } <<< "${settings}"
+split_args=(--prompt_key "${prompt_key}" --answer_key "${answer_key}" --image_key "${image_key}")
 [ "${on_bad_record}" = "skip" ] && split_args+=(--skip_bad_lines)
 
 python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
-    --output_dir "${SPLIT_DIR}" --n "${n_per_question}" ${split_args[@]+"${split_args[@]}"}
+    --output_dir "${SPLIT_DIR}" --n "${n_per_question}" "${split_args[@]}"

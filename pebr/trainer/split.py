@@ -5,16 +5,19 @@ data set by the number of correct responses: easy = all n correct (stage 1, perc
 1 .. n-1 correct (stage 2, reasoning), hard = none correct. Groups whose rewards are all equal
 have zero GRPO advantage, which is why stage 2 trains on the medium cases only.
 
-The rollout file is read as a stream, one JSON record per line, keeping two integers per qid,
-so a file of millions of lines costs memory in proportion to the number of questions only.
+The rollout file is read as a stream, one JSON record per line, keeping per qid two counts and a bit set
+of the rollout indices seen, so a file of millions of lines costs memory in proportion to the number of
+questions only.
 The data set is read from whatever the sampling run read (a .json, .jsonl or .parquet file, a
 directory of them, or a hub `name@split`), with the loader's default qids, and its records are
 written to the JSON split files exactly as they were read.
 
 The split refuses, before writing anything, what would give silently wrong files: a rollout file
 that shares no qid with the data set (sampled from another file), a question sampled other than n
-times (the rule is about exactly n rollouts; `allow_count_mismatch` opts out), and a qid shared by
-two data-set records (the rollout file keys rollouts by qid alone). The three files are replaced as
+times (the rule is about exactly n rollouts; `allow_count_mismatch` opts out), a rollout index that
+appears twice for one question (a file appended to or joined with a copy, whose doubled halves could
+add up to n), a qid shared by two data-set records (the rollout file keys rollouts by qid alone), and
+an output directory where a split file would replace the data set itself. The three files are replaced as
 a set, so stage 1 and stage 2 never train on the halves of two different splits.
 
 No torch, no Ray: `split_dataset` is called by `_rollout_outputs/sample_dataset.py` and by tests.
@@ -28,13 +31,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pebr.data.records import DataError, describe_raw, iter_source
+from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record
 from pebr.utils.jsonio import atomic_write_json, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
 MAX_LISTED = 20  # qids named in a warning before "... and K more"
 MAX_LISTED_IN_ERROR = 5  # an error names a few, enough to find them in the files
+MAX_SAMPLE = 1 << 20  # rollout indices per question beyond any sampling run (bounds the per-qid bit set)
 
 
 class SplitError(ValueError):
@@ -47,6 +51,17 @@ class QidCount:
 
     total: int = 0
     correct: int = 0
+    seen: int = 0  # bit k set: rollout index ("sample") k was read; a few bytes for n = 8
+
+    def add(self, sample: int, correct: bool) -> bool:
+        """Count rollout `sample`; False (and nothing counted) when it was counted already."""
+        bit = 1 << sample
+        if self.seen & bit:
+            return False
+        self.seen |= bit
+        self.total += 1
+        self.correct += int(correct)
+        return True
 
 
 @dataclass
@@ -56,14 +71,16 @@ class SplitReport:
     Attributes:
         n: the expected number of rollouts per qid.
         rollout_lines: rollout records read (bad lines not included).
-        bad_lines: malformed rollout lines skipped (only with skip_bad_lines).
+        bad_lines: malformed or repeated rollout lines skipped (only with skip_bad_lines).
         sizes: split name -> number of data-set records written to it.
         correct_histogram: number of correct rollouts -> number of qids (over sampled qids in the data set).
         wrong_count: qid -> rollouts seen, for qids with a count other than n (only filled with
             allow_count_mismatch; otherwise such a qid is an error).
         never_sampled: qids of data-set records that have no rollout (written to no split).
-        repeated: where each later record with an earlier record's qid was (skipped: only with skip_bad_lines,
-            as sampling with data.on_bad_record=skip sampled the first record of a qid only).
+        refused: the loader's message for each record it refuses (skipped: only with skip_bad_lines, as
+            sampling with data.on_bad_record=skip skipped them).
+        repeated: where each later record with an earlier valid record's qid was (skipped: only with
+            skip_bad_lines, as sampling with data.on_bad_record=skip sampled the first valid record of a qid).
         unknown_qids: number of qids in the rollout file that the data set does not have.
         paths: split name -> file written.
     """
@@ -75,6 +92,7 @@ class SplitReport:
     correct_histogram: dict[int, int] = field(default_factory=dict)
     wrong_count: dict[str, int] = field(default_factory=dict)
     never_sampled: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     repeated: list[str] = field(default_factory=list)
     unknown_qids: int = 0
     paths: dict[str, str] = field(default_factory=dict)
@@ -82,8 +100,8 @@ class SplitReport:
     def summary(self) -> str:
         """A few lines of statistics for the console."""
         sampled = sum(self.sizes.values())
-        lines = [f"rollout records read: {self.rollout_lines}" + (f" (skipped {self.bad_lines} malformed lines)"
-                                                                   if self.bad_lines else "")]
+        skipped = f" (skipped {self.bad_lines} malformed or repeated lines)" if self.bad_lines else ""
+        lines = [f"rollout records read: {self.rollout_lines}{skipped}"]
         for name in SPLIT_NAMES:
             share = 100.0 * self.sizes[name] / sampled if sampled else 0.0
             lines.append(f"  {name:<6} {self.sizes[name]:>8}  ({share:5.1f} %)  -> {self.paths.get(name, '-')}")
@@ -120,7 +138,7 @@ def classify(correct: int, total: int) -> str:
     return "medium"
 
 
-def _rollout_fields(value: Any, where: str) -> tuple[str, bool]:
+def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool]:
     if not isinstance(value, dict):
         raise SplitError(f"{where}: a rollout record must be a JSON object, got {type(value).__name__}")
     qid = value.get("qid")
@@ -130,11 +148,16 @@ def _rollout_fields(value: Any, where: str) -> tuple[str, bool]:
     accuracy = score.get("accuracy") if isinstance(score, dict) else None
     if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
         raise SplitError(f"{where}: key 'score.accuracy' is missing or not a number")
-    return str(qid), float(accuracy) == 1.0
+    sample = value.get("sample")
+    if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < MAX_SAMPLE:
+        raise SplitError(f"{where}: key 'sample' (the question's 0-based rollout index, which "
+                         f"pebr.trainer.sample_main writes) is missing or not an integer in [0, {MAX_SAMPLE})")
+    return str(qid), sample, float(accuracy) == 1.0
 
 
-def iter_rollouts(path: str, skip_bad_lines: bool = False, bad: Counter | None = None) -> Iterator[tuple[str, bool]]:
-    """Stream (qid, correct) from a rollout JSONL file, one line at a time.
+def iter_rollouts(path: str, skip_bad_lines: bool = False,
+                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str]]:
+    """Stream (qid, sample, correct, where) from a rollout JSONL file, one line at a time.
 
     Args:
         path: the rollout file written by `pebr.trainer.sample_main`.
@@ -142,8 +165,8 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False, bad: Counter | None =
         bad: a Counter that receives the number of skipped lines under "lines".
 
     Raises:
-        SplitError: a missing file, or a malformed line (not JSON, no qid, no numeric score.accuracy)
-            naming the file and line number, unless skip_bad_lines.
+        SplitError: a missing file, or a malformed line (not JSON, no qid, no integer sample, no numeric
+            score.accuracy) naming the file and line number, unless skip_bad_lines.
     """
     if not os.path.isfile(path):
         raise SplitError(f"rollout file {path!r} does not exist (run pebr.trainer.sample_main first)")
@@ -157,7 +180,7 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False, bad: Counter | None =
                     value = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise SplitError(f"{where}: malformed JSON: {err}") from None
-                yield _rollout_fields(value, where)
+                yield (*_rollout_fields(value, where), where)
             except SplitError:
                 if not skip_bad_lines:
                     raise
@@ -168,18 +191,31 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False, bad: Counter | None =
 def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, QidCount], int, int]:
     """Per-qid rollout and correct counts of a rollout file.
 
+    A question's rollout index ("sample") may appear once: a second line with it is a file appended to or
+    joined with a copy, and a question sampled 4 times then doubled must not pass for one sampled 8 times.
+
     Returns:
-        (counts, lines, bad_lines): qid -> QidCount, records read, malformed lines skipped.
+        (counts, lines, bad_lines): qid -> QidCount, records read, malformed or repeated lines skipped.
+
+    Raises:
+        SplitError: as `iter_rollouts`, or a repeated (qid, sample) naming the file and line, unless
+            skip_bad_lines (which keeps the first and counts the repeat as a bad line).
     """
     counts: dict[str, QidCount] = {}
     bad: Counter = Counter()
     lines = 0
-    for qid, correct in iter_rollouts(path, skip_bad_lines, bad):
+    for qid, sample, correct, where in iter_rollouts(path, skip_bad_lines, bad):
         entry = counts.get(qid)
         if entry is None:
             entry = counts[qid] = QidCount()
-        entry.total += 1
-        entry.correct += int(correct)
+        if not entry.add(sample, correct):
+            if not skip_bad_lines:
+                raise SplitError(
+                    f"{where}: qid {qid!r} sample {sample} appears a second time; pebr.trainer.sample_main writes each "
+                    "rollout once, so the file was appended to or joined with a copy. Split the rollouts of one "
+                    "sampling run (or --skip_bad_lines to keep the first of each)")
+            bad["lines"] += 1
+            continue
         lines += 1
     return counts, lines, bad["lines"]
 
@@ -230,14 +266,23 @@ def read_dataset(source: str, malformed: list[str] | None = None) -> list[Datase
 
 
 def check_output_dir(output_dir: str, dataset: str) -> None:
-    """Refuse an output directory that is a file, or that is (or lies in) the directory being split: a
-    later sampling run would read the split files there as more questions.
+    """Refuse an output directory that is a file, that is (or lies in) the directory being split (a later
+    sampling run would read the split files there as more questions), or where a split file would replace the
+    data set itself (re-splitting dataset/mediumcase.json into dataset/: its records that were not sampled would
+    be in no file any more).
 
     Raises:
         SplitError: naming both.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise SplitError(f"output directory {output_dir} is a file; name a directory for the split files")
+    if os.path.isfile(dataset):
+        for name in SPLIT_NAMES:
+            target = os.path.join(output_dir, SPLIT_FILES[name])
+            if os.path.exists(target) and os.path.samefile(target, dataset):
+                raise SplitError(
+                    f"the data set {dataset} is the {name} split file {target} of --output_dir {output_dir}: the new "
+                    "split would replace the records being split; write the split elsewhere (SPLIT_DIR, --output_dir)")
     if os.path.isdir(dataset) and is_within(output_dir, dataset):
         raise SplitError(
             f"the split files would go into {output_dir}, inside the data set directory {dataset}: sampling "
@@ -270,18 +315,34 @@ def check_unique_qids(records: list[DatasetRecord], dataset: str) -> None:
             "cannot be split: give every record its own qid (and sample again) or remove the duplicates")
 
 
-def first_of_each_qid(records: list[DatasetRecord]) -> tuple[list[DatasetRecord], list[str]]:
-    """The first record of each qid, and where the later ones were: what sampling with
-    data.on_bad_record=skip sampled (it skips a record whose qid was already used)."""
+def records_sampled_with_skip(records: list[DatasetRecord], keys: dict[str, str]
+                              ) -> tuple[list[DatasetRecord], list[str], list[str]]:
+    """The records sampling with data.on_bad_record=skip sampled: the loader (`load_records`) skips a record it
+    refuses (`normalize_record`: no answer, a wrong type, placeholders that do not match the images, ...) before
+    that record claims its qid, and then every later record of a claimed qid. So of several records with one qid
+    the first valid one was sampled, not the first one.
+
+    Args:
+        keys: the sampling run's data.prompt_key / answer_key / image_key as prompt_key / answer_key / image_key.
+
+    Returns:
+        (kept, refused, repeated): the sampled records, the loader's message for each refused one, and where the
+        later valid records of a claimed qid were.
+    """
     seen: set[str] = set()
-    kept, repeated = [], []
+    kept, refused, repeated = [], [], []
     for record in records:
+        try:
+            normalize_record(record.value, where=record.where, default_qid=record.qid, **keys)
+        except BadRecord as err:
+            refused.append(str(err))
+            continue
         if record.qid in seen:
             repeated.append(record.where)
         else:
             seen.add(record.qid)
             kept.append(record)
-    return kept, repeated
+    return kept, refused, repeated
 
 
 def check_json_storable(records: list[DatasetRecord]) -> None:
@@ -326,7 +387,8 @@ def _write_splits(output_dir: str, splits: dict[str, list[Any]]) -> dict[str, st
 
 
 def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, skip_bad_lines: bool = False,
-                  allow_count_mismatch: bool = False, log: Any = print) -> SplitReport:
+                  allow_count_mismatch: bool = False, prompt_key: str = "problem", answer_key: str = "answer",
+                  image_key: str = "images", log: Any = print) -> SplitReport:
     """Write easycase.json, mediumcase.json and hardcase.json from a rollout file and the data set.
 
     Args:
@@ -338,11 +400,14 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
             left as they were when the split stops with an error.
         n: rollouts per qid (worker.rollout.n x trainer.total_epochs of the sampling run); a sampled
             qid with another count is an error unless `allow_count_mismatch`.
-        skip_bad_lines: count and skip malformed rollout lines, malformed JSONL lines of the data set and
-            records whose qid an earlier record has (which sampling with data.on_bad_record=skip skipped too),
-            instead of stopping at the first.
+        skip_bad_lines: count and skip malformed or repeated rollout lines, malformed JSONL lines of the data
+            set, records the loader refuses and records whose qid an earlier valid record has (which sampling
+            with data.on_bad_record=skip skipped too: `records_sampled_with_skip`), instead of stopping at the
+            first.
         allow_count_mismatch: split a qid with a count other than n anyway, by all / some / none
             correct of the rollouts seen, with a warning naming the qids.
+        prompt_key / answer_key / image_key: the sampling run's data.prompt_key / answer_key / image_key (with
+            skip_bad_lines, to tell which records its loader refused).
         log: where warnings and statistics go (a print-like function).
 
     Returns:
@@ -361,8 +426,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     check_output_dir(output_dir, dataset)
     malformed: list[str] = []
     records = read_dataset(dataset, malformed if skip_bad_lines else None)
-    if skip_bad_lines:  # the first record of a qid is the one sampling kept
-        records, report.repeated = first_of_each_qid(records)
+    if skip_bad_lines:  # the first valid record of a qid is the one sampling kept
+        keys = {"prompt_key": prompt_key, "answer_key": answer_key, "image_key": image_key}
+        records, report.refused, report.repeated = records_sampled_with_skip(records, keys)
     else:
         check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
     qids = [record.qid for record in records]
@@ -410,13 +476,16 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     if report.unknown_qids:
         log(f"warning: {report.unknown_qids} qids of {rollouts} are not in {dataset} (ignored)")
     if report.bad_lines:
-        log(f"warning: skipped {report.bad_lines} malformed lines of {rollouts}")
+        log(f"warning: skipped {report.bad_lines} malformed or repeated lines of {rollouts}")
     if malformed:
         log(f"warning: skipped {len(malformed)} malformed lines of {dataset} (not sampled either): "
             f"{_listed(malformed)}")
+    if report.refused:
+        log(f"warning: skipped {len(report.refused)} records of {dataset} that the loader refuses (not sampled "
+            f"either): {_listed(report.refused, MAX_LISTED_IN_ERROR)}")
     if report.repeated:
-        log(f"warning: skipped {len(report.repeated)} records of {dataset} whose qid an earlier record has (not "
-            f"sampled either): {_listed(report.repeated)}")
+        log(f"warning: skipped {len(report.repeated)} records of {dataset} whose qid an earlier valid record has "
+            f"(not sampled either): {_listed(report.repeated)}")
 
     check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])
     report.paths = _write_splits(output_dir, {name: [r.value for r in splits[name]] for name in SPLIT_NAMES})

@@ -38,16 +38,19 @@ def test_an_override_beside_the_recipes_keys_passes(override):
     assert "instead of the override" not in proc.stderr and proc.returncode not in (0, 2), proc.stderr
 
 
-@pytest.mark.parametrize("setting, extra, skips, n", [
-    ("", [], False, 8),
-    ("on_bad_record: skip", [], True, 8),
-    ("", ["worker.rollout.n=4", "trainer.total_epochs=3"], False, 12),
+@pytest.mark.parametrize("setting, extra, skips, n, keys", [
+    ("", [], False, 8, "problem answer images"),
+    ("on_bad_record: skip", [], True, 8, "problem answer images"),
+    ("", ["worker.rollout.n=4", "trainer.total_epochs=3"], False, 12, "problem answer images"),
+    ("answer_key: solution", ["data.prompt_key=question", "data.on_bad_record=skip"], True, 8,
+     "question solution images"),
 ])
 def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, synthetic_data_dir, setting, extra,
-                                                      skips, n):
+                                                      skips, n, keys):
     """The split skips bad lines when sampling did, however data.on_bad_record=skip was set (the recipe looked
-    for the literal override), and expects worker.rollout.n x trainer.total_epochs rollouts a question (it
-    expected 8 whatever the run made)."""
+    for the literal override), expects worker.rollout.n x trainer.total_epochs rollouts a question (it
+    expected 8 whatever the run made), and reads records with the run's keys (to tell which ones its loader
+    refused)."""
     import sys
 
     bin_dir = tmp_path / "bin"
@@ -70,6 +73,18 @@ def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, 
     (split,) = [line for line in proc.stdout.splitlines() if line.startswith("SPLIT ")]
     assert ("--skip_bad_lines" in split) is skips, split
     assert f" --n {n}" in split, split
+    prompt_key, answer_key, image_key = keys.split()
+    assert f"--prompt_key {prompt_key} --answer_key {answer_key} --image_key {image_key}" in split, split
+
+
+def test_the_sampling_recipe_refuses_to_split_a_data_set_over_itself(tmp_path):
+    """TRAIN_FILES=dataset/mediumcase.json with SPLIT_DIR=dataset: the split would replace what it splits. Refused
+    before the sampling run, not after it."""
+    (tmp_path / "mediumcase.json").write_text("[]")
+    env = {**os.environ, "TRAIN_FILES": str(tmp_path / "mediumcase.json"), "SPLIT_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "examples/pebr_sample.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == 2 and "is the split file" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("recipe", ["pebr_stage1_cpu.sh", "pebr_stage2.sh", "pebr_sample_cpu.sh"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import tracemalloc
 
 import pytest
@@ -223,6 +224,62 @@ def test_with_skip_bad_lines_a_repeated_qid_keeps_its_first_record(files, tmp_pa
     assert any("skipped 1 records" in line and "record 10" in line for line in said)
 
 
+def test_with_skip_bad_lines_a_record_the_loader_refused_does_not_take_its_qid(files, tmp_path):
+    """The loader skips a refused record before it claims its qid, so sampling sampled the later valid record of
+    that qid: the split writes that one (it wrote the refused one, which stage training then refused, and dropped
+    the one sampled), and counts the refused one."""
+    dataset, rollouts, records = files
+    refused = {"qid": "q-easy", "problem": "no answer here"}  # before q-easy's valid record
+    with open(dataset, "w") as f:
+        json.dump([refused] + records, f)
+    said = []
+    report = split_dataset(rollouts, dataset, str(tmp_path / "s"), N, skip_bad_lines=True,
+                           allow_count_mismatch=True, log=said.append)
+    easy = json.loads((tmp_path / "s" / "easycase.json").read_text())
+    assert [r for r in easy if r.get("qid") == "q-easy"] == [records[0]]
+    assert report.repeated == [] and len(report.refused) == 1 and "key 'answer' is missing" in report.refused[0]
+    assert any("skipped 1 records" in line and "loader refuses" in line and "record 0" in line for line in said)
+    # Custom keys, as the sampling run's data.answer_key names them: the record is valid then.
+    renamed = [{("solution" if k == "answer" else k): v for k, v in r.items()} for r in records]
+    with open(dataset, "w") as f:
+        json.dump(renamed, f)
+    report = split_dataset(rollouts, dataset, str(tmp_path / "t"), N, skip_bad_lines=True, allow_count_mismatch=True,
+                           answer_key="solution", log=lambda m: None)
+    assert report.refused == [] and report.sizes == {k: len(v) for k, v in EXPECTED.items()}
+
+
+def test_a_rollout_repeated_is_refused_even_when_the_copies_add_up_to_n(tmp_path):
+    """Four rollouts of a question, written twice (a file appended to or joined with a copy), counted 8 and split
+    as if sampled 8 times: now an error naming the line; --skip_bad_lines keeps the first copies and counts the
+    others, and the question's 4 rollouts are then a count other than n."""
+    dataset = tmp_path / "train.json"
+    dataset.write_text(json.dumps([{"qid": "q", "problem": "p", "answer": "1"}]))
+    rollouts = tmp_path / "rollouts.jsonl"
+    _write_jsonl(rollouts, [_rollout("q", 1.0, s) for s in range(4)] * 2)
+    with pytest.raises(SplitError, match=re.escape(f"{rollouts} line 5: qid 'q' sample 0 appears a second time")):
+        split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), N, log=lambda m: None)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(SplitError, match=r"have a rollout count other than n=8: q \(4\)"):
+        split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), N, skip_bad_lines=True, log=lambda m: None)
+    report = split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), N, skip_bad_lines=True,
+                           allow_count_mismatch=True, log=lambda m: None)
+    assert report.bad_lines == 4 and report.rollout_lines == 4 and report.wrong_count == {"q": 4}
+
+
+def test_a_data_set_that_is_one_of_the_split_files_is_not_replaced(files, tmp_path):
+    """Re-splitting dataset/mediumcase.json into dataset/ would replace it, and its records that were never
+    sampled would be in no file any more."""
+    dataset, rollouts, records = files
+    out = tmp_path / "dataset"
+    out.mkdir()
+    medium = out / "mediumcase.json"
+    medium.write_text(open(dataset).read())
+    before = medium.read_bytes()
+    with pytest.raises(SplitError, match="is the medium split file"):
+        split_dataset(rollouts, str(medium), str(out), N, allow_count_mismatch=True, log=lambda m: None)
+    assert medium.read_bytes() == before and sorted(os.listdir(out)) == ["mediumcase.json"]
+
+
 def test_a_failed_write_keeps_the_previous_split(files, tmp_path, monkeypatch):
     """The three files are replaced together: a failure on the last one leaves all three as they were."""
     dataset, rollouts, _ = files
@@ -312,10 +369,9 @@ def test_memory_is_bounded_by_questions_not_lines(tmp_path):
     dataset = tmp_path / "train.json"
     dataset.write_text(json.dumps([{"qid": f"q{i}", "problem": "p", "answer": "1"} for i in range(10)]))
     rollouts = tmp_path / "rollouts.jsonl"
-    line = {q: json.dumps(_rollout(q, 1.0)) + "\n" for q in (f"q{i}" for i in range(10))}
     with open(rollouts, "w") as f:
         for k in range(50_000):
-            f.write(line[f"q{k % 10}"])
+            f.write(json.dumps(_rollout(f"q{k % 10}", 1.0, sample=k // 10)) + "\n")
     size = os.path.getsize(rollouts)
     tracemalloc.start()
     report = split_dataset(str(rollouts), str(dataset), str(tmp_path / "s"), 5_000, log=lambda m: None)
