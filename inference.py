@@ -1,12 +1,13 @@
 """Ask a PeBR model one question about one image; print its answer and the extracted final answer.
 
-    python inference.py [--model_path M] [--image demo.jpg] [--question "..."] [--max_new_tokens 1024]
+    python inference.py [--model_path M] [--image demo.jpg] [--question "..."] [--max_new_tokens 4096]
         [--temperature 0] [--backend hf|vllm]
 
 The question is wrapped in the PeBR format prompt (examples/format_prompt/pebr.jinja), as in training,
 so the model answers with an image description, a rationale, numbered steps and a final answer line.
 Works on the embedded small model (scripts/make_tiny_model.py, then the demo's warm-up/RL stages) and on
-a real Qwen2.5-VL directory. Decoding is greedy by default, as in the paper's inference.
+a real Qwen2.5-VL directory or hub id. Decoding is greedy with up to 4096 new tokens by default, as in the
+paper's inference (fewer when the model's context leaves less room after the prompt, as the embedded model's does).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ sys.path.insert(0, ROOT)
 from pebr.config import ConfigError  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_options,  # noqa: E402
-                             check_model_path, generate_texts, make_engine)
+                             check_model_path, generate_texts, load_model_processor, make_engine)
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
+DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's inference budget (PeBR responses run long: description, steps, answer)
 NO_ANSWER = "(none: the response has no \"### The final answer is:\" line)"
 DEFAULT_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
 
@@ -34,7 +36,7 @@ def answer(
     image: str,
     question: str,
     *,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     backend: str = "hf",
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
@@ -43,19 +45,24 @@ def answer(
 ) -> str:
     """The model's full response to `question` about the image at `image`.
 
+    Args:
+        model_path: a model directory or a hub id.
+        max_new_tokens: the response budget; None for DEFAULT_MAX_NEW_TOKENS, or what the model's context
+            (max_position_embeddings) leaves after the prompt when that is less.
+
     Raises:
-        FileNotFoundError: the image or the model directory does not exist.
+        FileNotFoundError: the image does not exist.
+        ConfigError: an explicit `max_new_tokens` that does not fit in the model's context after the prompt.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoConfig
 
     from pebr.data.dataset import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image
     from pebr.data.records import DataError
 
-    for path, what in ((image, "image"), (model_path, "model_path")):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{what} {path!r} does not exist")
-    processor = AutoProcessor.from_pretrained(model_path)
+    if not os.path.exists(image):  # the model path may be a hub id: transformers says what is wrong with it
+        raise FileNotFoundError(f"image {image!r} does not exist")
+    processor = load_model_processor(model_path)
     template = load_format_prompt(format_prompt) if format_prompt else None
     prompt = processor.apply_chat_template(build_messages(question, 1, template), add_generation_prompt=True,
                                            tokenize=False)
@@ -65,6 +72,16 @@ def answer(
         raise DataError(f"image {image!r} cannot be read: {err}") from err
     check_fitted_aspect(*picture.size, f"image {image!r}")  # a BadRecord, which is a DataError
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
+    config = AutoConfig.from_pretrained(model_path)
+    context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    room = context - prompt_tokens if context else DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+    elif max_new_tokens > room:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: the prompt takes {prompt_tokens} of the model's "
+                          f"{context}-token context (max_position_embeddings), which leaves {room}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
                                   max_new_tokens=max_new_tokens, temperature=temperature)
@@ -78,7 +95,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-VL directory")
     parser.add_argument("--image", default=DEFAULT_IMAGE)
     parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--max_new_tokens", type=int, default=1024)
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help=f"default: {DEFAULT_MAX_NEW_TOKENS}, as in the paper, or what the model's context leaves")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')

@@ -130,6 +130,21 @@ def check_model_path(model_path: str) -> None:
         raise ConfigError(f"--model_path {model_path!r}: no such directory")
 
 
+def load_model_processor(model_path: str) -> Any:
+    """The processor of `model_path` (a directory or a hub id). A hub id that cannot be fetched (no network, no
+    such model, HF_HUB_OFFLINE=1 without a cached copy) is the user's input, said as such, not a traceback.
+
+    Raises:
+        ConfigError: naming --model_path and transformers' reason.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_path)
+    except OSError as err:
+        raise ConfigError(f"--model_path {model_path!r} cannot be loaded: {err}") from err
+
+
 def check_generation_options(max_new_tokens: int | None = None, min_pixels: int | None = None,
                              max_pixels: int | None = None, temperature: float | None = None,
                              **positive: int | None) -> None:
@@ -249,9 +264,8 @@ def evaluate_model(
     Raises:
         DataError: unreadable data or a bad record (naming file, record and key).
         ValueError: bad arguments.
+        ConfigError: a model path transformers cannot load.
     """
-    from transformers import AutoProcessor
-
     from pebr.data.dataset import RLDataset
     from pebr.data.records import DataError, load_records
 
@@ -263,7 +277,7 @@ def evaluate_model(
     records = records[:limit] if limit else records
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_model_processor(model_path)
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)

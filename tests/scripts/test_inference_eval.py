@@ -40,6 +40,28 @@ def test_inference_names_a_missing_image(tiny_model_dir) -> None:
         inference.answer(tiny_model_dir, "/nowhere.jpg", "How many?")
 
 
+def test_inference_takes_a_hub_id_and_fits_its_budget_to_the_models_context(tiny_model_dir, monkeypatch) -> None:
+    """A hub id reached transformers as --model_path allows (it raised FileNotFoundError, a traceback in the CLI);
+    one that cannot be fetched is a ConfigError naming it. The default budget is the paper's 4096 new tokens, cut
+    to what the embedded model's 4096-token context leaves after the prompt; an explicit one that does not fit is
+    refused before any engine starts."""
+    import inference
+
+    from pebr.config import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="--model_path 'pebr-tests/no-such-model' cannot be loaded"):
+        inference.answer("pebr-tests/no-such-model", inference.DEFAULT_IMAGE, "How many?")
+    budgets = []
+    monkeypatch.setattr(inference, "make_engine", lambda *a, max_model_len, **k: budgets.append(max_model_len) or "e")
+    monkeypatch.setattr(inference, "generate_texts", lambda engine, tok, prompts, max_new_tokens, **k: (
+        budgets.append(max_new_tokens) or [("text", None)]))
+    assert inference.answer(tiny_model_dir, inference.DEFAULT_IMAGE, "How many?") == "text"
+    assert budgets[0] == 4096 and 3000 < budgets[1] < 4096, budgets  # the context, and what the prompt leaves of it
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 4096: the prompt takes \d+ of the model's 4096-token"):
+        inference.answer(tiny_model_dir, inference.DEFAULT_IMAGE, "How many?", max_new_tokens=4096)
+
+
 def test_inference_names_a_too_thin_image(tiny_model_dir, tmp_path) -> None:
     import inference
     from PIL import Image
