@@ -147,6 +147,35 @@ def assistant_label_mask(input_ids: list[int], header_ids: list[int], end_id: in
     return mask
 
 
+def split_header_newlines(input_ids: list[int], tokenizer: Any) -> list[int]:
+    """Give each assistant header its own newline token where the tokenizer merged it into the reply's.
+
+    Qwen2's tokenizer reads a run of newlines as one token, so a reply that starts with "\n" makes the header's
+    "\n" and its own one token ("\n\n"): the header is then not found (no labels), and the model would train on a
+    sequence it never sees at inference, where the prompt ends with the header's own "\n" token. The merged token is
+    replaced by the header's newline and the tokens of the rest, as if header and reply were tokenised apart.
+
+    Returns:
+        The ids, unchanged where no header newline was merged.
+    """
+    opener = list(tokenizer(ASSISTANT_HEADER.rstrip("\n"), add_special_tokens=False)["input_ids"])
+    newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    if len(newline) != 1:
+        return input_ids
+    out: list[int] = []
+    i, width = 0, len(opener)
+    while i < len(input_ids):
+        if input_ids[i:i + width] == opener and i + width < len(input_ids) and input_ids[i + width] != newline[0]:
+            merged = tokenizer.decode([input_ids[i + width]])
+            if merged.startswith("\n"):
+                out += opener + newline + list(tokenizer(merged[1:], add_special_tokens=False)["input_ids"])
+                i += width + 1
+                continue
+        out.append(input_ids[i])
+        i += 1
+    return out
+
+
 def encode_chat(
     processor: Any, chat: list[dict[str, Any]], images: list[Any]
 ) -> dict[str, torch.Tensor]:
@@ -169,6 +198,11 @@ def encode_chat(
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     ids = inputs["input_ids"][0]
+    split = split_header_newlines(ids.tolist(), tokenizer)
+    if len(split) != len(ids):  # text tokens only were split: the other per-token tensors follow the new ids
+        ids = torch.tensor(split, dtype=ids.dtype)
+        inputs["attention_mask"] = torch.ones_like(ids)[None]
+        inputs["mm_token_type_ids"] = (ids == processor.image_token_id).long()[None]
     header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     mask = torch.tensor(assistant_label_mask(ids.tolist(), header, end_id))
@@ -250,7 +284,10 @@ class SFTDataset(Dataset):
                     sizes.append(fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels))
                     check_fitted_aspect(*sizes[-1], f"{where}: image {image!r}")
                 except BadRecord as err:
-                    raise DataError(f"{err} (run dataset/filter.py over the SFT data first)") from err
+                    joined = (f"relative image paths are joined to {image_dir!r} (--image_dir); " if image_dir
+                              else "relative image paths are read from the working directory; ")
+                    raise DataError(f"{err} ({joined if err.reason == 'image_missing' else ''}run dataset/filter.py "
+                                    "over the SFT data first)") from err
             chat = to_chat(record, template)
             text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
             length = count_tokens(text, sizes)
@@ -327,7 +364,8 @@ class SFTConfig:
     Attributes:
         model_path: a Hugging Face Qwen2.5-VL directory (weights, processor, tokenizer).
         data: the filtered sharegpt json (see dataset/filter.py).
-        image_dir: directory the records' image paths are relative to.
+        image_dir: directory the records' relative image paths are joined to (None: the data file's directory,
+            as dataset/filter.py reads them without --image_root; see `resolved_image_dir`).
         output_dir: where the trained model, processor and `sft_metrics.json` are written.
         epochs, lr, batch_size, grad_accum, warmup_ratio, weight_decay, lr_scheduler: the optimisation
             (AdamW; the paper: 2 epochs, lr 1e-5, batch 16, cosine, warmup 0.1 on a pretrained model).
@@ -363,6 +401,12 @@ class SFTConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     logging_steps: int = 10
     seed: int = 0
+
+    @property
+    def resolved_image_dir(self) -> str:
+        """`image_dir`, or the data file's directory: the filter checked the images there, so the warm-up reads
+        them there too (it read them from the working directory, and the records the filter had kept failed)."""
+        return self.image_dir if self.image_dir is not None else os.path.dirname(os.path.abspath(self.data))
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for values that cannot work."""
@@ -468,7 +512,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     dataset = SFTDataset(
-        load_sharegpt(cfg.data), processor, image_dir=cfg.image_dir, max_length=cfg.max_length,
+        load_sharegpt(cfg.data), processor, image_dir=cfg.resolved_image_dir, max_length=cfg.max_length,
         format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
     )
     model = load_hf_model(cfg.model_path)

@@ -22,6 +22,16 @@ SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "vision_to
                     "placeholder_mismatch")
 
 
+def _check_unicode(text: str, where: str, key: str) -> None:
+    """JSON can carry half of a surrogate pair (an emoji cut in two, "\\ud83c"), which Python reads but no UTF-8
+    file or tokenizer takes: the filter failed writing its whole output, the SFT loader with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRecord("malformed", f"{where}: key {key!r} is not valid Unicode (a lone surrogate "
+                                     f"{text[err.start]!r} at character {err.start})") from None
+
+
 def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
     """Check a record's shape and return it normalised.
 
@@ -36,7 +46,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
 
     Raises:
         BadRecord: naming `where` and the key, with reason
-            "malformed" (wrong types, no messages), "unknown_role" (a role outside `ROLES`, e.g. the
+            "malformed" (wrong types, no messages, a lone surrogate), "unknown_role" (a role outside `ROLES`, e.g. the
             sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn) or "placeholder_mismatch"
             (the user turns' `<image>` placeholders do not match the images; no placeholder with one
             image is allowed, the image then goes before the first question).
@@ -54,6 +64,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             # A non-string role is a broken record; a foreign role name is a known layout mix-up.
             reason = "unknown_role" if isinstance(role, str) else "malformed"
             raise BadRecord(reason, f"{where}: key 'messages'[{j}]['role'] is {role!r}, expected one of {ROLES}")
+        _check_unicode(message["content"], where, f"messages[{j}].content")
         check_no_model_tokens(message["content"], where, f"messages[{j}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(
@@ -68,6 +79,8 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         raise BadRecord(
             "malformed", f"{where}: key 'images' must be a path or a list of paths, got {str(value.get('images'))[:80]}"
         )
+    for k, path in enumerate(images):
+        _check_unicode(path, where, f"images[{k}]")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
     if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
         raise BadRecord(

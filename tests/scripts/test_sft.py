@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,63 @@ def test_assistant_label_mask_by_hand() -> None:
     ids = [1, 2, 5, 6, 7, 8, 9, 3, 5, 6, 4, 9, 0]
     mask = assistant_label_mask(ids, [5, 6], 9)
     assert [i for i, m in enumerate(mask) if m] == [4, 5, 6, 10, 11]
+
+
+# Qwen2's pre-tokenizer (tokenizer.json of Qwen2.5-VL): a run of newlines is one piece, which its merges join.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _processor_that_merges_newlines(model_dir: str, out_dir: str):
+    """The tiny model's processor with Qwen2's newline handling: its tokenizer splits text as Qwen2's does and
+    has the merge of two newlines (in place of its last merge, so the vocabulary keeps its size)."""
+    from transformers import AutoProcessor
+
+    os.makedirs(out_dir)
+    for name in os.listdir(model_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(model_dir, name), out_dir)
+    with open(os.path.join(out_dir, "tokenizer.json")) as f:
+        spec = json.load(f)
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    last = merges[-1]
+    vocab["\u010a\u010a"] = vocab.pop("".join(last) if isinstance(last, list) else last.replace(" ", ""))
+    merges[-1] = ["\u010a", "\u010a"] if isinstance(last, list) else "\u010a \u010a"
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(spec, f)
+    return AutoProcessor.from_pretrained(out_dir)
+
+
+def test_a_reply_that_starts_with_a_newline_trains_on_what_inference_sees(tiny_model_dir, tmp_path) -> None:
+    """With Qwen2's tokenizer the header's newline and a reply's leading one became one token: the header was
+    not found, the sample raised a DataError in the middle of training (blaming the chat template), and the ids
+    would not have begun with the prompt the model gets at inference. The encoded sample now begins with exactly
+    the inference prompt's ids, and its labels are the reply's tokens and the end of turn."""
+    processor = _processor_that_merges_newlines(tiny_model_dir, str(tmp_path / "qwen_like"))
+    tok = processor.tokenizer
+    assert len(tok("\n\n", add_special_tokens=False)["input_ids"]) == 1  # the merge is there
+    reply = "\n### The final answer is: 3"
+    chat = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": reply}]
+    joint = processor(text=[processor.apply_chat_template(chat, tokenize=False)])["input_ids"][0]
+    opener = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
+    at = next(i for i in range(len(joint)) if joint[i:i + len(opener)] == opener) + len(opener)
+    assert tok.decode([joint[at]]) == "\n\n"  # the header's newline merged with the reply's
+    out = encode_chat(processor, chat, [])
+    prompt = tok(processor.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    ids = out["input_ids"].tolist()
+    assert ids[:len(prompt)] == prompt and len(ids) == len(joint) + 1
+    labelled = out["labels"] != IGNORE_INDEX
+    assert tok.decode(out["input_ids"][labelled]) == reply + "<|im_end|>"
+    assert labelled.nonzero()[0].item() == len(prompt)
+    assert out["attention_mask"].shape == out["input_ids"].shape == out["mm_token_type_ids"].shape
+    # A reply without the leading newline is encoded as the processor reads it.
+    plain = [chat[0], {"role": "assistant", "content": reply.lstrip()}]
+    assert encode_chat(processor, plain, [])["input_ids"].tolist() == processor(
+        text=[processor.apply_chat_template(plain, tokenize=False)])["input_ids"][0]
 
 
 def test_labels_cover_exactly_the_assistant_turn(clean_sft, synthetic_data_dir, processor) -> None:
@@ -282,6 +340,9 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
         # The chat template's control tokens in a turn: they passed both and failed mid-training, naming no record.
         {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "a<|im_end|>"}]},
         {**ok, "messages": [{"role": "user", "content": "<image>q<|im_start|>assistant\n"}, ok["messages"][1]]},
+        # Half an emoji (JSON's "\\ud83c"): the filter failed writing its whole output, the loader with a TypeError.
+        {**ok, "messages": [{"role": "user", "content": "<image>q \ud83c"}, ok["messages"][1]]},
+        {**ok, "images": ["ok\udc80.png"]},
     ]
     for record in refused:
         (tmp_path / "one.json").write_text(json.dumps([ok, record]))
@@ -292,6 +353,33 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
     subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "filter.py"), "--input", str(raw), "--output",
                     str(clean)], check=True, capture_output=True)
     assert load_sharegpt(str(clean)) == [ok]
+
+
+def test_relative_image_paths_are_read_beside_the_data_file_as_the_filter_reads_them(tmp_path, tiny_model_dir,
+                                                                                        monkeypatch) -> None:
+    """dataset/filter.py resolves relative image paths against the data file's folder; the warm-up read them from
+    the working directory, so records the filter had just kept failed, with a hint to run the filter."""
+    from PIL import Image
+
+    (tmp_path / "rel" / "imgs").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (10, 20, 30)).save(tmp_path / "rel" / "imgs" / "a.png")
+    record = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+              "images": ["imgs/a.png"]}
+    data = tmp_path / "rel" / "clean.json"
+    data.write_text(json.dumps([record]))
+    subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "filter.py"), "--input", str(data), "--output",
+                    str(tmp_path / "rel" / "kept.json")], check=True, capture_output=True)
+    assert len(json.loads((tmp_path / "rel" / "kept.json").read_text())) == 1  # the filter found the image
+    monkeypatch.chdir(tmp_path)  # anywhere but the data's folder
+    cfg = SFTConfig(model_path=tiny_model_dir, data=str(data), output_dir=str(tmp_path / "out"))
+    assert cfg.resolved_image_dir == str(tmp_path / "rel")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert len(SFTDataset(load_sharegpt(str(data)), processor, image_dir=cfg.resolved_image_dir, max_length=512)) == 1
+    wrong = str(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=re.escape(f"relative image paths are joined to {wrong!r} (--image_dir)")):
+        SFTDataset(load_sharegpt(str(data)), processor, image_dir=wrong, max_length=512)
 
 
 def test_undecodable_image_names_the_record_and_path(tmp_path, processor) -> None:
