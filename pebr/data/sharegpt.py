@@ -48,8 +48,8 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         BadRecord: naming `where` and the key, with reason
             "malformed" (wrong types, no messages, a lone surrogate), "unknown_role" (a role outside `ROLES`, e.g. the
             sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn) or "placeholder_mismatch"
-            (the user turns' `<image>` placeholders do not match the images; no placeholder with one
-            image is allowed, the image then goes before the first question).
+            (the user turns' `<image>` placeholders do not match the images, or another turn holds one; no
+            placeholder with one image is allowed, the image then goes before the first question).
     """
     if not isinstance(value, dict):
         raise BadRecord("malformed", f"{where}: a record must be a JSON object, got {type(value).__name__}")
@@ -81,6 +81,11 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         )
     for k, path in enumerate(images):
         _check_unicode(path, where, f"images[{k}]")
+    # LLaMA-Factory (the real-scale warm-up) counts placeholders in every turn and stops at a mismatch.
+    stray = [j for j, m in enumerate(messages) if m["role"] != "user" and IMAGE_PLACEHOLDER in m["content"]]
+    if stray:
+        raise BadRecord("placeholder_mismatch", f"{where}: key 'messages'[{stray[0]}] ({messages[stray[0]]['role']}) "
+                                                f"holds {IMAGE_PLACEHOLDER}, which only user turns may hold")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
     if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
         raise BadRecord(

@@ -343,6 +343,8 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
         # Half an emoji (JSON's "\\ud83c"): the filter failed writing its whole output, the loader with a TypeError.
         {**ok, "messages": [{"role": "user", "content": "<image>q \ud83c"}, ok["messages"][1]]},
         {**ok, "images": ["ok\udc80.png"]},
+        # A placeholder in a reply: LLaMA-Factory counts every turn's and stops at the mismatch.
+        {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "an <image> here"}]},
     ]
     for record in refused:
         (tmp_path / "one.json").write_text(json.dumps([ok, record]))
