@@ -21,8 +21,8 @@ A sample is dropped, with the reason counted, when
     that pebr/sft.py's loader applies too (not a dict, ``messages`` empty or not {role, content} strings, a role
     other than system/user/assistant, no assistant turn, a turn holding one of the model's vision tokens such
     as ``<|image_pad|>`` or the chat template's ``<|im_start|>`` / ``<|im_end|>`` / ``<|endoftext|>``,
-    ``<image>`` placeholders in the user turns not matching ``images``); these are
-    also listed one by one, by index.
+    ``<image>`` placeholders in the user turns not matching ``images`` or one in another turn, text that is not
+    valid Unicode such as half a surrogate pair); these are also listed one by one, by index.
 Text-only samples (no ``images`` or an empty list) are kept. ``images`` given as one string is
 written back as a one-element list, the form LLaMA-Factory's sharegpt reader expects, and one image without
 an ``<image>`` placeholder gets one at the start of the first user turn (where pebr/sft.py puts it), since
