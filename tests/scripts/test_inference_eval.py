@@ -49,7 +49,11 @@ def test_inference_takes_a_hub_id_and_fits_its_budget_to_the_models_context(tiny
 
     from pebr.config import ConfigError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline as HF_HUB_OFFLINE=1 makes it (the variable is read when huggingface_hub is imported): without it the
+    # hub is retried for minutes on a machine without its address.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="--model_path 'pebr-tests/no-such-model' cannot be loaded"):
         inference.answer("pebr-tests/no-such-model", inference.DEFAULT_IMAGE, "How many?")
     budgets = []
