@@ -74,14 +74,14 @@ def answer(
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
     config = AutoConfig.from_pretrained(model_path)
     context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    room = context - prompt_tokens if context else DEFAULT_MAX_NEW_TOKENS
+    room = context - prompt_tokens if context else None  # None: the config names no context length
+    if room is not None and room < 1:
+        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
     if max_new_tokens is None:
-        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
-    elif max_new_tokens > room:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+    elif room is not None and max_new_tokens > room:
         raise ConfigError(f"--max_new_tokens {max_new_tokens}: the prompt takes {prompt_tokens} of the model's "
                           f"{context}-token context (max_position_embeddings), which leaves {room}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
                                   max_new_tokens=max_new_tokens, temperature=temperature)

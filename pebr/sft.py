@@ -147,7 +147,7 @@ def assistant_label_mask(input_ids: list[int], header_ids: list[int], end_id: in
     return mask
 
 
-def split_header_newlines(input_ids: list[int], tokenizer: Any) -> list[int]:
+def split_header_newlines(input_ids: list[int], header_ids: list[int], tokenizer: Any) -> list[int]:
     """Give each assistant header its own newline token where the tokenizer merged it into the reply's.
 
     Qwen2's tokenizer reads a run of newlines as one token, so a reply that starts with "\n" makes the header's
@@ -155,20 +155,22 @@ def split_header_newlines(input_ids: list[int], tokenizer: Any) -> list[int]:
     sequence it never sees at inference, where the prompt ends with the header's own "\n" token. The merged token is
     replaced by the header's newline and the tokens of the rest, as if header and reply were tokenised apart.
 
+    Args:
+        header_ids: the ids of "<|im_start|>assistant\n", whose last is the newline.
+
     Returns:
         The ids, unchanged where no header newline was merged.
     """
-    opener = list(tokenizer(ASSISTANT_HEADER.rstrip("\n"), add_special_tokens=False)["input_ids"])
-    newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
-    if len(newline) != 1:
+    opener, newline = header_ids[:-1], header_ids[-1]
+    if tokenizer.decode([newline]) != "\n":
         return input_ids
     out: list[int] = []
     i, width = 0, len(opener)
     while i < len(input_ids):
-        if input_ids[i:i + width] == opener and i + width < len(input_ids) and input_ids[i + width] != newline[0]:
+        if input_ids[i:i + width] == opener and i + width < len(input_ids) and input_ids[i + width] != newline:
             merged = tokenizer.decode([input_ids[i + width]])
             if merged.startswith("\n"):
-                out += opener + newline + list(tokenizer(merged[1:], add_special_tokens=False)["input_ids"])
+                out += [*opener, newline, *tokenizer(merged[1:], add_special_tokens=False)["input_ids"]]
                 i += width + 1
                 continue
         out.append(input_ids[i])
@@ -198,12 +200,12 @@ def encode_chat(
     text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     ids = inputs["input_ids"][0]
-    split = split_header_newlines(ids.tolist(), tokenizer)
+    header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
+    split = split_header_newlines(ids.tolist(), header, tokenizer)
     if len(split) != len(ids):  # text tokens only were split: the other per-token tensors follow the new ids
         ids = torch.tensor(split, dtype=ids.dtype)
         inputs["attention_mask"] = torch.ones_like(ids)[None]
-        inputs["mm_token_type_ids"] = (ids == processor.image_token_id).long()[None]
-    header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
+        inputs.pop("mm_token_type_ids", None)  # rebuilt from the ids below
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     mask = torch.tensor(assistant_label_mask(ids.tolist(), header, end_id))
     # Each turn as the tokenizer reads it back (its normalizer may change the text: NFC makes an OHM SIGN an Omega).
@@ -284,10 +286,11 @@ class SFTDataset(Dataset):
                     sizes.append(fit_size(*probe_image(image, image_dir, where), min_pixels, max_pixels))
                     check_fitted_aspect(*sizes[-1], f"{where}: image {image!r}")
                 except BadRecord as err:
-                    joined = (f"relative image paths are joined to {image_dir!r} (--image_dir); " if image_dir
-                              else "relative image paths are read from the working directory; ")
-                    raise DataError(f"{err} ({joined if err.reason == 'image_missing' else ''}run dataset/filter.py "
-                                    "over the SFT data first)") from err
+                    hint = "run dataset/filter.py over the SFT data first"
+                    if err.reason == "image_missing":
+                        hint = (f"relative image paths are joined to {image_dir!r} (--image_dir); " if image_dir
+                                else "relative image paths are read from the working directory; ") + hint
+                    raise DataError(f"{err} ({hint})") from err
             chat = to_chat(record, template)
             text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
             length = count_tokens(text, sizes)
