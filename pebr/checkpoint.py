@@ -77,7 +77,7 @@ def remove_partial(checkpoint_dir: str) -> list[str]:
     return removed
 
 
-def _delete(path: str) -> None:
+def delete_checkpoint(path: str) -> None:
     """Remove a checkpoint directory so that no crash leaves part of it under its own name."""
     doomed = path + ".deleting"
     shutil.rmtree(doomed, ignore_errors=True)
@@ -102,12 +102,12 @@ def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: in
     atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state)
     final = step_dir(checkpoint_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
-        _delete(final)
+        delete_checkpoint(final)
     os.replace(tmp, final)
     if save_limit > 0:
         earlier = [s for s in complete_steps(checkpoint_dir) if s < step]
         for old in earlier[: max(0, len(earlier) - (save_limit - 1))]:
-            _delete(step_dir(checkpoint_dir, old))
+            delete_checkpoint(step_dir(checkpoint_dir, old))
     return final
 
 

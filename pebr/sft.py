@@ -31,6 +31,7 @@ import jinja2
 import torch
 from torch.utils.data import Dataset
 
+from pebr.checkpoint import delete_checkpoint
 from pebr.config import ConfigError
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
 from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitted_aspect, fit_size, load_image,
@@ -381,6 +382,11 @@ class SFTConfig:
         min_pixels, max_pixels: image area bounds, the RL stages' by default (None: the processor's own).
         logging_steps: log the loss every this many steps.
         seed: seeds the data order.
+        save_steps: keep a resumable checkpoint (weights, optimizer, schedule, RNG, data position) every this many
+            optimizer steps in `checkpoint_dir` (0: none, an interrupted run starts again).
+        save_total_limit: how many of those checkpoints to keep, the newest.
+        resume: continue from the newest checkpoint in `checkpoint_dir` when there is one (False: delete them and
+            start again). A checkpoint of other settings or another data file is refused, not resumed.
     """
 
     model_path: str
@@ -404,12 +410,20 @@ class SFTConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     logging_steps: int = 10
     seed: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: bool = True
 
     @property
     def resolved_image_dir(self) -> str:
         """`image_dir`, or the data file's directory: the filter checked the images there, so the warm-up reads
         them there too (it read them from the working directory, and the records the filter had kept failed)."""
         return self.image_dir if self.image_dir is not None else os.path.dirname(os.path.abspath(self.data))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where the intermediate checkpoints live: beside `output_dir`, which the finished model replaces whole."""
+        return os.path.realpath(self.output_dir) + ".checkpoints"
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for values that cannot work."""
@@ -421,6 +435,7 @@ class SFTConfig:
             ("vision_lr", self.vision_lr is None or self.vision_lr > 0),
             ("min_pixels", self.min_pixels is None or self.min_pixels >= 1),
             ("max_pixels", self.max_pixels is None or self.max_pixels >= max(1, self.min_pixels or 1)),
+            ("save_steps", self.save_steps >= 0), ("save_total_limit", self.save_total_limit >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -441,6 +456,9 @@ class SFTConfig:
             if path and is_within(path, self.output_dir):
                 raise ConfigError(f"sft config: output_dir {self.output_dir!r} is or holds {name} {path!r}, which the "
                                   "saved model would replace; name another output_dir")
+            if path and is_within(path, self.checkpoint_dir):
+                raise ConfigError(f"sft config: {name} {path!r} lies in {self.checkpoint_dir}, the checkpoints of this "
+                                  "output_dir, which the run rotates and deletes; copy it elsewhere first")
         out = self.output_dir
         if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, METRICS_FILE)):
             raise ConfigError(f"sft config: output_dir {self.output_dir!r} holds files but no {METRICS_FILE}, so it is "
@@ -499,19 +517,25 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     Args:
         cfg: the settings (validated here).
 
+    With `save_steps`, Trainer's checkpoints go to `cfg.checkpoint_dir` (see `pebr.sft_checkpoints`) and a rerun
+    continues from the newest; they are deleted once the finished model is in place.
+
     Returns:
         Metrics: train_loss (mean over the run), first_loss and final_loss (logged losses), steps,
-        samples, dropped_overlong, wall_s, trainable_parameters, log_history (Trainer's list of dicts);
-        also written to `output_dir/sft_metrics.json`.
+        samples, dropped_overlong, wall_s, trainable_parameters, log_history (Trainer's list of dicts),
+        resumed_from (the checkpoint continued, or None); also written to `output_dir/sft_metrics.json`.
 
     Raises:
         ValueError: a bad setting; DataError: bad data.
     """
-    from transformers import AutoProcessor, Trainer, TrainingArguments, set_seed
+    from transformers import AutoProcessor, TrainingArguments, set_seed
 
+    from pebr.sft_checkpoints import PublishCheckpoints, WarmupTrainer, find_resume_checkpoint, run_identity
     from pebr.workers.actor import load_hf_model
 
     cfg.validate()
+    identity = run_identity(cfg)
+    resume_from = find_resume_checkpoint(cfg, identity)
     set_seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     dataset = SFTDataset(
@@ -519,6 +543,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
     )
     model = load_hf_model(cfg.model_path)
+    if resume_from:  # the weights trained so far, read through from_pretrained (see WarmupTrainer)
+        logger.info("SFT: continuing from %s", resume_from)
+        base_dtype, model = model.source_dtype, load_hf_model(resume_from)
+        model.source_dtype = base_dtype  # the checkpoint holds the fp32 master weights
     if cfg.freeze_vision_tower:
         freeze_vision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -530,7 +558,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     staging = os.path.realpath(cfg.output_dir) + ".saving"
     shutil.rmtree(staging, ignore_errors=True)  # a killed run's
     args = TrainingArguments(
-        output_dir=staging,
+        output_dir=PublishCheckpoints.partial_dir(cfg.checkpoint_dir) if cfg.save_steps else staging,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -544,7 +572,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 1,  # read only when saving
+        save_total_limit=None,  # the publisher rotates; Trainer would rotate its partial folder
         report_to=[],
         remove_unused_columns=False,  # the collator's keys (pixel_values, ...) are all model inputs
         dataloader_num_workers=0,
@@ -552,13 +582,14 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         disable_tqdm=False,
     )
     pad_id = processor.tokenizer.pad_token_id
-    trainer = Trainer(
+    trainer = WarmupTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=lambda feats: collate(feats, pad_id),
         optimizers=(build_optimizer(model, cfg), None),  # Trainer adds the warmup/decay schedule
         compute_loss_func=token_mean_loss,
+        callbacks=[PublishCheckpoints(cfg.checkpoint_dir, identity, cfg.save_total_limit)] if cfg.save_steps else [],
     )
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
 
     if model.source_dtype is not None:  # saved in the base model's dtype (trained with fp32 master weights)
@@ -577,7 +608,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "config": asdict(cfg),
         "log_history": trainer.state.log_history,
+        "resumed_from": resume_from,
     }
     atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
     replace_directory(staging, cfg.output_dir)
+    if os.path.isdir(cfg.checkpoint_dir):
+        delete_checkpoint(cfg.checkpoint_dir)  # the finished model supersedes them
     return metrics

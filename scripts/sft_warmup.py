@@ -8,8 +8,12 @@ stages (`--format_prompt ""` to train on the bare question). The vision tower an
 frozen by default, as in the paper (`--no-freeze_vision_tower` trains them too). OUT is a Hugging Face
 model directory (safetensors, processor, tokenizer) that transformers, vLLM and the RL recipes load;
 `OUT/sft_metrics.json` holds the losses and the wall time. OUT is written whole at the end (through OUT.saving)
-and replaces an earlier warm-up's output only then; no intermediate checkpoints are kept, so an interrupted run
-starts again. At real scale use LLaMA-Factory (docs/), which saves and resumes checkpoints.
+and replaces an earlier warm-up's output only then.
+
+`--save_steps N` keeps a checkpoint every N optimizer steps in OUT.checkpoints (the newest `--save_total_limit`);
+rerunning the same command continues from the newest one, and a checkpoint of other settings or another data file
+is refused (`--no-resume` deletes them and starts again). They are deleted once OUT is complete. Without
+`--save_steps` an interrupted run starts again. At real scale use LLaMA-Factory (docs/).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="image area bounds (the RL stages', so SFT trains at their resolution)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--save_steps", type=int, default=0,
+                        help="keep a resumable checkpoint every this many steps in OUTPUT_DIR.checkpoints (0: none)")
+    parser.add_argument("--save_total_limit", type=int, default=2, help="how many checkpoints to keep, the newest")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the newest checkpoint of OUTPUT_DIR.checkpoints (--no-resume: delete them)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = train_sft(SFTConfig(**vars(args)))

@@ -101,6 +101,20 @@ def replace_directory(new: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def fsync_tree(directory: str) -> None:
+    """Flush every file under `directory`, and the directories themselves, to disk: after a rename publishes
+    the directory, a power cut must not leave it under its final name with some files empty."""
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def is_within(path: str, directory: str) -> bool:
     """Whether `path` is `directory` or lies inside it, links resolved."""
     path, directory = os.path.realpath(path), os.path.realpath(directory)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -290,11 +291,84 @@ def test_a_bf16_base_model_is_saved_in_bf16(tmp_path, clean_sft, synthetic_data_
     assert AutoModelForImageTextToText.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
+def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_uninterrupted_one(
+    tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir
+) -> None:
+    """SIGKILL mid-run, then the same command: it continues from the newest published checkpoint and its
+    weights and losses equal a run never interrupted (transformers' own resume had left the weights at the
+    base model's). Checkpoints of other settings are refused; --no-resume deletes them."""
+    from safetensors.torch import load_file
+
+    from pebr.config import ConfigError
+    from pebr.sft_checkpoints import CHECKPOINT_META, complete_checkpoints, find_resume_checkpoint, run_identity
+
+    images = os.path.join(synthetic_data_dir, "images")
+    common = ["--model_path", tiny_model_dir, "--data", clean_sft, "--image_dir", images, "--max_steps", "40",
+              "--batch_size", "2", "--lr", "1e-3", "--logging_steps", "1"]
+    out = str(tmp_path / "warm")
+    checkpoints = out + ".checkpoints"
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "sft_warmup.py"), *common,
+                              "--output_dir", out, "--save_steps", "2", "--save_total_limit", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not os.path.isdir(os.path.join(checkpoints, "checkpoint-8")):
+            assert child.poll() is None, "the warm-up ended before its fourth checkpoint"
+        os.kill(child.pid, signal.SIGSTOP)  # frozen where it was, to look at what it left
+        published = [n for n in os.listdir(checkpoints) if re.fullmatch(r"checkpoint-\d+", n)]  # not .deleting
+        assert "checkpoint-8" in published and "checkpoint-2" not in published  # rotated when 6 came
+        assert all(os.path.isfile(os.path.join(checkpoints, n, CHECKPOINT_META)) for n in published)
+        assert not os.path.exists(out)
+    finally:
+        child.kill()
+        child.wait()
+    for leftover in (".partial/checkpoint-98", "checkpoint-1.deleting"):  # a save, a rotation cut short: ignored
+        os.makedirs(os.path.join(checkpoints, leftover), exist_ok=True)
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from sft_warmup import main
+
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.001 -> 0.002\).*--no-resume"):
+        main([*common, "--output_dir", out, "--save_steps", "2", "--lr", "2e-3"])
+    stale = str(tmp_path / "other")
+    shutil.copytree(checkpoints, stale + ".checkpoints")
+    cfg = SFTConfig(model_path=tiny_model_dir, data=clean_sft, output_dir=stale, resume=False)
+    assert find_resume_checkpoint(cfg, run_identity(cfg)) is None and not os.path.exists(stale + ".checkpoints")
+
+    newest = complete_checkpoints(checkpoints)[-1][1]
+    resumed = main([*common, "--output_dir", out, "--save_steps", "2", "--save_total_limit", "2"])
+    assert resumed["resumed_from"] == newest
+    assert resumed["steps"] == 40 and not os.path.exists(checkpoints)  # deleted once the model is in place
+
+    whole = main([*common, "--output_dir", str(tmp_path / "whole")])  # checkpoints change nothing of the run
+    assert whole["resumed_from"] is None
+    losses = [[e["loss"] for e in m["log_history"] if "loss" in e] for m in (resumed, whole)]
+    # Equal up to the rounding of multi-threaded CPU kernels (often bit for bit); resuming from the base weights
+    # instead moved the loss by 0.3 within four steps and the weights by about 1e-2.
+    assert len(losses[0]) == 40 and losses[0] == pytest.approx(losses[1], rel=1e-5, abs=0)
+    got, want = load_file(os.path.join(out, "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want)
+
+    data = tmp_path / "changed.json"  # the same path, other contents
+    data.write_text(json.dumps(load_sharegpt(clean_sft)[:-1]))
+    changed = SFTConfig(model_path=tiny_model_dir, data=str(data), output_dir=str(tmp_path / "c"))
+    os.makedirs(os.path.join(changed.checkpoint_dir, "checkpoint-2"))
+    with open(os.path.join(changed.checkpoint_dir, "checkpoint-2", CHECKPOINT_META), "w") as handle:
+        json.dump(run_identity(changed), handle)
+    data.write_text(json.dumps(load_sharegpt(clean_sft)))
+    with pytest.raises(ConfigError, match=r"the contents of .*changed.json"):
+        find_resume_checkpoint(changed, run_identity(changed))
+
+
 def test_config_rejects_bad_values(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="lr"):
         SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr=0).validate()
     with pytest.raises(ValueError, match="model_path"):
         SFTConfig(model_path="/nonexistent", data="x", output_dir="y").validate()
+    for name, value in (("save_steps", -1), ("save_total_limit", 0)):
+        with pytest.raises(ValueError, match=f"{name}={value}"):
+            SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", **{name: value}).validate()
+    with pytest.raises(ValueError, match="lies in .*y.checkpoints, the checkpoints of this output_dir"):
+        SFTConfig(model_path=tiny_model_dir, data="y.checkpoints/checkpoint-2/d.json", output_dir="y").validate()
     with pytest.raises(ValueError, match=r"lr_scheduler='cosin' is not one of \['linear', 'cosine'"):
         SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr_scheduler="cosin").validate()
     assert os.path.isfile(DEFAULT_FORMAT_PROMPT)

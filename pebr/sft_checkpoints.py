@@ -1,0 +1,138 @@
+"""Intermediate checkpoints of the warm-up SFT: Trainer's own (weights, optimizer, schedule, RNG, data position),
+published whole, rotated, and resumed only by the run that wrote them.
+
+    {output_dir}.checkpoints/
+        checkpoint-{N}/     Trainer's files, then pebr_sft.json (the settings and data it belongs to)
+        .partial/           where Trainer writes the next one; renamed into place once whole
+
+Trainer writes a checkpoint in place, so a kill during a save would leave the newest `checkpoint-N` half written
+and the resume would fail on it (or load it). Here a checkpoint appears under its name only once complete and
+flushed to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from transformers import Trainer, TrainerCallback
+
+from pebr.checkpoint import delete_checkpoint
+from pebr.config import ConfigError
+from pebr.utils.jsonio import atomic_write_json, fsync_tree
+
+if TYPE_CHECKING:
+    from pebr.sft import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # Trainer's naming
+CHECKPOINT_META = "pebr_sft.json"
+PARTIAL = ".partial"
+# Settings a resumed run may change: nothing a checkpoint holds depends on them (the checkpoints are found through
+# output_dir, whichever way it is spelt).
+RESUMABLE_CHANGES = ("output_dir", "save_steps", "save_total_limit", "resume", "logging_steps")
+PATHS = ("model_path", "data", "image_dir", "format_prompt")  # compared resolved: "data.json" is "./data.json"
+
+
+def run_identity(cfg: SFTConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: every setting that shapes training, and the
+    data file's contents (the same path may hold a newly filtered file)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    settings["image_dir"] = cfg.resolved_image_dir
+    for key in PATHS:
+        settings[key] = os.path.realpath(settings[key]) if settings[key] else settings[key]
+    with open(cfg.data, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return json.loads(json.dumps({"settings": settings, "data_sha256": digest}))  # as it reads back from the file
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the published checkpoints under `root`, oldest first."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isfile(os.path.join(root, name, CHECKPOINT_META)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any]) -> str | None:
+    """The newest checkpoint of this run to continue from, or None to start afresh (with `resume` off, after
+    deleting the checkpoints).
+
+    Raises:
+        ConfigError: the newest checkpoint was written with other settings or another data file.
+    """
+    root = cfg.checkpoint_dir
+    if not cfg.resume:
+        if os.path.isdir(root):
+            logger.warning("SFT: resume is off, deleting the checkpoints in %s", root)
+            delete_checkpoint(root)
+        return None
+    for name in os.listdir(root) if os.path.isdir(root) else []:  # a save or a rotation that a kill interrupted
+        if name == PARTIAL or name.endswith(".deleting"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    found = complete_checkpoints(root)
+    if not found:
+        return None
+    path = found[-1][1]
+    with open(os.path.join(path, CHECKPOINT_META), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    ours, theirs = identity["settings"], saved.get("settings", {})
+    changed = [f"{key}: {theirs.get(key)!r} -> {ours.get(key)!r}" for key in sorted(set(ours) | set(theirs))
+               if ours.get(key) != theirs.get(key)]
+    if saved.get("data_sha256") != identity["data_sha256"]:
+        changed.append(f"the contents of {cfg.data}")
+    if changed:
+        raise ConfigError(f"sft: the checkpoint {path} belongs to a run with other settings ({'; '.join(changed)}); "
+                          "rerun with those to continue it, or pass --no-resume to delete its checkpoints and start "
+                          "again")
+    return path
+
+
+class PublishCheckpoints(TrainerCallback):
+    """Moves each checkpoint Trainer has written under `root/.partial` into `root` by a rename, then deletes all
+    but the `keep` newest. Trainer's `output_dir` must be `partial_dir(root)`."""
+
+    def __init__(self, root: str, identity: dict[str, Any], keep: int) -> None:
+        self.root, self.identity, self.keep = root, identity, keep
+
+    @staticmethod
+    def partial_dir(root: str) -> str:
+        return os.path.join(root, PARTIAL)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if state.global_step >= state.max_steps:
+            control.should_save = False  # the finished model is written next; this checkpoint would only cost time
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        name = f"checkpoint-{state.global_step}"
+        written = os.path.join(args.output_dir, name)
+        atomic_write_json(os.path.join(written, CHECKPOINT_META), self.identity)
+        fsync_tree(written)
+        final = os.path.join(self.root, name)
+        if os.path.exists(final):
+            delete_checkpoint(final)
+        os.replace(written, final)
+        for _, old in complete_checkpoints(self.root)[: -self.keep]:
+            delete_checkpoint(old)
+        return control
+
+
+class WarmupTrainer(Trainer):
+    """Trainer that leaves the model's weights alone on resume: the caller loads them from the checkpoint with
+    `from_pretrained`. transformers 5.19's own resume reads the checkpoint's state dict without the key
+    conversion `from_pretrained` applies, and Qwen2.5-VL is saved under its original names (`visual.*`,
+    `model.layers.*` for `model.visual.*`, `model.language_model.layers.*`): no key matched, a warning was all,
+    and the run went on from the base weights with the checkpoint's optimizer state (transformers issue 43701)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        pass
