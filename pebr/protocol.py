@@ -80,14 +80,19 @@ class Batch:
         return self.tensors[name]
 
     def select(self, indices: Sequence[int]) -> "Batch":
+        """The samples at `indices`; token-level tensors cut to the longest of their responses (a dropped sample's
+        longer response left them wider than the log-probs computed later for the selection)."""
         idx = list(indices)
         index = torch.tensor(idx, dtype=torch.long)
+        response_ids = [self.response_ids[i] for i in idx]
+        width = max(map(len, response_ids), default=0)
         return Batch(
             prompt_ids=[self.prompt_ids[i] for i in idx],
-            response_ids=[self.response_ids[i] for i in idx],
+            response_ids=response_ids,
             images=[self.images[i] for i in idx],
             non_tensors={k: [v[i] for i in idx] for k, v in self.non_tensors.items()},
-            tensors={k: v.index_select(0, index) for k, v in self.tensors.items()},
+            tensors={k: v.index_select(0, index)[:, :width] if v.dim() > 1 else v.index_select(0, index)
+                     for k, v in self.tensors.items()},
         )
 
     @staticmethod

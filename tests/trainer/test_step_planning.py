@@ -161,3 +161,36 @@ def test_concat_refuses_batches_with_other_keys_and_an_empty_batch_has_empty_res
         with pytest.raises(ValueError, match="batches must have the same keys"):
             Batch.concat(batches)
     assert Batch().response_tensor("old_logprobs").shape == (0, 0)  # raised on max() of no lengths
+
+
+def test_a_filtered_batch_keeps_token_tensors_as_wide_as_its_own_longest_response():
+    """Online filtering with the rollout's log-probs as the old ones: a dropped group's 10-token response left the
+    kept batch's old log-probs 10 wide while the reference log-probs were 6 wide, and the KL raised."""
+    from pebr.algorithms.advantages import group_ids_from_uids
+    from pebr.algorithms.filtering import groups_within
+    from pebr.config import AlgorithmConfig
+    from pebr.trainer.ray_trainer import batch_advantages
+
+    def generated(tag, lengths, accuracy):  # as the workers return it: padded to this try's longest response
+        width = max(lengths)
+        return Batch(prompt_ids=[[1, 2]] * 4, response_ids=[[5] * n for n in lengths], images=[[]] * 4,
+                     non_tensors={"uid": [f"{tag}-{i // 2}" for i in range(4)]},
+                     tensors={"rollout_logprobs": torch.tensor([[-0.5] * n + [0.0] * (width - n) for n in lengths]),
+                              "scores": torch.tensor(accuracy)})
+
+    kept = []
+    for tag, lengths, accuracy in (("t1", [10, 4, 3, 5], [0., 0., 1., 0.]), ("t2", [6, 2, 3, 3], [1., 0., 1., 1.])):
+        b = generated(tag, lengths, accuracy)  # each try keeps its one mixed group
+        kept.append(b.select(torch.nonzero(groups_within(b.tensors["scores"], group_ids_from_uids(
+            b.non_tensors["uid"]), 0.01, 0.99)).flatten().tolist()))
+    batch = Batch.concat(kept)
+    assert batch.response_lengths.tolist() == [3, 5, 6, 2]
+    assert batch.tensors["rollout_logprobs"].shape == (4, 6)
+    assert batch.select([0, 3]).tensors["rollout_logprobs"].tolist() == [[-0.5] * 3, [-0.5] * 2 + [0.0]]
+    batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
+    batch.tensors["ref_logprobs"] = batch.tensors["old_logprobs"] - 0.25 * batch.response_mask()
+    batch_advantages(batch, AlgorithmConfig(use_kl_loss=False, kl_coef=0.1, old_logprobs="rollout",
+                                            online_filtering=True))
+    advantages = batch.tensors["advantages"]
+    assert advantages.shape == (4, 6) and torch.all(advantages[batch.response_mask() == 0] == 0)
+    assert torch.all(advantages[:, 0] != 0)  # each group has a right and a wrong answer
