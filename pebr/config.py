@@ -437,6 +437,12 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         # Checked here, not only by the record reader, so that a mistyped path fails before transformers loads.
         if looks_local(source) and not os.path.exists(os.path.expanduser(source)):
             raise ConfigError(f"{key}={source!r}: no such file or directory")
+    if rollout.name == "hf" and rollout.tensor_parallel_size > 1:
+        # The controller scores one rank per engine group and the others reuse those samples by position; each
+        # transformers rollout samples its own, so those ranks would train on responses nobody scored.
+        raise ConfigError(f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs "
+                          "worker.rollout.name=vllm: the transformers rollout runs a whole model on every rank; set "
+                          "worker.rollout.tensor_parallel_size=1")
     if cfg.world_size % rollout.tensor_parallel_size:
         raise ConfigError(
             f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "

@@ -241,3 +241,11 @@ def test_profile_steps_are_counted_from_one():
     with pytest.raises(ConfigError, match=re.escape("trainer.profile_steps=[2, 0]: steps are counted from 1 (the "
                                                     "first step trained); [0] cannot be profiled")):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.profile_steps=[2,0]"])
+
+
+@pytest.mark.parametrize("recipe", ["pebr_stage2.yaml", "pebr_sample.yaml"])
+def test_the_transformers_rollout_refuses_engine_groups(recipe):
+    """With hf and tensor_parallel_size 2, the second rank of each group trained on its own samples with the
+    first rank's advantages: the controller scores one rank per group, the others reuse its samples by position."""
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs worker.rollout.name=vllm"):
+        load_config([stage(recipe), *REQUIRED, "worker.rollout.name=hf", "worker.rollout.tensor_parallel_size=2"])
