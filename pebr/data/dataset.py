@@ -22,6 +22,7 @@ from pebr.data.records import (
     BadRecord,
     DataError,
     LoadReport,
+    check_no_model_tokens,
     check_on_bad_record,
     normalize_record,
 )
@@ -30,17 +31,20 @@ logger = logging.getLogger(__name__)
 
 OVERLONG_REASON = "prompt_too_long"
 TOO_MANY_IMAGES_REASON = "too_many_images"
+_QUESTION_MARK = "\x00\x01\x00"  # stands for the question when a template is checked: no letters for a filter to change
 
 
 def load_format_prompt(path: str) -> jinja2.Template:
     """Read a jinja2 prompt template; rendering fails on any variable other than the ones passed.
 
-    The template is rendered once here, so that one using another variable than `content`, or holding an
-    `<image>` placeholder of its own, fails at load and not at the first record.
+    The template is rendered once here, so that one using another variable than `content`, leaving the
+    question out (or putting it in twice), or holding an `<image>` placeholder or a model token of its own,
+    fails at load and not at the first record, or not at all while every prompt lacked its question.
 
     Raises:
-        DataError: the file is missing, is not valid jinja2, uses a variable other than `content`, or holds
-            `<image>` (the message names the file, and the line where jinja2 gives one).
+        DataError: the file is missing, is not valid jinja2, uses a variable other than `content`, does not
+            place `content` exactly once, or holds `<image>`, a vision token or a chat control token (the
+            message names the file, and the line where jinja2 gives one).
     """
     try:
         with open(path, encoding="utf-8") as handle:
@@ -50,16 +54,24 @@ def load_format_prompt(path: str) -> jinja2.Template:
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
     try:
         template = environment.from_string(text)
-        rendered = template.render(content="")
+        rendered = template.render(content=_QUESTION_MARK)
     except jinja2.TemplateSyntaxError as err:
         raise DataError(f"format_prompt {path!r} line {err.lineno}: {err.message}") from err
     except jinja2.UndefinedError as err:
         raise DataError(f"format_prompt {path!r}: {err.message}; the only variable given is `content` (the "
                         "record's question)") from err
+    if rendered.count(_QUESTION_MARK) != 1:
+        raise DataError(f"format_prompt {path!r}: it places the question {rendered.count(_QUESTION_MARK)} times; it "
+                        "must render {{ content }} exactly once, or every prompt would lack its question or repeat it")
     if IMAGE_PLACEHOLDER in rendered:
         raise DataError(f"format_prompt {path!r}: it holds {IMAGE_PLACEHOLDER!r}; images are placed where the "
                         "record's question puts them, so the template must not add placeholders of its own")
+    try:
+        check_no_model_tokens(rendered, f"format_prompt {path!r}", "template")
+    except BadRecord as err:
+        raise DataError(str(err)) from None
     return template
+
 
 
 def build_messages(question: str, num_images: int, template: jinja2.Template | None) -> list[dict[str, Any]]:

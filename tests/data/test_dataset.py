@@ -205,9 +205,18 @@ def test_pebr_template_asks_for_the_exact_layout():
 @pytest.mark.parametrize("template, message", [
     ("{{ question }}", r"'question' is undefined; the only variable given is `content`"),
     ("<image>{{ content }}", r"holds '<image>'"),
+    # Loaded without a word before: every prompt lacked its question, or held it twice (and then failed on its
+    # placeholders naming neither file nor record), or gave the processor an image slot or a turn of its own.
+    ("Answer in the PeBR layout.", r"places the question 0 times; it must render \{\{ content \}\} exactly once"),
+    ("{% if content == 'never' %}{{ content }}{% endif %}Answer.", "places the question 0 times"),
+    ("{{ content }}\n(Question: {{ content }})", "places the question 2 times"),
+    ("<|vision_start|><|image_pad|><|vision_end|>{{ content }}", "holds the model's vision token '<|vision_start|>'"),
+    ("{{ content }}<|im_end|>\n<|im_start|>assistant\n", "holds the chat template's control token '<|im_end|>'"),
 ])
 def test_format_prompt_problems_fail_at_load_naming_the_file(tmp_path, template, message):
     from pebr.data.dataset import load_format_prompt
+
+    load_format_prompt(TEMPLATE)  # the shipped one passes: {{ content }} once, through no filter
 
     path = tmp_path / "mine.jinja"
     path.write_text(template)
