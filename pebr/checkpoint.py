@@ -32,7 +32,7 @@ import torch
 from pebr.utils.jsonio import atomic_write_json
 
 logger = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^global_step_(\d+)$")
+STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
 STATE_FILE = "trainer_state.json"
 INDEX_FILE = "shard_index.json"
 
@@ -152,11 +152,13 @@ def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 scheduler: Any, rank: int, world_size: int, lora: dict | None = None) -> None:
+                 scheduler: Any, rank: int, world_size: int, lora: dict | None = None,
+                 freeze_vision_tower: bool = False) -> None:
     """Write this rank's shards of the model (and optimizer) into `actor_dir`.
 
     `lora` ({"rank", "alpha", "target_modules"} of a model with LoRA adapters) goes into the shard index, which
-    the merger reads to fold the adapters into the weights and a resume checks against its settings.
+    the merger reads to fold the adapters into the weights and a resume checks against its settings;
+    `freeze_vision_tower` too (which parameters the optimizer state covers).
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -165,7 +167,10 @@ def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     model_sd = get_model_state_dict(model)
     _save_tensors(os.path.join(actor_dir, f"model_{tag}.safetensors"), {k: _local(v) for k, v in model_sd.items()})
     if rank == 0:
-        index = {"world_size": world_size, "tensors": {k: _placement(v) for k, v in model_sd.items()}}
+        source_dtype = getattr(model, "source_dtype", None)  # the base model's (load_hf_model), for the merger
+        index = {"world_size": world_size, "tensors": {k: _placement(v) for k, v in model_sd.items()},
+                 "freeze_vision_tower": bool(freeze_vision_tower),
+                 "dtype": str(source_dtype).replace("torch.", "") if source_dtype is not None else None}
         if lora:
             index["lora"] = lora
         atomic_write_json(os.path.join(actor_dir, INDEX_FILE), index)
@@ -190,15 +195,17 @@ def _with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local.to(template.device, template.dtype)
 
 
-def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = None) -> None:
+def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = None,
+                    freeze_vision_tower: bool = False) -> None:
     """Refuse, before any worker starts, a checkpoint the workers could not resume from.
 
     Args:
         lora: the run's LoRA settings ({"rank", "alpha", "target_modules"}), None without LoRA.
+        freeze_vision_tower: the run's worker.actor.model.freeze_vision_tower.
 
     Raises:
-        CheckpointError: it was saved by another number of workers, with other LoRA settings, or without
-            optimizer state (trainer.save_model_only), or its shard index is missing.
+        CheckpointError: it was saved by another number of workers, with other LoRA settings or another
+            vision-tower freezing, or without optimizer state (trainer.save_model_only), or a file of it is missing.
     """
     actor_dir = os.path.join(checkpoint_dir, "actor")
     index = read_index(actor_dir)
@@ -210,11 +217,18 @@ def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = No
     if saved != world_size:
         raise CheckpointError(f"{checkpoint_dir} was saved by {saved} workers and resumes only with as many "
                               f"(trainer.nnodes x trainer.n_gpus_per_node = {world_size} now)")
+    frozen = index.get("freeze_vision_tower")  # absent from checkpoints of earlier versions
+    if not lora and frozen is not None and frozen != freeze_vision_tower:
+        raise CheckpointError(f"{checkpoint_dir} was saved with worker.actor.model.freeze_vision_tower={frozen} and "
+                              f"this run has {freeze_vision_tower}: its optimizer state covers other parameters. "
+                              "Resume with the saved setting, or start a new run in another "
+                              "trainer.save_checkpoint_path")
     if not os.path.isfile(os.path.join(actor_dir, f"optim_world_size_{world_size}_rank_0.safetensors")):
         raise CheckpointError(f"{checkpoint_dir} holds the weights only (saved with trainer.save_model_only=true), "
                               "so training cannot resume from it; to start a new run from these weights, merge "
                               "them (scripts/model_merger.py), set worker.actor.model.model_path to the merged "
                               "model and trainer.save_checkpoint_path to a new directory")
+    check_shards(actor_dir, optimizer=True)  # every rank's files: a lost one would fail only in the workers
 
 
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -228,6 +242,8 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     model_file = os.path.join(actor_dir, f"model_{tag}.safetensors")
     if not os.path.isfile(model_file):
         found = sorted(f for f in os.listdir(actor_dir) if f.startswith("model_world_size_")) if os.path.isdir(actor_dir) else []
+        if any(f.startswith(f"model_world_size_{world_size}_") for f in found):
+            raise CheckpointError(f"{model_file} is missing (found {found[:4]}): the checkpoint is incomplete")
         raise CheckpointError(f"{model_file} is missing (found {found[:4]}); a checkpoint resumes with the "
                               f"world size it was saved with ({world_size} now)")
     loaded = load_file(model_file)

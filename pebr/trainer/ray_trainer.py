@@ -330,6 +330,13 @@ def rank_shares(batch: Batch, ranks: int, mini_batch: int) -> list[list[int]]:
     return shares
 
 
+def model_identity(model_path: str) -> str:
+    """A model directory resolved (links, relative paths), or a hub id as it is: what a checkpoint records to
+    refuse a resume that names another starting model."""
+    local = os.path.expanduser(model_path)
+    return os.path.realpath(local) if os.path.exists(local) else model_path
+
+
 class RayPPOTrainer:
     def __init__(self, cfg: PPOConfig, train_dataset, val_dataset, sampler, reward_worker, val_reward_worker):
         self.cfg = cfg
@@ -346,7 +353,8 @@ class RayPPOTrainer:
         state: dict = {}
         if self._resume_path:
             checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
-                                       requested_settings(cfg.worker.actor.model))
+                                       requested_settings(cfg.worker.actor.model),
+                                       cfg.worker.actor.model.freeze_vision_tower)
             with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
                 import json
 
@@ -357,6 +365,16 @@ class RayPPOTrainer:
                     f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
                     "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
                     "them to continue it, or start a new run in another trainer.save_checkpoint_path")
+            saved_model = state.get("model_path")  # absent from checkpoints of earlier versions
+            if saved_model and saved_model != model_identity(cfg.worker.actor.model.model_path):
+                message = (f"{self._resume_path} continues a run from the model {saved_model}, and this run names "
+                           f"{cfg.worker.actor.model.model_path}: its actor would keep the old run's weights while the "
+                           "reference model loads the new ones")
+                if not cfg.trainer.load_checkpoint_path:
+                    raise checkpoint.CheckpointError(
+                        f"{message}. Start a new run in another trainer.save_checkpoint_path (or experiment_name); "
+                        "if the model only moved, name the checkpoint with trainer.load_checkpoint_path")
+                print(f"warning: {message}; resuming it as trainer.load_checkpoint_path asks", flush=True)
             if state.get("data") and self._data_fingerprint and state["data"] != self._data_fingerprint:
                 raise checkpoint.CheckpointError(
                     f"{self._resume_path} was saved with another training set: data.train_files, or which of its "
@@ -618,6 +636,6 @@ class RayPPOTrainer:
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                 "data": self._data_fingerprint,
+                 "data": self._data_fingerprint, "model_path": model_identity(self.cfg.worker.actor.model.model_path),
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

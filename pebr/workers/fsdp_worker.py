@@ -305,7 +305,8 @@ class FSDPWorker:
     def save_checkpoint(self, actor_dir: str, model_only: bool = False) -> None:
         checkpoint.save_sharded(actor_dir, self.model, None if model_only else self.optimizer,
                                 None if model_only else self.scheduler, self.rank, self.world_size,
-                                lora=lora.lora_settings(self.model))
+                                lora=lora.lora_settings(self.model),
+                                freeze_vision_tower=self.cfg.worker.actor.model.freeze_vision_tower)
         if self.rank == 0:
             hf_dir = os.path.join(actor_dir, "huggingface")
             config = copy.deepcopy(self.model.config)

@@ -11,7 +11,7 @@ import torch
 from pebr import checkpoint
 
 
-def saved(tmp_path, step: int, with_optimizer: bool, lora: dict | None = None) -> str:
+def saved(tmp_path, step: int, with_optimizer: bool, lora: dict | None = None, freeze_vision_tower: bool = False) -> str:
     """A real checkpoint of a small model, written as a one-rank run writes it."""
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
@@ -19,7 +19,7 @@ def saved(tmp_path, step: int, with_optimizer: bool, lora: dict | None = None) -
         model(torch.randn(2, 4)).sum().backward()
         optimizer.step()
     checkpoint.save_sharded(str(tmp_path / f"global_step_{step}.partial" / "actor"), model, optimizer, None,
-                            rank=0, world_size=1, lora=lora)
+                            rank=0, world_size=1, lora=lora, freeze_vision_tower=freeze_vision_tower)
     return checkpoint.finalize(str(tmp_path), step, {"global_step": step}, save_limit=-1)
 
 
@@ -42,6 +42,47 @@ def test_a_checkpoint_resumes_with_its_lora_settings_only(tmp_path):
     plain = saved(tmp_path / "plain", 1, with_optimizer=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"saved with LoRA settings None and this run has \{'rank'"):
         checkpoint.check_resumable(plain, 1, adapters)
+
+
+def test_a_checkpoint_resumes_with_its_vision_tower_freezing_only(tmp_path):
+    """Saved frozen, resumed trainable: torch's "Missing optimizer state for parameter ..." came from inside the
+    workers, after every engine had been built, advising a StateDictOptions nobody here can pass."""
+    frozen = saved(tmp_path, 1, with_optimizer=True, freeze_vision_tower=True)
+    checkpoint.check_resumable(frozen, 1, None, freeze_vision_tower=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"saved with worker\.actor\.model\.freeze_vision_tower=True "
+                                                         r"and this run has False"):
+        checkpoint.check_resumable(frozen, 1, None, freeze_vision_tower=False)
+
+
+def test_a_checkpoint_that_lost_a_ranks_files_is_refused_before_the_workers_start(tmp_path):
+    """Rank 1's shard gone from a published checkpoint: the check passed and the worker then blamed the world
+    size, which was right."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    for rank in (0, 1):  # the files of a two-rank save (each rank writing the whole tensors is enough here)
+        checkpoint.save_sharded(str(tmp_path / "global_step_1.partial" / "actor"), model, optimizer, None, rank, 2)
+    path = checkpoint.finalize(str(tmp_path), 1, {"global_step": 1}, save_limit=-1)
+    checkpoint.check_resumable(path, 2)
+    lost = os.path.join(path, "actor", "model_world_size_2_rank_1.safetensors")
+    os.remove(lost)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(lost) + " is missing: the checkpoint is incomplete"):
+        checkpoint.check_resumable(path, 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"is missing \(found .*\): the checkpoint is incomplete$"):
+        checkpoint.load_sharded(os.path.join(path, "actor"), model, optimizer, None, rank=1, world_size=2)
+
+
+def test_a_step_directory_with_a_leading_zero_is_not_taken_for_a_checkpoint(tmp_path):
+    """"global_step_05" was read as step 5, whose path global_step_5 does not exist: auto-resume picked it and
+    the next save's rotation died on renaming it."""
+    saved(tmp_path, 3, with_optimizer=False)
+    os.rename(saved(tmp_path / "copy", 5, with_optimizer=False), tmp_path / "global_step_05")
+    assert checkpoint.complete_steps(str(tmp_path)) == [3]
+    saved(tmp_path, 6, with_optimizer=False)
+    checkpoint.save_sharded(str(tmp_path / "global_step_7.partial" / "actor"), torch.nn.Linear(4, 3), None, None, 0, 1)
+    checkpoint.finalize(str(tmp_path), 7, {"global_step": 7}, save_limit=1)
+    assert checkpoint.complete_steps(str(tmp_path)) == [7] and (tmp_path / "global_step_05").is_dir()
 
 
 def test_a_weights_only_checkpoint_is_refused_with_the_way_forward(tmp_path):
@@ -223,6 +264,33 @@ def test_a_resume_runs_on_the_configured_optimizer_settings(tmp_path, caplog):
     assert "initial_lr 0.001 -> 0.005" in caplog.text and "weight_decay 0.01 -> 0.1" in caplog.text
     scheduler2.step()
     assert group["lr"] == pytest.approx(5e-3)
+
+
+def test_a_resume_that_names_another_starting_model_is_refused(tmp_path, capsys):
+    """A stage rerun with another warm-up model silently continued the old run's actor weights (the reference
+    model loading the new ones); an explicit trainer.load_checkpoint_path is taken, with a warning."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer.ray_trainer import RayPPOTrainer, model_identity
+
+    cfg, run_dir = _trainer_config(tmp_path)
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    model = torch.nn.Linear(4, 3)
+    checkpoint.save_sharded(str(run_dir / "global_step_1.partial" / "actor"), model,
+                            torch.optim.AdamW(model.parameters()), None, rank=0, world_size=1)
+    checkpoint.finalize(str(run_dir), 1, {"global_step": 1, "sampler": sampler.state_dict(),
+                                          "model_path": str(tmp_path / "warmup_a")}, save_limit=-1)
+    assert model_identity(str(tmp_path / "." / "model")) == str(tmp_path / "model")
+    with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 continues a run from the model .*warmup_a, "
+                                                         r"and this run names .*model: .*another "
+                                                         r"trainer\.save_checkpoint_path"):
+        RayPPOTrainer(cfg, None, None, sampler, None, None)
+    os.makedirs(tmp_path / "b")
+    cfg, _ = _trainer_config(tmp_path / "b", f"trainer.load_checkpoint_path={run_dir}/global_step_1")
+    other_order = StatefulBatchSampler(10, 3, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot continue its data order"):  # a later check
+        RayPPOTrainer(cfg, None, None, other_order, None, None)
+    out = capsys.readouterr().out
+    assert "warning: " in out and "warmup_a" in out and "resuming it as trainer.load_checkpoint_path asks" in out
 
 
 def test_a_resume_past_the_runs_last_step_is_refused(tmp_path):
