@@ -37,6 +37,7 @@ DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"
 
 
 MARKER = "merged_from.json"
+STAGING = ".merging"
 # What export_adapter writes (and alone may replace).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -76,10 +77,11 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             model's (fp32 when it names none).
         force: merge even when the target holds a finished merge of these very shards.
 
-    Everything is written to `<target_dir>.merging` first. A new (or empty) target is that directory renamed,
-    so it is complete or absent. An existing one (the default `<local_dir>/huggingface`) gets the staged files
-    moved in after the previous model's weight files are removed (a stale shard index would make loaders look
-    for shards that are gone); other files in it are left alone.
+    A new target is written as `<target_dir>.merging` and renamed, so it is complete or absent. An existing
+    one (the default `<local_dir>/huggingface`, a link, a mount point) is written where it is: the files are
+    staged in its `.merging/` and renamed over the old ones, the previous model's other weight files are
+    removed after that (a stale shard index would make loaders look for shards that are gone), and
+    `merged_from.json` comes last; other files in it are left alone. A link is followed, not replaced.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
@@ -106,7 +108,9 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         config = AutoConfig.from_pretrained(hf_dir)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{hf_dir}/config.json cannot be read ({err})") from err
-    name = DTYPES[dtype] or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    # "auto": the base model's dtype as the trainer recorded it; config.json would carry an earlier merge's --dtype.
+    saved_dtype = read_index(local_dir).get("dtype") or getattr(config, "dtype", None)
+    name = DTYPES[dtype] or str(saved_dtype or "float32").replace("torch.", "")
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     try:
@@ -116,7 +120,11 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     model = model.to(getattr(torch, name))
     if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):  # the base model's stop tokens, sampling
         model.generation_config = GenerationConfig.from_pretrained(hf_dir)
-    staging = os.path.abspath(target_dir).rstrip("/") + ".merging"
+    real_target = os.path.realpath(target_dir)  # a link's files go where it points
+    exists = os.path.isdir(real_target)
+    # Staged on the target's own file system: inside an existing target (a mount point, a link to another disk),
+    # beside a new one.
+    staging = os.path.join(real_target, STAGING) if exists else real_target + STAGING
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     into_checkpoint = os.path.isdir(target_dir) and os.path.samefile(target_dir, hf_dir)
@@ -128,17 +136,18 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
                 shutil.copy2(os.path.join(hf_dir, f), os.path.join(staging, f))
     written = sorted(os.listdir(staging))
     weights = {f: _file_stat(os.path.join(staging, f)) for f in sorted(_model_weight_files(staging))}
-    marker = os.path.join(target_dir, MARKER)
-    if not os.path.isdir(target_dir) or not os.listdir(target_dir):
+    if not exists:
         atomic_write_json(os.path.join(staging, MARKER), {**made_from, "weights": weights})
-        replace_directory(staging, target_dir)  # complete or absent
+        os.replace(staging, real_target)  # complete or absent
         return target_dir
+    marker = os.path.join(real_target, MARKER)
     if os.path.exists(marker):  # first: an interrupted replacement must not pass for a finished merge
         os.remove(marker)
-    for f in _model_weight_files(target_dir):
-        os.remove(os.path.join(target_dir, f))
-    for f in written:
-        os.replace(os.path.join(staging, f), os.path.join(target_dir, f))
+    stale = _model_weight_files(real_target) - set(written)  # a sharded model's index and shards, say
+    for f in written:  # each rename replaces its old file whole; the old weights stay until the new are in
+        os.replace(os.path.join(staging, f), os.path.join(real_target, f))
+    for f in stale:  # a stale shard index would make loaders look for shards that are gone
+        os.remove(os.path.join(real_target, f))
     shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(marker, {**made_from, "weights": weights})  # last: the merge is finished
     return target_dir
@@ -164,7 +173,7 @@ def export_adapter(local_dir: str, adapter_dir: str) -> str:
                               "there is no adapter to export; merge it as a whole model instead")
     config, tensors = peft_adapter(merge_shards(local_dir), settings)
     config.base_model_name_or_path = _run_model_path(local_dir)
-    staging = os.path.abspath(adapter_dir).rstrip("/") + ".writing"
+    staging = os.path.realpath(adapter_dir) + ".writing"
     shutil.rmtree(staging, ignore_errors=True)
     config.save_pretrained(staging)
     save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})

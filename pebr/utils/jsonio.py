@@ -90,11 +90,13 @@ def atomic_write_json(path: str, value: Any) -> None:
 def replace_directory(new: str, target: str) -> None:
     """Put the finished directory `new` at `target`. A previous `target` is renamed aside first and deleted only
     once `new` is in place, so a crash leaves the old directory (under `target` or `<target>.replaced`) or the
-    new one, never a mixture."""
+    new one, never a mixture. A link at `target` is followed: the directory it points to is replaced (`new` must
+    be on that directory's file system)."""
+    target = os.path.realpath(target)
     if not os.path.exists(target):
         os.replace(new, target)
         return
-    old = os.path.realpath(target) + ".replaced"
+    old = target + ".replaced"
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
     os.replace(new, target)

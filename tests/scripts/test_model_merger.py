@@ -225,3 +225,84 @@ def test_an_adapter_directory_holding_other_files_is_refused(bf16_checkpoint, tm
     assert main(["--local_dir", actor, "--adapter_dir", str(adapter)]) == 2
     assert "holds ['README.md', 'eval_results.json']" in capsys.readouterr().err
     assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "eval_results.json"]
+
+
+def test_auto_stays_the_base_models_dtype_after_an_explicit_merge(bf16_checkpoint):
+    """--dtype fp32 into the checkpoint's folder rewrote its config.json, from which "auto" read the dtype: every
+    later auto merge (the stage-2 recipe's) came out fp32. The shard index records the base model's dtype."""
+    from safetensors import safe_open
+
+    actor, _ = bf16_checkpoint
+    assert saved_dtype(merge(actor, dtype="fp32")) == "float32"
+    out = merge(actor, dtype="auto")
+    assert saved_dtype(out) == "bfloat16"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
+def _other_file_system() -> str | None:
+    """/dev/shm when it is another file system than the temporary folder (a tmpfs), else None."""
+    import tempfile
+
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        if os.stat("/dev/shm").st_dev != os.stat(tempfile.gettempdir()).st_dev:
+            return "/dev/shm"
+    return None
+
+
+@pytest.mark.parametrize("where", ["same file system", "another file system"])
+@pytest.mark.parametrize("holding", ["an earlier model", "nothing"])
+def test_a_linked_target_is_merged_where_the_link_points(bf16_checkpoint, tmp_path, tiny_model_dir, where, holding):
+    """A link to a folder on another disk: the old weights were deleted, then moving the new ones in failed
+    (EXDEV) and left no model at all; a link to an empty folder was replaced by a folder, the linked one left
+    empty."""
+    import uuid
+
+    from transformers import AutoModelForImageTextToText
+
+    actor, weights = bf16_checkpoint
+    disk = str(tmp_path) if where == "same file system" else _other_file_system()
+    if disk is None:
+        pytest.skip("no second file system here (/dev/shm missing or on the same device as the temporary folder)")
+    real = os.path.join(disk, f"pebr-served-{uuid.uuid4().hex}")
+    try:
+        if holding == "nothing":
+            os.makedirs(real)
+        else:
+            shutil.copytree(tiny_model_dir, real)
+        link = str(tmp_path / "served")
+        os.symlink(real, link)
+        merge(actor, link)
+        assert os.path.islink(link) and os.path.realpath(link) == real
+        assert "merged_from.json" in os.listdir(real) and ".merging" not in os.listdir(real)
+        assert not os.path.exists(link + ".merging") and not os.path.exists(real + ".merging")
+        merged = AutoModelForImageTextToText.from_pretrained(real, dtype="float32").state_dict()
+        assert all(torch.equal(merged[k], v.to(torch.bfloat16).float()) for k, v in weights.items())
+    finally:
+        shutil.rmtree(real, ignore_errors=True)
+
+
+def test_a_merge_killed_while_moving_in_leaves_a_model_and_no_marker(bf16_checkpoint, tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    """The old weight files were removed before the new ones were moved in: a kill in between left a folder with
+    no weights."""
+    import model_merger
+
+    actor, _ = bf16_checkpoint
+    target = str(tmp_path / "served")
+    shutil.copytree(tiny_model_dir, target)
+    real_replace, calls = os.replace, []
+
+    def killed_on_the_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(model_merger.os, "replace", killed_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        merge(actor, target)
+    monkeypatch.setattr(model_merger.os, "replace", real_replace)
+    assert "model.safetensors" in os.listdir(target) and "merged_from.json" not in os.listdir(target)
+    merge(actor, target)
+    assert "merged_from.json" in os.listdir(target) and ".merging" not in os.listdir(target)
