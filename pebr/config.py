@@ -206,6 +206,8 @@ class RewardConfig:
     reward_type: str = "batch"  # batch | sequential
     reward_function: Optional[str] = None
     reward_function_kwargs: dict = field(default_factory=dict)
+    # CPUs a Ray cluster this run starts itself sets aside for the reward actor. The actor reserves none, so on
+    # a cluster of exactly the workers' CPUs (the multi-node test's raylets) it still finds a place.
     num_cpus: float = 1
 
 

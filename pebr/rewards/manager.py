@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "RewardFunctionError",
     "RewardManager",
@@ -271,8 +273,9 @@ class RewardManager:
             raise fail(f"no 'overall' score (keys: {sorted(output)})")
         scores: dict[str, float] = {}
         for key, value in output.items():
-            # numbers.Real covers int, float, bool and numpy scalars; tensors and strings are refused.
-            if not isinstance(value, numbers.Real):
+            # numbers.Real covers int, float, bool and numpy's numbers; numpy's bool is not registered as one.
+            # Tensors and strings are refused.
+            if not isinstance(value, (numbers.Real, np.bool_)):
                 raise fail(f"{key}={value!r} ({type(value).__name__}), not a number")
             if not math.isfinite(value):
                 raise fail(f"{key}={value}, not a finite number")

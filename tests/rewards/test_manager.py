@@ -109,6 +109,16 @@ def test_bad_outputs_are_rejected(tmp_path: Path, returned: str, match: str) -> 
         RewardManager(path).compute(INPUTS)
 
 
+def test_numpy_numbers_and_bools_are_scores(tmp_path: Path) -> None:
+    """numpy.bool_ is no numbers.Real: `accuracy == 1` on numpy arrays was refused as "np.True_ (bool), not a number"
+    while Python's bool passed."""
+    path = write(tmp_path, "import numpy as np\n"
+                           "def compute_score(reward_inputs):\n"
+                           "    return [{'overall': np.float32(0.5), 'accuracy': np.array([1, 0])[i % 2] == 1}\n"
+                           "            for i, _ in enumerate(reward_inputs)]\n")
+    assert RewardManager(path).compute(INPUTS[:2]) == [{"overall": 0.5, "accuracy": 1.0}, {"overall": 0.5, "accuracy": 0.0}]
+
+
 def test_overall_optional_when_not_required(tmp_path: Path) -> None:
     path = write(tmp_path, "def compute_score(reward_inputs):\n    return [{'accuracy': 1} for _ in reward_inputs]\n")
     assert RewardManager(path, require_overall=False).compute(INPUTS[:1]) == [{"accuracy": 1.0}]
