@@ -273,13 +273,16 @@ def evaluate_model(
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    records = load_records(data)[0] if isinstance(data, str) else list(data)
-    records = records[:limit] if limit else records
+    records, origins = list(data), None
+    if isinstance(data, str):
+        records, report = load_records(data)
+        origins = report.kept_at
+    records, origins = (records[:limit], origins and origins[:limit]) if limit else (records, origins)
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
     processor = load_model_processor(model_path)
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
-                        source=data if isinstance(data, str) else None,
+                        source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
     items = [dataset[i] for i in range(len(dataset))]
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import jinja2
 from PIL import Image
@@ -192,6 +192,7 @@ class RLDataset(Dataset):
         image_key: str = "images",
         max_images: int | None = None,
         source: str | None = None,
+        origins: Sequence[str] | None = None,
     ) -> None:
         """Validate every record, probe its images and measure its prompt.
 
@@ -206,6 +207,9 @@ class RLDataset(Dataset):
             max_images: the most images one prompt may have: the rollout engine's limit
                 (worker.rollout.limit_images), which it would otherwise enforce only when the record is drawn.
             source: the file the records came from, named in errors before the record.
+            origins: where each record was read (`LoadReport.kept_at`: file, line or position in the file),
+                named in errors instead of `source` and the record's position in `records`, which skipped
+                records and the files of a directory shift.
             filter_overlong_prompts: drop prompts over `max_prompt_length` (counted in the report)
                 instead of raising.
             on_bad_record: "raise" or "skip" for records with bad fields or bad images.
@@ -219,8 +223,11 @@ class RLDataset(Dataset):
         check_on_bad_record(on_bad_record)
         if max_prompt_length <= 0:
             raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+        if origins is not None and len(origins) != len(records):
+            raise ValueError(f"{len(origins)} origins for {len(records)} records")
         self.processor = processor
         self.source = source
+        self.origins = origins
         self.image_dir = image_dir
         self.max_prompt_length = max_prompt_length
         self.min_pixels = min_pixels
@@ -292,6 +299,8 @@ class RLDataset(Dataset):
             logger.warning("RLDataset: %s", self.report.summary())
 
     def _record_name(self, index: int) -> str:
+        if self.origins is not None:
+            return self.origins[index]
         return f"{self.source} record {index}" if self.source else f"record {index}"
 
     @property

@@ -58,6 +58,7 @@ class LoadReport:
         skipped: reason tag -> number of records skipped for it.
         messages: the first `MAX_REPORT_MESSAGES` skip messages, verbatim.
         skipped_at: where every skipped record was (file and line or index), when the caller said.
+        kept_at: where each returned record was, in order (`load_records` fills it).
     """
 
     total: int = 0
@@ -65,6 +66,7 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     skipped_at: list[str] = field(default_factory=list)
+    kept_at: list[str] = field(default_factory=list)
 
     def add_skip(self, error: BadRecord, where: str | None = None) -> None:
         """Count one skipped record under `error.reason` and keep its message if there is room."""
@@ -440,6 +442,7 @@ def load_records(
             continue
         seen_qids[record["qid"]] += 1
         records.append(record)
+        report.kept_at.append(where)
     report.kept = len(records)
     if report.num_skipped:
         logger.warning("load_records(%s): %s; first: %s", source, report.summary(), report.messages[0])

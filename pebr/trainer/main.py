@@ -27,7 +27,7 @@ def load_dataset(cfg: PPOConfig, source: str, processor: Any):
                         format_prompt=d.format_prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
                         filter_overlong_prompts=d.filter_overlong_prompts, on_bad_record=d.on_bad_record,
                         prompt_key=d.prompt_key, answer_key=d.answer_key, image_key=d.image_key,
-                        max_images=cfg.worker.rollout.limit_images, source=source)
+                        max_images=cfg.worker.rollout.limit_images, source=source, origins=report.kept_at)
     if len(dataset) == 0:
         raise ConfigError(f"{source}: no usable records ({dataset.report.summary()})")
     return dataset, records, report

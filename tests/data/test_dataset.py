@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -234,6 +236,33 @@ def test_image_too_thin_for_the_processor_is_a_counted_skip(processor, tmp_path)
     dataset = make(records, processor, str(tmp_path), max_pixels=802816, on_bad_record="skip")
     assert len(dataset) == 1 and dataset.report.skipped == {"image_aspect_ratio": 1}
     assert dataset[0]["qid"] == "fine"
+
+
+def test_a_bad_record_is_named_by_its_place_in_its_file(processor, tmp_path):
+    """With skipping on, a record was named by its position among the records the reader kept ("record 2" for
+    line 4) and, from a directory, by the directory and a position across its files."""
+    from pebr.data.records import load_records
+
+    Image.new("RGB", (60, 60), "red").save(tmp_path / "a.png")
+    rows = [{"problem": "<image>q", "answer": "1", "images": ["a.png"]},
+            {"problem": "<image>q", "images": ["a.png"]},  # no answer: the reader skips it
+            {"problem": "<image>q", "answer": "2", "images": ["a.png"]},
+            {"problem": "<image>q", "answer": "3", "images": ["missing.png"]}]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "part1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "part2.json").write_text(json.dumps([rows[3]]))
+    for source, wheres in ((str(folder / "part1.jsonl"), ["part1.jsonl line 4 (record 3)"]),
+                           (str(folder), ["part1.jsonl line 4 (record 3)", "part2.json record 0"])):
+        records, report = load_records(source, on_bad_record="skip")
+        dataset = RLDataset(records, processor, image_dir=str(tmp_path), max_prompt_length=4096,
+                            on_bad_record="skip", source=source, origins=report.kept_at)
+        assert len(dataset) == 2 and len(dataset.report.messages) == len(wheres)
+        for message, where in zip(dataset.report.messages, wheres):
+            assert message.startswith(str(folder / where)), message
+    records, report = load_records(str(folder / "part1.jsonl"), on_bad_record="skip")
+    with pytest.raises(BadRecord, match=re.escape(str(folder / "part1.jsonl")) + r" line 4 \(record 3\) qid="):
+        RLDataset(records, processor, image_dir=str(tmp_path), max_prompt_length=4096, origins=report.kept_at)
 
 
 def test_data_bounds_past_the_processors_are_logged(processor, caplog):
