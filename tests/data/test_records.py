@@ -37,7 +37,8 @@ def test_json_source_normalises_fields(tmp_path):
         ],
     )
     records, report = load_records(source)
-    assert report == LoadReport(total=3, kept=3, skipped={}, messages=[])
+    assert report == LoadReport(total=3, kept=3, skipped={}, messages=[],
+                                kept_at=[f"{source} record {i}" for i in range(3)])
     assert records[0] == GOOD
     assert records[1] == {"problem": "What is 2+2?", "answer": "4", "images": [], "key_words": [], "qid": "rl-1"}
     # A prompt with images but no placeholder gets one placeholder per image in front.
