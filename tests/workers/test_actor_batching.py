@@ -616,13 +616,13 @@ def _update_on_rank(rank: int, world: int, init_method: str, out: str, model_dir
         policy = actor_lib.shard_model(model, param_dtype=torch.float32, cpu_offload=False)
         optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
         mine = exp.select(shares[rank])
-        actor_lib.update_policy(policy, optimizer, scheduler, mine, AutoProcessor.from_pretrained(model_dir), CPU,
-                                ActorConfig(micro_batch_size_per_device_for_update=2), AlgorithmConfig(),
-                                temperature=1.0, mini_batch_size=len(mine))
+        metrics = actor_lib.update_policy(policy, optimizer, scheduler, mine, AutoProcessor.from_pretrained(model_dir),
+                                          CPU, ActorConfig(micro_batch_size_per_device_for_update=2),
+                                          AlgorithmConfig(), temperature=1.0, mini_batch_size=len(mine))
         full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                 for n, p in policy.named_parameters()}
         if rank == 0:
-            torch.save(full, out)
+            torch.save({"weights": full, "grad_norm": metrics["actor/grad_norm"]}, out)
     finally:
         dist.destroy_process_group()
 
@@ -639,12 +639,16 @@ def test_a_rank_whose_micro_batch_has_no_image_trains_with_the_others(tiny_model
     torch.multiprocessing.start_processes(
         _update_on_rank, args=(2, f"file://{tmp_path}/rendezvous", out, tiny_model_dir, exp, shares), nprocs=2,
         start_method="spawn")
-    two_ranks = torch.load(out)
+    saved = torch.load(out)
+    two_ranks = saved["weights"]
     one_rank = copy.deepcopy(model)
     optimizer, scheduler = actor_lib.build_optimizer(one_rank, OptimConfig(lr=1e-3), total_steps=4)
-    actor_lib.update_policy(one_rank, optimizer, scheduler, exp, processor, CPU,
-                            ActorConfig(micro_batch_size_per_device_for_update=2), AlgorithmConfig(),
-                            temperature=1.0, mini_batch_size=len(exp))
+    metrics = actor_lib.update_policy(one_rank, optimizer, scheduler, exp, processor, CPU,
+                                      ActorConfig(micro_batch_size_per_device_for_update=2), AlgorithmConfig(),
+                                      temperature=1.0, mini_batch_size=len(exp))
+    # A first AdamW step is nearly m / sqrt(v), blind to the gradient's scale: the norm before clipping is what
+    # shows a gradient summed instead of averaged over the ranks, or scaled by their number.
+    assert saved["grad_norm"] == pytest.approx(metrics["actor/grad_norm"], rel=1e-4)
     before = {n: p.detach() for n, p in model.named_parameters()}
     for name, p in one_rank.named_parameters():
         torch.testing.assert_close(two_ranks[name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
