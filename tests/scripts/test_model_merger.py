@@ -43,6 +43,19 @@ def bf16_checkpoint(tiny_model_dir, tmp_path) -> tuple[str, dict]:
     return os.path.join(final, "actor"), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def killed_on_call(function, n: int):
+    """`function`, but a KeyboardInterrupt (a kill, as far as the merger can tell) on its n-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 def saved_dtype(directory: str) -> str:
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)["dtype"]
@@ -159,19 +172,11 @@ def test_a_new_target_is_complete_or_absent(bf16_checkpoint, tmp_path, monkeypat
 
     actor, _ = bf16_checkpoint
     target = str(tmp_path / "served")
-    real_copy, calls = shutil.copy2, []
-
-    def killed_on_the_second_copy(src, dst):
-        calls.append(src)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_copy(src, dst)
-
-    monkeypatch.setattr(model_merger.shutil, "copy2", killed_on_the_second_copy)
-    with pytest.raises(KeyboardInterrupt):
-        merge(actor, target)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_merger.shutil, "copy2", killed_on_call(shutil.copy2, 2))
+        with pytest.raises(KeyboardInterrupt):
+            merge(actor, target)
     assert not os.path.exists(target)
-    monkeypatch.setattr(model_merger.shutil, "copy2", real_copy)
     out = merge(actor, target)
     assert {"config.json", "tokenizer.json", "model.safetensors", "merged_from.json"} <= set(os.listdir(out))
 
@@ -291,18 +296,10 @@ def test_a_merge_killed_while_moving_in_leaves_a_model_and_no_marker(bf16_checkp
     actor, _ = bf16_checkpoint
     target = str(tmp_path / "served")
     shutil.copytree(tiny_model_dir, target)
-    real_replace, calls = os.replace, []
-
-    def killed_on_the_second_rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(model_merger.os, "replace", killed_on_the_second_rename)
-    with pytest.raises(KeyboardInterrupt):
-        merge(actor, target)
-    monkeypatch.setattr(model_merger.os, "replace", real_replace)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_merger.os, "replace", killed_on_call(os.replace, 2))
+        with pytest.raises(KeyboardInterrupt):
+            merge(actor, target)
     assert "model.safetensors" in os.listdir(target) and "merged_from.json" not in os.listdir(target)
     merge(actor, target)
     assert "merged_from.json" in os.listdir(target) and ".merging" not in os.listdir(target)
