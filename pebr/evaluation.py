@@ -273,11 +273,13 @@ def evaluate_model(
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    records, origins = list(data), None
     if isinstance(data, str):
         records, report = load_records(data)
         origins = report.kept_at
-    records, origins = (records[:limit], origins and origins[:limit]) if limit else (records, origins)
+    else:
+        records, origins = list(data), None
+    if limit:
+        records, origins = records[:limit], origins and origins[:limit]
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
     processor = load_model_processor(model_path)

@@ -114,6 +114,8 @@ class PublishCheckpoints(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if not state.is_world_process_zero:  # one process publishes what Trainer wrote
+            return control
         name = f"checkpoint-{state.global_step}"
         written = os.path.join(args.output_dir, name)
         atomic_write_json(os.path.join(written, CHECKPOINT_META), self.identity)

@@ -73,7 +73,6 @@ def load_format_prompt(path: str) -> jinja2.Template:
     return template
 
 
-
 def build_messages(question: str, num_images: int, template: jinja2.Template | None) -> list[dict[str, Any]]:
     """One user turn: the (templated) question, with each image where its `<image>` placeholder stands.
 
