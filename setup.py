@@ -25,6 +25,7 @@ setup(
         "mathruler",
         "math-verify",
         "jinja2",
+        "psutil",
     ],
     extras_require={
         # vLLM's CPU build; install it with --no-deps (see README) so that it does not replace torch.

@@ -152,7 +152,7 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
               max_model_len=max_model_len, enforce_eager=r.enforce_eager,
               enable_chunked_prefill=r.enable_chunked_prefill,
               max_num_batched_tokens=max(r.max_num_batched_tokens, max_model_len),
-              seed=r.seed, disable_log_stats=True, **multimodal_engine_options(r.limit_images),
+              seed=r.seed, disable_log_stats=True, **multimodal_engine_options(r.limit_images, r.mm_cache_gb),
               **({"block_size": r.block_size} if r.block_size is not None else {}), **llm_kwargs)
     s = setup.sampling()
     params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable
 
 from pebr.config import ConfigError, PPOConfig, load_config
+from pebr.utils.versions import warn_untested_versions
 
 
 def load_dataset(cfg: PPOConfig, source: str, processor: Any):
@@ -82,6 +83,7 @@ def run(argv: list[str]) -> None:
     from pebr.workers.actor import load_processor
 
     cfg = load_config(argv)
+    warn_untested_versions()
     processor = load_processor(cfg.worker.actor.model)
     train = build_dataset(cfg, cfg.data.train_files, processor)
     val = build_dataset(cfg, cfg.data.val_files, processor) if cfg.data.val_files else None

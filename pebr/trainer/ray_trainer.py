@@ -256,7 +256,9 @@ class WorkerGroup:
             full = batch.response_tensor(name)
             for share, (_, filled) in zip(shares, results):
                 full[share[:skip], :filled[name].shape[1]] = filled[name]
-        return {k: float(np.mean([r[0][k] for r in results])) for k in results[0][0]}
+        # perf/* are per-process resource figures: the largest rank's is the one that runs out first.
+        return {k: float((np.max if k.startswith("perf/") else np.mean)([r[0][k] for r in results]))
+                for k in results[0][0]}
 
     def call_all(self, method: str, *args: Any) -> list:
         return ray_get([getattr(w, method).remote(*args) for w in self.workers], method, self.timeout)
@@ -455,7 +457,7 @@ class RayPPOTrainer:
         return s
 
     def _score(self, batch: Batch, worker: Any) -> tuple[torch.Tensor, dict[str, list[float]]]:
-        scores = ray_get(worker.compute.remote(reward_inputs(batch)), "reward")
+        scores = ray_get(worker.compute.remote(reward_inputs(batch)), "reward", self.cfg.trainer.worker_timeout_s)
         per_key = {k: [s[k] for s in scores] for k in scores[0]}
         return torch.tensor(per_key["overall"], dtype=torch.float32), per_key
 
@@ -535,7 +537,7 @@ class RayPPOTrainer:
                 batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
             if reward_future is not None:
                 with timed(metrics, "reward_wait"):
-                    scores = ray_get(reward_future, "reward")
+                    scores = ray_get(reward_future, "reward", self.cfg.trainer.worker_timeout_s)
                 batch.tensors["scores"] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
                 for k in scores[0]:
                     batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]

@@ -262,9 +262,11 @@ def run(argv: list[str]) -> SampleSummary:
 
     from pebr.trainer.main import probe_reward, start_reward_worker
     from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
+    from pebr.utils.versions import warn_untested_versions
     from pebr.workers.actor import load_processor
 
     cfg = load_config(argv, training=False)
+    warn_untested_versions()
     if not cfg.worker.reward.reward_function:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
     out = cfg.trainer.sample_output

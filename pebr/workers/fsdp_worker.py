@@ -51,6 +51,18 @@ RESUMED_SEED_STRIDE = 100_003
 JOB_ID_KEY = "pebr/job_id"  # in the rendezvous store: the id rank 0 gave this worker group
 
 
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """This process's memory at the end of its update (actor, reference and rollout engine together): resident
+    host memory and, on a GPU, the peak allocated by torch since the last call."""
+    import psutil
+
+    metrics = {"perf/cpu_memory_gb": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return metrics
+
+
 class FSDPWorker:
     def __init__(self, config: PPOConfig, rank: int, world_size: int, total_steps: int, need_actor: bool = True,
                  start_step: int = 0):
@@ -145,7 +157,7 @@ class FSDPWorker:
             tensor_parallel_size=rcfg.tensor_parallel_size, gpu_memory_utilization=rcfg.gpu_memory_utilization,
             cpu_kv_cache_gb=rcfg.cpu_kv_cache_gb, enforce_eager=rcfg.enforce_eager,
             enable_chunked_prefill=rcfg.enable_chunked_prefill, max_num_batched_tokens=rcfg.max_num_batched_tokens,
-            limit_images=rcfg.limit_images, block_size=rcfg.block_size,
+            limit_images=rcfg.limit_images, block_size=rcfg.block_size, mm_cache_gb=rcfg.mm_cache_gb,
             # One seed per engine: the ranks of a tensor-parallel engine run one sampler each, which must draw
             # alike (different draws desynchronise their collectives); separate engines draw differently.
             seed=rcfg.seed + self.rank // rcfg.tensor_parallel_size + self.seed_offset,
@@ -287,6 +299,7 @@ class FSDPWorker:
                                           self.device, acfg, self.cfg.algorithm, self.cfg.worker.rollout.temperature,
                                           mini_batch_size, first_on_policy=self.on_policy > 0)
         self.weights_stale = True
+        metrics.update(memory_metrics(self.device))
         filled = {}
         if self.on_policy:  # cloned: a pickled slice would carry its whole storage
             filled = {k: batch.tensors[k][:self.on_policy].clone() for k in ("old_logprobs", "entropy")}

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from pebr.config import RolloutConfig
 from pebr.data.records import VISION_TOKENS  # a rollout must never emit them
+from pebr.utils.versions import versions_tested
 
 
 @dataclass
@@ -73,9 +75,13 @@ def name_cpu_shared_memory_per_job() -> None:
     With a prefix of its own each job's names are new (a job killed while its engine starts leaves its own), and
     `unlink_new_shared_memory` removes them once the engine has mapped its segments.
     """
-    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    try:
+        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
 
-    group_name = _CPUSHMDistributed.make_group_name
+        group_name = _CPUSHMDistributed.make_group_name
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"this vLLM has no _CPUSHMDistributed.make_group_name ({err}), which the CPU engine's "
+                           f"shared-memory naming needs; the rollout is tested with {versions_tested()}") from err
     if getattr(group_name, "per_job", False):
         return
 
@@ -122,15 +128,17 @@ def _not_about_set_num_threads(record: logging.LogRecord) -> bool:
     return "set_num_threads" not in record.getMessage()
 
 
-def multimodal_engine_options(limit_images: int) -> dict[str, Any]:
+def multimodal_engine_options(limit_images: int, mm_cache_gb: float) -> dict[str, Any]:
     """vLLM's multimodal arguments for an engine of this project (the rollout's, and the benchmark's bare one).
 
     Prompts carry images only, so no video is allowed: vLLM otherwise sizes its start-up encoder run for the
     modality with the most tokens, here 18 dummy videos of the largest size. On CPU that run (made only when
     the model is compiled) measures memory that nothing uses, since the KV cache has a fixed size
     (VLLM_CPU_KVCACHE_SPACE), so it is skipped: a compiled engine started in 9 s instead of 20 s at size small.
+    Processed images are cached up to `mm_cache_gb` (worker.rollout.mm_cache_gb).
     """
-    options: dict[str, Any] = {"limit_mm_per_prompt": {"image": max(1, limit_images), "video": 0}}
+    options: dict[str, Any] = {"limit_mm_per_prompt": {"image": max(1, limit_images), "video": 0},
+                               "mm_processor_cache_gb": mm_cache_gb}
     if not torch.cuda.is_available():
         options["skip_mm_profiling"] = True
     return options
@@ -189,6 +197,7 @@ class VLLMRollout:
     def __init__(self, model_path: str, *, dtype: str, max_model_len: int, tensor_parallel_size: int,
                  gpu_memory_utilization: float, cpu_kv_cache_gb: float, enforce_eager: bool,
                  enable_chunked_prefill: bool, max_num_batched_tokens: int, limit_images: int, seed: int,
+                 mm_cache_gb: float = RolloutConfig.mm_cache_gb,
                  trust_remote_code: bool, external_launcher: bool, tokenizer_path: str | None = None,
                  sleep_mode: bool = False,
                  weight_names: list[str] | None = None, block_size: int | None = None):
@@ -217,7 +226,7 @@ class VLLMRollout:
             trust_remote_code=trust_remote_code,
             disable_log_stats=True,
             enable_sleep_mode=sleep_mode,
-            **multimodal_engine_options(limit_images),
+            **multimodal_engine_options(limit_images, mm_cache_gb),
             **kwargs,
         )
         if not torch.cuda.is_available():

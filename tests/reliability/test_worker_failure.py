@@ -181,3 +181,28 @@ def test_a_worker_ray_cannot_place_fails_within_the_worker_timeout(tiny_model_di
     finally:
         ray_session.kill(hog)
     assert idle_cpus(ray_session) == free_cpus
+
+
+def test_a_reward_function_that_stalls_fails_within_the_worker_timeout(ray_session, tmp_path):
+    """A reward function waiting on a remote judge that never answers: the trainer waited for it forever while
+    the sampling run gave up after trainer.worker_timeout_s."""
+    import types
+
+    from pebr.protocol import Batch
+    from pebr.workers.reward import RewardWorker
+
+    stalled = tmp_path / "stalled_reward.py"
+    stalled.write_text("import time\n\ndef compute_score(reward_inputs):\n    time.sleep(60)\n")
+    worker = RewardWorker.options(num_cpus=0).remote(f"{stalled}:compute_score", reward_type="batch",
+                                                       reward_function_kwargs={})
+    ray_session.get(worker.ready.remote(), timeout=60)
+    batch = Batch(prompt_ids=[[1]], response_ids=[[2]], images=[[]],
+                  non_tensors={"response": ["x"], "ground_truth": ["1"], "key_words": [[]], "qid": ["q"]})
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(worker_timeout_s=3.0)))
+    try:
+        t0 = time.time()
+        with pytest.raises(WorkerFailure, match=r"reward: no answer within 3 s \(trainer\.worker_timeout_s\)"):
+            ray_trainer.RayPPOTrainer._score(trainer, batch, worker)
+        assert time.time() - t0 < 30
+    finally:
+        ray_session.kill(worker)

@@ -57,6 +57,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         # 2 mini-batches per rollout: the update supplies the first one's old log-probs, the pass the second's.
         assert m["batch/old_logprobs_from_update"] == 0.5
         assert m["actor/entropy_rollout"] > 0 and math.isfinite(m["actor/kl_ref"])
+        assert 0.3 < m["perf/cpu_memory_gb"] < 24  # a worker with its model, reference and engine; the machine's
     assert "val/overall" in metrics[1] and metrics[1]["val/samples"] == 8  # val_freq=2, every chunk scored
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
         saved = json.load(f)

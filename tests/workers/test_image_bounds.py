@@ -33,7 +33,7 @@ def both_sides(model_dir: str, tokenizer_dir: str, data_dir: str, two_image_file
     between the engine's log-probs of its sampled tokens and the actor's (a plain transformers forward)."""
     import torch
 
-    from pebr.config import ModelConfig, load_config
+    from pebr.config import ModelConfig, RolloutConfig, load_config
     from pebr.protocol import Batch
     from pebr.trainer.main import build_dataset
     from pebr.workers import actor as actor_lib
@@ -60,6 +60,8 @@ def both_sides(model_dir: str, tokenizer_dir: str, data_dir: str, two_image_file
                           gpu_memory_utilization=0.5, cpu_kv_cache_gb=1, enforce_eager=True,
                           enable_chunked_prefill=False, max_num_batched_tokens=1024, limit_images=2, seed=0,
                           trust_remote_code=False, external_launcher=False, tokenizer_path=tokenizer_dir)
+    # Processed images kept to worker.rollout.mm_cache_gb: vLLM's own 4 GiB grew every worker by that much.
+    assert rollout.llm.llm_engine.model_config.multimodal_config.mm_processor_cache_gb == RolloutConfig.mm_cache_gb
     sampled = SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8, seed=3, logprobs=True)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     model = actor_lib.load_hf_model(model_dir).eval()
