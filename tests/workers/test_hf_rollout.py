@@ -76,3 +76,34 @@ def test_seeded_at_start_and_a_seeded_validation_leaves_the_training_stream_alon
     second = rollout(tiny_model_dir, processor, seed=3)
     b1, b2 = (second.generate(PROMPT, train)[0].responses for _ in range(2))
     assert (a1, a2) == (b1, b2) and a1 != a2  # as if no validation had run; two steps sample differently
+
+
+def test_greedy_with_several_responses_gives_that_many_copies(tiny_model_dir, processor):
+    """transformers refused greedy search with num_return_sequences > 1, which vLLM answers with n copies: a
+    validation at temperature 0 with n > 1 failed at its first call."""
+    hf = rollout(tiny_model_dir, processor)
+    (one,) = hf.generate(PROMPT, sampling())[0].responses
+    assert hf.generate(PROMPT, sampling(n=3))[0].responses == [one] * 3
+
+
+def test_a_seeded_prompt_samples_alike_whatever_else_is_in_the_call(tiny_model_dir, processor):
+    """The seed was set once per call, so a prompt's validation sample depended on the prompts before it (and so
+    on val_batch_size and the number of ranks); vLLM seeds every request."""
+    hf = rollout(tiny_model_dir, processor)
+    other = [{"prompt": "<|im_start|>user\nWhat colour is the ball?<|im_end|>\n<|im_start|>assistant\n"}]
+    seeded = sampling(n=2, temperature=1.0, seed=5)
+    alone = hf.generate(PROMPT, seeded)[0].responses
+    assert hf.generate(other + PROMPT, seeded)[1].responses == alone
+    assert hf.generate(PROMPT, sampling(n=2, temperature=1.0, seed=6))[0].responses != alone
+
+
+def test_a_weight_stream_that_stops_short_is_an_error(tiny_model_dir, processor):
+    """The copy took what came (load_state_dict, strict=False): weights never sent stayed at their old values."""
+    hf = rollout(tiny_model_dir, processor)
+    weights = [(name, p.detach() + 0.01) for name, p in hf.model.named_parameters()]
+    hf.load_weights(iter(weights))
+    assert all(torch.equal(p, w) for (_, w), p in zip(weights, hf.model.parameters()))
+    with pytest.raises(RuntimeError, match=r"stopped short: 2 weights not sent"):
+        hf.load_weights(iter(weights[:-2]))
+    with pytest.raises(RuntimeError, match="unexpected weight 'no.such.weight'"):
+        hf.load_weights(iter([("no.such.weight", torch.zeros(1))]))

