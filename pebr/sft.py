@@ -31,7 +31,6 @@ import jinja2
 import torch
 from torch.utils.data import Dataset
 
-from pebr.checkpoint import delete_checkpoint
 from pebr.config import ConfigError
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
 from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitted_aspect, fit_size, load_image,
@@ -521,16 +520,18 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     continues from the newest; they are deleted once the finished model is in place.
 
     Returns:
-        Metrics: train_loss (mean over the run), first_loss and final_loss (logged losses), steps,
-        samples, dropped_overlong, wall_s, trainable_parameters, log_history (Trainer's list of dicts),
-        resumed_from (the checkpoint continued, or None); also written to `output_dir/sft_metrics.json`.
+        Metrics: train_loss (Trainer's mean over the steps this process trained: all of them unless resumed),
+        first_loss and final_loss (logged losses, the whole run's), steps, samples, dropped_overlong, wall_s
+        (this process's training time), trainable_parameters, log_history (Trainer's list of dicts, the whole
+        run's), resumed_from (the checkpoint continued, or None); also written to `output_dir/sft_metrics.json`.
 
     Raises:
         ValueError: a bad setting; DataError: bad data.
     """
-    from transformers import AutoProcessor, TrainingArguments, set_seed
+    from transformers import AutoConfig, AutoProcessor, TrainingArguments, set_seed
 
-    from pebr.sft_checkpoints import PublishCheckpoints, WarmupTrainer, find_resume_checkpoint, run_identity
+    from pebr.sft_checkpoints import (PublishCheckpoints, WarmupTrainer, find_resume_checkpoint, remove_checkpoints,
+                                      run_identity)
     from pebr.workers.actor import load_hf_model
 
     cfg.validate()
@@ -542,11 +543,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         load_sharegpt(cfg.data), processor, image_dir=cfg.resolved_image_dir, max_length=cfg.max_length,
         format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
     )
-    model = load_hf_model(cfg.model_path)
-    if resume_from:  # the weights trained so far, read through from_pretrained (see WarmupTrainer)
+    # Resuming, the weights trained so far, read through from_pretrained (see WarmupTrainer).
+    model = load_hf_model(resume_from or cfg.model_path)
+    if resume_from:
         logger.info("SFT: continuing from %s", resume_from)
-        base_dtype, model = model.source_dtype, load_hf_model(resume_from)
-        model.source_dtype = base_dtype  # the checkpoint holds the fp32 master weights
+        # The checkpoint holds the fp32 master weights; the finished model is saved in the base model's dtype.
+        model.source_dtype = getattr(AutoConfig.from_pretrained(cfg.model_path), "dtype", None)
     if cfg.freeze_vision_tower:
         freeze_vision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -613,5 +615,5 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
     replace_directory(staging, cfg.output_dir)
     if os.path.isdir(cfg.checkpoint_dir):
-        delete_checkpoint(cfg.checkpoint_dir)  # the finished model supersedes them
+        remove_checkpoints(cfg.checkpoint_dir)  # the finished model supersedes them
     return metrics

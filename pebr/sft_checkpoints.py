@@ -38,19 +38,38 @@ PARTIAL = ".partial"
 # Settings a resumed run may change: nothing a checkpoint holds depends on them (the checkpoints are found through
 # output_dir, whichever way it is spelt).
 RESUMABLE_CHANGES = ("output_dir", "save_steps", "save_total_limit", "resume", "logging_steps")
-PATHS = ("model_path", "data", "image_dir", "format_prompt")  # compared resolved: "data.json" is "./data.json"
+# Inputs compared by what they hold, not where they are: a checkpoint copied to another machine, or a run from
+# another clone, resumes. The images are taken as the data file names them.
+INPUTS = ("model_path", "data", "image_dir", "format_prompt")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def run_identity(cfg: SFTConfig) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it: every setting that shapes training, and the
-    data file's contents (the same path may hold a newly filtered file)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    settings["image_dir"] = cfg.resolved_image_dir
-    for key in PATHS:
-        settings[key] = os.path.realpath(settings[key]) if settings[key] else settings[key]
-    with open(cfg.data, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return json.loads(json.dumps({"settings": settings, "data_sha256": digest}))  # as it reads back from the file
+    contents of its inputs: the data file (the same path may hold a newly filtered file), the format prompt, and
+    the base model (its config and the sizes of its weight files)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES + INPUTS}
+    weights = sorted((name, os.path.getsize(os.path.join(cfg.model_path, name)))
+                     for name in os.listdir(cfg.model_path) if name.endswith(".safetensors"))
+    settings["the base model (model_path)"] = {"config": _sha256(os.path.join(cfg.model_path, "config.json")),
+                                               "weights": weights}
+    settings["the contents of format_prompt"] = _sha256(cfg.format_prompt) if cfg.format_prompt else None
+    settings["the contents of data"] = _sha256(cfg.data)
+    return json.loads(json.dumps({"settings": settings}))  # as it reads back from the file
+
+
+def remove_checkpoints(root: str) -> None:
+    """Delete the checkpoints folder; when `root` is a link (to a larger disk, say), the link stays and the folder
+    it points to is emptied."""
+    if not os.path.islink(root):
+        delete_checkpoint(root)
+        return
+    for name in os.listdir(root):
+        delete_checkpoint(os.path.join(root, name))
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -74,7 +93,7 @@ def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any]) -> str | No
     if not cfg.resume:
         if os.path.isdir(root):
             logger.warning("SFT: resume is off, deleting the checkpoints in %s", root)
-            delete_checkpoint(root)
+            remove_checkpoints(root)
         return None
     for name in os.listdir(root) if os.path.isdir(root) else []:  # a save or a rotation that a kill interrupted
         if name == PARTIAL or name.endswith(".deleting"):
@@ -86,10 +105,8 @@ def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any]) -> str | No
     with open(os.path.join(path, CHECKPOINT_META), encoding="utf-8") as handle:
         saved = json.load(handle)
     ours, theirs = identity["settings"], saved.get("settings", {})
-    changed = [f"{key}: {theirs.get(key)!r} -> {ours.get(key)!r}" for key in sorted(set(ours) | set(theirs))
-               if ours.get(key) != theirs.get(key)]
-    if saved.get("data_sha256") != identity["data_sha256"]:
-        changed.append(f"the contents of {cfg.data}")
+    changed = [key if key.startswith("the ") else f"{key}: {theirs.get(key)!r} -> {ours.get(key)!r}"
+               for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
     if changed:
         raise ConfigError(f"sft: the checkpoint {path} belongs to a run with other settings ({'; '.join(changed)}); "
                           "rerun with those to continue it, or pass --no-resume to delete its checkpoints and start "

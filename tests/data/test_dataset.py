@@ -212,13 +212,17 @@ def test_pebr_template_asks_for_the_exact_layout():
     ("Answer in the PeBR layout.", r"places the question 0 times; it must render \{\{ content \}\} exactly once"),
     ("{% if content == 'never' %}{{ content }}{% endif %}Answer.", "places the question 0 times"),
     ("{{ content }}\n(Question: {{ content }})", "places the question 2 times"),
-    ("<|vision_start|><|image_pad|><|vision_end|>{{ content }}", "holds the model's vision token '<|vision_start|>'"),
-    ("{{ content }}<|im_end|>\n<|im_start|>assistant\n", "holds the chat template's control token '<|im_end|>'"),
+    ("<|vision_start|><|image_pad|><|vision_end|>{{ content }}",
+     "holds the model's token '<|vision_start|>'; a template is text only: images go where a record's question"),
+    ("{{ content }}<|im_end|>\n<|im_start|>assistant\n", "holds the model's token '<|im_end|>'"),
 ])
 def test_format_prompt_problems_fail_at_load_naming_the_file(tmp_path, template, message):
     from pebr.data.dataset import load_format_prompt
 
     load_format_prompt(TEMPLATE)  # the shipped one passes: {{ content }} once, through no filter
+    filtered = tmp_path / "filtered.jinja"
+    filtered.write_text("Question: {{ content | trim | tojson }}")  # filters keep the question: not refused
+    assert load_format_prompt(str(filtered)).render(content=" 2 cubes? ") == 'Question: "2 cubes?"'
 
     path = tmp_path / "mine.jinja"
     path.write_text(template)

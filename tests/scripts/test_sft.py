@@ -355,8 +355,35 @@ def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_unin
     with open(os.path.join(changed.checkpoint_dir, "checkpoint-2", CHECKPOINT_META), "w") as handle:
         json.dump(run_identity(changed), handle)
     data.write_text(json.dumps(load_sharegpt(clean_sft)))
-    with pytest.raises(ConfigError, match=r"the contents of .*changed.json"):
+    with pytest.raises(ConfigError, match=r"other settings \(the contents of data\)"):
         find_resume_checkpoint(changed, run_identity(changed))
+
+
+def test_a_checkpoint_belongs_to_the_inputs_contents_not_their_paths(tmp_path, clean_sft, tiny_model_dir) -> None:
+    """Compared as resolved paths, a checkpoint copied to another machine (or a run from another clone, whose
+    format prompt lies elsewhere) was refused with the same files, and the way out offered deleted it."""
+    from pebr.sft_checkpoints import remove_checkpoints, run_identity
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model_dir, moved / "model")
+    shutil.copy(clean_sft, moved / "clean.json")
+    shutil.copy(DEFAULT_FORMAT_PROMPT, moved / "prompt.jinja")
+    here = SFTConfig(model_path=tiny_model_dir, data=clean_sft, output_dir=str(tmp_path / "a"))
+    there = SFTConfig(model_path=str(moved / "model"), data=str(moved / "clean.json"), output_dir=str(tmp_path / "b"),
+                      image_dir=str(moved), format_prompt=str(moved / "prompt.jinja"))
+    assert run_identity(here) == run_identity(there)
+    (moved / "prompt.jinja").write_text("Think first.\n{{ content }}")
+    assert run_identity(here)["settings"].keys() == run_identity(there)["settings"].keys()
+    assert [k for k, v in run_identity(there)["settings"].items() if run_identity(here)["settings"][k] != v] == [
+        "the contents of format_prompt"]
+
+    # A checkpoints folder that is a link to another disk: emptied, the link kept (it was renamed away, its
+    # checkpoints left behind, and the next run's clean-up failed on it).
+    disk = tmp_path / "disk"
+    (disk / "checkpoint-2").mkdir(parents=True)
+    os.symlink(disk, there.checkpoint_dir)
+    remove_checkpoints(there.checkpoint_dir)
+    assert os.path.islink(there.checkpoint_dir) and os.listdir(disk) == []
 
 
 def test_config_rejects_bad_values(tiny_model_dir) -> None:
