@@ -1,6 +1,6 @@
 """Ask a PeBR model one question about one image; print its answer and the extracted final answer.
 
-    python inference.py [--model_path M] [--image demo.jpg] [--question "..."] [--max_new_tokens 4096]
+    python inference.py --model_path M [--image demo.jpg] [--question "..."] [--max_new_tokens 4096]
         [--temperature 0] [--backend hf|vllm]
 
 The question is wrapped in the PeBR format prompt (examples/format_prompt/pebr.jinja), as in training,

@@ -650,8 +650,9 @@ def _is_text(kind: Any) -> bool:
 
 # Paths a user may give as ~/...: the shell leaves a ~ after "=" as it is, and the libraries do not expand it.
 _PATH_KEYS = ("worker.actor.model.model_path", "worker.actor.model.tokenizer_path", "data.train_files",
-              "data.val_files", "data.image_dir", "trainer.save_checkpoint_path", "trainer.load_checkpoint_path",
-              "trainer.sample_output")
+              "data.val_files", "data.image_dir", "data.format_prompt", "worker.reward.reward_function",
+              "trainer.save_checkpoint_path", "trainer.load_checkpoint_path", "trainer.sample_output",
+              "trainer.profile_dir")
 
 
 def _expand_home(cfg: Any) -> None:

@@ -7,7 +7,7 @@ and chat template), a Qwen2.5-VL image processor and processor, and randomly ini
     python scripts/make_tiny_model.py --output DIR [--size tiny|small] [--seed S]
 
 `tiny` (about 0.4 M parameters) loads and generates in about a second: it is for tests.
-`small` (about 7 M parameters) is large enough to learn the synthetic counting task on 2 CPU cores in
+`small` (about 5 M parameters) is large enough to learn the synthetic counting task on 2 CPU cores in
 minutes of SFT: the demo trains it (README, "What the demo shows": what the three stages reach with it).
 """
 

@@ -169,6 +169,13 @@ def test_text_settings_keep_the_value_as_typed_and_paths_expand_the_home(tmp_pat
     assert (cfg.trainer.experiment_name, cfg.trainer.project_name, cfg.data.image_dir) == ("0710", "1e3",
                                                                                            "/data/run #3/img")
     assert cfg.worker.rollout.n == 4 and cfg.trainer.save_checkpoint_path == str(tmp_path / "runs" / "a")
+    # Every path setting: the reward file was looked for under a folder named "~", the profile written into one.
+    (tmp_path / "mine.py").write_text("def score(reward_inputs):\n    return []\n")
+    (tmp_path / "prompt.jinja").write_text("{{ content }}")
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.reward.reward_function=~/mine.py:score",
+                       "data.format_prompt=~/prompt.jinja", "trainer.profile_dir=~/prof"])
+    assert (cfg.worker.reward.reward_function, cfg.data.format_prompt, cfg.trainer.profile_dir) == (
+        f"{tmp_path}/mine.py:score", f"{tmp_path}/prompt.jinja", f"{tmp_path}/prof")
 
 
 @pytest.mark.parametrize("text, message", [
