@@ -20,11 +20,13 @@ searched for a number that happens to equal the ground truth.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import signal
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mathruler.grader import grade_answer
 from math_verify import parse as mv_parse
@@ -50,7 +52,8 @@ _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 # Extraction also accepts the header without its colon ("### The final answer is 42"); the format
 # reward still requires the colon, so a sloppy header costs the format term, not the answer.
 # Markdown emphasis around the header's words ("### **The final answer is:** 5") is read past too.
-_FINAL_ANSWER_LOOSE = re.compile(r"###\s*[*_]*\s*the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*:?[*_]*", _FLAGS)
+# (Whitespace is read once: "\s*[*_]*\s*" took quadratic time on a long run of spaces after "###".)
+_FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*:?[*_]*", _FLAGS)
 _ANY_HEADER = re.compile(r"###")
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
@@ -69,12 +72,14 @@ _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
 # Two choices or more ("A, B, C, D", "A or B", "(A)/(B)"): a hedge, wrong whatever the truth.
 _SEVERAL_CHOICES = re.compile(
     r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
-# Where an answer line goes on to explain itself: a sentence ends, a parenthesis with words in it opens, or
-# a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
-# "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds. LaTeX is not
-# prose: "\\;" is a space, "5!" a factorial and "(\\pi + 1)" a factor, not the start of an explanation.
+# Where an answer line goes on to explain itself: a sentence ends before a word, a parenthesis with words in it
+# opens, or a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
+# "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds. A full stop or
+# semicolon before a number or a one-letter name does not end the answer ("x = 1; y = 2", "B. 60°",
+# "approx. 3.14"). LaTeX is not prose: "\\;" is a space, "5!" a factorial and "(\\pi + 1)" a factor.
 _EXPLANATION = re.compile(
-    r"(?<!\\)[.。;?]\s+|(?<![\\\d])!\s+|\s+\((?=[^)]*(?<![\\A-Za-z])[A-Za-z]{2,}\s)|,?\s+(?i:because|since)\b")
+    r"(?<!\\)[.。;?]\s+(?=[^\W\d_]{2})|(?<![\\\d])!\s+|\s+\((?=[^)]*(?<![\\A-Za-z])[A-Za-z]{2,}\s)"
+    r"|,?\s+(?i:because|since)\b")
 # A number and what follows it ("20 m/s", "8 \\text{ cm}^2", "30°"), and the unit's markup.
 # Commas only as thousands separators ("1,000"): "2,5" is not 25.
 _NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
@@ -290,6 +295,26 @@ def _same_quantity(answer: str, ground_truth: str) -> bool:
     return not given[1] or not wanted[1] or given[1] == wanted[1]
 
 
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the block after `seconds` (SIGALRM: on the main thread only; elsewhere no limit).
+    mathruler's sympy has no limit of its own: "10000000!" against a fraction ran for minutes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def out_of_time(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the grader took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _math_verify_match(answer: str, ground_truth: str) -> bool:
     # math-verify times out with SIGALRM, which only the main thread may use; elsewhere (a threaded
     # Ray actor, a thread pool) run without its timeout rather than fail.
@@ -352,9 +377,10 @@ def answers_match(answer: str, ground_truth: str) -> bool:
     if _other_units(given, truth):
         return False
     try:
-        if grade_answer(given, truth):
-            return True
-    except Exception:  # noqa: BLE001 - mathruler raises on some malformed LaTeX; treat as no match
+        with _time_limit(_GRADER_TIMEOUT_S):
+            if grade_answer(given, truth):
+                return True
+    except Exception:  # noqa: BLE001 - mathruler raises on some malformed LaTeX (or ran out of time): no match
         pass
     return _math_verify_match(given, truth) or _same_quantity(given, truth)
 

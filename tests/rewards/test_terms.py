@@ -203,6 +203,14 @@ def test_answers_match(answer: str, truth: str, expected: bool) -> None:
         ("### The final answer is: 4. This is because 2+1=3.", "4", 1.0),
         ("### The final answer is: 5 (2 red and 3 blue)", "3", 0.0),
         ("### The final answer is: 5 (2 red and 3 blue)", "5", 1.0),
+        # A full stop or semicolon before a number or a one-letter name ends no sentence: these were cut to
+        # "x = 1", "1", "B" and "approx", so even the ground truth copied out scored 0.
+        ("### The final answer is: x = 1; y = 2", "x=1; y=2", 1.0),
+        ("### The final answer is: 1; 2; 3", "1; 2; 3", 1.0),
+        ("### The final answer is: B. 60°", "60°", 1.0),
+        ("### The final answer is: approx. 3.14", "3.14", 1.0),
+        ("### The final answer is: 12; the rest is a guess", "12", 1.0),
+        ("### The final answer is: B. The angle is 60°", "B", 1.0),
         ("### The final answer is: **3**", "3", 1.0),  # markdown around the answer
         ("### The final answer is: **B**", "B", 1.0),
         ("### The final answer is: `3`", "3", 1.0),
@@ -224,6 +232,24 @@ def test_answers_match(answer: str, truth: str, expected: bool) -> None:
 )
 def test_accuracy_reward(response: str, truth: str, expected: float) -> None:
     assert accuracy_reward(response, truth) == expected
+
+
+def test_a_grader_that_runs_away_is_stopped() -> None:
+    """mathruler's sympy computed 10000000! exactly to compare it with a fraction, for minutes, holding the whole
+    batch's reward; each grader now has _GRADER_TIMEOUT_S (5 s) on the main thread."""
+    import time
+
+    start = time.perf_counter()
+    assert accuracy_reward("### The final answer is: 10000000!", "\\frac{1}{2}") == 0.0
+    assert time.perf_counter() - start < 30  # two graders of 5 s each, and their imports
+
+
+def test_a_long_run_of_spaces_after_a_header_is_read_in_linear_time() -> None:
+    import time
+
+    start = time.perf_counter()
+    assert extract_final_answer("###" + " " * 64000 + "x") == ""
+    assert time.perf_counter() - start < 3  # quadratic before: 3.7 s at 32 000 spaces, about 15 s at 64 000
 
 
 def test_a_10k_token_response_is_never_parsed_as_one_formula(monkeypatch) -> None:
