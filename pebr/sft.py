@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import jinja2
 import torch
@@ -464,6 +464,24 @@ class SFTConfig:
                               "not an earlier warm-up's output, which alone is replaced; name a new or empty directory")
 
 
+def check_one_process_one_device(cuda_devices: int, environ: Mapping[str, str]) -> None:
+    """Refuse what this single-process trainer would run wrongly: several visible GPUs without a launcher make
+    transformers' Trainer wrap the model in DataParallel, under which this loss (divided by Trainer's token count)
+    comes out multiplied by the number of GPUs (read in transformers 5.19); a launcher (torchrun) starts several
+    processes, each of which would write the output directory.
+
+    Raises:
+        ConfigError: naming the way to run it on one device.
+    """
+    if int(environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"sft: started as {environ['WORLD_SIZE']} processes; the built-in warm-up runs as one "
+                          "process on one device (at scale use LLaMA-Factory, docs/WARMUP.md)")
+    if cuda_devices > 1:
+        raise ConfigError(f"sft: {cuda_devices} GPUs are visible; the built-in warm-up trains on one (transformers "
+                          "would spread it with DataParallel, which scales this loss by the GPU count): set "
+                          "CUDA_VISIBLE_DEVICES=0, or use LLaMA-Factory (docs/WARMUP.md) for several GPUs")
+
+
 def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
     """Next-token cross-entropy summed over a micro-batch's labelled tokens, divided by the labelled tokens of
     the whole accumulated batch (Trainer's `num_items_in_batch`; this micro-batch's own without it).
@@ -535,6 +553,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     from pebr.workers.actor import load_hf_model
 
     cfg.validate()
+    check_one_process_one_device(torch.cuda.device_count(), os.environ)
     identity = run_identity(cfg)
     resume_from = find_resume_checkpoint(cfg, identity)
     set_seed(cfg.seed)

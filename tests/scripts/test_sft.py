@@ -386,6 +386,20 @@ def test_a_checkpoint_belongs_to_the_inputs_contents_not_their_paths(tmp_path, c
     assert os.path.islink(there.checkpoint_dir) and os.listdir(disk) == []
 
 
+def test_several_gpus_or_processes_are_refused_naming_the_way_out() -> None:
+    """On several GPUs without a launcher Trainer ran DataParallel, whose loss this trainer's token mean makes
+    n_gpu times too large (read in transformers 5.19, not run: no machine here has two GPUs)."""
+    from pebr.config import ConfigError
+    from pebr.sft import check_one_process_one_device
+
+    check_one_process_one_device(0, {})
+    check_one_process_one_device(1, {"WORLD_SIZE": "1"})
+    with pytest.raises(ConfigError, match="2 GPUs are visible.*CUDA_VISIBLE_DEVICES=0"):
+        check_one_process_one_device(2, {})
+    with pytest.raises(ConfigError, match="started as 4 processes"):
+        check_one_process_one_device(1, {"WORLD_SIZE": "4"})
+
+
 def test_config_rejects_bad_values(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="lr"):
         SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", lr=0).validate()
