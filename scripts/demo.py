@@ -182,7 +182,9 @@ class Pipeline:
                     "--image_dir", images, "--output_dir", self.path("warmup"), "--epochs", str(p.sft_epochs),
                     "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed),
                     "--freeze_vision_tower" if p.sft_freeze_vision else "--no-freeze_vision_tower",
-                    "--bf16" if p.sft_bf16 else "--no-bf16"])
+                    "--bf16" if p.sft_bf16 else "--no-bf16"],
+                   # The built-in warm-up trains on one device and refuses several visible GPUs: the first one.
+                   env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]})
         self.stage("tiny CLIP", self.path("clip"),
                    [PY, "scripts/train_tiny_clip.py", "--output", self.path("clip"), "--steps", str(p.clip_steps),
                     "--seed", str(self.seed)])
