@@ -554,7 +554,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     cfg.validate()
     check_one_process_one_device(torch.cuda.device_count(), os.environ)
-    identity = run_identity(cfg)
+    # Hashing the inputs is wanted only where checkpoints are written or may be there to resume.
+    identity = run_identity(cfg) if cfg.save_steps or os.path.isdir(cfg.checkpoint_dir) else None
     resume_from = find_resume_checkpoint(cfg, identity)
     set_seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(cfg.model_path)

@@ -82,9 +82,9 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any]) -> str | None:
+def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any] | None) -> str | None:
     """The newest checkpoint of this run to continue from, or None to start afresh (with `resume` off, after
-    deleting the checkpoints).
+    deleting the checkpoints). `identity` (`run_identity`) may be None only when `cfg.checkpoint_dir` is absent.
 
     Raises:
         ConfigError: the newest checkpoint was written with other settings or another data file.

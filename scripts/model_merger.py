@@ -101,7 +101,8 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
         return target_dir
     state = merge_shards(local_dir)
-    adapters = read_index(local_dir).get("lora")
+    index = read_index(local_dir)
+    adapters = index.get("lora")
     if adapters:  # trained with LoRA: the adapters folded into plain weights, under the base model's names
         state = dict(fold_lora(state.items(), scaling(adapters)))
     try:
@@ -109,7 +110,7 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{hf_dir}/config.json cannot be read ({err})") from err
     # "auto": the base model's dtype as the trainer recorded it; config.json would carry an earlier merge's --dtype.
-    saved_dtype = read_index(local_dir).get("dtype") or getattr(config, "dtype", None)
+    saved_dtype = index.get("dtype") or getattr(config, "dtype", None)
     name = DTYPES[dtype] or str(saved_dtype or "float32").replace("torch.", "")
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)

@@ -350,8 +350,10 @@ class RayPPOTrainer:
         self.global_step = 0
         self._batches = iter(self.sampler)
         self._resume_path = self._find_resume_checkpoint()
-        # Which records the data order indexes (the tests build a trainer without a data set).
+        # Which records the data order indexes (the tests build a trainer without a data set), and which model the
+        # run starts from: both go into every checkpoint.
         self._data_fingerprint = getattr(train_dataset, "fingerprint", None)
+        self._model_identity = model_identity(cfg.worker.actor.model.model_path)
         state: dict = {}
         if self._resume_path:
             checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
@@ -368,7 +370,7 @@ class RayPPOTrainer:
                     "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
                     "them to continue it, or start a new run in another trainer.save_checkpoint_path")
             saved_model = state.get("model_path")  # absent from checkpoints of earlier versions
-            if saved_model and saved_model != model_identity(cfg.worker.actor.model.model_path):
+            if saved_model and saved_model != self._model_identity:
                 message = (f"{self._resume_path} continues a run from the model {saved_model}, and this run names "
                            f"{cfg.worker.actor.model.model_path}: its actor would keep the old run's weights while the "
                            "reference model loads the new ones")
@@ -638,6 +640,6 @@ class RayPPOTrainer:
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
         state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
-                 "data": self._data_fingerprint, "model_path": model_identity(self.cfg.worker.actor.model.model_path),
+                 "data": self._data_fingerprint, "model_path": self._model_identity,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

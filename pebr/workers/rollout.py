@@ -240,7 +240,8 @@ class VLLMRollout:
             unlink_new_shared_memory(shared_before)
         self.banned = banned_token_ids(self.llm.get_tokenizer())
         self.stop = stop_token_ids(self.llm.get_tokenizer())
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
         # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
         # vLLM on CPU rejects sleep mode, so there the KV cache stays allocated (sized by cpu_kv_cache_gb).
         self.sleep_mode = sleep_mode
