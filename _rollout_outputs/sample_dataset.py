@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "has (as sampling with data.on_bad_record=skip did), instead of stopping at the first")
     for key, default in (("prompt_key", "problem"), ("answer_key", "answer"), ("image_key", "images")):
         parser.add_argument(f"--{key}", default=default,
-                            help=f"the sampling run's data.{key} (with --skip_bad_lines: which records its loader "
-                                 "refused and skipped)")
+                            help=f"the sampling run's data.{key} (to check that each question is the one its "
+                                 "rollouts answered, and with --skip_bad_lines, which records its loader skipped)")
     parser.add_argument("--allow_count_mismatch", action="store_true",
                         help="split a qid sampled other than --n times anyway, by all / some / none correct "
                              "(by default it is an error)")

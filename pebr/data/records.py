@@ -14,6 +14,7 @@ file, the record and the key, or is skipped and counted in the returned `LoadRep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ IMAGE_PLACEHOLDER = "<image>"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 # The chat template's control tokens: in a turn's text they end the turn early or open another one.
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+IMAGE_KEYS = ("images", "image")  # the names image columns usually have
 JSON_SUFFIXES = (".json", ".jsonl", ".parquet")
 ON_BAD_RECORD_CHOICES = ("raise", "skip")
 MAX_REPORT_MESSAGES = 10
@@ -361,6 +363,12 @@ def normalize_record(
     check_no_model_tokens(prompt, where, prompt_key)
     answer = _normalize_answer(value[answer_key], where, answer_key)
     images = _normalize_images(value.get(image_key), where, image_key)
+    if image_key not in value:
+        # Without this a data set whose images are under another usual name would load as text-only questions.
+        stray = [k for k in IMAGE_KEYS if k != image_key and value.get(k) not in (None, "", [])]
+        if stray:
+            raise BadRecord("bad_image", f"{where}: key {image_key!r} is missing but key {stray[0]!r} is set: "
+                                         f"if it holds the images, set data.image_key={stray[0]}")
     key_words = _normalize_key_words(value.get("key_words"), where)
 
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
@@ -376,6 +384,27 @@ def normalize_record(
     record = dict(value)
     record.update({prompt_key: prompt, answer_key: answer, image_key: images, "key_words": key_words, "qid": qid})
     return record
+
+
+def _image_reference(image: Any) -> str:
+    if isinstance(image, str):
+        return image
+    if isinstance(image, bytes):
+        return "sha256:" + hashlib.sha256(image).hexdigest()
+    return "pixels:" + hashlib.sha256(image.tobytes()).hexdigest()  # a PIL image
+
+
+def question_digest(record: dict[str, Any], *, prompt_key: str = "problem", answer_key: str = "answer",
+                    image_key: str = "images") -> str:
+    """A short hash of a normalised record's question, answer and images (their paths, or their bytes).
+
+    The rollout file and the split know a question by its qid, which defaults to its position in its file: a
+    data set edited after sampling (a question replaced, or one inserted before others) would pair rollouts with
+    questions they were not sampled for. Sampling writes this digest with every rollout, and resuming and the
+    split compare it with the data set's.
+    """
+    parts = [record[prompt_key], record[answer_key], [_image_reference(i) for i in record[image_key]]]
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def describe_raw(raw: RawRecord) -> str:

@@ -9,6 +9,7 @@ response:
 
     {"qid": ..., "response": "<complete text>", "ground_truth": ..., "score": {"accuracy": ..., ...},
      "sample": <0-based rollout index of this question>,
+     "question": <digest of the question, answer and images: pebr.data.records.question_digest>,
      "index": <position among the records loaded, which a skipped bad record shifts>,
      "response_length": <tokens>}
 
@@ -16,7 +17,8 @@ response:
 
 The output is a log that can be resumed, never appended to blindly: on start, records of questions
 that do not have the full count (a batch cut short by a crash) are removed by rewriting the file
-atomically, and only questions without records are sampled. Each batch is written with a single
+atomically, and only questions without records are sampled. A question whose digest differs from its records'
+(the data set edited since) stops the run: its qid now names another question. Each batch is written with a single
 append followed by fsync, so a crash loses at most the batch in flight, and a rerun never duplicates.
 """
 
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pebr.config import ConfigError, PPOConfig, load_config
-from pebr.utils.jsonio import atomic_open, atomic_write_json
+from pebr.data.records import question_digest
+from pebr.utils.jsonio import atomic_open, atomic_write_json, is_within
 
 MAX_LISTED = 20
 
@@ -73,14 +76,16 @@ class SampleSummary:
 
 
 # -- the output log ----------------------------------------------------------------------------------
-def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int]:
-    """Per-qid sample indices of the complete lines of `path`, the qid of the last of them, and how many bytes
-    are complete lines.
+def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int, dict[str, tuple[str, int]]]:
+    """Per-qid sample indices of the complete lines of `path`, the qid of the last of them, how many bytes
+    are complete lines, and per qid the question digest of its first line with that line's number (for lines
+    that have one).
 
     A last line without its newline is the trace of a write cut short and is not counted; any other
     unreadable line means the file was not written by this tool (or was edited), and stops the run.
     """
     samples: dict[str, set[int]] = {}
+    questions: dict[str, tuple[str, int]] = {}
     last_qid = None
     good_bytes = 0
     with open(path, "rb") as handle:
@@ -102,11 +107,14 @@ def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int]:
                 raise SampleLogError(f"{path} line {line_number}: qid {qid!r} sample {sample} appears twice; the file "
                                      "was appended to by another run: move it away or set trainer.sample_output")
             seen.add(sample)
+            if isinstance(value.get("question"), str):
+                questions.setdefault(qid, (value["question"], line_number))
             last_qid = qid
-    return samples, last_qid, good_bytes
+    return samples, last_qid, good_bytes, questions
 
 
-def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
+def recover_output(path: str, per_question: int, questions: dict[str, str] | None = None
+                   ) -> tuple[set[str], list[str]]:
     """Make `path` hold only questions with all their records; return those and the one removed.
 
     A batch's records are appended in one write, each question's samples together and in order, so an
@@ -117,6 +125,8 @@ def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
     Args:
         path: the JSONL sample output (need not exist).
         per_question: the number of records a complete question has (samples 0 .. per_question-1).
+        questions: qid -> question digest of the data set now; a complete question of the file whose digest
+            differs is an error (records without a digest are not checked).
 
     Returns:
         (complete qids, qids whose partial records were removed: none or one). The file is rewritten
@@ -125,11 +135,12 @@ def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
     Raises:
         SampleLogError: an unreadable line before the last, a duplicate (qid, sample), a qid with
             a sample index outside 0 .. per_question-1 (written with another n or total_epochs), or
-            incomplete questions that no interruption leaves (written with a smaller n or total_epochs).
+            incomplete questions that no interruption leaves (written with a smaller n or total_epochs),
+            or a complete question sampled for another question than its qid names now.
     """
     if not os.path.exists(path):
         return set(), []
-    samples, last_qid, good_bytes = _scan_output(path)
+    samples, last_qid, good_bytes, sampled_as = _scan_output(path)
     full = set(range(per_question))
     for qid, seen in samples.items():
         if not seen <= full:
@@ -138,6 +149,16 @@ def recover_output(path: str, per_question: int) -> tuple[set[str], list[str]]:
                 "(worker.rollout.n x trainer.total_epochs); the file was written with other settings: move it "
                 "away or set trainer.sample_output")
     complete = {qid for qid, seen in samples.items() if seen == full}
+    changed = [f"{qid!r} (line {sampled_as[qid][1]})" for qid in sorted(complete)
+               if questions and qid in questions and qid in sampled_as and sampled_as[qid][0] != questions[qid]]
+    if changed:
+        listed = ", ".join(changed[:MAX_LISTED]) + (f" ... and {len(changed) - MAX_LISTED} more"
+                                                     if len(changed) > MAX_LISTED else "")
+        raise SampleLogError(
+            f"{path}: {len(changed)} questions were sampled for another question than their qid names in the data "
+            f"set now: {listed}. The data set was edited since (a question replaced, or records inserted or removed "
+            "before others, which moves the default qids '<file stem>-<index>'); resuming would keep rollouts of the "
+            "old questions: move the file away or set trainer.sample_output to a new file")
     partial = sorted(qid for qid in samples if qid not in complete)
     interrupted = partial == [last_qid] and samples[last_qid] == set(range(len(samples[last_qid])))
     if partial and not interrupted:
@@ -176,23 +197,34 @@ def append_records(path: str, records: list[dict]) -> None:
 
 
 # -- the data set ---------------------------------------------------------------------------------
-def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, list[str], list[str], list[str], dict[str, int]]:
-    """The prompt data set and its qids, plus what was dropped at load time.
+def load_prompts(cfg: PPOConfig, processor: Any) -> tuple[Any, dict[str, str], list[str], list[str], dict[str, int]]:
+    """The prompt data set and its questions, plus what was dropped at load time.
 
     Returns:
-        (dataset, qids, dropped_qids, skipped_at_load, dropped_reasons): `qids[i]` is the qid of `dataset[i]`;
+        (dataset, questions, dropped_qids, skipped_at_load, dropped_reasons): `questions` maps each kept record's
+        qid to its question digest (`question_digest`), in item order (`list(questions)[i]` is `dataset[i]`'s);
         dropped_qids are records read but not kept (too long, bad images); skipped_at_load where the records
         the loader skipped were (they may have no qid); dropped_reasons counts both by reason.
     """
     from pebr.trainer.main import load_dataset
 
     dataset, records, load_report = load_dataset(cfg, cfg.data.train_files, processor)
+    d = cfg.data
+    keys = {"prompt_key": d.prompt_key, "answer_key": d.answer_key, "image_key": d.image_key}
     kept = dataset.record_indices
-    qids = [records[index]["qid"] for index in kept]
+    questions = {records[index]["qid"]: question_digest(records[index], **keys) for index in kept}
+    for index in kept:
+        try:
+            json.dumps(records[index], ensure_ascii=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{load_report.kept_at[index]}: {err}; the split that follows sampling writes the records to JSON "
+                "files, which cannot hold them (images as bytes or decoded images, say): write the data set as JSON "
+                "records whose images are file paths (data.image_dir joins relative ones) and sample that") from err
     kept_set = set(kept)
     dropped = [r["qid"] for i, r in enumerate(records) if i not in kept_set]
     reasons = Counter(load_report.skipped) + Counter(dataset.report.skipped)
-    return dataset, qids, dropped, load_report.skipped_at, dict(reasons)
+    return dataset, questions, dropped, load_report.skipped_at, dict(reasons)
 
 
 def _report_dropped(summary: SampleSummary, source: str) -> None:
@@ -222,8 +254,9 @@ def sampling_params(cfg: PPOConfig) -> dict:
             "max_tokens": cfg.data.max_response_length, "seed": None}
 
 
-def to_records(batch: Any, scores: list[dict[str, float]], per_question: int) -> list[dict]:
-    """One output record per response; `sample` numbers the responses of each qid from 0.
+def to_records(batch: Any, scores: list[dict[str, float]], per_question: int, questions: dict[str, str]) -> list[dict]:
+    """One output record per response; `sample` numbers the responses of each qid from 0, `question` is the
+    question digest from `questions` (qid -> digest).
 
     Raises:
         RuntimeError: a question came back with a number of responses other than `per_question`.
@@ -234,7 +267,7 @@ def to_records(batch: Any, scores: list[dict[str, float]], per_question: int) ->
     for i in range(len(batch)):
         qid = nt["qid"][i]
         records.append({"qid": qid, "response": nt["response"][i], "ground_truth": nt["ground_truth"][i],
-                        "score": {k: float(v) for k, v in scores[i].items()}, "sample": seen[qid], "index": nt["index"][i],
+                        "score": {k: float(v) for k, v in scores[i].items()}, "sample": seen[qid], "question": questions[qid], "index": nt["index"][i],
                         "response_length": len(batch.response_ids[i])})
         seen[qid] += 1
     wrong = {q: c for q, c in seen.items() if c != per_question}
@@ -272,15 +305,21 @@ def run(argv: list[str]) -> SampleSummary:
     out = cfg.trainer.sample_output
     if os.path.isdir(out):
         raise ConfigError(f"trainer.sample_output={out!r} is a directory; name the JSONL file to write")
+    source = cfg.data.train_files
+    if (os.path.isdir(source) and is_within(out, source)
+            or os.path.isfile(source) and os.path.exists(out) and os.path.samefile(out, source)):
+        raise ConfigError(f"trainer.sample_output={out!r} is, or lies in, data.train_files={source!r}: the next "
+                          "sampling run would read the rollouts as questions; write them elsewhere")
     per_question = cfg.worker.rollout.n * cfg.trainer.total_epochs
     summary = SampleSummary(output=out, per_question=per_question)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     processor = load_processor(cfg.worker.actor.model)
-    dataset, qids, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
+    dataset, questions, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
+    qids = list(questions)
     summary.questions = len(dataset)
     _report_dropped(summary, cfg.data.train_files)
-    complete, summary.removed_partial = recover_output(out, per_question)
+    complete, summary.removed_partial = recover_output(out, per_question, questions)
     if summary.removed_partial:
         print(f"{out}: removed the records of question {summary.removed_partial[0]!r}, sampled only in part "
               "(an interrupted write); it is sampled again", flush=True)
@@ -312,7 +351,7 @@ def run(argv: list[str]) -> SampleSummary:
                 prompts.append(item)
             batch, _ = workers.generate(prompts, sampling)
             scores = ray_get(reward.compute.remote(reward_inputs(batch)), "reward", cfg.trainer.worker_timeout_s)
-            records = to_records(batch, scores, per_question)
+            records = to_records(batch, scores, per_question, questions)
             append_records(out, records)
             summary.sampled += len(prompts)
             summary.records_written += len(records)

@@ -16,7 +16,8 @@ The split refuses, before writing anything, what would give silently wrong files
 that shares no qid with the data set (sampled from another file), a question sampled other than n
 times (the rule is about exactly n rollouts; `allow_count_mismatch` opts out), a rollout index that
 appears twice for one question (a file appended to or joined with a copy, whose doubled halves could
-add up to n), a qid shared by two data-set records (the rollout file keys rollouts by qid alone), and
+add up to n), a qid shared by two data-set records (the rollout file keys rollouts by qid alone), a question
+other than the one its qid's rollouts answered (the data set edited after sampling), and
 an output directory where a split file would replace the data set itself. The three files are replaced as
 a set, so stage 1 and stage 2 never train on the halves of two different splits.
 
@@ -26,12 +27,13 @@ No torch, no Ray: `split_dataset` is called by `_rollout_outputs/sample_dataset.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record
+from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record, question_digest
 from pebr.utils.jsonio import atomic_write_json, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
@@ -52,6 +54,8 @@ class QidCount:
     total: int = 0
     correct: int = 0
     seen: int = 0  # bit k set: rollout index ("sample") k was read; a few bytes for n = 8
+    question: str | None = None  # the question digest of its first rollout line (None: a file without them)
+    first_at: str = ""  # where that line is
 
     def add(self, sample: int, correct: bool) -> bool:
         """Count rollout `sample`; False (and nothing counted) when it was counted already."""
@@ -138,7 +142,7 @@ def classify(correct: int, total: int) -> str:
     return "medium"
 
 
-def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool]:
+def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool, str | None]:
     if not isinstance(value, dict):
         raise SplitError(f"{where}: a rollout record must be a JSON object, got {type(value).__name__}")
     qid = value.get("qid")
@@ -146,18 +150,21 @@ def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool]:
         raise SplitError(f"{where}: key 'qid' is missing or not a string/integer")
     score = value.get("score")
     accuracy = score.get("accuracy") if isinstance(score, dict) else None
-    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
-        raise SplitError(f"{where}: key 'score.accuracy' is missing or not a number")
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy):
+        raise SplitError(f"{where}: key 'score.accuracy' is missing or not a finite number")
     sample = value.get("sample")
     if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < MAX_SAMPLE:
         raise SplitError(f"{where}: key 'sample' (the question's 0-based rollout index, which "
                          f"pebr.trainer.sample_main writes) is missing or not an integer in [0, {MAX_SAMPLE})")
-    return str(qid), sample, float(accuracy) == 1.0
+    question = value.get("question")
+    return str(qid), sample, float(accuracy) == 1.0, question if isinstance(question, str) else None
 
 
 def iter_rollouts(path: str, skip_bad_lines: bool = False,
-                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str]]:
-    """Stream (qid, sample, correct, where) from a rollout JSONL file, one line at a time.
+                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str | None, str]]:
+    """Stream (qid, sample, correct, question digest, where) from a rollout JSONL file, one line at a time.
+
+    A rollout is correct when its score.accuracy is exactly 1 (the split rule counts right answers).
 
     Args:
         path: the rollout file written by `pebr.trainer.sample_main`.
@@ -165,7 +172,7 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
         bad: a Counter that receives the number of skipped lines under "lines".
 
     Raises:
-        SplitError: a missing file, or a malformed line (not JSON, no qid, no integer sample, no numeric
+        SplitError: a missing file, or a malformed line (not JSON, no qid, no integer sample, no finite
             score.accuracy) naming the file and line number, unless skip_bad_lines.
     """
     if not os.path.isfile(path):
@@ -204,10 +211,10 @@ def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, Q
     counts: dict[str, QidCount] = {}
     bad: Counter = Counter()
     lines = 0
-    for qid, sample, correct, where in iter_rollouts(path, skip_bad_lines, bad):
+    for qid, sample, correct, question, where in iter_rollouts(path, skip_bad_lines, bad):
         entry = counts.get(qid)
         if entry is None:
-            entry = counts[qid] = QidCount()
+            entry = counts[qid] = QidCount(question=question, first_at=where)
         if not entry.add(sample, correct):
             if not skip_bad_lines:
                 raise SplitError(
@@ -345,6 +352,37 @@ def records_sampled_with_skip(records: list[DatasetRecord], keys: dict[str, str]
     return kept, refused, repeated
 
 
+def check_same_questions(records: list[DatasetRecord], counts: dict[str, QidCount], keys: dict[str, str],
+                         dataset: str, rollouts: str) -> None:
+    """Refuse rollouts sampled for another question under the same qid (the data set edited after sampling).
+
+    Rollout lines carry the digest of the question they answer (`question_digest`; files written before it have
+    none, and are not checked). A record the loader refuses has no digest, and is not checked either: sampling
+    never saw it as a question.
+
+    Raises:
+        SplitError: naming the first few qids with the record and the rollout line of each.
+    """
+    changed = []
+    for record in records:
+        entry = counts.get(record.qid)
+        if entry is None or entry.question is None:
+            continue
+        try:
+            normalized = normalize_record(record.value, where=record.where, default_qid=record.qid, **keys)
+        except BadRecord:
+            continue
+        if question_digest(normalized, **keys) != entry.question:
+            changed.append(f"{record.where} (sampled as {entry.first_at})")
+    if changed:
+        raise SplitError(
+            f"{len(changed)} questions of {dataset} are not the ones {rollouts} sampled under their qids: "
+            f"{_listed(changed, MAX_LISTED_IN_ERROR)}. The data set was edited after sampling (a question replaced, "
+            "or records inserted or removed before others, which moves the default qids '<file stem>-<index>'): "
+            "split the data set as it was sampled, or sample the edited one again into a new rollout file. "
+            "Nothing was written")
+
+
 def check_json_storable(records: list[DatasetRecord]) -> None:
     """The split files are JSON: refuse, before writing, a record JSON cannot hold (say an image stored as
     bytes in a parquet file or a hub data set), naming it.
@@ -406,8 +444,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
             first.
         allow_count_mismatch: split a qid with a count other than n anyway, by all / some / none
             correct of the rollouts seen, with a warning naming the qids.
-        prompt_key / answer_key / image_key: the sampling run's data.prompt_key / answer_key / image_key (with
-            skip_bad_lines, to tell which records its loader refused).
+        prompt_key / answer_key / image_key: the sampling run's data.prompt_key / answer_key / image_key (to
+            compare each question with the one its rollouts answered, and with skip_bad_lines, to tell which
+            records its loader refused).
         log: where warnings and statistics go (a print-like function).
 
     Returns:
@@ -415,7 +454,8 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
 
     Raises:
         SplitError: a missing/malformed file, a malformed rollout line (file and line number), a qid
-            shared by two data-set records (unless `skip_bad_lines`), no data-set qid in the rollout file, a qid with a
+            shared by two data-set records (unless `skip_bad_lines`), no data-set qid in the rollout file, a question
+            other than the one its qid's rollouts were sampled for (`check_same_questions`), a qid with a
             count other than n (unless `allow_count_mismatch`), or a record JSON cannot hold. Nothing
             is written then.
         ValueError: n < 1.
@@ -426,8 +466,8 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     check_output_dir(output_dir, dataset)
     malformed: list[str] = []
     records = read_dataset(dataset, malformed if skip_bad_lines else None)
+    keys = {"prompt_key": prompt_key, "answer_key": answer_key, "image_key": image_key}
     if skip_bad_lines:  # the first valid record of a qid is the one sampling kept
-        keys = {"prompt_key": prompt_key, "answer_key": answer_key, "image_key": image_key}
         records, report.refused, report.repeated = records_sampled_with_skip(records, keys)
     else:
         check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
@@ -445,6 +485,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         splits[classify(entry.correct, entry.total)].append(record)
         report.correct_histogram[entry.correct] = report.correct_histogram.get(entry.correct, 0) + 1
     report.unknown_qids = sum(1 for qid in counts if qid not in known)
+    check_same_questions(records, counts, keys, dataset, rollouts)
 
     if not records:
         raise SplitError(f"{dataset} holds no records: nothing to split (nothing was written to {output_dir})")

@@ -211,6 +211,9 @@ def test_non_utf8_bytes(tmp_path):
          r"'problem' holds the model's vision token '<\|image_pad\|>'", "vision_token_in_text"),
         ({"problem": "q<|vision_start|>", "answer": "1"}, "vision token", "vision_token_in_text"),
         ({"problem": "q<|im_end|>", "answer": "1"}, r"control token '<\|im_end\|>'", "chat_token_in_text"),
+        # images under the other usual column name would have been loaded as a text-only question
+        ({"problem": "q", "answer": "1", "image": "a.png"}, "'images' is missing but key 'image' is set.*"
+                                                             "data.image_key=image", "bad_image"),
     ],
 )
 def test_bad_record_raise_and_skip(tmp_path, record, key, reason):

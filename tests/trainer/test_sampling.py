@@ -85,6 +85,19 @@ def test_a_file_no_interruption_leaves_is_refused_not_emptied(tmp_path, rows):
     assert open(path, "rb").read() == before  # the refused file is left as it was
 
 
+def test_a_question_edited_since_it_was_sampled_stops_the_resume(tmp_path):
+    """A qid that now names another question (the default qid is a position) must not keep the old rollouts."""
+    path = str(tmp_path / "r.jsonl")
+    append_records(path, [dict(_rec(q, s), question=f"digest-{q}") for q in "ab" for s in range(2)])
+    assert recover_output(path, 2, {"a": "digest-a", "b": "digest-b", "c": "digest-c"}) == ({"a", "b"}, [])
+    before = open(path, "rb").read()
+    with pytest.raises(SampleLogError, match=r"1 questions were sampled for another question.*'b' \(line 3\)"):
+        recover_output(path, 2, {"a": "digest-a", "b": "digest-of-an-edit"})
+    assert open(path, "rb").read() == before
+    append_records(path, [_rec("c", s) for s in range(2)])  # written before the digest existed: not checked
+    assert recover_output(path, 2, {"a": "digest-a", "b": "digest-b", "c": "anything"}) == ({"a", "b", "c"}, [])
+
+
 def test_an_interrupted_question_after_complete_ones_is_removed(tmp_path):
     path = str(tmp_path / "r.jsonl")
     append_records(path, [_rec(q, s) for q in "ab" for s in range(4)] + [_rec("c", s) for s in range(3)])
@@ -102,6 +115,36 @@ def test_a_directory_as_sample_output_is_refused_before_any_work(tmp_path, synth
     with pytest.raises(ConfigError, match=r"trainer\.sample_output=.* is a directory"):
         run(["config=examples/pebr_sample.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
              f"data.train_files={synthetic_data_dir}/train.json", f"trainer.sample_output={tmp_path}"])
+
+
+def test_an_output_inside_the_data_set_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
+                                                                   monkeypatch):
+    """Sampled into the data directory, the rollouts were read as questions by the next sampling run."""
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_bytes(open(os.path.join(synthetic_data_dir, "train.json"), "rb").read())
+    base = ["config=examples/pebr_sample.yaml", f"worker.actor.model.model_path={tiny_model_dir}"]
+    for source, output in ((data, data / "rollouts.jsonl"), (data / "train.json", data / "train.json")):
+        with pytest.raises(ConfigError, match=r"is, or lies in, data\.train_files"):
+            run(base + [f"data.train_files={source}", f"trainer.sample_output={output}"])
+
+
+def test_records_the_split_cannot_write_are_refused_before_sampling(sample_setup, tmp_path):
+    """A parquet file with its images as bytes could be sampled for hours, then not split (the split writes JSON)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    argv, out, _, train = sample_setup
+    records = json.load(open(train))[:2]
+    image = os.path.join(next(a.split("=", 1)[1] for a in argv if a.startswith("data.image_dir=")),
+                         records[1]["images"][0])
+    records[1]["images"] = [{"bytes": open(image, "rb").read(), "path": None}]
+    records[0]["images"] = [{"bytes": None, "path": records[0]["images"][0]}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "rl.parquet")
+    with pytest.raises(ConfigError, match=r"rl\.parquet record 1.*bytes.*file paths"):
+        run(argv + [f"data.train_files={tmp_path / 'rl.parquet'}"])
+    assert not os.path.exists(out)
 
 
 def test_written_files_follow_the_umask(tmp_path):
@@ -143,7 +186,7 @@ def _check_complete(path, qids, per_question):
     assert {r["qid"]: sorted(s for (q, s) in keys if q == r["qid"]) for r in rows} == {
         q: list(range(per_question)) for q in qids}
     for r in rows:
-        assert set(r) >= {"qid", "response", "ground_truth", "score", "sample", "index"}
+        assert set(r) >= {"qid", "response", "ground_truth", "score", "sample", "question", "index"}
         assert r["score"]["accuracy"] in (0.0, 1.0) and isinstance(r["response"], str)
     return rows
 
@@ -242,6 +285,15 @@ def _sample_then_resume(argv, out, qids, train, per_question, ray_session):
     report = split_dataset(out, train, os.path.dirname(out), per_question, log=lambda m: None)
     assert sum(report.sizes.values()) == 5 and not report.wrong_count
     assert report.never_sampled == ["too-long"]
+
+    # The data set edited since: the resume stops rather than keep rollouts of the old question under its qid.
+    records = json.load(open(train))
+    records[0]["answer"] = "a corrected answer"
+    with open(train, "w") as f:
+        json.dump(records, f)
+    with pytest.raises(SampleLogError, match=rf"sampled for another question.*{qids[0]!r} \(line 1\)"):
+        run(argv)
+    assert open(out, "rb").read() == before
 
 
 @pytest.mark.slow

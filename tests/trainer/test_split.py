@@ -304,6 +304,7 @@ def test_a_failed_write_keeps_the_previous_split(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad, what", [("{not json", "malformed JSON"),
+                                       ('{"qid": "q-easy", "score": {"accuracy": NaN}, "sample": 9}', "finite"),
                                        (json.dumps({"qid": "q-easy", "score": {}}), "score.accuracy"),
                                        (json.dumps({"score": {"accuracy": 1.0}}), "'qid'"),
                                        (json.dumps([1, 2]), "JSON object")])
@@ -458,3 +459,43 @@ def test_split_files_may_not_go_into_the_directory_being_split(tmp_path):
         split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "a_file"), N, log=lambda m: None)
     assert split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "split"), N,
                          log=lambda m: None).sizes["easy"] == 1
+
+
+def _sampled_rollouts(records, accuracies):
+    """Rollout lines as sampling writes them: each with the digest of the question it answered."""
+    from pebr.data.records import normalize_record, question_digest
+
+    rows = []
+    for index, (record, accuracy) in enumerate(zip(records, accuracies)):
+        normalized = normalize_record(record, where="test", default_qid=f"train-{index}")
+        rows += [dict(_rollout(normalized["qid"], accuracy, s), question=question_digest(normalized))
+                 for s in range(N)]
+    return rows
+
+
+@pytest.mark.parametrize("edit", ["replace", "insert"])
+def test_a_data_set_edited_after_sampling_is_refused(tmp_path, edit):
+    """Rollouts know their question by qid, and the default qid is the record's position: a question replaced, or
+    one inserted before others, used to be split with rollouts sampled for another question, silently."""
+    records = [{"problem": f"<image>question {i}?", "answer": str(i), "images": [f"{i}.png"]} for i in range(3)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    _write_jsonl(tmp_path / "rollouts.jsonl", _sampled_rollouts(records, [1.0, 0.0, 1.0]))
+    rollouts, out = str(tmp_path / "rollouts.jsonl"), tmp_path / "split"
+    assert split_dataset(rollouts, str(data), str(out), N, log=lambda m: None).sizes == {
+        "easy": 2, "medium": 0, "hard": 1}
+    before = _files_in(out)
+
+    new = {"problem": "<image>a new question?", "answer": "99", "images": ["new.png"]}
+    edited = [new] + records[1:] if edit == "replace" else [new] + records
+    data.write_text(json.dumps(edited))
+    with pytest.raises(SplitError) as err:
+        split_dataset(rollouts, str(data), str(out), N, log=lambda m: None)
+    message = str(err.value)
+    assert "not the ones" in message and f"{data} record 0 qid='train-0' (sampled as {rollouts} line 1)" in message
+    assert ("1 questions" if edit == "replace" else "3 questions") in message and "Nothing was written" in message
+    assert _files_in(out) == before
+    # Rollout files written before the digest existed are split as before (nothing to compare).
+    _write_jsonl(tmp_path / "old.jsonl", [_rollout(f"train-{i}", 1.0, s) for i in range(3) for s in range(N)])
+    assert split_dataset(str(tmp_path / "old.jsonl"), str(data), str(tmp_path / "old"), N,
+                         allow_count_mismatch=True, log=lambda m: None).sizes["easy"] == 3
