@@ -53,13 +53,18 @@ def answer(
     Raises:
         FileNotFoundError: the image does not exist.
         ConfigError: an explicit `max_new_tokens` that does not fit in the model's context after the prompt.
+        DataError: an empty question, or one holding the model's vision or chat tokens (they would be taken for
+            image slots, or open a turn of their own).
     """
     from transformers import AutoConfig
 
     from pebr.data.dataset import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image
-    from pebr.data.records import DataError
+    from pebr.data.records import DataError, check_no_model_tokens
 
+    if not question.strip():
+        raise DataError("--question is empty")
+    check_no_model_tokens(question, "the question", "--question")
     if not os.path.exists(image):  # the model path may be a hub id: transformers says what is wrong with it
         raise FileNotFoundError(f"image {image!r} does not exist")
     processor = load_model_processor(model_path)
@@ -74,18 +79,29 @@ def answer(
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
     config = AutoConfig.from_pretrained(model_path)
     context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    room = context - prompt_tokens if context else None  # None: the config names no context length
-    if room is not None and room < 1:
-        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
-    if max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
-    elif room is not None and max_new_tokens > room:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens}: the prompt takes {prompt_tokens} of the model's "
-                          f"{context}-token context (max_position_embeddings), which leaves {room}")
+    max_new_tokens = response_budget(prompt_tokens, context, max_new_tokens)
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
                                   max_new_tokens=max_new_tokens, temperature=temperature)
     return text
+
+
+def response_budget(prompt_tokens: int, context: int | None, max_new_tokens: int | None) -> int:
+    """How many tokens the response may take: `max_new_tokens`, or when None DEFAULT_MAX_NEW_TOKENS cut to what
+    the model's context (None: unknown) leaves after the prompt.
+
+    Raises:
+        ConfigError: the prompt fills the context, or an explicit `max_new_tokens` does not fit after it.
+    """
+    room = context - prompt_tokens if context else None
+    if room is not None and room < 1:
+        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
+    if max_new_tokens is None:
+        return DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+    if room is not None and max_new_tokens > room:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: the prompt takes {prompt_tokens} of the model's "
+                          f"{context}-token context (max_position_embeddings), which leaves {room}")
+    return max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -16,10 +16,11 @@ A sample is dropped, with the reason counted, when
     Qwen2.5-VL processor refuses;
   * turn_order: after an optional system turn, the turns are not user, assistant, user, ... ending with
     an assistant turn; LLaMA-Factory's sharegpt reader skips such samples;
-  * malformed / unknown_role / no_assistant_turn / vision_token_in_text / chat_token_in_text /
+  * malformed / unknown_role / no_assistant_turn / empty_turn / vision_token_in_text / chat_token_in_text /
     placeholder_mismatch: the record breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check
     that pebr/sft.py's loader applies too (not a dict, ``messages`` empty or not {role, content} strings, a role
-    other than system/user/assistant, no assistant turn, a turn holding one of the model's vision tokens such
+    other than system/user/assistant, no assistant turn, a user or assistant turn with no text (an empty answer
+    teaches the model to stop at once), a turn holding one of the model's vision tokens such
     as ``<|image_pad|>`` or the chat template's ``<|im_start|>`` / ``<|im_end|>`` / ``<|endoftext|>``,
     ``<image>`` placeholders in the user turns not matching ``images`` or one in another turn, text that is not
     valid Unicode such as half a surrogate pair); these are also listed one by one, by index.
@@ -28,8 +29,9 @@ written back as a one-element list, the form LLaMA-Factory's sharegpt reader exp
 an ``<image>`` placeholder gets one at the start of the first user turn (where pebr/sft.py puts it), since
 LLaMA-Factory refuses a sample whose images and placeholders differ in number.
 
-Nothing is written when every sample is dropped (exit status 2): an empty output would replace a good one,
-and the usual cause is a wrong ``--image_root``, which the ``missing_image`` count shows.
+Nothing is written (exit status 2) when the input holds no sample, when every sample is dropped, or when images
+were asked for and not one was found: an empty or image-less output would replace a good one, and the usual cause
+is a wrong ``--image_root``, which the ``missing_image`` count shows. Nor is an output that is the input file.
 
 Input is a ``.json`` list or a ``.jsonl`` file; the output takes the format of its own suffix and is
 written atomically. Cost is linear in the number of samples: each distinct image path is decoded once.
@@ -77,6 +79,7 @@ class FilterReport:
 
     total: int = 0
     kept: int = 0
+    images_found: int = 0  # distinct image files that passed every image rule
     dropped: Counter = field(default_factory=Counter)
     invalid: list[tuple[int, str, str]] = field(default_factory=list)
 
@@ -90,13 +93,16 @@ class FilterReport:
         return out
 
 
-def load_records(path: str | Path) -> list[Any]:
+def load_records(path: str | Path, lines: list[int] | None = None) -> list[Any]:
     """Read a ``.jsonl`` file (one JSON value a line) or a JSON file holding a list.
 
+    Args:
+        lines: for a ``.jsonl`` file, receives each record's line number.
+
     Raises:
-        FilterInputError: naming the file (and line), if it is missing, not JSON, or not a list.
+        FilterInputError: naming the file (and line), if it is missing, not UTF-8, not JSON, or not a list.
     """
-    return read_json_records(str(path), FilterInputError)
+    return read_json_records(str(path), FilterInputError, lines)
 
 
 def write_records(path: str | Path, records: list[Any]) -> None:
@@ -157,7 +163,7 @@ def _image_status(path: Path, min_size: int, cache: dict[Path, str | None]) -> s
 
 
 def filter_records(
-    records: list[Any], image_root: str | Path, min_size: int = 28
+    records: list[Any], image_root: str | Path, min_size: int = 28, names: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], FilterReport]:
     """Keep the samples that pass every rule of the module docstring.
 
@@ -165,6 +171,7 @@ def filter_records(
         records: sharegpt samples, as loaded.
         image_root: directory that relative image paths are resolved against.
         min_size: smallest allowed width and height in pixels.
+        names: how to name each record in messages (its file and line, say); "record i" by default.
 
     Returns:
         ``(kept, report)``: kept samples in their input order (string ``images`` turned into a list)
@@ -176,7 +183,7 @@ def filter_records(
     kept = []
     for idx, rec in enumerate(records):
         try:
-            images = check_sharegpt_record(rec, f"record {idx}")["images"]
+            images = check_sharegpt_record(rec, names[idx] if names else f"record {idx}")["images"]
         except BadRecord as err:
             report.invalid.append((idx, err.reason, str(err)))
             report.dropped[err.reason] += 1
@@ -198,6 +205,7 @@ def filter_records(
             rec = {**rec, "images": images, "messages": _with_placeholder(rec["messages"], images)}
         kept.append(rec)
     report.kept = len(kept)
+    report.images_found = sum(status is None for status in cache.values())
     return kept, report
 
 
@@ -209,20 +217,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_root", default=None, help="base of relative image paths (default: the input's folder)")
     parser.add_argument("--min_size", type=int, default=28, help="smallest allowed image width/height in px")
     args = parser.parse_args(argv)
+    lines: list[int] = []
     try:
-        records = load_records(args.input)
+        records = load_records(args.input, lines)
     except FilterInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if os.path.isdir(args.output):
         print(f"error: --output {args.output} is a directory; name the file to write", file=sys.stderr)
         return 2
+    if os.path.exists(args.output) and os.path.samefile(args.output, args.input):
+        print(f"error: --output {args.output} is the input file: the dropped samples would be lost; write the "
+              "kept ones to another file", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"error: {args.input} holds no sample; {args.output} was not written", file=sys.stderr)
+        return 2
+    names = [f"{args.input} line {line} (record {i})" for i, line in enumerate(lines)] if lines else \
+        [f"{args.input} record {i}" for i in range(len(records))]
     image_root = args.image_root if args.image_root is not None else str(Path(args.input).parent)
-    kept, report = filter_records(records, image_root, args.min_size)
+    kept, report = filter_records(records, image_root, args.min_size, names)
     for line in report.lines():
         print(line)
-    if report.total and not report.kept:
-        print(f"error: every sample was dropped (reasons above; images are looked for under {image_root}); "
+    problem = ("every sample was dropped (reasons above" if not report.kept else
+               f"not one image was found ({report.dropped['missing_image']} samples dropped as missing_image"
+               if report.dropped["missing_image"] and not report.images_found else None)
+    if problem:
+        print(f"error: {problem}; images are looked for under {image_root}, set by --image_root); "
               f"{args.output} was not written", file=sys.stderr)
         return 2
     try:

@@ -68,12 +68,16 @@ def load_sharegpt(path: str) -> list[dict[str, Any]]:
 
     Raises:
         DataError: the file cannot be read (naming the file, and the line of a .jsonl), or a record is
-            malformed (naming file, record, key; the rules of `pebr.data.sharegpt.check_sharegpt_record`,
+            malformed (naming file, line or record, key; the rules of `pebr.data.sharegpt.check_sharegpt_record`,
             which dataset/filter.py applies too), or the number of `<image>` placeholders differs from the
-            number of images.
+            number of images, or the file holds no record.
     """
-    data = read_json_records(path, DataError)
-    return [check_sharegpt_record(value, f"{path} record {i}") for i, value in enumerate(data)]
+    lines: list[int] = []
+    data = read_json_records(path, DataError, lines)
+    if not data:
+        raise DataError(f"{path} holds no SFT record")
+    return [check_sharegpt_record(value, f"{path} line {lines[i]} (record {i})" if lines else f"{path} record {i}")
+            for i, value in enumerate(data)]
 
 
 def to_chat(

@@ -134,7 +134,12 @@ def probe_image(image: Any, image_dir: str | None, where: str) -> tuple[int, int
         if isinstance(image, str):
             path = resolve_path(image, image_dir)
             if not os.path.isfile(path):
-                raise BadRecord("image_missing", f"{where}: image file {path!r} does not exist")
+                what = "is a directory" if os.path.isdir(path) else "does not exist"
+                if not os.path.isabs(image):  # say where a relative path was looked for: the usual mistake
+                    what += (f" (a relative path, joined to the image directory {image_dir})" if image_dir is not None
+                             else f" (a relative path, read from the working directory {os.getcwd()})")
+                shown = path if len(path) <= 200 else f"{path[:100]}...({len(path)} characters)"
+                raise BadRecord("image_missing", f"{where}: image file {shown!r} {what}")
             if os.path.getsize(path) == 0:
                 raise BadRecord("image_unreadable", f"{where}: image file {path!r} is empty (0 bytes)")
             name: str = path

@@ -18,8 +18,8 @@ from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, check_no_model_token
 
 ROLES = ("system", "user", "assistant")
 # Reason tags of `BadRecord`, counted by dataset/filter.py.
-SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "vision_token_in_text", "chat_token_in_text",
-                    "placeholder_mismatch")
+SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "empty_turn", "vision_token_in_text",
+                    "chat_token_in_text", "placeholder_mismatch")
 
 
 def _check_unicode(text: str, where: str, key: str) -> None:
@@ -47,7 +47,9 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
     Raises:
         BadRecord: naming `where` and the key, with reason
             "malformed" (wrong types, no messages, a lone surrogate), "unknown_role" (a role outside `ROLES`, e.g. the
-            sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn) or "placeholder_mismatch"
+            sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn), "empty_turn" (an assistant turn with
+            no text, which would teach the model to stop at once, or a user turn with neither text nor image), or
+            "placeholder_mismatch"
             (the user turns' `<image>` placeholders do not match the images, or another turn holds one; no
             placeholder with one image is allowed, the image then goes before the first question).
     """
@@ -70,6 +72,9 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         raise BadRecord(
             "no_assistant_turn", f"{where}: key 'messages' has no assistant turn, so nothing would be learned"
         )
+    empty = [j for j, m in enumerate(messages) if m["role"] != "system" and not m["content"].strip()]
+    if empty:
+        raise BadRecord("empty_turn", f"{where}: key 'messages'[{empty[0]}] ({messages[empty[0]]['role']}) has no text")
     images = value.get("images")
     if images is None:
         images = []

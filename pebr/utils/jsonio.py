@@ -17,33 +17,56 @@ from contextlib import contextmanager
 from typing import IO, Any, Iterator
 
 
-def read_json_records(path: str, error: type[Exception] = ValueError) -> list[Any]:
+def read_json_records(path: str, error: type[Exception] = ValueError, lines: list[int] | None = None) -> list[Any]:
     """All records of a `.jsonl` file or of a `.json` file holding a list.
 
+    A byte-order mark (Windows editors) is skipped at the start of the file, and of a `.jsonl` line (files joined
+    with `cat`).
+
+    Args:
+        lines: for a `.jsonl` file, receives the line number of each record (blank lines hold none).
+
     Raises:
-        error: the file is missing or unreadable, a line or the file is not JSON, or the JSON is not a list.
+        error: the file is missing or unreadable, holds bytes that are not UTF-8, a line or the file is not
+            JSON, or the JSON is not a list; naming the file and the line.
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is skipped
+        with open(path, "rb") as handle:
             if path.endswith(".jsonl"):
                 records = []
-                for line_number, line in enumerate(handle, start=1):
-                    if line.strip():
+                for line_number, raw in enumerate(handle, start=1):
+                    text = _decoded(raw, f"{path} line {line_number}", error).removeprefix("\ufeff")
+                    if text.strip():
                         try:
-                            records.append(json.loads(line))
+                            records.append(json.loads(text))
                         except json.JSONDecodeError as err:
                             raise error(f"{path} line {line_number} is not JSON: {err.msg}") from None
+                        if lines is not None:
+                            lines.append(line_number)
                 return records
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise error(f"{path} is not a JSON file (nor .jsonl): line {err.lineno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
+            data = handle.read()
+    except OSError as err:
         raise error(f"cannot read {path}: {err}") from None
-    if not isinstance(data, list):
-        raise error(f"{path} must hold a JSON list of records, found {type(data).__name__}")
-    return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{path} line {line}: byte {data[err.start]:#04x} is not UTF-8 (file offset {err.start})") from None
+    try:
+        value = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not a JSON file (nor .jsonl): line {err.lineno}: {err.msg}") from None
+    if not isinstance(value, list):
+        raise error(f"{path} must hold a JSON list of records, found {type(value).__name__}")
+    return value
+
+
+def _decoded(raw: bytes, where: str, error: type[Exception]) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{where}: byte {raw[err.start]:#04x} at column {err.start + 1} is not UTF-8") from None
 
 
 def _umask() -> int:

@@ -87,8 +87,9 @@ def test_every_rule_counts_and_output(tmp_path, image_root, capsys, suffix):
     out = tmp_path / f"clean{suffix}"
     assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 0
     printed = capsys.readouterr().out
-    for idx in (12, 13, 14, 15, 17):
-        assert f"malformed record {idx}:" in printed
+    for idx in (12, 13, 14, 15, 17):  # named by file and line (.jsonl) or index (.json)
+        assert (f"malformed {src} line {idx + 1} (record {idx}):" if suffix == ".jsonl"
+                else f"malformed {src} record {idx}:") in printed
     for line in ("dropped 5 malformed", "dropped 2 reflective", "dropped 1 missing_image",
                  "dropped 1 unreadable_image", "dropped 3 small_image", "before 18, after 6 (dropped 12)"):
         assert line in printed
@@ -217,6 +218,9 @@ LOADER_REJECTS = [
     ({"messages": [{"role": "human", "content": "<image>q"}, {"role": "gpt", "content": "a"}],
       "images": ["ok.png"]}, "unknown_role"),  # 4
     (_sample(images=["ok.png"]), "kept"),  # 5
+    # 6, 7: an empty answer taught the model to stop at once; an empty question with no image asks nothing
+    (_sample(images=["ok.png"], answer=" \n"), "empty_turn"),
+    (_sample(question=""), "empty_turn"),
 ]
 
 
@@ -227,9 +231,9 @@ def test_records_the_sft_loader_rejects_are_dropped_and_counted(tmp_path, image_
     printed = capsys.readouterr().out
     for idx, (_, fate) in enumerate(LOADER_REJECTS):
         if fate != "kept":
-            assert f"{fate} record {idx}:" in printed  # listed by index, as malformed records are
+            assert f"{fate} {src} line {idx + 1} (record {idx}):" in printed  # listed, as malformed records are
     for line in ("dropped 2 placeholder_mismatch", "dropped 1 malformed", "dropped 1 no_assistant_turn",
-                 "dropped 1 unknown_role", "before 6, after 1 (dropped 5)"):
+                 "dropped 1 unknown_role", "dropped 2 empty_turn", "before 8, after 1 (dropped 7)"):
         assert line in printed
     assert "2 <image> placeholder(s) but key 'images' has 1 image(s)" in printed
     assert flt.load_records(out) == [LOADER_REJECTS[5][0]]
@@ -265,7 +269,42 @@ def test_nothing_is_written_when_every_sample_is_dropped(tmp_path, image_root, c
     assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(tmp_path / "wrong")]) == 2
     captured = capsys.readouterr()
     assert "dropped 3 missing_image" in captured.out
-    assert f"every sample was dropped (reasons above; images are looked for under {tmp_path / 'wrong'})" in captured.err
+    assert f"every sample was dropped (reasons above; images are looked for under {tmp_path / 'wrong'}" in captured.err
     assert out.read_text() == "[\"a good earlier output\"]"
     assert flt.main(["--input", str(src), "--output", str(tmp_path), "--image_root", str(image_root)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_an_empty_input_an_output_that_is_the_input_and_no_image_found_write_nothing(tmp_path, image_root, capsys):
+    out = tmp_path / "clean.json"
+    out.write_text("[\"a good earlier output\"]")
+    for empty in ("", "\n\n"):
+        (tmp_path / "empty.jsonl").write_text(empty)
+        assert flt.main(["--input", str(tmp_path / "empty.jsonl"), "--output", str(out)]) == 2
+        assert "empty.jsonl holds no sample" in capsys.readouterr().err
+    # A wrong image root: the text-only samples were written, the others dropped as missing_image.
+    src = _write_input(tmp_path / "raw.json", [_sample(images=["ok.png"]), _sample(question="Text only?")])
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(tmp_path / "wrong")]) == 2
+    assert "not one image was found (1 samples dropped as missing_image" in capsys.readouterr().err
+    assert out.read_text() == "[\"a good earlier output\"]"
+    # The filter over its own input would have lost the dropped samples for good.
+    before = src.read_text()
+    assert flt.main(["--input", str(src), "--output", str(src), "--image_root", str(image_root)]) == 2
+    assert "is the input file" in capsys.readouterr().err and src.read_text() == before
+    # With the right root, text-only samples and found images are written as before.
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 0
+    assert len(flt.load_records(out)) == 2
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_line(tmp_path, capsys):
+    lines = [json.dumps(_sample(question=f"Question {i}?")) for i in range(300)]
+    raw = ("\n".join(lines[:299]) + "\n").encode() + lines[299].encode().replace(b"Question", b"Qu\xe9stion") + b"\n"
+    for name, where in (("big.jsonl", "big.jsonl line 300: byte 0xe9 at column"), ("big.json", "big.json line 300: byte 0xe9 is not UTF-8")):
+        data = raw if name.endswith(".jsonl") else b"[" + raw.replace(b"\n", b",\n")[:-2] + b"]"
+        (tmp_path / name).write_bytes(data)
+        assert flt.main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out.json")]) == 2
+        assert where in capsys.readouterr().err
+    # A byte-order mark at the start of each of two joined files is not an error.
+    bom = b"\xef\xbb\xbf" + json.dumps(_sample(question="A?")).encode() + b"\n"
+    (tmp_path / "joined.jsonl").write_bytes(bom + bom)
+    assert len(flt.load_records(tmp_path / "joined.jsonl")) == 2

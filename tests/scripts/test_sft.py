@@ -436,6 +436,12 @@ def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path) -> None:
     bad.write_text(json.dumps(good) + "\n" + '{"messages": [oops\n')
     with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not JSON"):
         load_sharegpt(str(bad))
+    bad.write_text("\n" + json.dumps({"messages": good["messages"][:1]}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 \(record 0\): key 'messages' has no assistant turn"):
+        load_sharegpt(str(bad))
+    bad.write_text("\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl holds no SFT record"):
+        load_sharegpt(str(bad))
 
 
 def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
@@ -460,6 +466,8 @@ def test_whatever_the_filter_keeps_the_loader_accepts(tmp_path) -> None:
         {**ok, "images": ["ok\udc80.png"]},
         # A placeholder in a reply: LLaMA-Factory counts every turn's and stops at the mismatch.
         {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "an <image> here"}]},
+        # An empty answer: its only label was the end of the turn, which taught the model to stop at once.
+        {**ok, "messages": [ok["messages"][0], {"role": "assistant", "content": "  "}]},
     ]
     for record in refused:
         (tmp_path / "one.json").write_text(json.dumps([ok, record]))
