@@ -179,7 +179,21 @@ def test_template_and_argument_errors(processor, image_dir, tmp_path):
 def test_items_do_not_hold_decoded_images(processor, image_dir):
     dataset = make([{"problem": "q", "answer": "1", "images": ["wide.png"]}], processor, image_dir)
     first, second = dataset[0]["images"][0], dataset[0]["images"][0]
-    assert first is not second  # decoded afresh on each read, nothing cached on the data set
+    assert first is not second  # decoded afresh on each read
+    # and nothing decoded is kept anywhere the data set can reach (a cache would hold every image of an epoch)
+    import gc
+
+    from PIL import Image
+
+    seen, todo = set(), [dataset]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type)) or callable(obj) and obj is not dataset:
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, Image.Image), "the data set holds a decoded image"
+        todo.extend(gc.get_referents(obj))
+    assert len(seen) > 10  # the walk reached the data set's records
 
 
 def test_pebr_template_asks_for_the_exact_layout():

@@ -157,8 +157,12 @@ def test_floating_point_grey_is_scaled_by_its_range(tmp_path, value, grey):
     assert abs(int(np.asarray(load_image(str(tmp_path / "float.tif"), None))[28, 28, 0]) - grey) <= 1
 
 
-@pytest.mark.parametrize("orientation, displayed", [(1, (112, 56)), (3, (112, 56)), (6, (56, 112)), (8, (56, 112))])
-def test_exif_orientation_is_applied_in_probe_and_load(tmp_path, orientation, displayed):
+# Orientation: displayed size, where the stored left (blue) half shows, where the right (red) one does. 3 turns the
+# image half round, 6 a quarter clockwise (left half on top), 8 a quarter anticlockwise (left half at the bottom).
+@pytest.mark.parametrize("orientation, displayed, blue_at, red_at", [
+    (1, (112, 56), (28, 28), (84, 28)), (3, (112, 56), (84, 28), (28, 28)),
+    (6, (56, 112), (28, 28), (28, 84)), (8, (56, 112), (28, 84), (28, 28))])
+def test_exif_orientation_is_applied_in_probe_and_load(tmp_path, orientation, displayed, blue_at, red_at):
     photo = Image.new("RGB", (112, 56), (255, 0, 0))
     photo.paste((0, 0, 255), (0, 0, 56, 56))  # blue on the stored image's left half
     exif = photo.getexif()
@@ -170,10 +174,10 @@ def test_exif_orientation_is_applied_in_probe_and_load(tmp_path, orientation, di
         assert probe_image(path, None, "r") == displayed
         upright = load_image(path, None)
         assert upright.size == displayed
-    # Orientation 6 turns the image a quarter clockwise for display: its stored left half goes on top.
-    if orientation == 6:
-        red, green, blue = upright.getpixel((28, 10))
-        assert blue > 200 and red < 60
+        red, _, blue = upright.getpixel(blue_at)
+        assert blue > 200 and red < 60, (name, upright.getpixel(blue_at))
+        red, _, blue = upright.getpixel(red_at)
+        assert red > 200 and blue < 60, (name, upright.getpixel(red_at))
 
 
 def test_truncated_jpeg_fails_the_probe(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def test_bf16_is_kept_only_where_the_cpu_runs_it_natively_unless_asked():
              for p in [demo.resolve_bf16(full, choice, native)]}
     assert flags == {("auto", True): (True, True), ("auto", False): (False, False), ("yes", True): (True, True),
                      ("yes", False): (True, True), ("no", True): (False, False), ("no", False): (False, False)}
-    assert isinstance(demo.cpu_has_native_bf16(), bool)
+    # The CPU's own flags say the same (Linux): this machine's Intel ones have AMX, an AVX2-only AMD has neither.
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    assert demo.cpu_has_native_bf16() is bool(flags & {"amx_tile", "avx512_bf16"})
 
 
 def test_a_stage_runs_again_when_its_command_or_an_earlier_stage_changed(tmp_path, capsys):
@@ -188,3 +191,30 @@ def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys
     pipeline.stage("rl", out, partial("lr=1e-5"))  # another recipe started it: made again
     assert open(out).read() == "lr=1e-5\n"
     assert "was made from other inputs" in capsys.readouterr().out
+
+
+def test_the_results_table_carries_each_models_own_evaluation(tmp_path):
+    """results.md by hand: each row from its model's eval file, in the columns the header names (the end-to-end
+    demo test checks only that the rows are there)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    pipeline = demo.Pipeline(str(tmp_path), demo.PROFILES["quick"], seed=0)
+    os.makedirs(pipeline.path("eval"))
+    os.makedirs(pipeline.path("split"))
+    scores = {"warmup": (0.25, 0.5, 0.125, 100.4), "stage1": (0.375, 0.75, None, 80.0),
+              "stage2": (0.5, 1.0, 0.625, 60.6)}
+    for name, (accuracy, format_rate, recall, length) in scores.items():
+        with open(pipeline.path("eval", name + ".json"), "w") as f:
+            json.dump({"overall": {"count": 16, "accuracy": accuracy, "format_rate": format_rate,
+                                   "keyword_recall": recall, "mean_response_length": length}}, f)
+    for kind, size in (("easy", 3), ("medium", 2), ("hard", 1)):
+        with open(pipeline.path("split", f"{kind}case.json"), "w") as f:
+            json.dump([{"qid": str(i)} for i in range(size)], f)
+    pipeline.report({"warm-up SFT": "w", "stage 1": "s1", "stage 2": "s2"})
+    table = open(pipeline.path("results.md")).read().splitlines()
+    assert table[0] == "| model | accuracy | format rate | keyword recall | mean response length |"
+    assert table[2:5] == ["| warm-up SFT | 25.0 % | 50.0 % | 12.5 % | 100 |",
+                          "| stage 1 | 37.5 % | 75.0 % | n/a | 80 |",
+                          "| stage 2 | 50.0 % | 100.0 % | 62.5 % | 61 |"]
+    assert table[-1] == "held-out questions: 16; split of the RL questions: easy 3, medium 2, hard 1"

@@ -106,6 +106,20 @@ def test_summarize_by_hand() -> None:
                                           "keyword_recall": 0.5, "mean_response_length": 25.0}
 
 
+def test_score_response_by_hand() -> None:
+    """The grades the evaluation saves per record (the tiny model's random responses all grade 0, so the
+    end-to-end tests below cannot tell a grade from a constant)."""
+    from pebr.evaluation import score_response
+
+    good = ("### Image Description: a red cube beside a blue sphere.\n### Rationales: count them.\n"
+            "### Step 1: one cube, one sphere.\n### The final answer is: 2")
+    assert score_response(good, "2", ["cube", "sphere", "cylinder", "green"]) == {
+        "prediction": "2", "correct": 1.0, "format": 1.0, "keyword_recall": 0.5}
+    assert score_response(good, "3", []) == {"prediction": "2", "correct": 0.0, "format": 1.0, "keyword_recall": None}
+    assert score_response("### The final answer is: 2", "2", ["cube"]) == {
+        "prediction": "2", "correct": 1.0, "format": 0.0, "keyword_recall": 0.0}
+
+
 @pytest.fixture(scope="module")
 def first_pass(tiny_model_dir, synthetic_data_dir):
     """Greedy responses of the tiny model to the first records of the synthetic test split."""

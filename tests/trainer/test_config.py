@@ -51,8 +51,11 @@ def test_overrides_win_over_files():
 @pytest.mark.parametrize("override, key", [
     ("worker.rollout.nn=4", "worker.rollout.nn"),
     ("worker.rollout.n=four", "worker.rollout.n"),
-    ("data.rollout_batch_size=500", "rollout_batch_size"),
-    ("worker.actor.global_batch_size=1000", "global_batch_size"),
+    ("data.rollout_batch_size=500", "data.rollout_batch_size=500 must be a multiple of worker.actor.global_batch_size"),
+    ("worker.actor.global_batch_size=1000", "worker.actor.global_batch_size=1000 is larger than"),
+    ("worker.rollout.mm_cache_gb=-1", "worker.rollout.mm_cache_gb=-1.0 must be >= 0"),
+    ("trainer.n_gpus_per_node=3 worker.rollout.tensor_parallel_size=1",
+     "global_batch_size x worker.rollout.n = 1024 must be divisible by the number of workers (3)"),
     ("worker.rollout.n=1", "worker.rollout.n"),
     ("algorithm.adv_estimator=ppo_critic", "algorithm.adv_estimator"),
     ("algorithm.kl_penalty=k9", "algorithm.kl_penalty"),
@@ -107,8 +110,8 @@ def test_overrides_win_over_files():
     ("trainer.load_checkpoint_path=./no_such_ckpt", "load_checkpoint_path='./no_such_ckpt' is not a complete"),
 ])
 def test_bad_settings_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config([stage("pebr_stage2.yaml"), *REQUIRED, override])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, *override.split()])
 
 
 def test_shared_prompts_need_packed_rows():

@@ -133,13 +133,17 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
                                                             tmp_path):
     base = argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "keep"), steps=1) + [
         "trainer.val_freq=0", "data.max_response_length=8", "algorithm.online_filtering=true",
-        "algorithm.filter_key=overall"]
+        "algorithm.filter_key=overall"] + varied_reward(tmp_path)
     # Every group's mean lies in [0, 1]: the first try fills the batch.
     run(base + ["algorithm.filter_low=0.0", "algorithm.filter_high=1.0"])
     (m,) = read_metrics(str(tmp_path / "keep"))
     assert m["batch/filter_tries"] == 1 and m["batch/filter_kept_groups"] >= 4
-    # reward/* are over every generated response, the kept groups' under reward_kept/* (the same here: all kept).
-    assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"])
+    # reward/* are over every generated response, the kept groups' under reward_kept/* (the same here: all kept):
+    # both the mean of the saved rewards, which differ from response to response.
+    with open(os.path.join(tmp_path / "keep", "rollouts", "step_1.jsonl")) as f:
+        saved = [json.loads(line)["reward/overall"] for line in f]
+    assert len(set(saved)) > 4
+    assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"]) == pytest.approx(sum(saved) / len(saved))
     # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
     with pytest.raises(RuntimeError, match="max_try_make_batch"):
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
@@ -150,13 +154,21 @@ def test_kl_as_reward_penalty_uses_the_reference(tiny_model_dir, synthetic_data_
     """use_kl_loss=false with KL enabled: the run builds the reference and logs its KL, with no KL loss. (At
     step 1 the reference is the actor, so the penalty is 0 here; its arithmetic is tested by hand in
     tests/trainer/test_step_planning.py.) With validation data and val_freq=-1 the run validates at its end,
-    as EasyR1 does (it did not)."""
+    as EasyR1 does (it did not), over every one of its chunks: a reward of the question alone (QID_REWARD) makes
+    val/overall a number known in advance."""
     run_dir = str(tmp_path / "klr")
+    reward_file = tmp_path / "qid_reward.py"
+    reward_file.write_text(QID_REWARD)
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1)
-        + ["algorithm.use_kl_loss=false", "algorithm.kl_coef=0.1", "trainer.val_freq=-1", "data.max_response_length=8"])
+        + ["algorithm.use_kl_loss=false", "algorithm.kl_coef=0.1", "trainer.val_freq=-1", "data.max_response_length=8",
+           f"worker.reward.reward_function={reward_file}:compute_score"])
     (m,) = read_metrics(run_dir)
     assert "actor/kl_ref" in m and "actor/kl_loss" not in m
-    assert m["val/samples"] == 8
+    namespace: dict = {}
+    exec(QID_REWARD, namespace)
+    val = [r["qid"] for r in json.load(open(os.path.join(synthetic_data_dir, "test.json")))]
+    assert m["val/samples"] == len(val) == 8  # in chunks of 3, 3 and 2
+    assert m["val/overall"] == pytest.approx(sum(map(namespace["checksum"], val)) / len(val))
 
 
 TEXT_REWARD = '''
@@ -167,6 +179,9 @@ def checksum(text):
 def compute_score(reward_inputs, **kwargs):
     return [{"overall": checksum(x["response"]), "checksum": checksum(x["response"])} for x in reward_inputs]
 '''
+
+
+QID_REWARD = TEXT_REWARD.replace('checksum(x["response"])', 'checksum(x["qid"])')
 
 
 def varied_reward(tmp_path) -> list[str]:

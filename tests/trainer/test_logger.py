@@ -61,9 +61,15 @@ def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     t = Tracker(["console", "tensorboard", "wandb"], str(tmp_path), "pebr-test", "logger", {"a": 1}, resume_step=0)
     t.log(1, {"reward/overall": 0.5})
+    t.log(2, {"reward/overall": 0.75})
+    # wandb commits a step's row when the next step starts: step 1's value, at its step (not just a run folder)
+    assert t.wandb.summary["reward/overall"] == 0.5 and t.wandb.summary["_step"] == 1
     t.close()
-    events = [f for _, _, files in os.walk(tmp_path / "tensorboard") for f in files if "tfevents" in f]
-    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/overall")] == [(1, 0.5), (2, 0.75)]
     assert any("offline-run" in d for d in os.listdir(tmp_path / "wandb"))
 
 

@@ -187,8 +187,25 @@ def _check_complete(path, qids, per_question):
         q: list(range(per_question)) for q in qids}
     for r in rows:
         assert set(r) >= {"qid", "response", "ground_truth", "score", "sample", "question", "index"}
-        assert r["score"]["accuracy"] in (0.0, 1.0) and isinstance(r["response"], str)
+        assert isinstance(r["response"], str)
+        # Each record's score is its own response's (the parity reward varies between responses, so scores given
+        # to the wrong records, or changed on the way, show here).
+        assert r["score"] == {"accuracy": _parity(r["response"]), "overall": _parity(r["response"])}
     return rows
+
+
+def _parity(response):
+    return float(len(response) % 2 == 0)
+
+
+PARITY_REWARD = """
+REWARD_TYPE = "batch"
+
+
+def compute_score(reward_inputs, **kwargs):
+    return [{"accuracy": float(len(r["response"]) % 2 == 0), "overall": float(len(r["response"]) % 2 == 0)}
+            for r in reward_inputs]
+"""
 
 
 def test_the_dropped_file_names_records_the_loader_skipped(sample_setup, tmp_path, capsys):
@@ -228,8 +245,10 @@ STALE_ENGINE_SEGMENTS = ("-tp:0-[0-1]-cpushm_0", "-tp:0-[0-1]-cpushm_1")
 
 
 @pytest.mark.slow
-def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_setup, ray_session):
+def test_sampling_writes_every_question_and_resumes_without_duplicates(sample_setup, ray_session, tmp_path):
     argv, out, qids, train = sample_setup
+    (tmp_path / "parity.py").write_text(PARITY_REWARD)
+    argv = argv + [f"worker.reward.reward_function={tmp_path / 'parity.py'}:compute_score"]
     per_question = N * EPOCHS
     stale = [os.path.join("/dev/shm", name) for name in STALE_ENGINE_SEGMENTS]
     for path in stale:
@@ -284,6 +303,12 @@ def _sample_then_resume(argv, out, qids, train, per_question, ray_session):
 
     report = split_dataset(out, train, os.path.dirname(out), per_question, log=lambda m: None)
     assert sum(report.sizes.values()) == 5 and not report.wrong_count
+    correct = Counter()
+    for row in map(json.loads, open(out)):
+        correct[row["qid"]] += int(row["score"]["accuracy"] == 1.0)
+    for name, file in (("easy", "easycase.json"), ("medium", "mediumcase.json"), ("hard", "hardcase.json")):
+        split_qids = [r["qid"] for r in json.load(open(os.path.join(os.path.dirname(out), file)))]
+        assert split_qids == [q for q in qids if {per_question: "easy", 0: "hard"}.get(correct[q], "medium") == name]
     assert report.never_sampled == ["too-long"]
 
     # The data set edited since: the resume stops rather than keep rollouts of the old question under its qid.

@@ -173,6 +173,11 @@ def test_kernel_choice():
     assert att.varlen_kernel(torch.device("cpu"), torch.float32) == "sdpa_loop"
     # fp32 on a GPU has no flash kernel: the loop there too.
     assert att.varlen_kernel(torch.device("cuda"), torch.float32) == "sdpa_loop"
+    # bf16 / fp16 on a GPU: torch's own varlen kernel, which this torch has (the choice is made without a GPU).
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+    assert att.varlen_kernel(torch.device("cuda"), torch.bfloat16) == "torch_varlen"
+    assert att.varlen_kernel(torch.device("cuda"), torch.float16) == "torch_varlen"
 
 
 def test_padding_free_models_load_with_the_varlen_attention(tiny_model_dir, tmp_path):

@@ -156,7 +156,7 @@ def test_checkpoint_round_trip_and_merge(groups, tmp_path):
         assert torch.equal(merged[name], value.cpu()), name
 
     # A world size that differs from the one saved is refused with the reason.
-    with pytest.raises(Exception, match="world size"):
+    with pytest.raises(WorkerFailure, match=r"CheckpointError: .*world size it was saved with \(1 now\)"):
         one.call_all("load_checkpoint", actor_dir)
 
     # Restoring into the same world size gives back the same weights after further training.
