@@ -135,11 +135,15 @@ def load_model_processor(model_path: str) -> Any:
     such model, HF_HUB_OFFLINE=1 without a cached copy) is the user's input, said as such, not a traceback.
 
     Raises:
-        ConfigError: naming --model_path and transformers' reason.
+        ConfigError: naming --model_path and transformers' reason, or a model outside the supported families
+            (`pebr.workers.actor.SUPPORTED_MODEL_TYPES`).
     """
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
+
+    from pebr.workers.actor import check_model_family
 
     try:
+        check_model_family(AutoConfig.from_pretrained(model_path), model_path)
         return AutoProcessor.from_pretrained(model_path)
     except OSError as err:
         raise ConfigError(f"--model_path {model_path!r} cannot be loaded: {err}") from err

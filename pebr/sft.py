@@ -550,10 +550,11 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     Raises:
         ValueError: a bad setting; DataError: bad data.
     """
-    from transformers import AutoConfig, AutoProcessor, TrainingArguments, set_seed
+    from transformers import AutoConfig, TrainingArguments, set_seed
 
     from pebr.sft_checkpoints import (PublishCheckpoints, WarmupTrainer, find_resume_checkpoint, remove_checkpoints,
                                       run_identity)
+    from pebr.evaluation import load_model_processor
     from pebr.workers.actor import load_hf_model
 
     cfg.validate()
@@ -562,7 +563,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     identity = run_identity(cfg) if cfg.save_steps or os.path.isdir(cfg.checkpoint_dir) else None
     resume_from = find_resume_checkpoint(cfg, identity)
     set_seed(cfg.seed)
-    processor = AutoProcessor.from_pretrained(cfg.model_path)
+    processor = load_model_processor(cfg.model_path)
     dataset = SFTDataset(
         load_sharegpt(cfg.data), processor, image_dir=cfg.resolved_image_dir, max_length=cfg.max_length,
         format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,

@@ -4,7 +4,7 @@ No weights can be downloaded where this project is tested, so tests and the demo
 built here: a byte-level BPE tokenizer trained on text of the synthetic task (plus the Qwen special tokens
 and chat template), a Qwen2.5-VL image processor and processor, and randomly initialised weights.
 
-    python scripts/make_tiny_model.py --output DIR [--size tiny|small] [--seed S]
+    python scripts/make_tiny_model.py --output DIR [--size tiny|small] [--seed S] [--family qwen2_5_vl|qwen2_vl|qwen3_vl]
 
 `tiny` (about 0.4 M parameters) loads and generates in about a second: it is for tests.
 `small` (about 5 M parameters) is large enough to learn the synthetic counting task on 2 CPU cores in
@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.utils.tiny_model import build_tiny_model  # noqa: E402
+from pebr.utils.tiny_model import FAMILIES, build_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="directory to write the Hugging Face model into")
     parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
+                        help="the model family (the others are for trying the trainer on them)")
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.output, size=args.size, seed=args.seed)
-    print(f"wrote {args.size} Qwen2.5-VL to {path}")
+    path = build_tiny_model(args.output, size=args.size, seed=args.seed, family=args.family)
+    print(f"wrote {args.size} {args.family} to {path}")
 
 
 if __name__ == "__main__":

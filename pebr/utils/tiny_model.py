@@ -141,16 +141,44 @@ def build_tokenizer(vocab_size: int, seed: int):
     return fast
 
 
-def model_config(size: str, tokenizer: Any) -> Any:
-    """The Qwen2.5-VL config of `size` (SIZES or GPU_SIZES) for `tokenizer`'s special tokens."""
-    from transformers import Qwen2_5_VLConfig
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")  # pebr.workers.actor.SUPPORTED_MODEL_TYPES, built for tests
+
+
+def model_config(size: str, tokenizer: Any, family: str = "qwen2_5_vl") -> Any:
+    """The config of `size` (SIZES or GPU_SIZES) for `tokenizer`'s special tokens: a Qwen2.5-VL, or with `family`
+    a Qwen2-VL or Qwen3-VL of the same text shape (their own vision towers: Qwen3-VL's takes 16 px patches and
+    feeds the first decoder layer its deepstack features)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     shapes = {**SIZES, **GPU_SIZES}
     if size not in shapes:
         raise ValueError(f"size must be one of {sorted(shapes)}, got {size!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     s = shapes[size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vision_blocks = s["v_depth"]
+    text = dict(
+        vocab_size=max(len(tokenizer), s.get("model_vocab", 0)), hidden_size=s["hidden"],
+        intermediate_size=s["inter"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"], max_position_embeddings=4096 if size in SIZES else 32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": s["mrope"]},
+        tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=dict(
+            depth=vision_blocks, embed_dim=s["v_hidden"], hidden_size=s["hidden"], mlp_ratio=s["v_inter"] // s["v_hidden"],
+            num_heads=s["v_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **tokens)
+    if family == "qwen3_vl":
+        text["head_dim"] = s["hidden"] // s["heads"]
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        return Qwen3VLConfig(text_config=text, vision_config=dict(
+            depth=vision_blocks, hidden_size=s["v_hidden"], intermediate_size=s["v_inter"], num_heads=s["v_heads"],
+            out_hidden_size=s["hidden"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+            num_position_embeddings=144, deepstack_visual_indexes=[0]), **tokens)
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=max(len(tokenizer), s.get("model_vocab", 0)),
@@ -187,44 +215,55 @@ def model_config(size: str, tokenizer: Any) -> Any:
     )
 
 
-def build_processor(tokenizer: Any, min_pixels: int = 28 * 28 * 4, max_pixels: int = 224 * 224) -> Any:
-    """A Qwen2.5-VL processor around `tokenizer`. The default pixel budget keeps image token counts low
+def build_processor(tokenizer: Any, min_pixels: int = 28 * 28 * 4, max_pixels: int = 224 * 224,
+                    family: str = "qwen2_5_vl") -> Any:
+    """A processor of `family` around `tokenizer`. The default pixel budget keeps image token counts low
     (a 112x112 image -> 16 tokens)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                               chat_template=CHAT_TEMPLATE)
+    if family == "qwen3_vl":  # 16 px patches, merged 2 x 2: sides in multiples of 32
+        images = Qwen2VLImageProcessor(patch_size=16, min_pixels=32 * 32 * 4, max_pixels=max_pixels,
+                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
+                                chat_template=CHAT_TEMPLATE)
+    kind = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    return kind(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+                tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(output: str, size: str = "tiny", seed: int = 0) -> str:
-    """Write a randomly initialised Qwen2.5-VL with tokenizer and processor to `output`.
+def build_tiny_model(output: str, size: str = "tiny", seed: int = 0, family: str = "qwen2_5_vl") -> str:
+    """Write a randomly initialised Qwen2.5-VL (or another of FAMILIES) with tokenizer and processor to `output`.
 
     Args:
         output: directory to create (overwritten files, not a merged tree).
         size: "tiny" for tests, "small" for the demo.
         seed: seeds the tokenizer corpus and the weight initialisation.
+        family: the model family; the tests train the other ones too.
 
     Returns:
         The output directory.
     """
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     os.makedirs(output, exist_ok=True)
     tokenizer = build_tokenizer(SIZES[size]["vocab"], seed)
-    config = model_config(size, tokenizer)
+    config = model_config(size, tokenizer, family)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model_class = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                   "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                   "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[family]
+    model = model_class(config).to(torch.float32)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config.eos_token_id = [eos, pad]
     model.generation_config.pad_token_id = pad
     model.save_pretrained(output, safe_serialization=True)
-    build_processor(tokenizer).save_pretrained(output)
+    build_processor(tokenizer, family=family).save_pretrained(output)
     tokenizer.save_pretrained(output)
     with open(os.path.join(output, "pebr_tiny_model.json"), "w") as f:
-        json.dump({"size": size, "seed": seed, "num_parameters": sum(p.numel() for p in model.parameters())}, f)
+        json.dump({"size": size, "seed": seed, "family": family, "num_parameters": sum(p.numel() for p in model.parameters())}, f)
     return output

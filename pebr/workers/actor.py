@@ -39,8 +39,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# The model families whose layout this code relies on (the vision tower at model.model.visual, the text decoder at
+# model.model.language_model, M-RoPE positions from get_rope_index, the Qwen vision tokens), each trained end to
+# end on a tiny model of its kind in tests/workers/test_model_families.py.
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+
+def check_model_family(config: Any, model_path: str) -> None:
+    """Refuse a model outside SUPPORTED_MODEL_TYPES, before any worker or engine starts: another family (LLaVA, a
+    text-only LM) failed minutes later inside a worker, with an error that did not say why.
+
+    Raises:
+        ConfigError: naming the model, its model_type and the supported ones.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model {model_path!r} is a {model_type!r} model ({', '.join(getattr(config, 'architectures', None) or [])}"
+            f"); this trainer runs the Qwen-VL families {', '.join(SUPPORTED_MODEL_TYPES)} (it relies on their vision "
+            "tower, M-RoPE positions and vision tokens)")
+
+
 def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free: bool = False) -> torch.nn.Module:
-    """Load a Qwen2.5-VL-style model in fp32 (the master weights).
+    """Load a Qwen-VL model (`SUPPORTED_MODEL_TYPES`) in fp32 (the master weights).
 
     With `padding_free` its attention is the variable-length one (`pebr.workers.attention`), which packed
     micro-batches (`collate_packed`) need to cost no more than padded ones; otherwise SDPA.
@@ -50,6 +71,7 @@ def load_hf_model(model_path: str, trust_remote_code: bool = False, padding_free
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    check_model_family(config, model_path)
     source_dtype = getattr(config, "dtype", None)
     model = AutoModelForImageTextToText.from_pretrained(
         model_path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
@@ -95,10 +117,12 @@ def load_processor(model: ModelConfig) -> Any:
     the actor would then expand one image into different tokens.
 
     Raises:
-        ConfigError: naming both paths and the settings that differ.
+        ConfigError: naming both paths and the settings that differ, or a model outside SUPPORTED_MODEL_TYPES.
     """
-    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
+    check_model_family(AutoConfig.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code),
+                       model.model_path)
     processor = AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
                                               trust_remote_code=model.trust_remote_code)
     if model.tokenizer_path and os.path.realpath(model.tokenizer_path) != os.path.realpath(model.model_path):
@@ -284,6 +308,8 @@ def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None
     def encode_distinct(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any) -> Any:
         out = encode(pixel_values, image_grid_thw[firsts], **kwargs)
         out.pooler_output = tuple(out.pooler_output[u] for u in order)
+        if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image, like the above
+            out.deepstack_features = [tuple(layer[u] for u in order) for layer in out.deepstack_features]
         return out
 
     inner.get_image_features = encode_distinct  # an instance attribute shadows the class's method
@@ -295,7 +321,7 @@ def images_encoded_once(model: torch.nn.Module, image_order: torch.Tensor | None
 
 @contextlib.contextmanager
 def vision_tower_in_graph(model: torch.nn.Module) -> Iterator[None]:
-    """During the block, a forward of a Qwen2.5-VL `model` without images still runs its vision tower, on one
+    """During the block, a forward of a Qwen-VL `model` without images still runs its vision tower, on one
     blank image of the smallest grid, and adds 0 x its output to the text embeddings: the vision parameters
     then get a gradient, zero, as with images.
 
@@ -316,8 +342,10 @@ def vision_tower_in_graph(model: torch.nn.Module) -> Iterator[None]:
         embeds = kwargs["inputs_embeds"]
         grid = torch.tensor([[1, merge, merge]], device=embeds.device)
         blank = torch.zeros(merge * merge, width, device=embeds.device)
-        encoded = inner.get_image_features(blank, grid).pooler_output
-        kwargs["inputs_embeds"] = embeds + 0.0 * torch.cat(list(encoded)).sum().to(embeds.dtype)
+        encoded = inner.get_image_features(blank, grid)
+        # Every output, not only the embeddings: Qwen3-VL's deepstack features come from modules of their own.
+        anchor = sum(t.sum() for t in _float_tensors(encoded.to_tuple()))
+        kwargs["inputs_embeds"] = embeds + 0.0 * anchor.to(embeds.dtype)
         return args, kwargs
 
     handle = inner.language_model.register_forward_pre_hook(add_blank_image, with_kwargs=True)
@@ -325,6 +353,15 @@ def vision_tower_in_graph(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _float_tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _float_tensors(item)
 
 
 def every_image_copy(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
