@@ -181,10 +181,28 @@ def _read_hub(source: str) -> Iterator[RawRecord]:
         table = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types (network, missing split, ...)
         raise DataError(f"{source!r}: datasets.load_dataset({name!r}, split={split!r}) failed: {err}") from err
+    yield from _table_rows(table, source, f"{name.rstrip('/').split('/')[-1]}-{split}")
+
+
+def _read_saved(folder: str) -> Iterator[RawRecord]:
+    """A folder written by `datasets.Dataset.save_to_disk`."""
+    import datasets
+
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        splits = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+        raise DataError(f"{folder}: a saved DatasetDict with splits {splits}; name the folder of one, e.g. "
+                        f"{os.path.join(folder, splits[0]) if splits else folder + '/train'}")
+    try:
+        table = datasets.load_from_disk(folder)
+    except Exception as err:  # datasets raises many types for a damaged folder
+        raise DataError(f"{folder}: datasets.load_from_disk failed: {err}") from err
+    yield from _table_rows(table, folder, os.path.basename(os.path.normpath(folder)))
+
+
+def _table_rows(table: Any, origin: str, stem: str) -> Iterator[RawRecord]:
     table = table.cast(_undecoded_images(table.features))
-    stem = f"{name.rstrip('/').split('/')[-1]}-{split}"
     for index, value in enumerate(table):
-        yield RawRecord(value, source, stem, index)
+        yield RawRecord(value, origin, stem, index)
 
 
 def _undecoded_images(features: Any) -> Any:
@@ -210,9 +228,13 @@ def _undecoded_images(features: Any) -> Any:
 
 
 def iter_source(source: str) -> Iterator[RawRecord]:
-    """Yield raw records from a file, a directory of files (sorted by name), or a `name@split`."""
+    """Yield raw records from a file, a directory of files (sorted by name), a folder written by `datasets`'
+    `save_to_disk`, or a `name@split`."""
     source = os.path.expanduser(source)
-    if os.path.isdir(source):
+    if os.path.isdir(source) and (os.path.isfile(os.path.join(source, "state.json"))
+                                  or os.path.isfile(os.path.join(source, "dataset_dict.json"))):
+        yield from _read_saved(source)
+    elif os.path.isdir(source):
         files = sorted(
             os.path.join(source, name)
             for name in os.listdir(source)

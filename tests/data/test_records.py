@@ -137,6 +137,29 @@ def test_hub_images_arrive_undecoded(tmp_path, monkeypatch):
     assert records[0]["images"][0] == png.getvalue()
 
 
+def test_a_folder_saved_by_datasets_is_read_with_its_images_undecoded(tmp_path):
+    """Its dataset_info.json was read as a data file ("must hold a list of records, found dict")."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(png, format="PNG")
+    features = datasets.Features({"problem": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "images": datasets.List(datasets.Image())})
+    table = datasets.Dataset.from_dict({"problem": ["<image>q1", "q2"], "answer": ["a", "b"],
+                                        "images": [[{"bytes": png.getvalue(), "path": None}], []]}, features=features)
+    table.save_to_disk(str(tmp_path / "saved"))
+    records, report = load_records(str(tmp_path / "saved"))
+    assert report.kept == 2 and [r["qid"] for r in records] == ["saved-0", "saved-1"]
+    assert records[0]["images"] == [png.getvalue()] and records[1]["images"] == []
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"a saved DatasetDict with splits \['test', 'train'\]; name the folder of one"):
+        load_records(str(tmp_path / "dict"))
+    assert load_records(str(tmp_path / "dict" / "train"))[1].kept == 2
+
+
 def test_missing_source_and_empty_directory(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         load_records(str(tmp_path / "nope.json"))
