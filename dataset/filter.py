@@ -19,8 +19,9 @@ A sample is dropped, with the reason counted, when
   * malformed / unknown_role / no_assistant_turn / empty_turn / vision_token_in_text / chat_token_in_text /
     placeholder_mismatch: the record breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check
     that pebr/sft.py's loader applies too (not a dict, ``messages`` empty or not {role, content} strings, a role
-    other than system/user/assistant, no assistant turn, a user or assistant turn with no text (an empty answer
-    teaches the model to stop at once), a turn holding one of the model's vision tokens such
+    other than system/user/assistant, no assistant turn, an assistant turn with no text (an empty answer teaches
+    the model to stop at once) or a user turn with neither text nor image, a turn holding one of the model's vision
+    tokens such
     as ``<|image_pad|>`` or the chat template's ``<|im_start|>`` / ``<|im_end|>`` / ``<|endoftext|>``,
     ``<image>`` placeholders in the user turns not matching ``images`` or one in another turn, text that is not
     valid Unicode such as half a surrogate pair); these are also listed one by one, by index.

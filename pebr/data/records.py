@@ -200,39 +200,24 @@ def _read_saved(folder: str) -> Iterator[RawRecord]:
 
 
 def _table_rows(table: Any, origin: str, stem: str) -> Iterator[RawRecord]:
-    table = table.cast(_undecoded_images(table.features))
-    for index, value in enumerate(table):
-        yield RawRecord(value, origin, stem, index)
-
-
-def _undecoded_images(features: Any) -> Any:
-    """The features with every image column left as {"bytes", "path"}.
-
-    `datasets` decodes images while rows are read: one corrupt image would stop the whole load with a bare
-    PIL error, and every image would sit decoded in memory. Undecoded, images go through the same checks
-    and lazy decoding as those of local files.
-    """
-    import datasets
-
-    if isinstance(features, datasets.Image):
-        return datasets.Image(decode=False)
-    if isinstance(features, dict):  # Features, and a struct's dict of fields
-        return type(features)({key: _undecoded_images(value) for key, value in features.items()})
-    if isinstance(features, (list, tuple)):
-        return [_undecoded_images(value) for value in features]
-    if isinstance(features, datasets.List):
-        return datasets.List(_undecoded_images(features.feature), length=features.length)
-    if isinstance(features, datasets.LargeList):
-        return datasets.LargeList(_undecoded_images(features.feature))
-    return features
+    """The rows as Arrow stores them: image columns stay {"bytes", "path"}, undecoded (`datasets` decodes images
+    as rows are read: one corrupt image stopped the whole load with a bare PIL error, and every image sat decoded
+    in memory), and nothing is written (`Dataset.cast` wrote a copy of the whole table beside its files)."""
+    if getattr(table, "_indices", None) is not None:  # a selection: its rows, in its order
+        table = table.flatten_indices()
+    index = 0
+    for batch in table.data.to_batches():
+        for value in batch.to_pylist():
+            yield RawRecord(value, origin, stem, index)
+            index += 1
 
 
 def iter_source(source: str) -> Iterator[RawRecord]:
     """Yield raw records from a file, a directory of files (sorted by name), a folder written by `datasets`'
     `save_to_disk`, or a `name@split`."""
     source = os.path.expanduser(source)
-    if os.path.isdir(source) and (os.path.isfile(os.path.join(source, "state.json"))
-                                  or os.path.isfile(os.path.join(source, "dataset_dict.json"))):
+    if os.path.isdir(source) and (os.path.isfile(os.path.join(source, "dataset_dict.json")) or all(
+            os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_info.json"))):
         yield from _read_saved(source)
     elif os.path.isdir(source):
         files = sorted(
@@ -389,8 +374,9 @@ def normalize_record(
         # Without this a data set whose images are under another usual name would load as text-only questions.
         stray = [k for k in IMAGE_KEYS if k != image_key and value.get(k) not in (None, "", [])]
         if stray:
-            raise BadRecord("bad_image", f"{where}: key {image_key!r} is missing but key {stray[0]!r} is set: "
-                                         f"if it holds the images, set data.image_key={stray[0]}")
+            raise BadRecord("bad_image", f"{where}: key {image_key!r} is missing but key {stray[0]!r} is set: if it "
+                                         f"holds the images, rename it to {image_key!r} (or set the trainer's "
+                                         f"data.image_key={stray[0]})")
     key_words = _normalize_key_words(value.get("key_words"), where)
 
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
@@ -410,7 +396,7 @@ def normalize_record(
 
 def _image_reference(image: Any) -> str:
     if isinstance(image, str):
-        return image
+        return os.path.basename(image)  # data moved to another disk is still the same question
     if isinstance(image, bytes):
         return "sha256:" + hashlib.sha256(image).hexdigest()
     return "pixels:" + hashlib.sha256(image.tobytes()).hexdigest()  # a PIL image
@@ -418,7 +404,7 @@ def _image_reference(image: Any) -> str:
 
 def question_digest(record: dict[str, Any], *, prompt_key: str = "problem", answer_key: str = "answer",
                     image_key: str = "images") -> str:
-    """A short hash of a normalised record's question, answer and images (their paths, or their bytes).
+    """A short hash of a normalised record's question, answer and images (their file names, or their bytes).
 
     The rollout file and the split know a question by its qid, which defaults to its position in its file: a
     data set edited after sampling (a question replaced, or one inserted before others) would pair rollouts with

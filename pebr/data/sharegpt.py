@@ -48,7 +48,8 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         BadRecord: naming `where` and the key, with reason
             "malformed" (wrong types, no messages, a lone surrogate), "unknown_role" (a role outside `ROLES`, e.g. the
             sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn), "empty_turn" (an assistant turn with
-            no text, which would teach the model to stop at once, or a user turn with neither text nor image), or
+            no text, which would teach the model to stop at once, or a user turn with no text in a record without
+            images), or
             "placeholder_mismatch"
             (the user turns' `<image>` placeholders do not match the images, or another turn holds one; no
             placeholder with one image is allowed, the image then goes before the first question).
@@ -72,10 +73,14 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         raise BadRecord(
             "no_assistant_turn", f"{where}: key 'messages' has no assistant turn, so nothing would be learned"
         )
-    empty = [j for j, m in enumerate(messages) if m["role"] != "system" and not m["content"].strip()]
-    if empty:
-        raise BadRecord("empty_turn", f"{where}: key 'messages'[{empty[0]}] ({messages[empty[0]]['role']}) has no text")
     images = value.get("images")
+    # A user turn of an image-only question has no text; an assistant turn always needs some.
+    empty = [j for j, m in enumerate(messages) if not m["content"].strip()
+             and (m["role"] == "assistant" or m["role"] == "user" and not images)]
+    if empty:
+        role = messages[empty[0]]["role"]
+        raise BadRecord("empty_turn", f"{where}: key 'messages'[{empty[0]}] ({role}) has no text"
+                                      + ("" if role == "assistant" else " and the record no image"))
     if images is None:
         images = []
     elif isinstance(images, str):

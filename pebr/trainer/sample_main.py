@@ -267,7 +267,8 @@ def to_records(batch: Any, scores: list[dict[str, float]], per_question: int, qu
     for i in range(len(batch)):
         qid = nt["qid"][i]
         records.append({"qid": qid, "response": nt["response"][i], "ground_truth": nt["ground_truth"][i],
-                        "score": {k: float(v) for k, v in scores[i].items()}, "sample": seen[qid], "question": questions[qid], "index": nt["index"][i],
+                        "score": {k: float(v) for k, v in scores[i].items()}, "sample": seen[qid],
+                        "question": questions[qid], "index": nt["index"][i],
                         "response_length": len(batch.response_ids[i])})
         seen[qid] += 1
     wrong = {q: c for q, c in seen.items() if c != per_question}

@@ -55,7 +55,7 @@ class QidCount:
     correct: int = 0
     seen: int = 0  # bit k set: rollout index ("sample") k was read; a few bytes for n = 8
     question: str | None = None  # the question digest of its first rollout line (None: a file without them)
-    first_at: str = ""  # where that line is
+    first_line: int = 0  # that line's number (an int: a few bytes per question where a file has millions)
 
     def add(self, sample: int, correct: bool) -> bool:
         """Count rollout `sample`; False (and nothing counted) when it was counted already."""
@@ -161,8 +161,8 @@ def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool, str | None]
 
 
 def iter_rollouts(path: str, skip_bad_lines: bool = False,
-                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str | None, str]]:
-    """Stream (qid, sample, correct, question digest, where) from a rollout JSONL file, one line at a time.
+                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str | None, int]]:
+    """Stream (qid, sample, correct, question digest, line number) from a rollout JSONL file, one line at a time.
 
     A rollout is correct when its score.accuracy is exactly 1 (the split rule counts right answers).
 
@@ -187,7 +187,7 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
                     value = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise SplitError(f"{where}: malformed JSON: {err}") from None
-                yield (*_rollout_fields(value, where), where)
+                yield (*_rollout_fields(value, where), line_number)
             except SplitError:
                 if not skip_bad_lines:
                     raise
@@ -211,16 +211,16 @@ def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, Q
     counts: dict[str, QidCount] = {}
     bad: Counter = Counter()
     lines = 0
-    for qid, sample, correct, question, where in iter_rollouts(path, skip_bad_lines, bad):
+    for qid, sample, correct, question, line in iter_rollouts(path, skip_bad_lines, bad):
         entry = counts.get(qid)
         if entry is None:
-            entry = counts[qid] = QidCount(question=question, first_at=where)
+            entry = counts[qid] = QidCount(question=question, first_line=line)
         if not entry.add(sample, correct):
             if not skip_bad_lines:
                 raise SplitError(
-                    f"{where}: qid {qid!r} sample {sample} appears a second time; pebr.trainer.sample_main writes each "
-                    "rollout once, so the file was appended to or joined with a copy. Split the rollouts of one "
-                    "sampling run (or --skip_bad_lines to keep the first of each)")
+                    f"{path} line {line}: qid {qid!r} sample {sample} appears a second time; "
+                    "pebr.trainer.sample_main writes each rollout once, so the file was appended to or joined with a "
+                    "copy. Split the rollouts of one sampling run (or --skip_bad_lines to keep the first of each)")
             bad["lines"] += 1
             continue
         lines += 1
@@ -373,14 +373,19 @@ def check_same_questions(records: list[DatasetRecord], counts: dict[str, QidCoun
         except BadRecord:
             continue
         if question_digest(normalized, **keys) != entry.question:
-            changed.append(f"{record.where} (sampled as {entry.first_at})")
+            changed.append(f"{record.where} (sampled as {rollouts} line {entry.first_line})")
     if changed:
+        compared = sum(1 for r in records if r.qid in counts and counts[r.qid].question is not None)
+        keys_hint = (f" Every one of the {compared} differs: if the data set is unchanged, the split reads it with "
+                     f"other keys than sampling did ({', '.join(f'{k}={v!r}' for k, v in keys.items())} here; pass "
+                     "the sampling run's data.prompt_key / answer_key / image_key as --prompt_key / --answer_key / "
+                     "--image_key).") if len(changed) == compared else ""
         raise SplitError(
             f"{len(changed)} questions of {dataset} are not the ones {rollouts} sampled under their qids: "
             f"{_listed(changed, MAX_LISTED_IN_ERROR)}. The data set was edited after sampling (a question replaced, "
             "or records inserted or removed before others, which moves the default qids '<file stem>-<index>'): "
-            "split the data set as it was sampled, or sample the edited one again into a new rollout file. "
-            "Nothing was written")
+            "split the data set as it was sampled, or sample the edited one again into a new rollout file."
+            f"{keys_hint} Nothing was written")
 
 
 def check_json_storable(records: list[DatasetRecord]) -> None:

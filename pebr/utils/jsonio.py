@@ -53,6 +53,7 @@ def read_json_records(path: str, error: type[Exception] = ValueError, lines: lis
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise error(f"{path} line {line}: byte {data[err.start]:#04x} is not UTF-8 (file offset {err.start})") from None
+    del data  # not held beside the text and the records while a large file is parsed
     try:
         value = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as err:

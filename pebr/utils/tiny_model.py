@@ -170,8 +170,8 @@ def model_config(size: str, tokenizer: Any, family: str = "qwen2_5_vl") -> Any:
                   tie_word_embeddings=False)
     if family == "qwen2_vl":
         return Qwen2VLConfig(text_config=text, vision_config=dict(
-            depth=vision_blocks, embed_dim=s["v_hidden"], hidden_size=s["hidden"], mlp_ratio=s["v_inter"] // s["v_hidden"],
-            num_heads=s["v_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **tokens)
+            depth=vision_blocks, embed_dim=s["v_hidden"], hidden_size=s["hidden"],
+            mlp_ratio=s["v_inter"] // s["v_hidden"], num_heads=s["v_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **tokens)
     if family == "qwen3_vl":
         text["head_dim"] = s["hidden"] // s["heads"]
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
@@ -265,5 +265,6 @@ def build_tiny_model(output: str, size: str = "tiny", seed: int = 0, family: str
     build_processor(tokenizer, family=family).save_pretrained(output)
     tokenizer.save_pretrained(output)
     with open(os.path.join(output, "pebr_tiny_model.json"), "w") as f:
-        json.dump({"size": size, "seed": seed, "family": family, "num_parameters": sum(p.numel() for p in model.parameters())}, f)
+        json.dump({"size": size, "seed": seed, "family": family,
+                   "num_parameters": sum(p.numel() for p in model.parameters())}, f)
     return output

@@ -55,8 +55,9 @@ def check_model_family(config: Any, model_path: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"model {model_path!r} is a {model_type!r} model ({', '.join(getattr(config, 'architectures', None) or [])}"
-            f"); this trainer runs the Qwen-VL families {', '.join(SUPPORTED_MODEL_TYPES)} (it relies on their vision "
+            f"model {model_path!r} is a {model_type!r} model"
+            f"{' (' + ', '.join(config.architectures) + ')' if getattr(config, 'architectures', None) else ''}"
+            f"; this trainer runs the Qwen-VL families {', '.join(SUPPORTED_MODEL_TYPES)} (it relies on their vision "
             "tower, M-RoPE positions and vision tokens)")
 
 

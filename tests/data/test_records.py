@@ -151,7 +151,9 @@ def test_a_folder_saved_by_datasets_is_read_with_its_images_undecoded(tmp_path):
     table = datasets.Dataset.from_dict({"problem": ["<image>q1", "q2"], "answer": ["a", "b"],
                                         "images": [[{"bytes": png.getvalue(), "path": None}], []]}, features=features)
     table.save_to_disk(str(tmp_path / "saved"))
+    files = sorted(os.listdir(tmp_path / "saved"))
     records, report = load_records(str(tmp_path / "saved"))
+    assert sorted(os.listdir(tmp_path / "saved")) == files  # read, not copied (a cast wrote the table again there)
     assert report.kept == 2 and [r["qid"] for r in records] == ["saved-0", "saved-1"]
     assert records[0]["images"] == [png.getvalue()] and records[1]["images"] == []
     datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "dict"))

@@ -221,6 +221,7 @@ LOADER_REJECTS = [
     # 6, 7: an empty answer taught the model to stop at once; an empty question with no image asks nothing
     (_sample(images=["ok.png"], answer=" \n"), "empty_turn"),
     (_sample(question=""), "empty_turn"),
+    (_sample(question="", images=["ok.png"]), "kept"),  # 8: an image-only question (the image goes first)
 ]
 
 
@@ -233,10 +234,12 @@ def test_records_the_sft_loader_rejects_are_dropped_and_counted(tmp_path, image_
         if fate != "kept":
             assert f"{fate} {src} line {idx + 1} (record {idx}):" in printed  # listed, as malformed records are
     for line in ("dropped 2 placeholder_mismatch", "dropped 1 malformed", "dropped 1 no_assistant_turn",
-                 "dropped 1 unknown_role", "dropped 2 empty_turn", "before 8, after 1 (dropped 7)"):
+                 "dropped 1 unknown_role", "dropped 2 empty_turn", "before 9, after 2 (dropped 7)"):
         assert line in printed
     assert "2 <image> placeholder(s) but key 'images' has 1 image(s)" in printed
-    assert flt.load_records(out) == [LOADER_REJECTS[5][0]]
+    kept = [rec for rec, fate in LOADER_REJECTS if fate == "kept"]
+    assert flt.load_records(out) == [kept[0], {**kept[1], "messages": [{"role": "user", "content": "<image>"},
+                                                                       kept[1]["messages"][1]]}]
 
 
 def test_llamafactory_shape_thin_images_and_turn_order(tmp_path, image_root, capsys):

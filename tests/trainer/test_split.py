@@ -499,3 +499,26 @@ def test_a_data_set_edited_after_sampling_is_refused(tmp_path, edit):
     _write_jsonl(tmp_path / "old.jsonl", [_rollout(f"train-{i}", 1.0, s) for i in range(3) for s in range(N)])
     assert split_dataset(str(tmp_path / "old.jsonl"), str(data), str(tmp_path / "old"), N,
                          allow_count_mismatch=True, log=lambda m: None).sizes["easy"] == 3
+
+
+def test_other_keys_than_samplings_are_named_and_moved_images_are_the_same_question(tmp_path):
+    """Sampled with data.prompt_key=question from records that also hold 'problem': split with the default keys,
+    every question differs, and the message says which keys to pass. Image paths moved to another folder keep
+    the questions the same (the digest takes the image file names)."""
+    from pebr.data.records import normalize_record, question_digest
+
+    records = [{"question": f"<image>q{i}?", "problem": "other text", "answer": str(i), "images": [f"/old/{i}.png"]}
+               for i in range(3)]
+    rows = []
+    for i, record in enumerate(records):
+        normalized = normalize_record(record, where="t", default_qid=f"train-{i}", prompt_key="question")
+        rows += [dict(_rollout(f"train-{i}", 1.0, s), question=question_digest(normalized, prompt_key="question"))
+                 for s in range(N)]
+    _write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([dict(r, images=[r["images"][0].replace("/old/", "/new/")]) for r in records]))
+    with pytest.raises(SplitError, match=r"Every one of the 3 differs.*prompt_key='problem', .* here.*--prompt_key"):
+        split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "out"), N, log=lambda m: None)
+    report = split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "out"), N,
+                           prompt_key="question", log=lambda m: None)
+    assert report.sizes == {"easy": 3, "medium": 0, "hard": 0}
