@@ -22,11 +22,11 @@ sys.path.insert(0, ROOT)
 
 from pebr.config import ConfigError  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
-from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_options,  # noqa: E402
-                             check_model_path, generate_texts, load_model_processor, make_engine)
+from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, DEFAULT_MAX_NEW_TOKENS,  # noqa: E402
+                             check_generation_options, check_model_path, generate_texts, load_model_processor,
+                             make_engine, model_context, response_budget)
 
 DEFAULT_IMAGE = os.path.join(ROOT, "demo.jpg")
-DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's inference budget (PeBR responses run long: description, steps, answer)
 NO_ANSWER = "(none: the response has no \"### The final answer is:\" line)"
 DEFAULT_QUESTION = "Subtract all brown blocks. Subtract all large blue rubber things. How many objects are left?"
 
@@ -56,8 +56,6 @@ def answer(
         DataError: an empty question, or one holding the model's vision or chat tokens (they would be taken for
             image slots, or open a turn of their own).
     """
-    from transformers import AutoConfig
-
     from pebr.data.dataset import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image
     from pebr.data.records import DataError, check_no_model_tokens
@@ -77,31 +75,11 @@ def answer(
         raise DataError(f"image {image!r} cannot be read: {err}") from err
     check_fitted_aspect(*picture.size, f"image {image!r}")  # a BadRecord, which is a DataError
     prompt_tokens = len(processor(text=[prompt], images=[picture])["input_ids"][0])
-    config = AutoConfig.from_pretrained(model_path)
-    context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    max_new_tokens = response_budget(prompt_tokens, context, max_new_tokens)
+    max_new_tokens = response_budget(prompt_tokens, model_context(model_path), max_new_tokens)
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
                                   max_new_tokens=max_new_tokens, temperature=temperature)
     return text
-
-
-def response_budget(prompt_tokens: int, context: int | None, max_new_tokens: int | None) -> int:
-    """How many tokens the response may take: `max_new_tokens`, or when None DEFAULT_MAX_NEW_TOKENS cut to what
-    the model's context (None: unknown) leaves after the prompt.
-
-    Raises:
-        ConfigError: the prompt fills the context, or an explicit `max_new_tokens` does not fit after it.
-    """
-    room = context - prompt_tokens if context else None
-    if room is not None and room < 1:
-        raise ConfigError(f"the prompt takes {prompt_tokens} tokens, the whole of the model's {context}-token context")
-    if max_new_tokens is None:
-        return DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
-    if room is not None and max_new_tokens > room:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens}: the prompt takes {prompt_tokens} of the model's "
-                          f"{context}-token context (max_position_embeddings), which leaves {room}")
-    return max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> str:

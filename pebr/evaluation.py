@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import defaultdict
 from typing import Any
@@ -25,6 +26,7 @@ from pebr.utils.jsonio import atomic_write_text, is_within
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's inference budget (PeBR responses run long: description, steps, answer)
 DEFAULT_FORMAT_PROMPT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
 )
@@ -149,6 +151,32 @@ def load_model_processor(model_path: str) -> Any:
         raise ConfigError(f"--model_path {model_path!r} cannot be loaded: {err}") from err
 
 
+def response_budget(prompt_tokens: int, context: int | None, max_new_tokens: int | None) -> int:
+    """How many tokens the response may take: `max_new_tokens`, or when None DEFAULT_MAX_NEW_TOKENS cut to what
+    the model's context (None: unknown) leaves after the prompt.
+
+    Raises:
+        ConfigError: the prompt fills the context, or an explicit `max_new_tokens` does not fit after it.
+    """
+    room = context - prompt_tokens if context else None
+    if room is not None and room < 1:
+        raise ConfigError(f"a prompt of {prompt_tokens} tokens takes the whole of the model's {context}-token context")
+    if max_new_tokens is None:
+        return DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
+    if room is not None and max_new_tokens > room:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: a prompt of {prompt_tokens} tokens leaves {room} of "
+                          f"the model's {context}-token context (max_position_embeddings)")
+    return max_new_tokens
+
+
+def model_context(model_path: str) -> int | None:
+    """The model's context length (its text config's max_position_embeddings), None when its config names none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+
+
 def check_generation_options(max_new_tokens: int | None = None, min_pixels: int | None = None,
                              max_pixels: int | None = None, temperature: float | None = None,
                              **positive: int | None) -> None:
@@ -175,7 +203,11 @@ def check_generation_options(max_new_tokens: int | None = None, min_pixels: int 
 
 def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> None:
     """The reports (`report_paths(output)`) must not replace the data file, land in a data directory (read as data
-    next time) or in the model's directory (where OUTPUT=MODEL/config would overwrite its config.json)."""
+    next time) or in the model's directory (where OUTPUT=MODEL/config would overwrite its config.json), nor replace
+    a file that is not an earlier report (OUTPUT=data/train replaced the training set); and their folder must take
+    files, which is found out now rather than after the whole evaluation."""
+    if not os.path.basename(output):
+        raise ConfigError(f"--output {output!r} names a folder; give a file prefix in it, e.g. {output}eval")
     for path in map(os.path.realpath, report_paths(output)):
         if is_within(path, data):
             same = path == os.path.realpath(data)
@@ -184,6 +216,28 @@ def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> N
         if os.path.isdir(model_path) and is_within(path, model_path):
             raise ConfigError(f"--output {output!r} would write {path} inside the --model_path directory; choose "
                               "another prefix")
+    json_path, md_path = report_paths(output)
+    earlier_report = os.path.exists(json_path) and _is_report(json_path)
+    for path in (json_path, md_path):
+        if os.path.exists(path) and not earlier_report:
+            raise ConfigError(f"--output {output!r} would replace {path}, which is not part of an earlier evaluation "
+                              "report; choose another prefix")
+    folder = os.path.dirname(os.path.abspath(json_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output {output!r}: cannot write into {folder}: {err}") from err
+
+
+def _is_report(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and {"model_path", "overall", "records"} <= set(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -231,7 +285,7 @@ def evaluate_model(
     image_dir: str | None = None,
     *,
     output: str | None = None,
-    max_new_tokens: int = 4096,
+    max_new_tokens: int | None = None,
     limit: int | None = None,
     temperature: float = 0.0,
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
@@ -249,7 +303,8 @@ def evaluate_model(
         data: a PeBR GRPO-format file/directory (see `pebr.data.records.load_records`) or the records.
         image_dir: directory the image paths are relative to.
         output: a path prefix; when given, writes OUTPUT.json and OUTPUT.md (see `write_report`).
-        max_new_tokens: response budget (4096, the paper's inference setting).
+        max_new_tokens: response budget; None: the paper's 4096, or what the model's context leaves after
+            `max_prompt_length` when that is less (`response_budget`).
         limit: evaluate only the first `limit` records.
         temperature: 0 is greedy (the default, as in the paper's inference).
         format_prompt: jinja template for the question ("" or None: the bare question).
@@ -268,12 +323,13 @@ def evaluate_model(
     Raises:
         DataError: unreadable data or a bad record (naming file, record and key).
         ValueError: bad arguments.
-        ConfigError: a model path transformers cannot load.
+        ConfigError: a model path transformers cannot load, or a max_new_tokens the model's context cannot hold
+            after max_prompt_length.
     """
     from pebr.data.dataset import RLDataset
     from pebr.data.records import DataError, load_records
 
-    if max_new_tokens <= 0:
+    if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
@@ -287,6 +343,7 @@ def evaluate_model(
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
     processor = load_model_processor(model_path)
+    max_new_tokens = response_budget(max_prompt_length, model_context(model_path), max_new_tokens)
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)

@@ -130,7 +130,10 @@ class Pipeline:
         t0 = time.time()
         # The bash recipes call `python3`: make it this interpreter (the project's virtual environment).
         path = os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", "")
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
+        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})}).returncode
+        if code != 0:
+            raise StageFailed(f"[demo] {name} failed (exit status {code}; its own message is above); the stages "
+                              "before it are kept: run the same command again to go on from it", code)
         self.times[name] = time.time() - t0
         done = {"seconds": round(self.times[name], 1), "finished": time.time(), "recipe": recipe}
         atomic_write_json(f"{output}.done", done)
@@ -384,8 +387,16 @@ def resolve_bf16(profile: Profile, choice: str, native: bool) -> Profile:
     return profile
 
 
-# Written into an --out directory this script creates (or finds empty); --force deletes only such a directory.
+# Written into an --out directory this script creates (or finds empty); it deletes or replaces nothing in any other.
 OWNER_MARK = ".pebr_demo_output"
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; `code` is its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,15 +413,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="delete --out (only a directory this script created) and rerun every stage")
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
-    if args.force and os.path.isdir(args.out):
-        if os.listdir(args.out) and not os.path.exists(os.path.join(args.out, OWNER_MARK)):
-            print(f"error: --force would delete {args.out}, which scripts/demo.py did not create (no {OWNER_MARK} "
-                  "in it); give --out a directory of its own", file=sys.stderr)
-            return 2
-        shutil.rmtree(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    if not os.listdir(args.out):  # a directory of its own: --force may delete it later
-        open(os.path.join(args.out, OWNER_MARK), "w").close()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out} is a file; name a directory", file=sys.stderr)
+        return 2
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, OWNER_MARK)):
+        # Its stages replace outputs made from other inputs: in a folder of someone else's files that deleted them.
+        print(f"error: --out {args.out} holds files scripts/demo.py did not write (no {OWNER_MARK} in it); give "
+              "--out a new or empty directory", file=sys.stderr)
+        return 2
+    try:
+        if args.force and os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        os.makedirs(args.out, exist_ok=True)
+        if not os.listdir(args.out):
+            open(os.path.join(args.out, OWNER_MARK), "w").close()
+    except OSError as err:
+        print(f"error: --out {args.out}: {err}", file=sys.stderr)
+        return 2
     profile = PROFILES[args.profile]
     native = cpu_has_native_bf16()
     profile = resolve_bf16(profile, args.bf16, native)
@@ -424,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed, out in runs.items():
         t0 = time.time()
         pipeline = Pipeline(out, profile, seed)
-        pipeline.run()
+        try:
+            pipeline.run()
+        except StageFailed as err:
+            print(err, file=sys.stderr, flush=True)
+            return err.code
         stage_s[seed] = sum(pipeline.times.values())
         print(f"[demo] total {time.time() - t0:.0f} s (all stages, including any done before: {stage_s[seed]:.0f} s)"
               + (f" (seed {seed})" if args.seeds else ""), flush=True)

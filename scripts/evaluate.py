@@ -4,7 +4,8 @@
         [--max_new_tokens 4096] [--limit K] [--temperature 0] [--backend vllm|hf]
 
 All prompts go through one batched vLLM generation (greedy, up to 4096 new tokens, images within the stage
-recipes' 576..802816 px: the paper's inference settings, by default). Prompts over --max_prompt_length are
+recipes' 576..802816 px: the paper's inference settings, by default; fewer new tokens where the model's context
+leaves less after --max_prompt_length). Prompts over --max_prompt_length are
 skipped and graded wrong. Reports accuracy overall and per
 `category` (when the records have one), format rate, keyword recall (records with `key_words`) and mean
 response length in tokens; writes OUT_PREFIX.json (with every response) and OUT_PREFIX.md (a table).
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="PeBR GRPO-format .json/.jsonl/.parquet file or directory")
     parser.add_argument("--image_dir", default=None, help="directory the records' image paths are relative to")
     parser.add_argument("--output", default=None, help="prefix of the .json and .md reports (default: none)")
-    parser.add_argument("--max_new_tokens", type=int, default=4096)
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="default: 4096, as in the paper, or what the model's context leaves after "
+                             "--max_prompt_length")
     parser.add_argument("--limit", type=int, default=None, help="only the first K records")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")

@@ -246,7 +246,8 @@ def build_dataset(
         Counts ``{"train", "test", "sft"}``, and the SFT records with each flaw that is switched on.
 
     Raises:
-        ValueError: on a non-positive ``num``/``image_size`` or a ``test_fraction`` outside [0, 1).
+        ValueError: on a non-positive ``num``/``image_size``, a ``test_fraction`` outside [0, 1), scene options
+            ``sample_scene`` refuses, or an ``output_dir`` that is a file; nothing is written or deleted then.
     """
     if num < 1 or image_size < 28:
         raise ValueError(f"need --num >= 1 and --image_size >= 28, got {num}, {image_size}")
@@ -255,7 +256,10 @@ def build_dataset(
     sft_num = num if sft_num is None else sft_num
     if sft_num:
         _sft_kinds(sft_num, random.Random(0))  # its size check, before anything is drawn or written
+    sc.sample_scene(random.Random(seed), **(scene_options or {}))  # the scene options' checks, before any deletion
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file; name a directory")
     image_root = out / "images"
     # The record files go first and come back last (each atomically): a run stopped half-way leaves no record
     # file that names another run's images.
@@ -310,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir is None and args.demo is None:
         parser.error("give --output_dir, --demo, or both")
     if args.demo:
-        write_demo(args.demo)
+        try:
+            write_demo(args.demo)
+        except (OSError, ValueError) as exc:  # a missing folder, a suffix Pillow cannot write
+            parser.error(f"--demo {args.demo}: {exc}")
         print(f"wrote {args.demo}: {DEMO_QUESTION} -> {DEMO_ANSWER}")
     if args.output_dir:
         try:
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.output_dir, args.num, args.seed, args.test_fraction, args.image_size, args.sft_num,
                 scene_options, flaws,
             )
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             parser.error(str(exc))
         print(f"wrote {args.output_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

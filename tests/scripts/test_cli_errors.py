@@ -48,6 +48,12 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     # The reports would replace the data.
     ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "{tmp}/test"],
      "the --data file; choose another prefix"),
+    # Nor any other file that is not an earlier report (the training set beside the test set), nor a folder.
+    ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "{tmp}/train"],
+     "/train.json, which is not part of an earlier evaluation report"),
+    ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "{tmp}/"], "names a folder"),
+    ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "/proc/eval"],
+     "cannot write into /proc"),
 ])
 def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys):
     """Through `run_cli`, as each script's __main__ runs it."""
@@ -64,6 +70,7 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     (actor / "shard_index.json").write_text("{}")
     (actor / "model_world_size_1_rank_0.safetensors").write_bytes(b"")
     (tmp_path / "test.json").write_text("[]")
+    (tmp_path / "train.json").write_text("[]")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
     assert message in capsys.readouterr().err
 

@@ -100,16 +100,32 @@ def test_stage1_data_is_easy_or_easy_plus_medium(tmp_path, capsys):
     assert "no easy or medium cases" in capsys.readouterr().out
 
 
-def test_force_deletes_only_a_directory_the_demo_created(tmp_path, capsys):
+def test_the_demo_deletes_or_replaces_nothing_in_a_directory_it_did_not_create(tmp_path, capsys):
+    """With or without --force: without it, its stages replaced a `model` or `data` folder made from other
+    inputs, which in someone else's directory were that person's files."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import demo
 
     mine = tmp_path / "notes"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("keep me")
-    assert demo.main(["--out", str(mine), "--force", "--profile", "quick"]) == 2
-    assert (mine / "thesis.tex").read_text() == "keep me"
-    assert "which scripts/demo.py did not create" in capsys.readouterr().err
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "model.safetensors").write_text("keep me")
+    for force in ([], ["--force"]):
+        assert demo.main(["--out", str(mine), "--profile", "quick", *force]) == 2
+        assert (mine / "model" / "model.safetensors").read_text() == "keep me"
+        assert "holds files scripts/demo.py did not write" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert demo.main(["--out", str(tmp_path / "a_file"), "--profile", "quick"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_failed_stage_says_which_and_passes_its_exit_status_on(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    pipeline = demo.Pipeline(str(tmp_path / "out"), demo.PROFILES["quick"], seed=0)
+    with pytest.raises(demo.StageFailed, match=r"\[demo\] sampling failed \(exit status 2;") as failed:
+        pipeline.stage("sampling", pipeline.path("rollouts.jsonl"), ["bash", "-c", "exit 2"])
+    assert failed.value.code == 2 and not os.path.exists(pipeline.path("rollouts.jsonl.done"))
 
 
 def test_bf16_is_kept_only_where_the_cpu_runs_it_natively_unless_asked():

@@ -56,16 +56,24 @@ def test_inference_takes_a_hub_id_and_fits_its_budget_to_the_models_context(tiny
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="--model_path 'pebr-tests/no-such-model' cannot be loaded"):
         inference.answer("pebr-tests/no-such-model", inference.DEFAULT_IMAGE, "How many?")
-    assert inference.response_budget(300, 4096, None) == 3796  # the embedded model's context, less the prompt
-    assert inference.response_budget(300, 32768, None) == 4096 == inference.response_budget(300, None, None)
-    assert inference.response_budget(300, 4096, 3796) == 3796
-    with pytest.raises(ConfigError, match=r"--max_new_tokens 3797: the prompt takes 300 of the model's 4096-token"):
-        inference.response_budget(300, 4096, 3797)
+    from pebr.evaluation import response_budget
+
+    assert response_budget(300, 4096, None) == 3796  # the embedded model's context, less the prompt
+    assert response_budget(300, 32768, None) == 4096 == response_budget(300, None, None)
+    assert response_budget(300, 4096, 3796) == 3796
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 3797: a prompt of 300 tokens leaves 3796 of the model's"):
+        response_budget(300, 4096, 3797)
     with pytest.raises(ConfigError, match="the whole of the model's 4096-token context"):
-        inference.response_budget(4096, 4096, None)
+        response_budget(4096, 4096, None)
     # Through the real model: the embedded model's context is 4096 tokens, which the prompt leaves short of 4096.
-    with pytest.raises(ConfigError, match=r"--max_new_tokens 4096: the prompt takes \d+ of the model's 4096-token"):
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 4096: a prompt of \d+ tokens leaves \d+ of the model's"):
         inference.answer(tiny_model_dir, inference.DEFAULT_IMAGE, "How many?", max_new_tokens=4096)
+    # The evaluation's budget, by the same rule after --max_prompt_length: its defaults (2048 + 4096) ended in a
+    # vLLM error on any model with a shorter context than 6144 tokens, the embedded one included.
+    from pebr.evaluation import evaluate_model
+
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 2049: a prompt of 2048 tokens leaves 2048"):
+        evaluate_model(tiny_model_dir, [{"problem": "q?", "answer": "1"}], max_new_tokens=2049)
 
 
 def test_inference_refuses_an_empty_question_or_model_tokens_in_it_before_loading_a_model(tiny_model_dir) -> None:

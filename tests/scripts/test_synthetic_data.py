@@ -269,3 +269,18 @@ def test_a_bad_sft_size_writes_nothing_and_a_stopped_run_leaves_no_stale_record_
     finally:
         make_synthetic_data.make_sft = real
     assert not [name for name in make_synthetic_data.INDEX_FILES if (out / name).exists()]
+
+
+@pytest.mark.parametrize("bad, message", [(["--colors", "red,bleu"], "unknown colo"),
+                                          (["--min_objects", "9", "--max_objects", "2"], "objects")])
+def test_bad_options_stop_before_an_existing_data_set_is_touched(tmp_path, bad, message):
+    out = _generate(tmp_path / "data", 0)
+    before = _files(out)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(out), "--num", str(NUM), *bad],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert _files(out) == before  # the record files were deleted before the options were checked
+    (tmp_path / "a_file").write_text("")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "a_file")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "is a file" in proc.stderr
