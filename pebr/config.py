@@ -437,7 +437,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                               "are the engine's log-probs of its samples the actor's")
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
-    if looks_local(actor.model.model_path) and not os.path.isdir(os.path.expanduser(actor.model.model_path)):
+    model_dir = os.path.expanduser(actor.model.model_path)
+    if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r} holds no config.json: not a "
+                          "Hugging Face model directory")
+    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
+    if not os.path.isdir(model_dir) and (looks_local(model_dir) or model_dir.count("/") > 1
+                                         or "/" in model_dir and os.path.isdir(model_dir.split("/")[0])):
         raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
     if not d.train_files:
         raise ConfigError("data.train_files is required")

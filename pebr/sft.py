@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -463,6 +464,15 @@ class SFTConfig:
                 raise ConfigError(f"sft config: {name} {path!r} lies in {self.checkpoint_dir}, the checkpoints of this "
                                   "output_dir, which the run rotates and deletes; copy it elsewhere first")
         out = self.output_dir
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConfigError(f"sft config: output_dir {self.output_dir!r} is a file; name a new or empty directory")
+        parent = os.path.dirname(os.path.realpath(out))
+        try:  # found out now, not after training: the model is written beside output_dir, then renamed
+            os.makedirs(parent, exist_ok=True)
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as err:
+            raise ConfigError(f"sft config: output_dir {self.output_dir!r}: cannot write into {parent}: {err}") from err
         if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, METRICS_FILE)):
             raise ConfigError(f"sft config: output_dir {self.output_dir!r} holds files but no {METRICS_FILE}, so it is "
                               "not an earlier warm-up's output, which alone is replaced; name a new or empty directory")

@@ -13,6 +13,7 @@ folded into the weights; `--adapter_dir` writes its adapters alone as a peft ada
 A finished merge leaves `merged_from.json` in the target: the checkpoint's shard files (size, mtime) and the
 dtype. A second merge of the same checkpoint into the same target is then skipped (the stage-2 recipe merges
 stage 1's newest checkpoint at every start, and rewriting a 7B model takes minutes); `--force` merges anyway.
+A target that holds a model without that file (the base model, say) is refused unless `--force`.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint, whose files a merge there "
                               "would replace; name another directory (the default is <local_dir>/huggingface)")
     made_from = provenance(local_dir, dtype)
+    if (not force and os.path.isdir(target_dir) and not os.path.samefile(target_dir, hf_dir)
+            and _model_weight_files(target_dir) and not os.path.exists(os.path.join(target_dir, MARKER))):
+        raise CheckpointError(f"--target_dir {target_dir} holds a model this script did not merge (no {MARKER}), "
+                              "whose weights a merge would replace; name another directory (or --force)")
     if not force and already_merged(target_dir, made_from):
         print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
         return target_dir
@@ -142,8 +147,8 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         os.replace(staging, real_target)  # complete or absent
         return target_dir
     marker = os.path.join(real_target, MARKER)
-    if os.path.exists(marker):  # first: an interrupted replacement must not pass for a finished merge
-        os.remove(marker)
+    # First: an interrupted replacement must not pass for a finished merge, yet stays known as this script's.
+    atomic_write_json(marker, {"unfinished": True})
     stale = _model_weight_files(real_target) - set(written)  # a sharded model's index and shards, say
     for f in written:  # each rename replaces its old file whole; the old weights stay until the new are in
         os.replace(os.path.join(staging, f), os.path.join(real_target, f))
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--latest_in", help="a run's checkpoint directory: merge its newest complete checkpoint")
     parser.add_argument("--target_dir", default=None, help="default: <local_dir>/huggingface")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
-    parser.add_argument("--force", action="store_true", help="merge again even when the target holds this merge")
+    parser.add_argument("--force", action="store_true", help="merge again even when the target holds this merge, "
+                        "or into a target that holds a model this script did not merge")
     parser.add_argument("--adapter_dir", default=None,
                         help="a LoRA checkpoint: write its adapters here as a peft adapter instead of merging")
     args = parser.parse_args(argv)

@@ -41,6 +41,11 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     ("evaluate", ["--model_path", "tests/no_model", "--data", "x.json"], "--model_path 'tests/no_model': no such"),
     ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}", "--max_pixels", "0"],
      "sft config: max_pixels=0 is out of range"),
+    # A file as the output was moved aside to FILE.replaced, silently; an unwritable place failed after training.
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}/test.json"],
+     "output_dir '{tmp}/test.json' is a file"),
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "/proc/warmup"],
+     "cannot write into /proc"),
     # A trainer checkpoint before merging.
     ("evaluate", ["--model_path", "{tmp}/actor", "--data", "x.json"], "is a sharded trainer checkpoint; merge it"),
     ("sft_warmup", ["--model_path", "{tmp}/actor", "--data", "x.json", "--output_dir", "{tmp}/out"],
@@ -72,7 +77,7 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     (tmp_path / "test.json").write_text("[]")
     (tmp_path / "train.json").write_text("[]")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 @pytest.mark.slow

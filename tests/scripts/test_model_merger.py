@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pebr import checkpoint
+from pebr.checkpoint import CheckpointError
 from pebr.workers.actor import load_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +82,11 @@ def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
     (target / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors"}}))
     (target / "model-00001-of-00002.safetensors").write_bytes(b"old")
-    out = merge(actor, str(target), dtype="fp32")
+    # A model this script did not merge (the base model copied there, say) is not replaced unless asked.
+    with pytest.raises(CheckpointError, match=r"holds a model this script did not merge \(no merged_from.json\)"):
+        merge(actor, str(target), dtype="fp32")
+    assert (target / "model-00001-of-00002.safetensors").read_bytes() == b"old"
+    out = merge(actor, str(target), dtype="fp32", force=True)
     assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
     assert saved_dtype(out) == "float32"  # the config save_pretrained wrote, not the checkpoint's copied over it
     assert os.path.isfile(os.path.join(out, "tokenizer.json")) and not os.path.exists(f"{target}.merging")
@@ -109,8 +114,9 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
     assert merged_again(dtype="fp32")
     os.utime(weight_file)  # another model saved over the merge, even of the same size
     assert merged_again(dtype="fp32")
-    # A replacement cut short removes the marker first, so the next merge redoes it.
-    os.remove(os.path.join(out, "merged_from.json"))
+    # A replacement cut short leaves the marker saying so (written first), so the next merge redoes it.
+    with open(os.path.join(out, "merged_from.json"), "w") as f:
+        json.dump({"unfinished": True}, f)
     assert merged_again(dtype="fp32")
     from transformers import AutoModelForImageTextToText
 
@@ -161,6 +167,7 @@ def test_a_merge_leaves_files_that_are_not_the_models_weights(bf16_checkpoint, t
     for name, text in mine.items():
         (target / name).write_text(text)
     (target / "model.safetensors").write_text("an older merge")  # the model's own weights are replaced
+    (target / "merged_from.json").write_text("{}")  # which this script wrote
     out = merge(actor, str(target))
     assert {name: (target / name).read_text() for name in mine} == mine
     assert os.path.getsize(os.path.join(out, "model.safetensors")) > 1000
@@ -277,7 +284,7 @@ def test_a_linked_target_is_merged_where_the_link_points(bf16_checkpoint, tmp_pa
             shutil.copytree(tiny_model_dir, real)
         link = str(tmp_path / "served")
         os.symlink(real, link)
-        merge(actor, link)
+        merge(actor, link, force=holding == "an earlier model")  # a model it did not merge is replaced if asked
         assert os.path.islink(link) and os.path.realpath(link) == real
         assert "merged_from.json" in os.listdir(real) and ".merging" not in os.listdir(real)
         assert not os.path.exists(link + ".merging") and not os.path.exists(real + ".merging")
@@ -287,7 +294,7 @@ def test_a_linked_target_is_merged_where_the_link_points(bf16_checkpoint, tmp_pa
         shutil.rmtree(real, ignore_errors=True)
 
 
-def test_a_merge_killed_while_moving_in_leaves_a_model_and_no_marker(bf16_checkpoint, tmp_path, tiny_model_dir,
+def test_a_merge_killed_while_moving_in_leaves_a_model_and_a_marker_saying_unfinished(bf16_checkpoint, tmp_path, tiny_model_dir,
                                                                       monkeypatch):
     """The old weight files were removed before the new ones were moved in: a kill in between left a folder with
     no weights."""
@@ -299,7 +306,9 @@ def test_a_merge_killed_while_moving_in_leaves_a_model_and_no_marker(bf16_checkp
     with monkeypatch.context() as patch:
         patch.setattr(model_merger.os, "replace", killed_on_call(os.replace, 2))
         with pytest.raises(KeyboardInterrupt):
-            merge(actor, target)
-    assert "model.safetensors" in os.listdir(target) and "merged_from.json" not in os.listdir(target)
+            merge(actor, target, force=True)  # the base model's copy, replaced as asked
+    # The marker says unfinished: the next merge redoes it, and without --force, as the folder is now this script's.
+    assert "model.safetensors" in os.listdir(target)
+    assert json.load(open(os.path.join(target, "merged_from.json"))) == {"unfinished": True}
     merge(actor, target)
     assert "merged_from.json" in os.listdir(target) and ".merging" not in os.listdir(target)

@@ -64,6 +64,11 @@ def test_overrides_win_over_files():
     ("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
     ("data.val_files=/nonexistent/val.json", "data.val_files='/nonexistent/val.json': no such file"),
     ("data.train_files=./nonexistent/", "data.train_files"),
+    # Not a hub id ("name" or "org/name"): the recipes' default warm-up path before the warm-up was run.
+    ("worker.actor.model.model_path=saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up",
+     "model_path='saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up': no such directory"),
+    ("worker.actor.model.model_path=tests/no_model", "model_path='tests/no_model': no such directory"),
+    (f"worker.actor.model.model_path={ROOT}/examples", "/examples' holds no config.json"),
     # EasyR1 keys this project does not implement are refused, not silently ignored.
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
