@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                       prompt_key=args.prompt_key, answer_key=args.answer_key, image_key=args.image_key)
     except (SplitError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # the files given cannot be split: the user's input, as for every entry point
     return 0
 
 

@@ -8,6 +8,7 @@ wrong types, batch sizes that do not divide and settings that cannot work name t
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 import importlib.util
 import typing
@@ -291,6 +292,23 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Create `folder` if need be and check that it takes a file, now rather than when the first output is written
+    (after hours of training or sampling, say).
+
+    Raises:
+        ConfigError: naming `what` (the setting or option), the folder and the reason.
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{what}: {folder} is a file, not a directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot write into {folder}: {err}") from err
 
 
 def looks_local(path: str) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any
 
 import torch
 
-from pebr.config import ConfigError, looks_like_model_id
+from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
 from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.jsonio import atomic_write_text, is_within
@@ -222,13 +221,7 @@ def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> N
         if os.path.exists(path) and not earlier_report:
             raise ConfigError(f"--output {output!r} would replace {path}, which is not part of an earlier evaluation "
                               "report; choose another prefix")
-    folder = os.path.dirname(os.path.abspath(json_path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--output {output!r}: cannot write into {folder}: {err}") from err
+    check_writable_folder(os.path.dirname(os.path.abspath(json_path)), f"--output {output!r}")
 
 
 def _is_report(path: str) -> bool:

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -32,7 +31,7 @@ import jinja2
 import torch
 from torch.utils.data import Dataset
 
-from pebr.config import ConfigError
+from pebr.config import ConfigError, check_writable_folder
 from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
 from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitted_aspect, fit_size, load_image,
                               probe_image, resolve_path)
@@ -466,13 +465,8 @@ class SFTConfig:
         out = self.output_dir
         if os.path.exists(out) and not os.path.isdir(out):
             raise ConfigError(f"sft config: output_dir {self.output_dir!r} is a file; name a new or empty directory")
-        parent = os.path.dirname(os.path.realpath(out))
-        try:  # found out now, not after training: the model is written beside output_dir, then renamed
-            os.makedirs(parent, exist_ok=True)
-            with tempfile.TemporaryFile(dir=parent):
-                pass
-        except OSError as err:
-            raise ConfigError(f"sft config: output_dir {self.output_dir!r}: cannot write into {parent}: {err}") from err
+        # The model is written beside output_dir, then renamed over it.
+        check_writable_folder(os.path.dirname(os.path.realpath(out)), f"sft config: output_dir {self.output_dir!r}")
         if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, METRICS_FILE)):
             raise ConfigError(f"sft config: output_dir {self.output_dir!r} holds files but no {METRICS_FILE}, so it is "
                               "not an earlier warm-up's output, which alone is replaced; name a new or empty directory")

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pebr.config import ConfigError, check_writable_folder  # noqa: E402
 from pebr.utils.tiny_model import FAMILIES, build_tiny_model  # noqa: E402
 
 
@@ -30,6 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
                         help="the model family (the others are for trying the trainer on them)")
     args = parser.parse_args(argv)
+    if os.path.isdir(args.output) and os.listdir(args.output) and not os.path.exists(
+            os.path.join(args.output, "pebr_tiny_model.json")):
+        parser.error(f"--output {args.output} holds files this script did not write; name a new or empty directory")
+    try:
+        check_writable_folder(args.output, "--output")
+    except ConfigError as err:
+        parser.error(str(err))
     path = build_tiny_model(args.output, size=args.size, seed=args.seed, family=args.family)
     print(f"wrote {args.size} {args.family} to {path}")
 

@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pebr.utils.clip_train import evaluate_alignment, train_tiny_clip
+from pebr.config import ConfigError, check_writable_folder  # noqa: E402
+from pebr.utils.clip_train import evaluate_alignment, train_tiny_clip  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,8 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval", action="store_true", help="afterwards, score 200 held-out scenes and print metrics")
     args = parser.parse_args(argv)
-    result = train_tiny_clip(args.output, steps=args.steps, batch_size=args.batch_size,
-                             image_size=args.image_size, seed=args.seed, lr=args.lr, log_every=max(1, args.steps // 10))
+    try:  # before training, not after it
+        check_writable_folder(args.output, "--output")
+    except ConfigError as err:
+        parser.error(str(err))
+    try:
+        result = train_tiny_clip(args.output, steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
+                                 seed=args.seed, lr=args.lr, log_every=max(1, args.steps // 10))
+    except ValueError as err:  # settings it cannot train with, said before any step
+        parser.error(str(err))
     print(f"wrote tiny CLIP ({result.num_parameters} parameters) to {result.output} in {result.seconds:.1f}s; "
           f"final loss {result.losses[-1]:.3f}, logit scale {result.logit_scale:.1f}")
     if args.eval:

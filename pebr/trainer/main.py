@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from pebr.config import ConfigError, PPOConfig, load_config
+from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.utils.versions import warn_untested_versions
 
 
@@ -41,14 +41,18 @@ def build_dataset(cfg: PPOConfig, source: str, processor: Any):
 def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     """The reward function is loaded (and its setup run) now, so a bad path fails before any rollout."""
 
-    from pebr.trainer.ray_trainer import ray_get
+    from pebr.trainer.ray_trainer import WorkerFailure, ray_get
     from pebr.workers.reward import RewardWorker
 
     r = cfg.worker.reward
     worker = RewardWorker.options(num_cpus=0).remote(
         r.reward_function, reward_type=r.reward_type, reward_function_kwargs=dict(r.reward_function_kwargs),
         require_overall=require_overall)
-    ray_get(worker.ready.remote(), "reward worker start-up")
+    try:
+        ray_get(worker.ready.remote(), "reward worker start-up")
+    except WorkerFailure as err:  # loading the function or its setup (options, a CLIP model): the settings' fault
+        raise ConfigError(f"worker.reward.reward_function={r.reward_function!r} with reward_function_kwargs="
+                          f"{dict(r.reward_function_kwargs)}: {err}") from err
     return worker
 
 
@@ -98,6 +102,7 @@ def run(argv: list[str]) -> None:
               f"data.rollout_batch_size={cfg.data.rollout_batch_size} and are left out of each epoch ("
               + ("other ones each epoch, the order being shuffled)" if cfg.data.shuffle else
                  "the same ones each epoch: data.shuffle=false)"), flush=True)
+    check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
     init_ray(cfg)
     reward = start_reward_worker(cfg)
     trainer = None
@@ -117,13 +122,19 @@ def run(argv: list[str]) -> None:
         ray.kill(reward)
 
 
-def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None) -> int:
+def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: str | None = None) -> int:
     """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
-    message goes to stderr and the exit code is 2."""
+    message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
+    traceback is in the log above it), exit code 1; Ctrl-C, exit code 130. `usage`: printed for -h / --help, for
+    entry points that take key=value words rather than options."""
     from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
+    from pebr.trainer.ray_trainer import WorkerFailure
 
     argv = sys.argv[1:] if argv is None else argv
+    if usage is not None and any(word in ("-h", "--help") for word in argv):
+        print(usage)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         run_fn(argv)
@@ -136,11 +147,26 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None) -> int:
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
+    except WorkerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the same command continues from the last complete checkpoint or output",
+              file=sys.stderr)
+        return 130
     return 0
 
 
+USAGE = """usage: python3 -m pebr.trainer.main config=FILE [config=FILE ...] [key=value ...]
+
+GRPO training (README, "Running the trainer"). config=FILE words are merged in their order (the stage recipes:
+examples/pebr_stage1.yaml, examples/pebr_stage2.yaml; examples/pebr_cpu.yaml on top for a CPU), then every
+dotted key=value override, e.g. worker.actor.model.model_path=DIR data.train_files=FILE trainer.n_gpus_per_node=8.
+The keys, their defaults and meanings: pebr/config.py. Rerunning the same command resumes."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, argv)
+    return run_cli(run, argv, USAGE)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Read `fit` top to bottom: each phase of a step is one named call, timed.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -48,6 +49,17 @@ def init_ray(cfg: PPOConfig) -> None:
     ray.init(**kwargs)
 
 
+def _died_why(error: Exception) -> str:
+    """The reason an actor died: for one whose start-up raised, the exception's own line (Ray puts it at the end
+    of a traceback of some 50 lines, after its own first line), else Ray's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if getattr(error, "_actor_init_failed", False):
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Failure): ", line)]
+        if raised:
+            return f"its start-up raised {raised[-1]}"
+    return lines[0] if lines else type(error).__name__
+
+
 def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
     """`ray.get` that turns a dead or failed worker into one clear error naming the call.
 
@@ -73,7 +85,7 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
             ray.get(ready)  # raises here if that worker failed
         return ray.get(refs)
     except ray.exceptions.RayActorError as e:
-        raise WorkerFailure(f"{what}: {who} died: {str(e).splitlines()[0]}") from e
+        raise WorkerFailure(f"{what}: {who} died: {_died_why(e)}") from e
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
         failed = f"{who}: {type(cause).__name__}: {cause}"

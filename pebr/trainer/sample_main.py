@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pebr.config import ConfigError, PPOConfig, load_config
+from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
 from pebr.utils.jsonio import atomic_open, atomic_write_json, is_within
 
@@ -313,7 +313,7 @@ def run(argv: list[str]) -> SampleSummary:
                           "sampling run would read the rollouts as questions; write them elsewhere")
     per_question = cfg.worker.rollout.n * cfg.trainer.total_epochs
     summary = SampleSummary(output=out, per_question=per_question)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    check_writable_folder(os.path.dirname(os.path.abspath(out)), f"trainer.sample_output={out!r}")
 
     processor = load_processor(cfg.worker.actor.model)
     dataset, questions, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
@@ -377,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     try:
-        code = run_cli(run, argv)
-    except SampleLogError as e:
+        code = run_cli(run, argv, __doc__)
+    except SampleLogError as e:  # an output log this run cannot resume: the user's file, like a bad data file
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         import ray
 

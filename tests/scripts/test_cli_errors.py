@@ -87,3 +87,61 @@ def test_from_the_command_line_there_is_no_traceback():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "configuration error: --model_path '/nonexistent/model': no such directory" in proc.stderr
+
+
+def test_run_cli_says_help_interrupts_and_worker_failures_in_one_message(capsys):
+    from pebr.trainer.main import USAGE, main, run_cli
+    from pebr.trainer.ray_trainer import WorkerFailure
+
+    assert main(["--help"]) == 0 and capsys.readouterr().out.strip() == USAGE  # it was "not of the form key=value"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def worker_died(argv):
+        raise WorkerFailure("actor update: worker 1 of 2 died: its start-up raised ValueError: x")
+
+    assert run_cli(interrupted, []) == 130 and "interrupted; the same command continues" in capsys.readouterr().err
+    assert run_cli(worker_died, []) == 1
+    assert capsys.readouterr().err == "error: actor update: worker 1 of 2 died: its start-up raised ValueError: x\n"
+
+
+def test_a_reward_function_that_cannot_start_is_a_configuration_error_naming_its_cause(ray_session):
+    """It was a WorkerFailure whose first line said only that a worker died, and 50 lines of Ray's traceback."""
+    from pebr.config import ConfigError, load_config
+    from pebr.trainer.main import start_reward_worker
+
+    cfg = load_config([f"config={ROOT}/examples/pebr_stage2.yaml", "worker.actor.model.model_path=Qwen/Qwen2.5-VL-3B",
+                       "data.train_files=dataset/train.json",
+                       f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_2.py:nope"])
+    with pytest.raises(ConfigError, match=r"reward_function=.*pebr_2.py:nope.*start-up raised .*has no function 'nope'"):
+        start_reward_worker(cfg)
+
+
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_worker(tiny_model_dir, synthetic_data_dir, capsys):
+    """They failed with a traceback once Ray and the workers had started (or, for the samples, at the first
+    write)."""
+    from pebr.trainer import main as trainer_main
+    from pebr.trainer import sample_main
+
+    common = [f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
+              f"data.image_dir={synthetic_data_dir}/images"]
+    assert trainer_main.main([f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+                              *common, "trainer.save_checkpoint_path=/proc/pebr_ckpt"]) == 2
+    assert "trainer.save_checkpoint_path: cannot write into /proc/pebr_ckpt" in capsys.readouterr().err
+    assert sample_main.main([f"config={ROOT}/examples/pebr_sample.yaml", *common,
+                             "trainer.sample_output=/proc/pebr/rollouts.jsonl"]) == 2
+    assert "trainer.sample_output='/proc/pebr/rollouts.jsonl': cannot write into /proc/pebr" in capsys.readouterr().err
+
+
+def test_the_model_builders_replace_no_one_elses_folder_and_say_what_they_cannot_use(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors").write_text("someone's model")
+    runs = {"make_tiny_model.py": (["--output", str(tmp_path / "other")], "holds files this script did not write"),
+            "train_tiny_clip.py": (["--output", str(tmp_path / "clip"), "--image_size", "100", "--steps", "2"],
+                                   "image_size 100 is not a multiple of patch_size 16")}
+    for script, (argv, message) in runs.items():
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *argv], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "other" / "model.safetensors").read_text() == "someone's model"

@@ -336,7 +336,7 @@ def test_cli_flags_and_exit_code(files, tmp_path, capsys):
     cli = _cli()
     out = tmp_path / "cli"
     argv = ["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out), "--n", "8"]
-    assert cli.main(argv) == 1  # q-short and q-double were not sampled 8 times
+    assert cli.main(argv) == 2  # q-short and q-double were not sampled 8 times
     assert "q-short (5)" in capsys.readouterr().err and not out.exists()
     assert cli.main(argv + ["--allow_count_mismatch"]) == 0  # the opt-in splits them by all / some / none
     assert "they are split by all / some / none" in capsys.readouterr().out
@@ -346,7 +346,7 @@ def test_cli_flags_and_exit_code(files, tmp_path, capsys):
     assert "never sampled" in capsys.readouterr().out
     with open(rollouts, "a") as f:
         f.write("garbage\n")
-    assert cli.main(["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out)]) == 1
+    assert cli.main(["--rollouts", rollouts, "--dataset", dataset, "--output_dir", str(out)]) == 2
     assert "line" in capsys.readouterr().err
 
 
