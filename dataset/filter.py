@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_root", default=None, help="base of relative image paths (default: the input's folder)")
     parser.add_argument("--min_size", type=int, default=28, help="smallest allowed image width/height in px")
     args = parser.parse_args(argv)
+    if args.min_size < 1:
+        parser.error(f"--min_size {args.min_size} must be at least 1 (px)")
     lines: list[int] = []
     try:
         records = load_records(args.input, lines)

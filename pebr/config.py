@@ -14,6 +14,7 @@ import importlib.util
 import typing
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -641,7 +642,11 @@ def _parse_overrides(overrides: list[str], schema: type) -> DictConfig:
         if _is_text(kind) and value not in ("null", "~"):
             OmegaConf.update(parsed, key, value, force_add=True)
         else:
-            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))
+            try:
+                parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))
+            except yaml.YAMLError as err:  # "[512" and the like: the word named, not a YAML traceback
+                raise ConfigError(f"command-line override {word!r}: its value is not YAML ({str(err).splitlines()[0]})"
+                                  ) from None
     return parsed
 
 

@@ -64,6 +64,7 @@ def test_overrides_win_over_files():
     ("algorithm.old_logprobs=engine", "algorithm.old_logprobs"),
     ("data.val_files=/nonexistent/val.json", "data.val_files='/nonexistent/val.json': no such file"),
     ("data.train_files=./nonexistent/", "data.train_files"),
+    ("data.max_prompt_length=[512", "override 'data.max_prompt_length=[512': its value is not YAML"),
     # Not a hub id ("name" or "org/name"): the recipes' default warm-up path before the warm-up was run.
     ("worker.actor.model.model_path=saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up",
      "model_path='saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up': no such directory"),
