@@ -3,6 +3,7 @@
 # Rerunning after an interruption resumes: finished questions are kept, nothing is duplicated.
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
+recipe_help "$0" "$@"
 require_repo_root
 refuse_overrides "data.train_files=TRAIN_FILES trainer.sample_output=ROLLOUTS" "$@"
 

@@ -4,6 +4,7 @@
 # and every key=value after them, so the keys this recipe sets below from its variables come from the variables.
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
+recipe_help "$0" "$@"
 require_repo_root
 refuse_overrides "trainer.save_checkpoint_path=RUN_DIR worker.actor.model.model_path=MODEL_PATH" "$@"
 

@@ -30,3 +30,20 @@ require_repo_root() {
         exit 2
     fi
 }
+
+# -h / --help: the recipe's header comment and its variables with their defaults, then exit (before any merge or
+# Python step runs).
+#   recipe_help "$0" "$@"
+recipe_help() {
+    local recipe=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "${arg}" == "-h" || "${arg}" == "--help" ]]; then
+            echo "usage: bash ${recipe} [config=FILE ...] [key=value ...]   (variables: VAR=value bash ${recipe})"
+            sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${recipe}"
+            echo "variables (default):"
+            grep -E '^[A-Z0-9_]+=\$\{' "${recipe}" | sed -E 's/^([A-Z0-9_]+)=\$\{[A-Z0-9_]+:-(.*)\}(.*)$/  \1 (\2)\3/'
+            exit 0
+        fi
+    done
+}

@@ -95,3 +95,13 @@ def test_a_recipe_started_outside_the_repository_root_stops(recipe, tmp_path):
                           text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin", "RUN_DIR": "runs/s1"})
     assert proc.returncode == 2 and f"run this recipe from the repository root (cd {ROOT})" in proc.stderr, proc.stderr
     assert not os.path.exists(os.path.join(ROOT, "runs"))
+
+
+@pytest.mark.parametrize("recipe", ["pebr_sample.sh", "pebr_stage1.sh", "pebr_stage2.sh", "pebr_stage2_cpu.sh"])
+def test_help_prints_the_recipe_and_its_variables_and_runs_nothing(recipe):
+    # PATH without python: stage 2 merged stage 1's checkpoint (minutes at 7 B) before "--help" failed in the trainer.
+    proc = subprocess.run(["bash", os.path.join("examples", recipe), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("usage: bash ") and "variables (default):" in proc.stdout
+    assert "  N_GPUS (" in proc.stdout and "  RUN_DIR (" in proc.stdout or "  ROLLOUTS (" in proc.stdout
