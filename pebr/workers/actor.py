@@ -123,13 +123,13 @@ def load_processor(model: ModelConfig) -> Any:
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
     try:  # the first load of a run, before any worker: a hub id that cannot be fetched is said so here
-        config = AutoConfig.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code)
+        check_model_family(AutoConfig.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code),
+                           model.model_path)
         processor = AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
                                                   trust_remote_code=model.trust_remote_code)
     except OSError as err:
         raise ConfigError(f"worker.actor.model.model_path={model.model_path!r} (or tokenizer_path) cannot be "
                           f"loaded: {err}") from err
-    check_model_family(config, model.model_path)
     if model.tokenizer_path and os.path.realpath(model.tokenizer_path) != os.path.realpath(model.model_path):
         engine_side = AutoImageProcessor.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code)
         ours, theirs = _image_settings(processor.image_processor), _image_settings(engine_side)
