@@ -4,7 +4,8 @@ No weights can be downloaded where this project is tested, so tests and the demo
 built here: a byte-level BPE tokenizer trained on text of the synthetic task (plus the Qwen special tokens
 and chat template), a Qwen2.5-VL image processor and processor, and randomly initialised weights.
 
-    python scripts/make_tiny_model.py --output DIR [--size tiny|small] [--seed S] [--family qwen2_5_vl|qwen2_vl|qwen3_vl]
+    python scripts/make_tiny_model.py --output DIR [--size tiny|small] [--seed S]
+        [--family qwen2_5_vl|qwen2_vl|qwen3_vl]
 
 `tiny` (about 0.4 M parameters) loads and generates in about a second: it is for tests.
 `small` (about 5 M parameters) is large enough to learn the synthetic counting task on 2 CPU cores in

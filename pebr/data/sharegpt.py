@@ -49,8 +49,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             "malformed" (wrong types, no messages, a lone surrogate), "unknown_role" (a role outside `ROLES`, e.g. the
             sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn), "empty_turn" (an assistant turn with
             no text, which would teach the model to stop at once, or a user turn with no text in a record without
-            images), or
-            "placeholder_mismatch"
+            images), or "placeholder_mismatch"
             (the user turns' `<image>` placeholders do not match the images, or another turn holds one; no
             placeholder with one image is allowed, the image then goes before the first question).
     """

@@ -171,7 +171,8 @@ def model_config(size: str, tokenizer: Any, family: str = "qwen2_5_vl") -> Any:
     if family == "qwen2_vl":
         return Qwen2VLConfig(text_config=text, vision_config=dict(
             depth=vision_blocks, embed_dim=s["v_hidden"], hidden_size=s["hidden"],
-            mlp_ratio=s["v_inter"] // s["v_hidden"], num_heads=s["v_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **tokens)
+            mlp_ratio=s["v_inter"] // s["v_hidden"], num_heads=s["v_heads"], patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2), **tokens)
     if family == "qwen3_vl":
         text["head_dim"] = s["hidden"] // s["heads"]
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}

@@ -294,7 +294,7 @@ def test_a_linked_target_is_merged_where_the_link_points(bf16_checkpoint, tmp_pa
         shutil.rmtree(real, ignore_errors=True)
 
 
-def test_a_merge_killed_while_moving_in_leaves_a_model_and_a_marker_saying_unfinished(bf16_checkpoint, tmp_path, tiny_model_dir,
+def test_a_merge_killed_while_moving_in_leaves_a_model_and_an_unfinished_marker(bf16_checkpoint, tmp_path, tiny_model_dir,
                                                                       monkeypatch):
     """The old weight files were removed before the new ones were moved in: a kill in between left a folder with
     no weights."""
