@@ -182,8 +182,6 @@ def test_a_stage_runs_again_when_its_command_or_an_earlier_stage_changed(tmp_pat
 def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys):
     """A stage stopped half-way left its output to be resumed by the next call, whatever settings that call had."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import subprocess
-
     import demo
 
     out, stop = str(tmp_path / "run"), tmp_path / "stop"
@@ -195,7 +193,7 @@ def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys
 
     def interrupted(setting: str) -> None:
         stop.touch()
-        with pytest.raises(subprocess.CalledProcessError):
+        with pytest.raises(demo.StageFailed):
             pipeline.stage("rl", out, partial(setting))
         stop.unlink()
 
