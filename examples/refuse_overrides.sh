@@ -42,7 +42,13 @@ recipe_help() {
             echo "usage: bash ${recipe} [config=FILE ...] [key=value ...]   (variables: VAR=value bash ${recipe})"
             sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${recipe}"
             echo "variables (default):"
-            grep -E '^[A-Z0-9_]+=\$\{' "${recipe}" | sed -E 's/^([A-Z0-9_]+)=\$\{[A-Z0-9_]+:-(.*)\}(.*)$/  \1 (\2)\3/'
+            local line name
+            while IFS= read -r line; do
+                name=${line%%=*}
+                echo "${line}" | sed -E 's/^([A-Z0-9_]+)=\$\{[A-Z0-9_]+:-(.*)\}(.*)$/  \1 (\2)\3/'
+                # A CPU twin sets some before it runs the recipe: say what this call gets.
+                if [ -n "${!name+x}" ]; then echo "      now: ${!name}"; fi
+            done < <(grep -E '^[A-Z0-9_]+=\$\{' "${recipe}")
             exit 0
         fi
     done
