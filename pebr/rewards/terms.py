@@ -233,23 +233,26 @@ def _choice_letter(answer: str) -> str | None:
 
 
 def _point_names(text: str) -> tuple[str, str] | None:
-    """(capital letters, kind) of an answer naming points of a figure, kind "triangle" or "path" (a segment or
-    an angle); a bare roman numeral is kind "roman". None for anything else."""
+    """(capital letters, kind) of an answer in capital letters: kind "triangle", or "path" (a segment, or an
+    angle marked as one); a bare roman numeral is kind "roman", and three or more bare letters kind "word"
+    (an acronym such as "USA" as much as an angle). None for anything else."""
     letters = _FIGURE_MARKERS.sub("", text)
     if len(letters) < 2 or not letters.isascii() or not letters.isalpha() or not letters.isupper():
         return None
     if _TRIANGLE.search(text):
         return letters, "triangle"
-    return letters, "roman" if letters == text and not set(letters) - set("IVXLCDM") else "path"
+    if letters == text and not set(letters) - set("IVXLCDM"):
+        return letters, "roman"
+    return letters, "path" if letters != text.strip() or len(letters) == 2 else "word"
 
 
 def _same_figure(answer: tuple[str, str], truth: tuple[str, str]) -> bool:
-    """A segment or angle read either way (AB = BA, ABC = CBA, not BAC); a triangle in any order; a roman
-    numeral as written (IV is not VI)."""
+    """A segment or marked angle read either way (AB = BA, ∠ABC = ∠CBA, not ∠BAC); a triangle in any order;
+    a roman numeral or a bare word as written (IV is not VI, ASU is not USA)."""
     (given, given_kind), (wanted, wanted_kind) = answer, truth
     if "triangle" in (given_kind, wanted_kind):
         return len(given) == len(wanted) and sorted(given) == sorted(wanted)
-    if "roman" in (given_kind, wanted_kind):
+    if "roman" in (given_kind, wanted_kind) or "path" not in (given_kind, wanted_kind):
         return given == wanted
     return given in (wanted, wanted[::-1])
 

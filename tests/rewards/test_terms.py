@@ -133,6 +133,9 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("\\triangle BCA", "\\triangle ABC", True),
         ("NO", "YES", False),
         ("VI", "IV", False),  # roman numerals, not a segment read backwards
+        ("ASU", "USA", False),  # a word, not an angle read backwards
+        ("CBA", "\\angle ABC", True),  # one side marks the angle
+        ("USA", "USA", True),
         ("20", "20 m/s", True),  # an answer without its unit, as "8" against "8 cm²"
         ("20 m/s", "20", True),
         ("8 \\text{ cm}^2", "8 cm²", True),
