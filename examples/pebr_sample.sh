@@ -13,6 +13,7 @@ IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative
 ROLLOUTS=${ROLLOUTS:-_rollout_outputs/rollouts.jsonl}
 SPLIT_DIR=${SPLIT_DIR:-dataset}                                       # stage 1 / 2 read easycase / mediumcase.json here
 N_GPUS=${N_GPUS:-8}
+require_count N_GPUS
 
 if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the whole sampling run
   case "$(realpath -m "${SPLIT_DIR}")/" in "$(realpath -m "${TRAIN_FILES}")"/*)

@@ -13,6 +13,7 @@ TRAIN_FILES=${TRAIN_FILES:-dataset/easycase.json}                     # written 
 IMAGE_DIR=${IMAGE_DIR:-null}                                          # relative image paths are joined to it
 CLIP_MODEL_PATH=${CLIP_MODEL_PATH:-qihoo360/fg-clip-large}            # FG-CLIP: a hub id or a local directory
 N_GPUS=${N_GPUS:-7}
+require_count N_GPUS
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage1}
 
 python3 -m pebr.trainer.main config=examples/pebr_stage1.yaml \

@@ -12,6 +12,7 @@ STAGE1_DIR=${STAGE1_DIR:-checkpoints/easy_r1/pebr_stage1}
 TRAIN_FILES=${TRAIN_FILES:-dataset/mediumcase.json}                   # written by examples/pebr_sample.sh
 IMAGE_DIR=${IMAGE_DIR:-null}
 N_GPUS=${N_GPUS:-8}
+require_count N_GPUS
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage2}
 # Stage 1's newest checkpoint, merged (again) into a Hugging Face model unless MODEL_PATH is given.
 MODEL_PATH=${MODEL_PATH:-$(python3 scripts/model_merger.py --latest_in "${STAGE1_DIR}" | tail -n 1)}

@@ -53,3 +53,14 @@ recipe_help() {
         fi
     done
 }
+
+# A variable that must be a whole number of at least 1 (N_GPUS): stop naming the variable, not the config key it
+# is passed on as.
+#   require_count N_GPUS
+require_count() {
+    local name=$1
+    if ! [[ "${!name}" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: ${name}=${!name} is not a whole number of at least 1" >&2
+        exit 2
+    fi
+}

@@ -107,3 +107,12 @@ def test_help_prints_the_recipe_and_its_variables_and_runs_nothing(recipe):
     assert "  N_GPUS (" in proc.stdout and "  RUN_DIR (" in proc.stdout or "  ROLLOUTS (" in proc.stdout
     if recipe.endswith("_cpu.sh"):  # the twin's own value, not only the GPU recipe's default
         assert "  N_GPUS (8)\n      now: 2\n" in proc.stdout
+
+
+@pytest.mark.parametrize("recipe, value", [("pebr_stage2.sh", "abc"), ("pebr_sample_cpu.sh", "0"),
+                                           ("pebr_stage1.sh", "2.5")])
+def test_a_gpu_count_that_is_not_a_whole_number_stops_naming_the_variable(recipe, value):
+    # PATH without python: stage 2 would have merged stage 1's checkpoint, then blamed trainer.n_gpus_per_node.
+    proc = subprocess.run(["bash", os.path.join("examples", recipe)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin", "N_GPUS": value})
+    assert proc.returncode == 2 and proc.stderr == f"error: N_GPUS={value} is not a whole number of at least 1\n"
