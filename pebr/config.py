@@ -204,6 +204,8 @@ class RolloutConfig:
     # are n requests, and each recomputes the prompt's tokens past its last full block: a smaller block
     # recomputes fewer (the CPU recipe sets 32, the smallest vLLM's CPU attention takes).
     block_size: int | None = None
+    # Validation samples one response a question at temperature 0.5 (with the training's top_p, top_k, seed and
+    # max_tokens); keys here (n, temperature, top_p, top_k, max_tokens, seed) replace those.
     val_override_config: dict = field(default_factory=dict)
 
 
@@ -381,8 +383,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.rollout.top_k={rollout.top_k} must be -1 or 0 (off) or >= 1")
     if not rollout.mm_cache_gb >= 0:
         raise ConfigError(f"worker.rollout.mm_cache_gb={rollout.mm_cache_gb} must be >= 0")
-    if not rollout.cpu_kv_cache_gb > 0:
-        raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be positive")
+    if not (rollout.cpu_kv_cache_gb >= 1 and float(rollout.cpu_kv_cache_gb).is_integer()):
+        raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
+                          "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
     _positive("worker.rollout.limit_images", rollout.limit_images)
     bad_steps = [k for k in t.profile_steps if k < 1]
     if bad_steps:
@@ -488,8 +491,13 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         if not os.path.isfile(path):
             raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
     bounds = d.min_pixels, d.max_pixels
+    for key, value in zip(("data.min_pixels", "data.max_pixels"), bounds):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1 (or null for the model's own bound)")
     if None not in bounds and bounds[0] > bounds[1]:
         raise ConfigError(f"data.min_pixels={bounds[0]} is larger than data.max_pixels={bounds[1]}")
+    if not t.worker_timeout_s > 0:  # every call to a worker would time out at once
+        raise ConfigError(f"trainer.worker_timeout_s={t.worker_timeout_s} must be positive (seconds)")
     if not 0.0 < rollout.top_p <= 1.0:
         raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
     _check_val_sampling(rollout.val_override_config)
@@ -522,6 +530,8 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     for key, value in (("worker.actor.optim.lr", o.lr), ("worker.actor.max_grad_norm", actor.max_grad_norm)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"worker.actor.optim.weight_decay={o.weight_decay} must be at least 0")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"worker.actor.optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     if o.lr_warmup_steps is not None and o.lr_warmup_steps < 0:
@@ -531,6 +541,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("worker.actor.optim.min_lr_ratio", o.min_lr_ratio)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}={value} must be in [0, 1]")
+    if o.min_lr_ratio and o.warmup_style != "cosine":  # the constant schedule never leaves its peak
+        raise ConfigError(f"worker.actor.optim.min_lr_ratio={o.min_lr_ratio} acts only with "
+                          f"worker.actor.optim.warmup_style=cosine (it is {o.warmup_style!r}); set both or neither")
     if w.reward.reward_function is None:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
     if a.adv_estimator in ("grpo", "rloo") and rollout.n < 2:
@@ -572,9 +585,25 @@ def _structured_merge(base: Any, sources: list, origin: str) -> Any:
     try:
         return OmegaConf.merge(base, *sources)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None) or _rejected_key(base, sources[0]) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{origin}: bad configuration key '{key}': {msg}") from None
+
+
+def _rejected_key(base: Any, source: Any, prefix: str = "") -> str | None:
+    """The dotted key of `source` that `base` refuses to merge, for errors OmegaConf gives without one (a whole
+    section given a number or a list: data=5)."""
+    for key in source:
+        try:
+            OmegaConf.merge(base, {key: source[key]})
+        except OmegaConfBaseException as e:
+            if getattr(e, "full_key", None):
+                return e.full_key
+            child = source[key]
+            if isinstance(child, DictConfig) and key in base and isinstance(base[key], DictConfig):
+                return _rejected_key(base[key], child, f"{prefix}{key}.") or f"{prefix}{key}"
+            return f"{prefix}{key}"
+    return None
 
 
 def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = True) -> Any:

@@ -34,6 +34,25 @@ def load_dataset(cfg: PPOConfig, source: str, processor: Any):
     return dataset, records, report
 
 
+def check_fits_context(cfg: PPOConfig) -> None:
+    """The rollout engine holds a prompt and its response (data.max_prompt_length + data.max_response_length):
+    refuse a sum past the model's context now; vLLM refused it only after Ray and every model had started, naming
+    neither key.
+
+    Raises:
+        ConfigError: naming both keys and the model's max_position_embeddings.
+    """
+    from pebr.evaluation import model_context
+
+    d = cfg.data
+    context = model_context(cfg.worker.actor.model.model_path)
+    if context is not None and d.max_prompt_length + d.max_response_length > context:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} + data.max_response_length={d.max_response_length} = "
+            f"{d.max_prompt_length + d.max_response_length} tokens is more than the model's context "
+            f"({context}, max_position_embeddings of {cfg.worker.actor.model.model_path}); lower either")
+
+
 def build_dataset(cfg: PPOConfig, source: str, processor: Any):
     return load_dataset(cfg, source, processor)[0]
 
@@ -89,6 +108,7 @@ def run(argv: list[str]) -> None:
     cfg = load_config(argv)
     warn_untested_versions()
     processor = load_processor(cfg.worker.actor.model)
+    check_fits_context(cfg)
     train = build_dataset(cfg, cfg.data.train_files, processor)
     val = build_dataset(cfg, cfg.data.val_files, processor) if cfg.data.val_files else None
     if len(train) < cfg.data.rollout_batch_size:

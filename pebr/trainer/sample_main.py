@@ -294,7 +294,7 @@ def run(argv: list[str]) -> SampleSummary:
     import ray
     from tqdm import tqdm
 
-    from pebr.trainer.main import probe_reward, start_reward_worker
+    from pebr.trainer.main import check_fits_context, probe_reward, start_reward_worker
     from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
     from pebr.utils.versions import warn_untested_versions
     from pebr.workers.actor import load_processor
@@ -316,6 +316,7 @@ def run(argv: list[str]) -> SampleSummary:
     check_writable_folder(os.path.dirname(os.path.abspath(out)), f"trainer.sample_output={out!r}")
 
     processor = load_processor(cfg.worker.actor.model)
+    check_fits_context(cfg)
     dataset, questions, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
     qids = list(questions)
     summary.questions = len(dataset)

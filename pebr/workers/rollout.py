@@ -54,7 +54,8 @@ def set_engine_environment(cpu_kv_cache_gb: float) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # nothing leaves the machine unasked
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cpu_kv_cache_gb)))))
+    # The setting, not an exported variable, sizes the cache: the config is where a run says how large.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gb))
     if not torch.cuda.is_available():
         # vllm-cpu 0.32 saves a compiled model (enforce_eager=false) as an AOT artefact that it then cannot
         # load ("'function' object has no attribute 'finalize_loading'") and compiles again on every start;

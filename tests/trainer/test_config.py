@@ -106,7 +106,20 @@ def test_overrides_win_over_files():
     ("worker.rollout.gpu_memory_utilization=1.5", "gpu_memory_utilization=1.5 must be in"),
     ("worker.rollout.gpu_memory_utilization=0", "gpu_memory_utilization=0.0 must be in"),
     ("worker.rollout.top_k=-5", "worker.rollout.top_k=-5 must be -1 or 0"),
-    ("worker.rollout.cpu_kv_cache_gb=0", "cpu_kv_cache_gb=0.0 must be positive"),
+    ("worker.rollout.cpu_kv_cache_gb=0", "cpu_kv_cache_gb=0.0 must be a whole number of GiB, at least 1"),
+    ("worker.rollout.cpu_kv_cache_gb=2.5", "cpu_kv_cache_gb=2.5 must be a whole number"),  # was rounded to 2
+    # A crash in the image resizing (math domain error, division by zero) when the data loaded.
+    ("data.min_pixels=null data.max_pixels=-1", "data.max_pixels=-1 must be at least 1"),
+    ("data.min_pixels=0 data.max_pixels=0", "data.min_pixels=0 must be at least 1"),
+    # torch's "Invalid weight_decay value" from inside every worker, after the models loaded.
+    ("worker.actor.optim.weight_decay=-1", "worker.actor.optim.weight_decay=-1.0 must be at least 0"),
+    # Every worker call timed out at once.
+    ("trainer.worker_timeout_s=0", "trainer.worker_timeout_s=0.0 must be positive"),
+    # The constant schedule ignored it.
+    ("worker.actor.optim.min_lr_ratio=0.5", "min_lr_ratio=0.5 acts only with worker.actor.optim.warmup_style=cosine"),
+    # A whole section given a number or a list: the key was '?'.
+    ("data=5", "bad configuration key 'data'"),
+    ("worker.rollout=[1]", "bad configuration key 'worker.rollout'"),
     ("worker.rollout.limit_images=0", "worker.rollout.limit_images must be positive"),
     ("worker.actor.clip_ratio_low=-1", "clip_ratio_low=-1.0 must be in"),
     ("algorithm.kl_coef=-1", "algorithm.kl_coef=-1.0 must be >= 0"),
@@ -265,3 +278,29 @@ def test_the_transformers_rollout_refuses_engine_groups(recipe):
     first rank's advantages: the controller scores one rank per group, the others reuse its samples by position."""
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs worker.rollout.name=vllm"):
         load_config([stage(recipe), *REQUIRED, "worker.rollout.name=hf", "worker.rollout.tensor_parallel_size=2"])
+
+
+def test_prompt_and_response_past_the_models_context_are_refused_before_ray(tiny_model_dir):
+    """vLLM refused max_model_len past max_position_embeddings (4096 here) only after Ray, the actor and the
+    reference model had started, naming no data.* key."""
+    from pebr.trainer.main import check_fits_context
+
+    base = [stage("pebr_stage2.yaml"), f"worker.actor.model.model_path={tiny_model_dir}",
+            "data.train_files=dataset/train.json"]
+    check_fits_context(load_config([*base, "data.max_prompt_length=2048", "data.max_response_length=2048"]))
+    cfg = load_config([*base, "data.max_prompt_length=2048", "data.max_response_length=2049"])
+    with pytest.raises(ConfigError, match=re.escape("data.max_prompt_length=2048 + data.max_response_length=2049 = "
+                                                    "4097 tokens is more than the model's context (4096")):
+        check_fits_context(cfg)
+
+
+def test_the_kv_cache_setting_sizes_the_engine_whatever_the_environment_says(monkeypatch):
+    """worker.rollout.cpu_kv_cache_gb lost to an exported VLLM_CPU_KVCACHE_SPACE, and was rounded."""
+    from pebr.workers.rollout import set_engine_environment
+
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
+                 "VLLM_USE_AOT_COMPILE"):
+        monkeypatch.setenv(name, os.environ.get(name, "0"))  # restored after the test
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
+    set_engine_environment(3.0)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
