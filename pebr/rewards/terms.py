@@ -49,11 +49,13 @@ _DESCRIPTION = re.compile(r"###\s*image\s+description\s*:", _FLAGS)
 _RATIONALES = re.compile(r"###\s*rationales\s*:", _FLAGS)
 _STEP_ONE = re.compile(r"###\s*step\s*1\s*:", _FLAGS)
 _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
-# Extraction also accepts the header without its colon ("### The final answer is 42"); the format
+# Extraction also accepts the header without its colon ("### The final answer is 42"), or with a full-width one
+# (Qwen drifting into Chinese writes "："); the format
 # reward still requires the colon, so a sloppy header costs the format term, not the answer.
 # Markdown emphasis around the header's words ("### **The final answer is:** 5") is read past too.
 # (Whitespace is read once: "\s*[*_]*\s*" took quadratic time on a long run of spaces after "###".)
-_FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*:?[*_]*", _FLAGS)
+_FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*[:：]?[*_]*",
+                                 _FLAGS)
 _ANY_HEADER = re.compile(r"###")
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
@@ -69,17 +71,24 @@ _CHOICE_ANSWER_UPPER = re.compile(
     r"[(\[]?\s*([A-Z])\s*[)\]]?(?:[.:,)]|\s+(?![a-z])|$|\s+is\s+(?:the\s+)?(?:correct|right|answer|best)\b)"
 )
 _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
-# Two choices or more ("A, B, C, D", "A or B", "(A)/(B)"): a hedge, wrong whatever the truth.
+# Two choices or more ("A, B, C, D", "A or B", "(A)/(B)", "A B C D", "(A)(B)"): a hedge, wrong whatever the
+# truth. Without a separator the second letter must stand alone ("(B) A circle" names choice B).
 _SEVERAL_CHOICES = re.compile(
-    r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)")
+    r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)"
+    r"|[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s*$|\s+(?=[(\[]?[A-Z](?![a-z]))))")
 # Where an answer line goes on to explain itself: a sentence ends before a word, a parenthesis with words in it
 # opens, or a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
 # "4. This is because 2+1=3" counted as 3, since math-verify keeps the last number it finds. A full stop or
 # semicolon before a number or a one-letter name does not end the answer ("x = 1; y = 2", "B. 60°",
 # "approx. 3.14"). LaTeX is not prose: "\\;" is a space, "5!" a factorial and "(\\pi + 1)" a factor.
 _EXPLANATION = re.compile(
-    r"(?<!\\)[.。;?]\s+(?=[^\W\d_]{2})|(?<![\\\d])!\s+|\s+\((?=[^)]*(?<![\\A-Za-z])[A-Za-z]{2,}\s)"
+    r"(?<!\\)[.。;?]\s+(?=[^\W\d_]{2})|(?<![\\\d])!\s+|\s+\((?=[^)]{0,200}?(?<![\\A-Za-z])[A-Za-z]{2,}\s)"
     r"|,?\s+(?i:because|since)\b")
+# A number alone, in decimal or scientific notation ("1,000", "-0.25", "1.6e-19", "9.1 \\times 10^{-31}"; a bare
+# exponent is read whole, as plain text means it: "10^-19").
+_PLAIN_NUMBER = re.compile(
+    r"^(?P<mantissa>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))"
+    r"(?:\s*[eE](?P<e>[-+]?\d+)|\s*(?:\\times|\\cdot|\*)\s*10\s*\^\s*(?:\{\s*(?P<braced>[-+]?\d+)\s*\}|(?P<bare>[-+]?\d+)))?$")
 # A number and what follows it ("20 m/s", "8 \\text{ cm}^2", "30°"), and the unit's markup.
 # Commas only as thousands separators ("1,000"): "2,5" is not 25.
 _NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
@@ -98,17 +107,23 @@ _NOT_COUNTED = frozenset(
     "half halves third thirds quarter quarters fourth fourths fifth fifths tenth tenths or and to more less than "
     "at least most about approximately around nearly almost over under per by of".split())
 _YES_NO = frozenset({"yes", "no", "true", "false"})
+# Both words at once ("Yes or no", "yes/no", "No, yes", "True or False"), not "Yes, no doubt".
+_YES_NO_HEDGE = re.compile(r"^\W*(yes|no|true|false)\W*(?:(?:or|and)\W+)?(yes|no|true|false)\b(?!\s+[A-Za-z])",
+                           re.IGNORECASE)
 # Points named by capital letters, in an answer about a figure ("AB", "\\angle ABC", "∠ABC", "\\triangle ABC").
 _FIGURE_MARKERS = re.compile(
     r"\\(?:angle|triangle|overline|overrightarrow|widehat|measuredangle)|[∠△$\s{}]|\\[,;!]")
 _TRIANGLE = re.compile(r"\\triangle|△")
+# A well-formed roman numeral (1-3999): "LC" and "DM" are segments, not numerals.
+_ROMAN = re.compile(r"^M{0,3}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})$")
 # LaTeX that wraps words ("\\text{Yes}", "\\textbf{B}"): its content is what a yes/no or a choice is read from.
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|operatorname)\s*\{([^{}]*)\}")
 # A square root sign and what it takes: a bracketed group, a number or one letter ("√3", "2√(x+1)").
 _ROOT_SIGN = re.compile(r"√\s*(?:\(([^()]*)\)|\{([^{}]*)\}|(\d+(?:\.\d+)?|[A-Za-z]))")
 
 # Signs and symbols that NFKC leaves alone but graders do not understand.
-_UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot "})
+_UNICODE_FIXES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00b7": "\\cdot ",
+                                "\u221e": "\\infty "})
 # Superscript digits, made exponents before NFKC would turn "cm²" into "cm2".
 _SUPERSCRIPTS = str.maketrans({sup: f"^{digit}" for sup, digit in zip("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")})
 # Markdown around an answer ("**3**", "`B`") and LaTeX display delimiters ("$$3$$", "\[3\]", "\(3\)").
@@ -198,8 +213,10 @@ def _first_answer_line(text: str) -> str:
 
 def clean_answer(text: str) -> str:
     """An answer or ground truth as the graders see it: unicode normalised; spacing, markdown emphasis, math
-    delimiters and a final full stop removed. "" when nothing else is left."""
-    text = unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)).translate(_UNICODE_FIXES).strip()
+    delimiters, invisible format characters and a final full stop removed. "" when nothing else is left."""
+    text = unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)).translate(_UNICODE_FIXES)
+    # Invisible format characters (a zero-width space, a byte-order mark) are no part of an answer.
+    text = "".join(char for char in text if unicodedata.category(char) != "Cf").strip()
     text = _ROOT_SIGN.sub(lambda m: "\\sqrt{%s}" % next(g for g in m.groups() if g is not None), text)
     text = text.rstrip("。.").strip()
     unwrapped = True
@@ -241,18 +258,18 @@ def _point_names(text: str) -> tuple[str, str] | None:
         return None
     if _TRIANGLE.search(text):
         return letters, "triangle"
-    if letters == text and not set(letters) - set("IVXLCDM"):
+    if letters == text and _ROMAN.match(letters):
         return letters, "roman"
     return letters, "path" if letters != text.strip() or len(letters) == 2 else "word"
 
 
 def _same_figure(answer: tuple[str, str], truth: tuple[str, str]) -> bool:
     """A segment or marked angle read either way (AB = BA, ∠ABC = ∠CBA, not ∠BAC); a triangle in any order;
-    a roman numeral or a bare word as written (IV is not VI, ASU is not USA)."""
+    two roman numerals or bare words as written (IV is not VI, ASU is not USA; LC is no numeral, so it is CL)."""
     (given, given_kind), (wanted, wanted_kind) = answer, truth
     if "triangle" in (given_kind, wanted_kind):
         return len(given) == len(wanted) and sorted(given) == sorted(wanted)
-    if "roman" in (given_kind, wanted_kind) or "path" not in (given_kind, wanted_kind):
+    if given_kind == wanted_kind == "roman" or "path" not in (given_kind, wanted_kind):
         return given == wanted
     return given in (wanted, wanted[::-1])
 
@@ -281,6 +298,17 @@ def _number_and_unit(text: str) -> tuple[float, str] | None:
         return None
 
 
+def _plain_number(text: str) -> float | None:
+    """The value of `text` when it is a number and nothing else (see _PLAIN_NUMBER), else None."""
+    match = _PLAIN_NUMBER.match(text)
+    if match is None:
+        return None
+    exponent = int(next((g for g in (match["e"], match["braced"], match["bare"]) if g is not None), "0"))
+    if abs(exponent) > 300:  # past a float's range: left to the graders
+        return None
+    return float(match["mantissa"].replace(",", "")) * 10.0 ** exponent
+
+
 def _other_units(answer: str, ground_truth: str) -> bool:
     """Both are a number with a unit, and the units differ ("3 m" and "3 cm"), which the graders, stripping
     units, would call equal."""
@@ -299,20 +327,23 @@ def _same_quantity(answer: str, ground_truth: str) -> bool:
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
+def _time_limit(seconds: float) -> Iterator[list[bool]]:
     """Raise TimeoutError in the block after `seconds` (SIGALRM: on the main thread only; elsewhere no limit).
-    mathruler's sympy has no limit of its own: "10000000!" against a fraction ran for minutes."""
+    mathruler's sympy has no limit of its own: "10000000!" against a fraction ran for minutes. Yields a list
+    that holds True once the time ran out (mathruler may swallow the error and answer False)."""
+    fired = [False]
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield fired
         return
 
     def out_of_time(signum: int, frame: object) -> None:
+        fired[0] = True
         raise TimeoutError(f"the grader took more than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, out_of_time)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield fired
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -373,18 +404,26 @@ def answers_match(answer: str, ground_truth: str) -> bool:
         return True
     plain_truth = _plain_words(truth).casefold()
     if plain_truth in _YES_NO:  # "Yes, the triangle is isosceles" or "\\text{Yes}" for "Yes"
-        return _leading_word(_plain_words(given)) == plain_truth
+        words = _plain_words(given)
+        hedge = _YES_NO_HEDGE.match(words)  # "Yes or no", "yes/no", "True or False": both, so neither
+        return _leading_word(words) == plain_truth and not (hedge and hedge[1].casefold() != hedge[2].casefold())
+    numbers = _plain_number(given), _plain_number(truth)
+    if None not in numbers:  # both graders call any two numbers within 1e-6 or 1e-7 equal: 1.6e-19 and 1.7e-19
+        return math.isclose(*numbers, rel_tol=1e-9, abs_tol=0.0)
     names = _point_names(given), _point_names(truth)
     if None not in names:  # the graders read "BAC" as the product B*A*C, equal to "ABC"
         return _same_figure(*names)
     if _other_units(given, truth):
         return False
+    out_of_time = [False]
     try:
-        with _time_limit(_GRADER_TIMEOUT_S):
+        with _time_limit(_GRADER_TIMEOUT_S) as out_of_time:
             if grade_answer(given, truth):
                 return True
     except Exception:  # noqa: BLE001 - mathruler raises on some malformed LaTeX (or ran out of time): no match
         pass
+    if out_of_time[0]:  # "10000000!": math-verify would spend its own seconds on it too
+        return _same_quantity(given, truth)
     return _math_verify_match(given, truth) or _same_quantity(given, truth)
 
 
@@ -463,7 +502,7 @@ def length_reward(response_length: int, max_length: int = 512) -> float:
     """
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    if response_length < 0:
+    if not response_length >= 0:  # NaN too
         raise ValueError(f"response_length must be >= 0, got {response_length}")
     if response_length <= max_length:
         return 1.0
@@ -473,7 +512,8 @@ def length_reward(response_length: int, max_length: int = 512) -> float:
 def extract_image_description(response: str) -> str:
     """The caption: the text between ``### Image Description:`` and ``### Rationales:``.
 
-    If the Rationales header is missing, the caption runs to the next ``###`` header (or the end).
+    It ends early at a repeated description header (the header is no part of a caption). If the Rationales
+    header is missing, the caption runs to the next ``###`` header (or the end).
 
     Args:
         response: the decoded response text.
@@ -485,8 +525,10 @@ def extract_image_description(response: str) -> str:
     if start is None:
         return ""
     rest = response[start.end() :]
-    end = _RATIONALES.search(rest) or _ANY_HEADER.search(rest)
-    return (rest[: end.start()] if end else rest).strip()
+    ends = [match.start() for match in (_RATIONALES.search(rest), _DESCRIPTION.search(rest)) if match]
+    if not ends:
+        ends = [match.start() for match in (_ANY_HEADER.search(rest),) if match]
+    return rest[: min(ends, default=len(rest))].strip()
 
 
 def clip_alignment_reward(similarity: float, threshold: float = 0.4) -> float:

@@ -85,6 +85,7 @@ def test_format_reward(response: str, expected: float) -> None:
         ("### The final answer is: 3.14. That is pi.", "3.14"),
         ("### The final answer is: 2 (x+1)", "2 (x+1)"),  # a bracket of formula, not of words
         ("### The final answer is: \\boxed{3}. Because 1+2=3", "3"),
+        ("### The final answer is：42", "42"),  # a full-width colon: "：42" was graded
     ],
 )
 def test_extract_final_answer(response: str, expected: str) -> None:
@@ -134,6 +135,29 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("NO", "YES", False),
         ("VI", "IV", False),  # roman numerals, not a segment read backwards
         ("ASU", "USA", False),  # a word, not an angle read backwards
+        ("LC", "CL", True),  # not a roman numeral, so a segment read backwards
+        ("DM", "MD", True),
+        # Small numbers: both graders call numbers within 1e-6 or 1e-7 of each other equal.
+        ("1.6e-19", "1.7e-19", False),
+        ("1.6e-19", "0", False),
+        ("0.00000009", "0", False),
+        ("3.00000005", "3", False),
+        ("0.0000001", "0.0000002", False),
+        ("1.6 \\times 10^{-19}", "1.6e-19", True),
+        ("1.6×10^-19", "0.00000000000000000016", True),
+        ("2e3", "2,000", True),
+        # Hedges between yes and no, and between choice letters without a separator.
+        ("Yes or no", "Yes", False),
+        ("yes/no", "Yes", False),
+        ("No, yes", "No", False),
+        ("True or False", "True", False),
+        ("Yes, no doubt", "Yes", True),
+        ("A B C D", "A", False),
+        ("B C", "B", False),
+        ("(A)(B)", "A", False),
+        ("(B) A circle", "B", True),  # the choice's text starts with an article
+        ("∞", "\\infty", True),
+        ("\u200b42", "42", True),  # a zero-width space
         ("CBA", "\\angle ABC", True),  # one side marks the angle
         ("USA", "USA", True),
         ("20", "20 m/s", True),  # an answer without its unit, as "8" against "8 cm²"
@@ -245,6 +269,24 @@ def test_a_grader_that_runs_away_is_stopped() -> None:
     start = time.perf_counter()
     assert accuracy_reward("### The final answer is: 10000000!", "\\frac{1}{2}") == 0.0
     assert time.perf_counter() - start < 30  # two graders of 5 s each, and their imports
+
+
+def test_math_verify_is_not_asked_once_mathruler_ran_out_of_time(monkeypatch) -> None:
+    """mathruler swallows its timeout and answers False; math-verify then spent its own 5 s on the same input."""
+    monkeypatch.setattr(terms, "_GRADER_TIMEOUT_S", 1)
+    asked = []
+    monkeypatch.setattr(terms, "_math_verify_match", lambda *args: asked.append(args) or False)
+    assert not answers_match("10000000!", "\\frac{1}{2}")
+    assert asked == []
+    assert answers_match("\\frac{2}{4}", "0.5") or asked  # an answer in time still reaches both graders
+
+
+def test_an_answer_of_many_brackets_is_split_in_linear_time() -> None:
+    import time
+
+    start = time.perf_counter()
+    assert extract_final_answer("### The final answer is: 1" + " (a" * 20000) == "1" + " (a" * 20000
+    assert time.perf_counter() - start < 5  # quadratic before: 28 s
 
 
 def test_a_long_run_of_spaces_after_a_header_is_read_in_linear_time() -> None:
@@ -366,6 +408,8 @@ def test_length_reward_rejects_bad_arguments() -> None:
         length_reward(10, 0)
     with pytest.raises(ValueError, match="response_length"):
         length_reward(-1)
+    with pytest.raises(ValueError, match="response_length must be >= 0, got nan"):  # it returned NaN
+        length_reward(float("nan"))
 
 
 # ---- image description and CLIP alignment ----------------------------------------------------
@@ -380,6 +424,8 @@ def test_length_reward_rejects_bad_arguments() -> None:
         ("### Image Description: only this", "only this"),
         (ONLY_HEADERS, ""),
         ("no headers at all", ""),
+        # A repeated header was fed to CLIP as part of the caption.
+        ("### Image Description:\nA\n### Image Description:\nB\n### Rationales: x", "A"),
     ],
 )
 def test_extract_image_description(response: str, expected: str) -> None:
