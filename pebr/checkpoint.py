@@ -15,16 +15,22 @@ A save goes to `global_step_{k}.partial/` and is renamed when every rank has wri
 crash during a save leaves a `.partial` directory that is ignored and cleaned up, never a half
 checkpoint that a restart would load. Deleting works the other way round: a checkpoint is first renamed to
 `global_step_{k}.deleting/`, then removed, so a crash while deleting never leaves a half checkpoint under
-its step's name either. Weights are never pickled: tensors are safetensors, the rest JSON.
+its step's name either. Weights are never pickled: tensors are safetensors, the rest JSON. A training run
+holds `{checkpoint_dir}/.lock` while it runs (`run_dir_lock`), so a second run started on the same folder stops
+instead of deleting the first one's saves and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -231,6 +237,41 @@ def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = No
     check_shards(actor_dir, optimizer=True)  # every rank's files: a lost one would fail only in the workers
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(checkpoint_dir: str) -> Iterator[None]:
+    """Hold `checkpoint_dir`'s lock file for the block: one training run per folder.
+
+    A second run on a live run's folder removed its in-flight save, trimmed its metrics file and purged its
+    TensorBoard steps before failing; now it stops first. The lock is the kernel's (flock), so a run that dies
+    leaves nothing to clean up.
+
+    Raises:
+        CheckpointError: another process holds the lock, naming the folder and the holder.
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    path = os.path.join(checkpoint_dir, LOCK_FILE)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CheckpointError(f"{checkpoint_dir} is in use by another training run ({holder}, holding {path}): "
+                                  "wait for it to end, or stop it, before resuming; or set another "
+                                  "trainer.save_checkpoint_path") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  scheduler: Any, rank: int, world_size: int) -> None:
     """Restore this rank's shards written by `save_sharded` with the same world size."""
@@ -242,6 +283,9 @@ def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     model_file = os.path.join(actor_dir, f"model_{tag}.safetensors")
     if not os.path.isfile(model_file):
         found = sorted(f for f in os.listdir(actor_dir) if f.startswith("model_world_size_")) if os.path.isdir(actor_dir) else []
+        if not found:  # not another world size: the folder went away, or was emptied, after the run picked it
+            raise CheckpointError(f"{model_file} is missing, and {actor_dir} holds no model shards at all: was the "
+                                  "checkpoint deleted while this run started?")
         if any(f.startswith(f"model_world_size_{world_size}_") for f in found):
             raise CheckpointError(f"{model_file} is missing (found {found[:4]}): the checkpoint is incomplete")
         raise CheckpointError(f"{model_file} is missing (found {found[:4]}); a checkpoint resumes with the "

@@ -99,10 +99,9 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
 
 
 def run(argv: list[str]) -> None:
-    import ray
-
+    from pebr.checkpoint import run_dir_lock
     from pebr.data import StatefulBatchSampler
-    from pebr.trainer.ray_trainer import RayPPOTrainer, init_ray
+    from pebr.trainer.ray_trainer import init_ray
     from pebr.workers.actor import load_processor
 
     cfg = load_config(argv)
@@ -123,7 +122,17 @@ def run(argv: list[str]) -> None:
               + ("other ones each epoch, the order being shuffled)" if cfg.data.shuffle else
                  "the same ones each epoch: data.shuffle=false)"), flush=True)
     check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
-    init_ray(cfg)
+    with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
+        init_ray(cfg)
+        _train(cfg, train, val, sampler)
+
+
+def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
+    """Start the reward actor and the trainer, and fit; the workers and the reward actor end with it."""
+    import ray
+
+    from pebr.trainer.ray_trainer import RayPPOTrainer
+
     reward = start_reward_worker(cfg)
     trainer = None
     try:

@@ -418,8 +418,10 @@ class RayPPOTrainer:
             f.write(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
-        if state.get("metrics") and self.tracker.missing(self.global_step):
-            self.tracker.log(self.global_step, state["metrics"])
+        # The resumed step's training metrics, when the run that saved it ended before logging them (fit logs
+        # them, with the step's validation if one was due: it comes after the save).
+        self._unlogged_metrics = (state["metrics"] if state.get("metrics") and self.tracker.missing(self.global_step)
+                                  else None)
         self.workers = WorkerGroup(cfg, self.total_steps, start_step=self.global_step)
         nodes = len({w["node"] for w in self.workers.started})
         print(f"{self.workers.size} worker(s) on {nodes} Ray node(s); rollout weight sync: "
@@ -517,6 +519,11 @@ class RayPPOTrainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         t = self.cfg.trainer
+        if self._unlogged_metrics is not None:
+            metrics, self._unlogged_metrics = dict(self._unlogged_metrics), None
+            if not t.val_only and self._validation_due(self.global_step):  # a rerun ended at the last step too
+                self._validate_into(metrics)
+            self.tracker.log(self.global_step, metrics)
         if t.val_only:  # validation alone, whatever val_before_train says and wherever the run resumed
             self.tracker.log(self.global_step, self.validate(), replace_validation=True)
             self.tracker.close()
@@ -574,18 +581,27 @@ class RayPPOTrainer:
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
                     self.save_checkpoint(metrics)
-            # Every val_freq steps, and at the end whenever there is validation data (val_freq=0: never).
-            if self.val_dataset is not None and t.val_freq != 0 and (
-                    (t.val_freq > 0 and self.global_step % t.val_freq == 0) or self.global_step == self.total_steps):
-                try:
-                    metrics.update(self.validate())
-                except BaseException:  # the step is saved: its training metrics are not lost with the validation
-                    self.tracker.log(self.global_step, metrics)
-                    raise
+            if self._validation_due(self.global_step):
+                self._validate_into(metrics)
             self.tracker.log(self.global_step, metrics)
             bar.update(1)
         bar.close()
         self.tracker.close()
+
+    def _validation_due(self, step: int) -> bool:
+        """Every val_freq steps, and at the end whenever there is validation data (val_freq=0: never)."""
+        t = self.cfg.trainer
+        return self.val_dataset is not None and t.val_freq != 0 and (
+            (t.val_freq > 0 and step % t.val_freq == 0) or step == self.total_steps)
+
+    def _validate_into(self, metrics: dict[str, float]) -> None:
+        """Add the validation metrics to the step's `metrics`. Should validation fail, the step's training metrics
+        are logged first: the step is saved, and they must not be lost with it."""
+        try:
+            metrics.update(self.validate())
+        except BaseException:
+            self.tracker.log(self.global_step, metrics)
+            raise
 
     def profile_dir(self, step: int) -> str | None:
         """Where step `step`'s profiles go, or None when trainer.profile_steps does not name it."""

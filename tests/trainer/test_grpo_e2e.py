@@ -71,7 +71,8 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     with pytest.raises(checkpoint.CheckpointError, match="global_step_2 was saved with another training set"):
         run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3) + [f"data.train_files={reordered}"])
 
-    # Killed after step 2 was saved and before it was logged (during its validation, say): the resume logs it.
+    # Killed after step 2 was saved and before it was logged (during its validation, say): the resume logs it, and
+    # runs the validation due at that step, which was lost before.
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         first_line = f.readline()
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
@@ -81,7 +82,8 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2 rotated step 1 away
     resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3]
-    assert resumed[1] == {"step": 2, **saved["metrics"]}
+    assert {k: v for k, v in resumed[1].items() if not k.startswith("val/")} == {"step": 2, **saved["metrics"]}
+    assert resumed[1]["val/samples"] == 8  # (the old code logged the training metrics alone)
 
     cfg = load_config(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
     dataset = build_dataset(cfg, cfg.data.train_files, load_processor(cfg.worker.actor.model))
