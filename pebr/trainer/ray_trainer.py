@@ -414,6 +414,7 @@ class RayPPOTrainer:
                 "(trainer.find_last_checkpoint=true, no trainer.load_checkpoint_path), or set another "
                 "trainer.save_checkpoint_path")
         os.makedirs(self.ckpt_dir, exist_ok=True)
+        self._drop_rollouts_after(self.global_step)
         with open(os.path.join(self.ckpt_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
@@ -630,6 +631,17 @@ class RayPPOTrainer:
             m["actor/kl_ref"] = float(masked_mean(
                 kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
         return m
+
+    def _drop_rollouts_after(self, step: int) -> None:
+        """Remove rollouts/step_k.jsonl of steps after `step`, which this run trains again (metrics.jsonl is trimmed
+        alike): left there, a run that stops earlier kept files of responses no checkpoint was trained on."""
+        folder = os.path.join(self.ckpt_dir, "rollouts")
+        if not os.path.isdir(folder):
+            return
+        for name in os.listdir(folder):
+            match = re.fullmatch(r"step_(\d+)\.jsonl", name)
+            if match and int(match[1]) > step:
+                os.remove(os.path.join(folder, name))
 
     def save_rollouts(self, batch: Batch) -> None:
         path = os.path.join(self.ckpt_dir, "rollouts", f"step_{self.global_step}.jsonl")

@@ -77,6 +77,10 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         first_line = f.readline()
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write(first_line)
+    # An earlier run's rollouts of steps past the checkpoint: this run trains those steps again, or never.
+    for stale in (3, 7):
+        with open(os.path.join(run_dir, "rollouts", f"step_{stale}.jsonl"), "w") as f:
+            f.write('{"index": -1}\n')
     # The same command with one more step resumes from step 2 and serves the third batch.
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2 rotated step 1 away
@@ -91,6 +95,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
                                  seed=cfg.data.seed, drop_last=True).epoch_order(0)
     batches = [{dataset.record_indices[i] for i in order[k * 4:(k + 1) * 4]} for k in range(3)]
     assert [step_indices(run_dir, s) for s in (1, 2, 3)] == batches
+    assert sorted(os.listdir(os.path.join(run_dir, "rollouts"))) == [f"step_{s}.jsonl" for s in (1, 2, 3)]
 
     # An interrupted save left behind is ignored and cleaned up; the merger refuses it.
     partial = checkpoint.partial_dir(run_dir, 4)
