@@ -25,7 +25,7 @@ from pebr.algorithms.losses import kl_penalty, masked_mean
 from pebr.config import ConfigError, PPOConfig, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
-from pebr.utils.jsonio import atomic_write_json
+from pebr.utils.jsonio import atomic_write_json, atomic_write_text
 from pebr.workers.lora import requested_settings
 
 
@@ -415,8 +415,7 @@ class RayPPOTrainer:
                 "trainer.save_checkpoint_path")
         os.makedirs(self.ckpt_dir, exist_ok=True)
         self._drop_rollouts_after(self.global_step)
-        with open(os.path.join(self.ckpt_dir, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
+        self._write_config(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
                                cfg.trainer.experiment_name, cfg.to_dict(), self.global_step)
         # The resumed step's training metrics, when the run that saved it ended before logging them (fit logs
@@ -631,6 +630,16 @@ class RayPPOTrainer:
             m["actor/kl_ref"] = float(masked_mean(
                 kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
         return m
+
+    def _write_config(self, text: str) -> None:
+        """The run directory's config.yaml. A resume with other settings keeps the earlier ones as
+        config.until_step_{k}.yaml: config.yaml alone would say every step ran with the new ones."""
+        path = os.path.join(self.ckpt_dir, "config.yaml")
+        if self.global_step and os.path.isfile(path):
+            with open(path) as f:
+                if f.read() != text:
+                    os.replace(path, os.path.join(self.ckpt_dir, f"config.until_step_{self.global_step}.yaml"))
+        atomic_write_text(path, text)
 
     def _drop_rollouts_after(self, step: int) -> None:
         """Remove rollouts/step_k.jsonl of steps after `step`, which this run trains again (metrics.jsonl is trimmed

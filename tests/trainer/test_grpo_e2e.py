@@ -96,6 +96,11 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     batches = [{dataset.record_indices[i] for i in order[k * 4:(k + 1) * 4]} for k in range(3)]
     assert [step_indices(run_dir, s) for s in (1, 2, 3)] == batches
     assert sorted(os.listdir(os.path.join(run_dir, "rollouts"))) == [f"step_{s}.jsonl" for s in (1, 2, 3)]
+    # The resume ran other settings (max_steps): the ones steps 1-2 ran with are kept beside config.yaml.
+    with open(os.path.join(run_dir, "config.until_step_2.yaml")) as f:
+        assert "max_steps: 2" in f.read()
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        assert "max_steps: 3" in f.read()
 
     # An interrupted save left behind is ignored and cleaned up; the merger refuses it.
     partial = checkpoint.partial_dir(run_dir, 4)
