@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> str:
     from pebr.rewards.terms import extract_final_answer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True, help="a Hugging Face Qwen2.5-VL directory")
-    parser.add_argument("--image", default=DEFAULT_IMAGE)
+    parser.add_argument("--model_path", type=os.path.expanduser, required=True, help="a Hugging Face Qwen2.5-VL directory")
+    parser.add_argument("--image", type=os.path.expanduser, default=DEFAULT_IMAGE)
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help=f"default: {DEFAULT_MAX_NEW_TOKENS}, as in the paper, or what the model's context leaves")
@@ -115,4 +115,4 @@ def main(argv: list[str] | None = None) -> str:
 if __name__ == "__main__":
     from pebr.trainer.main import run_cli
 
-    sys.exit(run_cli(main, None))  # a bad option or data file: its message and exit code 2, no traceback
+    sys.exit(run_cli(main, None, on_interrupt="no answer"))  # a bad option: its message and exit code 2

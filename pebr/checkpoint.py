@@ -360,6 +360,15 @@ def read_index(actor_dir: str) -> dict[str, Any]:
             index = json.load(f)
         if not isinstance(index.get("world_size"), int) or not isinstance(index.get("tensors"), dict):
             raise ValueError("no integer 'world_size' and 'tensors' mapping")
+        for name, info in index["tensors"].items():  # the merger and the resume checks index into each entry
+            shape, dim = (info.get("shape"), info.get("shard_dim", "?")) if isinstance(info, dict) else (None, "?")
+            if not (isinstance(shape, list) and all(isinstance(n, int) for n in shape)
+                    and (dim is None or isinstance(dim, int) and 0 <= dim < max(len(shape), 1))):
+                raise ValueError(f"tensor {name!r} has no integer 'shape' list and 'shard_dim' (an axis or null): "
+                                 f"{info!r:.120}")
+        dtype = index.get("dtype")
+        if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"'dtype' {dtype!r} is not a torch dtype")
     except (OSError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
                               "global_step_* directory") from err

@@ -150,20 +150,24 @@ def load_model_processor(model_path: str) -> Any:
         raise ConfigError(f"--model_path {model_path!r} cannot be loaded: {err}") from err
 
 
-def response_budget(prompt_tokens: int, context: int | None, max_new_tokens: int | None) -> int:
+def response_budget(prompt_tokens: int, context: int | None, max_new_tokens: int | None,
+                    prompt_flag: str | None = None) -> int:
     """How many tokens the response may take: `max_new_tokens`, or when None DEFAULT_MAX_NEW_TOKENS cut to what
-    the model's context (None: unknown) leaves after the prompt.
+    the model's context (None: unknown) leaves after the prompt. `prompt_flag`: the option `prompt_tokens` came
+    from (evaluation sizes its engine by --max_prompt_length), named in the messages; None for a real prompt.
 
     Raises:
         ConfigError: the prompt fills the context, or an explicit `max_new_tokens` does not fit after it.
     """
+    prompt = f"{prompt_flag} {prompt_tokens}" if prompt_flag else f"a prompt of {prompt_tokens} tokens"
     room = context - prompt_tokens if context else None
     if room is not None and room < 1:
-        raise ConfigError(f"a prompt of {prompt_tokens} tokens takes the whole of the model's {context}-token context")
+        raise ConfigError(f"{prompt} takes the whole of the model's {context}-token context"
+                          + (f"; lower {prompt_flag}" if prompt_flag else ""))
     if max_new_tokens is None:
         return DEFAULT_MAX_NEW_TOKENS if room is None else min(DEFAULT_MAX_NEW_TOKENS, room)
     if room is not None and max_new_tokens > room:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens}: a prompt of {prompt_tokens} tokens leaves {room} of "
+        raise ConfigError(f"--max_new_tokens {max_new_tokens}: {prompt} leaves {room} of "
                           f"the model's {context}-token context (max_position_embeddings)")
     return max_new_tokens
 
@@ -186,8 +190,8 @@ def check_generation_options(max_new_tokens: int | None = None, min_pixels: int 
     Raises:
         ConfigError: naming the flag.
     """
-    if temperature is not None and not temperature >= 0:
-        raise ConfigError(f"--temperature {temperature} must be at least 0 (0 is greedy)")
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise ConfigError(f"--temperature {temperature} must be a finite number, at least 0 (0 is greedy)")
     flags = {"max_new_tokens": max_new_tokens, "min_pixels": min_pixels, "max_pixels": max_pixels, **positive}
     for name, value in flags.items():
         if value is not None and value < 1:
@@ -336,7 +340,8 @@ def evaluate_model(
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
     processor = load_model_processor(model_path)
-    max_new_tokens = response_budget(max_prompt_length, model_context(model_path), max_new_tokens)
+    max_new_tokens = response_budget(max_prompt_length, model_context(model_path), max_new_tokens,
+                                     prompt_flag="--max_prompt_length")
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)

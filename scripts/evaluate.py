@@ -28,10 +28,10 @@ from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_o
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True)
-    parser.add_argument("--data", required=True, help="PeBR GRPO-format .json/.jsonl/.parquet file or directory")
-    parser.add_argument("--image_dir", default=None, help="directory the records' image paths are relative to")
-    parser.add_argument("--output", default=None, help="prefix of the .json and .md reports (default: none)")
+    parser.add_argument("--model_path", type=os.path.expanduser, required=True)
+    parser.add_argument("--data", type=os.path.expanduser, required=True, help="PeBR GRPO-format .json/.jsonl/.parquet file or directory")
+    parser.add_argument("--image_dir", type=os.path.expanduser, default=None, help="directory the records' image paths are relative to")
+    parser.add_argument("--output", type=os.path.expanduser, default=None, help="prefix of the .json and .md reports (default: none)")
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help="default: 4096, as in the paper, or what the model's context leaves after "
                              "--max_prompt_length")
@@ -66,4 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from pebr.trainer.main import run_cli
 
-    sys.exit(run_cli(main, None))  # a bad option or data file: its message and exit code 2, no traceback
+    # A bad option or data file: its message and exit code 2, no traceback.
+    sys.exit(run_cli(main, None, on_interrupt="nothing was written (the reports are written once every question "
+                                              "is answered); a rerun starts again"))

@@ -32,12 +32,12 @@ from pebr.sft import DEFAULT_FORMAT_PROMPT, SFTConfig, train_sft  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True)
-    parser.add_argument("--data", required=True, help="filtered sharegpt json (dataset/filter.py output)")
-    parser.add_argument("--image_dir", default=None,
+    parser.add_argument("--model_path", type=os.path.expanduser, required=True)
+    parser.add_argument("--data", type=os.path.expanduser, required=True, help="filtered sharegpt json (dataset/filter.py output)")
+    parser.add_argument("--image_dir", type=os.path.expanduser, default=None,
                         help="directory relative image paths are joined to (default: the --data file's directory, "
                              "as dataset/filter.py reads them)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", type=os.path.expanduser, required=True)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch_size", type=int, default=8)

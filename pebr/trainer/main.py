@@ -151,11 +151,15 @@ def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
         ray.kill(reward)
 
 
-def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: str | None = None) -> int:
+RESUMES = "the same command continues from the last complete checkpoint or output"
+
+
+def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: str | None = None,
+            on_interrupt: str = RESUMES) -> int:
     """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
     message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
-    traceback is in the log above it), exit code 1; Ctrl-C, exit code 130. `usage`: printed for -h / --help, for
-    entry points that take key=value words rather than options."""
+    traceback is in the log above it), exit code 1; Ctrl-C, exit code 130, saying `on_interrupt` (what a rerun
+    does). `usage`: printed for -h / --help, for entry points that take key=value words rather than options."""
     from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
     from pebr.trainer.ray_trainer import WorkerFailure
@@ -180,8 +184,7 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the same command continues from the last complete checkpoint or output",
-              file=sys.stderr)
+        print(f"interrupted; {on_interrupt}", file=sys.stderr)
         return 130
     return 0
 

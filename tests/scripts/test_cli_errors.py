@@ -34,9 +34,15 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "--min_pixels 900000 is larger than --max_pixels 802816"),
     ("inference", ["--model_path", "{model}", "--max_pixels", "0"], "--max_pixels 0 must be at least 1"),
     ("inference", ["--model_path", "{model}", "--max_new_tokens", "0"], "--max_new_tokens 0 must be at least 1"),
-    ("inference", ["--model_path", "{model}", "--temperature", "-0.5"], "--temperature -0.5 must be at least 0"),
+    ("inference", ["--model_path", "{model}", "--temperature", "-0.5"],
+     "--temperature -0.5 must be a finite number, at least 0"),
     ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--temperature", "-1"],
-     "--temperature -1.0 must be at least 0"),
+     "--temperature -1.0 must be a finite number, at least 0"),
+    # transformers' sampling raised "probability tensor contains either inf, nan"; vLLM after loading the model.
+    ("inference", ["--model_path", "{model}", "--temperature", "inf"], "--temperature inf must be a finite number"),
+    # "~" was expanded for the first check only: the loader then took "~/model" for a malformed hub id.
+    ("inference", ["--model_path", "~/no_model"], "--model_path '{home}/no_model': no such directory"),
+    ("evaluate", ["--model_path", "{model}", "--data", "~/no.json"], "{home}/no.json"),
     # Shaped like a hub id ("org/name"), but "tests" is a folder here: a mistyped local path.
     ("evaluate", ["--model_path", "tests/no_model", "--data", "x.json"], "--model_path 'tests/no_model': no such"),
     ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}", "--max_pixels", "0"],
@@ -60,12 +66,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     ("evaluate", ["--model_path", "{model}", "--data", "{tmp}/test.json", "--output", "/proc/eval"],
      "cannot write into /proc"),
 ])
-def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys):
+def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Through `run_cli`, as each script's __main__ runs it."""
     import importlib
 
     from pebr.trainer.main import run_cli
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     main = importlib.import_module(tool).main
     unmerged = tmp_path / "not_an_image"  # what a checkpoint's actor/huggingface holds before merging
     unmerged.mkdir()
@@ -77,7 +84,7 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     (tmp_path / "test.json").write_text("[]")
     (tmp_path / "train.json").write_text("[]")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2
-    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert message.format(tmp=tmp_path, home=tmp_path / "home") in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -102,6 +109,9 @@ def test_run_cli_says_help_interrupts_and_worker_failures_in_one_message(capsys)
         raise WorkerFailure("actor update: worker 1 of 2 died: its start-up raised ValueError: x")
 
     assert run_cli(interrupted, []) == 130 and "interrupted; the same command continues" in capsys.readouterr().err
+    # evaluate.py and inference.py keep nothing of an interrupted run: they must not promise a continuation
+    assert run_cli(interrupted, [], on_interrupt="nothing was written") == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
     assert run_cli(worker_died, []) == 1
     assert capsys.readouterr().err == "error: actor update: worker 1 of 2 died: its start-up raised ValueError: x\n"
 

@@ -65,6 +65,10 @@ def test_inference_takes_a_hub_id_and_fits_its_budget_to_the_models_context(tiny
         response_budget(300, 4096, 3797)
     with pytest.raises(ConfigError, match="the whole of the model's 4096-token context"):
         response_budget(4096, 4096, None)
+    # evaluation sizes its engine by --max_prompt_length, which the message blamed on "a prompt of 5000 tokens"
+    with pytest.raises(ConfigError, match="--max_prompt_length 5000 takes the whole of the model's 4096-token "
+                                          "context; lower --max_prompt_length"):
+        response_budget(5000, 4096, None, prompt_flag="--max_prompt_length")
     # Through the real model: the embedded model's context is 4096 tokens, which the prompt leaves short of 4096.
     with pytest.raises(ConfigError, match=r"--max_new_tokens 4096: a prompt of \d+ tokens leaves \d+ of the model's"):
         inference.answer(tiny_model_dir, inference.DEFAULT_IMAGE, "How many?", max_new_tokens=4096)
@@ -72,7 +76,7 @@ def test_inference_takes_a_hub_id_and_fits_its_budget_to_the_models_context(tiny
     # vLLM error on any model with a shorter context than 6144 tokens, the embedded one included.
     from pebr.evaluation import evaluate_model
 
-    with pytest.raises(ConfigError, match=r"--max_new_tokens 2049: a prompt of 2048 tokens leaves 2048"):
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 2049: --max_prompt_length 2048 leaves 2048"):
         evaluate_model(tiny_model_dir, [{"problem": "q?", "answer": "1"}], max_new_tokens=2049)
 
 

@@ -218,6 +218,13 @@ def test_damaged_checkpoints_and_targets_are_named_errors(bf16_checkpoint, tmp_p
         json.dump(index, f)
     assert main(["--local_dir", damaged, "--target_dir", str(tmp_path / "out2")]) == 2
     assert f"merged {name} has shape" in capsys.readouterr().err
+    # An entry or a dtype the merger cannot use: a KeyError or an AttributeError traceback before.
+    for damage, said in (({"tensors": {**index["tensors"], name: {"shape": [4]}}}, f"tensor {name!r} has no integer"),
+                         ({"dtype": "float64x"}, "'dtype' 'float64x' is not a torch dtype")):
+        with open(index_path, "w") as f:
+            json.dump({**index, **damage}, f)
+        assert main(["--local_dir", damaged, "--target_dir", str(tmp_path / "out2")]) == 2
+        assert said in capsys.readouterr().err
     with open(os.path.join(actor, "huggingface", "config.json"), "w") as f:
         f.write("{not json")
     assert main(["--local_dir", actor, "--target_dir", str(tmp_path / "out3")]) == 2
