@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import (INDEX_FILE, STATE_FILE, CheckpointError, check_complete,  # noqa: E402
+from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
 from pebr.utils.jsonio import atomic_write_json, replace_directory  # noqa: E402
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
@@ -94,9 +94,10 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     if os.path.exists(target_dir) and not os.path.isdir(target_dir):
         raise CheckpointError(f"--target_dir {target_dir} is a file; name a directory")
     if os.path.isdir(target_dir) and any(f in (INDEX_FILE, STATE_FILE) or f.startswith(SHARD_PREFIXES)
-                                         for f in os.listdir(target_dir)):
-        raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint, whose files a merge there "
-                              "would replace; name another directory (the default is <local_dir>/huggingface)")
+                                         or STEP_DIR.match(f) for f in os.listdir(target_dir)):
+        raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint or a training run's "
+                              "global_step_* folders, among which a merged model does not belong; name another "
+                              "directory (the default is <local_dir>/huggingface)")
     made_from = provenance(local_dir, dtype)
     if (not force and os.path.isdir(target_dir) and not os.path.samefile(target_dir, hf_dir)
             and _model_weight_files(target_dir) and not os.path.exists(os.path.join(target_dir, MARKER))):

@@ -140,8 +140,10 @@ def test_a_target_holding_checkpoint_shards_is_refused_and_a_copied_actor_direct
                                                                                            tmp_path):
     actor, weights = bf16_checkpoint
     before = sorted(os.listdir(actor))
-    for target in (actor, os.path.dirname(actor)):
-        with pytest.raises(checkpoint.CheckpointError, match="holds a sharded checkpoint"):
+    # The actor folder, its step folder, and the run folder above them (its config.json and weights went in
+    # beside global_step_*).
+    for target in (actor, os.path.dirname(actor), os.path.dirname(os.path.dirname(actor))):
+        with pytest.raises(checkpoint.CheckpointError, match="holds a sharded checkpoint or a training run's"):
             merge(actor, target)
     assert sorted(os.listdir(actor)) == before
     copied = str(tmp_path / "elsewhere" / "actor")  # without the step directory's trainer_state.json
