@@ -119,10 +119,11 @@ def load_prompts(setup: BenchSetup, count: int | None = None) -> tuple[Any, list
 
 
 def forget_prompts(llm: Any) -> None:
-    """Drop the engine's cached KV blocks, encoder outputs and processed images, as every weight load does in
-    our rollout engine (`reload_weights` clears the last two, we clear the first). A benchmark repeats the
-    same prompts, and warm caches would let a bare engine skip their whole prefill (image processing and
-    vision encoder included), which no training step can: its prompts or weights are new."""
+    """Drop the engine's cached KV blocks, encoder outputs and processed images. A benchmark repeats the same
+    prompts, and warm caches would let an engine skip their whole prefill (image processing and vision encoder
+    included), which no training step can: its prompts or weights are new. Every weight load of our engine
+    drops the first two; the processed images it keeps (a prompt comes back in the next epoch), so the
+    benchmark drops them on both sides before each timed call."""
     llm.reset_prefix_cache()
     llm.llm_engine.reset_encoder_cache()
     llm.reset_mm_cache()
@@ -140,7 +141,8 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
     Returns:
         (llm, sampling params, requests for `llm.generate`).
     """
-    from pebr.workers.rollout import banned_token_ids, multimodal_engine_options, set_engine_environment
+    from pebr.workers.rollout import (banned_token_ids, multimodal_engine_options, request_seed,
+                                      set_engine_environment)
 
     cfg, prompts, processor = load_prompts(setup)
     r = cfg.worker.rollout
@@ -155,9 +157,11 @@ def bare_engine(setup: BenchSetup, **llm_kwargs: Any) -> tuple[Any, Any, list[di
               seed=r.seed, disable_log_stats=True, **multimodal_engine_options(r.limit_images, r.mm_cache_gb),
               **({"block_size": r.block_size} if r.block_size is not None else {}), **llm_kwargs)
     s = setup.sampling()
-    params = SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                            max_tokens=s["max_tokens"], seed=s["seed"], detokenize=False,
-                            logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
+    # One SamplingParams a request, seeded as our engine seeds each prompt of a seeded call.
+    params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+                             max_tokens=s["max_tokens"], seed=request_seed(s["seed"], p), detokenize=False,
+                             logit_bias={t: -100.0 for t in banned_token_ids(processor.tokenizer)})
+              for p in prompts]
     requests = [{"prompt": p["prompt"], "multi_modal_data": {"image": p["images"][0]}} if p.get("images")
                 else {"prompt": p["prompt"]} for p in prompts]
     return llm, params, requests

@@ -84,8 +84,11 @@ def our_rollout(trainer, prompts: list[dict], sampling: dict) -> dict:
     """Weight sync + generation, as at the start of every step (the weights are marked stale first)."""
     from pebr.trainer.ray_trainer import ray_get
 
-    ray_get([w.__ray_call__.remote(lambda self: setattr(self, "weights_stale", True)) for w in trainer.workers.workers],
-            "mark stale")
+    def stale_and_forgetful(worker) -> None:  # (the weight load empties the prefix and encoder caches)
+        worker.weights_stale = True
+        worker.rollout.llm.reset_mm_cache()  # as common.forget_prompts does for the bare engine
+
+    ray_get([w.__ray_call__.remote(stale_and_forgetful) for w in trainer.workers.workers], "mark stale")
     t0 = time.perf_counter()
     batch, timing = trainer.workers.generate(prompts, sampling)
     wall = time.perf_counter() - t0

@@ -1,11 +1,12 @@
 """The peer of the GRPO-step comparison: TRL's `GRPOTrainer`, in its own process, one RL step per `run`.
 
-Settings follow ours (BenchSetup + the CPU recipe): B prompts x n responses per generation, the same
-max response length, learning rate, KL coefficient (a reference model, like use_kl_loss), clip ratio,
-max grad norm, temperature/top_p, micro-batch size and number of optimizer steps per generation, gradient
-checkpointing (TRL's default is on, the CPU recipe's off), and
-the same reward function (examples/reward_function/pebr_2.py through pebr.rewards.RewardManager).
-A step here is one generation plus the optimizer steps that consume it.
+Settings follow ours (BenchSetup + the CPU recipe): B prompts x n responses per generation, in the same order
+(no shuffling), the same max response length, learning rate, KL coefficient (a reference model, like
+use_kl_loss), clip ratio, max grad norm, temperature/top_p, number of optimizer steps per generation, samples
+per forward (ours with token budgets puts a whole mini-batch in one forward; then so does TRL, with no gradient
+accumulation), gradient checkpointing (TRL's default is on, the CPU recipe's off), and the same reward function
+(examples/reward_function/pebr_2.py through pebr.rewards.RewardManager). A step here is one generation plus the
+optimizer steps that consume it.
 
     python benchmarks/trl_grpo.py SETUP_JSON      (driven by benchmarks/run.py over stdin/stdout)
 """
@@ -63,9 +64,12 @@ def main() -> None:
         return [s["overall"] for s in manager.compute(inputs)]
 
     samples = setup.batch * setup.n
-    micro = acfg.micro_batch_size_per_device_for_update
-    optimizer_steps = samples // (acfg.global_batch_size * setup.n)  # optimizer steps per generation (ours: 2)
-    accum = (acfg.global_batch_size * setup.n) // micro
+    per_update = acfg.global_batch_size * setup.n
+    # Our token budget (the CPU recipe's) holds a whole mini-batch at this workload: TRL gets it in one forward
+    # too. (It ran micro-batches of 4 with gradient accumulation, smaller forwards than ours.)
+    micro = per_update if acfg.dynamic_batching else acfg.micro_batch_size_per_device_for_update
+    optimizer_steps = samples // per_update  # optimizer steps per generation (ours: 2)
+    accum = per_update // micro
     args = dict(
         output_dir=tempfile.mkdtemp(prefix="trl_bench_"), use_cpu=True, bf16=setup.bf16, fp16=False, report_to="none",
         save_strategy="no", logging_steps=1, max_steps=10_000, learning_rate=setup.lr, lr_scheduler_type="constant",
@@ -76,7 +80,8 @@ def main() -> None:
         epsilon=acfg.clip_ratio_low, epsilon_high=acfg.clip_ratio_high, loss_type="dapo", num_iterations=1,
         # TRL's GRPOConfig turns gradient checkpointing on unless told (TRL 1.x); ours follows the recipe.
         gradient_checkpointing=acfg.model.enable_gradient_checkpointing,
-        seed=setup.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+        seed=setup.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        shuffle_dataset=False)  # our benchmark trainer takes the prompts in order
     config = trl.GRPOConfig(**args)
     model = cfg.worker.actor.model.model_path
 
@@ -98,12 +103,13 @@ def main() -> None:
                 control.should_training_stop = True
             self.t0 = time.perf_counter()
 
+    clock = StepClock()
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=train,
-                              processing_class=processor, callbacks=[StepClock()])
+                              processing_class=processor, callbacks=[clock])
     print("READY " + json.dumps({"trl": trl.__version__, "optimizer_steps_per_generation": optimizer_steps,
                                  "grad_accum": accum}), flush=True)
     if sys.stdin.readline().strip() == "run":
-        trainer.callback_handler.callbacks[-1].t0 = time.perf_counter()
+        clock.t0 = time.perf_counter()  # (transformers appends its own callbacks after ours)
         trainer.train()
     print("BYE " + json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 

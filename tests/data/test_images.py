@@ -27,6 +27,11 @@ from pebr.data.records import BadRecord
         # The paper's stage bound (802816 = 896^2): scale = 1440/896 = 1.6071;
         # 1920/1.6071 = 1194.7 -> 42*28 = 1176, 1080/1.6071 = 672 -> 24*28 = 672.
         ((1920, 1080), 576, 802816, (1176, 672)),
+        # Up to a fixed resolution (min = max = 200704): scale = sqrt(200704/7500) = 5.1730; 517.3/28 = 18.5 -> 19,
+        # 388.0/28 = 13.9 -> 14; 532x392 = 208544 is over max, so the longer side gives way: 504x392 = 197568.
+        ((100, 75), 200704, 200704, (504, 392)),
+        # No multiple of 28 meets both: 336x336 = 112896, 308x336 = 103488 both over 100352; max_pixels wins.
+        ((300, 299), 100000, 100352, (308, 308)),
     ],
 )
 def test_fit_size_by_hand(size, min_pixels, max_pixels, expected):
@@ -135,6 +140,16 @@ def test_transparent_pixels_are_laid_on_white(tmp_path):
     palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     palette.save(tmp_path / "palette.png", transparency=0)
     assert load_image(str(tmp_path / "palette.png"), None).getpixel((0, 0)) == (255, 255, 255)
+    # A colour key (tRNS) in a grey or an RGB PNG: its transparent pixels came out black.
+    Image.new("L", (28, 28), 0).save(tmp_path / "grey_key.png", transparency=0)
+    Image.new("RGB", (28, 28), (0, 0, 0)).save(tmp_path / "rgb_key.png", transparency=(0, 0, 0))
+    for name in ("grey_key.png", "rgb_key.png"):
+        assert load_image(str(tmp_path / name), None).getpixel((0, 0)) == (255, 255, 255), name
+    # Premultiplied grey with alpha, which PIL cannot turn into RGBA directly: it raised.
+    from pebr.data.images import to_rgb
+
+    half = Image.new("LA", (28, 28), (0, 128))  # black at half opacity
+    assert to_rgb(half.convert("La")).getpixel((0, 0)) == to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
