@@ -79,6 +79,7 @@ class Tracker:
         if unknown:
             raise ValueError(f"trainer.logger: unknown back-ends {unknown}; choose from {list(LOGGERS)}")
         self.console = "console" in backends
+        self._logged_step_path = os.path.join(run_dir, "logged_step")
         self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), resume_step) if "file" in backends else None
         self.wandb = self.tb = None
         if "wandb" in backends:
@@ -95,8 +96,16 @@ class Tracker:
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
 
     def missing(self, step: int) -> bool:
-        """Whether metrics.jsonl has no line for `step` (False without the file back-end: nothing to tell by)."""
-        return self.file is not None and step not in self.file.steps
+        """Whether `step` was never logged: metrics.jsonl has no line for it, or, without the file back-end, the
+        run directory's `logged_step` is behind it (TensorBoard and wandb cannot be asked; a run that saved a
+        step and died before logging it used to leave that step out of them for good)."""
+        if self.file is not None:
+            return step not in self.file.steps
+        try:
+            with open(self._logged_step_path) as f:
+                return int(f.read()) < step
+        except (OSError, ValueError):
+            return True
 
     def log(self, step: int, metrics: dict[str, Any], replace_validation: bool = False) -> None:
         """Log `step`'s metrics; `replace_validation`: drop an earlier validation-only line of the step from
@@ -111,6 +120,8 @@ class Tracker:
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+        if not self.file:
+            atomic_write_text(self._logged_step_path, f"{step}\n")
         if self.console:
             keys = ("reward/overall", "reward/accuracy", "response/length_mean", "actor/pg_loss", "actor/kl_loss",
                     "actor/grad_norm", "timing/step_s", "val/overall")

@@ -93,6 +93,21 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("reward/overall")] == [(1, 0.1), (2, 0.2), (3, 0.9)]
 
 
+def test_without_the_file_back_end_a_step_saved_but_never_logged_is_known(tmp_path):
+    """missing() was always False without metrics.jsonl: a step saved by a run that died before logging it never
+    reached TensorBoard or wandb, nor was its due validation run on resume."""
+    first = Tracker(["tensorboard"], str(tmp_path), "p", "e", {}, resume_step=0)
+    assert first.missing(1)
+    for step in (1, 2):
+        first.log(step, {"reward/overall": step / 10})
+    first.close()
+    resumed = Tracker(["tensorboard"], str(tmp_path), "p", "e", {}, resume_step=3)  # step 3 saved, then a crash
+    assert not resumed.missing(2) and resumed.missing(3)
+    resumed.log(3, {"reward/overall": 0.3})
+    assert not resumed.missing(3)
+    resumed.close()
+
+
 def test_non_finite_metrics_are_null_in_the_file_and_validation_keys_are_whole_on_the_console(tmp_path, capsys):
     """NaN / Infinity made metrics.jsonl invalid JSON for strict readers; the console printed "overall=" twice."""
     t = Tracker(["file", "console"], str(tmp_path), "p", "e", {}, resume_step=0)
