@@ -93,6 +93,7 @@ def our_rollout(trainer, prompts: list[dict], sampling: dict) -> dict:
     batch, timing = trainer.workers.generate(prompts, sampling)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "weight_sync_s": timing["timing/weight_sync_s"], "generate_s": timing["timing/generate_s"],
+            "engine_s": timing["timing/engine_s"],
             "response_tokens": int(batch.response_lengths.sum()), "responses": len(batch),
             "prompt_tokens": sum(len(p) for p in batch.prompt_ids[::sampling["n"]])}
 
@@ -271,6 +272,8 @@ def report(r: dict) -> str:
                   f"| **ratio ours wall / bare** (target <= 1.10) | **{fmt(ratio_cells(ours_wall, bare))}** |",
                   f"| ratio ours generate only / bare | "
                   f"{fmt(ratio_cells([x['generate_s'] for x in ro['ours']], bare))} |",
+                  f"| ratio ours engine call alone (no decoding, no Batch) / bare | "
+                  f"{fmt(ratio_cells([x['engine_s'] for x in ro['ours'] if 'engine_s' in x], bare))} |",
                   f"| response tokens per rep: ours / bare | {sorted({x['response_tokens'] for x in ro['ours']})} / "
                   f"{sorted({x['response_tokens'] for x in ro['bare']})} |",
                   f"| prompt tokens (B prompts): ours / bare | {ro['ours'][0]['prompt_tokens']} / "

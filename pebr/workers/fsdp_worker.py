@@ -197,6 +197,7 @@ class FSDPWorker:
         sampling_cfg = SamplingConfig(**sampling)
         with record_function("pebr/generate"):
             gens = self.rollout.generate(prompts, sampling_cfg) if prompts else []
+        engine_s = time.time() - t0
         self.rollout.release()
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -227,7 +228,9 @@ class FSDPWorker:
         self.last_rollout = (rollout_id, batch)
         text_only = Batch(batch.prompt_ids, batch.response_ids, [[] for _ in response_ids], dict(batch.non_tensors),
                           dict(batch.tensors))
-        return text_only, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0}
+        # generate_s: the engine call and building the batch from its output (decoding included); engine_s: the call
+        return text_only, {"timing/weight_sync_s": sync_s, "timing/generate_s": time.time() - t0,
+                           "timing/engine_s": engine_s}
 
     # -- training ---------------------------------------------------------------------------------
     def compute_log_probs(self, share: Batch | tuple[str, list[int]], on_policy: int = 0,
