@@ -50,8 +50,9 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             sharegpt "human"/"gpt"), "no_assistant_turn" (nothing to learn), "empty_turn" (an assistant turn with
             no text, which would teach the model to stop at once, or a user turn with no text in a record without
             images), or "placeholder_mismatch"
-            (the user turns' `<image>` placeholders do not match the images, or another turn holds one; no
-            placeholder with one image is allowed, the image then goes before the first question).
+            (the user turns' `<image>` placeholders do not match the images, or another turn holds one, or there
+            is no user turn for the images; no placeholder with one image is allowed, the image then goes before
+            the first question).
     """
     if not isinstance(value, dict):
         raise BadRecord("malformed", f"{where}: a record must be a JSON object, got {type(value).__name__}")
@@ -96,6 +97,9 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
         raise BadRecord("placeholder_mismatch", f"{where}: key 'messages'[{stray[0]}] ({messages[stray[0]]['role']}) "
                                                 f"holds {IMAGE_PLACEHOLDER}, which only user turns may hold")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+    if images and not any(m["role"] == "user" for m in messages):  # no turn to place them in: the model's forward
+        raise BadRecord("placeholder_mismatch", f"{where}: key 'images' has {len(images)} image(s) but 'messages' "
+                                                "has no user turn to hold them")  # raised mid-training
     if placeholders not in (0, len(images)) or (placeholders == 0 and len(images) > 1):
         raise BadRecord(
             "placeholder_mismatch",

@@ -311,3 +311,17 @@ def test_a_byte_that_is_not_utf8_is_named_by_line(tmp_path, capsys):
     bom = b"\xef\xbb\xbf" + json.dumps(_sample(question="A?")).encode() + b"\n"
     (tmp_path / "joined.jsonl").write_bytes(bom + bom)
     assert len(flt.load_records(tmp_path / "joined.jsonl")) == 2
+
+
+def test_images_without_a_user_turn_are_refused_by_the_shared_check():
+    """Such a record loaded in the built-in SFT (the filter dropped it only as turn_order) and stopped the run at
+    its step: the model found image features and no image tokens."""
+    from pebr.data.records import BadRecord
+    from pebr.data.sharegpt import check_sharegpt_record
+
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "It is red."}],
+              "images": ["a.png"]}
+    with pytest.raises(BadRecord, match=r"data\.json record 3: key 'images' has 1 image\(s\) but 'messages' has no "
+                                        r"user turn to hold them") as caught:
+        check_sharegpt_record(record, "data.json record 3")
+    assert caught.value.reason == "placeholder_mismatch"
