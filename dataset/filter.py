@@ -53,7 +53,8 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pebr.data.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, fit_size, probe_image)
-from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
+from pebr.data.dataset import load_format_prompt, render_question  # noqa: E402
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
@@ -210,6 +211,17 @@ def filter_records(
     return kept, report
 
 
+def with_format_prompt(record: dict, template: Any) -> dict:
+    """`record` with its first user turn written through the format prompt (its `<image>` placeholders kept
+    where the question puts them), as the RL stages and scripts/sft_warmup.py present a question."""
+    messages, done = [], False
+    for message in record["messages"]:
+        if message["role"] == "user" and not done:
+            message, done = {**message, "content": render_question(template, message["content"].strip())}, True
+        messages.append(message)
+    return {**record, "messages": messages}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for an unreadable input file)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -217,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="where to write the kept samples (.json or .jsonl)")
     parser.add_argument("--image_root", default=None, help="base of relative image paths (default: the input's folder)")
     parser.add_argument("--min_size", type=int, default=28, help="smallest allowed image width/height in px")
+    parser.add_argument("--format_prompt", default=None,
+                        help="jinja template to write each sample's first question through, as the RL stages prompt "
+                             "(examples/format_prompt/pebr.jinja), for trainers that take the text as it is "
+                             "(LLaMA-Factory); scripts/sft_warmup.py applies it itself, and does not apply it twice")
     args = parser.parse_args(argv)
     if args.min_size < 1:
         parser.error(f"--min_size {args.min_size} must be at least 1 (px)")
@@ -239,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"{args.input} line {line} (record {i})" for i, line in enumerate(lines)] if lines else \
         [f"{args.input} record {i}" for i in range(len(records))]
     image_root = args.image_root if args.image_root is not None else str(Path(args.input).parent)
+    try:
+        template = load_format_prompt(args.format_prompt) if args.format_prompt else None
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     kept, report = filter_records(records, image_root, args.min_size, names)
+    if template is not None:
+        kept = [with_format_prompt(rec, template) for rec in kept]
     for line in report.lines():
         print(line)
     problem = ("every sample was dropped (reasons above" if not report.kept else

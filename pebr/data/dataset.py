@@ -76,6 +76,17 @@ def load_format_prompt(path: str) -> jinja2.Template:
     return template
 
 
+def render_question(template: jinja2.Template, question: str) -> str:
+    """`question` rendered through the format prompt, or as it is when it already reads as such a rendering (the
+    text before and after the template's `{{ content }}` around it): data written with the prompt in it, as
+    `dataset/filter.py --format_prompt` writes it for LLaMA-Factory, is not wrapped a second time."""
+    head, tail = (part.strip() for part in template.render(content=_QUESTION_MARK).split(_QUESTION_MARK))
+    if (head or tail) and question.startswith(head) and question.endswith(tail) \
+            and len(question) >= len(head) + len(tail):
+        return question
+    return template.render(content=question)
+
+
 def build_messages(question: str, num_images: int, template: jinja2.Template | None) -> list[dict[str, Any]]:
     """One user turn: the (templated) question, with each image where its `<image>` placeholder stands.
 
@@ -87,7 +98,8 @@ def build_messages(question: str, num_images: int, template: jinja2.Template | N
     Args:
         question: the record's prompt, with one `<image>` per image or none.
         num_images: how many {"type": "image"} parts the turn holds.
-        template: rendered with `content` = the question; None uses the question as it is.
+        template: rendered with `content` = the question (`render_question`: not a question that already
+            holds it); None uses the question as it is.
 
     Returns:
         The chat messages for `processor.apply_chat_template`.
@@ -96,7 +108,7 @@ def build_messages(question: str, num_images: int, template: jinja2.Template | N
         DataError: the question holds placeholders, but not `num_images` of them.
     """
     content = question.strip()
-    text = template.render(content=content) if template is not None else content
+    text = render_question(template, content) if template is not None else content
     if IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER * num_images + text
     chunks = text.split(IMAGE_PLACEHOLDER)

@@ -325,3 +325,31 @@ def test_images_without_a_user_turn_are_refused_by_the_shared_check():
                                         r"user turn to hold them") as caught:
         check_sharegpt_record(record, "data.json record 3")
     assert caught.value.reason == "placeholder_mismatch"
+
+
+def test_format_prompt_writes_the_rl_prompt_for_llamafactory_and_sft_does_not_wrap_it_twice(tmp_path, image_root,
+                                                                                               capsys):
+    """LLaMA-Factory trains on the text as it is: the filter's output held the bare question while the RL stages
+    prompt with examples/format_prompt/pebr.jinja. --format_prompt writes the prompt in; the built-in SFT, which
+    applies the template itself, leaves such a question as it is."""
+    from pebr.data.dataset import load_format_prompt
+    from pebr.sft import to_chat
+
+    template_path = str(REPO / "examples" / "format_prompt" / "pebr.jinja")
+    template = load_format_prompt(template_path)
+    raw = [_sample(images=["ok.png"]), _sample(question="What is 2+2?")]
+    src = _write_input(tmp_path / "raw.json", raw)
+    out = tmp_path / "clean.json"
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root),
+                     "--format_prompt", template_path]) == 0
+    written = flt.load_records(out)
+    assert [r["messages"][0]["content"] for r in written] == [
+        template.render(content="<image>How many?"), template.render(content="What is 2+2?")]
+    assert [r["messages"][1] for r in written] == [r["messages"][1] for r in raw]  # answers untouched
+    for before, after in zip(raw, written):
+        record = {"messages": before["messages"], "images": before.get("images", [])}
+        assert to_chat({**record, "messages": after["messages"]}, template) == to_chat(record, template)
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("no question here")
+    assert flt.main(["--input", str(src), "--output", str(tmp_path / "x.json"), "--format_prompt", str(bad)]) == 2
+    assert "it places the question 0 times" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
