@@ -635,10 +635,12 @@ class RayPPOTrainer:
         """The run directory's config.yaml. A resume with other settings keeps the earlier ones as
         config.until_step_{k}.yaml: config.yaml alone would say every step ran with the new ones."""
         path = os.path.join(self.ckpt_dir, "config.yaml")
-        if self.global_step and os.path.isfile(path):
+        earlier = os.path.join(self.ckpt_dir, f"config.until_step_{self.global_step}.yaml")
+        # (A second resume from the same step keeps the first one's record: its run trained those steps.)
+        if self.global_step and os.path.isfile(path) and not os.path.exists(earlier):
             with open(path) as f:
                 if f.read() != text:
-                    os.replace(path, os.path.join(self.ckpt_dir, f"config.until_step_{self.global_step}.yaml"))
+                    os.replace(path, earlier)
         atomic_write_text(path, text)
 
     def _drop_rollouts_after(self, step: int) -> None:
