@@ -27,6 +27,7 @@ import signal
 import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
+from decimal import Context, Decimal
 
 from mathruler.grader import grade_answer
 from math_verify import parse as mv_parse
@@ -89,6 +90,8 @@ _EXPLANATION = re.compile(
 _PLAIN_NUMBER = re.compile(
     r"^(?P<mantissa>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))"
     r"(?:\s*[eE](?P<e>[-+]?\d+)|\s*(?:\\times|\\cdot|\*)\s*10\s*\^\s*(?:\{\s*(?P<braced>[-+]?\d+)\s*\}|(?P<bare>[-+]?\d+)))?$")
+# Room for any number _PLAIN_NUMBER reads (256 digits, an exponent up to 10 000), computed exactly.
+_EXACT = Context(prec=400, Emax=20_000, Emin=-20_000)
 # A number and what follows it ("20 m/s", "8 \\text{ cm}^2", "30°"), and the unit's markup.
 # Commas only as thousands separators ("1,000"): "2,5" is not 25.
 _NUMBER_UNIT = re.compile(r"^(?P<number>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))\s*(?P<unit>.*)$")
@@ -298,15 +301,21 @@ def _number_and_unit(text: str) -> tuple[float, str] | None:
         return None
 
 
-def _plain_number(text: str) -> float | None:
-    """The value of `text` when it is a number and nothing else (see _PLAIN_NUMBER), else None."""
+def _plain_number(text: str) -> Decimal | None:
+    """The exact value of `text` when it is a number and nothing else (see _PLAIN_NUMBER), else None. Decimal,
+    not float: two 400-digit numbers would both be inf, and equal."""
     match = _PLAIN_NUMBER.match(text)
-    if match is None:
+    if match is None or len(text) > _MAX_FORMULA_CHARS:
         return None
     exponent = int(next((g for g in (match["e"], match["braced"], match["bare"]) if g is not None), "0"))
-    if abs(exponent) > 300:  # past a float's range: left to the graders
+    if abs(exponent) > 10_000:  # "1e999999999": left to the graders (and their time limit)
         return None
-    return float(match["mantissa"].replace(",", "")) * 10.0 ** exponent
+    return Decimal(match["mantissa"].replace(",", "")).scaleb(exponent, _EXACT)
+
+
+def _same_number(a: Decimal, b: Decimal) -> bool:
+    """Equal to nine significant digits (a float's rounding, "0.1 + 0.2", stays equal)."""
+    return abs(a - b) <= Decimal("1e-9") * max(abs(a), abs(b))
 
 
 def _other_units(answer: str, ground_truth: str) -> bool:
@@ -409,7 +418,7 @@ def answers_match(answer: str, ground_truth: str) -> bool:
         return _leading_word(words) == plain_truth and not (hedge and hedge[1].casefold() != hedge[2].casefold())
     numbers = _plain_number(given), _plain_number(truth)
     if None not in numbers:  # both graders call any two numbers within 1e-6 or 1e-7 equal: 1.6e-19 and 1.7e-19
-        return math.isclose(*numbers, rel_tol=1e-9, abs_tol=0.0)
+        return _same_number(*numbers)
     names = _point_names(given), _point_names(truth)
     if None not in names:  # the graders read "BAC" as the product B*A*C, equal to "ABC"
         return _same_figure(*names)

@@ -146,6 +146,8 @@ def test_extract_final_answer(response: str, expected: str) -> None:
         ("1.6 \\times 10^{-19}", "1.6e-19", True),
         ("1.6×10^-19", "0.00000000000000000016", True),
         ("2e3", "2,000", True),
+        ("1" + "0" * 200, "2" + "0" * 200, False),  # exact, not floats (both were inf, and equal)
+        ("0.1", "0.10000000001", True),  # within nine significant digits
         # Hedges between yes and no, and between choice letters without a separator.
         ("Yes or no", "Yes", False),
         ("yes/no", "Yes", False),
