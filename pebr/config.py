@@ -375,6 +375,12 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
+    if t.nnodes > 1 and not t.ray_address:  # a run without an address starts a one-node local cluster
+        raise ConfigError(f"trainer.nnodes={t.nnodes} needs trainer.ray_address (the head of a cluster of "
+                          f"{t.nnodes} nodes, started with `ray start`); without it the run starts a local Ray "
+                          "cluster of this machine alone")
+    if not 0 <= w.reward.num_cpus <= 1024:  # NaN too: it sizes the local cluster (int() of it raised)
+        raise ConfigError(f"worker.reward.num_cpus={w.reward.num_cpus} must be a number of CPUs in [0, 1024]")
     if rollout.temperature < 0:
         raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be >= 0 (0 is greedy)")
     if not 0.0 < rollout.gpu_memory_utilization <= 1.0:

@@ -123,8 +123,14 @@ def run(argv: list[str]) -> None:
                  "the same ones each epoch: data.shuffle=false)"), flush=True)
     check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
     with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
-        init_ray(cfg)
-        _train(cfg, train, val, sampler)
+        started = init_ray(cfg)
+        try:
+            _train(cfg, train, val, sampler)
+        finally:
+            if started:  # a later run in this process starts (or joins) its own cluster, not this one
+                import ray
+
+                ray.shutdown()
 
 
 def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -33,20 +34,50 @@ class WorkerFailure(RuntimeError):
     """A Ray worker died or raised; the message names it."""
 
 
-def init_ray(cfg: PPOConfig) -> None:
+def init_ray(cfg: PPOConfig) -> bool:
+    """Connect to trainer.ray_address's cluster, or start a local one sized for the run; returns whether this call
+    did (False: Ray was up already, as in the tests), so that the caller shuts down only what it started.
+
+    Raises:
+        ConfigError: trainer.ray_address names no reachable cluster (a malformed address, nothing listening, a
+            cluster that refuses the connection), said at once instead of after Ray's minutes of retries.
+    """
     if ray.is_initialized():
-        return
+        return False
     # No usage reports leave the machine unless the user asks for them.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.trainer.ray_address:
-        kwargs["address"] = cfg.trainer.ray_address
+    address = cfg.trainer.ray_address
+    if address:
+        kwargs["address"] = address
+        _check_reachable(address)
     else:
         # A fresh local cluster (never one found through RAY_ADDRESS or `ray start` by accident),
         # with one CPU per worker plus the reward worker.
         kwargs["address"] = "local"
         kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + int(cfg.worker.reward.num_cpus) + 1)
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        hint = (" (a cluster with token authentication: set RAY_AUTH_MODE=token, as `ray start` said)"
+                if "auth" in str(err).lower() else "")
+        raise ConfigError(f"trainer.ray_address={address!r}: no Ray cluster to join: "
+                          f"{lines[-1] if lines else type(err).__name__}{hint}") from None
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """A "host:port" address must answer a TCP connection within a few seconds: Ray's own client retries a dead
+    one for about 14 minutes. Other forms ("auto", "ray://...", "local") are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"trainer.ray_address={address!r}: nothing answers there ({err}); start the cluster's "
+                          "head with `ray start --head`, or correct the address") from None
 
 
 def _died_why(error: Exception) -> str:
@@ -158,12 +189,32 @@ def worker_resources(on_gpu: bool) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1.0 - DEFAULT_CLIP_GPU_FRACTION if on_gpu else 0}
 
 
-def check_gpus_for_workers(world_size: int, on_gpu: bool) -> None:
-    """Refuse to start more GPU workers than the Ray cluster has GPUs: the rest would never be placed."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if on_gpu and gpus < world_size:
-        raise ConfigError(f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} GPU workers, but the Ray "
-                          f"cluster has {gpus:g} GPUs")
+# Seconds to wait for the cluster to free what the workers need (a killed actor's CPUs come back a moment later).
+RESOURCES_WAIT_S = 30.0
+
+
+def check_resources_for_workers(world_size: int, on_gpu: bool) -> None:
+    """Refuse to start workers the Ray cluster cannot place all at once: those placed would wait for the others in
+    the process group's rendezvous until trainer.worker_timeout_s (an hour by default), and then blame slowness.
+
+    Raises:
+        ConfigError: naming what the workers need, what the cluster has and has free, and the settings.
+    """
+    need = {key: world_size * value for key, value in
+            (("CPU", worker_resources(on_gpu)["num_cpus"]), ("GPU", worker_resources(on_gpu)["num_gpus"])) if value}
+    deadline = time.monotonic() + RESOURCES_WAIT_S
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        short = {key: amount for key, amount in need.items() if free.get(key, 0) < amount - 1e-9}
+        if not short:
+            return
+        if any(total.get(key, 0) < need[key] - 1e-9 for key in short) or time.monotonic() > deadline:
+            kinds = ", ".join(f"{need[key]:g} {key}s ({total.get(key, 0):g} in the cluster, {free.get(key, 0):g} "
+                              f"free)" for key in short)
+            raise ConfigError(f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} "
+                              f"{'GPU ' if on_gpu else ''}workers need {kinds}: the cluster cannot place them all. "
+                              "Lower trainer.n_gpus_per_node (or trainer.nnodes), or free or add resources")
+        time.sleep(0.5)
 
 
 class WorkerGroup:
@@ -176,7 +227,7 @@ class WorkerGroup:
         self.size = cfg.world_size
         self.tp = cfg.worker.rollout.tensor_parallel_size
         on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-        check_gpus_for_workers(self.size, on_gpu)
+        check_resources_for_workers(self.size, on_gpu)
         remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor, start_step)
                         for rank in range(self.size)]

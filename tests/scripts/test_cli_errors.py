@@ -155,3 +155,20 @@ def test_the_model_builders_replace_no_one_elses_folder_and_say_what_they_cannot
                               text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert (tmp_path / "other" / "model.safetensors").read_text() == "someone's model"
+
+
+@pytest.mark.slow
+def test_a_run_shuts_down_the_ray_it_started_so_the_next_run_in_the_process_starts_its_own(
+        tiny_model_dir, synthetic_data_dir, tmp_path):
+    """A second run in one Python process joined the first one's cluster (a remote one, say) whatever its own
+    settings, and waited for workers that cluster could not place. A fresh process: this one's Ray may be up."""
+    script = ("import sys, ray\nfrom pebr.trainer.main import main\n"
+              "print('EXIT', main(sys.argv[1:]), 'RAY UP', ray.is_initialized())\n")
+    argv = [f"config={ROOT}/examples/pebr_stage2.yaml", f"config={ROOT}/examples/pebr_cpu.yaml",
+            f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
+            f"data.image_dir={synthetic_data_dir}/images", f"trainer.save_checkpoint_path={tmp_path}/run",
+            # fails after Ray started: the reward function cannot be loaded
+            f"worker.reward.reward_function={ROOT}/examples/reward_function/pebr_2.py:nope"]
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
+    assert "EXIT 2 RAY UP False" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -117,6 +117,9 @@ def test_overrides_win_over_files():
     ("trainer.worker_timeout_s=0", "trainer.worker_timeout_s=0.0 must be positive"),
     # The constant schedule ignored it.
     ("worker.actor.optim.min_lr_ratio=0.5", "min_lr_ratio=0.5 acts only with worker.actor.optim.warmup_style=cosine"),
+    # Two "nodes" on a local one-node cluster ran without a word; NaN CPUs raised in int().
+    ("trainer.nnodes=2", "trainer.nnodes=2 needs trainer.ray_address"),
+    ("worker.reward.num_cpus=nan", "worker.reward.num_cpus=nan must be a number of CPUs in [0, 1024]"),
     # A whole section given a number or a list: the key was '?'.
     ("data=5", "bad configuration key 'data'"),
     ("worker.rollout=[1]", "bad configuration key 'worker.rollout'"),
@@ -304,3 +307,22 @@ def test_the_kv_cache_setting_sizes_the_engine_whatever_the_environment_says(mon
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
     set_engine_environment(3.0)
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_a_ray_address_with_no_cluster_is_a_configuration_error_at_once(tmp_path):
+    """A dead address kept Ray's client retrying for about 14 minutes; a malformed one raised ValueError from
+    inside ray.init. Run in a fresh process: this one's Ray may be up already (init_ray then joins nothing)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    script = ("import sys\nfrom pebr.config import ConfigError, load_config\nfrom pebr.trainer.ray_trainer import init_ray\n"
+              "cfg = load_config(sys.argv[1:])\ntry:\n    init_ray(cfg)\nexcept ConfigError as e:\n    print('ERROR', e)\n")
+    for address, said in ((f"127.0.0.1:{port}", f"trainer.ray_address='127.0.0.1:{port}': nothing answers there"),
+                          ("notanaddress", "trainer.ray_address='notanaddress': no Ray cluster to join")):
+        proc = subprocess.run([sys.executable, "-c", script, stage("pebr_stage2.yaml"), *REQUIRED,
+                               f"trainer.ray_address={address}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
+        assert said in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]  # (the old code outlived the timeout)

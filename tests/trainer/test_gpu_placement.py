@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     import json, os
     import ray
     from pebr.config import ConfigError
-    from pebr.trainer.ray_trainer import check_gpus_for_workers, worker_resources
+    from pebr.trainer import ray_trainer
+    from pebr.trainer.ray_trainer import check_resources_for_workers, worker_resources
     from pebr.workers.reward import DEFAULT_CLIP_GPU_FRACTION
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -44,10 +45,13 @@ SCRIPT = textwrap.dedent("""
         out[name] = sorted(str(g) for ref in ready for g in ray.get(ref))
         for w in workers:
             ray.kill(w)
+    ray_trainer.RESOURCES_WAIT_S = 2.0
+    busy = Placed.options(num_cpus=3).remote()  # another job's actor, holding 3 of the 4 CPUs
+    ray.get(busy.gpus.remote(), timeout=60)
     errors = []
-    for size, on_gpu in ((2, True), (3, True), (3, False)):
+    for size, on_gpu in ((2, True), (3, True), (1, False), (2, False), (5, False)):
         try:
-            check_gpus_for_workers(size, on_gpu)
+            check_resources_for_workers(size, on_gpu)
             errors.append(None)
         except ConfigError as e:
             errors.append(str(e))
@@ -56,7 +60,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_workers_fit_beside_the_clip_scorer_and_too_few_gpus_are_refused():
+def test_workers_fit_beside_the_clip_scorer_and_too_few_resources_are_refused():
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
         proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
@@ -65,5 +69,16 @@ def test_workers_fit_beside_the_clip_scorer_and_too_few_gpus_are_refused():
     out = json.loads(lines[0][len("RESULT "):])
     assert out["trainer"] == ["0", "1"]  # both workers placed, one on each GPU
     assert len(out["whole GPUs"]) == 1  # asking for whole GPUs, the second worker never gets one
-    assert out["checks"] == [None, "trainer.nnodes x trainer.n_gpus_per_node = 3 GPU workers, but the Ray "
-                                   "cluster has 2 GPUs", None]
+    # Workers the cluster cannot place all at once waited for each other until trainer.worker_timeout_s (an hour),
+    # and were then reported slow; only too few GPUs in all was said.
+    tail = ": the cluster cannot place them all. Lower trainer.n_gpus_per_node (or trainer.nnodes), or free or add "
+    assert out["checks"] == [
+        "trainer.nnodes x trainer.n_gpus_per_node = 2 GPU workers need 2 CPUs (4 in the cluster, 1 free)" + tail
+        + "resources",  # the busy actor holds 3 CPUs
+        "trainer.nnodes x trainer.n_gpus_per_node = 3 GPU workers need 3 CPUs (4 in the cluster, 1 free), 2.7 GPUs "
+        "(2 in the cluster, 1.9 free)" + tail + "resources",
+        None,
+        "trainer.nnodes x trainer.n_gpus_per_node = 2 workers need 2 CPUs (4 in the cluster, 1 free)" + tail
+        + "resources",
+        "trainer.nnodes x trainer.n_gpus_per_node = 5 workers need 5 CPUs (4 in the cluster, 1 free)" + tail
+        + "resources"]
