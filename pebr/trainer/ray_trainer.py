@@ -74,7 +74,7 @@ def _check_reachable(address: str) -> None:
     if not sep or not port.isdigit() or "/" in address or not host:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # "[::1]:6379" too
     except OSError as err:
         raise ConfigError(f"trainer.ray_address={address!r}: nothing answers there ({err}); start the cluster's "
                           "head with `ray start --head`, or correct the address") from None
