@@ -292,10 +292,9 @@ def run(argv: list[str]) -> SampleSummary:
         WorkerFailure: a worker died or raised.
     """
     import ray
-    from tqdm import tqdm
 
-    from pebr.trainer.main import check_fits_context, probe_reward, start_reward_worker
-    from pebr.trainer.ray_trainer import WorkerGroup, init_ray, ray_get, reward_inputs
+    from pebr.trainer.main import check_fits_context
+    from pebr.trainer.ray_trainer import init_ray
     from pebr.utils.versions import warn_untested_versions
     from pebr.workers.actor import load_processor
 
@@ -333,7 +332,27 @@ def run(argv: list[str]) -> SampleSummary:
         print(f"nothing to sample: every question of {cfg.data.train_files} is in {out}", flush=True)
         return summary
 
-    init_ray(cfg)
+    started = init_ray(cfg)
+    try:
+        correct, total = _sample(cfg, dataset, questions, qids, todo, per_question, out, summary)
+    finally:
+        if started:  # only the Ray this run started: a caller's (the tests') stays up
+            ray.shutdown()
+    summary.mean_accuracy = correct / total if total else float("nan")
+    print(f"sampled {summary.sampled} questions x {per_question} = {summary.records_written} records into {out} "
+          f"(mean accuracy {summary.mean_accuracy:.3f}); {summary.already_done} were already done", flush=True)
+    return summary
+
+
+def _sample(cfg: Any, dataset: Any, questions: dict, qids: list, todo: list, per_question: int, out: str,
+            summary: SampleSummary) -> tuple[float, float]:
+    """Sample the questions `todo` into `out`; returns the sum of their accuracies and their number."""
+    import ray
+    from tqdm import tqdm
+
+    from pebr.trainer.main import probe_reward, start_reward_worker
+    from pebr.trainer.ray_trainer import WorkerGroup, ray_get, reward_inputs
+
     reward = start_reward_worker(cfg, require_overall=False)
     workers = None
     correct = total = 0.0
@@ -367,10 +386,7 @@ def run(argv: list[str]) -> SampleSummary:
         if workers is not None:
             workers.shutdown()
         ray.kill(reward)
-    summary.mean_accuracy = correct / total if total else float("nan")
-    print(f"sampled {summary.sampled} questions x {per_question} = {summary.records_written} records into {out} "
-          f"(mean accuracy {summary.mean_accuracy:.3f}); {summary.already_done} were already done", flush=True)
-    return summary
+    return correct, total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,11 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     except SampleLogError as e:  # an output log this run cannot resume: the user's file, like a bad data file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
     if code == 0:
         print(f"done in {time.time() - t0:.0f} s", flush=True)
     return code

@@ -94,4 +94,4 @@ def test_a_run_below_another_runs_checkpoints_is_refused(base_argv, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "checkpoint error:" in proc.stderr and "steps [7] after the step this run starts at (0)" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(os.listdir(run_dir)) == ["global_step_7"]  # nothing written beside it
+    assert sorted(os.listdir(run_dir)) == [".lock", "global_step_7"]  # nothing written beside it but the run's lock

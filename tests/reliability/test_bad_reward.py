@@ -143,7 +143,7 @@ def test_records_without_key_words_or_images_are_reported_when_the_reward_has_th
     before training.
 
     `trainer.device=cuda` on this CPU machine then stops the run where the workers would start (the Ray cluster
-    has no GPUs), which is the GPU-count check of WorkerGroup through the real entry point."""
+    has no GPUs), which is the resource check of WorkerGroup through the real entry point."""
     import json
 
     with open(os.path.join(synthetic_data_dir, "train.json")) as f:
@@ -161,7 +161,8 @@ def test_records_without_key_words_or_images_are_reported_when_the_reward_has_th
     argv = trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 2) + [
         f"data.train_files={train}", f"worker.reward.reward_function={reward_file}:compute_score",
         "trainer.device=cuda", "trainer.n_gpus_per_node=1"]
-    with pytest.raises(ConfigError, match=r"= 1 GPU workers, but the Ray cluster has 0 GPUs"):
+    with pytest.raises(ConfigError, match=r"= 1 GPU workers need 0\.9 GPUs \(0 in the cluster, 0 free\): the cluster "
+                                          r"cannot place them all"):
         run(argv)
     err = capsys.readouterr().err
     assert f"warning: 3 of 8 training records in {train} have no key_words" in err

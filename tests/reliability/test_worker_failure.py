@@ -13,7 +13,7 @@ import pytest
 
 from conftest import idle_cpus
 
-from pebr.config import load_config
+from pebr.config import ConfigError, load_config
 from pebr.trainer.main import build_dataset
 from pebr.trainer import ray_trainer
 from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, ray_get
@@ -165,19 +165,26 @@ def test_a_rank_failing_on_its_own_is_named_after_the_grace_period(ray_session, 
 
 
 def test_a_worker_ray_cannot_place_fails_within_the_worker_timeout(tiny_model_dir, synthetic_data_dir, ray_session,
-                                                                     tmp_path):
-    """Every CPU of the cluster taken: worker 0 is never placed, and start-up used to wait for it forever."""
+                                                                     tmp_path, monkeypatch):
+    """Every CPU of the cluster taken: worker 0 is never placed, and start-up used to wait for it forever. The
+    resource check says so before any worker starts; should the CPUs go between that check and the placement,
+    worker 0's start-up still ends within trainer.worker_timeout_s."""
+    from pebr.trainer import ray_trainer
+
     cfg = load_config(trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 1)
                       + ["worker.rollout.name=hf", "trainer.worker_timeout_s=3"])
     free_cpus = idle_cpus(ray_session)
     hog = ray_session.remote(num_cpus=free_cpus)(type("Hog", (), {"ready": lambda self: True})).remote()
+    monkeypatch.setattr(ray_trainer, "RESOURCES_WAIT_S", 1.0)
     try:
         ray_session.get(hog.ready.remote(), timeout=60)
-        t0 = time.time()
+        with pytest.raises(ConfigError, match=rf"= 2 workers need 2 CPUs \({free_cpus:g} in the cluster, 0 free\): "
+                                              r"the cluster cannot place them all"):
+            WorkerGroup(cfg, total_steps=1)
+        monkeypatch.setattr(ray_trainer, "check_resources_for_workers", lambda *args: None)  # taken after the check
         with pytest.raises(WorkerFailure, match=r"worker 0 start \(placed by Ray\? it needs \{'num_cpus': 1.*no answer "
                                                 r"within 3 s \(trainer\.worker_timeout_s\)"):
             WorkerGroup(cfg, total_steps=1)
-        assert time.time() - t0 < 30
     finally:
         ray_session.kill(hog)
     assert idle_cpus(ray_session) == free_cpus
