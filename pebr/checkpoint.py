@@ -23,19 +23,17 @@ instead of deleting the first one's saves and logs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from pebr.utils.jsonio import atomic_write_json
+from pebr.utils.jsonio import atomic_write_json, exclusive_lock
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
@@ -253,23 +251,10 @@ def run_dir_lock(checkpoint_dir: str) -> Iterator[None]:
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     path = os.path.join(checkpoint_dir, LOCK_FILE)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise CheckpointError(f"{checkpoint_dir} is in use by another training run ({holder}, holding {path}): "
-                                  "wait for it to end, or stop it, before resuming; or set another "
-                                  "trainer.save_checkpoint_path") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(path, lambda holder: CheckpointError(
+            f"{checkpoint_dir} is in use by another training run ({holder}, holding {path}): wait for it to end, or "
+            "stop it, before resuming; or set another trainer.save_checkpoint_path")):
+        yield
 
 
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

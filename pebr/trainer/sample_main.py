@@ -19,7 +19,9 @@ The output is a log that can be resumed, never appended to blindly: on start, re
 that do not have the full count (a batch cut short by a crash) are removed by rewriting the file
 atomically, and only questions without records are sampled. A question whose digest differs from its records'
 (the data set edited since) stops the run: its qid now names another question. Each batch is written with a single
-append followed by fsync, so a crash loses at most the batch in flight, and a rerun never duplicates.
+append followed by fsync, so a crash loses at most the batch in flight, and a rerun never duplicates. A run holds
+`{output}.lock` (flock) while it writes, so a second run on the same output stops at once instead of appending
+into it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
-from pebr.utils.jsonio import atomic_open, atomic_write_json, is_within
+from pebr.utils.jsonio import atomic_open, atomic_write_json, exclusive_lock, is_within
 
 MAX_LISTED = 20
 
@@ -291,10 +293,7 @@ def run(argv: list[str]) -> SampleSummary:
         SampleLogError: an existing output that cannot be resumed.
         WorkerFailure: a worker died or raised.
     """
-    import ray
-
     from pebr.trainer.main import check_fits_context
-    from pebr.trainer.ray_trainer import init_ray
     from pebr.utils.versions import warn_untested_versions
     from pebr.workers.actor import load_processor
 
@@ -317,9 +316,24 @@ def run(argv: list[str]) -> SampleSummary:
     processor = load_processor(cfg.worker.actor.model)
     check_fits_context(cfg)
     dataset, questions, summary.dropped, summary.skipped_at_load, summary.dropped_reasons = load_prompts(cfg, processor)
-    qids = list(questions)
     summary.questions = len(dataset)
+    # A second sampling run on this file would append its records into this run's, and recover_output rewrites it.
+    with exclusive_lock(f"{out}.lock", lambda holder: SampleLogError(
+            f"{out} is being written by another sampling run ({holder}, holding {out}.lock): wait for it to end, "
+            "or stop it, before resuming; or set another trainer.sample_output")):
+        return _sample_remaining(cfg, dataset, questions, out, summary)
+
+
+def _sample_remaining(cfg: Any, dataset: Any, questions: dict[str, str], out: str,
+                      summary: SampleSummary) -> SampleSummary:
+    """Resume the output log, then sample the questions it lacks (the caller holds the output's lock)."""
+    import ray
+
+    from pebr.trainer.ray_trainer import init_ray
+
     _report_dropped(summary, cfg.data.train_files)
+    per_question = summary.per_question
+    qids = list(questions)
     complete, summary.removed_partial = recover_output(out, per_question, questions)
     if summary.removed_partial:
         print(f"{out}: removed the records of question {summary.removed_partial[0]!r}, sampled only in part "

@@ -4,17 +4,20 @@ Record files are either a JSON list (`.json`) or one JSON value a line (`.jsonl`
 file and, for JSONL, the line. Writes go to a temporary file beside the target, are fsynced and then
 renamed over it, so a crash leaves the old file or the new one, never half of one; a directory built
 beside its target is published by `replace_directory` the same way. `is_within` is the check the writers use
-to refuse an output that is, or lies inside, one of their inputs.
+to refuse an output that is, or lies inside, one of their inputs; `exclusive_lock` keeps a second process from
+writing the same output at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 
 def read_json_records(path: str, error: type[Exception] = ValueError, lines: list[int] | None = None) -> list[Any]:
@@ -145,3 +148,24 @@ def is_within(path: str, directory: str) -> bool:
     """Whether `path` is `directory` or lies inside it, links resolved."""
     path, directory = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([path, directory]) == directory
+
+
+@contextmanager
+def exclusive_lock(lock_path: str, refusal: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold `lock_path` (created if needed) for the block, or raise `refusal(holder)` at once if another process
+    holds it; `holder` is "pid P on HOST" as the holder wrote it. The lock is the kernel's (flock): a process that
+    dies releases it, so nothing is left to clean up."""
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise refusal(handle.read().strip() or "another process") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -232,6 +232,35 @@ def test_the_dropped_file_names_records_the_loader_skipped(sample_setup, tmp_pat
     assert "1 skipped by the loader, at " in capsys.readouterr().out
 
 
+def test_a_second_run_on_a_live_runs_output_stops_before_touching_it(sample_setup):
+    """Two sampling runs on one output appended their batches into each other's (and the second one's resume
+    rewrote the file under the first): now the second stops at once, naming the holder, with the file as it was."""
+    import re
+    import subprocess
+    import sys
+
+    argv, out, _, _ = sample_setup
+    os.makedirs(os.path.dirname(out))
+    append_records(out, [_rec("a", 0)])
+    with open(out, "ab") as f:
+        f.write(b'{"qid": "b", "resp')  # a cut line, which a resume would remove
+    before = open(out, "rb").read()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pebr.utils.jsonio import exclusive_lock\n"
+        f"with exclusive_lock({out + '.lock'!r}, RuntimeError):\n    print('held', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SampleLogError, match=re.escape(f"{out} is being written by another sampling run "
+                                                           f"(pid {holder.pid} on ")):
+            run(argv)
+        assert open(out, "rb").read() == before
+        assert not os.path.exists(out.replace(".jsonl", ".dropped.json"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _wait_for_cpus(ray, expected, timeout=20.0):
     deadline = time.time() + timeout
     while ray.available_resources().get("CPU", 0) < expected and time.time() < deadline:
