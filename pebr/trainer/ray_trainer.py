@@ -455,6 +455,10 @@ class RayPPOTrainer:
                     f"{self._resume_path} cannot continue its data order: {err}. Resume with the data.train_files "
                     "and data.rollout_batch_size it was saved with, or start a new run in another "
                     "trainer.save_checkpoint_path") from None
+            if self.sampler.seed != cfg.data.seed:  # the saved order goes on, and config.yaml must say whose it is
+                print(f"warning: data.seed={cfg.data.seed} is ignored: {self._resume_path} continues the data order "
+                      f"of data.seed={self.sampler.seed}, which config.yaml records", flush=True)
+                cfg.data.seed = self.sampler.seed
             self._batches = iter(self.sampler)
         later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
         if later:

@@ -223,6 +223,31 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
         RayPPOTrainer(cfg, None, None, sampler, None, None)
 
 
+def test_a_resume_records_the_data_seed_its_order_continues_with(tmp_path, capsys, monkeypatch):
+    """The saved data order goes on with its own seed: config.yaml recorded the seed given now, which the run
+    did not use. It records the saved one, and the run says the given one is ignored."""
+    import yaml
+
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer import ray_trainer
+
+    class WorkersNotStarted(Exception):
+        pass
+
+    def no_workers(*args, **kwargs):  # the constructor's last part; config.yaml is written before it
+        raise WorkersNotStarted
+
+    monkeypatch.setattr(ray_trainer, "WorkerGroup", no_workers)
+    cfg, run_dir = _trainer_config(tmp_path, "data.seed=5")
+    _save_run_step(run_dir, 1, StatefulBatchSampler(10, 2, shuffle=True, seed=1, drop_last=True))
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    with pytest.raises(WorkersNotStarted):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    assert sampler.seed == 1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["seed"] == 1
+    assert "warning: data.seed=5 is ignored: " in capsys.readouterr().out
+
+
 def test_a_model_of_other_widths_is_refused_naming_a_tensor_and_both_shapes(tmp_path):
     """The same parameter names at other sizes: torch's own error printed the model's shape on both sides."""
     path = saved(tmp_path, 1, with_optimizer=True)
