@@ -75,7 +75,8 @@ _CHOICE_ANSWER_LOWER = re.compile(r"^[(\[]?\s*([a-z])\s*[)\]]?\.?$")
 # Two choices or more ("A, B, C, D", "A or B", "(A)/(B)", "A B C D", "(A)(B)"): a hedge, wrong whatever the
 # truth. Without a separator the second letter must stand alone ("(B) A circle" names choice B).
 _SEVERAL_CHOICES = re.compile(
-    r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:(?:[,/&]|(?i:or|and)\b)\s*[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s|$)"
+    r"^[(\[]?\s*[A-Z]\s*[)\]]?\s*(?:(?:[,/&]|(?i:or|and)\b)(?:\s*(?i:maybe|perhaps|possibly)\b)?\s*[(\[]?\s*[A-Z]\s*[)\]]?"
+    r"(?:[.:,)]|\s|$)"
     r"|[(\[]?\s*[A-Z]\s*[)\]]?(?:[.:,)]|\s*$|\s+(?=[(\[]?[A-Z](?![a-z]))))")
 # Where an answer line goes on to explain itself: a sentence ends before a word, a parenthesis with words in it
 # opens, or a clause starts with "because" / "since". Only what comes before is the answer: graded whole,
@@ -85,6 +86,10 @@ _SEVERAL_CHOICES = re.compile(
 _EXPLANATION = re.compile(
     r"(?<!\\)[.。;?]\s+(?=[^\W\d_]{2})|(?<![\\\d])!\s+|\s+\((?=[^)]{0,200}?(?<![\\A-Za-z])[A-Za-z]{2,}\s)"
     r"|,?\s+(?i:because|since)\b")
+# Words after an answer that offer another one instead ("5 (or 4)", "B. Maybe C", "3, although it could be 4"),
+# up to where that other answer starts.
+_HEDGE = re.compile(r"^[\s.,;:(\u2014\u2013-]*(?i:or|maybe|perhaps|possibly|alternatively|otherwise|although|though|"
+                    r"could|might)\b(?:\s+(?i:maybe|perhaps|possibly|it|this|that|could|might|also|even|be|is|was))*")
 # A number alone, in decimal or scientific notation ("1,000", "-0.25", "1.6e-19", "9.1 \\times 10^{-31}"; a bare
 # exponent is read whole, as plain text means it: "10^-19").
 _PLAIN_NUMBER = re.compile(
@@ -162,7 +167,8 @@ def extract_final_answer(response: str) -> str:
     and a display-math block opened there (``$$`` or ``\\[`` on its own line) is read to its closing
     delimiter. A header with nothing after it before the next one (or the end) does not void an earlier
     answer. Without the header there is no answer. A ``\\boxed{...}`` inside the answer is unwrapped; the
-    contents of several different boxes are joined with ", ".
+    contents of several different boxes are joined with ", ". An explanation after the answer is dropped, but
+    a second answer offered there ("5 (or 4)", "B. Maybe C") is joined to the first the same way ("5, 4").
 
     Args:
         response: the decoded response text.
@@ -177,18 +183,34 @@ def extract_final_answer(response: str) -> str:
         answer = _first_answer_line(response[header.end():end])
         if answer:
             break
-    if "\\boxed{" in answer:
-        boxed = _boxed_contents(answer)
-        if boxed:
-            # Several different boxes ("\\boxed{3} or \\boxed{5}") are graded together, not the last alone,
-            # so that hedging between answers is not rewarded.
-            return ", ".join(dict.fromkeys(boxed))
-    return _EXPLANATION.split(answer, maxsplit=1)[0].strip()
+    boxed, after = _boxed_contents(answer) if "\\boxed{" in answer else ([], 0)
+    if boxed:
+        # Several different boxes ("\\boxed{3} or \\boxed{5}") are graded together, not the last alone,
+        # so that hedging between answers is not rewarded.
+        head, rest = ", ".join(dict.fromkeys(boxed)), answer[after:]
+    else:
+        explanation = _EXPLANATION.search(answer)
+        head, rest = (answer[:explanation.start()].strip(), answer[explanation.start():]) if explanation else (answer, "")
+    other = _hedged_alternative(rest)
+    # "5 (or 4)", "\\boxed{B} (maybe C)": both answers are graded, as a hedge, not the first alone.
+    return f"{head}, {other}" if other and other.casefold() != head.casefold() else head
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """The stripped contents of every closed ``\\boxed{...}`` in `text`, in order (braces balanced)."""
-    contents, start = [], text.find("\\boxed{")
+def _hedged_alternative(rest: str) -> str | None:
+    """The other answer that the words after an answer offer ("(or 4)", ". Maybe 4", ", although it could be 4");
+    None when they offer none (an explanation, or "(perhaps)")."""
+    hedge = _HEDGE.match(rest)
+    if hedge is None:
+        return None
+    other = re.split(r"[)\]]|[.;!?](?:\s|$)", rest[hedge.end():], maxsplit=1)[0].strip(" ,:")
+    # A short answer-like rest ("4", "C", "no", "x = 2"), not a clause ("although the figure is blurry").
+    return other if other and len(other.split()) <= 3 else None
+
+
+def _boxed_contents(text: str) -> tuple[list[str], int]:
+    """The stripped contents of every closed ``\\boxed{...}`` in `text`, in order (braces balanced), and where
+    the last one ends."""
+    contents, start, end = [], text.find("\\boxed{"), 0
     while start >= 0:
         depth, i = 1, start + len("\\boxed{")
         while i < len(text) and depth:
@@ -197,8 +219,8 @@ def _boxed_contents(text: str) -> list[str]:
         if depth:  # unclosed: nothing after it is boxed either
             break
         contents.append(text[start + len("\\boxed{"):i - 1].strip())
-        start = text.find("\\boxed{", i)
-    return contents
+        start, end = text.find("\\boxed{", i), i
+    return contents, end
 
 
 def _first_answer_line(text: str) -> str:

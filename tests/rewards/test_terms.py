@@ -333,6 +333,33 @@ def test_answers_in_latex_words_boxes_and_root_signs(answer: str, truth: str, ex
     assert accuracy_reward("### The final answer is: " + answer, truth) == expected
 
 
+@pytest.mark.parametrize(
+    "answer, truth, expected",
+    [
+        # Another answer offered after the first is a hedge (all of these were graded 1.0 on the first alone).
+        ("5 (or 4)", "5", 0.0),
+        ("5 (maybe 4)", "5", 0.0),
+        ("5 (although it could be 4)", "5", 0.0),
+        ("5. Or 4", "5", 0.0),
+        ("\\boxed{5} (or 4)", "5", 0.0),
+        ("B (or C)", "B", 0.0),
+        ("\\boxed{B} (maybe C)", "B", 0.0),
+        ("(B) or maybe (C)", "B", 0.0),
+        ("Yes (or maybe no)", "Yes", 0.0),
+        ("x = 2 (or x = -2)", "x=2", 0.0),
+        # Words after the answer that offer none stay an explanation.
+        ("5 (perhaps)", "5", 1.0),
+        ("B. Or maybe not", "B", 1.0),
+        ("Yes. Otherwise the angles differ", "Yes", 1.0),
+        ("\\boxed{3}. It could also be found by counting", "3", 1.0),
+        ("3 objects (the cubes)", "3", 1.0),
+        ("5 (or 5)", "5", 1.0),
+    ],
+)
+def test_a_second_answer_offered_after_the_first_is_a_hedge(answer: str, truth: str, expected: float) -> None:
+    assert accuracy_reward("### The final answer is: " + answer, truth) == expected
+
+
 @pytest.mark.parametrize("header", ["### **The final answer is:** 5", "### **The final answer is**: 5",
                                     "### __The final answer is__ 5"])
 def test_a_final_answer_header_in_markdown_emphasis_keeps_its_answer(header: str) -> None:
