@@ -49,7 +49,14 @@ _scorers: dict[tuple, Any] = {}  # by model path and settings
 
 
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return resolve_options(DEFAULTS, kwargs, os.path.basename(__file__))
+    options = resolve_options(DEFAULTS, kwargs, os.path.basename(__file__))
+    # Checked here, not where they are used: the start-up probe's response has no description, so a bad
+    # threshold would pass it and stop the run at its first step, blamed on a sample.
+    for key in ("clip_threshold", "max_length"):
+        if not options[key] > 0:
+            raise ValueError(f"reward_function_kwargs {key}={options[key]!r} for {os.path.basename(__file__)} "
+                             "must be positive")
+    return options
 
 
 def _scorer(options: dict[str, Any]) -> Any:

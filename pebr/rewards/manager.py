@@ -136,12 +136,26 @@ def resolve_options(defaults: Mapping[str, Any], overrides: Mapping[str, Any], w
 
     Raises:
         KeyError: naming the unknown keys and the accepted ones.
+        TypeError: a value of another kind than its default's: a number for a number (finite; "0.4" from a
+            quoted YAML value would fail only at the first product, blamed on a sample), a bool for a bool.
     """
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise KeyError(
             f"unknown reward_function_kwargs {unknown} for {where}; accepted keys: {sorted(defaults)}"
         )
+    for key, value in overrides.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            wrong = not isinstance(value, bool)
+        elif isinstance(default, numbers.Real):
+            wrong = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        else:
+            continue
+        if wrong:
+            raise TypeError(f"reward_function_kwargs {key}={value!r} for {where} must be "
+                            f"{'true or false' if isinstance(default, bool) else 'a finite number'} "
+                            f"(default {default!r})")
     return {**defaults, **overrides}
 
 
@@ -235,13 +249,20 @@ class RewardManager:
             ) from exc
 
     def _find_culprit(self, inputs: list[dict]) -> str | None:
-        """Re-run the failed batch one input at a time to name the input that breaks it."""
+        """Re-run the failed batch one input at a time to name the input that breaks it. When the first two
+        inputs each fail alone, a setting or the function is the likelier cause, and the message says so."""
+        failing: list[int] = []
         for index, item in enumerate(inputs):
             try:
                 self.function([item], **self.kwargs)
             except Exception:  # noqa: BLE001 - any failure points at this input
-                return _describe(index, item)
-        return None
+                failing.append(index)
+            if failing and (index > 0 or len(inputs) == 1):
+                break
+        if failing[:2] == [0, 1]:
+            return (f"every input tried alone ({_describe(0, inputs[0])}; {_describe(1, inputs[1])}): check "
+                    "worker.reward.reward_function_kwargs and the reward function rather than the data")
+        return _describe(failing[0], inputs[failing[0]]) if failing else None
 
     def _validate(self, inputs: list[dict], outputs: Any) -> list[dict[str, float]]:
         if not isinstance(outputs, (list, tuple)):

@@ -90,6 +90,10 @@ _EXPLANATION = re.compile(
 # up to where that other answer starts.
 _HEDGE = re.compile(r"^[\s.,;:(\u2014\u2013-]*(?i:or|maybe|perhaps|possibly|alternatively|otherwise|although|though|"
                     r"could|might)\b(?:\s+(?i:maybe|perhaps|possibly|it|this|that|could|might|also|even|be|is|was))*")
+# Categories of a key word's edge character in scripts without spaces between words (letters, length marks,
+# vowel and tone signs): no word boundary is required there.
+_SPACELESS = frozenset({"Lo", "Lm", "Mn", "Mc"})
+_WORD_HYPHEN = re.compile(r"(?<=[^\W\d_])-(?=[^\W\d_])")
 # A number alone, in decimal or scientific notation ("1,000", "-0.25", "1.6e-19", "9.1 \\times 10^{-31}"; a bare
 # exponent is read whole, as plain text means it: "10^-19").
 _PLAIN_NUMBER = re.compile(
@@ -475,17 +479,19 @@ def accuracy_reward(response: str, ground_truth: str) -> float:
 
 
 def _squash(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    # A hyphen between letters reads as a space: "traffic-light" mentions "traffic light", and the other way.
+    return _WORD_HYPHEN.sub(" ", " ".join(unicodedata.normalize("NFKC", text).casefold().split()))
 
 
 def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
     """Fraction of the key words that the response mentions.
 
-    A key word counts as mentioned when it occurs in the response as a whole word or phrase, ignoring case
-    and runs of whitespace (so "traffic  Light" matches "traffic light"), also with a plural "s" or "es"
-    ("apple" matches "apples"); "red" inside "considered" is not a mention. In scripts without spaces between
-    words (Chinese, Japanese, Thai) a key word counts wherever it occurs. Blank and repeated entries are
-    ignored.
+    A key word counts as mentioned when it occurs in the response as a whole word or phrase, ignoring case,
+    runs of whitespace and hyphens between letters (so "traffic  Light" and "traffic-light" match "traffic
+    light"), also with its regular English plural ("apples", "boxes", "berries"); "red" inside "considered" is
+    not a mention, nor "hat" in "hates", nor a number inside another ("3" in "3.5", "-3" or "3,000"). In scripts
+    without spaces between words (Chinese, Japanese, Thai) a key word counts wherever it occurs. Blank and
+    repeated entries are ignored.
 
     Args:
         response: the decoded response text.
@@ -511,11 +517,29 @@ def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:
 
 
 def _mentions(text: str, word: str) -> bool:
-    # Scripts written without spaces between words (CJK, Thai: letters of category Lo) have no word
-    # boundary to look for, so there a key word's edge may touch other letters.
-    left = "" if unicodedata.category(word[0]) == "Lo" else r"(?<!\w)"
-    right = "" if unicodedata.category(word[-1]) == "Lo" else r"(?:e?s)?(?!\w)"
-    return re.search(rf"{left}{re.escape(word)}{right}", text) is not None
+    # Scripts written without spaces between words (CJK, Thai) have no word boundary to look for, so there a
+    # key word's edge may touch other letters: its edge is one of their letters (Lo), a length mark ("ー", Lm)
+    # or a vowel or tone sign ("ไม้", Mn/Mc).
+    left = "" if unicodedata.category(word[0]) in _SPACELESS else r"(?<!\w)"
+    if word[0].isdigit():  # "3" is not mentioned by "-3", "2.3" or "1,3"
+        left += r"(?<!-)(?<!\d[.,])"
+    if unicodedata.category(word[-1]) in _SPACELESS:
+        body, right = re.escape(word), ""
+    elif word[-1].isdigit():  # nor by "3.5" or "3,000"
+        body, right = re.escape(word), r"(?!\w|[.,]\d)"
+    else:
+        body, right = _with_plural(word), r"(?!\w)"
+    return re.search(left + body + right, text) is not None
+
+
+def _with_plural(word: str) -> str:
+    """A pattern for `word` and its regular English plural: "cube(s)", "box(es)", "berry/berries"; "hat" does not
+    match "hates", nor "cub" "cubes"."""
+    if re.search(r"[^aeiou\W]y$", word):
+        return re.escape(word[:-1]) + "(?:y|ies)"
+    if re.search(r"(?:[sxz]|ch|sh)$", word):
+        return re.escape(word) + "(?:es)?"
+    return re.escape(word) + ("(?:e?s)?" if word.endswith("o") else "s?")
 
 
 def length_reward(response_length: int, max_length: int = 512) -> float:
@@ -543,8 +567,9 @@ def length_reward(response_length: int, max_length: int = 512) -> float:
 def extract_image_description(response: str) -> str:
     """The caption: the text between ``### Image Description:`` and ``### Rationales:``.
 
-    It ends early at a repeated description header (the header is no part of a caption). If the Rationales
-    header is missing, the caption runs to the next ``###`` header (or the end).
+    It ends early at a repeated description header (the header is no part of a caption); a header repeated
+    before any text is read past, so the text after the second one is the caption. If the Rationales header is
+    missing, the caption runs to the next ``###`` header (or the end).
 
     Args:
         response: the decoded response text.
@@ -552,14 +577,16 @@ def extract_image_description(response: str) -> str:
     Returns:
         The description, stripped; "" when the description header is absent.
     """
-    start = _DESCRIPTION.search(response)
-    if start is None:
-        return ""
-    rest = response[start.end() :]
-    ends = [match.start() for match in (_RATIONALES.search(rest), _DESCRIPTION.search(rest)) if match]
-    if not ends:
-        ends = [match.start() for match in (_ANY_HEADER.search(rest),) if match]
-    return rest[: min(ends, default=len(rest))].strip()
+    for start in _DESCRIPTION.finditer(response):
+        rest = response[start.end() :]
+        ends = [match.start() for match in (_RATIONALES.search(rest), _DESCRIPTION.search(rest)) if match]
+        if not ends:
+            ends = [match.start() for match in (_ANY_HEADER.search(rest),) if match]
+        # Markup left by a header's own ("**### Image Description:**", "#### Rationales") is no part of it.
+        caption = rest[: min(ends, default=len(rest))].strip().strip("#*").strip()
+        if caption:  # a header repeated before any text ("stutter") does not void the description after it
+            return caption
+    return ""
 
 
 def clip_alignment_reward(similarity: float, threshold: float = 0.4) -> float:

@@ -148,6 +148,38 @@ def test_resolve_options_rejects_unknown_keys() -> None:
         resolve_options({"a": 1, "b": 2}, {"c": 3}, "f.py")
 
 
+@pytest.mark.parametrize("value, match", [("0.4", "must be a finite number"), (float("nan"), "must be a finite number"),
+                                          (True, "must be a finite number"), (None, "must be a finite number")])
+def test_resolve_options_refuses_a_value_of_another_kind_than_its_default(value, match) -> None:
+    """A quoted weight ("0.4") failed only at the first product, blamed on a sample."""
+    with pytest.raises(TypeError, match=rf"reward_function_kwargs weight={value!r} for f.py {match} \(default 0.4\)"):
+        resolve_options({"weight": 0.4, "flag": False, "path": None}, {"weight": value}, "f.py")
+    with pytest.raises(TypeError, match="flag=1 for f.py must be true or false"):
+        resolve_options({"weight": 0.4, "flag": False}, {"flag": 1}, "f.py")
+    assert resolve_options({"weight": 0.4, "n": 512, "path": None}, {"weight": 1, "n": 256.0, "path": "x"}, "f.py") == {
+        "weight": 1, "n": 256.0, "path": "x"}
+
+
+@pytest.mark.parametrize("kwargs", [{"clip_threshold": 0.0}, {"max_length": -1}])
+def test_stage1_settings_that_only_real_captions_would_reach_are_refused_at_start_up(kwargs) -> None:
+    """clip_threshold=0 passed the start-up probe (its response has no description) and stopped the run at the
+    first step, blamed on input #0."""
+    spec = os.path.join(ROOT, "examples", "reward_function", "pebr_1.py") + ":compute_score"
+    (key, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"{key}={value!r} for pebr_1.py must be positive"):
+        RewardManager(spec, reward_function_kwargs={"clip_weight": 0, **kwargs})
+
+
+def test_a_function_that_fails_on_every_input_points_at_the_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        def compute_score(reward_inputs, scale=1.0):
+            return [{"overall": 2.0 / scale} for _ in reward_inputs]
+    """)
+    with pytest.raises(RewardFunctionError, match=r"on every input tried alone \(input #0 .*q-0.*; input #1 .*q-bad"
+                                                  r".*\): check worker.reward.reward_function_kwargs"):
+        RewardManager(f"{path}:compute_score", reward_function_kwargs={"scale": "2"}).compute(INPUTS)
+
+
 @pytest.mark.parametrize("name", ["pebr_1", "pebr_2", "pebr_sample"])
 def test_a_shipped_reward_file_under_the_other_reward_type_is_refused_by_name(name: str) -> None:
     """Under reward_type=sequential they failed on the first input with "string indices must be integers"."""

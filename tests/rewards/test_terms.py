@@ -402,6 +402,19 @@ def test_keyword_recall_counts_whole_words_and_plurals_only() -> None:
     assert keyword_recall("two apples and three boxes", ["apple", "box", "three"]) == 1.0
     assert keyword_recall("one apple", ["apples"]) == 0.0
     assert keyword_recall("a red-brown cube (red)", ["red", "brown"]) == 1.0
+    # A stem plus "es" is another word unless the stem takes "es" as its plural: all three were 1.0.
+    assert keyword_recall("he hates the notes on the cubes", ["hat", "not", "cub"]) == 0.0
+    assert keyword_recall("glasses, tomatoes, photos, berries and keys", ["glass", "tomato", "photo", "berry",
+                                                                           "key"]) == 1.0
+    assert keyword_recall("a traffic-light", ["traffic light"]) == keyword_recall("a traffic light", ["traffic-light"])
+    assert keyword_recall("a traffic light", ["traffic-light"]) == 1.0
+
+
+def test_keyword_recall_finds_a_number_as_itself_only() -> None:
+    """"3" was found in "3.5", "-3" and "3,000"."""
+    assert keyword_recall("lengths 3.5 and -3 and 3,000 and 2.3", ["3"]) == 0.0
+    assert keyword_recall("there are 3 cubes. It is 3.", ["3", "cubes"]) == 1.0
+    assert keyword_recall("a 1.5 m pole", ["1.5"]) == 1.0
 
 
 def test_keyword_recall_unicode_and_spacing() -> None:
@@ -414,6 +427,9 @@ def test_keyword_recall_counts_a_repeated_key_word_once_and_finds_words_in_unspa
     assert keyword_recall("a red cube", ["cube", "Cube", "sphere"]) == pytest.approx(1 / 2)  # was 2 / 3
     assert keyword_recall("一只猫坐在桌子上", ["猫", "桌子", "狗"]) == pytest.approx(2 / 3)  # was 0
     assert keyword_recall("this is considered", ["red"]) == 0.0  # Latin words keep their boundaries
+    # Ending in a length mark (ー) or a tone sign: they were found only before a space.
+    assert keyword_recall("テーブルの上にコーヒーがある", ["コーヒー"]) == 1.0
+    assert keyword_recall("ไม้สีแดง", ["ไม้"]) == 1.0
 
 
 def test_keyword_recall_rejects_a_bare_string() -> None:
@@ -455,6 +471,11 @@ def test_length_reward_rejects_bad_arguments() -> None:
         ("no headers at all", ""),
         # A repeated header was fed to CLIP as part of the caption.
         ("### Image Description:\nA\n### Image Description:\nB\n### Rationales: x", "A"),
+        # A header repeated before any text gave "" (CLIP term 0) though a description followed.
+        ("### Image Description:\n### Image Description: a red cube\n### Rationales: x", "a red cube"),
+        # Markup of the headers' own is no part of the caption (it kept "#" and "**").
+        ("#### Image Description: a red cube\n#### Rationales: r", "a red cube"),
+        ("**### Image Description:** a red cube\n### Rationales: x", "a red cube"),
     ],
 )
 def test_extract_image_description(response: str, expected: str) -> None:
