@@ -52,7 +52,7 @@ class AlgorithmConfig:
     gamma: float = 1.0
     disable_kl: bool = False
     use_kl_loss: bool = True
-    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl
+    kl_penalty: str = "low_var_kl"  # kl | abs | mse | low_var_kl, or k1 | k2 | k3 (kl, mse, low_var_kl)
     kl_coef: float = 1.0e-2
     online_filtering: bool = False
     filter_key: str = "overall"
@@ -205,7 +205,7 @@ class RolloutConfig:
     # recomputes fewer (the CPU recipe sets 32, the smallest vLLM's CPU attention takes).
     block_size: int | None = None
     # Validation samples one response a question at temperature 0.5 (with the training's top_p, top_k, seed and
-    # max_tokens); keys here (n, temperature, top_p, top_k, max_tokens, seed) replace those.
+    # max_tokens); keys here (n, temperature, top_p, top_k, max_tokens, seed, logprobs) replace those.
     val_override_config: dict = field(default_factory=dict)
 
 
@@ -252,7 +252,8 @@ class TrainerConfig:
     ray_address: Optional[str] = None
     # Sampling runs (pebr.trainer.sample_main) write their rollouts here, one JSON record per line.
     sample_output: str = "_rollout_outputs/rollouts.jsonl"
-    # Write each step's prompts, responses and rewards to {run dir}/rollouts/step_{k}.jsonl.
+    # Write each step's responses and rewards, with each question's qid, index and ground truth (not its prompt
+    # text), to {run dir}/rollouts/step_{k}.jsonl.
     save_rollouts: bool = False
     worker_timeout_s: float = 3600.0
     # Steps (1-based) to record under torch.profiler on every FSDP worker: a Chrome trace and an operator table

@@ -1,6 +1,6 @@
 """Load and validate RL prompt records (no torch, no transformers).
 
-A record is one question of the RL data set (see PAPER.md, "RL data record")::
+A record is one question of the RL data set (the paper's RL data format; README, "Running the trainer")::
 
     {"qid": "q-17", "problem": "<image>How many cubes?", "answer": "3",
      "images": ["scenes/17.png"], "key_words": ["cube", "red"]}

@@ -4,7 +4,7 @@ Each function scores one response and returns a float in [0, 1]. Nothing here im
 or a model: the CLIP similarity arrives as a number (see `pebr.rewards.clip` for the scorer), so the
 whole file is testable in milliseconds.
 
-The response format the prompt asks for (see PAPER.md) is::
+The response format the prompt asks for (examples/format_prompt/, as in the paper) is::
 
     ### Image Description: ...
     ### Rationales: ...
@@ -13,8 +13,8 @@ The response format the prompt asks for (see PAPER.md) is::
     ### The final answer is: <answer>
 
 Headers are matched case-insensitively with any spacing after ``###``. The authors' release matched the
-final-answer header case-sensitively and graded the whole response when it found none; PAPER.md lists both
-as defects. Here a response without the header has no answer: a truncated or header-less response is not
+final-answer header case-sensitively and graded the whole response when it found none; both are defects
+we do not repeat. Here a response without the header has no answer: a truncated or header-less response is not
 searched for a number that happens to equal the ground truth.
 """
 
