@@ -1,5 +1,6 @@
 """Evaluate a model on PeBR GRPO-format data: accuracy (overall and per category), format rate,
-keyword recall and response length, from one batched generation.
+keyword recall and response length, from batched generation (a chunk of questions per engine call, whose graded
+answers are saved, so that an interrupted evaluation goes on where it stopped).
 
 Prompts are built exactly as the RL stages build them (`pebr.data.dataset.RLDataset`: the PeBR format
 prompt, images resized by the same rule), and generation goes through the rollout engines of
@@ -9,6 +10,8 @@ on the inputs it was trained on. The scores are the reward terms of `pebr.reward
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ import torch
 from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
 from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
-from pebr.utils.jsonio import atomic_write_text, is_within
+from pebr.utils.jsonio import atomic_write_text, exclusive_lock, is_within
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ DEFAULT_FORMAT_PROMPT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
 )
 BACKENDS = ("vllm", "hf")
+# Questions per engine call; the answers are saved after each, so an interrupted evaluation goes on from there.
+DEFAULT_CHUNK_SIZE = 512
 
 
 def make_engine(
@@ -292,6 +297,8 @@ def evaluate_model(
     max_pixels: int | None = 802816,
     seed: int = 0,
     category_key: str = "category",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Generate one response per record and score it.
 
@@ -311,6 +318,10 @@ def evaluate_model(
             was trained at); None: unbounded on that side (the processor then applies its own).
         seed: the engine's seed (matters only with temperature > 0).
         category_key: the record key holding its category; per-category scores when present.
+        chunk_size: questions per engine call. With `output`, each call's graded answers are appended to
+            `progress_path(output)`, and a rerun with the same model files and settings answers only the
+            questions missing there (its `wall_s` is its own); the file is removed once the reports are written.
+        resume: False starts again, deleting an earlier run's progress file.
 
     Returns:
         {"model_path", "data", "settings", "overall": summarize(...), "per_category": {cat: summarize(...)},
@@ -320,16 +331,18 @@ def evaluate_model(
     Raises:
         DataError: unreadable data or a bad record (naming file, record and key).
         ValueError: bad arguments.
-        ConfigError: a model path transformers cannot load, or a max_new_tokens the model's context cannot hold
-            after max_prompt_length.
+        ConfigError: a model path transformers cannot load, a max_new_tokens the model's context cannot hold
+            after max_prompt_length, or a progress file of another evaluation (other model files or settings).
     """
     from pebr.data.dataset import RLDataset
-    from pebr.data.records import DataError, load_records
+    from pebr.data.records import DataError, load_records, question_digest
 
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if isinstance(data, str):
         records, report = load_records(data)
         origins = report.kept_at
@@ -345,21 +358,72 @@ def evaluate_model(
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
-    items = [dataset[i] for i in range(len(dataset))]
-    start = time.perf_counter()
-    engine = make_engine(model_path, processor, backend=backend, max_model_len=max_prompt_length + max_new_tokens,
-                         limit_images=max([len(it["images"]) for it in items] + [1]), seed=seed)
-    outputs = generate_texts(engine, processor.tokenizer, items, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed)
-    wall = time.perf_counter() - start
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
+                "format_prompt": format_prompt, "limit": limit, "seed": seed}
+    questions = [question_digest(dataset.record(i), prompt_key=dataset.prompt_key, answer_key=dataset.answer_key,
+                                 image_key=dataset.image_key) for i in range(len(dataset))]
+    keys = [f"{dataset.record(i)['qid']}/{question}" for i, question in enumerate(questions)]
+    # (--limit changes which questions are asked, not their answers: a longer run may go on from a shorter one.)
+    identity = _run_identity(model_path, image_dir, dict(settings, limit=None, max_prompt_length=max_prompt_length,
+                                                          min_pixels=min_pixels, max_pixels=max_pixels))
+    answer = dict(model_path=model_path, processor=processor, backend=backend, max_prompt_length=max_prompt_length,
+                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, category_key=category_key,
+                  chunk_size=chunk_size, identity=identity)
+    if not output:
+        rows, wall = _answer(dataset, records, keys, progress=None, **answer)
+        return _report(model_path, data, records, dataset, rows, category_key, settings, wall)
+    progress = progress_path(output)
+    with exclusive_lock(f"{progress}.lock", lambda holder: ConfigError(
+            f"{progress} is being written by another evaluation ({holder}): wait for it to end, or choose another "
+            "--output")):
+        if not resume and os.path.exists(progress):
+            os.remove(progress)
+        rows, wall = _answer(dataset, records, keys, progress=progress, **answer)
+        result = _report(model_path, data, records, dataset, rows, category_key, settings, wall)
+        write_report(result, output)
+        with contextlib.suppress(FileNotFoundError):  # (none when every prompt was over the limit)
+            os.remove(progress)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(f"{progress}.lock")
+    return result
 
-    rows = []
-    for item, (response, length) in zip(items, outputs):
-        record = records[item["index"]]
-        row = {"qid": item["qid"], "category": record.get(category_key), "answer": item["ground_truth"]}
-        row.update(score_response(response, item["ground_truth"], item["key_words"]))
-        row.update({"response_length": length, "response": response})
-        rows.append(row)
+
+def _answer(dataset: Any, records: list[dict], keys: list[str], *, model_path: str, processor: Any, backend: str,
+            max_prompt_length: int, max_new_tokens: int, temperature: float, seed: int, category_key: str,
+            chunk_size: int, progress: str | None, identity: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The graded rows of every item of `dataset` (in order), answering only those not saved in `progress`, a
+    chunk of questions per engine call, each chunk saved there; and this run's seconds of generation."""
+    saved = _load_progress(progress, identity) if progress else {}
+    todo = [i for i, key in enumerate(keys) if key not in saved]
+    if saved:
+        print(f"{progress}: {len(keys) - len(todo)} of {len(keys)} questions already answered; {len(todo)} to go",
+              flush=True)
+    start = time.perf_counter()
+    if todo:
+        engine = make_engine(model_path, processor, backend=backend, max_model_len=max_prompt_length + max_new_tokens,
+                             limit_images=max([len(dataset.record(i)[dataset.image_key]) for i in todo] + [1]),
+                             seed=seed)
+    for first in range(0, len(todo), chunk_size):
+        chunk = todo[first:first + chunk_size]
+        items = [dataset[i] for i in chunk]  # (images loaded a chunk at a time)
+        outputs = generate_texts(engine, processor.tokenizer, items, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed)
+        answered = {}
+        for i, item, (response, length) in zip(chunk, items, outputs):
+            row = {"qid": item["qid"], "category": records[item["index"]].get(category_key),
+                   "answer": item["ground_truth"]}
+            row.update(score_response(response, item["ground_truth"], item["key_words"]))
+            row.update({"response_length": length, "response": response})
+            answered[keys[i]] = row
+        if progress:
+            _append_progress(progress, identity, answered)
+        saved.update(answered)
+    return [saved[key] for key in keys], time.perf_counter() - start
+
+
+def _report(model_path: str, data: Any, records: list[dict], dataset: Any, rows: list[dict], category_key: str,
+            settings: dict, wall: float) -> dict[str, Any]:
+    """The result of `evaluate_model` from the graded rows of the kept records (in their order)."""
     by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["category"] is not None:
@@ -370,20 +434,89 @@ def evaluate_model(
         if index not in kept and record.get(category_key) is not None:
             skipped_by_category[str(record[category_key])] += 1
             by_category.setdefault(str(record[category_key]), [])
-    result = {
+    return {
         "model_path": model_path,
         "data": data if isinstance(data, str) else f"<{len(records)} records>",
-        "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
-                     "format_prompt": format_prompt, "limit": limit, "seed": seed},
+        "settings": settings,
         "overall": summarize(rows, len(records) - len(rows)),
         "per_category": {cat: summarize(group, skipped_by_category[cat]) for cat, group in sorted(by_category.items())},
         "skipped_overlong": dataset.num_overlong,
         "wall_s": wall,
         "records": rows,
     }
-    if output:
-        write_report(result, output)
-    return result
+
+
+def progress_path(prefix: str) -> str:
+    """PREFIX.partial.jsonl: the graded answers of an evaluation still running (or interrupted)."""
+    return report_paths(prefix)[0][: -len(".json")] + ".partial.jsonl"
+
+
+def _run_identity(model_path: str, image_dir: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """What saved answers depend on besides their questions: the model (its weight and config files' sizes and
+    times: a model retrained into the same folder is another), the images' folder and the generation settings."""
+    files = {}
+    if os.path.isdir(model_path):
+        for name in sorted(os.listdir(model_path)):
+            if name.endswith((".safetensors", ".bin")) or name == "config.json":
+                stat = os.stat(os.path.join(model_path, name))
+                files[name] = [stat.st_size, stat.st_mtime_ns]
+    template = settings.get("format_prompt")
+    if template and os.path.isfile(template):
+        with open(template, "rb") as f:
+            settings = dict(settings, format_prompt_sha256=hashlib.sha256(f.read()).hexdigest()[:16])
+    return {"model": os.path.realpath(model_path) if os.path.isdir(model_path) else model_path,
+            "model_files": files, "image_dir": os.path.realpath(image_dir) if image_dir else None, **settings}
+
+
+def _load_progress(path: str, identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The graded answers saved in `path` by an evaluation with this `identity`, by "qid/question digest"; a line
+    cut by a crash is dropped.
+
+    Raises:
+        ConfigError: the file is not an evaluation's progress file, or one of another model or settings.
+    """
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text.endswith(b"\n"):  # a write cut short: its part goes, or the next append would join it
+        os.truncate(path, text.rfind(b"\n") + 1)
+    lines = text.split(b"\n")[:-1]
+    if not lines:  # (the header itself was cut: nothing was saved)
+        os.remove(path)
+        return {}
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or "evaluation" not in header:
+        raise ConfigError(f"{path} is not an evaluation's progress file (its first line is not one's header): move "
+                          "it away, or choose another --output")
+    if header["evaluation"] != identity:
+        changed = sorted(key for key in set(identity) | set(header["evaluation"])
+                         if identity.get(key) != header["evaluation"].get(key))
+        raise ConfigError(f"{path} holds the answers of an evaluation with another {', '.join(changed)}: rerun it "
+                          "as it was to continue it, or pass --no-resume to start again")
+    saved = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            entry = json.loads(line)
+            saved[entry["key"]] = entry["row"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} line {number} is not a saved answer: move the file away, or pass "
+                              "--no-resume to start again") from None
+    return saved
+
+
+def _append_progress(path: str, identity: dict[str, Any], answered: dict[str, dict[str, Any]]) -> None:
+    """Append graded answers (after a header line, for a new file), flushed to disk: a crash loses at most the
+    answers of the engine call in flight."""
+    lines = [json.dumps({"evaluation": identity}, ensure_ascii=False)] if not os.path.exists(path) else []
+    lines += [json.dumps({"key": key, "row": row}, ensure_ascii=False) for key, row in answered.items()]
+    with open(path, "ab") as f:
+        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _cell(value: Any, percent: bool) -> str:

@@ -3,12 +3,17 @@
     python scripts/evaluate.py --model_path M --data FILE [--image_dir D] [--output OUT_PREFIX]
         [--max_new_tokens 4096] [--limit K] [--temperature 0] [--backend vllm|hf]
 
-All prompts go through one batched vLLM generation (greedy, up to 4096 new tokens, images within the stage
+The prompts go through batched vLLM generation (greedy, up to 4096 new tokens, images within the stage
 recipes' 576..802816 px: the paper's inference settings, by default; fewer new tokens where the model's context
 leaves less after --max_prompt_length). Prompts over --max_prompt_length are
 skipped and graded wrong. Reports accuracy overall and per
 `category` (when the records have one), format rate, keyword recall (records with `key_words`) and mean
 response length in tokens; writes OUT_PREFIX.json (with every response) and OUT_PREFIX.md (a table).
+
+The questions go to the engine --chunk_size at a time, and with --output each chunk's graded answers are appended
+to OUT_PREFIX.partial.jsonl: an interrupted evaluation, rerun with the same command, answers only the rest (the
+file is refused if the model's files or the settings changed; --no-resume starts again). It is removed once the
+reports are written.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
-from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, check_generation_options,  # noqa: E402
+from pebr.evaluation import (BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_FORMAT_PROMPT,  # noqa: E402
+                             check_generation_options,
                              check_model_path, check_output_apart_from_inputs, evaluate_model, markdown_table,
                              report_paths)
 
@@ -44,10 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "recipes')")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="questions per engine call; with --output their answers are saved after each")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer only the questions missing from OUTPUT.partial.jsonl, an interrupted run's "
+                             "(--no-resume: delete it and start again)")
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
     check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature,
-                             limit=args.limit, max_prompt_length=args.max_prompt_length)
+                             limit=args.limit, max_prompt_length=args.max_prompt_length, chunk_size=args.chunk_size)
     if args.output:
         check_output_apart_from_inputs(args.output, args.data, args.model_path)
     logging.basicConfig(level=logging.WARNING)
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,
         limit=args.limit, temperature=args.temperature, format_prompt=args.format_prompt, backend=args.backend,
         max_prompt_length=args.max_prompt_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        seed=args.seed,
+        seed=args.seed, chunk_size=args.chunk_size, resume=args.resume,
     )
     print(markdown_table(result))
     if args.output:
@@ -67,5 +78,5 @@ if __name__ == "__main__":
     from pebr.trainer.main import run_cli
 
     # A bad option or data file: its message and exit code 2, no traceback.
-    sys.exit(run_cli(main, None, on_interrupt="nothing was written (the reports are written once every question "
-                                              "is answered); a rerun starts again"))
+    sys.exit(run_cli(main, None, on_interrupt="with --output, the answers of each finished chunk are in "
+                                              "OUTPUT.partial.jsonl, and the same command goes on from there"))

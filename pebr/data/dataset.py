@@ -339,6 +339,10 @@ class RLDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def record(self, i: int) -> dict[str, Any]:
+        """The normalised record of item `i` (qid, question, answer, image references), without loading images."""
+        return self._items[i][1]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         index, record, prompt = self._items[i]
         images = []

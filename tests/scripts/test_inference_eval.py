@@ -220,3 +220,61 @@ def test_reports_inside_the_model_or_data_and_empty_data_are_refused(tiny_model_
         evaluate_model(tiny_model_dir, str(data), None, backend="hf")
     with pytest.raises(ConfigError, match="--max_pixels 100 is below 28x28"):
         check_generation_options(16, 1, 100, 0.0)
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_goes_on_from_its_saved_answers(tiny_model_dir, synthetic_data_dir, tmp_path,
+                                                                  capsys) -> None:
+    """An evaluation killed part-way kept nothing and started again: now each chunk's graded answers are saved
+    in OUTPUT.partial.jsonl, and the same command answers only the rest. Another model or settings is refused
+    (--no-resume starts again), and a line cut by the kill is dropped."""
+    import signal
+    import subprocess
+    import time
+
+    from evaluate import main
+
+    from pebr.config import ConfigError
+    from pebr.evaluation import progress_path
+
+    prefix = str(tmp_path / "eval")
+    progress = progress_path(prefix)
+    args = ["--model_path", tiny_model_dir, "--data", os.path.join(synthetic_data_dir, "test.json"), "--image_dir",
+            os.path.join(synthetic_data_dir, "images"), "--output", prefix, "--limit", str(NUM_RECORDS),
+            "--max_new_tokens", "48", "--backend", "hf", "--chunk_size", "1"]
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None:
+            if os.path.exists(progress) and open(progress, "rb").read().count(b"\n") >= 2:  # header + 1 answer
+                break
+            time.sleep(0.02)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        stderr = run.communicate()[1]
+    assert run.returncode == -signal.SIGKILL, stderr[-2000:]
+    lines = open(progress, "rb").read().splitlines()
+    saved = {json.loads(line)["key"]: json.loads(line)["row"] for line in lines[1:]}
+    assert 1 <= len(saved) < NUM_RECORDS and not os.path.exists(prefix + ".json")
+
+    with pytest.raises(ConfigError, match=r"eval.partial.jsonl holds the answers of an evaluation with another "
+                                          r"max_new_tokens: .*--no-resume"):
+        main(args[:-6] + ["--max_new_tokens", "24", "--backend", "hf", "--chunk_size", "1"])
+    with open(progress, "ab") as f:
+        f.write(b'{"key": "cut')  # a write the kill cut short
+    result = main(args)
+    assert f"{len(saved)} of {NUM_RECORDS} questions already answered; {NUM_RECORDS - len(saved)} to go" in \
+        capsys.readouterr().out
+    assert len(result["records"]) == NUM_RECORDS == result["overall"]["count"]
+    records = json.load(open(os.path.join(synthetic_data_dir, "test.json")))[:NUM_RECORDS]
+    assert [r["qid"] for r in result["records"]] == [r["qid"] for r in records]
+    kept = [row for row in result["records"] if row in saved.values()]
+    assert len(kept) == len(saved)  # the saved answers are the report's, not answered again
+    assert json.load(open(prefix + ".json"))["records"] == result["records"]
+    assert not os.path.exists(progress) and not os.path.exists(progress + ".lock")
+
+    with open(progress, "wb") as f:  # an old run's answers, which --no-resume deletes
+        f.write(b"\n".join(lines[:2]) + b"\n")
+    main(args + ["--no-resume"])
+    assert "already answered" not in capsys.readouterr().out and not os.path.exists(progress)
