@@ -197,13 +197,16 @@ def _open(image: Any, image_dir: str | None) -> Image.Image:
     return Image.open(resolve_path(image, image_dir))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The image as the model should see it, in RGB.
+def to_rgb(image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+    """The image as the model should see it, in RGB, resized to `size` (upright width, height) when given.
 
     The EXIF orientation is applied (a phone photo stored sideways is turned upright, as viewers and the
     `datasets` library show it); transparent pixels are laid on white, since a plain RGB conversion would
     show what is under them, black in most diagrams drawn on a transparent background; 16- and 32-bit
     grey levels are scaled to 8 bits rather than clipped at 255, floating-point ones in 0..1 to 0..255.
+    An image with transparency is resized before it is laid on white (Pillow resizes RGBA premultiplied, so
+    the result is the same to rounding): at full size the white layer and the composite took three more
+    copies of a large image.
     """
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
@@ -224,10 +227,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "La":  # premultiplied alpha, which PIL converts to RGBA only through LA
         image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        if size is not None and size != rgba.size:
+            rgba = rgba.resize(size, Image.Resampling.BICUBIC)
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    return rgb if size is None or size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC)
 
 
 def load_image(
@@ -248,11 +254,11 @@ def load_image(
     """
     opened = _open(image, image_dir)
     try:
-        rgb = to_rgb(opened)  # forces the full decode; the file handle is released below
+        width, height = opened.size
+        if _quarter_turned(opened):
+            width, height = height, width
+        # (to_rgb forces the full decode; the file handle is released below)
+        return to_rgb(opened, fit_size(width, height, min_pixels, max_pixels))
     finally:
         if opened is not image:
             opened.close()
-    size = fit_size(rgb.width, rgb.height, min_pixels, max_pixels)
-    if size != rgb.size:
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    return rgb

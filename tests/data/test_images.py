@@ -152,6 +152,30 @@ def test_transparent_pixels_are_laid_on_white(tmp_path):
     assert to_rgb(half.convert("La")).getpixel((0, 0)) == to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
 
 
+def test_a_transparent_image_is_shrunk_before_it_is_laid_on_white(tmp_path):
+    """(Laid on white at full size first, a large RGBA image took three more full-size copies.) The order does
+    not change the pixels beyond rounding: Pillow resizes RGBA premultiplied. A sideways EXIF orientation still
+    gives the upright size."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 420, 4), dtype=np.uint8)
+    pixels[:150, :, 3] = 0  # the top half fully transparent, the rest of varied opacity
+    drawing = Image.fromarray(pixels, "RGBA")
+    drawing.save(tmp_path / "rgba.png")
+    small = load_image(str(tmp_path / "rgba.png"), None, max_pixels=28 * 28 * 20)
+    assert small.size == fit_size(420, 300, None, 28 * 28 * 20) and small.mode == "RGB"
+    background = Image.new("RGBA", drawing.size, (255, 255, 255, 255))
+    first_laid = Image.alpha_composite(background, drawing).convert("RGB").resize(small.size, Image.Resampling.BICUBIC)
+    difference = np.abs(np.asarray(small, dtype=int) - np.asarray(first_laid, dtype=int))
+    assert difference.max() <= 2 and np.asarray(small)[:small.height // 3].min() == 255  # the transparent part white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    drawing.save(tmp_path / "turned.png", exif=exif.tobytes())
+    assert load_image(str(tmp_path / "turned.png"), None, max_pixels=28 * 28 * 20).size == fit_size(
+        300, 420, None, 28 * 28 * 20)
+
+
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     import numpy as np
 
