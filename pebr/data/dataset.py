@@ -81,9 +81,14 @@ def render_question(template: jinja2.Template, question: str) -> str:
     text before and after the template's `{{ content }}` around it): data written with the prompt in it, as
     `dataset/filter.py --format_prompt` writes it for LLaMA-Factory, is not wrapped a second time."""
     head, tail = (part.strip() for part in template.render(content=_QUESTION_MARK).split(_QUESTION_MARK))
-    if (head or tail) and question.startswith(head) and question.endswith(tail) \
-            and len(question) >= len(head) + len(tail):
-        return question
+    # Placeholders the loader put first (a question with images and none in its text) are no part of the rendering
+    # to recognise; they go where the rendering would have put them, after the template's head.
+    body = question.lstrip()
+    images = ""
+    while body.startswith(IMAGE_PLACEHOLDER):
+        images, body = images + IMAGE_PLACEHOLDER, body[len(IMAGE_PLACEHOLDER):].lstrip()
+    if (head or tail) and body.startswith(head) and body.endswith(tail) and len(body) >= len(head) + len(tail):
+        return body[:len(head)] + images + body[len(head):] if images else question
     return template.render(content=question)
 
 
@@ -92,8 +97,9 @@ def build_messages(question: str, num_images: int, template: jinja2.Template | N
 
     The template is rendered with the placeholders in `content`, then the text is cut at them, so a
     question like "compare <image> with <image>" keeps its images in place; a question without
-    placeholders gets all its images first. The PeBR data's "<image>question" thus gives the image, then
-    the templated question. Spaces around a placeholder are dropped (the vision tokens delimit it).
+    placeholders gets all its images first, before it is rendered, as the RL loader does
+    (`pebr.data.records`): SFT, RL, evaluation and inference then put them at the same place, after any text
+    the template puts before the question. Spaces around a placeholder are dropped (the vision tokens delimit it).
 
     Args:
         question: the record's prompt, with one `<image>` per image or none.
@@ -108,9 +114,9 @@ def build_messages(question: str, num_images: int, template: jinja2.Template | N
         DataError: the question holds placeholders, but not `num_images` of them.
     """
     content = question.strip()
+    if IMAGE_PLACEHOLDER not in content:
+        content = IMAGE_PLACEHOLDER * num_images + content
     text = render_question(template, content) if template is not None else content
-    if IMAGE_PLACEHOLDER not in text:
-        text = IMAGE_PLACEHOLDER * num_images + text
     chunks = text.split(IMAGE_PLACEHOLDER)
     if len(chunks) - 1 != num_images:
         raise DataError(f"the question has {len(chunks) - 1} {IMAGE_PLACEHOLDER} placeholders but {num_images} images: "

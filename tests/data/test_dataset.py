@@ -196,6 +196,26 @@ def test_items_do_not_hold_decoded_images(processor, image_dir):
     assert len(seen) > 10  # the walk reached the data set's records
 
 
+def test_a_template_with_a_head_puts_the_image_after_it_wherever_the_prompt_is_built(tmp_path):
+    """The RL loader put a record's image after the template's head and inference and SFT before it, so a model was
+    trained on one layout and asked in another; and a question already wrapped in the template was wrapped again once
+    the loader had put its image first."""
+    from pebr.data.dataset import build_messages, load_format_prompt
+    from pebr.data.records import normalize_record
+
+    (tmp_path / "head.jinja").write_text("Answer about the picture.\n{{ content }}\nEnd with the answer.")
+    template = load_format_prompt(str(tmp_path / "head.jinja"))
+    expected = [{"type": "text", "text": "Answer about the picture."}, {"type": "image"},
+                {"type": "text", "text": "How many cubes?\nEnd with the answer."}]
+    wrapped = template.render(content="How many cubes?")
+    for question in ("How many cubes?", wrapped):
+        loaded = normalize_record({"problem": question, "answer": "3", "images": ["a.png"]}, where="data.json",
+                                  default_qid="0")
+        for text in (question, loaded["problem"]):  # as inference / SFT get it, as RL gets it from the loader
+            assert build_messages(text, 1, template)[0]["content"] == expected, (question, text)
+    assert build_messages(wrapped, 0, template)[0]["content"] == [{"type": "text", "text": wrapped}]
+
+
 def test_pebr_template_asks_for_the_exact_layout():
     from pebr.data.dataset import load_format_prompt
 
