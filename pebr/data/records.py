@@ -84,11 +84,10 @@ class LoadReport:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        """One line for the log: counts, then the reasons."""
+        """One line for the log: counts, the reasons, and the first skipped record's message (which names it)."""
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items()))
         return f"kept {self.kept} of {self.total} records; skipped {self.num_skipped}" + (
-            f" ({reasons})" if reasons else ""
-        )
+            f" ({reasons})" if reasons else "") + (f"; first: {self.messages[0]}" if self.messages else "")
 
 
 def check_on_bad_record(on_bad_record: str) -> None:
@@ -482,5 +481,5 @@ def load_records(
         report.kept_at.append(where)
     report.kept = len(records)
     if report.num_skipped:
-        logger.warning("load_records(%s): %s; first: %s", source, report.summary(), report.messages[0])
+        logger.warning("load_records(%s): %s", source, report.summary())
     return records, report

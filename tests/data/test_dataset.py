@@ -130,6 +130,9 @@ def test_bad_images_raise_or_skip_with_index_preserved(processor, image_dir):
     assert len(dataset) == 1
     assert dataset[0]["qid"] == "ok" and dataset[0]["index"] == 3  # position in the original list
     assert dataset.report.total == 4 and dataset.report.skipped == {"image_missing": 1, "image_unreadable": 2}
+    # The log named no skipped record (only counts): the first one's message comes with them.
+    assert re.search(r"kept 1 of 4 records; skipped 3 \(image_missing=1, image_unreadable=2\); first: record 0 "
+                     r"qid='missing': image file '.*nope\.png' does not exist", dataset.report.summary())
 
 
 def test_image_forms_bytes_pil_dict_absolute(processor, image_dir):
