@@ -307,7 +307,9 @@ class RLDataset(Dataset):
         # Stage 1's keyword term is 0 for every response to a record without key words (the trainer warns).
         self.num_without_key_words = sum(1 for _, record, _ in self._items if not record["key_words"])
         # Its CLIP term is 0 for every response to a record without an image (the trainer warns too).
-        self.num_without_images = sum(1 for _, record, _ in self._items if not record["images"])
+        self.num_without_images = sum(1 for _, record, _ in self._items if not record[image_key])
+        # ...and it scores the description against the first image alone.
+        self.num_with_several_images = sum(1 for _, record, _ in self._items if len(record[image_key]) > 1)
         if self.num_overlong:
             logger.warning(
                 "RLDataset: dropped %d of %d prompts longer than %d tokens",

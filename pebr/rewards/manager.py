@@ -13,7 +13,8 @@ unknown weight) fails at start-up rather than at the first scoring step. A file 
 failing on its first input.
 
 Inputs are dicts with keys response (str), response_length (int), ground_truth (str),
-key_word (list[str]), image (PIL image or None) and qid (str). Outputs are one dict per input whose
+key_word (list[str]), image (the first image, a PIL image, or None), images (all of them, in the prompt's order)
+and qid (str). Outputs are one dict per input whose
 values are finite floats, with ``overall`` (the scalar GRPO optimises) unless require_overall is off.
 No Ray here: `pebr.workers.reward.RewardWorker` runs a manager inside an actor.
 """

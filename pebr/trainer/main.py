@@ -89,7 +89,7 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
 
     probe = {"response": "### The final answer is: " + item["ground_truth"], "response_length": 8,
              "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
-             "image": item["images"][0] if item["images"] else None}
+             "image": item["images"][0] if item["images"] else None, "images": list(item["images"])}
     scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record")
     for key, reader in (require or {}).items():
         if key not in scores[0]:
@@ -149,6 +149,10 @@ def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
             if term in terms and count:
                 print(f"warning: {count} of {len(train)} training records in {cfg.data.train_files} have no "
                       f"{lacking}: the reward's {term} term is 0 for all their responses", file=sys.stderr, flush=True)
+        if "clip" in terms and train.num_with_several_images:
+            print(f"warning: {train.num_with_several_images} of {len(train)} training records in "
+                  f"{cfg.data.train_files} have several images: the reward's clip term scores each description "
+                  "against the first (reward inputs carry them all under 'images')", file=sys.stderr, flush=True)
         trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
         trainer.fit()
     finally:

@@ -157,7 +157,8 @@ def reward_inputs(batch: Batch) -> list[dict]:
     nt = batch.non_tensors
     return [{"response": nt["response"][i], "response_length": len(batch.response_ids[i]),
              "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i], "qid": nt["qid"][i],
-             "image": batch.images[i][0] if batch.images[i] else None} for i in range(len(batch))]
+             "image": batch.images[i][0] if batch.images[i] else None, "images": list(batch.images[i])}
+            for i in range(len(batch))]
 
 
 def batch_advantages(batch: Batch, a: Any) -> None:

@@ -38,6 +38,16 @@ def make(records, processor, image_dir, **kwargs):
     return RLDataset(records, processor, image_dir=image_dir, **options)
 
 
+def test_records_under_other_key_names_load_and_are_counted(processor, image_dir):
+    """data.image_key other than "images": the image counts read record["images"], a KeyError at load."""
+    records = [{"qid": "a", "question": "<image>How many?", "solution": "2", "pics": ["wide.png"]},
+               {"qid": "b", "question": "Compare <image> and <image>.", "solution": "left", "pics": ["wide.png", "tall.png"]},
+               {"qid": "c", "question": "What is 3+4?", "solution": "7"}]
+    dataset = make(records, processor, image_dir, prompt_key="question", answer_key="solution", image_key="pics")
+    assert len(dataset) == 3 and (dataset.num_without_images, dataset.num_with_several_images) == (1, 1)
+    assert [len(dataset[i]["images"]) for i in range(3)] == [1, 2, 0] and dataset[1]["ground_truth"] == "left"
+
+
 def test_item_fields_and_resized_images(processor, image_dir):
     records = [
         {"qid": "a", "problem": "<image>How many red?", "answer": 2, "images": ["wide.png"], "key_words": ["red"]},

@@ -153,17 +153,22 @@ def test_records_without_key_words_or_images_are_reported_when_the_reward_has_th
     for record in records[6:]:  # text-only: stage 1's CLIP term is 0 for them
         record["problem"] = record["problem"].replace("<image>", "")
         record.pop("images")
+    records[0]["problem"] = "<image><image>" + records[0]["problem"].replace("<image>", "")  # two images
+    records[0]["images"] = records[0]["images"] + records[1]["images"]
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     reward_file = tmp_path / "with_keyword.py"
-    reward_file.write_text("def compute_score(inputs):\n"
+    reward_file.write_text("def compute_score(inputs):\n"  # (the start-up check scores records[0])
+                           "    assert [len(x['images']) for x in inputs] == [2] and inputs[0]['image'] is not None\n"
                            "    return [{'overall': 0.5, 'keyword': 0.0, 'clip': 0.0} for _ in inputs]\n")
     argv = trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 2) + [
         f"data.train_files={train}", f"worker.reward.reward_function={reward_file}:compute_score",
-        "trainer.device=cuda", "trainer.n_gpus_per_node=1"]
+        "trainer.device=cuda", "trainer.n_gpus_per_node=1", "worker.rollout.limit_images=2"]
     with pytest.raises(ConfigError, match=r"= 1 GPU workers need 0\.9 GPUs \(0 in the cluster, 0 free\): the cluster "
                                           r"cannot place them all"):
         run(argv)
     err = capsys.readouterr().err
     assert f"warning: 3 of 8 training records in {train} have no key_words" in err
     assert f"warning: 2 of 8 training records in {train} have no image: the reward's clip term is 0" in err
+    assert (f"warning: 1 of 8 training records in {train} have several images: the reward's clip term scores each "
+            "description against the first (reward inputs carry them all under 'images')") in err
