@@ -1,7 +1,8 @@
 """Metric loggers: console, a JSONL file in the run directory, wandb, tensorboard.
 
 The JSONL file is the record a resumed run continues: on resume, lines for steps after the
-checkpoint's step are dropped, so a step is never logged twice. A resumed run logs to the same wandb run.
+checkpoint's step are dropped, so a step is never logged twice. A resumed run logs to the same wandb run, which
+cannot drop steps: those an earlier run logged past the checkpoint keep its values there (the run warns).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class MetricsFile:
     def __init__(self, path: str, resume_step: int):
         self.path = path
         self.steps: set[int] = set()  # the steps logged so far
+        self.last_dropped = 0  # the last step an earlier run logged past resume_step (0: none)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             kept = []
@@ -31,6 +33,8 @@ class MetricsFile:
                         if resume_step and step <= resume_step:
                             kept.append(line if line.endswith("\n") else line + "\n")
                             self.steps.add(step)
+                        else:
+                            self.last_dropped = max(self.last_dropped, step)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a crash
             atomic_write_text(path, "".join(kept))
@@ -80,6 +84,7 @@ class Tracker:
             raise ValueError(f"trainer.logger: unknown back-ends {unknown}; choose from {list(LOGGERS)}")
         self.console = "console" in backends
         self._logged_step_path = os.path.join(run_dir, "logged_step")
+        logged_before = self._logged_step()  # (read before this run writes it)
         self.file = MetricsFile(os.path.join(run_dir, "metrics.jsonl"), resume_step) if "file" in backends else None
         self.wandb = self.tb = None
         if "wandb" in backends:
@@ -88,6 +93,12 @@ class Tracker:
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=project, name=experiment, config=config, dir=run_dir, mode=mode,
                                     id=wandb_run_id(run_dir, resume_step), resume="allow")
+            last = self.file.last_dropped if self.file is not None else logged_before
+            if resume_step and last > resume_step:
+                print(f"warning: the wandb run already holds steps {resume_step + 1}..{last}, logged by the run "
+                      f"before this resume from step {resume_step}; wandb takes steps in increasing order only, so "
+                      f"it drops this run's metrics up to step {last} and shows the earlier run's there "
+                      "(metrics.jsonl and TensorBoard hold this run's)", flush=True)
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -101,11 +112,16 @@ class Tracker:
         step and died before logging it used to leave that step out of them for good)."""
         if self.file is not None:
             return step not in self.file.steps
+        return self._logged_step() < step
+
+    def _logged_step(self) -> int:
+        """The last step logged, as the run directory's `logged_step` says (-1: none; kept without the file
+        back-end only)."""
         try:
             with open(self._logged_step_path) as f:
-                return int(f.read()) < step
+                return int(f.read())
         except (OSError, ValueError):
-            return True
+            return -1
 
     def log(self, step: int, metrics: dict[str, Any], replace_validation: bool = False) -> None:
         """Log `step`'s metrics; `replace_validation`: drop an earlier validation-only line of the step from

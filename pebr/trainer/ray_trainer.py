@@ -632,13 +632,15 @@ class RayPPOTrainer:
             if t.save_rollouts:
                 self.save_rollouts(batch)
             metrics["timing/step_s"] = time.time() - step_start
-            metrics["perf/tokens_per_s"] = metrics["response/tokens_total"] / metrics["timing/step_s"]
+            metrics["perf/tokens_per_s"] = (metrics["prompt/tokens_total"] + metrics["response/tokens_total"]) / \
+                metrics["timing/step_s"]
             # Saved before validating: a validation that fails must not take the step's training with it.
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
                     self.save_checkpoint(metrics)
             if self._validation_due(self.global_step):
-                self._validate_into(metrics)
+                with timed(metrics, "validate"):  # (it syncs the new weights: the next step's sync is then ~0)
+                    self._validate_into(metrics)
             self.tracker.log(self.global_step, metrics)
             bar.update(1)
         bar.close()
@@ -679,12 +681,18 @@ class RayPPOTrainer:
         m["response/length_mean"] = float(lengths.mean())
         m["response/length_max"] = float(lengths.max())
         m["response/clip_ratio"] = float(np.mean(batch.non_tensors["truncated"]))  # cut at the length limit
-        m["response/tokens_total"] = float(lengths.sum() + sum(len(p) for p in batch.prompt_ids))
+        m["response/tokens_total"] = float(lengths.sum())
+        # Each sample's prompt, image tokens included (a prompt counts once per response, as verl counts it).
+        m["prompt/tokens_total"] = float(sum(len(p) for p in batch.prompt_ids))
         if "entropy" in batch.tensors:
             m["actor/entropy_rollout"] = float(masked_mean(batch.tensors["entropy"], mask))
         if "ref_logprobs" in batch.tensors and "old_logprobs" in batch.tensors:
             m["actor/kl_ref"] = float(masked_mean(
                 kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], "kl"), mask))
+            a = self.cfg.algorithm
+            if a.kl_in_reward:  # the penalty the advantages took (per token, before kl_coef), not the plain log-ratio
+                m["actor/reward_kl_penalty"] = float(masked_mean(
+                    kl_penalty(batch.tensors["old_logprobs"], batch.tensors["ref_logprobs"], a.kl_penalty), mask))
         return m
 
     def _write_config(self, text: str) -> None:

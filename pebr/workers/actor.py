@@ -784,12 +784,14 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 tokens = float(rmask.sum())
                 for k, v in {"tokens": 1.0, "entropy": masked_mean(entropy, rmask).item(), **pg_metrics}.items():
                     token_sums[k] = token_sums.get(k, 0.0) + v * tokens
-            totals = dict(zip(token_sums, global_sums(list(token_sums.values()), device)))
+            # (The image counts are summed over the ranks too, in the same collective: the mini-batch's, not a rank's.)
+            counts = {"images_encoded": float(images_encoded), "distinct_images": float(distinct_images(mini))}
+            totals = dict(zip([*token_sums, *counts], global_sums([*token_sums.values(), *counts.values()], device)))
             for k, v in totals.items():
-                if k != "tokens":
+                if k in counts:
+                    log(f"actor/{k}", v)
+                elif k != "tokens":
                     log(f"actor/{k}", v / max(totals["tokens"], 1.0))
-            log("actor/images_encoded", float(images_encoded))
-            log("actor/distinct_images", float(distinct_images(mini)))
             log("actor/pg_loss", global_sum(loss_sums["pg"], device) / denom)
             if use_kl:
                 log("actor/kl_loss", global_sum(loss_sums["kl"], device) / denom)

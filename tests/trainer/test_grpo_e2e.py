@@ -59,6 +59,7 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         assert m["actor/entropy_rollout"] > 0 and math.isfinite(m["actor/kl_ref"])
         assert 0.3 < m["perf/cpu_memory_gb"] < 24  # a worker with its model, reference and engine; the machine's
     assert "val/overall" in metrics[1] and metrics[1]["val/samples"] == 8  # val_freq=2, every chunk scored
+    assert metrics[1]["timing/validate_s"] > 0 and "timing/validate_s" not in metrics[0]  # it was timed nowhere
     with open(os.path.join(run_dir, "global_step_2", checkpoint.STATE_FILE)) as f:
         saved = json.load(f)
     assert saved["global_step"] == 2 and saved["metrics"]["actor/pg_loss"] == metrics[1]["actor/pg_loss"]
@@ -176,6 +177,7 @@ def test_kl_as_reward_penalty_uses_the_reference(tiny_model_dir, synthetic_data_
            f"worker.reward.reward_function={reward_file}:compute_score"])
     (m,) = read_metrics(run_dir)
     assert "actor/kl_ref" in m and "actor/kl_loss" not in m
+    assert m["actor/reward_kl_penalty"] == pytest.approx(0.0, abs=1e-6)  # the penalty taken was not logged at all
     namespace: dict = {}
     exec(QID_REWARD, namespace)
     val = [r["qid"] for r in json.load(open(os.path.join(synthetic_data_dir, "test.json")))]
@@ -236,6 +238,13 @@ def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, 
     assert m["actor/kl_ref"] == pytest.approx(0.0, abs=1e-6) and m["actor/entropy_rollout"] > 0
     assert m["actor/ppo_kl"] == 0.0 and m["actor/pg_clipfrac"] == 0.0  # ratio exactly 1 on-policy
     assert m["actor/grad_norm"] > 0
+    # Counts of the whole mini-batch, not a rank's mean (each rank had 2 of the 4 prompts, and 1.0 was logged...).
+    assert m["actor/distinct_images"] == 4 and m["actor/images_encoded"] >= 4
+    # ...and response tokens alone: prompt tokens were counted in (ten times the response tokens here).
+    assert m["response/tokens_total"] == pytest.approx(16 * m["response/length_mean"])
+    assert m["perf/tokens_per_s"] == pytest.approx(
+        (m["prompt/tokens_total"] + m["response/tokens_total"]) / m["timing/step_s"])
+    assert m["prompt/tokens_total"] > m["response/tokens_total"]
 
 
 def test_a_profiled_step_writes_a_trace_and_an_operator_table_per_rank(tiny_model_dir, synthetic_data_dir,

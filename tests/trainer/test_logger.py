@@ -56,6 +56,25 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert ids[0] == ids[1] != ids[2]
 
 
+@pytest.mark.parametrize("backends", [["file", "wandb"], ["wandb"]])
+def test_a_resume_says_which_steps_wandb_keeps_from_the_run_before(tmp_path, monkeypatch, capsys, backends):
+    """wandb drops a step lower than its last one: the steps an earlier run logged past the checkpoint keep that
+    run's values there, while metrics.jsonl and TensorBoard are rewound. README promised the same run; now the run
+    says what wandb will show."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Tracker(backends, str(tmp_path), "pebr-test", "resume", {}, resume_step=0)
+    for step in (1, 2, 3, 4):
+        t.log(step, {"reward/overall": 0.1 * step})
+    t.close()
+    capsys.readouterr()
+    Tracker(backends, str(tmp_path), "pebr-test", "resume", {}, resume_step=2).close()
+    assert ("warning: the wandb run already holds steps 3..4, logged by the run before this resume from step 2"
+            in capsys.readouterr().out)
+    Tracker(backends, str(tmp_path), "pebr-test", "resume", {}, resume_step=4).close()  # nothing logged past 4
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
