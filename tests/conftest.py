@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -57,6 +59,23 @@ def idle_cpus(ray, timeout: float = 60.0) -> float:
     while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
         time.sleep(0.2)
     return total
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock_path: str) -> Iterator[int]:
+    """`lock_path` held (`pebr.utils.jsonio.exclusive_lock`) by another process for the block; yields its pid."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pebr.utils.jsonio import exclusive_lock\n"
+        f"with exclusive_lock({lock_path!r}, RuntimeError):\n    print('held', flush=True); time.sleep(300)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture(scope="session")

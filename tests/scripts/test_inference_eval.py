@@ -278,3 +278,23 @@ def test_an_interrupted_evaluation_goes_on_from_its_saved_answers(tiny_model_dir
         f.write(b"\n".join(lines[:2]) + b"\n")
     main(args + ["--no-resume"])
     assert "already answered" not in capsys.readouterr().out and not os.path.exists(progress)
+
+
+def test_a_second_evaluation_on_the_same_output_stops_before_answering(tiny_model_dir, synthetic_data_dir,
+                                                                       tmp_path) -> None:
+    """Two evaluations appending to one progress file would mix their answers (or headers)."""
+    import re
+
+    from conftest import lock_held_elsewhere
+
+    from pebr.config import ConfigError
+    from pebr.evaluation import progress_path
+
+    prefix = str(tmp_path / "eval")
+    with lock_held_elsewhere(progress_path(prefix) + ".lock") as pid:
+        with pytest.raises(ConfigError, match=re.escape(f"eval.partial.jsonl is being written by another evaluation "
+                                                        f"(pid {pid} on ")):
+            evaluate_model(tiny_model_dir, os.path.join(synthetic_data_dir, "test.json"),
+                           os.path.join(synthetic_data_dir, "images"), output=prefix, backend="hf", limit=2,
+                           max_new_tokens=4)
+    assert not os.path.exists(progress_path(prefix)) and not os.path.exists(prefix + ".json")

@@ -335,8 +335,7 @@ def test_a_resume_past_the_runs_last_step_is_refused(tmp_path):
 def test_a_second_run_on_a_live_runs_folder_stops_before_touching_it(tmp_path, tiny_model_dir, synthetic_data_dir):
     """A rerun while the first run still trained removed its in-flight save, trimmed its metrics file and purged
     its TensorBoard steps, then failed on a checkpoint the first run had rotated away, blaming the world size."""
-    import subprocess
-    import sys
+    from conftest import lock_held_elsewhere
 
     from pebr.trainer.main import run
 
@@ -345,23 +344,15 @@ def test_a_second_run_on_a_live_runs_folder_stops_before_touching_it(tmp_path, t
     in_flight = run_dir / "global_step_3.partial"
     in_flight.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pebr.checkpoint import run_dir_lock\n"
-        f"with run_dir_lock({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with lock_held_elsewhere(str(run_dir / checkpoint.LOCK_FILE)) as pid:
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"{run_dir} is in use by another training run "
-                                                                       f"(pid {holder.pid} on ")):
+                                                                       f"(pid {pid} on ")):
             run([f"config={root}/examples/pebr_stage2.yaml", f"config={root}/examples/pebr_cpu.yaml",
                  f"worker.actor.model.model_path={tiny_model_dir}", f"data.train_files={synthetic_data_dir}/train.json",
                  f"data.image_dir={synthetic_data_dir}/images", f"trainer.save_checkpoint_path={run_dir}",
                  "data.max_response_length=24"])
-        assert in_flight.is_dir() and (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
-    finally:
-        holder.kill()
-        holder.wait()
+    assert in_flight.is_dir() and (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
     with checkpoint.run_dir_lock(str(run_dir)):  # the holder's end freed it
         with pytest.raises(checkpoint.CheckpointError, match="is in use by another training run"):
             with checkpoint.run_dir_lock(str(run_dir)):

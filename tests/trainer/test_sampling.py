@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import idle_cpus
+from conftest import idle_cpus, lock_held_elsewhere
 
 from pebr.config import ConfigError
 from pebr.trainer.sample_main import SampleLogError, append_records, recover_output, run
@@ -236,8 +236,6 @@ def test_a_second_run_on_a_live_runs_output_stops_before_touching_it(sample_setu
     """Two sampling runs on one output appended their batches into each other's (and the second one's resume
     rewrote the file under the first): now the second stops at once, naming the holder, with the file as it was."""
     import re
-    import subprocess
-    import sys
 
     argv, out, _, _ = sample_setup
     os.makedirs(os.path.dirname(out))
@@ -245,20 +243,12 @@ def test_a_second_run_on_a_live_runs_output_stops_before_touching_it(sample_setu
     with open(out, "ab") as f:
         f.write(b'{"qid": "b", "resp')  # a cut line, which a resume would remove
     before = open(out, "rb").read()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pebr.utils.jsonio import exclusive_lock\n"
-        f"with exclusive_lock({out + '.lock'!r}, RuntimeError):\n    print('held', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(out + ".lock") as pid:
         with pytest.raises(SampleLogError, match=re.escape(f"{out} is being written by another sampling run "
-                                                           f"(pid {holder.pid} on ")):
+                                                           f"(pid {pid} on ")):
             run(argv)
-        assert open(out, "rb").read() == before
-        assert not os.path.exists(out.replace(".jsonl", ".dropped.json"))
-    finally:
-        holder.kill()
-        holder.wait()
+    assert open(out, "rb").read() == before
+    assert not os.path.exists(out.replace(".jsonl", ".dropped.json"))
 
 
 def _wait_for_cpus(ray, expected, timeout=20.0):
