@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pebr.trainer.split import SplitError, split_dataset  # noqa: E402
+from pebr.utils.jsonio import DISK_ERRNOS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SplitError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2  # the files given cannot be split: the user's input, as for every entry point
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {err}; the split files are written whole or not at all: run it again once there is room",
+              file=sys.stderr)
+        return 1
     return 0
 
 

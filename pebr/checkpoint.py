@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pebr.utils.jsonio import atomic_write_json, exclusive_lock
+from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
@@ -77,7 +77,11 @@ def remove_partial(checkpoint_dir: str) -> list[str]:
         for name in os.listdir(checkpoint_dir):
             if name.endswith((".partial", ".deleting")):
                 shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
-                removed.append(name)
+                if os.path.exists(os.path.join(checkpoint_dir, name)):  # (its name says it is no checkpoint)
+                    logger.warning("could not remove all of %s (an interrupted save or deletion)",
+                                os.path.join(checkpoint_dir, name))
+                else:
+                    removed.append(name)
     return removed
 
 
@@ -149,9 +153,15 @@ def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
         host[name] = value.clone() if pointer in seen and value.numel() else value
         seen.add(pointer)
     tmp = path + ".tmp"
-    save_file(host, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    try:
+        with disk_errors_named(path):  # (safetensors' own error says "No space left on device", naming no file)
+            save_file(host, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # (on the disk it filled: the next save, or the merge, needs the room)
+        raise
     os.replace(tmp, path)
 
 

@@ -309,8 +309,10 @@ def check_writable_folder(folder: str, what: str) -> None:
         raise ConfigError(f"{what}: {folder} is a file, not a directory")
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:  # a byte written: an empty file takes no room
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
         raise ConfigError(f"{what}: cannot write into {folder}: {err}") from err
 

@@ -24,7 +24,7 @@ import torch
 from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
 from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
-from pebr.utils.jsonio import atomic_write_text, exclusive_lock, is_within
+from pebr.utils.jsonio import append_durably, atomic_write_texts, exclusive_lock, is_within
 
 logger = logging.getLogger(__name__)
 
@@ -513,10 +513,7 @@ def _append_progress(path: str, identity: dict[str, Any], answered: dict[str, di
     answers of the engine call in flight."""
     lines = [json.dumps({"evaluation": identity}, ensure_ascii=False)] if not os.path.exists(path) else []
     lines += [json.dumps({"key": key, "row": row}, ensure_ascii=False) for key, row in answered.items()]
-    with open(path, "ab") as f:
-        f.write(("\n".join(lines) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    append_durably(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _cell(value: Any, percent: bool) -> str:
@@ -557,6 +554,5 @@ def write_report(result: dict[str, Any], prefix: str) -> tuple[str, str]:
     """Write the whole result as JSON and `markdown_table` as markdown to `report_paths(prefix)`; returns both."""
     json_path, md_path = report_paths(prefix)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    atomic_write_text(json_path, json.dumps(result, indent=2, ensure_ascii=False))
-    atomic_write_text(md_path, markdown_table(result))
+    atomic_write_texts({json_path: json.dumps(result, indent=2, ensure_ascii=False), md_path: markdown_table(result)})
     return json_path, md_path

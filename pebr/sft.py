@@ -37,7 +37,7 @@ from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitt
                               probe_image, resolve_path)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
-from pebr.utils.jsonio import atomic_write_text, is_within, read_json_records, replace_directory
+from pebr.utils.jsonio import atomic_write_text, disk_errors_named, is_within, read_json_records, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -625,8 +625,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     if model.source_dtype is not None:  # saved in the base model's dtype (trained with fp32 master weights)
         model.to(model.source_dtype)
-    trainer.save_model(staging)
-    processor.save_pretrained(staging)
+    with disk_errors_named(staging):
+        trainer.save_model(staging)
+        processor.save_pretrained(staging)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_loss": result.training_loss,

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
-from pebr.utils.jsonio import atomic_write_json, replace_directory  # noqa: E402
+from pebr.utils.jsonio import DISK_ERRNOS, atomic_write_json, disk_errors_named, replace_directory  # noqa: E402
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 # Files of a sharded checkpoint (model, optimizer, extra state of each rank).
@@ -133,7 +133,8 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
     # beside a new one.
     staging = os.path.join(real_target, STAGING) if exists else real_target + STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    with disk_errors_named(staging):
+        model.save_pretrained(staging, safe_serialization=True)
     into_checkpoint = os.path.isdir(target_dir) and os.path.samefile(target_dir, hf_dir)
     if not into_checkpoint:
         # The tokenizer, processor and chat template; not the config, which save_pretrained wrote with the dtype.
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"model_merger: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"model_merger: {e}; the checkpoint is untouched: free space (or choose another --target_dir) and "
+              "run it again", file=sys.stderr)
+        return 1
     print(f"{'adapters of' if args.adapter_dir else 'merged'} {local_dir} ->")
     print(out)  # the last line is the merged model's directory, for recipes to pick up
     return 0

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from pebr.config import LOGGERS
-from pebr.utils.jsonio import atomic_write_text
+from pebr.utils.jsonio import append_durably, atomic_write_text
 
 
 class MetricsFile:
@@ -49,11 +49,9 @@ class MetricsFile:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.steps.add(step)
-        with open(self.path, "a") as f:
-            # Strict JSON (jq, pandas, JavaScript): a non-finite value is written as null, not NaN / Infinity.
-            row = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
-            f.write(json.dumps({"step": step, **row}) + "\n")
-            f.flush()
+        # Strict JSON (jq, pandas, JavaScript): a non-finite value is written as null, not NaN / Infinity.
+        row = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+        append_durably(self.path, (json.dumps({"step": step, **row}) + "\n").encode("utf-8"))
 
 
 def _validation_only(row: dict[str, Any], step: int) -> bool:

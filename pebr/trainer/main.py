@@ -168,11 +168,12 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
             on_interrupt: str = RESUMES) -> int:
     """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
     message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
-    traceback is in the log above it), exit code 1; Ctrl-C, exit code 130, saying `on_interrupt` (what a rerun
-    does). `usage`: printed for -h / --help, for entry points that take key=value words rather than options."""
+    traceback is in the log above it), exit code 1, and so is a full or read-only disk (naming the file); Ctrl-C,
+    exit code 130, saying `on_interrupt` (what a rerun does). `usage`: printed for -h / --help, for entry points that take key=value words rather than options."""
     from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
     from pebr.trainer.ray_trainer import WorkerFailure
+    from pebr.utils.jsonio import DISK_ERRNOS
 
     argv = sys.argv[1:] if argv is None else argv
     if usage is not None and any(word in ("-h", "--help") for word in argv):
@@ -192,6 +193,11 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
         return 2
     except WorkerFailure as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e}; once there is room, {on_interrupt}", file=sys.stderr)  # (what a rerun does)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted; {on_interrupt}", file=sys.stderr)

@@ -36,7 +36,7 @@ from typing import Any
 
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
-from pebr.utils.jsonio import atomic_open, atomic_write_json, exclusive_lock, is_within
+from pebr.utils.jsonio import append_durably, atomic_open, atomic_write_json, exclusive_lock, is_within
 
 MAX_LISTED = 20
 
@@ -191,11 +191,7 @@ def _rewrite_keeping(path: str, keep: set[str], good_bytes: int) -> None:
 
 def append_records(path: str, records: list[dict]) -> None:
     """Append whole records in one write, then flush and fsync (a batch is on disk before the next starts)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(path, "ab") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_durably(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 # -- the data set ---------------------------------------------------------------------------------

@@ -5,16 +5,20 @@ file and, for JSONL, the line. Writes go to a temporary file beside the target, 
 renamed over it, so a crash leaves the old file or the new one, never half of one; a directory built
 beside its target is published by `replace_directory` the same way. `is_within` is the check the writers use
 to refuse an output that is, or lies inside, one of their inputs; `exclusive_lock` keeps a second process from
-writing the same output at once.
+writing the same output at once. Logs grow by `append_durably`. A full or read-only disk is said as such, naming
+the file being written (`disk_errors_named`), and the entry points print it without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
-import socket
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
@@ -79,6 +83,47 @@ def _umask() -> int:
     return mask
 
 
+# The errors of a write that more room or another folder would let through: said as such, naming the file.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+class DiskError(OSError):
+    """A write that a full or read-only disk (or a file-size limit) stopped, naming the file (`write_error`)."""
+
+
+def write_error(err: BaseException, path: str) -> OSError:
+    """`err`, raised while writing `path`, as an OSError that names `path` and, for a full disk, its free space.
+    safetensors reports the OS error in its text only ("... (os error 28)"), which gives the errno here."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found[1]) if found else None
+    text = (err.strerror if isinstance(err, OSError) else None) or str(err)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        text += f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free there)"
+    if code in DISK_ERRNOS:
+        return DiskError(code, text, path)
+    return OSError(code, text, path) if code is not None else OSError(f"{text}: {path!r}")
+
+
+@contextmanager
+def disk_errors_named(path: str) -> Iterator[None]:
+    """A full or read-only disk's error raised in the block (an OSError, or safetensors' own) comes out as an
+    OSError naming `path` (`write_error`); other errors pass as they are."""
+    try:
+        yield
+    except DiskError:
+        raise  # named already, by a write inside the block
+    except Exception as err:
+        named = write_error(err, path)
+        if isinstance(named, DiskError):
+            raise named from err
+        raise
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     """A handle on a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`,
@@ -88,21 +133,42 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users' jobs
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with disk_errors_named(path):  # (the OS names the temporary file, or nothing)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users' jobs
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
+def append_durably(path: str, data: bytes) -> None:
+    """Append `data` in one write, flushed and fsynced (a log's entry is on disk before the next is made). A write
+    cut by a crash or a full disk leaves a last line without its newline, which the logs' readers drop."""
+    with disk_errors_named(path), open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def atomic_write_text(path: str, text: str) -> None:
     with atomic_open(path) as handle:
         handle.write(text)
+
+
+def atomic_write_texts(texts: dict[str, str]) -> None:
+    """Write several files as one: all of them reach the disk before any is renamed into place, so a full disk
+    leaves every one as it was (a report and its table told of two runs when the second write failed)."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            handle = stack.enter_context(atomic_open(path))
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # (the renames, on leaving, need no room)
 
 
 def atomic_write_json(path: str, value: Any) -> None:
