@@ -16,14 +16,14 @@ N_GPUS=${N_GPUS:-8}
 require_count N_GPUS
 
 if [ -d "${TRAIN_FILES}" ]; then  # refused by the split too, but only after the whole sampling run
-  case "$(realpath -m "${SPLIT_DIR}")/" in "$(realpath -m "${TRAIN_FILES}")"/*)
+  case "$(realpath -m -- "${SPLIT_DIR}")/" in "$(realpath -m -- "${TRAIN_FILES}")"/*)
     echo "error: SPLIT_DIR=${SPLIT_DIR} lies in TRAIN_FILES=${TRAIN_FILES}: a later sampling run would read the" \
          "split files there as more questions; set SPLIT_DIR elsewhere" >&2
     exit 2;;
   esac
 fi
 for split_file in easycase.json mediumcase.json hardcase.json; do  # the split would replace what it splits
-  if [ "$(realpath -m "${TRAIN_FILES}")" = "$(realpath -m "${SPLIT_DIR}/${split_file}")" ]; then
+  if [ "$(realpath -m -- "${TRAIN_FILES}")" = "$(realpath -m -- "${SPLIT_DIR}/${split_file}")" ]; then
     echo "error: TRAIN_FILES=${TRAIN_FILES} is the split file ${SPLIT_DIR}/${split_file}: the split would replace" \
          "the records it splits; set SPLIT_DIR elsewhere" >&2
     exit 2
@@ -49,5 +49,5 @@ print(cfg.data.prompt_key); print(cfg.data.answer_key); print(cfg.data.image_key
 split_args=(--prompt_key "${prompt_key}" --answer_key "${answer_key}" --image_key "${image_key}")
 [ "${on_bad_record}" = "skip" ] && split_args+=(--skip_bad_lines)
 
-python3 _rollout_outputs/sample_dataset.py --rollouts "${ROLLOUTS}" --dataset "${TRAIN_FILES}" \
-    --output_dir "${SPLIT_DIR}" --n "${n_per_question}" "${split_args[@]}"
+python3 _rollout_outputs/sample_dataset.py --rollouts="${ROLLOUTS}" --dataset="${TRAIN_FILES}" \
+    --output_dir="${SPLIT_DIR}" --n "${n_per_question}" "${split_args[@]}"

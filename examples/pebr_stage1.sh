@@ -26,4 +26,4 @@ python3 -m pebr.trainer.main config=examples/pebr_stage1.yaml \
     "$@"
 
 # The merged model (RUN_DIR/global_step_<last>/actor/huggingface) is where stage 2 starts.
-python3 scripts/model_merger.py --latest_in "${RUN_DIR}"
+python3 scripts/model_merger.py --latest_in="${RUN_DIR}"

@@ -1,6 +1,6 @@
-# Sourced by the recipes. A few settings are also used by the recipe itself after the Python step (the
-# merge reads RUN_DIR, the split reads TRAIN_FILES and ROLLOUTS): given as key=value overrides, they would
-# reach the trainer but not that later step. Such an override stops the recipe, naming the variable to set;
+# Sourced by the recipes. A few settings are also used by the recipe itself outside the Python step (the
+# merge reads RUN_DIR, the split reads TRAIN_FILES and ROLLOUTS, stage 2 picks MODEL_PATH before it): given as
+# key=value overrides, they would reach the trainer but not that other step. Such an override stops the recipe, naming the variable to set;
 # so does a mapping that holds the key (trainer={save_checkpoint_path: ...} replaces the recipe's setting too).
 # Config files need no check: every key=value, the recipe's own included, is applied after them.
 #   refuse_overrides "KEY=VARIABLE ..." "$@"
@@ -12,7 +12,7 @@ refuse_overrides() {
         key=${arg%%=*}
         for pair in ${pairs}; do
             if [[ "${key}" == "${pair%%=*}" || "${pair%%=*}" == "${key}."* ]]; then
-                echo "error: set ${pair#*=}=... instead of the override ${arg}: this recipe also uses it after the Python step" >&2
+                echo "error: set ${pair#*=}=... instead of the override ${arg}: this recipe also uses it outside the Python step" >&2
                 exit 2
             fi
         done

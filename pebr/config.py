@@ -476,6 +476,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not os.path.isdir(model_dir) and (looks_local(model_dir) or model_dir.count("/") > 1
                                          or "/" in model_dir and os.path.isdir(model_dir.split("/")[0])):
         raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
+    if os.path.isdir(model_dir) and any(char in os.path.abspath(model_dir) for char in "*?["):
+        # vLLM looks for the weights with glob patterns made from the folder's path: it found none, after Ray and
+        # every model had started.
+        raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: vLLM cannot load from a path "
+                          "with *, ? or [ in it (it reads the path as a pattern); rename the folder or link it")
     if not d.train_files:
         raise ConfigError("data.train_files is required")
     for key, source in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):

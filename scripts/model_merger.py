@@ -219,6 +219,17 @@ def _model_weight_files(directory: str) -> set[str]:
     return names
 
 
+def unfinished_run(checkpoint: str) -> str | None:
+    """Why `checkpoint` is not its run's last step, or None (it is, or its run did not record its length)."""
+    with open(os.path.join(checkpoint, STATE_FILE)) as f:
+        state = json.load(f)
+    step, total = state.get("global_step"), state.get("total_steps")
+    if total is None or step >= total:
+        return None
+    return (f"{checkpoint} is step {step} of the {total} its run was to train: that run stopped early. Run it again "
+            "(it resumes), or name the model to use directly (the stage-2 recipe: MODEL_PATH=...)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
@@ -230,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
                         "or into a target that holds a model this script did not merge")
     parser.add_argument("--adapter_dir", default=None,
                         help="a LoRA checkpoint: write its adapters here as a peft adapter instead of merging")
+    parser.add_argument("--final_only", action="store_true",
+                        help="with --latest_in: refuse a newest checkpoint before the run's last step (a run that "
+                             "stopped early)")
     args = parser.parse_args(argv)
     local_dir = args.local_dir
     if args.latest_in:
         latest = latest_checkpoint(args.latest_in)
         if latest is None:
             print(f"model_merger: no complete checkpoint in {args.latest_in}", file=sys.stderr)
+            return 2
+        unfinished = args.final_only and unfinished_run(latest)
+        if unfinished:
+            print(f"model_merger: {unfinished}", file=sys.stderr)
             return 2
         local_dir = os.path.join(latest, "actor")
     try:

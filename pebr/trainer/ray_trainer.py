@@ -754,7 +754,8 @@ class RayPPOTrainer:
         t = self.cfg.trainer
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
-        state = {"global_step": self.global_step, "sampler": self.sampler.state_dict(),
+        # total_steps: whether this is the run's last step (the stage-2 recipe refuses a stage 1 that stopped early)
+        state = {"global_step": self.global_step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
                  "data": self._data_fingerprint, "model_path": self._model_identity,
                  "metrics": {k: float(v) for k, v in metrics.items()}}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

@@ -1,4 +1,5 @@
-"""The bash recipes refuse an override of a setting they also use after the Python step."""
+"""The bash recipes: overrides of settings they also use outside the Python step are refused, with the other
+checks they make before any work (variables, the repository root, which stage-1 model stage 2 starts from)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,70 @@ def test_a_gpu_count_that_is_not_a_whole_number_stops_naming_the_variable(recipe
     proc = subprocess.run(["bash", os.path.join("examples", recipe)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin", "N_GPUS": value})
     assert proc.returncode == 2 and proc.stderr == f"error: N_GPUS={value} is not a whole number of at least 1\n"
+
+
+def _stage1_run(run_dir, step: int, total_steps: int | None) -> None:
+    """A stage-1 run directory whose newest complete checkpoint is `step` of a run of `total_steps`."""
+    import torch
+
+    from pebr import checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    checkpoint.save_sharded(str(run_dir / f"global_step_{step}.partial" / "actor"), model, None, None, 0, 1)
+    state = {"global_step": step, **({"total_steps": total_steps} if total_steps else {})}
+    checkpoint.finalize(str(run_dir), step, state, save_limit=-1)
+
+
+def test_stage2_refuses_a_stage1_that_stopped_before_its_last_step(tmp_path):
+    """Stage 2 merged whatever stage 1 had saved last (a run killed after step 1 of 8) and trained from it, saying
+    nothing of which model it took."""
+    import sys
+
+    _stage1_run(tmp_path / "stage1", 1, 8)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "STAGE1_DIR": str(tmp_path / "stage1"),
+           "RUN_DIR": str(tmp_path / "stage2")}
+    proc = subprocess.run(["bash", "examples/pebr_stage2.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "global_step_1 is step 1 of the 8 its run was to train: that run stopped early" in proc.stderr
+    assert not (tmp_path / "stage2").exists()
+
+
+def test_stage2_says_which_model_it_starts_from(tmp_path):
+    """An exported MODEL_PATH (the sampling and stage-1 recipes take one) made stage 2 skip stage 1 silently."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # python3 for the recipe: the trainer and the merger print what they were asked, the rest is Python.
+    (bin_dir / "python3").write_text(
+        "#!/bin/bash\n"
+        'if [ "$1 $2" = "-m pebr.trainer.main" ]; then echo "TRAIN $*"; exit 0; fi\n'
+        'if [ "$1" = "scripts/model_merger.py" ]; then echo "MERGE $*" >&2; echo "/merged/$2"; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "STAGE1_DIR": "/runs/s1", "RUN_DIR": "/runs/s2"}
+    given = subprocess.run(["bash", "examples/pebr_stage2.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**env, "MODEL_PATH": "/models/warmup"})
+    assert given.returncode == 0 and "stage 2 starts from MODEL_PATH=/models/warmup (not from STAGE1_DIR)" in given.stderr
+    assert "worker.actor.model.model_path=/models/warmup" in given.stdout
+    merged = subprocess.run(["bash", "examples/pebr_stage2.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env=env)
+    assert merged.returncode == 0, merged.stderr
+    assert "MERGE scripts/model_merger.py --latest_in=/runs/s1 --final_only" in merged.stderr
+    assert "stage 2 starts from stage 1's merged model /merged/--latest_in=/runs/s1" in merged.stderr
+    assert "worker.actor.model.model_path=/merged/--latest_in=/runs/s1" in merged.stdout
+
+
+def test_the_merger_tells_a_runs_last_step_from_an_early_stop(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from model_merger import unfinished_run
+
+    _stage1_run(tmp_path / "a", 8, 8)
+    _stage1_run(tmp_path / "b", 3, 8)
+    _stage1_run(tmp_path / "c", 3, None)  # saved before runs recorded their length: taken
+    assert unfinished_run(str(tmp_path / "a" / "global_step_8")) is None
+    assert "is step 3 of the 8" in unfinished_run(str(tmp_path / "b" / "global_step_3"))
+    assert unfinished_run(str(tmp_path / "c" / "global_step_3")) is None

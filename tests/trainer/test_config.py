@@ -25,6 +25,8 @@ def test_stage_recipes_validate(path):
     assert cfg.algorithm.adv_estimator == "grpo"
     assert cfg.algorithm.kl_penalty == "low_var_kl" and cfg.algorithm.kl_coef == pytest.approx(0.01)
     assert cfg.worker.rollout.n == 8 and cfg.worker.rollout.temperature == pytest.approx(1.2)
+    # A GPU recipe on a machine without GPUs is refused (it fell back to N workers on CPU without a word).
+    assert cfg.trainer.device == "cuda"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "pebr_stage*.yaml"))))
@@ -326,3 +328,14 @@ def test_a_ray_address_with_no_cluster_is_a_configuration_error_at_once(tmp_path
                                f"trainer.ray_address={address}"], cwd=ROOT, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
         assert said in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]  # (the old code outlived the timeout)
+
+
+def test_a_model_folder_whose_path_vllm_reads_as_a_pattern_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    """vLLM looks for the weights with a glob of the folder's path: "[x]" in it failed after Ray and every model had
+    started ("Cannot find any model weights")."""
+    import shutil
+
+    odd = tmp_path / "runs [x]" / "model"
+    shutil.copytree(tiny_model_dir, odd)
+    with pytest.raises(ConfigError, match=r"cannot load from a path with \*, \? or \[ in it"):
+        load_config([f"worker.actor.model.model_path={odd}", "data.train_files=dataset/train.json"])
