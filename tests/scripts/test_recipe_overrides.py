@@ -39,6 +39,19 @@ def test_an_override_beside_the_recipes_keys_passes(override):
     assert "instead of the override" not in proc.stderr and proc.returncode not in (0, 2), proc.stderr
 
 
+def python3_that_stands_in_for(tmp_path, cases: list[str]):
+    """A folder to put first on PATH whose `python3` runs the bash `cases` (lines that exit for the calls they
+    answer) and hands every other call to this Python: the recipe's own logic, without its minutes of work."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/bash\n" + "".join(line + "\n" for line in cases)
+                                     + f'exec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.parametrize("setting, extra, skips, n, keys", [
     ("", [], False, 8, "problem answer images"),
     ("on_bad_record: skip", [], True, 8, "problem answer images"),
@@ -52,17 +65,10 @@ def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, 
     for the literal override), expects worker.rollout.n x trainer.total_epochs rollouts a question (it
     expected 8 whatever the run made), and reads records with the run's keys (to tell which ones its loader
     refused)."""
-    import sys
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     # python3 for the recipe: sampling does nothing, the split prints its arguments, anything else is Python.
-    (bin_dir / "python3").write_text(
-        "#!/bin/bash\n"
-        'if [ "$1 $2" = "-m pebr.trainer.sample_main" ]; then exit 0; fi\n'
-        'if [ "$1" = "_rollout_outputs/sample_dataset.py" ]; then echo "SPLIT $*"; exit 0; fi\n'
-        f'exec {sys.executable} "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
+    bin_dir = python3_that_stands_in_for(tmp_path, [
+        'if [ "$1 $2" = "-m pebr.trainer.sample_main" ]; then exit 0; fi',
+        'if [ "$1" = "_rollout_outputs/sample_dataset.py" ]; then echo "SPLIT $*"; exit 0; fi'])
     config = tmp_path / "mine.yaml"
     config.write_text(f"data:\n  {setting}\n" if setting else "data: {}\n")
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "MODEL_PATH": tiny_model_dir,
@@ -148,17 +154,10 @@ def test_stage2_refuses_a_stage1_that_stopped_before_its_last_step(tmp_path):
 
 def test_stage2_says_which_model_it_starts_from(tmp_path):
     """An exported MODEL_PATH (the sampling and stage-1 recipes take one) made stage 2 skip stage 1 silently."""
-    import sys
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     # python3 for the recipe: the trainer and the merger print what they were asked, the rest is Python.
-    (bin_dir / "python3").write_text(
-        "#!/bin/bash\n"
-        'if [ "$1 $2" = "-m pebr.trainer.main" ]; then echo "TRAIN $*"; exit 0; fi\n'
-        'if [ "$1" = "scripts/model_merger.py" ]; then echo "MERGE $*" >&2; echo "/merged/$2"; exit 0; fi\n'
-        f'exec {sys.executable} "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
+    bin_dir = python3_that_stands_in_for(tmp_path, [
+        'if [ "$1 $2" = "-m pebr.trainer.main" ]; then echo "TRAIN $*"; exit 0; fi',
+        'if [ "$1" = "scripts/model_merger.py" ]; then echo "MERGE $*" >&2; echo "/merged/$2"; exit 0; fi'])
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "STAGE1_DIR": "/runs/s1", "RUN_DIR": "/runs/s2"}
     given = subprocess.run(["bash", "examples/pebr_stage2.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**env, "MODEL_PATH": "/models/warmup"})
