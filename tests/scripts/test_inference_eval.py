@@ -276,7 +276,7 @@ def test_an_interrupted_evaluation_goes_on_from_its_saved_answers(tiny_model_dir
 
     with open(progress, "wb") as f:  # an old run's answers, which --no-resume deletes
         f.write(b"\n".join(lines[:2]) + b"\n")
-    main(args + ["--no-resume"])
+    assert len(main(args + ["--no-resume", "--limit", "2"])["records"]) == 2  # (a later --limit wins)
     assert "already answered" not in capsys.readouterr().out and not os.path.exists(progress)
 
 
