@@ -210,12 +210,13 @@ def _with_local(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = None,
-                    freeze_vision_tower: bool = False) -> None:
+                    freeze_vision_tower: bool = False, weights_only: bool = False) -> None:
     """Refuse, before any worker starts, a checkpoint the workers could not resume from.
 
     Args:
         lora: the run's LoRA settings ({"rank", "alpha", "target_modules"}), None without LoRA.
         freeze_vision_tower: the run's worker.actor.model.freeze_vision_tower.
+        weights_only: the run loads the weights alone (trainer.val_only): no optimizer state is needed.
 
     Raises:
         CheckpointError: it was saved by another number of workers, with other LoRA settings or another
@@ -231,6 +232,9 @@ def check_resumable(checkpoint_dir: str, world_size: int, lora: dict | None = No
     if saved != world_size:
         raise CheckpointError(f"{checkpoint_dir} was saved by {saved} workers and resumes only with as many "
                               f"(trainer.nnodes x trainer.n_gpus_per_node = {world_size} now)")
+    if weights_only:
+        check_shards(actor_dir, optimizer=False)
+        return
     frozen = index.get("freeze_vision_tower")  # absent from checkpoints of earlier versions
     if not lora and frozen is not None and frozen != freeze_vision_tower:
         raise CheckpointError(f"{checkpoint_dir} was saved with worker.actor.model.freeze_vision_tower={frozen} and "

@@ -231,6 +231,8 @@ class WorkerConfig:
 @dataclass
 class TrainerConfig:
     total_epochs: int = 1
+    # The run's length when set, whatever total_epochs says (the data order goes on into further epochs); EasyR1
+    # and verl stop at whichever of the two comes first. The run says which it took.
     max_steps: Optional[int] = None
     project_name: str = "easy_r1"
     experiment_name: str = "demo"
@@ -238,7 +240,7 @@ class TrainerConfig:
     nnodes: int = 1
     n_gpus_per_node: int = 8
     device: str = "auto"  # auto | cuda | cpu
-    max_try_make_batch: int = 20
+    max_try_make_batch: int = 20  # online filtering's generations per step at most; <= 0: no limit
     val_freq: int = -1  # k > 0: every k steps and at the end; -1: at the end (and before, see below); 0: never
     val_before_train: bool = True
     val_only: bool = False
@@ -537,8 +539,14 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         return cfg
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1, or null to run trainer.total_epochs")
-    if t.max_steps is None and t.total_epochs < 1:
-        raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1 (or set trainer.max_steps)")
+    if t.total_epochs < 1:
+        raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1")
+    # -1 is each key's "off" (or "at the end", "all"); anything below it was read as -1 without a word.
+    for key, value in (("trainer.val_freq", t.val_freq), ("trainer.save_freq", t.save_freq),
+                       ("trainer.save_limit", t.save_limit), ("data.val_batch_size", d.val_batch_size)):
+        if value < -1 or key == "data.val_batch_size" and value == 0:
+            raise ConfigError(f"{key}={value} must be -1 or " + ("at least 1 (-1: all at once)"
+                                                                   if key == "data.val_batch_size" else "at least 0"))
     _positive("worker.actor.ppo_epochs", actor.ppo_epochs)
     o = actor.optim
     for key, value in (("worker.actor.optim.lr", o.lr), ("worker.actor.max_grad_norm", actor.max_grad_norm)):
@@ -564,8 +572,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(
             f"worker.rollout.n={rollout.n} with algorithm.adv_estimator={a.adv_estimator}: a group of one "
             "response has zero advantage, so nothing would be learned; use n >= 2")
-    if not 0.0 <= a.filter_low <= a.filter_high <= 1.0 and a.online_filtering:
-        raise ConfigError("algorithm.filter_low <= algorithm.filter_high must hold, both in [0, 1]")
+    if not 0.0 <= a.filter_low <= a.filter_high <= 1.0:  # (checked with online_filtering off too: it may be turned on)
+        raise ConfigError(f"algorithm.filter_low={a.filter_low} <= algorithm.filter_high={a.filter_high} must hold, "
+                          "both in [0, 1]")
     _positive("worker.actor.global_batch_size", actor.global_batch_size)
     _positive("worker.actor.micro_batch_size_per_device_for_update", actor.micro_batch_size_per_device_for_update)
     _positive("worker.actor.micro_batch_size_per_device_for_experience",

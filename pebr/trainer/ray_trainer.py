@@ -409,7 +409,13 @@ class RayPPOTrainer:
         self.train_dataset, self.val_dataset, self.sampler = train_dataset, val_dataset, sampler
         self.reward_worker, self.val_reward_worker = reward_worker, val_reward_worker
         steps_per_epoch = len(sampler)
-        self.total_steps = cfg.trainer.max_steps or steps_per_epoch * cfg.trainer.total_epochs
+        t = cfg.trainer
+        epochs_steps = steps_per_epoch * t.total_epochs
+        self.total_steps = t.max_steps or epochs_steps
+        if t.max_steps and t.max_steps != epochs_steps and not t.val_only:
+            print(f"trainer.max_steps={t.max_steps} sets the run's length: {t.max_steps / steps_per_epoch:.3g} epochs "
+                  f"of {steps_per_epoch} steps (trainer.total_epochs={t.total_epochs} would be {epochs_steps} steps)",
+                  flush=True)
         self.ckpt_dir = cfg.checkpoint_dir
         self.global_step = 0
         self._batches = iter(self.sampler)
@@ -420,15 +426,17 @@ class RayPPOTrainer:
         self._model_identity = model_identity(cfg.worker.actor.model.model_path)
         state: dict = {}
         if self._resume_path:
+            # Validation alone (trainer.val_only) needs the weights only: a save_model_only checkpoint will do, and
+            # one past this run's steps too.
             checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
                                        requested_settings(cfg.worker.actor.model),
-                                       cfg.worker.actor.model.freeze_vision_tower)
+                                       cfg.worker.actor.model.freeze_vision_tower, weights_only=cfg.trainer.val_only)
             with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
                 import json
 
                 state = json.load(f)
             self.global_step = state["global_step"]
-            if self.global_step > self.total_steps:
+            if self.global_step > self.total_steps and not cfg.trainer.val_only:
                 raise checkpoint.CheckpointError(
                     f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
                     "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
@@ -484,7 +492,7 @@ class RayPPOTrainer:
               f"{self.workers.started[0]['weight_sync']}", flush=True)
         if self._resume_path:
             try:
-                self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"))
+                self.workers.call_all("load_checkpoint", os.path.join(self._resume_path, "actor"), cfg.trainer.val_only)
             except BaseException:
                 self.workers.shutdown()
                 raise
@@ -566,8 +574,8 @@ class RayPPOTrainer:
                 full = Batch.concat(kept)
                 metrics["batch/filter_tries"] = tries
                 return full.select(range(need * self.cfg.worker.rollout.n))
-            if tries >= self.cfg.trainer.max_try_make_batch:
-                raise RuntimeError(
+            if 0 < self.cfg.trainer.max_try_make_batch <= tries:  # (<= 0: no limit, as in EasyR1)
+                raise ConfigError(
                     f"online filtering kept {num_groups} of the {need} prompt groups needed after {tries} tries "
                     f"(trainer.max_try_make_batch); widen algorithm.filter_low/filter_high "
                     f"({a.filter_low}, {a.filter_high}) or filter the data offline")

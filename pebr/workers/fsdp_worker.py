@@ -335,8 +335,10 @@ class FSDPWorker:
                 gen.save_pretrained(hf_dir)
         dist.barrier()
 
-    def load_checkpoint(self, actor_dir: str) -> None:
-        checkpoint.load_sharded(actor_dir, self.model, self.optimizer, self.scheduler, self.rank, self.world_size)
+    def load_checkpoint(self, actor_dir: str, weights_only: bool = False) -> None:
+        """Load this rank's shards; `weights_only` (validation alone): not the optimizer or the schedule."""
+        checkpoint.load_sharded(actor_dir, self.model, None if weights_only else self.optimizer,
+                                None if weights_only else self.scheduler, self.rank, self.world_size)
         self.weights_stale = True
         dist.barrier()
 

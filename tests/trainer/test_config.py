@@ -132,6 +132,13 @@ def test_overrides_win_over_files():
     ("worker.ref.fsdp.mixed_precision=garbage", "worker.ref.fsdp.mixed_precision"),
     ("worker.ref.fsdp.mixed_precision=bf16", "reference model computes in the actor's precision"),
     ("trainer.load_checkpoint_path=./no_such_ckpt", "load_checkpoint_path='./no_such_ckpt' is not a complete"),
+    # Read as -1 (or as "all") without a word; accepted beside max_steps; checked only with filtering on.
+    ("trainer.val_freq=-4", "trainer.val_freq=-4 must be -1 or at least 0"),
+    ("trainer.save_freq=-5", "trainer.save_freq=-5 must be -1 or at least 0"),
+    ("trainer.save_limit=-7", "trainer.save_limit=-7 must be -1 or at least 0"),
+    ("data.val_batch_size=0", "data.val_batch_size=0 must be -1 or at least 1"),
+    ("trainer.total_epochs=0 trainer.max_steps=3", "trainer.total_epochs=0 must be >= 1"),
+    ("algorithm.filter_low=0.9 algorithm.filter_high=0.1", "algorithm.filter_low=0.9 <= algorithm.filter_high=0.1"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from pebr import checkpoint
-from pebr.config import load_config
+from pebr.config import ConfigError, load_config
 from pebr.data import StatefulBatchSampler
 from pebr.trainer.main import build_dataset, run
 from pebr.workers.actor import load_processor
@@ -158,7 +158,7 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
     assert len(set(saved)) > 4
     assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"]) == pytest.approx(sum(saved) / len(saved))
     # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
-    with pytest.raises(RuntimeError, match="max_try_make_batch"):
+    with pytest.raises(ConfigError, match=r"after 2 tries \(trainer.max_try_make_batch\)"):  # exit 2, no traceback
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
                                  "trainer.max_try_make_batch=2", f"trainer.save_checkpoint_path={tmp_path / 'stop'}"])
 
@@ -260,7 +260,7 @@ def test_a_profiled_step_writes_a_trace_and_an_operator_table_per_rank(tiny_mode
     out = capsys.readouterr().out
     assert "trainer.profile_steps [7]: outside the steps this run trains (1-1), not profiled" in out
     step_dir = os.path.join(run_dir, "profile", "step_1")
-    assert f"step 1 profiled: 2 worker(s) wrote" in out and step_dir in out
+    assert "step 1 profiled: 2 worker(s) wrote" in out and step_dir in out
     assert sorted(os.listdir(os.path.join(run_dir, "profile"))) == ["step_1"]
     assert sorted(os.listdir(step_dir)) == ["rank0.ops.txt", "rank0.trace.json.gz", "rank1.ops.txt",
                                             "rank1.trace.json.gz"]
@@ -319,3 +319,16 @@ def test_grpo_learns_a_simple_reward(tiny_model_dir, synthetic_data_dir, ray_ses
     chars = [m["reward/chars_per_token"] for m in read_metrics(run_dir)]
     first, last = sum(chars[:2]) / 2, sum(chars[-2:]) / 2
     assert last > first + 0.25, chars  # seen: 3.24 -> 3.72 over 8 steps
+
+
+def test_validation_alone_from_a_weights_only_checkpoint(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+    """trainer.val_only needs the weights alone: a trainer.save_model_only checkpoint was refused ("training cannot
+    resume from it"), and so was one past the run's steps."""
+    run_dir = str(tmp_path / "weights")
+    base = argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + [
+        "trainer.save_model_only=true", "trainer.val_freq=0", "data.max_response_length=8"]
+    run(base)
+    run(base + ["trainer.val_only=true"])
+    (trained, validated) = read_metrics(run_dir)
+    assert trained["step"] == validated["step"] == 1 and "val/overall" not in trained
+    assert validated["val/samples"] == 8 and set(validated) == {"step"} | {k for k in validated if k.startswith("val/")}

@@ -223,7 +223,22 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
         RayPPOTrainer(cfg, None, None, sampler, None, None)
 
 
-def test_a_resume_records_the_data_seed_its_order_continues_with(tmp_path, capsys, monkeypatch):
+class WorkersNotStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """The trainer's constructor stops where its workers would start (its checks and config.yaml come before)."""
+    from pebr.trainer import ray_trainer
+
+    def refuse(*args, **kwargs):
+        raise WorkersNotStarted
+
+    monkeypatch.setattr(ray_trainer, "WorkerGroup", refuse)
+
+
+def test_a_resume_records_the_data_seed_its_order_continues_with(tmp_path, capsys, no_workers):
     """The saved data order goes on with its own seed: config.yaml recorded the seed given now, which the run
     did not use. It records the saved one, and the run says the given one is ignored."""
     import yaml
@@ -231,13 +246,6 @@ def test_a_resume_records_the_data_seed_its_order_continues_with(tmp_path, capsy
     from pebr.data import StatefulBatchSampler
     from pebr.trainer import ray_trainer
 
-    class WorkersNotStarted(Exception):
-        pass
-
-    def no_workers(*args, **kwargs):  # the constructor's last part; config.yaml is written before it
-        raise WorkersNotStarted
-
-    monkeypatch.setattr(ray_trainer, "WorkerGroup", no_workers)
     cfg, run_dir = _trainer_config(tmp_path, "data.seed=5")
     _save_run_step(run_dir, 1, StatefulBatchSampler(10, 2, shuffle=True, seed=1, drop_last=True))
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
@@ -364,3 +372,22 @@ def test_a_checkpoint_emptied_after_it_was_picked_is_not_blamed_on_the_world_siz
     actor.mkdir(parents=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"holds no model shards at all: was the checkpoint deleted"):
         checkpoint.load_sharded(str(actor), torch.nn.Linear(4, 3), None, None, rank=1, world_size=2)
+
+
+def test_validation_alone_takes_a_checkpoint_past_the_runs_steps(tmp_path, no_workers):
+    """A run trained past total_epochs (with max_steps) could not be validated with trainer.val_only: "nothing would
+    be trained". Validation alone trains nothing, and its checks stop there."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer import ray_trainer
+
+    sampler = StatefulBatchSampler(8, 2, shuffle=True, seed=1, drop_last=True)  # 4 steps an epoch
+    cfg, run_dir = _trainer_config(tmp_path, "data.seed=1")
+    _save_run_step(run_dir, 6, sampler)
+    with pytest.raises(checkpoint.CheckpointError, match="is at step 6, past the 4 steps of this run"):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    (tmp_path / "val.json").write_text("[]")
+    (tmp_path / "b").mkdir()
+    cfg, _ = _trainer_config(tmp_path / "b", "data.seed=1", "trainer.val_only=true", f"data.val_files={tmp_path}/val.json",
+                             f"trainer.load_checkpoint_path={run_dir}/global_step_6")
+    with pytest.raises(WorkersNotStarted):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
