@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --latest_in: refuse a newest checkpoint before the run's last step (a run that "
                              "stopped early)")
     args = parser.parse_args(argv)
+    if args.adapter_dir:  # (they were ignored: the adapters came out in float32, no target folder was made)
+        given = [flag for flag, value in (("--target_dir", args.target_dir), ("--dtype", args.dtype != "auto"),
+                                          ("--force", args.force)) if value]
+        if given:
+            parser.error(f"{', '.join(given)} acts on a merged model; --adapter_dir writes the adapters alone, as they "
+                         "were trained")
     local_dir = args.local_dir
     if args.latest_in:
         latest = latest_checkpoint(args.latest_in)

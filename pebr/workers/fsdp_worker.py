@@ -116,7 +116,11 @@ class FSDPWorker:
             if mcfg.freeze_vision_tower:
                 model.model.visual.requires_grad_(False)
             if mcfg.lora_rank:
-                model = lora.add_lora(model, lora.requested_settings(mcfg))
+                # The adapters' random start, the same on every rank and in every run with this data.seed (it came
+                # from each process's own unseeded stream: two runs of one config trained apart from step 1).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.cfg.data.seed)
+                    model = lora.add_lora(model, lora.requested_settings(mcfg))
             if mcfg.enable_gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

@@ -248,6 +248,17 @@ def test_an_adapter_directory_holding_other_files_is_refused(bf16_checkpoint, tm
     assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "eval_results.json"]
 
 
+@pytest.mark.parametrize("extra", [["--dtype", "bf16"], ["--target_dir", "x"], ["--force"]])
+def test_adapter_export_refuses_the_merge_only_options(bf16_checkpoint, tmp_path, capsys, extra):
+    """They were ignored with --adapter_dir: the adapters came out in float32 and no target folder was made."""
+    actor, _ = bf16_checkpoint
+    with pytest.raises(SystemExit) as info:
+        main(["--local_dir", actor, "--adapter_dir", str(tmp_path / "adapter"), *extra])
+    assert info.value.code == 2 and "acts on a merged model; --adapter_dir writes the adapters alone" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_auto_stays_the_base_models_dtype_after_an_explicit_merge(bf16_checkpoint):
     """--dtype fp32 into the checkpoint's folder rewrote its config.json, from which "auto" read the dtype: every
     later auto merge (the stage-2 recipe's) came out fp32. The shard index records the base model's dtype."""

@@ -122,6 +122,16 @@ def test_two_ranks_train_adapters_against_the_base_and_merge_them(tiny_model_dir
     group = WorkerGroup(cfg, total_steps=10)
     try:
         assert all(w["weight_sync"] == "direct copies into the engine's parameters" for w in group.started)
+        # The adapters start from data.seed, on both ranks alike: each process drew its own, so two runs of one
+        # config trained apart from their first step.
+        from pebr.workers.actor import load_hf_model
+
+        initial = group.call_all("full_state_dict")[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.data.seed)
+            alone = lora.add_lora(load_hf_model(tiny_model_dir, False, cfg.worker.actor.padding_free), ADAPTERS)
+        starts = {k: v for k, v in alone.state_dict().items() if "lora_A" in k}
+        assert starts and all(torch.equal(initial[k].cpu(), v) for k, v in starts.items())
         batch, _ = group.generate(prompts, dict(sampling, seed=3))
         first = group.compute_log_probs(batch, on_policy=len(batch))  # reference only: the update gives the old
         assert set(first) == {"ref_logprobs"}
