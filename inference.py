@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> str:
     from pebr.rewards.terms import extract_final_answer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", type=os.path.expanduser, required=True, help="a Hugging Face model directory or hub id (Qwen2.5-VL, Qwen2-VL or Qwen3-VL)")
+    parser.add_argument("--model_path", type=os.path.expanduser, required=True,
+                        help="a Hugging Face model directory or hub id (Qwen2.5-VL, Qwen2-VL or Qwen3-VL)")
     parser.add_argument("--image", type=os.path.expanduser, default=DEFAULT_IMAGE)
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max_new_tokens", type=int, default=None,

@@ -79,7 +79,7 @@ def remove_partial(checkpoint_dir: str) -> list[str]:
                 shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
                 if os.path.exists(os.path.join(checkpoint_dir, name)):  # (its name says it is no checkpoint)
                     logger.warning("could not remove all of %s (an interrupted save or deletion)",
-                                os.path.join(checkpoint_dir, name))
+                                   os.path.join(checkpoint_dir, name))
                 else:
                     removed.append(name)
     return removed

@@ -194,7 +194,8 @@ def extract_final_answer(response: str) -> str:
         head, rest = ", ".join(dict.fromkeys(boxed)), answer[after:]
     else:
         explanation = _EXPLANATION.search(answer)
-        head, rest = (answer[:explanation.start()].strip(), answer[explanation.start():]) if explanation else (answer, "")
+        cut = explanation.start() if explanation else len(answer)
+        head, rest = answer[:cut].strip(), answer[cut:]
     other = _hedged_alternative(rest)
     # "5 (or 4)", "\\boxed{B} (maybe C)": both answers are graded, as a hedge, not the first alone.
     return f"{head}, {other}" if other and other.casefold() != head.casefold() else head

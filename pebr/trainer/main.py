@@ -169,7 +169,8 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
     """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
     message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
     traceback is in the log above it), exit code 1, and so is a full or read-only disk (naming the file); Ctrl-C,
-    exit code 130, saying `on_interrupt` (what a rerun does). `usage`: printed for -h / --help, for entry points that take key=value words rather than options."""
+    exit code 130, saying `on_interrupt` (what a rerun does). `usage`: printed for -h / --help, for entry points
+    that take key=value words rather than options."""
     from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
     from pebr.trainer.ray_trainer import WorkerFailure
