@@ -360,9 +360,9 @@ def evaluate_model(
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
                 "format_prompt": format_prompt, "limit": limit, "seed": seed}
-    questions = [question_digest(dataset.record(i), prompt_key=dataset.prompt_key, answer_key=dataset.answer_key,
-                                 image_key=dataset.image_key) for i in range(len(dataset))]
-    keys = [f"{dataset.record(i)['qid']}/{question}" for i, question in enumerate(questions)]
+    keys = [f"{record['qid']}/" + question_digest(record, prompt_key=dataset.prompt_key, answer_key=dataset.answer_key,
+                                                  image_key=dataset.image_key)
+            for record in map(dataset.record, range(len(dataset)))]
     # (--limit changes which questions are asked, not their answers: a longer run may go on from a shorter one.)
     identity = _run_identity(model_path, image_dir, dict(settings, limit=None, max_prompt_length=max_prompt_length,
                                                           min_pixels=min_pixels, max_pixels=max_pixels))

@@ -91,22 +91,23 @@ class DiskError(OSError):
     """A write that a full or read-only disk (or a file-size limit) stopped, naming the file (`write_error`)."""
 
 
-def write_error(err: BaseException, path: str) -> OSError:
-    """`err`, raised while writing `path`, as an OSError that names `path` and, for a full disk, its free space.
-    safetensors reports the OS error in its text only ("... (os error 28)"), which gives the errno here."""
+def write_error(err: BaseException, path: str) -> DiskError | None:
+    """`err`, raised while writing `path`, as a DiskError that names `path` and, for a full disk, its free space;
+    None when it is no disk's error. safetensors reports the OS error in its text only ("... (os error 28)"),
+    which gives the errno here."""
     code = err.errno if isinstance(err, OSError) else None
     if code is None:
         found = re.search(r"os error (\d+)", str(err))
         code = int(found[1]) if found else None
+    if code not in DISK_ERRNOS:
+        return None
     text = (err.strerror if isinstance(err, OSError) else None) or str(err)
     if code in (errno.ENOSPC, errno.EDQUOT):
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
         text += f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free there)"
-    if code in DISK_ERRNOS:
-        return DiskError(code, text, path)
-    return OSError(code, text, path) if code is not None else OSError(f"{text}: {path!r}")
+    return DiskError(code, text, path)
 
 
 @contextmanager
@@ -119,7 +120,7 @@ def disk_errors_named(path: str) -> Iterator[None]:
         raise  # named already, by a write inside the block
     except Exception as err:
         named = write_error(err, path)
-        if isinstance(named, DiskError):
+        if named is not None:
             raise named from err
         raise
 
