@@ -186,6 +186,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    # Each engine's sampling seed (rank + seed); a training rollout draws from it mixed with its step and try.
     seed: int = 1
     limit_images: int = 1
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32

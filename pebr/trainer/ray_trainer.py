@@ -221,7 +221,7 @@ def check_resources_for_workers(world_size: int, on_gpu: bool) -> None:
 class WorkerGroup:
     """The FSDP/vLLM workers, one per rank, and the calls that go to all of them."""
 
-    def __init__(self, cfg: PPOConfig, total_steps: int, need_actor: bool = True, start_step: int = 0):
+    def __init__(self, cfg: PPOConfig, total_steps: int, need_actor: bool = True):
         from pebr.workers.fsdp_worker import FSDPWorker
 
         self.cfg = cfg
@@ -230,7 +230,7 @@ class WorkerGroup:
         on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
         check_resources_for_workers(self.size, on_gpu)
         remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
-        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor, start_step)
+        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor)
                         for rank in range(self.size)]
         self.timeout = cfg.trainer.worker_timeout_s
         self._last_rollout: str | None = None  # the id of the rollout the workers hold
@@ -486,7 +486,7 @@ class RayPPOTrainer:
         # them, with the step's validation if one was due: it comes after the save).
         self._unlogged_metrics = (state["metrics"] if state.get("metrics") and self.tracker.missing(self.global_step)
                                   else None)
-        self.workers = WorkerGroup(cfg, self.total_steps, start_step=self.global_step)
+        self.workers = WorkerGroup(cfg, self.total_steps)
         nodes = len({w["node"] for w in self.workers.started})
         print(f"{self.workers.size} worker(s) on {nodes} Ray node(s); rollout weight sync: "
               f"{self.workers.started[0]['weight_sync']}", flush=True)
@@ -549,7 +549,9 @@ class RayPPOTrainer:
         generated: dict[str, list[float]] = {}  # every try's scores: the policy's reward, not the filter window's
         while True:
             tries += 1
-            batch, timing = self.workers.generate(self._next_prompts(tries), self._sampling())
+            # Each step's tries draw from streams of their own: a resumed run samples what an uninterrupted one did.
+            batch, timing = self.workers.generate(self._next_prompts(tries),
+                                                  self._sampling({"stream": (self.global_step, tries)}))
             for k, v in timing.items():
                 metrics[k] = metrics.get(k, 0.0) + v
             if not a.online_filtering:

@@ -46,8 +46,6 @@ def pick_device(cfg_device: str) -> torch.device:
     return torch.device("cpu")
 
 
-# Seed distance between the sampling streams of runs started at consecutive steps (more than any rank count).
-RESUMED_SEED_STRIDE = 100_003
 JOB_ID_KEY = "pebr/job_id"  # in the rendezvous store: the id rank 0 gave this worker group
 
 
@@ -64,13 +62,9 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 class FSDPWorker:
-    def __init__(self, config: PPOConfig, rank: int, world_size: int, total_steps: int, need_actor: bool = True,
-                 start_step: int = 0):
+    def __init__(self, config: PPOConfig, rank: int, world_size: int, total_steps: int, need_actor: bool = True):
         self.cfg = config
         self.rank = rank
-        # A run resumed at step s draws from another sampling stream than a fresh one: with the same seed its
-        # first step replayed step 1's random draws.
-        self.seed_offset = RESUMED_SEED_STRIDE * start_step
         self.world_size = world_size
         self.total_steps = total_steps
         self.need_actor = need_actor
@@ -151,7 +145,7 @@ class FSDPWorker:
         if rcfg.name == "hf":
             return HFRollout(mcfg.model_path, processor=self.processor, device=self.device,
                              dtype=actor_lib.resolve_dtype(rcfg.dtype, self.device),
-                             trust_remote_code=mcfg.trust_remote_code, seed=rcfg.seed + self.rank + self.seed_offset)
+                             trust_remote_code=mcfg.trust_remote_code, seed=rcfg.seed + self.rank)
         dtype = rcfg.dtype if rcfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         # What the weight sync will send: the actor's parameters, LoRA layers folded into plain weights.
         names = None if self.model is None else lora.folded_names(n for n, _ in self.model.named_parameters())
@@ -164,7 +158,7 @@ class FSDPWorker:
             limit_images=rcfg.limit_images, block_size=rcfg.block_size, mm_cache_gb=rcfg.mm_cache_gb,
             # One seed per engine: the ranks of a tensor-parallel engine run one sampler each, which must draw
             # alike (different draws desynchronise their collectives); separate engines draw differently.
-            seed=rcfg.seed + self.rank // rcfg.tensor_parallel_size + self.seed_offset,
+            seed=rcfg.seed + self.rank // rcfg.tensor_parallel_size,
             trust_remote_code=mcfg.trust_remote_code,
             tokenizer_path=mcfg.tokenizer_path, external_launcher=True, sleep_mode=self.device.type == "cuda",
             weight_names=names)

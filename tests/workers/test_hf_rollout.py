@@ -78,6 +78,19 @@ def test_seeded_at_start_and_a_seeded_validation_leaves_the_training_stream_alon
     assert (a1, a2) == (b1, b2) and a1 != a2  # as if no validation had run; two steps sample differently
 
 
+def test_a_call_at_a_stream_samples_alike_whatever_ran_before(tiny_model_dir, processor):
+    """A training rollout at (step, try) draws from a seed of its own: a run resumed at that step (a fresh engine,
+    its process's stream at the start) samples what the uninterrupted run sampled there."""
+    at = {k: sampling(n=4, temperature=1.0, stream=k) for k in ((2, 1), (3, 1), (2, 2))}
+    hf = rollout(tiny_model_dir, processor, seed=3)
+    hf.generate(PROMPT, sampling(n=4, temperature=1.0))  # step 1, before streams: moves the process's stream
+    uninterrupted = hf.generate(PROMPT, at[(2, 1)])[0].responses
+    resumed = rollout(tiny_model_dir, processor, seed=3).generate(PROMPT, at[(2, 1)])[0].responses
+    assert resumed == uninterrupted
+    assert hf.generate(PROMPT, at[(3, 1)])[0].responses != uninterrupted != hf.generate(PROMPT, at[(2, 2)])[0].responses
+    assert rollout(tiny_model_dir, processor, seed=4).generate(PROMPT, at[(2, 1)])[0].responses != uninterrupted
+
+
 def test_greedy_with_several_responses_gives_that_many_copies(tiny_model_dir, processor):
     """transformers refused greedy search with num_return_sequences > 1, which vLLM answers with n copies: a
     validation at temperature 0 with n > 1 failed at its first call."""

@@ -131,6 +131,19 @@ def test_vllm_logprobs_match_the_actor_after_weight_sync(groups, prompts):
     assert gap < 2e-3, f"vLLM and the trained actor disagree by {gap}: the weight sync is broken"
 
 
+def test_a_rollout_at_a_stream_samples_alike_after_any_other_call(groups, prompts):
+    """The training rollouts name their step and try: what the engines ran before (here an unseeded call, which
+    moves the process's stream) does not change their draws, as a resumed run's fresh engines need."""
+    two, _ = groups
+    at_step_2 = sampling(seed=None, logprobs=False, stream=(2, 1))
+    first, _ = two.generate(prompts, at_step_2)
+    two.generate(prompts, sampling(seed=None, logprobs=False))
+    again, _ = two.generate(prompts, at_step_2)
+    assert again.response_ids == first.response_ids
+    other, _ = two.generate(prompts, sampling(seed=None, logprobs=False, stream=(3, 1)))
+    assert other.response_ids != first.response_ids
+
+
 def test_checkpoint_round_trip_and_merge(groups, tmp_path):
     two, one = groups
     ckpt = str(tmp_path / "ckpt")
