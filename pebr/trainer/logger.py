@@ -55,7 +55,7 @@ class MetricsFile:
 
 
 def _validation_only(row: dict[str, Any], step: int) -> bool:
-    return row.get("step") == step and all(k == "step" or k.startswith("val/") for k in row)
+    return row.get("step") == step and all(k in ("step", "timing/validate_s") or k.startswith("val/") for k in row)
 
 
 def wandb_run_id(run_dir: str, resume_step: int) -> str:

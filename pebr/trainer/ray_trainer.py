@@ -648,9 +648,8 @@ class RayPPOTrainer:
             if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
                 with timed(metrics, "save_checkpoint"):
                     self.save_checkpoint(metrics)
-            if self._validation_due(self.global_step):
-                with timed(metrics, "validate"):  # (it syncs the new weights: the next step's sync is then ~0)
-                    self._validate_into(metrics)
+            if self._validation_due(self.global_step):  # (it syncs the new weights: the next step's sync is ~0)
+                self._validate_into(metrics)
             self.tracker.log(self.global_step, metrics)
             bar.update(1)
         bar.close()
@@ -737,8 +736,10 @@ class RayPPOTrainer:
                                   **{k: v[i] for k, v in rewards.items()}} for i in range(len(batch))])
 
     def validate(self) -> dict[str, float]:
+        """The validation metrics, with `timing/validate_s` (also when a resume or `val_only` validates)."""
         if self.val_dataset is None:
             return {}
+        t0 = time.time()
         r = self.cfg.worker.rollout
         overrides = {"n": 1, "temperature": 0.5, "seed": r.seed, "logprobs": False, **dict(r.val_override_config)}
         total = len(self.val_dataset)
@@ -756,6 +757,7 @@ class RayPPOTrainer:
         out = {f"val/{k}": float(np.mean(v)) for k, v in per_key.items()}
         out["val/response_length"] = float(np.mean(lengths))
         out["val/samples"] = float(len(lengths))
+        out["timing/validate_s"] = time.time() - t0
         return out
 
     def save_checkpoint(self, metrics: dict[str, float]) -> str:
@@ -763,9 +765,12 @@ class RayPPOTrainer:
         it did (killed during the validation that follows a save, say)."""
         t = self.cfg.trainer
         tmp = checkpoint.partial_dir(self.ckpt_dir, self.global_step)
+        t0 = time.time()
         self.workers.call_all("save_checkpoint", os.path.join(tmp, "actor"), t.save_model_only)
+        saved = {k: float(v) for k, v in metrics.items()}
+        # The shards' writes, nearly all of a save: a resume that logs these metrics has no other figure for it.
+        saved["timing/save_checkpoint_s"] = time.time() - t0
         # total_steps: whether this is the run's last step (the stage-2 recipe refuses a stage 1 that stopped early)
         state = {"global_step": self.global_step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
-                 "data": self._data_fingerprint, "model_path": self._model_identity,
-                 "metrics": {k: float(v) for k, v in metrics.items()}}
+                 "data": self._data_fingerprint, "model_path": self._model_identity, "metrics": saved}
         return checkpoint.finalize(self.ckpt_dir, self.global_step, state, t.save_limit)

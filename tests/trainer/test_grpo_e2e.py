@@ -88,7 +88,10 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2 rotated step 1 away
     resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3]
-    assert {k: v for k, v in resumed[1].items() if not k.startswith("val/")} == {"step": 2, **saved["metrics"]}
+    assert {k: v for k, v in resumed[1].items() if not k.startswith(("val/", "timing/validate_s"))} == {
+        "step": 2, **saved["metrics"]}
+    # Timed as a step that ran through: the save (its shards' writes, from the checkpoint) and the validation.
+    assert resumed[1]["timing/save_checkpoint_s"] > 0 and resumed[1]["timing/validate_s"] > 0
     assert resumed[1]["val/samples"] == 8  # (the old code logged the training metrics alone)
 
     cfg = load_config(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
@@ -344,4 +347,5 @@ def test_validation_alone_from_a_weights_only_checkpoint(tiny_model_dir, synthet
     run(base + ["trainer.val_only=true"])
     (trained, validated) = read_metrics(run_dir)
     assert trained["step"] == validated["step"] == 1 and "val/overall" not in trained
-    assert validated["val/samples"] == 8 and set(validated) == {"step"} | {k for k in validated if k.startswith("val/")}
+    assert validated["val/samples"] == 8 and validated["timing/validate_s"] > 0
+    assert set(validated) == {"step", "timing/validate_s"} | {k for k in validated if k.startswith("val/")}

@@ -27,11 +27,13 @@ def test_validation_alone_at_one_step_replaces_its_earlier_line(tmp_path):
     """trainer.val_only run twice at one checkpoint: one validation line for the step, beside its training line."""
     run_dir = str(tmp_path)
     Tracker(["file"], run_dir, "p", "e", {}, resume_step=0).log(1, {"reward/overall": 0.1, "val/overall": 0.2})
-    for score in (0.3, 0.4):
-        Tracker(["file"], run_dir, "p", "e", {}, resume_step=1).log(1, {"val/overall": score}, replace_validation=True)
+    for score in (0.3, 0.4):  # as the trainer's validate() returns them: with their timing
+        Tracker(["file"], run_dir, "p", "e", {}, resume_step=1).log(1, {"val/overall": score, "timing/validate_s": 2.0},
+                                                                    replace_validation=True)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert rows == [{"step": 1, "reward/overall": 0.1, "val/overall": 0.2}, {"step": 1, "val/overall": 0.4}]
+    assert rows == [{"step": 1, "reward/overall": 0.1, "val/overall": 0.2},
+                    {"step": 1, "val/overall": 0.4, "timing/validate_s": 2.0}]
 
 
 def test_a_run_restarted_before_its_first_checkpoint_logs_step_0_once(tmp_path):
