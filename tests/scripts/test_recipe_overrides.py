@@ -114,6 +114,10 @@ def test_help_prints_the_recipe_and_its_variables_and_runs_nothing(recipe):
     assert "  N_GPUS (" in proc.stdout and "  RUN_DIR (" in proc.stdout or "  ROLLOUTS (" in proc.stdout
     if recipe.endswith("_cpu.sh"):  # the twin's own value, not only the GPU recipe's default
         assert "  N_GPUS (8)\n      now: 2\n" in proc.stdout
+        # The usage line named the GPU recipe, which is not what the user ran; the twin's header comes first.
+        gpu = recipe.replace("_cpu", "")
+        assert proc.stdout.startswith(f"usage: bash examples/{recipe} [") and f"CPU twin of {gpu}" in proc.stdout
+        assert f"It runs examples/{gpu}:" in proc.stdout
 
 
 @pytest.mark.parametrize("recipe, value", [("pebr_stage2.sh", "abc"), ("pebr_sample_cpu.sh", "0"),
