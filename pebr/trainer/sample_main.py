@@ -246,10 +246,12 @@ def _report_dropped(summary: SampleSummary, source: str) -> None:
 
 # -- sampling -------------------------------------------------------------------------------------
 def sampling_params(cfg: PPOConfig) -> dict:
-    """All responses of a question in one request: n x total_epochs samples share the prompt's prefill."""
+    """All responses of a question in one request: n x total_epochs samples share the prompt's prefill. Each
+    question draws from a seed of its own (`worker.rollout.seed` and its qid), so its responses do not depend on
+    the batch it came in, the number of workers, or whether the run was resumed."""
     r = cfg.worker.rollout
     return {"n": r.n * cfg.trainer.total_epochs, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
-            "max_tokens": cfg.data.max_response_length, "seed": None}
+            "max_tokens": cfg.data.max_response_length, "seed": r.seed}
 
 
 def to_records(batch: Any, scores: list[dict[str, float]], per_question: int, questions: dict[str, str]) -> list[dict]:

@@ -310,6 +310,8 @@ def _sample_then_resume(argv, out, qids, train, per_question, ray_session):
     assert second.records_written == per_question
     _check_complete(out, qids, per_question)
     assert _lines(out)[: 3 * per_question] == first_batch  # finished questions are kept, not re-sampled
+    # The question sampled again alone draws what it drew beside another one: it has a seed of its own.
+    assert _lines(out)[4 * per_question:5 * per_question] == lines[4 * per_question:]
 
     # Nothing left: no worker is started, the file is unchanged.
     before = open(out, "rb").read()
