@@ -221,7 +221,7 @@ def to_rgb(image: Image.Image, size: tuple[int, int] | None = None) -> Image.Ima
             else:
                 top = 255 if brightest <= 255 else max(65535, brightest)
         scale = 255 / top
-        return grey.point(lambda v: v * scale).convert("L").convert("RGB")
+        image = grey.point(lambda v: v * scale).convert("L")  # then resized with every other mode, below
     if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a palette entry or a colour key (tRNS)
         image = image.convert("RGBA")
     if image.mode == "La":  # premultiplied alpha, which PIL converts to RGBA only through LA

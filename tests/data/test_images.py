@@ -187,6 +187,18 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert abs(int(grey[28, 28]) - 128) <= 2
 
 
+@pytest.mark.parametrize("mode, dtype, ext", [("I;16", "uint16", "png"), ("I", "int32", "tif"), ("F", "float32", "tif")])
+def test_wide_grey_levels_are_resized_like_any_image(tmp_path, mode, dtype, ext):
+    """16-bit, 32-bit and float images kept their stored size: the prompt's length was counted at the fitted size
+    while the model got the full one (a 2000 x 1500 16-bit PNG: 1001 tokens counted, 3863 given)."""
+    import numpy as np
+
+    Image.fromarray(np.full((150, 200), 100, dtype=dtype)).save(tmp_path / f"wide.{ext}")
+    assert Image.open(tmp_path / f"wide.{ext}").mode == mode
+    loaded = load_image(str(tmp_path / f"wide.{ext}"), None, max_pixels=28 * 28 * 12)
+    assert loaded.size == fit_size(200, 150, None, 28 * 28 * 12) == (112, 84) and loaded.mode == "RGB"
+
+
 @pytest.mark.parametrize("value, grey", [(0.5, 128), (128.0, 128), (500.0, 2)])
 def test_floating_point_grey_is_scaled_by_its_range(tmp_path, value, grey):
     """Floats up to 1 are 0..1 levels (they came out black), up to 255 8-bit levels, above it 16-bit ones."""
