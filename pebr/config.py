@@ -513,6 +513,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
             raise ConfigError(f"{key}={value} must be at least 1 (or null for the model's own bound)")
     if None not in bounds and bounds[0] > bounds[1]:
         raise ConfigError(f"data.min_pixels={bounds[0]} is larger than data.max_pixels={bounds[1]}")
+    if d.max_pixels is not None and d.max_pixels < 28 * 28:
+        raise ConfigError(f"data.max_pixels={d.max_pixels} is below 28x28 = 784, the smallest image the model takes "
+                          "(one merged patch); every image would come out larger than it says")
     if not t.worker_timeout_s > 0:  # every call to a worker would time out at once
         raise ConfigError(f"trainer.worker_timeout_s={t.worker_timeout_s} must be positive (seconds)")
     if not 0.0 < rollout.top_p <= 1.0:

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +122,9 @@ def _read_json(path: str) -> Iterator[RawRecord]:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from err
     except json.JSONDecodeError as err:
         # One broken document cannot be partly skipped: always stop here.
-        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+        hint = ("; it looks like JSON Lines (one record a line): name it .jsonl"
+                if err.msg == "Extra data" and err.colno == 1 else "")
+        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}{hint}") from err
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source must hold a list of records, found {type(data).__name__}")
     for index, value in enumerate(data):
@@ -319,7 +320,9 @@ def _normalize_key_words(value: Any, where: str) -> list[str]:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(word, str) for word in value):
         raise BadRecord("bad_key_words", f"{where}: key 'key_words' must be a list of strings, got {value!r:.80}")
-    return list(value)
+    # A blank key word is found in no response: it scored every response of its record 0 on recall, and the
+    # record still counted as one with key words.
+    return [word for word in value if word.strip()]
 
 
 def normalize_record(
@@ -356,6 +359,8 @@ def normalize_record(
         qid = default_qid
     elif isinstance(qid, bool) or not isinstance(qid, (str, int)):
         raise BadRecord("bad_qid", f"{where}: key 'qid' must be a string or an integer, got {type(qid).__name__}")
+    elif isinstance(qid, str) and not qid.strip():
+        raise BadRecord("bad_qid", f"{where}: key 'qid' is blank ({qid!r}); give it a name or leave the key out")
     else:
         qid = str(qid)
         where = f"{where} qid={qid!r}"  # only a qid from the data helps find the record
@@ -365,7 +370,7 @@ def normalize_record(
         problem = "missing" if prompt_key not in value else f"not a non-empty string ({type(prompt).__name__})"
         raise BadRecord("bad_prompt", f"{where}: key {prompt_key!r} is {problem}")
     if answer_key not in value or value[answer_key] is None:
-        raise BadRecord("bad_answer", f"{where}: key {answer_key!r} is missing")
+        raise BadRecord("bad_answer", f"{where}: key {answer_key!r} is {'missing' if answer_key not in value else 'null'}")
     check_no_model_tokens(prompt, where, prompt_key)
     answer = _normalize_answer(value[answer_key], where, answer_key)
     images = _normalize_images(value.get(image_key), where, image_key)
@@ -453,7 +458,7 @@ def load_records(
     check_on_bad_record(on_bad_record)
     report = LoadReport()
     records: list[dict[str, Any]] = []
-    seen_qids: Counter[str] = Counter()
+    first_at: dict[str, str] = {}  # qid -> where it was first used
     for raw in iter_source(source):
         report.total += 1
         where = describe_raw(raw)
@@ -468,15 +473,19 @@ def load_records(
                 answer_key=answer_key,
                 image_key=image_key,
             )
-            if seen_qids[record["qid"]]:
+            if record["qid"] in first_at:
                 # Duplicate qids would merge two questions in qid-keyed sampling logs and splits.
-                raise BadRecord("duplicate_qid", f"{where}: key 'qid' value {record['qid']!r} was already used")
+                given = raw.value.get("qid") if isinstance(raw.value, dict) else None
+                how = ("its default qid" if given is None
+                       else f"its qid {given!r}, read as the string" if not isinstance(given, str) else "its qid")
+                raise BadRecord("duplicate_qid", f"{where}: {how} {record['qid']!r} was already used by "
+                                                 f"{first_at[record['qid']]}")
         except BadRecord as err:
             if on_bad_record == "raise":
                 raise
             report.add_skip(err, where)
             continue
-        seen_qids[record["qid"]] += 1
+        first_at[record["qid"]] = where
         records.append(record)
         report.kept_at.append(where)
     report.kept = len(records)

@@ -218,7 +218,7 @@ def test_non_utf8_bytes(tmp_path):
         ({"problem": "", "answer": "1"}, "'problem' is not a non-empty string", "bad_prompt"),
         ({"problem": ["x"], "answer": "1"}, "'problem' is not a non-empty string", "bad_prompt"),
         ({"problem": "q"}, "'answer' is missing", "bad_answer"),
-        ({"problem": "q", "answer": None}, "'answer' is missing", "bad_answer"),
+        ({"problem": "q", "answer": None}, "'answer' is null", "bad_answer"),
         ({"problem": "q", "answer": True}, "'answer' must be a string or a number", "bad_answer"),
         ({"problem": "q", "answer": {"v": 1}}, "'answer' must be a string or a number", "bad_answer"),
         ({"problem": "q", "answer": "  "}, "'answer' is an empty string", "bad_answer"),
@@ -259,10 +259,47 @@ def test_error_names_qid_when_known(tmp_path):
 
 def test_duplicate_qid_is_a_bad_record(tmp_path):
     source = write_json(tmp_path / "rl.json", [GOOD, GOOD, {**GOOD, "qid": "q9"}])
-    with pytest.raises(DataError, match="'qid' value 'q0' was already used"):
+    with pytest.raises(DataError, match=r"record 1: its qid 'q0' was already used by .*rl.json record 0"):
         load_records(source)
     records, report = load_records(source, on_bad_record="skip")
     assert [r["qid"] for r in records] == ["q0", "q9"] and report.skipped == {"duplicate_qid": 1}
+
+
+@pytest.mark.parametrize("first, second, said", [
+    ({"qid": "rl-1"}, {}, "its default qid 'rl-1'"),  # record 1 has no qid: its default clashed with record 0's
+    ({"qid": 1}, {"qid": "1"}, "its qid '1'"),
+    ({"qid": "1"}, {"qid": 1}, "its qid 1, read as the string '1'"),
+])
+def test_a_duplicate_qid_says_where_it_came_from(tmp_path, first, second, said):
+    """The message blamed "key 'qid' value 'rl-1'" of a record that had no qid key."""
+    plain = {k: v for k, v in GOOD.items() if k != "qid"}
+    source = write_json(tmp_path / "rl.json", [{**plain, **first}, {**plain, **second}])
+    with pytest.raises(DataError) as err:
+        load_records(source)
+    assert f"record 1: {said} was already used by " in str(err.value) and str(err.value).endswith("rl.json record 0")
+
+
+@pytest.mark.parametrize("qid", ["", "   "])
+def test_a_blank_qid_is_refused(tmp_path, qid):
+    source = write_json(tmp_path / "rl.json", [{**GOOD, "qid": qid}])
+    with pytest.raises(DataError, match="key 'qid' is blank"):
+        load_records(source)
+
+
+def test_blank_key_words_are_dropped(tmp_path):
+    """A blank key word is in no response: it took recall to 0 for every response, and the record counted as one
+    with key words."""
+    source = write_json(tmp_path / "rl.json", [{**GOOD, "key_words": ["", "  ", "cube"]},
+                                               {**GOOD, "qid": "q1", "key_words": ["", " "]}])
+    records, _ = load_records(source)
+    assert [r["key_words"] for r in records] == [["cube"], []]
+
+
+def test_json_lines_in_a_json_file_gets_a_hint(tmp_path):
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "qid": "q1"}) + "\n")
+    with pytest.raises(DataError, match="Extra data; it looks like JSON Lines .*name it .jsonl"):
+        load_records(str(path))
 
 
 def test_skip_summary_logged_once_and_messages_capped(tmp_path, caplog):

@@ -113,6 +113,7 @@ def test_overrides_win_over_files():
     # A crash in the image resizing (math domain error, division by zero) when the data loaded.
     ("data.min_pixels=null data.max_pixels=-1", "data.max_pixels=-1 must be at least 1"),
     ("data.min_pixels=0 data.max_pixels=0", "data.min_pixels=0 must be at least 1"),
+    ("data.min_pixels=50 data.max_pixels=100", "data.max_pixels=100 is below 28x28 = 784"),
     # torch's "Invalid weight_decay value" from inside every worker, after the models loaded.
     ("worker.actor.optim.weight_decay=-1", "worker.actor.optim.weight_decay=-1.0 must be at least 0"),
     # Every worker call timed out at once.
