@@ -4,7 +4,8 @@ Usage:
     python dataset/filter.py --input raw.json --output clean.json --image_root IMAGES [--min_size 28]
 
 A sample is dropped, with the reason counted, when
-  * reflective: an assistant turn says "let me rethink it" (any case, any spacing); the PeBR warm-up
+  * reflective: an assistant turn says "let me rethink it" (any case, any spacing, invisible characters
+    such as a zero-width space or a soft hyphen read past); the PeBR warm-up
     teaches describe-then-reason answers, not self-correction loops;
   * small_image: an image is narrower or shorter than ``--min_size`` px (28 is the Qwen2.5-VL
     patch-merge unit; smaller images cannot be tokenised);
@@ -16,6 +17,8 @@ A sample is dropped, with the reason counted, when
     Qwen2.5-VL processor refuses;
   * turn_order: after an optional system turn, the turns are not user, assistant, user, ... ending with
     an assistant turn; LLaMA-Factory's sharegpt reader skips such samples;
+  * media_placeholder: a turn holds ``<video>`` or ``<audio>``, which LLaMA-Factory reads as a video or audio
+    slot and refuses, the sample having none;
   * malformed / unknown_role / no_assistant_turn / empty_turn / vision_token_in_text / chat_token_in_text /
     placeholder_mismatch: the record breaks a rule of ``pebr.data.sharegpt.check_sharegpt_record``, the check
     that pebr/sft.py's loader applies too (not a dict, ``messages`` empty or not {role, content} strings, a role
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +63,7 @@ from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: 
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
-REASONS = (*SHAREGPT_REASONS, "turn_order", "reflective", "missing_image", "unreadable_image", "large_image",
+REASONS = (*SHAREGPT_REASONS, "turn_order", "reflective", "media_placeholder", "missing_image", "unreadable_image", "large_image",
            "small_image", "thin_image")
 MAX_REPORTED = 20  # invalid records listed one by one before the rest is summarised
 # probe_image's reason tags -> this script's
@@ -127,11 +131,20 @@ def _with_placeholder(messages: list[dict[str, str]], images: list[str]) -> list
     return [{**m, "content": IMAGE_PLACEHOLDER + m["content"]} if i == first else m for i, m in enumerate(messages)]
 
 
+def _plain(text: str) -> str:
+    """`text` lower-cased with its whitespace collapsed, a zero-width space read as a space and other format
+    characters (soft hyphens, joiners: Unicode category Cf) removed, so that none of them hides the phrase."""
+    text = unicodedata.normalize("NFKC", text).replace("\u200b", " ")
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return " ".join(text.split()).lower()
+
+
 def _is_reflective(messages: list[dict[str, str]]) -> bool:
-    # Collapse whitespace so that a line break inside the phrase does not hide it.
-    return any(
-        m["role"] == "assistant" and REFLECTIVE_PHRASE in " ".join(m["content"].split()).lower() for m in messages
-    )
+    return any(m["role"] == "assistant" and REFLECTIVE_PHRASE in _plain(m["content"]) for m in messages)
+
+
+# Placeholders of media this data never has, which LLaMA-Factory counts against empty video / audio lists.
+_OTHER_MEDIA = ("<video>", "<audio>")
 
 
 def _image_status(path: Path, min_size: int, cache: dict[Path, str | None]) -> str | None:
@@ -195,6 +208,8 @@ def filter_records(
             reason = "turn_order"
         elif _is_reflective(rec["messages"]):
             reason = "reflective"
+        elif any(tag in m["content"] for m in rec["messages"] for tag in _OTHER_MEDIA):
+            reason = "media_placeholder"
         else:
             for p in images:
                 reason = _image_status(root / p, min_size, cache)

@@ -278,6 +278,8 @@ class SFTDataset(Dataset):
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         template = load_format_prompt(format_prompt) if format_prompt else None
         count_tokens = PromptLengthCounter(processor)
+        tokenizer = processor.tokenizer
+        header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
         self.samples: list[tuple[list[dict[str, Any]], list[str]]] = []
         self.lengths: list[int] = []
         self.record_indices: list[int] = []  # the record each sample came from, for error messages
@@ -297,7 +299,13 @@ class SFTDataset(Dataset):
                     raise DataError(f"{err} ({hint})") from err
             chat = to_chat(record, template)
             text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+            # Where the tokenizer merges a newline run, a reply starting with "\n" is a token longer once its
+            # header's newline is split off (`split_header_newlines`): counted, or a kept sample could run past
+            # max_length.
             length = count_tokens(text, sizes)
+            if any(m["role"] == "assistant" and m["content"].startswith("\n") for m in chat):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                length += len(split_header_newlines(ids, header, tokenizer)) - len(ids)
             if length > max_length:
                 self.num_overlong += 1
                 continue
@@ -516,6 +524,14 @@ def freeze_vision(model: torch.nn.Module) -> int:
     return frozen
 
 
+def lr_warning(lr: float, trainable: int) -> str | None:
+    """What to say when the demo's learning rate meets a real model (the defaults are the embedded model's)."""
+    if lr > 1e-4 and trainable > 100_000_000:
+        return (f"SFT: lr={lr:g} is the embedded demo model's default, for {trainable / 1e9:.1f} B trainable "
+                "parameters; the paper's warm-up of Qwen2.5-VL-7B ran at 1e-5 (docs/qwen2_5vl_full_sft.yaml): pass --lr")
+    return None
+
+
 def build_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; the vision encoder and merger may get their own `vision_lr`.
 
@@ -525,14 +541,17 @@ def build_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.Optim
     model cannot see the image at all; its random features, kept fixed, do carry the scene.
     """
     visual = {id(p) for p in model.model.visual.parameters()}
-    groups: dict[float, list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
             lr = cfg.vision_lr if (id(param) in visual and cfg.vision_lr) else cfg.lr
-            groups.setdefault(lr, []).append(param)
+            # Biases and norm scales (the 1-D parameters) are not decayed, as in transformers' Trainer and
+            # LLaMA-Factory; without decay they share their group (the group layout of earlier checkpoints).
+            groups.setdefault((lr, cfg.weight_decay > 0 and param.ndim >= 2), []).append(param)
     return torch.optim.AdamW(
-        [{"params": params, "lr": lr} for lr, params in groups.items()], lr=cfg.lr, weight_decay=cfg.weight_decay,
-        fused=True,  # one kernel over all parameters instead of torch's per-parameter loop on CPU
+        [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0}
+         for (lr, decayed), params in groups.items()],
+        lr=cfg.lr, fused=True,  # one kernel over all parameters instead of torch's per-parameter loop on CPU
     )
 
 
@@ -581,6 +600,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.freeze_vision_tower:
         freeze_vision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if lr_warning(cfg.lr, trainable):
+        logger.warning(lr_warning(cfg.lr, trainable))
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum))
     logger.info("SFT: %d samples, %d steps/epoch, %d trainable parameters", len(dataset), steps_per_epoch, trainable)
 

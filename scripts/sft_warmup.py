@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = train_sft(SFTConfig(**vars(args)))
-    summary = {k: metrics[k] for k in ("samples", "steps", "first_loss", "final_loss", "train_loss", "wall_s")}
+    summary = {k: metrics[k] for k in ("samples", "dropped_overlong", "steps", "first_loss", "final_loss", "train_loss",
+                                       "wall_s")}
     print(json.dumps(summary, indent=2))
     print(f"saved the warm-up model to {args.output_dir}")
     return metrics

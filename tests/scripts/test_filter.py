@@ -353,3 +353,20 @@ def test_format_prompt_writes_the_rl_prompt_for_llamafactory_and_sft_does_not_wr
     bad.write_text("no question here")
     assert flt.main(["--input", str(src), "--output", str(tmp_path / "x.json"), "--format_prompt", str(bad)]) == 2
     assert "it places the question 0 times" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("answer", ["Let me\u200brethink it.", "let me re\u00adthink it", "Let me rethink\u2060 it",
+                                    "Ｌｅｔ ｍｅ ｒｅｔｈｉｎｋ ｉｔ"])
+def test_invisible_or_wide_characters_do_not_hide_the_reflective_phrase(image_root, answer):
+    """A zero-width space, a soft hyphen, a word joiner or full-width letters kept the sample."""
+    kept, report = flt.filter_records([_sample(answer=answer, images=["ok.png"])], image_root)
+    assert kept == [] and report.dropped["reflective"] == 1
+
+
+@pytest.mark.parametrize("where", ["question", "answer"])
+def test_a_video_or_audio_placeholder_drops_the_sample(image_root, where):
+    """LLaMA-Factory reads <video> and <audio> as media slots and refuses a sample that has no such media."""
+    text = {"question": "<image>Is this frame from the <video> clip?", "answer": "Yes: <audio> is a tag."}[where]
+    sample = _sample(images=["ok.png"], **{where: text})
+    kept, report = flt.filter_records([sample, _sample(images=["ok.png"])], image_root)
+    assert len(kept) == 1 and report.dropped["media_placeholder"] == 1

@@ -430,6 +430,23 @@ def test_optimizer_groups_follow_freezing_and_vision_lr(tiny_model_dir) -> None:
     assert group["lr"] == 1e-3 and not visual & {id(p) for p in group["params"]}
 
 
+def test_weight_decay_spares_biases_and_norms(tiny_model_dir) -> None:
+    """Every trainable parameter was decayed, q_proj's bias and the RMSNorm scales too; transformers' Trainer and
+    LLaMA-Factory (the paper's SFT) decay matrices alone."""
+    from pebr.sft import build_optimizer
+    from pebr.workers.actor import load_hf_model
+
+    model = load_hf_model(tiny_model_dir)
+    cfg = SFTConfig(model_path=tiny_model_dir, data="x", output_dir="y", weight_decay=0.01)
+    decay = {g["weight_decay"]: {n for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+             for g in build_optimizer(model, cfg).param_groups}
+    assert set(decay) == {0.01, 0.0} and decay[0.0] and decay[0.01]
+    assert "model.language_model.layers.0.self_attn.q_proj.bias" in decay[0.0]
+    assert "model.language_model.norm.weight" in decay[0.0]
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in decay[0.01]
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay[0.01])
+
+
 def test_bad_jsonl_line_is_named_by_file_and_line(tmp_path) -> None:
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     bad = tmp_path / "bad.jsonl"
@@ -625,3 +642,47 @@ def test_an_interrupted_save_leaves_the_previous_output_whole(tmp_path, clean_sf
     assert train_sft(SFTConfig(max_steps=2, **settings))["steps"] == 2  # the killed run's staging is cleared
     assert json.load(open(os.path.join(out, "sft_metrics.json")))["steps"] == 2
     assert sorted(os.listdir(tmp_path)) == ["warm"]
+
+
+def test_a_reply_starting_with_a_newline_is_measured_as_it_is_encoded(tmp_path, tiny_model_dir) -> None:
+    """With a tokenizer that reads "\n\n" as one token (Qwen2's does), the header's newline split off such a reply
+    made the sample one token longer than measured, so a sample at max_length was kept and ran past it."""
+    import json
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    merging = tmp_path / "merging"
+    shutil.copytree(tiny_model_dir, merging)
+    spec = json.loads((merging / "tokenizer.json").read_text())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    # The last merge's token gives its id to "\n\n" (byte-level "ĊĊ"): the model's vocabulary has no free row.
+    last = "".join(merges.pop()) if isinstance(merges[-1], list) else merges.pop().replace(" ", "")
+    vocab["ĊĊ"] = vocab.pop(last)
+    merges.insert(0, ["Ċ", "Ċ"] if isinstance(merges[0], list) else "Ċ Ċ")
+    # and reads a newline run as one word, as Qwen2's pre-tokenizer does (the tiny model's splits "\n\nTwo" apart)
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s*[\\r\\n]+|[^\\r\\n]+"}, "behavior": "Isolated", "invert": False},
+        {**spec["pre_tokenizer"], "use_regex": True}]}
+    (merging / "tokenizer.json").write_text(json.dumps(spec))
+    processor = AutoProcessor.from_pretrained(str(merging))
+    ids = processor.tokenizer("<|im_start|>assistant\n\nTwo", add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.convert_ids_to_tokens(ids)[2] == "ĊĊ"  # the header's newline merged into the reply's
+
+    Image.new("RGB", (56, 56), (10, 20, 30)).save(tmp_path / "ok.png")
+    record = {"messages": [{"role": "user", "content": "<image>How many?"},
+                           {"role": "assistant", "content": "\nTwo cubes."}], "images": ["ok.png"]}
+    ds = SFTDataset([record], processor, image_dir=str(tmp_path), max_length=4096, format_prompt=None)
+    assert ds.lengths[0] == ds[0]["input_ids"].numel()
+    fits = SFTDataset([record], processor, image_dir=str(tmp_path), max_length=ds.lengths[0], format_prompt=None)
+    assert len(fits) == 1
+    with pytest.raises(DataError, match="no SFT sample fits"):
+        SFTDataset([record], processor, image_dir=str(tmp_path), max_length=ds.lengths[0] - 1, format_prompt=None)
+
+
+def test_the_demo_learning_rate_on_a_real_model_is_warned_about() -> None:
+    from pebr.sft import lr_warning
+
+    assert "paper's warm-up of Qwen2.5-VL-7B ran at 1e-5" in lr_warning(1e-3, 7_000_000_000)
+    assert lr_warning(1e-5, 7_000_000_000) is None and lr_warning(1e-3, 2_000_000) is None
