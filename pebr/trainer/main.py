@@ -121,6 +121,11 @@ def run(argv: list[str]) -> None:
               f"data.rollout_batch_size={cfg.data.rollout_batch_size} and are left out of each epoch ("
               + ("other ones each epoch, the order being shuffled)" if cfg.data.shuffle else
                  "the same ones each epoch: data.shuffle=false)"), flush=True)
+    if cfg.worker.rollout.top_k > 0:
+        print(f"warning: worker.rollout.top_k={cfg.worker.rollout.top_k}: the rollout samples from the top "
+              f"{cfg.worker.rollout.top_k} tokens, while the loss scores them under the whole distribution as if "
+              "they came from it (the tiny model: 3.4 nats a token apart at top_k=20); top_p near 1 costs little "
+              "(about -log top_p)", file=sys.stderr, flush=True)
     check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
     with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
         started = init_ray(cfg)

@@ -390,9 +390,13 @@ class VLLMRollout:
     def generate(self, prompts: list[dict], sampling: SamplingConfig) -> list[Generation]:
         from vllm import SamplingParams
 
+        # vLLM refuses n > 1 with greedy decoding: one response, copied n times below (as transformers' is).
+        greedy = sampling.temperature <= 0
+
         def params(seed: int | None) -> SamplingParams:
             return SamplingParams(
-                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                n=1 if greedy else sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k,
                 max_tokens=sampling.max_tokens, seed=seed, logit_bias={t: -100.0 for t in self.banned},
                 stop_token_ids=self.stop,
                 logprobs=0 if sampling.logprobs else None,
@@ -415,10 +419,11 @@ class VLLMRollout:
             outputs = self.llm.generate(requests, per_request, use_tqdm=False)
         gens = []
         for o in outputs:
+            completions = o.outputs * sampling.n if greedy else o.outputs
             logprobs = None
             if sampling.logprobs:
-                logprobs = [[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in o.outputs]
-            gens.append(Generation(list(o.prompt_token_ids), [list(c.token_ids) for c in o.outputs], logprobs))
+                logprobs = [[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in completions]
+            gens.append(Generation(list(o.prompt_token_ids), [list(c.token_ids) for c in completions], logprobs))
         return gens
 
 

@@ -95,3 +95,16 @@ def test_a_run_below_another_runs_checkpoints_is_refused(base_argv, tmp_path):
     assert "checkpoint error:" in proc.stderr and "steps [7] after the step this run starts at (0)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(run_dir)) == [".lock", "global_step_7"]  # nothing written beside it but the run's lock
+
+
+def test_top_k_sampling_is_warned_about_before_the_run_starts(base_argv, tmp_path):
+    """The loss scores top-k samples under the whole distribution: a large, silent mismatch (3.4 nats a token on
+    the tiny model at top_k=20). Stopped right after (its run directory is a file), as no run needs to start."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the run directory would go")
+    proc = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *base_argv, "worker.rollout.top_k=20",
+                           f"trainer.save_checkpoint_path={taken}"], cwd=ROOT,
+                          env={**os.environ, **CHILD_ENV, "RAY_TMPDIR": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "warning: worker.rollout.top_k=20: the rollout samples from the top 20 tokens" in proc.stderr

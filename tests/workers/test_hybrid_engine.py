@@ -144,6 +144,19 @@ def test_a_rollout_at_a_stream_samples_alike_after_any_other_call(groups, prompt
     assert other.response_ids != first.response_ids
 
 
+def test_greedy_sampling_with_several_responses_gives_that_many_copies(groups, prompts):
+    """vLLM refuses n > 1 at temperature 0, which the config allows (a greedy validation with n=2 failed at the
+    first validation, hours into a run); the transformers engine gives n copies, and so does this one now."""
+    two, _ = groups
+    batch, _ = two.generate(prompts, sampling(temperature=0.0, n=3, seed=None))
+    assert len(batch) == 3 * len(prompts)
+    for i in range(len(prompts)):
+        copies = batch.response_ids[3 * i:3 * i + 3]
+        assert copies[0] == copies[1] == copies[2]
+        lp = batch.tensors["rollout_logprobs"][3 * i:3 * i + 3]
+        assert torch.equal(lp[0], lp[1]) and torch.equal(lp[0], lp[2])
+
+
 def test_checkpoint_round_trip_and_merge(groups, tmp_path):
     two, one = groups
     ckpt = str(tmp_path / "ckpt")
