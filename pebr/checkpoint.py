@@ -435,8 +435,25 @@ def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
             tensor = read(0, name)
         else:
             parts = [read(r, name) for r in range(world)]
+            for rank, part in enumerate(parts):
+                _check_part(part, info["shape"], dim, name,
+                            f"{actor_dir}/model_world_size_{world}_rank_{rank}.safetensors")
             tensor = torch.cat([p for p in parts if p.numel() or p.dim() > 0], dim=dim)
         if list(tensor.shape) != info["shape"]:
             raise CheckpointError(f"{actor_dir}: merged {name} has shape {list(tensor.shape)}, expected {info['shape']}")
         full[name] = tensor
     return full
+
+
+def _check_part(part: torch.Tensor, shape: list[int], dim: int, name: str, path: str) -> None:
+    """A rank's part of `name` must match the index's shape on every axis but the sharded one, which no part may
+    exceed: torch.cat said only "Sizes of tensors must match", naming neither the file nor the tensor."""
+    if part.numel() == 0 and part.dim() == 1:
+        return  # an empty rank's share as a 1-D tensor, which torch.cat skips whatever the other axes
+    expected = [n if axis != dim else "*" for axis, n in enumerate(shape)]
+    found = list(part.shape)
+    if (len(found) != len(shape) or found[dim] > shape[dim]
+            or any(a != b for axis, (a, b) in enumerate(zip(found, shape)) if axis != dim)):
+        raise CheckpointError(f"{path}: its part of {name!r} has shape {found}, which does not fit the shape "
+                              f"{shape} that {INDEX_FILE} records (expected {expected}, axis {dim} split among "
+                              "the ranks): the checkpoint is damaged; use another global_step_* directory")

@@ -160,18 +160,28 @@ def test_adapter_export_of_a_checkpoint_without_lora_is_refused(bf16_checkpoint,
     assert "trained without LoRA" in capsys.readouterr().err and not os.path.exists(tmp_path / "adapter")
 
 
-def test_a_merge_leaves_files_that_are_not_the_models_weights(bf16_checkpoint, tmp_path):
-    """Every *.safetensors, *.bin and *.index.json in the target used to be deleted, a user's own included."""
+def test_weight_files_that_are_not_the_models_are_refused_and_kept_when_forced(bf16_checkpoint, tmp_path):
+    """Every *.safetensors, *.bin and *.index.json in the target used to be deleted, a user's own included; then a
+    peft adapter was kept beside the merged weights, which transformers applied on top of them (LoRA twice) and
+    vLLM read as weights. Such files are now refused unless --force, which removes the adapter alone."""
     actor, _ = bf16_checkpoint
     target = tmp_path / "served"
     target.mkdir()
-    mine = {"adapter_model.safetensors": "a", "embeddings.bin": "e", "faiss.index.json": "{}", "notes.txt": "n"}
+    mine = {"adapter_config.json": "{}", "adapter_model.safetensors": "a", "embeddings.bin": "e",
+            "faiss.index.json": "{}", "notes.txt": "n"}
     for name, text in mine.items():
         (target / name).write_text(text)
     (target / "model.safetensors").write_text("an older merge")  # the model's own weights are replaced
     (target / "merged_from.json").write_text("{}")  # which this script wrote
-    out = merge(actor, str(target))
-    assert {name: (target / name).read_text() for name in mine} == mine
+    before = sorted(os.listdir(target))
+    with pytest.raises(CheckpointError, match=r"holds \['adapter_config.json', 'adapter_model.safetensors', "
+                                              r"'embeddings.bin'\], which are not this model's weight files"):
+        merge(actor, str(target))
+    assert sorted(os.listdir(target)) == before
+    out = merge(actor, str(target), force=True)
+    kept = {name: text for name, text in mine.items() if not name.startswith("adapter_")}
+    assert {name: (target / name).read_text() for name in kept} == kept
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(os.listdir(out))
     assert os.path.getsize(os.path.join(out, "model.safetensors")) > 1000
 
 
@@ -185,7 +195,7 @@ def test_a_new_target_is_complete_or_absent(bf16_checkpoint, tmp_path, monkeypat
         patch.setattr(model_merger.shutil, "copy2", killed_on_call(shutil.copy2, 2))
         with pytest.raises(KeyboardInterrupt):
             merge(actor, target)
-    assert not os.path.exists(target)
+    assert not os.path.exists(target) and not os.path.exists(target + ".merging")  # (a model's size, left hidden)
     out = merge(actor, target)
     assert {"config.json", "tokenizer.json", "model.safetensors", "merged_from.json"} <= set(os.listdir(out))
 
@@ -314,21 +324,314 @@ def test_a_linked_target_is_merged_where_the_link_points(bf16_checkpoint, tmp_pa
         shutil.rmtree(real, ignore_errors=True)
 
 
-def test_a_merge_killed_while_moving_in_leaves_a_model_and_an_unfinished_marker(bf16_checkpoint, tmp_path, tiny_model_dir,
-                                                                      monkeypatch):
-    """The old weight files were removed before the new ones were moved in: a kill in between left a folder with
-    no weights."""
+def _model_of_other_widths(tiny_model_dir: str, folder: str) -> dict[str, torch.Tensor]:
+    """A whole model (weights, config, tokenizer, processor) whose MLPs are wider than the tiny model's: its
+    weights do not load under the tiny model's config, nor the other way round. Returns its state."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.text_config.intermediate_size += 8
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(folder)
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors") and name not in os.listdir(folder):
+            shutil.copy(os.path.join(tiny_model_dir, name), folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
+    return state.keys() == expected.keys() and all(
+        state[k].shape == v.shape and torch.equal(state[k].to(v.dtype), v) for k, v in expected.items())
+
+
+def test_replacing_a_model_is_never_a_mixture_of_its_files_and_the_merges(bf16_checkpoint, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    """A merge over an existing model renamed its files in one by one: a kill midway left the new config.json
+    beside the old weights, which did not load. The folder is swapped whole now: a kill at any rename leaves the
+    old model or the new one, and no hidden staging folder."""
+    from transformers import AutoModelForImageTextToText
+
+    actor, weights = bf16_checkpoint
+    new = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    original = str(tmp_path / "original")
+    old = _model_of_other_widths(tiny_model_dir, original)
+    (tmp_path / "original" / "notes.txt").write_text("mine")
+    target = str(tmp_path / "served")
+    finished, kills = False, 0
+    while not finished:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(original, target)
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed_on_call(os.replace, kills + 1))
+            try:
+                merge(actor, target, force=True)  # a model it did not merge, replaced as asked
+                finished = True
+            except KeyboardInterrupt:
+                kills += 1
+        held = AutoModelForImageTextToText.from_pretrained(target, dtype="auto").state_dict()
+        assert _same_weights(held, new if finished else old), f"killed at rename {kills}"
+        assert (tmp_path / "served" / "notes.txt").read_text() == "mine"
+        assert not [f for f in os.listdir(tmp_path) if f.startswith("served.")]
+    assert kills >= 2 and "merged_from.json" in os.listdir(target)
+
+
+def test_a_merge_killed_between_the_swaps_renames_is_put_right_by_the_next(bf16_checkpoint):
+    """Killed outright (no cleanup) once the checkpoint's own huggingface/ folder, the default target and the
+    source of its config and tokenizer, is renamed aside: the next merge puts it back and merges."""
+    import signal
+    import subprocess
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    actor, weights = bf16_checkpoint
+    hf_dir = os.path.realpath(os.path.join(actor, "huggingface"))
+    code = (f"import os, signal, sys\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'scripts')!r}]\n"
+            "import model_merger\nreal = os.replace\n"
+            "def replace(src, dst):\n    real(src, dst)\n"
+            f"    if os.path.realpath(src) == {hf_dir!r}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"os.replace = replace\nmodel_merger.merge({actor!r})\n")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not os.path.exists(hf_dir) and os.path.isdir(hf_dir + ".replaced")
+    out = merge(actor)
+    assert not [f for f in os.listdir(actor) if f.startswith("huggingface.")]
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype="float32").state_dict()
+    assert _same_weights(merged, {k: v.to(torch.bfloat16) for k, v in weights.items()})
+    assert AutoProcessor.from_pretrained(out).chat_template
+
+
+def test_a_bf16_merge_converts_without_the_fp32_state_held_beside_the_model(bf16_checkpoint, tmp_path, monkeypatch):
+    """The merged fp32 state dict was kept while the model was converted: the fp32 weights and the converted ones
+    were in memory together (1.5 times the fp32 model). When the conversion starts, the model must hold the only
+    references to the merged tensors, so each is freed as it is converted."""
+    import weakref
+
     import model_merger
 
     actor, _ = bf16_checkpoint
+    merged = []
+
+    def merge_shards_watched(directory: str) -> dict:
+        state = checkpoint.merge_shards(directory)
+        merged.extend(weakref.ref(t) for t in state.values())
+        return state
+
+    at_conversion = []
+    to = torch.nn.Module.to
+
+    def to_watched(self, *args, **kwargs):
+        if torch.bfloat16 in args or kwargs.get("dtype") == torch.bfloat16:
+            at_conversion.append(sum(ref() is not None for ref in merged))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_merger, "merge_shards", merge_shards_watched)
+    monkeypatch.setattr(torch.nn.Module, "to", to_watched)
+    merge(actor, str(tmp_path / "served"), dtype="bf16")
+    assert merged and at_conversion and set(at_conversion) == {0}, at_conversion
+
+
+def _split_into_ranks(actor: str, world: int) -> None:
+    """Rewrite a one-rank checkpoint as `world` ranks' files, every tensor of one axis or more split on axis 0 as
+    FSDP2 splits it (chunks of ceil(n / world) rows, so the last ranks' may be empty)."""
+    from safetensors.torch import load_file, save_file
+
+    one = os.path.join(actor, "model_world_size_1_rank_0.safetensors")
+    tensors = load_file(one)
+    with open(os.path.join(actor, checkpoint.INDEX_FILE)) as f:
+        index = json.load(f)
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
+    for name, tensor in tensors.items():
+        pieces = list(torch.chunk(tensor, world)) if tensor.dim() else [tensor]
+        pieces += [tensor[tensor.shape[0]:]] * (world - len(pieces))
+        for part, piece in zip(parts, pieces):
+            part[name] = piece.contiguous()
+        index["tensors"][name]["shard_dim"] = 0 if tensor.dim() else None
+    for rank, part in enumerate(parts):
+        save_file(part, os.path.join(actor, f"model_world_size_{world}_rank_{rank}.safetensors"))
+    os.remove(one)
+    index["world_size"] = world
+    with open(os.path.join(actor, checkpoint.INDEX_FILE), "w") as f:
+        json.dump(index, f)
+
+
+def test_a_ranks_shard_of_another_shape_is_named(bf16_checkpoint, tmp_path, capsys):
+    """A rank's part whose other axes do not match the index ended in torch.cat's RuntimeError, naming neither the
+    file nor the tensor (a traceback from the merger)."""
+    from safetensors.torch import load_file, save_file
+
+    # Uneven splits, as FSDP2 leaves them (a rank's part empty), are no mismatch.
+    small = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Linear(1, 5))
+    small_actor = str(tmp_path / "small" / "actor")
+    checkpoint.save_sharded(small_actor, small, None, None, rank=0, world_size=1)
+    _split_into_ranks(small_actor, 2)
+    assert load_file(os.path.join(small_actor, "model_world_size_2_rank_1.safetensors"))["0.weight"].shape == (0, 3)
+    assert _same_weights(checkpoint.merge_shards(small_actor), small.state_dict())
+    actor, weights = bf16_checkpoint
+    _split_into_ranks(actor, 3)
+    assert _same_weights(checkpoint.merge_shards(actor), weights)
+    path = os.path.join(actor, "model_world_size_3_rank_1.safetensors")
+    part = load_file(path)
+    name = next(k for k, v in part.items() if v.dim() == 2 and v.shape[0] > 0 and v.shape[1] > 1)
+    part[name] = part[name][:, 1:].contiguous()
+    save_file(part, path)
+    assert main(["--local_dir", actor, "--target_dir", str(tmp_path / "served")]) == 2
+    said = capsys.readouterr().err
+    assert f"model_world_size_3_rank_1.safetensors: its part of {name!r} has shape" in said, said
+    assert not os.path.exists(tmp_path / "served")
+
+
+@pytest.mark.parametrize("removed, said", [
+    (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer (tokenizer.json, or vocab.json and merges.txt)"),
+    (("processor_config.json",), "its processor cannot be loaded"),
+    (("chat_template.jinja",), "has no chat template (chat_template.jinja)"),
+])
+def test_a_checkpoint_without_its_processor_is_refused_before_merging(bf16_checkpoint, tmp_path, capsys, removed,
+                                                                       said):
+    """It merged into a folder that AutoProcessor could not load (or loaded with a one-token tokenizer)."""
+    actor, _ = bf16_checkpoint
+    hf_dir = os.path.join(actor, "huggingface")
+    for name in removed:
+        os.remove(os.path.join(hf_dir, name))
+    assert main(["--local_dir", actor, "--target_dir", str(tmp_path / "served")]) == 2
+    err = capsys.readouterr().err
+    assert hf_dir in err and said in err, err
+    assert not os.path.exists(tmp_path / "served")
+
+
+def test_final_only_names_a_damaged_trainer_state(bf16_checkpoint, capsys):
+    """A truncated trainer_state.json (JSONDecodeError) or one without global_step (TypeError) was a traceback."""
+    actor, _ = bf16_checkpoint
+    step = os.path.dirname(actor)
+    state = os.path.join(step, checkpoint.STATE_FILE)
+    for text, said in (('{"global_step": 1, "total', "cannot be read"),
+                       ('{"total_steps": 5}', "has no integer 'global_step' (found None)"),
+                       ('{"global_step": 1, "total_steps": "5"}', "has no integer 'total_steps' (found '5')"),
+                       ("[1]", "has no integer 'global_step'")):
+        with open(state, "w") as f:
+            f.write(text)
+        assert main(["--latest_in", os.path.dirname(step), "--final_only"]) == 2
+        err = capsys.readouterr().err
+        assert f"model_merger: {state}" in err and said in err, err
+    assert "merged_from.json" not in os.listdir(os.path.join(actor, "huggingface"))
+
+
+def test_a_tied_models_merge_stores_its_embeddings_once(tiny_model_dir, tmp_path):
+    """load_state_dict(assign=True) set the output embeddings apart from the input ones: the merge saved both."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from pebr.workers.actor import load_hf_model
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    tied = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, config=config)
+    tied.lm_head.weight = tied.get_input_embeddings().weight  # (the tiny model's own are apart)
+    base = str(tmp_path / "tied_base")
+    tied.save_pretrained(base)
+    model = load_hf_model(base).eval()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    run = str(tmp_path / "run")
+    actor = os.path.join(checkpoint.partial_dir(run, 1), "actor")
+    checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1)
+    model.config.save_pretrained(os.path.join(actor, "huggingface"))
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(os.path.join(actor, "huggingface"))
+    actor = os.path.join(checkpoint.finalize(run, 1, {"global_step": 1}, save_limit=-1), "actor")
+    out = merge(actor, str(tmp_path / "served"))
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(base, "model.safetensors"), "pt") as b:
+        assert "lm_head.weight" not in f.keys() and set(f.keys()) == set(b.keys())  # the base model's layout
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert merged.lm_head.weight is merged.get_input_embeddings().weight
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.fixture
+def lora_checkpoint(tiny_model_dir, tmp_path) -> tuple[str, torch.nn.Module]:
+    """A one-rank checkpoint of the tiny model trained with LoRA (adapters that change its outputs), with its
+    processor, and the adapted model itself."""
+    from transformers import AutoProcessor
+
+    from pebr.workers import lora
+    from pebr.workers.actor import load_hf_model
+
+    settings = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    model = lora.add_lora(load_hf_model(tiny_model_dir), settings)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    run = tmp_path / "lora_run"
+    actor = os.path.join(checkpoint.partial_dir(str(run), 1), "actor")
+    checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1, lora=settings)
+    model.config.save_pretrained(os.path.join(actor, "huggingface"))
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(os.path.join(actor, "huggingface"))
+    (run / "config.yaml").write_text(f"worker:\n  actor:\n    model:\n      model_path: {tiny_model_dir}\n")
+    return os.path.join(checkpoint.finalize(str(run), 1, {"global_step": 1}, save_limit=-1), "actor"), model.eval()
+
+
+def test_a_merge_into_a_peft_adapters_folder_is_refused_and_forced_leaves_no_adapter(lora_checkpoint, tmp_path,
+                                                                                     capsys):
+    """The merge went in beside the adapter and kept it: transformers then applied the adapters to the weights
+    they were already folded into, and vLLM read adapter_model.safetensors as weights."""
+    from transformers import AutoModelForImageTextToText
+
+    from model_merger import export_adapter
+
+    actor, adapted = lora_checkpoint
+    folder = export_adapter(actor, str(tmp_path / "adapter"))
+    assert main(["--local_dir", actor, "--target_dir", folder]) == 2
+    assert "holds ['adapter_config.json', 'adapter_model.safetensors'], which are not this model's weight files" \
+        in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert main(["--local_dir", actor, "--target_dir", folder, "--force"]) == 0
+    assert not [f for f in os.listdir(folder) if f.startswith("adapter_")]
+    merged = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_merged_and_exported_files_reach_the_disk_before_they_are_published(bf16_checkpoint, lora_checkpoint,
+                                                                            tmp_path, monkeypatch):
+    """The weights were renamed into place unflushed: a power cut could leave the published folder with empty or
+    partial weight files."""
+    from model_merger import export_adapter
+
+    synced = []
+    fsync = os.fsync
+
+    def fsync_watched(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_watched)
+    root = os.path.realpath(tmp_path)
+    merge(bf16_checkpoint[0], os.path.join(root, "served"))
+    staging = os.path.join(root, "served.merging")
+    assert {staging, f"{staging}/model.safetensors", f"{staging}/config.json", f"{staging}/tokenizer.json"} <= \
+        set(synced)
+    synced.clear()
+    export_adapter(lora_checkpoint[0], os.path.join(root, "adapter"))
+    staging = os.path.join(root, "adapter.writing")
+    assert {staging, f"{staging}/adapter_model.safetensors", f"{staging}/adapter_config.json"} <= set(synced)
+
+
+def test_a_failed_save_leaves_no_staging_folder(bf16_checkpoint, tmp_path):
+    """A write that fails (here a file-size limit: EFBIG, as a full disk gives ENOSPC) left `<target>.merging`,
+    a model's size of hidden files."""
+    import subprocess
+
+    actor, _ = bf16_checkpoint
     target = str(tmp_path / "served")
-    shutil.copytree(tiny_model_dir, target)
-    with monkeypatch.context() as patch:
-        patch.setattr(model_merger.os, "replace", killed_on_call(os.replace, 2))
-        with pytest.raises(KeyboardInterrupt):
-            merge(actor, target, force=True)  # the base model's copy, replaced as asked
-    # The marker says unfinished: the next merge redoes it, and without --force, as the folder is now this script's.
-    assert "model.safetensors" in os.listdir(target)
-    assert json.load(open(os.path.join(target, "merged_from.json"))) == {"unfinished": True}
-    merge(actor, target)
-    assert "merged_from.json" in os.listdir(target) and ".merging" not in os.listdir(target)
+    limit = os.path.getsize(os.path.join(actor, "model_world_size_1_rank_0.safetensors")) // 4
+    code = (f"import resource, signal, sys\nsys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'scripts')!r}]\n"
+            "from model_merger import main\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            f"sys.exit(main(['--local_dir', {actor!r}, '--target_dir', {target!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "the checkpoint is untouched" in done.stderr, done.stderr[-3000:]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("served")]

@@ -190,7 +190,7 @@ def test_adapters_exported_for_peft_give_the_merged_model(tiny_model_dir, tmp_pa
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from model_merger import export_adapter, merge
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pebr.workers.actor import load_hf_model
 
@@ -204,6 +204,7 @@ def test_adapters_exported_for_peft_give_the_merged_model(tiny_model_dir, tmp_pa
     actor = os.path.join(checkpoint.partial_dir(str(run), 1), "actor")
     checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1, lora=ADAPTERS)
     load_hf_model(tiny_model_dir).config.save_pretrained(os.path.join(actor, "huggingface"))
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(os.path.join(actor, "huggingface"))  # as the trainer
     (run / "config.yaml").write_text(f"worker:\n  actor:\n    model:\n      model_path: {tiny_model_dir}\n")
     actor = os.path.join(checkpoint.finalize(str(run), 1, {"global_step": 1}, save_limit=-1), "actor")
 
