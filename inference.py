@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS,
-                        help="image area bounds, as in training (the stage recipes')")
+                        help="image area bounds, as in training (the GPU stage recipes'; a model trained "
+                             "with examples/pebr_cpu.yaml: --min_pixels 3136 --max_pixels 50176)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
     check_model_path(args.model_path)

@@ -113,12 +113,13 @@ def generate_texts(
 
 
 def check_model_path(model_path: str) -> None:
-    """A model path that can only be local and is not a directory, or a directory without weights, is the user's
-    error, said before transformers raises on it; anything shaped like a hub id ("org/name") is left to
-    transformers.
+    """A model path that can only be local and is not a directory, or a directory that holds no whole model (no
+    weights, no config.json, a peft adapter alone), is the user's error, said before transformers raises on it;
+    anything shaped like a hub id ("org/name") is left to transformers.
 
     Raises:
-        ConfigError: naming --model_path (and, for a trainer checkpoint's huggingface/ folder, the merger).
+        ConfigError: naming --model_path (and, for a trainer checkpoint's huggingface/ folder, the merger; for a
+            peft adapter, its base model).
     """
     directory = os.path.expanduser(model_path)
     if os.path.isdir(directory):
@@ -126,10 +127,18 @@ def check_model_path(model_path: str) -> None:
         if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
             raise ConfigError(f"--model_path {model_path!r} is a sharded trainer checkpoint; merge it into a Hugging "
                               f"Face model first: scripts/model_merger.py --local_dir {model_path}")
+        if "adapter_config.json" in names and "config.json" not in names:
+            raise ConfigError(f"--model_path {model_path!r} is a peft adapter (adapter_config.json), not a model: "
+                              "load it onto its base model (PeftModel.from_pretrained(base_model, that folder)), or "
+                              "name a merged model (scripts/model_merger.py without --adapter_dir writes one)")
         if not any(name.endswith((".safetensors", ".bin")) for name in names):
             raise ConfigError(f"--model_path {model_path!r} holds no weights (*.safetensors); a trainer checkpoint's "
                               "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
                               "<global_step_k>/actor")
+        if "config.json" not in names:
+            raise ConfigError(f"--model_path {model_path!r} holds weights but no config.json: not a Hugging Face "
+                              "model folder; name the folder a model was saved to (save_pretrained or "
+                              "scripts/model_merger.py)")
         return
     # "runs/x" is shaped like a hub id too, but a local "runs" folder says which was meant.
     if not looks_like_model_id(model_path) or os.path.isdir(model_path.split("/")[0]):
@@ -138,7 +147,8 @@ def check_model_path(model_path: str) -> None:
 
 def load_model_processor(model_path: str) -> Any:
     """The processor of `model_path` (a directory or a hub id). A hub id that cannot be fetched (no network, no
-    such model, HF_HUB_OFFLINE=1 without a cached copy) is the user's input, said as such, not a traceback.
+    such model, HF_HUB_OFFLINE=1 without a cached copy) or a folder whose config or tokenizer transformers cannot
+    read is the user's input, said as such, not a traceback.
 
     Raises:
         ConfigError: naming --model_path and transformers' reason, or a model outside the supported families
@@ -151,7 +161,9 @@ def load_model_processor(model_path: str) -> Any:
     try:
         check_model_family(AutoConfig.from_pretrained(model_path), model_path)
         return AutoProcessor.from_pretrained(model_path)
-    except OSError as err:
+    except ConfigError:
+        raise  # (a ValueError too) the family refusal, said already
+    except (OSError, ValueError) as err:  # ValueError: an unknown model_type, a tokenizer without its files
         raise ConfigError(f"--model_path {model_path!r} cannot be loaded: {err}") from err
 
 
@@ -216,7 +228,8 @@ def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> N
     files, which is found out now rather than after the whole evaluation."""
     if not os.path.basename(output):
         raise ConfigError(f"--output {output!r} names a folder; give a file prefix in it, e.g. {output}eval")
-    for path in map(os.path.realpath, report_paths(output)):
+    progress = progress_path(output)
+    for path in map(os.path.realpath, (*report_paths(output), progress, f"{progress}.lock")):
         if is_within(path, data):
             same = path == os.path.realpath(data)
             raise ConfigError(f"--output {output!r} would write {path}, {'the' if same else 'inside the'} "
@@ -224,6 +237,9 @@ def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> N
         if os.path.isdir(model_path) and is_within(path, model_path):
             raise ConfigError(f"--output {output!r} would write {path} inside the --model_path directory; choose "
                               "another prefix")
+    if os.path.exists(progress) and not _is_progress_file(progress):
+        raise ConfigError(f"--output {output!r} would resume from (and then delete) {progress}, which is not an "
+                          "evaluation's progress file; move it away, or choose another prefix")
     json_path, md_path = report_paths(output)
     earlier_report = os.path.exists(json_path) and _is_report(json_path)
     for path in (json_path, md_path):
@@ -231,6 +247,12 @@ def check_output_apart_from_inputs(output: str, data: str, model_path: str) -> N
             raise ConfigError(f"--output {output!r} would replace {path}, which is not part of an earlier evaluation "
                               "report; choose another prefix")
     check_writable_folder(os.path.dirname(os.path.abspath(json_path)), f"--output {output!r}")
+
+
+def _is_progress_file(path: str) -> bool:
+    """Whether `path` begins as `_append_progress` begins a file (a header cut short included)."""
+    with open(path, "rb") as f:
+        return f.read(len(_PROGRESS_HEAD)) == _PROGRESS_HEAD
 
 
 def _is_report(path: str) -> bool:
@@ -352,6 +374,7 @@ def evaluate_model(
         records, origins = records[:limit], origins and origins[:limit]
     if not records:
         raise DataError(f"{data if isinstance(data, str) else 'the records given'} holds no records to evaluate")
+    categories = [_category(record, category_key, i) for i, record in enumerate(records)]  # (refused before work)
     processor = load_model_processor(model_path)
     max_new_tokens = response_budget(max_prompt_length, model_context(model_path), max_new_tokens,
                                      prompt_flag="--max_prompt_length")
@@ -359,27 +382,29 @@ def evaluate_model(
                         source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
-                "format_prompt": format_prompt, "limit": limit, "seed": seed}
+                "format_prompt": format_prompt, "limit": limit, "seed": seed, "max_prompt_length": max_prompt_length,
+                "min_pixels": min_pixels, "max_pixels": max_pixels}
     keys = [f"{record['qid']}/" + question_digest(record, prompt_key=dataset.prompt_key, answer_key=dataset.answer_key,
                                                   image_key=dataset.image_key)
             for record in map(dataset.record, range(len(dataset)))]
     # (--limit changes which questions are asked, not their answers: a longer run may go on from a shorter one.)
-    identity = _run_identity(model_path, image_dir, dict(settings, limit=None, max_prompt_length=max_prompt_length,
-                                                          min_pixels=min_pixels, max_pixels=max_pixels))
+    identity = _run_identity(model_path, image_dir, dict(settings, limit=None))
+    # The report says everything its numbers depend on but the model files' times (the progress file's identity).
+    settings = dict({k: v for k, v in identity.items() if k not in ("model", "model_files")}, limit=limit)
     answer = dict(model_path=model_path, processor=processor, backend=backend, max_prompt_length=max_prompt_length,
-                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, category_key=category_key,
+                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                   chunk_size=chunk_size, identity=identity)
     if not output:
-        rows, wall = _answer(dataset, records, keys, progress=None, **answer)
-        return _report(model_path, data, records, dataset, rows, category_key, settings, wall)
+        answers, wall = _answer(dataset, keys, progress=None, **answer)
+        return _report(model_path, data, records, dataset, answers, categories, settings, wall)
     progress = progress_path(output)
     with exclusive_lock(f"{progress}.lock", lambda holder: ConfigError(
             f"{progress} is being written by another evaluation ({holder}): wait for it to end, or choose another "
             "--output")):
         if not resume and os.path.exists(progress):
-            os.remove(progress)
-        rows, wall = _answer(dataset, records, keys, progress=progress, **answer)
-        result = _report(model_path, data, records, dataset, rows, category_key, settings, wall)
+            os.remove(progress)  # (an evaluation's: check_output_apart_from_inputs saw to it)
+        answers, wall = _answer(dataset, keys, progress=progress, **answer)
+        result = _report(model_path, data, records, dataset, answers, categories, settings, wall)
         write_report(result, output)
         with contextlib.suppress(FileNotFoundError):  # (none when every prompt was over the limit)
             os.remove(progress)
@@ -388,11 +413,12 @@ def evaluate_model(
     return result
 
 
-def _answer(dataset: Any, records: list[dict], keys: list[str], *, model_path: str, processor: Any, backend: str,
-            max_prompt_length: int, max_new_tokens: int, temperature: float, seed: int, category_key: str,
-            chunk_size: int, progress: str | None, identity: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
-    """The graded rows of every item of `dataset` (in order), answering only those not saved in `progress`, a
-    chunk of questions per engine call, each chunk saved there; and this run's seconds of generation."""
+def _answer(dataset: Any, keys: list[str], *, model_path: str, processor: Any, backend: str,
+            max_prompt_length: int, max_new_tokens: int, temperature: float, seed: int, chunk_size: int,
+            progress: str | None, identity: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The answer ({"response", "response_length"}) to every item of `dataset` (in order), generating only those
+    not saved in `progress`, a chunk of questions per engine call, each chunk saved there; and this run's seconds
+    of generation. Answers are saved ungraded: the report grades them against the records as they are then."""
     saved = _load_progress(progress, identity) if progress else {}
     todo = [i for i, key in enumerate(keys) if key not in saved]
     if saved:
@@ -408,32 +434,38 @@ def _answer(dataset: Any, records: list[dict], keys: list[str], *, model_path: s
         items = [dataset[i] for i in chunk]  # (images loaded a chunk at a time)
         outputs = generate_texts(engine, processor.tokenizer, items, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed)
-        answered = {}
-        for i, item, (response, length) in zip(chunk, items, outputs):
-            row = {"qid": item["qid"], "category": records[item["index"]].get(category_key),
-                   "answer": item["ground_truth"]}
-            row.update(score_response(response, item["ground_truth"], item["key_words"]))
-            row.update({"response_length": length, "response": response})
-            answered[keys[i]] = row
+        answered = {keys[i]: {"response": response, "response_length": length}
+                    for i, (response, length) in zip(chunk, outputs)}
         if progress:
             _append_progress(progress, identity, answered)
         saved.update(answered)
     return [saved[key] for key in keys], time.perf_counter() - start
 
 
-def _report(model_path: str, data: Any, records: list[dict], dataset: Any, rows: list[dict], category_key: str,
-            settings: dict, wall: float) -> dict[str, Any]:
-    """The result of `evaluate_model` from the graded rows of the kept records (in their order)."""
+def _report(model_path: str, data: Any, records: list[dict], dataset: Any, answers: list[dict],
+            categories: list[str | None], settings: dict, wall: float) -> dict[str, Any]:
+    """The result of `evaluate_model` from the answers to the kept records (in their order), graded now; each
+    record's category (`_category`) in `categories`."""
+    rows = []
+    for i, saved in enumerate(answers):
+        record, index = dataset.record(i), dataset.record_indices[i]
+        row = {"qid": record["qid"], "category": categories[index], "answer": record[dataset.answer_key]}
+        row.update(score_response(saved["response"], record[dataset.answer_key], list(record["key_words"])))
+        row.update({"response_length": saved["response_length"], "response": saved["response"]})
+        rows.append(row)
+    # With categories, each record is in one: those without in "(none)", so that the rows add up to "all".
+    if any(c is not None for c in categories):
+        categories = [NO_CATEGORY if c is None else c for c in categories]
     by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["category"] is not None:
-            by_category[str(row["category"])].append(row)
+    for row, index in zip(rows, dataset.record_indices):
+        if categories[index] is not None:
+            by_category[categories[index]].append(row)
     kept = set(dataset.record_indices)
     skipped_by_category: dict[str, int] = defaultdict(int)
-    for index, record in enumerate(records):
-        if index not in kept and record.get(category_key) is not None:
-            skipped_by_category[str(record[category_key])] += 1
-            by_category.setdefault(str(record[category_key]), [])
+    for index, category in enumerate(categories):
+        if index not in kept and category is not None:
+            skipped_by_category[category] += 1
+            by_category.setdefault(category, [])
     return {
         "model_path": model_path,
         "data": data if isinstance(data, str) else f"<{len(records)} records>",
@@ -446,18 +478,39 @@ def _report(model_path: str, data: Any, records: list[dict], dataset: Any, rows:
     }
 
 
+NO_CATEGORY = "(none)"  # the category row of records without one, when others have one
+
+
+def _category(record: dict[str, Any], key: str, position: int) -> str | None:
+    """A record's category as a string (None without one).
+
+    Raises:
+        DataError: a category that is not a string or an integer (a list read as "['x']" made a row of its own).
+    """
+    from pebr.data.records import DataError
+
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"record {position} qid={record.get('qid')!r}: key {key!r} must be a string or an integer, "
+                        f"got {type(value).__name__}")
+    return str(value)
+
+
 def progress_path(prefix: str) -> str:
     """PREFIX.partial.jsonl: the graded answers of an evaluation still running (or interrupted)."""
     return report_paths(prefix)[0][: -len(".json")] + ".partial.jsonl"
 
 
 def _run_identity(model_path: str, image_dir: str | None, settings: dict[str, Any]) -> dict[str, Any]:
-    """What saved answers depend on besides their questions: the model (its weight and config files' sizes and
-    times: a model retrained into the same folder is another), the images' folder and the generation settings."""
+    """What saved answers depend on besides their questions: the model (its files' sizes and times, the tokenizer,
+    processor and chat template with the weights: a model retrained into the same folder is another, and so is one
+    whose chat template was edited), the images' folder and the generation settings."""
     files = {}
     if os.path.isdir(model_path):
         for name in sorted(os.listdir(model_path)):
-            if name.endswith((".safetensors", ".bin")) or name == "config.json":
+            if os.path.isfile(os.path.join(model_path, name)):
                 stat = os.stat(os.path.join(model_path, name))
                 files[name] = [stat.st_size, stat.st_mtime_ns]
     template = settings.get("format_prompt")
@@ -479,6 +532,10 @@ def _load_progress(path: str, identity: dict[str, Any]) -> dict[str, dict[str, A
         return {}
     with open(path, "rb") as f:
         text = f.read()
+    # Looked at before anything is cut or removed: a file that is not one's is left as it is.
+    if not text.startswith(_PROGRESS_HEAD):
+        raise ConfigError(f"{path} is not an evaluation's progress file (its first line is not one's header): move "
+                          "it away, or choose another --output")
     if not text.endswith(b"\n"):  # a write cut short: its part goes, or the next append would join it
         os.truncate(path, text.rfind(b"\n") + 1)
     lines = text.split(b"\n")[:-1]
@@ -501,11 +558,14 @@ def _load_progress(path: str, identity: dict[str, Any]) -> dict[str, dict[str, A
     for number, line in enumerate(lines[1:], start=2):
         try:
             entry = json.loads(line)
-            saved[entry["key"]] = entry["row"]
+            saved[entry["key"]] = {k: entry["row"][k] for k in ("response", "response_length")}
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{path} line {number} is not a saved answer: move the file away, or pass "
                               "--no-resume to start again") from None
     return saved
+
+
+_PROGRESS_HEAD = b'{"evaluation": '  # how a progress file starts (json.dumps of its header)
 
 
 def _append_progress(path: str, identity: dict[str, Any], answered: dict[str, dict[str, Any]]) -> None:
@@ -532,6 +592,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     rows = [("all", result["overall"])] + list(result["per_category"].items())
     for name, s in rows:
+        name = name.replace("|", "\\|")  # a bar in a category's name would split its row into more columns
         lines.append(
             f"| {name} | {s['count']} | {_cell(s['accuracy'], True)} | {_cell(s['format_rate'], True)} | "
             f"{_cell(s['keyword_recall'], True)} | {_cell(s['mean_response_length'], False)} |"

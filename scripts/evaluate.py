@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--max_prompt_length", type=int, default=2048)
-    parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS, help="image area bounds (the stage "
-                        "recipes')")
+    parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS, help="image area bounds (the GPU stage "
+                        "recipes'; a model trained with examples/pebr_cpu.yaml: --min_pixels 3136 --max_pixels 50176)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,

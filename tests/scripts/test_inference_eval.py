@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 
@@ -104,6 +105,46 @@ def test_inference_names_a_too_thin_image(tiny_model_dir, tmp_path) -> None:
         inference.answer(tiny_model_dir, str(tmp_path / "thin.png"), "How many?")
 
 
+def test_a_folder_without_a_whole_model_is_a_configuration_error(tiny_model_dir, tmp_path) -> None:
+    """Weights without config.json (a peft adapter, as scripts/model_merger.py --adapter_dir writes one, or a copy
+    that missed it), and a folder whose tokenizer transformers cannot build (a ValueError, where only OSError was
+    caught), ended in tracebacks from inference.py and scripts/evaluate.py."""
+    import shutil
+
+    import evaluate
+    import inference
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from pebr.config import ConfigError
+    from pebr.evaluation import load_model_processor
+
+    adapter = str(tmp_path / "adapter")
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    shutil.copy(os.path.join(tiny_model_dir, "model.safetensors"), weights_only)
+    for folder, said in ((adapter, "is a peft adapter (adapter_config.json), not a model: load it onto its base "
+                                   "model"),
+                         (str(weights_only), "holds weights but no config.json")):
+        message = f"--model_path '{folder}' {said}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            inference.main(["--model_path", folder])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate.main(["--model_path", folder, "--data", "x.json"])
+    no_tokenizer = str(tmp_path / "no_tokenizer")
+    shutil.copytree(tiny_model_dir, no_tokenizer)
+    os.remove(os.path.join(no_tokenizer, "tokenizer.json"))
+    with pytest.raises(ConfigError, match=f"--model_path '{no_tokenizer}' cannot be loaded"):
+        load_model_processor(no_tokenizer)
+    with open(os.path.join(no_tokenizer, "config.json"), "w") as f:
+        json.dump({"model_type": "no-such-family"}, f)
+    with pytest.raises(ConfigError, match=f"--model_path '{no_tokenizer}' cannot be loaded"):
+        inference.answer(no_tokenizer, inference.DEFAULT_IMAGE, "How many?")
+
+
 def test_summarize_by_hand() -> None:
     rows = [
         {"correct": 1.0, "format": 1.0, "keyword_recall": 0.5, "response_length": 10},
@@ -163,6 +204,7 @@ def test_evaluate_script_grades_every_response_and_counts_a_skipped_prompt_wrong
     records = json.load(open(os.path.join(synthetic_data_dir, "test.json")))[:NUM_RECORDS]
     records[0].pop("key_words")  # keyword recall is averaged over records that have key words only
     records[1]["problem"] = "<image>" + "why " * 3000  # longer than the prompt limit: skipped
+    records[2].pop("category")  # in the "(none)" row: the category rows add up to "all"
     data = tmp_path / "with_overlong.json"
     data.write_text(json.dumps(records))
     prefix = str(tmp_path / "report" / "eval")
@@ -185,7 +227,12 @@ def test_evaluate_script_grades_every_response_and_counts_a_skipped_prompt_wrong
     assert saved["overall"]["keyword_recall"] == pytest.approx(sum(recalls[1:]) / (NUM_RECORDS - 2))
     skipped_category = records[1]["category"]
     assert saved["per_category"][skipped_category]["skipped"] == 1
+    assert saved["per_category"]["(none)"]["count"] == 1
     assert sum(s["count"] + s["skipped"] for s in saved["per_category"].values()) == NUM_RECORDS
+    # What the numbers depend on: the report named neither the image bounds nor the prompt limit.
+    assert {k: saved["settings"][k] for k in ("max_prompt_length", "min_pixels", "max_pixels")} == {
+        "max_prompt_length": 2048, "min_pixels": 576, "max_pixels": 802816}
+    assert saved["settings"]["image_dir"] == os.path.realpath(os.path.join(synthetic_data_dir, "images"))
 
     table = open(prefix + ".md").read()
     assert table == markdown_table(result)
@@ -237,9 +284,14 @@ def test_an_interrupted_evaluation_goes_on_from_its_saved_answers(tiny_model_dir
     from pebr.config import ConfigError
     from pebr.evaluation import progress_path
 
+    import shutil
+
     prefix = str(tmp_path / "eval")
     progress = progress_path(prefix)
-    args = ["--model_path", tiny_model_dir, "--data", os.path.join(synthetic_data_dir, "test.json"), "--image_dir",
+    model, data = str(tmp_path / "model"), tmp_path / "test.json"  # copies, which the test edits
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copy(os.path.join(synthetic_data_dir, "test.json"), data)
+    args = ["--model_path", model, "--data", str(data), "--image_dir",
             os.path.join(synthetic_data_dir, "images"), "--output", prefix, "--limit", str(NUM_RECORDS),
             "--max_new_tokens", "48", "--backend", "hf", "--chunk_size", "1"]
     run = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), *args],
@@ -261,15 +313,30 @@ def test_an_interrupted_evaluation_goes_on_from_its_saved_answers(tiny_model_dir
     with pytest.raises(ConfigError, match=r"eval.partial.jsonl holds the answers of an evaluation with another "
                                           r"max_new_tokens: .*--no-resume"):
         main(args[:-6] + ["--max_new_tokens", "24", "--backend", "hf", "--chunk_size", "1"])
+    # An edited chat template prompts the model otherwise: the saved answers are another prompt's.
+    template = os.path.join(model, "chat_template.jinja")
+    original, stat = open(template).read(), os.stat(template)
+    with open(template, "w") as f:
+        f.write(original.replace("You are a helpful assistant.", "You are a pirate."))
+    with pytest.raises(ConfigError, match="with another model_files"):
+        main(args)
+    with open(template, "w") as f:
+        f.write(original)
+    os.utime(template, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # The first question's category and key words edited since: the report grades by the data as it is now.
+    records = json.load(open(data))
+    records[0].update(category="EDITED", key_words=[])
+    data.write_text(json.dumps(records))
     with open(progress, "ab") as f:
         f.write(b'{"key": "cut')  # a write the kill cut short
     result = main(args)
     assert f"{len(saved)} of {NUM_RECORDS} questions already answered; {NUM_RECORDS - len(saved)} to go" in \
         capsys.readouterr().out
     assert len(result["records"]) == NUM_RECORDS == result["overall"]["count"]
-    records = json.load(open(os.path.join(synthetic_data_dir, "test.json")))[:NUM_RECORDS]
-    assert [r["qid"] for r in result["records"]] == [r["qid"] for r in records]
-    kept = [row for row in result["records"] if row in saved.values()]
+    assert [r["qid"] for r in result["records"]] == [r["qid"] for r in records[:NUM_RECORDS]]
+    assert result["records"][0]["category"] == "EDITED" and result["records"][0]["keyword_recall"] is None
+    assert result["per_category"]["EDITED"]["count"] == 1
+    kept = [row for row in result["records"] if {k: row[k] for k in ("response", "response_length")} in saved.values()]
     assert len(kept) == len(saved)  # the saved answers are the report's, not answered again
     assert json.load(open(prefix + ".json"))["records"] == result["records"]
     assert not os.path.exists(progress) and not os.path.exists(progress + ".lock")
@@ -298,3 +365,46 @@ def test_a_second_evaluation_on_the_same_output_stops_before_answering(tiny_mode
                            os.path.join(synthetic_data_dir, "images"), output=prefix, backend="hf", limit=2,
                            max_new_tokens=4)
     assert not os.path.exists(progress_path(prefix)) and not os.path.exists(prefix + ".json")
+
+
+def test_a_data_file_where_the_progress_file_goes_is_left_whole(tiny_model_dir, synthetic_data_dir, tmp_path) -> None:
+    """--data OUT.partial.jsonl was cut at its last newline (and deleted under --no-resume): the progress file's
+    place is now checked like the reports', and a file there that is not one is refused untouched."""
+    from evaluate import main
+
+    from pebr.config import ConfigError
+    from pebr.evaluation import _load_progress, progress_path
+
+    records = json.load(open(os.path.join(synthetic_data_dir, "test.json")))[:2]
+    data = tmp_path / "eval.partial.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))  # no newline at the end, as editors leave it
+    before = data.read_bytes()
+    for extra in ([], ["--no-resume"]):
+        with pytest.raises(ConfigError, match="the --data file"):
+            main(["--model_path", tiny_model_dir, "--data", str(data), "--image_dir",
+                  os.path.join(synthetic_data_dir, "images"), "--output", str(tmp_path / "eval"), "--backend", "hf",
+                  *extra])
+        assert data.read_bytes() == before
+    other = tmp_path / "notes"
+    stray = progress_path(str(other))
+    with open(stray, "w") as f:
+        f.write("my notes, no newline")
+    with pytest.raises(ConfigError, match="is not an evaluation's progress file"):
+        main(["--model_path", tiny_model_dir, "--data", os.path.join(synthetic_data_dir, "test.json"),
+              "--output", str(other), "--backend", "hf", "--no-resume"])
+    with pytest.raises(ConfigError, match="is not an evaluation's progress file"):
+        _load_progress(stray, {})
+    assert open(stray).read() == "my notes, no newline"
+
+
+def test_categories_of_other_types_are_refused_and_a_bar_is_escaped_in_the_table() -> None:
+    from pebr.data.records import DataError
+    from pebr.evaluation import _category, markdown_table, summarize
+
+    assert _category({"category": 3}, "category", 0) == "3" and _category({}, "category", 0) is None
+    with pytest.raises(DataError, match="record 4 qid='q': key 'category' must be a string or an integer, got list"):
+        _category({"qid": "q", "category": ["x"]}, "category", 4)
+    row = {"correct": 1.0, "format": 1.0, "keyword_recall": None, "response_length": 3}
+    table = markdown_table({"model_path": "m", "data": "d", "overall": summarize([row]),
+                            "per_category": {"a|b": summarize([row])}})
+    assert "| a\\|b | 1 | 100.0 |" in table
