@@ -166,11 +166,22 @@ class ClipScorer:
         """
         if len(images) != len(captions):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
-        scores: list[float] = []
-        for start in range(0, len(images), self.batch_size):
-            stop = start + self.batch_size
-            scores.extend(self._score_batch(images[start:stop], captions[start:stop]))
-        return scores
+        if not images:
+            return []
+        # A prompt's n responses share its image object: each distinct image is prepared and encoded once (it was
+        # once per response, n times the vision tower's work).
+        slot: dict[int, int] = {}  # id(image) -> its row among the distinct images
+        distinct: list[Image.Image] = []
+        for image in images:
+            if id(image) not in slot:
+                slot[id(image)] = len(distinct)
+                distinct.append(image)
+        image_emb = torch.cat([self.encode_images(distinct[i:i + self.batch_size])
+                               for i in range(0, len(distinct), self.batch_size)])
+        text_emb = torch.cat([self.encode_texts(captions[i:i + self.batch_size])
+                              for i in range(0, len(captions), self.batch_size)])
+        rows = torch.tensor([slot[id(image)] for image in images], device=image_emb.device)
+        return torch.nn.functional.cosine_similarity(image_emb[rows], text_emb, dim=-1).cpu().tolist()
 
     def _prepare(self, image: Image.Image) -> Image.Image:
         image = image.convert("RGB")
@@ -185,7 +196,18 @@ class ClipScorer:
         Returns:
             (image_emb, text_emb), each (N, D) float32 on the scorer's device.
         """
+        return self.encode_images(images), self.encode_texts(captions)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Projected embeddings (N, D) of N images, float32 on the scorer's device (not normalised)."""
         pixels = self.image_processor(images=[self._prepare(image) for image in images], return_tensors="pt")
+        pixel_values = pixels["pixel_values"].to(self.device, dtype=self.model.dtype)
+        return _features(self.model.get_image_features(pixel_values=pixel_values)).float()
+
+    @torch.inference_mode()
+    def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """Projected embeddings (N, D) of N captions, each truncated to `max_text_length` tokens."""
         text = self.tokenizer(
             list(captions),
             padding=True,
@@ -193,14 +215,7 @@ class ClipScorer:
             max_length=self.max_text_length,
             return_tensors="pt",
         )
-        pixel_values = pixels["pixel_values"].to(self.device, dtype=self.model.dtype)
-        image_emb = _features(self.model.get_image_features(pixel_values=pixel_values))
         text_kwargs = dict(self.text_kwargs)
         if self.pass_attention_mask:
             text_kwargs["attention_mask"] = text["attention_mask"].to(self.device)
-        text_emb = _features(self.model.get_text_features(input_ids=text["input_ids"].to(self.device), **text_kwargs))
-        return image_emb.float(), text_emb.float()
-
-    def _score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> list[float]:
-        image_emb, text_emb = self.embed(images, captions)
-        return torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1).cpu().tolist()
+        return _features(self.model.get_text_features(input_ids=text["input_ids"].to(self.device), **text_kwargs)).float()

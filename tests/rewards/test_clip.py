@@ -46,6 +46,29 @@ def test_scorer_matches_the_models_forward(tiny_clip_path: str) -> None:
     assert scorer.max_text_length == 16  # the text config's max_position_embeddings
 
 
+def test_an_image_shared_by_several_responses_is_encoded_once(tiny_clip_path: str) -> None:
+    """A prompt's n responses share its image object; each was prepared and encoded again (n times the vision
+    tower's work in a stage-1 step). The scores are those of scoring each pair apart."""
+    scorer = ClipScorer(tiny_clip_path, batch_size=2)
+    pictures = images()
+    shared = [pictures[0]] * 4 + [pictures[1]] * 3 + [pictures[2]]
+    captions = [CAPTIONS[i % 3] for i in range(len(shared))]
+    encoded = []
+    forward = scorer.model.get_image_features
+
+    def counted(pixel_values, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return forward(pixel_values=pixel_values, **kwargs)
+
+    scorer.model.get_image_features = counted
+    got = scorer.score(shared, captions)
+    assert sum(encoded) == 3  # the distinct images, in chunks of batch_size
+    del scorer.model.get_image_features
+    apart = [scorer.score([image], [caption])[0] for image, caption in zip(shared, captions)]
+    assert got == pytest.approx(apart, abs=1e-6)
+    assert scorer.score([], []) == []
+
+
 def test_long_captions_are_truncated(tiny_clip_path: str) -> None:
     scorer = get_clip_scorer(tiny_clip_path, use_ray=False)
     assert get_clip_scorer(tiny_clip_path, use_ray=False) is scorer  # loaded once per process
