@@ -250,20 +250,30 @@ class RewardManager:
             ) from exc
 
     def _find_culprit(self, inputs: list[dict]) -> str | None:
-        """Re-run the failed batch one input at a time to name the input that breaks it. When the first two
-        inputs each fail alone, a setting or the function is the likelier cause, and the message says so."""
-        failing: list[int] = []
-        for index, item in enumerate(inputs):
+        """Name the input that breaks a failed batch, halving the batch until one input is left: about 2 log2 N
+        calls over N inputs in all (one call per input took 4481 calls for a stage-1 batch that failed only
+        together). When the first two inputs each fail alone, a setting or the function is the likelier cause,
+        and the message says so. None: no half fails alone (the batch fails only together)."""
+        def fails(items: list[dict]) -> bool:
             try:
-                self.function([item], **self.kwargs)
-            except Exception:  # noqa: BLE001 - any failure points at this input
-                failing.append(index)
-            if failing and (index > 0 or len(inputs) == 1):
-                break
-        if failing[:2] == [0, 1]:
+                self.function(items, **self.kwargs)
+            except Exception:  # noqa: BLE001 - any failure points at these inputs
+                return True
+            return False
+
+        if len(inputs) > 1 and fails(inputs[:1]) and fails(inputs[1:2]):
             return (f"every input tried alone ({_describe(0, inputs[0])}; {_describe(1, inputs[1])}): check "
                     "worker.reward.reward_function_kwargs and the reward function rather than the data")
-        return _describe(failing[0], inputs[failing[0]]) if failing else None
+        low, high = 0, len(inputs)  # inputs[low:high] fails
+        while high - low > 1:
+            middle = (low + high) // 2
+            if fails(inputs[low:middle]):
+                high = middle
+            elif fails(inputs[middle:high]):
+                low = middle
+            else:
+                return None
+        return _describe(low, inputs[low])
 
     def _validate(self, inputs: list[dict], outputs: Any) -> list[dict[str, float]]:
         if not isinstance(outputs, (list, tuple)):
@@ -299,7 +309,13 @@ class RewardManager:
             # Tensors and strings are refused.
             if not isinstance(value, (numbers.Real, np.bool_)):
                 raise fail(f"{key}={value!r} ({type(value).__name__}), not a number")
-            if not math.isfinite(value):
+            if not isinstance(key, str):  # str(1) and "1" would become one key, one value lost
+                raise fail(f"the key {key!r} ({type(key).__name__}); score names are strings")
+            try:
+                number = float(value)
+            except OverflowError:  # an int past float's range
+                raise fail(f"{key}={str(value)[:12]}... ({len(str(value))} digits), not a finite number") from None
+            if not math.isfinite(number):
                 raise fail(f"{key}={value}, not a finite number")
-            scores[str(key)] = float(value)
+            scores[key] = number
         return scores

@@ -101,6 +101,9 @@ def test_raising_function_names_the_offending_input(tmp_path: Path) -> None:
         ("{'overall': 1.0}", "must return a list"),
         ("[{'overall': 1.0, **({'x': 0.0} if i else {})} for i, _ in enumerate(reward_inputs)]",
          "keys.*q-bad"),
+        # An int past float's range raised a bare OverflowError; a key 1 beside "1" lost a value without a word.
+        ("[{'overall': 10 ** 400} for _ in reward_inputs]", r"overall=100000000000\.\.\. \(401 digits\), not a finite.*q-0"),
+        ("[{'overall': 1.0, 1: 2.0, '1': 3.0} for _ in reward_inputs]", "the key 1 \\(int\\); score names are strings"),
     ],
 )
 def test_bad_outputs_are_rejected(tmp_path: Path, returned: str, match: str) -> None:
@@ -188,3 +191,39 @@ def test_a_shipped_reward_file_under_the_other_reward_type_is_refused_by_name(na
                                          r"sequential\)"):
         RewardManager(spec, reward_type="sequential", reward_function_kwargs={"clip_weight": 0} if name == "pebr_1"
                       else None)
+
+
+def test_a_batch_that_fails_only_together_is_searched_in_few_calls(tmp_path: Path) -> None:
+    """Each input was retried alone: 4 481 calls for a stage-1 batch that failed only as a whole (out of memory,
+    say), the error reported minutes late. Halving needs about 2 log2 N."""
+    path = write(tmp_path, """
+        CALLS = []
+
+        def compute_score(reward_inputs):
+            CALLS.append(len(reward_inputs))
+            if len(reward_inputs) > 600:
+                raise MemoryError("too many at once")
+            return [{"overall": 1.0} for _ in reward_inputs]
+    """)
+    manager = RewardManager(f"{path}:compute_score")
+    inputs = [dict(INPUTS[0], qid=f"q-{i}") for i in range(4480)]
+    with pytest.raises(RewardFunctionError, match=r"MemoryError: too many at once on a batch of 4480 \(no single "):
+        manager.compute(inputs)
+    assert len(manager.function.__globals__["CALLS"]) <= 6
+
+
+def test_the_input_that_breaks_a_large_batch_is_found_by_halving(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        CALLS = []
+
+        def compute_score(reward_inputs):
+            CALLS.append(len(reward_inputs))
+            if any(x["qid"] == "q-3001" for x in reward_inputs):
+                raise ValueError("unreadable")
+            return [{"overall": 1.0} for _ in reward_inputs]
+    """)
+    manager = RewardManager(f"{path}:compute_score")
+    inputs = [dict(INPUTS[0], qid=f"q-{i}") for i in range(4480)]
+    with pytest.raises(RewardFunctionError, match=r"ValueError: unreadable on input #3001 .*q-3001"):
+        manager.compute(inputs)
+    assert len(manager.function.__globals__["CALLS"]) <= 2 * 13 + 3
