@@ -1,6 +1,7 @@
 """The PeBR reward terms as pure functions of strings and numbers.
 
-Each function scores one response and returns a float in [0, 1]. Nothing here imports torch, Ray
+Each function scores one response and returns a float in [0, 1], but for the CLIP term, which follows the
+paper's s / 0.4 below the threshold and so is negative for a negative similarity. Nothing here imports torch, Ray
 or a model: the CLIP similarity arrives as a number (see `pebr.rewards.clip` for the scorer), so the
 whole file is testable in milliseconds.
 

@@ -87,7 +87,11 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
     """
     from pebr.trainer.ray_trainer import ray_get
 
-    probe = {"response": "### The final answer is: " + item["ground_truth"], "response_length": 8,
+    # A description too, so that a stage-1 reward runs its CLIP scorer on the record's image now (a checkpoint that
+    # loads but fails to score would otherwise stop the run after the first step's rollout).
+    response = ("### Image Description: " + " ".join(item["key_words"] or ["an image"]) + "\n### Rationales: -\n"
+                "### Step 1: -\n### The final answer is: " + item["ground_truth"])
+    probe = {"response": response, "response_length": 32,
              "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
              "image": item["images"][0] if item["images"] else None, "images": list(item["images"])}
     scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record")

@@ -149,6 +149,13 @@ def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) ->
             assert scores["clip"] == pytest.approx(clip_alignment_reward(s, threshold), abs=1e-5)
             assert scores["overall"] == pytest.approx(0.4 * expected_clip + 0.4 * 2 / 3 + 0.1 + 0.1, abs=1e-5)
         assert out[2]["clip"] == 0.0 and out[2]["format"] == 0.0
+        # The start-up probe's made-up response has a description: the scorer runs before any rollout (a model
+        # that loads but fails to score stopped the run only after the first step's generation).
+        from pebr.trainer.main import probe_reward
+
+        probed = probe_reward(worker, {"ground_truth": "2", "key_words": ["red", "square"], "qid": "q",
+                                       "images": [inputs[0]["image"]]})
+        assert probed["clip"] != 0.0 and probed["format"] == 1.0
         # A second worker finds the same scorer instead of loading another copy.
         other = RewardWorker.remote(STAGE1, reward_function_kwargs=kwargs)
         # Scored alone instead of in a batch of three: float32 kernels round differently by batch size, and
