@@ -15,12 +15,15 @@ CLIP_MODEL_PATH=${CLIP_MODEL_PATH:-qihoo360/fg-clip-large}            # FG-CLIP:
 N_GPUS=${N_GPUS:-7}
 require_count N_GPUS
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage1}
+# The reward's keyword arguments are read as YAML, where a path would lose a " #..." tail, turn into a mapping at
+# ": " or into a number: pass it as a single-quoted YAML string, its quotes doubled.
+CLIP_MODEL_YAML=\'${CLIP_MODEL_PATH//\'/\'\'}\'
 
 python3 -m pebr.trainer.main config=examples/pebr_stage1.yaml \
     worker.actor.model.model_path="${MODEL_PATH}" \
     data.train_files="${TRAIN_FILES}" \
     data.image_dir="${IMAGE_DIR}" \
-    worker.reward.reward_function_kwargs.clip_model_path="${CLIP_MODEL_PATH}" \
+    worker.reward.reward_function_kwargs.clip_model_path="${CLIP_MODEL_YAML}" \
     trainer.n_gpus_per_node="${N_GPUS}" \
     trainer.save_checkpoint_path="${RUN_DIR}" \
     "$@"

@@ -5,13 +5,15 @@
 # Config files need no check: every key=value, the recipe's own included, is applied after them.
 #   refuse_overrides "KEY=VARIABLE ..." "$@"
 refuse_overrides() {
-    local pairs=$1 arg pair key
+    local pairs=$1 arg pair key setting
     shift
     for arg in "$@"; do
         [[ "${arg}" == *=* ]] || continue
         key=${arg%%=*}
         for pair in ${pairs}; do
-            if [[ "${key}" == "${pair%%=*}" || "${pair%%=*}" == "${key}."* ]]; then
+            setting=${pair%%=*}
+            # A mapping above the setting replaces it only if it names it (worker={rollout: {n: 4}} does not).
+            if [[ "${key}" == "${setting}" || "${setting}" == "${key}."* && "${arg#*=}" == *"${setting##*.}"* ]]; then
                 echo "error: set ${pair#*=}=... instead of the override ${arg}: this recipe also uses it outside the Python step" >&2
                 exit 2
             fi

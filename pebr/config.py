@@ -1,13 +1,16 @@
 """Typed configuration: dataclasses with the key names of the EasyR1-style YAML recipes.
 
 A run's configuration is `config=FILE.yaml` merged with dotted command-line overrides
-(`worker.rollout.n=8`). Everything is checked here, once, before any worker starts: unknown keys,
-wrong types, batch sizes that do not divide and settings that cannot work name the key at fault.
+(`worker.rollout.n=8`), applied in their order: the later word wins, and a mapping setting given whole (in a later
+file, or as key={...}) replaces the earlier mapping. Everything is checked here, once, before any worker starts:
+unknown keys, wrong types, batch sizes that do not divide and settings that cannot work name the key at fault.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 import importlib.util
@@ -345,6 +348,8 @@ def _check_val_sampling(overrides: dict) -> None:
               "logprobs": (bool, lambda v: True, "true or false")}
     for key, value in overrides.items():
         kind, ok, wanted = checks[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"worker.rollout.val_override_config.{key}={value!r} must be a finite number")
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not ok(value):
             raise ConfigError(f"worker.rollout.val_override_config.{key}={value!r} must be {wanted}")
 
@@ -399,6 +404,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
                           "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
     _positive("worker.rollout.limit_images", rollout.limit_images)
+    if rollout.block_size is not None:
+        _positive("worker.rollout.block_size", rollout.block_size)
+        if rollout.block_size % 32 and _runs_on_cpu(t.device):
+            raise ConfigError(f"worker.rollout.block_size={rollout.block_size} must be a multiple of 32 on CPU "
+                              "(vLLM's CPU attention takes no other), or null for vLLM's choice")
     bad_steps = [k for k in t.profile_steps if k < 1]
     if bad_steps:
         raise ConfigError(f"trainer.profile_steps={list(t.profile_steps)}: steps are counted from 1 (the first "
@@ -408,6 +418,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                           f"worker.actor.clip_ratio_high={actor.clip_ratio_high} >= 0")
     if a.kl_coef < 0:
         raise ConfigError(f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    if not 0.0 <= a.gamma <= 1.0:
+        raise ConfigError(f"algorithm.gamma={a.gamma} must be in [0, 1]")
+    if a.gamma != 1.0 and a.adv_estimator != "reinforce_plus_plus":  # the outcome estimators do not discount
+        raise ConfigError(f"algorithm.gamma={a.gamma} acts only with algorithm.adv_estimator=reinforce_plus_plus "
+                          f"(it is {a.adv_estimator!r}); leave it at 1.0")
     if t.load_checkpoint_path:
         path = os.path.expanduser(t.load_checkpoint_path.rstrip("/"))
         path = os.path.dirname(path) if os.path.basename(path) == "actor" else path
@@ -446,6 +461,12 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     model = actor.model
     if model.lora_rank < 0:
         raise ConfigError(f"worker.actor.model.lora_rank={model.lora_rank} must be >= 0 (0: no LoRA)")
+    if not model.lora_rank:
+        for name in ("lora_alpha", "lora_target_modules"):
+            value, default = getattr(model, name), getattr(ModelConfig(), name)
+            if value != default:  # read by nothing without adapters
+                raise ConfigError(f"worker.actor.model.{name}={value!r} acts only with LoRA: set "
+                                  "worker.actor.model.lora_rank > 0, or leave it at its default")
     if model.lora_rank:
         from pebr.workers.lora import target_modules
 
@@ -536,6 +557,12 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not d.val_files and (t.val_only or t.val_freq > 0):
         raise ConfigError(f"trainer.{'val_only=true' if t.val_only else f'val_freq={t.val_freq}'} needs "
                           "data.val_files (the questions to validate on)")
+    for key, kind in _leaf_fields(PPOConfig):
+        if float in (kind, *typing.get_args(kind)):  # NaN passes every comparison above, inf most of them
+            value = _setting(cfg, key)
+            for number in value if isinstance(value, list) else [value]:
+                if number is not None and not math.isfinite(number):
+                    raise ConfigError(f"{key}={value} must be a finite number")
     if not training:
         if t.total_epochs < 1:  # sampling draws worker.rollout.n x trainer.total_epochs responses per question
             raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1 (sampling draws "
@@ -611,7 +638,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
 def _structured_merge(base: Any, sources: list, origin: str) -> Any:
     try:
         return OmegaConf.merge(base, *sources)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # TypeError: a list where a mapping goes, or back
         key = getattr(e, "full_key", None) or _rejected_key(base, sources[0]) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{origin}: bad configuration key '{key}': {msg}") from None
@@ -623,7 +650,7 @@ def _rejected_key(base: Any, source: Any, prefix: str = "") -> str | None:
     for key in source:
         try:
             OmegaConf.merge(base, {key: source[key]})
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, TypeError, ValueError) as e:
             if getattr(e, "full_key", None):
                 return e.full_key
             child = source[key]
@@ -637,7 +664,11 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     """Build the configuration from `config=FILE` plus dotted overrides, then validate it.
 
     The files are merged in their order, then every key=value in theirs, wherever they stand in `argv`:
-    a key=value always beats a file.
+    a key=value always beats a file, and of two words for the same setting the later one wins. A mapping
+    setting (reward_function_kwargs, val_override_config) given whole, in a later file or as key={...}, replaces
+    the earlier mapping ("{}" clears it); a dotted key (...reward_function_kwargs.clip_weight=0) changes one entry.
+    Text settings keep a command-line value as typed; in a file, a value YAML reads as a number, a boolean or a
+    date is refused rather than retyped (1.10 would become "1.1"): quote it there.
 
     Args:
         argv: command-line words such as ["config=examples/pebr_stage1.yaml", "worker.rollout.n=4"].
@@ -647,9 +678,9 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     Raises:
         ConfigError: a missing file, an unknown key, a wrong type or an impossible setting.
     """
-    base = OmegaConf.structured(schema)
+    merged = OmegaConf.structured(schema)
     overrides = [a for a in argv if not a.startswith("config=")]
-    files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    files = [os.path.expanduser(a.split("=", 1)[1]) for a in argv if a.startswith("config=")]
     sources = []
     for path in files:
         if not os.path.isfile(path):
@@ -660,61 +691,123 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
             raise ConfigError(f"config file {path!r} cannot be read: {err}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of keys")
+        _check_file_text(loaded, schema, path)
         sources.append((loaded, path))
     for word in overrides:
         if "=" not in word:
             raise ConfigError(f"command-line override {word!r} is not of the form key=value")
-    merged = base
     for src, origin in sources:
         merged = _structured_merge(merged, [src], origin)
-    if overrides:
-        parsed = _parse_overrides(overrides, schema)
+        _replace_mappings(merged, src, schema, "", origin)
+    for word in overrides:  # one at a time, so that a later word beats an earlier one whatever their forms
+        key = word.split("=", 1)[0]
+        parsed = _parse_override(word, schema)
         merged = _structured_merge(merged, [parsed], "command line")
-        for key in _whole_mappings(overrides, schema):  # key={...}: that mapping, not merged into the files' one
-            OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=False)
+        _replace_mappings(merged, parsed, schema, key, "command line")
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names no key
         raise ConfigError(f"bad configuration key '{getattr(e, 'full_key', None) or '?'}': "
                           f"{str(e).splitlines()[0]}") from None
+    _check_list_items(cfg, schema)
     if isinstance(cfg, PPOConfig):
         _expand_home(cfg)
         validate(cfg, training=training)
     return cfg
 
 
-def _parse_overrides(overrides: list[str], schema: type) -> DictConfig:
-    """key=value words as a config. A value is read as YAML ("4" an int, "[a,b]" a list, "null" None) except for
+_ABSENT = object()  # a key that a source does not give (None is a value)
+
+
+def _leaf_fields(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, declared type) of every setting of a dataclass tree."""
+    leaves = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if is_dataclass(kind):
+            leaves += _leaf_fields(kind, f"{prefix}{name}.")
+        else:
+            leaves.append((f"{prefix}{name}", kind))
+    return leaves
+
+
+def _replace_mappings(merged: DictConfig, source: DictConfig, schema: type, given: str, origin: str) -> None:
+    """Mapping settings that `source` gives whole, at or under its key `given` ("" for a file), replace the merged
+    mapping instead of adding to it (OmegaConf merges mappings key by key)."""
+    for key, kind in _leaf_fields(schema):
+        given_whole = not given or key == given or key.startswith(given + ".")
+        value = OmegaConf.select(source, key, default=_ABSENT) if kind is dict and given_whole else _ABSENT
+        if value is _ABSENT:
+            continue
+        try:
+            OmegaConf.update(merged, key, value, merge=False)
+        except (OmegaConfBaseException, TypeError, ValueError) as e:
+            raise ConfigError(f"{origin}: bad configuration key '{key}': {str(e).splitlines()[0]}") from None
+
+
+def _check_file_text(loaded: DictConfig, schema: type, path: str) -> None:
+    """Text settings of a file must be YAML strings: the loader has already turned experiment_name: 1.10 into
+    1.1, 0755 into 493 and on into True, and the text as written is gone."""
+    plain = OmegaConf.to_container(loaded, resolve=False)
+    for key, kind in _leaf_fields(schema):
+        if not _is_text(kind):
+            continue
+        value: Any = plain
+        for part in key.split("."):
+            value = value.get(part, _ABSENT) if isinstance(value, dict) else _ABSENT
+        if value is not _ABSENT and value is not None and not isinstance(value, str):
+            raise ConfigError(f"config file {path!r}: {key} is text, but YAML read its value as the "
+                              f"{type(value).__name__} {value!r}; quote it (\"...\") to keep it as written")
+
+
+def _setting(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _runs_on_cpu(device: str) -> bool:
+    """trainer.device as the workers resolve it (pebr.workers.fsdp_worker.pick_device)."""
+    if device != "auto":
+        return device == "cpu"
+    import torch  # only for this question: loading torch takes seconds
+
+    return not torch.cuda.is_available()
+
+
+def _check_list_items(cfg: Any, schema: type) -> None:
+    """List settings hold scalars of their declared type: OmegaConf lets a mapping or a list through as an item
+    (trainer.logger={a: 1}, [[console]])."""
+    for key, kind in _leaf_fields(schema):
+        if typing.get_origin(kind) is not list:
+            continue
+        (item_type,) = typing.get_args(kind)
+        for index, item in enumerate(_setting(cfg, key)):
+            if not isinstance(item, item_type) or isinstance(item, bool) and item_type is not bool:
+                raise ConfigError(f"{key}[{index}]={item!r} must be a {item_type.__name__}")
+
+
+def _parse_override(word: str, schema: type) -> DictConfig:
+    """A key=value word as a config. The value is read as YAML ("4" an int, "[a,b]" a list, "null" None) except for
     text settings, which keep it as typed: YAML would make experiment_name=0710 the octal 456, 1e3 a float and
     cut a path at " #"."""
-    parsed = OmegaConf.create()
-    for word in overrides:
-        key, value = word.split("=", 1)
-        kind = _field_type(schema, key)
-        if typing.get_origin(kind) is list and value.strip() and value.strip()[0] != "[" and value not in ("null", "~"):
-            # A list setting given bare (trainer.logger=console, ...=console,wandb): its items, not OmegaConf's
-            # "Value 'console' of type 'str' could not be converted to a ListConfig".
-            word = f"{key}=[{value}]"
+    key, value = word.split("=", 1)
+    kind = _field_type(schema, key)
+    if typing.get_origin(kind) is list and value.strip() and value.strip()[0] != "[" and value not in ("null", "~"):
+        # A list setting given bare (trainer.logger=console, ...=console,wandb): its items, not OmegaConf's
+        # "Value 'console' of type 'str' could not be converted to a ListConfig".
+        word = f"{key}=[{value}]"
+    try:
         if _is_text(kind) and value not in ("null", "~"):
+            parsed = OmegaConf.create()
             OmegaConf.update(parsed, key, value, force_add=True)
-        else:
-            try:
-                parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([word]))
-            except yaml.YAMLError as err:  # "[512" and the like: the word named, not a YAML traceback
-                raise ConfigError(f"command-line override {word!r}: its value is not YAML ({str(err).splitlines()[0]})"
-                                  ) from None
-    return parsed
-
-
-def _whole_mappings(overrides: list[str], schema: type) -> list[str]:
-    """Keys of mapping settings (reward_function_kwargs, val_override_config) given a whole mapping on the
-    command line, e.g. worker.reward.reward_function_kwargs={}: it replaces the mapping ("={}" clears it)."""
-    keys = []
-    for word in overrides:
-        key, value = word.split("=", 1)
-        if _field_type(schema, key) is dict and value.lstrip().startswith("{"):
-            keys.append(key)
-    return keys
+            return parsed
+        return OmegaConf.from_dotlist([word])
+    except yaml.YAMLError as err:  # "[512" and the like: the word named, not a YAML traceback
+        raise ConfigError(f"command-line override {word!r}: its value is not YAML ({str(err).splitlines()[0]})"
+                          ) from None
+    except OmegaConfBaseException as err:  # "${" unclosed: an interpolation that does not parse
+        raise ConfigError(f"command-line override {word!r}: bad configuration key '{key}': "
+                          f"{str(err).splitlines()[0]} (a literal ${{ is written \\${{)") from None
 
 
 def _field_type(schema: type, dotted: str) -> Any:
@@ -750,7 +843,19 @@ def _expand_home(cfg: Any) -> None:
 
 
 def config_to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The configuration as YAML that load_config reads back as the same values: a literal "${" in a text (given
+    escaped, "\\${USER}") is escaped again, or it would come back as an interpolation."""
+    return OmegaConf.to_yaml(OmegaConf.create(_escape_interpolations(asdict(cfg))))
+
+
+def _escape_interpolations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _escape_interpolations(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolations(item) for item in value]
+    if isinstance(value, str):  # OmegaConf reads 2k backslashes before "${" as k, 2k + 1 as k and a literal "${"
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
 
 
 def dataclass_keys(obj: Any, prefix: str = "") -> list[str]:

@@ -84,6 +84,24 @@ def test_the_split_follows_the_sampling_runs_settings(tmp_path, tiny_model_dir, 
     assert f"--prompt_key {prompt_key} --answer_key {answer_key} --image_key {image_key}" in split, split
 
 
+@pytest.mark.parametrize("clip_path", ["/data/models #1/fg-clip", "/data/x: y", "2024", "/data/it's \\ \"q\""])
+def test_stage1_hands_the_clip_path_to_the_reward_as_typed(tmp_path, clip_path):
+    """The reward's keyword arguments are read as YAML: " #1/fg-clip" was cut off as a comment, "x: y" became a
+    mapping and 2024 a number."""
+    import sys
+
+    (tmp_path / "show.py").write_text("import sys\nfrom pebr.config import load_config\n"
+                                      "kwargs = load_config(sys.argv[1:]).worker.reward.reward_function_kwargs\n"
+                                      "print('CLIP', repr(kwargs['clip_model_path']))\n")
+    bin_dir = python3_that_stands_in_for(tmp_path, [
+        f'if [ "$1 $2" = "-m pebr.trainer.main" ]; then shift 2; {sys.executable} {tmp_path}/show.py "$@"; exit 3; fi'])
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": ROOT, "CLIP_MODEL_PATH": clip_path,
+           "MODEL_PATH": "Qwen/Qwen2.5-VL-7B-Instruct", "TRAIN_FILES": "dataset/train.json"}
+    proc = subprocess.run(["bash", "examples/pebr_stage1.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 3 and f"CLIP {clip_path!r}\n" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_the_sampling_recipe_refuses_to_split_a_data_set_over_itself(tmp_path):
     """TRAIN_FILES=dataset/mediumcase.json with SPLIT_DIR=dataset: the split would replace what it splits. Refused
     before the sampling run, not after it."""

@@ -272,7 +272,7 @@ def test_validation_sampling_takes_top_k_0_as_vllm_does():
 def test_a_list_setting_given_bare_is_read_as_its_items():
     """trainer.logger=console failed with OmegaConf's "could not be converted to a ListConfig"."""
     cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=console",
-                       "worker.actor.model.lora_target_modules=q_proj,v_proj"])
+                       "worker.actor.model.lora_rank=8", "worker.actor.model.lora_target_modules=q_proj,v_proj"])
     assert cfg.trainer.logger == ["console"] and cfg.worker.actor.model.lora_target_modules == ["q_proj", "v_proj"]
     assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, "trainer.logger=[console,file]"]).trainer.logger == [
         "console", "file"]
@@ -348,3 +348,163 @@ def test_a_model_folder_whose_path_vllm_reads_as_a_pattern_is_refused_before_any
     shutil.copytree(tiny_model_dir, odd)
     with pytest.raises(ConfigError, match=r"cannot load from a path with \*, \? or \[ in it"):
         load_config([f"worker.actor.model.model_path={odd}", "data.train_files=dataset/train.json"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trainer:\n  logger: {console: true}\n", "bad configuration key 'trainer.logger': Cannot merge incompatible"),
+    ("worker:\n  reward:\n    reward_function_kwargs: [{clip_weight: 0}]\n",
+     "bad configuration key 'worker.reward.reward_function_kwargs'"),
+    ("trainer:\n  logger: [console, {file: true}]\n", "trainer.logger[1]={'file': True} must be a str"),
+])
+def test_a_container_of_the_wrong_kind_in_a_file_is_a_config_error(tmp_path, text, message):
+    """A mapping where a list goes (or back) raised TypeError ("Cannot merge incompatible container types",
+    "unhashable type"): a traceback and exit 1, not the entry points' message and exit 2."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.logger.1=wandb", "bad configuration key 'trainer.logger'"),
+    ("worker.actor.optim.betas.0=0.8", "bad configuration key 'worker.actor.optim.betas'"),
+    ("worker.rollout.val_override_config=[1,2]", "bad configuration key 'worker.rollout.val_override_config'"),
+    ("trainer.logger={a: 1}", "trainer.logger[0]={'a': 1} must be a str"),
+    ("trainer.logger=[[console]]", "trainer.logger[0]=['console'] must be a str"),
+    ("worker.actor.model.lora_target_modules=[[q_proj]]", "lora_target_modules[0]=['q_proj'] must be a str"),
+    # An unclosed interpolation raised OmegaConf's GrammarParseError.
+    ("trainer.experiment_name=${", "override 'trainer.experiment_name=${': bad configuration key "
+                                   "'trainer.experiment_name'"),
+    ("data.image_dir=/d/${x", "bad configuration key 'data.image_dir'"),
+])
+def test_a_container_of_the_wrong_kind_on_the_command_line_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, override])
+
+
+KWARGS = "worker.reward.reward_function_kwargs"
+
+
+@pytest.mark.parametrize("words, expected", [
+    ([f"{KWARGS}.clip_model_path=X", f"{KWARGS}={{}}"], {}),
+    ([f"{KWARGS}={{a: 1}}", f"{KWARGS}={{}}"], {}),
+    ([f"{KWARGS}={{a: 1}}", f"{KWARGS}={{b: 2}}"], {"b": 2}),
+    ([f"{KWARGS}={{a: 1}}", f"{KWARGS}.b=2"], {"a": 1, "b": 2}),
+    (["worker.reward={reward_function_kwargs: {a: 1}}", f"{KWARGS}={{b: 2}}"], {"b": 2}),
+])
+def test_mapping_overrides_apply_in_command_line_order(words, expected):
+    """The whole mappings were applied after every dotted key, and merged with one another: K={a: 1} K={} gave
+    {a: 1}."""
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, *words])
+    assert cfg.worker.reward.reward_function_kwargs == expected
+    val = "worker.rollout.val_override_config"
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"{val}={{n: 2}}", f"{val}={{}}"])
+    assert cfg.worker.rollout.val_override_config == {}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("reward_function_kwargs: {}", {}),
+    ("reward_function_kwargs: {clip_weight: 0}", {"clip_weight": 0}),
+    ("num_cpus: 2", None),  # the section without the mapping: stage 1's kwargs stay
+])
+def test_a_later_config_file_replaces_a_mapping_setting(tmp_path, text, expected):
+    stage1 = load_config([stage("pebr_stage1.yaml"), *REQUIRED]).worker.reward.reward_function_kwargs
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"worker:\n  reward:\n    {text}\n")
+    cfg = load_config([stage("pebr_stage1.yaml"), f"config={path}", *REQUIRED])
+    assert cfg.worker.reward.reward_function_kwargs == (stage1 if expected is None else expected)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("trainer:\n  experiment_name: 1.10\n",
+     "trainer.experiment_name is text, but YAML read its value as the float 1.1"),
+    ("trainer:\n  project_name: 2024_01_05\n", "trainer.project_name is text, but YAML read its value as the int"),
+    ("trainer:\n  experiment_name: 1:30\n", "trainer.experiment_name is text, but YAML read its value as the int 90"),
+    ("data:\n  prompt_key: on\n", "data.prompt_key is text, but YAML read its value as the bool True"),
+    ("data:\n  image_dir: 0755\n", "data.image_dir is text, but YAML read its value as the int 493"),
+])
+def test_a_text_setting_that_yaml_reads_as_something_else_in_a_file_is_refused(tmp_path, text, key):
+    """They were retyped without a word ('1.1', '20240105', 'True', '493', '90'), while the command line keeps
+    what was typed: the text as written is gone once YAML has read it, so the file must quote it."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*quote it"):
+        load_config([stage("pebr_stage2.yaml"), f"config={path}", *REQUIRED])
+    path.write_text("trainer:\n  experiment_name: '1.10'\n  project_name: ${trainer.experiment_name}\ndata:\n"
+                    "  image_dir: null\n")
+    cfg = load_config([stage("pebr_stage2.yaml"), f"config={path}", *REQUIRED])
+    assert (cfg.trainer.experiment_name, cfg.trainer.project_name, cfg.data.image_dir) == ("1.10", "1.10", None)
+
+
+@pytest.mark.parametrize("override", [
+    "worker.rollout.temperature=nan", "worker.rollout.temperature=inf", "algorithm.kl_coef=nan",
+    "algorithm.kl_coef=inf",
+    "worker.actor.clip_ratio_high=nan", "worker.actor.clip_ratio_dual=nan", "worker.actor.optim.lr=inf",
+    "worker.actor.optim.weight_decay=inf", "worker.rollout.mm_cache_gb=inf", "algorithm.gamma=nan",
+    "worker.actor.model.lora_alpha=nan worker.actor.model.lora_rank=8",
+    "worker.actor.model.lora_alpha=inf worker.actor.model.lora_rank=8",
+    "worker.rollout.val_override_config.temperature=.inf",
+])
+def test_a_float_setting_must_be_a_finite_number(override):
+    """NaN fails no comparison, and inf passed every lower bound: both reached the workers."""
+    key = override.split()[0].split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + r"=(nan|inf) must be (a finite number|in \[0, 1\])"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, *override.split()])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("worker.rollout.block_size=0", "worker.rollout.block_size must be positive, got 0"),
+    ("worker.rollout.block_size=-1", "worker.rollout.block_size must be positive, got -1"),
+    ("worker.rollout.block_size=7 trainer.device=cpu", "worker.rollout.block_size=7 must be a multiple of 32 on CPU"),
+    ("algorithm.gamma=0.9", "algorithm.gamma=0.9 acts only with algorithm.adv_estimator=reinforce_plus_plus"),
+    ("algorithm.gamma=2 algorithm.adv_estimator=reinforce_plus_plus", "algorithm.gamma=2.0 must be in [0, 1]"),
+    ("worker.actor.model.lora_alpha=-3", "worker.actor.model.lora_alpha=-3.0 acts only with LoRA"),
+    ("worker.actor.model.lora_alpha=32", "worker.actor.model.lora_alpha=32.0 acts only with LoRA"),
+    ("worker.actor.model.lora_target_modules=[q_proj]", "lora_target_modules=['q_proj'] acts only with LoRA"),
+])
+def test_settings_that_cannot_work_or_are_read_by_nothing_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, *override.split()])
+
+
+def test_the_settings_beside_the_refused_ones_still_load():
+    base = [stage("pebr_stage2.yaml"), *REQUIRED]
+    assert load_config(base + ["worker.rollout.block_size=16"]).worker.rollout.block_size == 16  # CUDA: any size
+    assert load_config([stage("pebr_stage2.yaml"), stage("pebr_cpu.yaml"), *REQUIRED]).worker.rollout.block_size == 32
+    discounted = load_config(base + ["algorithm.gamma=0.9", "algorithm.adv_estimator=reinforce_plus_plus"])
+    assert discounted.algorithm.gamma == 0.9
+    lora = load_config(base + ["worker.actor.model.lora_rank=8", "worker.actor.model.lora_alpha=32",
+                               "worker.actor.model.lora_target_modules=[q_proj]"]).worker.actor.model
+    assert (lora.lora_alpha, lora.lora_target_modules) == (32.0, ["q_proj"])
+
+
+def test_a_config_file_path_expands_the_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("worker:\n  rollout:\n    n: 4\n")
+    assert load_config([stage("pebr_stage2.yaml"), "config=~/mine.yaml", *REQUIRED]).worker.rollout.n == 4
+
+
+@pytest.mark.parametrize("image_dir", [r"/data/\${USER}/img", r"/data/\\\${USER}/img", "/data/a\\b/img"])
+def test_the_written_configuration_loads_back_as_the_same_values(tmp_path, image_dir):
+    """A literal "${USER}" (given escaped) was written as is, and then read back as an interpolation."""
+    from pebr.config import config_to_yaml
+
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"data.image_dir={image_dir}",
+                       f"{KWARGS}.note={image_dir}"])
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))
+    assert load_config([f"config={tmp_path / 'config.yaml'}"]) == cfg
+
+
+@pytest.mark.parametrize("override, refused", [
+    ("worker={rollout: {n: 4}}", False),
+    ("worker={actor: {model: {model_path: /tmp/model}}}", True),
+    ("worker.actor.model.model_path=/tmp/model", True),
+])
+def test_a_recipe_refuses_a_mapping_override_only_if_it_holds_the_setting(override, refused):
+    """examples/refuse_overrides.sh stopped at any mapping above the setting, whatever it held."""
+    import subprocess
+
+    script = 'source examples/refuse_overrides.sh; refuse_overrides "worker.actor.model.model_path=MODEL_PATH" "$1"'
+    proc = subprocess.run(["bash", "-c", script, "recipe", override], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == (2 if refused else 0), proc.stderr
