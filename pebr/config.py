@@ -8,6 +8,7 @@ unknown keys, wrong types, batch sizes that do not divide and settings that cann
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -719,15 +720,16 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
 _ABSENT = object()  # a key that a source does not give (None is a value)
 
 
-def _leaf_fields(schema: type, prefix: str = "") -> list[tuple[str, Any]]:
+@functools.lru_cache(maxsize=None)  # asked once per override word and per check: the schema does not change
+def _leaf_fields(schema: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
     """(dotted key, declared type) of every setting of a dataclass tree."""
-    leaves = []
+    leaves: list[tuple[str, Any]] = []
     for name, kind in typing.get_type_hints(schema).items():
         if is_dataclass(kind):
             leaves += _leaf_fields(kind, f"{prefix}{name}.")
         else:
             leaves.append((f"{prefix}{name}", kind))
-    return leaves
+    return tuple(leaves)
 
 
 def _replace_mappings(merged: DictConfig, source: DictConfig, schema: type, given: str, origin: str) -> None:

@@ -600,8 +600,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     if cfg.freeze_vision_tower:
         freeze_vision(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if lr_warning(cfg.lr, trainable):
-        logger.warning(lr_warning(cfg.lr, trainable))
+    warning = lr_warning(cfg.lr, trainable)
+    if warning:
+        logger.warning(warning)
     steps_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum))
     logger.info("SFT: %d samples, %d steps/epoch, %d trainable parameters", len(dataset), steps_per_epoch, trainable)
 

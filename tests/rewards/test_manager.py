@@ -193,37 +193,26 @@ def test_a_shipped_reward_file_under_the_other_reward_type_is_refused_by_name(na
                       else None)
 
 
-def test_a_batch_that_fails_only_together_is_searched_in_few_calls(tmp_path: Path) -> None:
-    """Each input was retried alone: 4 481 calls for a stage-1 batch that failed only as a whole (out of memory,
-    say), the error reported minutes late. Halving needs about 2 log2 N."""
-    path = write(tmp_path, """
+@pytest.mark.parametrize("fails_when, message, most_calls", [
+    # Failing only as a whole (out of memory, say): each input was retried alone, 4 481 calls for a stage-1
+    # batch, the error reported minutes late.
+    ("len(reward_inputs) > 600", r"on a batch of 4480 \(no single ", 6),
+    # One bad input among 4 480: found by halving, about 2 log2 N calls.
+    ("any(x['qid'] == 'q-3001' for x in reward_inputs)", r"on input #3001 .*q-3001", 2 * 13 + 3),
+])
+def test_the_input_that_breaks_a_large_batch_is_searched_by_halving(tmp_path: Path, fails_when: str, message: str,
+                                                                   most_calls: int) -> None:
+    path = write(tmp_path, f"""
         CALLS = []
 
         def compute_score(reward_inputs):
             CALLS.append(len(reward_inputs))
-            if len(reward_inputs) > 600:
-                raise MemoryError("too many at once")
-            return [{"overall": 1.0} for _ in reward_inputs]
+            if {fails_when}:
+                raise ValueError("cannot score")
+            return [{{"overall": 1.0}} for _ in reward_inputs]
     """)
     manager = RewardManager(f"{path}:compute_score")
     inputs = [dict(INPUTS[0], qid=f"q-{i}") for i in range(4480)]
-    with pytest.raises(RewardFunctionError, match=r"MemoryError: too many at once on a batch of 4480 \(no single "):
+    with pytest.raises(RewardFunctionError, match="ValueError: cannot score " + message):
         manager.compute(inputs)
-    assert len(manager.function.__globals__["CALLS"]) <= 6
-
-
-def test_the_input_that_breaks_a_large_batch_is_found_by_halving(tmp_path: Path) -> None:
-    path = write(tmp_path, """
-        CALLS = []
-
-        def compute_score(reward_inputs):
-            CALLS.append(len(reward_inputs))
-            if any(x["qid"] == "q-3001" for x in reward_inputs):
-                raise ValueError("unreadable")
-            return [{"overall": 1.0} for _ in reward_inputs]
-    """)
-    manager = RewardManager(f"{path}:compute_score")
-    inputs = [dict(INPUTS[0], qid=f"q-{i}") for i in range(4480)]
-    with pytest.raises(RewardFunctionError, match=r"ValueError: unreadable on input #3001 .*q-3001"):
-        manager.compute(inputs)
-    assert len(manager.function.__globals__["CALLS"]) <= 2 * 13 + 3
+    assert len(manager.function.__globals__["CALLS"]) <= most_calls
