@@ -1,7 +1,7 @@
 """Ask a PeBR model one question about one image; print its answer and the extracted final answer.
 
     python inference.py --model_path M [--image demo.jpg] [--question "..."] [--max_new_tokens 4096]
-        [--temperature 0] [--backend hf|vllm]
+        [--temperature 0] [--top_p 1] [--backend hf|vllm]
 
 The question is wrapped in the PeBR format prompt (examples/format_prompt/pebr.jinja), as in training,
 so the model answers with an image description, a rationale, numbered steps and a final answer line.
@@ -38,6 +38,7 @@ def answer(
     *,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     backend: str = "hf",
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
     min_pixels: int | None = DEFAULT_MIN_PIXELS,
@@ -78,7 +79,7 @@ def answer(
     max_new_tokens = response_budget(prompt_tokens, model_context(model_path), max_new_tokens)
     engine = make_engine(model_path, processor, backend=backend, max_model_len=prompt_tokens + max_new_tokens)
     ((text, _),) = generate_texts(engine, processor.tokenizer, [{"prompt": prompt, "images": [picture]}],
-                                  max_new_tokens=max_new_tokens, temperature=temperature)
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     return text
 
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_new_tokens", type=int, default=None,
                         help=f"default: {DEFAULT_MAX_NEW_TOKENS}, as in the paper, or what the model's context leaves")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS,
@@ -101,12 +103,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
-    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature)
+    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature, args.top_p)
     if not os.path.isfile(args.image):
         raise ConfigError(f"--image {args.image!r}: no such file")
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, backend=args.backend, format_prompt=args.format_prompt,
+                  temperature=args.temperature, top_p=args.top_p, backend=args.backend,
+                  format_prompt=args.format_prompt,
                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     print(text)
     print("\n=== extracted final answer ===")

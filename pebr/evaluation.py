@@ -94,6 +94,7 @@ def generate_texts(
         prompts: dicts {"prompt": chat-templated text, "images": [PIL images]}.
         max_new_tokens: response budget (4096, the paper's inference setting).
         temperature: 0 is greedy.
+        top_p: nucleus sampling's share of probability kept.
 
     Returns:
         Per prompt (text, number of response tokens without the end-of-turn token).
@@ -199,9 +200,10 @@ def model_context(model_path: str) -> int | None:
 
 def check_generation_options(max_new_tokens: int | None = None, min_pixels: int | None = None,
                              max_pixels: int | None = None, temperature: float | None = None,
-                             **positive: int | None) -> None:
+                             top_p: float | None = None, **positive: int | None) -> None:
     """Command-line numbers that cannot work, said before any model loads: --max_new_tokens and every one of
-    `positive` (when given) at least 1, pixel bounds positive and in order, --temperature at least 0 (0: greedy;
+    `positive` (when given) at least 1, pixel bounds positive and in order, --top_p in (0, 1], --temperature at
+    least 0 (0: greedy;
     vLLM refused a negative one after loading the model, transformers ran greedy while the report said -1).
 
     Raises:
@@ -209,6 +211,8 @@ def check_generation_options(max_new_tokens: int | None = None, min_pixels: int 
     """
     if temperature is not None and not 0 <= temperature < float("inf"):
         raise ConfigError(f"--temperature {temperature} must be a finite number, at least 0 (0 is greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top_p {top_p} must be in (0, 1] (1 keeps every token)")
     flags = {"max_new_tokens": max_new_tokens, "min_pixels": min_pixels, "max_pixels": max_pixels, **positive}
     for name, value in flags.items():
         if value is not None and value < 1:
@@ -312,6 +316,7 @@ def evaluate_model(
     max_new_tokens: int | None = None,
     limit: int | None = None,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
     backend: str = "vllm",
     max_prompt_length: int = 2048,
@@ -333,6 +338,7 @@ def evaluate_model(
             `max_prompt_length` when that is less (`response_budget`).
         limit: evaluate only the first `limit` records.
         temperature: 0 is greedy (the default, as in the paper's inference).
+        top_p: nucleus sampling's share of probability kept (1: all; matters only with temperature > 0).
         format_prompt: jinja template for the question ("" or None: the bare question).
         backend: "vllm" (batched, the default) or "hf".
         max_prompt_length: longer prompts are skipped, counted in "skipped_overlong" and graded wrong.
@@ -381,7 +387,7 @@ def evaluate_model(
     dataset = RLDataset(records, processor, image_dir=image_dir, max_prompt_length=max_prompt_length,
                         source=data if isinstance(data, str) else None, origins=origins,
                         format_prompt=format_prompt or None, min_pixels=min_pixels, max_pixels=max_pixels)
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "backend": backend,
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "backend": backend,
                 "format_prompt": format_prompt, "limit": limit, "seed": seed, "max_prompt_length": max_prompt_length,
                 "min_pixels": min_pixels, "max_pixels": max_pixels}
     keys = [f"{record['qid']}/" + question_digest(record, prompt_key=dataset.prompt_key, answer_key=dataset.answer_key,
@@ -392,7 +398,7 @@ def evaluate_model(
     # The report says everything its numbers depend on but the model files' times (the progress file's identity).
     settings = dict({k: v for k, v in identity.items() if k not in ("model", "model_files")}, limit=limit)
     answer = dict(model_path=model_path, processor=processor, backend=backend, max_prompt_length=max_prompt_length,
-                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   chunk_size=chunk_size, identity=identity)
     if not output:
         answers, wall = _answer(dataset, keys, progress=None, **answer)
@@ -414,7 +420,8 @@ def evaluate_model(
 
 
 def _answer(dataset: Any, keys: list[str], *, model_path: str, processor: Any, backend: str,
-            max_prompt_length: int, max_new_tokens: int, temperature: float, seed: int, chunk_size: int,
+            max_prompt_length: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+            chunk_size: int,
             progress: str | None, identity: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
     """The answer ({"response", "response_length"}) to every item of `dataset` (in order), generating only those
     not saved in `progress`, a chunk of questions per engine call, each chunk saved there; and this run's seconds
@@ -433,7 +440,7 @@ def _answer(dataset: Any, keys: list[str], *, model_path: str, processor: Any, b
         chunk = todo[first:first + chunk_size]
         items = [dataset[i] for i in chunk]  # (images loaded a chunk at a time)
         outputs = generate_texts(engine, processor.tokenizer, items, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)
+                                 temperature=temperature, top_p=top_p, seed=seed)
         answered = {keys[i]: {"response": response, "response_length": length}
                     for i, (response, length) in zip(chunk, outputs)}
         if progress:

@@ -1,7 +1,7 @@
 """Evaluate a model on PeBR GRPO-format data (the synthetic test split, or a benchmark laid out the same way).
 
     python scripts/evaluate.py --model_path M --data FILE [--image_dir D] [--output OUT_PREFIX]
-        [--max_new_tokens 4096] [--limit K] [--temperature 0] [--backend vllm|hf]
+        [--max_new_tokens 4096] [--limit K] [--temperature 0] [--top_p 1] [--backend vllm|hf]
 
 The prompts go through batched vLLM generation (greedy, up to 4096 new tokens, images within the stage
 recipes' 576..802816 px: the paper's inference settings, by default; fewer new tokens where the model's context
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: 4096, as in the paper, or what the model's context leaves after "
                              "--max_prompt_length")
     parser.add_argument("--limit", type=int, default=None, help="only the first K records")
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
     parser.add_argument("--format_prompt", default=DEFAULT_FORMAT_PROMPT, help='jinja template; "" for none')
     parser.add_argument("--max_prompt_length", type=int, default=2048)
@@ -57,15 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
                              "(--no-resume: delete it and start again)")
     args = parser.parse_args(argv)
     check_model_path(args.model_path)
-    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature,
+    check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature, args.top_p,
                              limit=args.limit, max_prompt_length=args.max_prompt_length, chunk_size=args.chunk_size)
     if args.output:
         check_output_apart_from_inputs(args.output, args.data, args.model_path)
     logging.basicConfig(level=logging.WARNING)
     result = evaluate_model(
         args.model_path, args.data, args.image_dir, output=args.output, max_new_tokens=args.max_new_tokens,
-        limit=args.limit, temperature=args.temperature, format_prompt=args.format_prompt, backend=args.backend,
-        max_prompt_length=args.max_prompt_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        limit=args.limit, temperature=args.temperature, top_p=args.top_p, format_prompt=args.format_prompt,
+        backend=args.backend, max_prompt_length=args.max_prompt_length, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         seed=args.seed, chunk_size=args.chunk_size, resume=args.resume,
     )
     print(markdown_table(result))

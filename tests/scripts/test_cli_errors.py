@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "--temperature -1.0 must be a finite number, at least 0"),
     # transformers' sampling raised "probability tensor contains either inf, nan"; vLLM after loading the model.
     ("inference", ["--model_path", "{model}", "--temperature", "inf"], "--temperature inf must be a finite number"),
+    ("inference", ["--model_path", "{model}", "--temperature", "1", "--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
+    ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--top_p", "1.5"], "--top_p 1.5 must be in (0, 1]"),
     # "~" was expanded for the first check only: the loader then took "~/model" for a malformed hub id.
     ("inference", ["--model_path", "~/no_model"], "--model_path '{home}/no_model': no such directory"),
     ("evaluate", ["--model_path", "{model}", "--data", "~/no.json"], "{home}/no.json"),

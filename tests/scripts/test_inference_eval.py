@@ -34,6 +34,19 @@ def test_inference_prints_answer_and_extracted_answer(backend, tiny_model_dir, c
     assert printed.rstrip().endswith("=== extracted final answer ===\n" + answer)
 
 
+def test_inference_samples_within_top_p(tiny_model_dir) -> None:
+    """--top_p reaches the sampler: a nucleus of one token is greedy decoding, while sampling the random tiny
+    model's near-flat distribution in full is not (--top_p was not an option; sampling always kept every token)."""
+    import inference
+
+    def ask(**sampling):
+        return inference.answer(tiny_model_dir, inference.DEFAULT_IMAGE, "How many?", max_new_tokens=8, **sampling)
+
+    greedy = ask(temperature=0.0)
+    assert ask(temperature=1.0, top_p=1e-6) == greedy
+    assert ask(temperature=1.0, top_p=1.0) != greedy
+
+
 def test_inference_names_a_missing_image(tiny_model_dir) -> None:
     import inference
 
@@ -210,7 +223,7 @@ def test_evaluate_script_grades_every_response_and_counts_a_skipped_prompt_wrong
     prefix = str(tmp_path / "report" / "eval")
     result = main(["--model_path", first_pass["model_path"], "--data", str(data), "--image_dir",
                    os.path.join(synthetic_data_dir, "images"), "--output", prefix,
-                   "--max_new_tokens", str(MAX_NEW_TOKENS), "--temperature", "0"])
+                   "--max_new_tokens", str(MAX_NEW_TOKENS), "--temperature", "0", "--top_p", "0.5"])
 
     saved = json.load(open(prefix + ".json"))
     assert set(saved) >= {"model_path", "data", "settings", "overall", "per_category", "records", "skipped_overlong"}
@@ -230,8 +243,8 @@ def test_evaluate_script_grades_every_response_and_counts_a_skipped_prompt_wrong
     assert saved["per_category"]["(none)"]["count"] == 1
     assert sum(s["count"] + s["skipped"] for s in saved["per_category"].values()) == NUM_RECORDS
     # What the numbers depend on: the report named neither the image bounds nor the prompt limit.
-    assert {k: saved["settings"][k] for k in ("max_prompt_length", "min_pixels", "max_pixels")} == {
-        "max_prompt_length": 2048, "min_pixels": 576, "max_pixels": 802816}
+    assert {k: saved["settings"][k] for k in ("max_prompt_length", "min_pixels", "max_pixels", "top_p")} == {
+        "max_prompt_length": 2048, "min_pixels": 576, "max_pixels": 802816, "top_p": 0.5}
     assert saved["settings"]["image_dir"] == os.path.realpath(os.path.join(synthetic_data_dir, "images"))
 
     table = open(prefix + ".md").read()
