@@ -376,6 +376,57 @@ def test_replacing_a_model_is_never_a_mixture_of_its_files_and_the_merges(bf16_c
     assert kills >= 2 and "merged_from.json" in os.listdir(target)
 
 
+@pytest.fixture
+def mount_point(tmp_path):
+    """An empty tmpfs mounted at tmp_path/served: a folder that cannot be renamed or swapped whole."""
+    import subprocess
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        assert os.path.ismount(folder)
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_mount_point_is_merged_into_file_by_file_and_a_kill_midway_is_redone(bf16_checkpoint, tmp_path,
+                                                                            tiny_model_dir, mount_point, monkeypatch):
+    """A mount point cannot be swapped whole, so its files are replaced one by one: the new weights replace the
+    old (an old shard set's files and index removed), the user's other files stay, no staging folder is left,
+    and a kill midway leaves the marker "unfinished", so that the next merge does it again."""
+    from transformers import AutoModelForImageTextToText
+
+    actor, weights = bf16_checkpoint
+    new = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    original = str(tmp_path / "original")
+    old = _model_of_other_widths(tiny_model_dir, original)
+    AutoModelForImageTextToText.from_pretrained(original).save_pretrained(original, max_shard_size="1MB")
+    old_shards = [f for f in os.listdir(original) if f.startswith("model-")]
+    assert len(old_shards) > 1 and "model.safetensors.index.json" in os.listdir(original)
+    for name in os.listdir(original):
+        shutil.copy(os.path.join(original, name), mount_point)
+    (tmp_path / "served" / "notes.txt").write_text("mine")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_on_call(os.replace, 3))  # the marker's write, then two staged files
+        with pytest.raises(KeyboardInterrupt):
+            merge(actor, mount_point, force=True)
+    assert json.load(open(os.path.join(mount_point, "merged_from.json"))) == {"unfinished": True}
+    merge(actor, mount_point)  # the marker is the merger's: no --force needed to finish the job
+    assert os.path.ismount(mount_point)
+    held = AutoModelForImageTextToText.from_pretrained(mount_point, dtype="auto").state_dict()
+    assert _same_weights(held, new) and not _same_weights(held, old)
+    left = set(os.listdir(mount_point))
+    assert not left & {*old_shards, "model.safetensors.index.json", ".merging"}
+    assert (tmp_path / "served" / "notes.txt").read_text() == "mine"
+    assert "unfinished" not in json.load(open(os.path.join(mount_point, "merged_from.json")))
+
+
 def test_a_merge_killed_between_the_swaps_renames_is_put_right_by_the_next(bf16_checkpoint):
     """Killed outright (no cleanup) once the checkpoint's own huggingface/ folder, the default target and the
     source of its config and tokenizer, is renamed aside: the next merge puts it back and merges."""
