@@ -184,10 +184,11 @@ class ClipScorer:
         return torch.nn.functional.cosine_similarity(image_emb[rows], text_emb, dim=-1).cpu().tolist()
 
     def _prepare(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
-        if self.image_size is not None:
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        return image
+        from pebr.data.images import to_rgb
+
+        # Transparency laid on white and 16-bit greys scaled, as the policy saw the image (a plain RGB conversion
+        # made a drawing on a transparent background black).
+        return to_rgb(image, None if self.image_size is None else (self.image_size, self.image_size))
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image], captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

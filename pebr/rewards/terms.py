@@ -58,7 +58,7 @@ _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 # (Whitespace is read once: "\s*[*_]*\s*" took quadratic time on a long run of spaces after "###".)
 _FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*[:：]?[*_]*",
                                  _FLAGS)
-_ANY_HEADER = re.compile(r"###")
+_ANY_HEADER = re.compile(r"(?<!#)###(?!#)")  # a "####" sub-heading inside the description does not end it
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
 
@@ -129,6 +129,7 @@ _BULLET = re.compile(r"^(?:[-*]\s+|•\s*)")
 # vowel and tone signs): no word boundary is required there.
 _SPACELESS = frozenset({"Lo", "Lm", "Mn", "Mc"})
 _WORD_HYPHEN = re.compile(r"(?<=[^\W\d_])-(?=[^\W\d_])")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 # A number alone, in decimal or scientific notation ("1,000", "-0.25", "1.6e-19", "9.1 \\times 10^{-31}"; a bare
 # exponent is read whole, as plain text means it: "10^-19").
 _MANTISSA = r"(?P<mantissa>[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+))"
@@ -583,7 +584,9 @@ def accuracy_reward(response: str, ground_truth: str) -> float:
 
 def _squash(text: str) -> str:
     # A hyphen between letters reads as a space: "traffic-light" mentions "traffic light", and the other way.
-    return _WORD_HYPHEN.sub(" ", " ".join(unicodedata.normalize("NFKC", text).casefold().split()))
+    # A curly apostrophe is the straight one ("Pascal’s" mentions "Pascal's").
+    text = unicodedata.normalize("NFKC", text).casefold().translate(_APOSTROPHES)
+    return _WORD_HYPHEN.sub(" ", " ".join(text.split()))
 
 
 def keyword_recall(response: str, key_words: Sequence[str] | None) -> float:

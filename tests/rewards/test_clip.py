@@ -69,6 +69,19 @@ def test_an_image_shared_by_several_responses_is_encoded_once(tiny_clip_path: st
     assert scorer.score([], []) == []
 
 
+def test_a_transparent_image_is_scored_as_laid_on_white(tiny_clip_path: str) -> None:
+    """A drawing on a transparent background is what the policy sees, laid on white: a plain RGB conversion
+    turned the transparent pixels black (the colour stored under them) and scored that picture instead."""
+    drawing = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    drawing.paste((255, 0, 0, 255), (12, 12, 36, 36))
+    on_white = Image.new("RGB", (48, 48), (255, 255, 255))
+    on_white.paste((255, 0, 0), (12, 12, 36, 36))
+    scorer = ClipScorer(tiny_clip_path)
+    got = scorer.score([drawing], CAPTIONS[:1])
+    assert got == pytest.approx(scorer.score([on_white], CAPTIONS[:1]), abs=1e-6)
+    assert got != pytest.approx(scorer.score([drawing.convert("RGB")], CAPTIONS[:1]), abs=1e-4)
+
+
 def test_long_captions_are_truncated(tiny_clip_path: str) -> None:
     scorer = get_clip_scorer(tiny_clip_path, use_ray=False)
     assert get_clip_scorer(tiny_clip_path, use_ray=False) is scorer  # loaded once per process

@@ -423,6 +423,7 @@ def test_keyword_recall_unicode_and_spacing() -> None:
     assert keyword_recall(UNICODE, ["café", "tea"]) == pytest.approx(1 / 2)
     assert keyword_recall("A traffic\n  light", ["Traffic Light"]) == 1.0
     assert keyword_recall("", ["red"]) == 0.0
+    assert keyword_recall("Pascal\u2019s triangle", ["Pascal's triangle"]) == 1.0  # a curly apostrophe: 0
 
 
 def test_keyword_recall_counts_a_repeated_key_word_once_and_finds_words_in_unspaced_scripts() -> None:
@@ -478,6 +479,8 @@ def test_length_reward_rejects_bad_arguments() -> None:
         # Markup of the headers' own is no part of the caption (it kept "#" and "**").
         ("#### Image Description: a red cube\n#### Rationales: r", "a red cube"),
         ("**### Image Description:** a red cube\n### Rationales: x", "a red cube"),
+        # Without the Rationales header, a "####" sub-heading of the description ended it (caption "").
+        ("### Image Description:\n#### Objects\n- a red cube\n### Step 1: x", "Objects\n- a red cube"),
     ],
 )
 def test_extract_image_description(response: str, expected: str) -> None:
