@@ -41,6 +41,8 @@ class MetricsFile:
 
     def drop_validation(self, step: int) -> None:
         """Remove the lines of `step` that hold validation metrics only (an earlier trainer.val_only run's)."""
+        if not os.path.exists(self.path):  # validation alone in a new run directory: nothing logged before
+            return
         with open(self.path) as f:
             lines = f.readlines()
         kept = [line for line in lines if not _validation_only(json.loads(line), step)]
@@ -102,7 +104,9 @@ class Tracker:
 
             # A resumed run logs its steps again from resume_step + 1: TensorBoard drops what an earlier run
             # logged from there on (metrics.jsonl is trimmed the same way), instead of showing two values a step.
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+            # A run that starts at step 0 logs step 0's validation again: everything goes.
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else 0)
 
     def missing(self, step: int) -> bool:
         """Whether `step` was never logged: metrics.jsonl has no line for it, or, without the file back-end, the

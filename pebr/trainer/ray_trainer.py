@@ -5,12 +5,12 @@ Read `fit` top to bottom: each phase of a step is one named call, timed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -146,7 +146,7 @@ def _dead_peer(pending: list, position: dict, grace: float) -> str | None:
     return None
 
 
-@contextmanager
+@contextlib.contextmanager
 def timed(metrics: dict, name: str) -> Iterator[None]:
     t0 = time.time()
     yield
@@ -470,6 +470,12 @@ class RayPPOTrainer:
                 cfg.data.seed = self.sampler.seed
             self._batches = iter(self.sampler)
         later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
+        if later and cfg.trainer.val_only:  # its step's metrics would go where the later steps' were logged
+            raise checkpoint.CheckpointError(
+                f"trainer.val_only of step {self.global_step} in {self.ckpt_dir}, which holds later steps "
+                f"{later[:5]}: their logs would be cut back to step {self.global_step}. To validate an earlier "
+                "checkpoint, keep trainer.load_checkpoint_path and set trainer.save_checkpoint_path to a new "
+                "directory (the validation's logs go there)")
         if later:
             raise checkpoint.CheckpointError(
                 f"{self.ckpt_dir} holds checkpoints of steps {later[:5]} after the step this run starts at "
@@ -547,6 +553,7 @@ class RayPPOTrainer:
         kept: list[Batch] = []
         num_groups, tries = 0, 0
         generated: dict[str, list[float]] = {}  # every try's scores: the policy's reward, not the filter window's
+        groups, flat_groups = 0, 0.0  # every try's groups, and those whose scores are all equal
         while True:
             tries += 1
             # Each step's tries draw from streams of their own: a resumed run samples what an uninterrupted one did.
@@ -568,6 +575,10 @@ class RayPPOTrainer:
                 raise KeyError(f"algorithm.filter_key={a.filter_key!r} is not a reward key; the reward function "
                                f"returns {sorted(per_key)}")
             gid = group_ids_from_uids(batch.non_tensors["uid"])
+            # The kept groups' fraction (batch_metrics) is about 0 whatever the policy does: the filter drops them.
+            count = len(set(gid.tolist()))
+            groups, flat_groups = groups + count, flat_groups + zero_variance_group_fraction(scores, gid) * count
+            metrics["batch/zero_variance_group_fraction_generated"] = flat_groups / groups
             ok = groups_within(torch.tensor(per_key[a.filter_key]), gid, a.filter_low, a.filter_high)
             kept.append(batch.select(torch.nonzero(ok).flatten().tolist()))
             num_groups += len(set(gid[ok].tolist()))
@@ -590,10 +601,17 @@ class RayPPOTrainer:
             if not t.val_only and self._validation_due(self.global_step):  # a rerun ended at the last step too
                 self._validate_into(metrics)
             self.tracker.log(self.global_step, metrics)
+        elif (not t.val_only and self._failed_validation() == self.global_step
+              and self._validation_due(self.global_step)):
+            # Its training metrics were logged when it failed; without this a run that failed validating its last
+            # step resumed, did nothing, and ended without that validation.
+            self.tracker.log(self.global_step, self.validate(), replace_validation=True)
         if t.val_only:  # validation alone, whatever val_before_train says and wherever the run resumed
             self.tracker.log(self.global_step, self.validate(), replace_validation=True)
+            self._forget_failed_validation()
             self.tracker.close()
             return
+        self._forget_failed_validation()
         if t.val_before_train and self.val_dataset is not None and self.global_step == 0 and t.val_freq != 0:
             self.tracker.log(0, self.validate())
         unreached = [k for k in t.profile_steps if not self.global_step < k <= self.total_steps]
@@ -668,7 +686,25 @@ class RayPPOTrainer:
             metrics.update(self.validate())
         except BaseException:
             self.tracker.log(self.global_step, metrics)
+            # A resume at this step validates it then (one from an earlier step trains it again anyway).
+            atomic_write_text(self._failed_validation_path, f"{self.global_step}\n")
             raise
+
+    @property
+    def _failed_validation_path(self) -> str:
+        return os.path.join(self.ckpt_dir, "validation_failed_at")
+
+    def _failed_validation(self) -> int | None:
+        """The step whose validation failed in an earlier run of this directory (None: none did)."""
+        try:
+            with open(self._failed_validation_path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def _forget_failed_validation(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._failed_validation_path)
 
     def profile_dir(self, step: int) -> str | None:
         """Where step `step`'s profiles go, or None when trainer.profile_steps does not name it."""

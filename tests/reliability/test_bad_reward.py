@@ -110,13 +110,16 @@ def test_a_validation_that_fails_keeps_the_checkpoint_of_its_step(tiny_model_dir
         (logged,) = [json.loads(line) for line in f]
     assert logged["step"] == 1 and "reward/overall" in logged and "actor/pg_loss" in logged
 
-    # Validation alone (trainer.val_only), although the recipe does not validate before training: it resumes
-    # at step 1 and validates there, with a reward that works.
-    working = [a for a in argv if not a.startswith("worker.reward.")] + ["trainer.val_only=true"]
-    run(working)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [1, 1] and rows[1]["val/samples"] == 8 and "val/overall" in rows[1]
+    # The same command with a reward that works resumes at step 1, the run's last, and validates it (it ended
+    # at once, without the validation); then validation alone (trainer.val_only), although the recipe does not
+    # validate before training, replaces that line.
+    working = [a for a in argv if not a.startswith("worker.reward.")]
+    for extra in ([], ["trainer.val_only=true"]):
+        run(working + extra)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert [r["step"] for r in rows] == [1, 1] and rows[1]["val/samples"] == 8 and "val/overall" in rows[1]
+        assert "actor/pg_loss" not in rows[1] and not os.path.exists(os.path.join(run_dir, "validation_failed_at"))
 
 
 def test_online_filtering_on_a_key_the_reward_lacks_stops_before_any_rollout(tiny_model_dir, synthetic_data_dir,

@@ -173,6 +173,7 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
         saved = [json.loads(line)["reward/overall"] for line in f]
     assert len(set(saved)) > 4
     assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"]) == pytest.approx(sum(saved) / len(saved))
+    assert m["batch/zero_variance_group_fraction_generated"] == m["batch/zero_variance_group_fraction"]
     # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
     with pytest.raises(ConfigError, match=r"after 2 tries \(trainer.max_try_make_batch\)"):  # exit 2, no traceback
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",

@@ -36,6 +36,15 @@ def test_validation_alone_at_one_step_replaces_its_earlier_line(tmp_path):
                     {"step": 1, "val/overall": 0.4, "timing/validate_s": 2.0}]
 
 
+def test_validation_alone_in_a_new_run_directory_is_logged(tmp_path):
+    """trainer.val_only of a base model (or of another run's checkpoint) into a new directory: there was no
+    metrics.jsonl to drop an earlier validation from, and the run died on it after validating."""
+    Tracker(["file"], str(tmp_path), "p", "e", {}, resume_step=0).log(0, {"val/overall": 0.2},
+                                                                     replace_validation=True)
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line) for line in f] == [{"step": 0, "val/overall": 0.2}]
+
+
 def test_a_run_restarted_before_its_first_checkpoint_logs_step_0_once(tmp_path):
     run_dir = str(tmp_path)
     t = Tracker(["file"], run_dir, "p", "e", {}, resume_step=0)
@@ -112,6 +121,19 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("reward/overall")] == [(1, 0.1), (2, 0.2), (3, 0.9)]
+
+
+def test_tensorboard_shows_step_0_once_after_a_restart_before_any_checkpoint(tmp_path):
+    """A rerun before the first checkpoint validates step 0 again: metrics.jsonl kept one line, TensorBoard two."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for score in (0.3, 0.5):
+        run = Tracker(["tensorboard"], str(tmp_path), "p", "e", {}, resume_step=0)
+        run.log(0, {"val/overall": score})
+        run.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("val/overall")] == [(0, 0.5)]
 
 
 def test_without_the_file_back_end_a_step_saved_but_never_logged_is_known(tmp_path):

@@ -391,3 +391,14 @@ def test_validation_alone_takes_a_checkpoint_past_the_runs_steps(tmp_path, no_wo
                              f"trainer.load_checkpoint_path={run_dir}/global_step_6")
     with pytest.raises(WorkersNotStarted):
         ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    # An earlier checkpoint of the run, in its own directory: its validation would cut the later steps' logs back;
+    # it was refused as a checkpoint "from another run". The message names the way that works.
+    _save_run_step(run_dir, 2, sampler)
+    (tmp_path / "c").mkdir()
+    cfg, _ = _trainer_config(tmp_path / "c", "data.seed=1", "trainer.val_only=true",
+                             f"data.val_files={tmp_path}/val.json", f"trainer.load_checkpoint_path={run_dir}/global_step_2",
+                             f"trainer.save_checkpoint_path={run_dir}")
+    with pytest.raises(checkpoint.CheckpointError, match=r"trainer.val_only of step 2 .* holds later steps \[6\]: "
+                                                         r"their logs would be cut back.*set trainer.save_checkpoint_"
+                                                         r"path to a new directory"):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
