@@ -58,7 +58,7 @@ def answer(
             image slots, or open a turn of their own).
     """
     from pebr.data.dataset import build_messages, load_format_prompt
-    from pebr.data.images import check_fitted_aspect, load_image
+    from pebr.data.images import check_fitted_aspect, load_image, probe_image
     from pebr.data.records import DataError, check_no_model_tokens
 
     if not question.strip():
@@ -66,6 +66,9 @@ def answer(
     check_no_model_tokens(question, "the question", "--question")
     if not os.path.exists(image):  # the model path may be a hub id: transformers says what is wrong with it
         raise FileNotFoundError(f"image {image!r} does not exist")
+    # Its header first: a 121-megapixel file was decoded whole (1.5 GB) that evaluation refuses, and a larger
+    # one raised PIL's DecompressionBombError as a traceback that named no file.
+    probe_image(image, None, "--image")
     processor = load_model_processor(model_path)
     template = load_format_prompt(format_prompt) if format_prompt else None
     prompt = processor.apply_chat_template(build_messages(question, 1, template), add_generation_prompt=True,
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
     check_model_path(args.model_path)
     check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature, args.top_p)
     if not os.path.isfile(args.image):
-        raise ConfigError(f"--image {args.image!r}: no such file")
+        raise ConfigError(f"--image {args.image!r}: " + ("a directory" if os.path.isdir(args.image) else "no such file"))
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, backend=args.backend,

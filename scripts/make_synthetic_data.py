@@ -21,7 +21,8 @@ missing image, a few records with ``images`` as a plain string and two text-only
 is (Mulberry-SFT's traces were written by other models): in that share of the SFT traces the last line gives the
 number of objects in the image instead of the number the steps reached, or the objects are named without their
 sizes. Filtering cannot see these flaws; the RL stages, rewarded against the ground truth, can. Each flaw is
-drawn independently per record from a stream of its own, so at 0 (the default) the data set is unchanged.
+drawn independently per record from a stream of its own, so at 0 (the default) the data set is unchanged. A
+total that is the answer anyway (every object counted) is right, and not logged as a flaw in scenes.json.
 
 The same seed gives the same bytes: all randomness comes from ``random.Random`` streams seeded by
 ``(seed, part)``, so changing ``--sft_num`` leaves train and test unchanged.
@@ -182,7 +183,8 @@ def make_sft(
         no_size = teacher_rng.random() < flaws.no_size
         stated = str(len(scene.objects)) if said_total else answer
         response = sc.pebr_response(scene, question, stated, with_size=not no_size)
-        flaw_names = [name for name, on in (("total_answer", said_total), ("no_size", no_size)) if on]
+        # A total that is the answer anyway ("how many objects are there") is no flaw, and is not logged as one.
+        flaw_names = [name for name, on in (("total_answer", stated != answer), ("no_size", no_size)) if on]
         key, rel = f"sft_{i:05d}", f"sft/{i:05d}.png"
         size = (image_size, image_size)
         if kind == "reflective":
@@ -256,7 +258,13 @@ def build_dataset(
     sft_num = num if sft_num is None else sft_num
     if sft_num:
         _sft_kinds(sft_num, random.Random(0))  # its size check, before anything is drawn or written
-    sc.sample_scene(random.Random(seed), **(scene_options or {}))  # the scene options' checks, before any deletion
+    # The scene options' checks, before any deletion: on scenes of the most objects, the hardest to place (one
+    # scene of a random count passed, then a later one found no room after the old data set was deleted).
+    check = random.Random(f"{seed}/check")
+    sc.sample_scene(check, **(scene_options or {}))
+    crowded = {**(scene_options or {}), "min_objects": (scene_options or {}).get("max_objects", sc.MAX_OBJECTS)}
+    for _ in range(10):
+        sc.sample_scene(check, **crowded)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file; name a directory")

@@ -494,8 +494,9 @@ def pebr_response(scene: Scene, question: str, answer: str, with_size: bool = Tr
         left = [o for o in left if not f.matches(o)]
         if gone:
             steps.append(f"Removing the {f.text()} ({_group(gone, with_size)}) leaves {_count_noun(len(left), 'object')}.")
-        else:
-            steps.append(f"There are no {f.text()}, so {_count_noun(len(left), 'object')} "
+        else:  # "no small cubes" was false of a small green cube that an earlier step removed
+            still = " left" if any(f.matches(o) for o in scene.objects) else ""
+            steps.append(f"There are no {f.text()}{still}, so {_count_noun(len(left), 'object')} "
                          f"{'remains' if len(left) == 1 else 'remain'}.")
     if query.count is None:
         steps.append(f"So {_count_noun(len(left), 'object')} {'is' if len(left) == 1 else 'are'} left.")

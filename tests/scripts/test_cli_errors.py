@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface folder gets them from "
      "scripts/model_merger.py"),
     ("inference", ["--model_path", "{model}", "--image", "{model}/config.json"], "/config.json' cannot be read"),
+    ("inference", ["--model_path", "{model}", "--image", "{model}"], "': a directory"),  # "no such file"
     # Numbers that cannot work, before any model loads.
     ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--limit", "0"], "--limit 0 must be at least 1"),
     ("evaluate", ["--model_path", "{model}", "--data", "x.json", "--max_prompt_length", "0"],

@@ -118,6 +118,29 @@ def test_inference_names_a_too_thin_image(tiny_model_dir, tmp_path) -> None:
         inference.answer(tiny_model_dir, str(tmp_path / "thin.png"), "How many?")
 
 
+def test_inference_refuses_an_image_too_large_to_decode_from_its_header(tmp_path) -> None:
+    """An 11000 x 11000 PNG was decoded whole (1.5 GB) though evaluation refuses it, and a 15000 x 15000 one ended
+    in PIL's DecompressionBombError, a traceback naming no file. The header says its size: nothing is decoded
+    (this file's pixel data is a few bytes, and no model is loaded)."""
+    import struct
+    import zlib
+
+    import inference
+
+    from pebr.data.records import DataError
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    for side in (11000, 15000):
+        path = tmp_path / f"huge_{side}.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+        with pytest.raises(DataError, match=rf"--image: image '.*huge_{side}\.png' is {side}x{side} pixels, more "
+                                            r"than 100000000|too large to decode"):
+            inference.answer("/no/model/is/loaded", str(path), "How many?")
+
+
 def test_a_folder_without_a_whole_model_is_a_configuration_error(tiny_model_dir, tmp_path) -> None:
     """Weights without config.json (a peft adapter, as scripts/model_merger.py --adapter_dir writes one, or a copy
     that missed it), and a folder whose tokenizer transformers cannot build (a ValueError, where only OSError was

@@ -231,6 +231,12 @@ def test_description_keywords_and_response_for_a_hand_built_scene():
     text = sc.pebr_response(scene, "Subtract all red cubes. How many objects are left?", "1")
     assert "Removing the red cubes (two small red cubes) leaves 1 object." in text
     assert text.endswith("### The final answer is: 1")
+    # The small cubes are gone with the red ones, which the trace must not deny ("There are no small cubes").
+    again = sc.pebr_response(scene, "Subtract all red cubes. Subtract all small cubes. How many objects are left?",
+                             "1")
+    assert "There are no small cubes left, so 1 object remains." in again
+    assert "There are no green objects, so" in sc.pebr_response(
+        scene, "Subtract all green things. How many objects are left?", "3")
     terse = sc.pebr_response(scene, "Subtract all red cubes. How many objects are left?", "3", with_size=False)
     assert "a plain background: two red cubes and a blue sphere.\n" in terse
     assert "Removing the red cubes (two red cubes) leaves 1 object." in terse
@@ -272,7 +278,10 @@ def test_a_bad_sft_size_writes_nothing_and_a_stopped_run_leaves_no_stale_record_
 
 
 @pytest.mark.parametrize("bad, message", [(["--colors", "red,bleu"], "unknown colo"),
-                                          (["--min_objects", "9", "--max_objects", "2"], "objects")])
+                                          (["--min_objects", "9", "--max_objects", "2"], "objects"),
+                                          # A first scene of 4 objects fitted; a later one of 6 did not, after the
+                                          # old data set's record files were deleted.
+                                          (["--object_scale", "2.0"], "no room")])
 def test_bad_options_stop_before_an_existing_data_set_is_touched(tmp_path, bad, message):
     out = _generate(tmp_path / "data", 0)
     before = _files(out)
