@@ -294,11 +294,6 @@ def _normalize_answer(value: Any, where: str, key: str) -> str:
     answer = value if isinstance(value, str) else str(value)
     if not answer.strip():
         raise BadRecord("bad_answer", f"{where}: key {key!r} is an empty string")
-    from pebr.rewards.terms import clean_answer
-
-    if not clean_answer(answer):  # the graders would raise on it mid-run, taking its whole reward batch down
-        raise BadRecord("bad_answer", f"{where}: key {key!r} is {answer!r}, which holds no answer once its "
-                                      "markup (math delimiters, emphasis, a full stop) is removed")
     return answer
 
 

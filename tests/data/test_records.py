@@ -222,9 +222,6 @@ def test_non_utf8_bytes(tmp_path):
         ({"problem": "q", "answer": True}, "'answer' must be a string or a number", "bad_answer"),
         ({"problem": "q", "answer": {"v": 1}}, "'answer' must be a string or a number", "bad_answer"),
         ({"problem": "q", "answer": "  "}, "'answer' is an empty string", "bad_answer"),
-        # The graders found nothing in it and raised mid-run, taking down the step's whole reward batch.
-        ({"problem": "q", "answer": "."}, "'answer' is '.', which holds no answer once its markup", "bad_answer"),
-        ({"problem": "q", "answer": "$$"}, "'answer' is '\\$\\$', which holds no answer", "bad_answer"),
         ({"problem": "q", "answer": "1", "images": 3}, "'images' must be a list", "bad_image"),
         ({"problem": "q", "answer": "1", "images": [3]}, r"'images'\[0\] must be a path", "bad_image"),
         ({"problem": "q", "answer": "1", "images": [""]}, r"'images'\[0\] is an empty path", "bad_image"),
