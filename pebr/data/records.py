@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
+_PLACEHOLDER_LOOKALIKE = re.compile(r"<\s*image\s*>", re.IGNORECASE)  # "<Image>", "< image >"
 # The model's own vision tokens. In a record's text they are taken for image slots ("image features and image
 # tokens do not match", or the processor running out of images); a rollout must never emit them either.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -277,7 +279,7 @@ def _normalize_image(value: Any, where: str, key: str, position: int) -> Any:
 
 
 def _normalize_images(value: Any, where: str, key: str) -> list[Any]:
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):  # a text-only row's empty cell (CSV)
         return []
     if _is_image_like(value):
         value = [value]  # a single image is accepted as a list of one
@@ -384,6 +386,11 @@ def normalize_record(
     key_words = _normalize_key_words(value.get("key_words"), where)
 
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    lookalike = next((m.group() for m in _PLACEHOLDER_LOOKALIKE.finditer(prompt) if m.group() != IMAGE_PLACEHOLDER),
+                     None)
+    if lookalike is not None:  # it stayed text, and the image went in front of the question instead
+        raise BadRecord("image_count_mismatch", f"{where}: key {prompt_key!r} holds {lookalike!r}, which is not the "
+                                                f"image placeholder {IMAGE_PLACEHOLDER} (it is matched exactly)")
     if images and placeholders == 0:
         prompt = IMAGE_PLACEHOLDER * len(images) + prompt
     elif placeholders != len(images):

@@ -34,11 +34,14 @@ def test_json_source_normalises_fields(tmp_path):
             GOOD,
             {"problem": "What is 2+2?", "answer": 4, "key_words": None},  # text-only, numeric answer
             {"problem": "Describe it.", "answer": 1.5, "images": "b.png"},  # single image wrapped
+            # A text-only row's empty cell, as a CSV export writes it (it was refused as an empty path).
+            {"problem": "What is 3+3?", "answer": "6", "images": ""},
         ],
     )
     records, report = load_records(source)
-    assert report == LoadReport(total=3, kept=3, skipped={}, messages=[],
-                                kept_at=[f"{source} record {i}" for i in range(3)])
+    assert report == LoadReport(total=4, kept=4, skipped={}, messages=[],
+                                kept_at=[f"{source} record {i}" for i in range(4)])
+    assert records[3]["images"] == [] and records[3]["problem"] == "What is 3+3?"
     assert records[0] == GOOD
     assert records[1] == {"problem": "What is 2+2?", "answer": "4", "images": [], "key_words": [], "qid": "rl-1"}
     # A prompt with images but no placeholder gets one placeholder per image in front.
@@ -231,6 +234,11 @@ def test_non_utf8_bytes(tmp_path):
         ({"problem": "q", "answer": "1", "qid": [1]}, "'qid' must be a string or an integer", "bad_qid"),
         ({"problem": "<image>q", "answer": "1"}, "1 <image> placeholder.* 0 image", "image_count_mismatch"),
         ({"problem": "<image><image>q", "answer": "1", "images": ["a.png"]}, "2 <image>", "image_count_mismatch"),
+        # It stayed text, and the image went in front of the question: the model saw the image, then "<Image>".
+        ({"problem": "<Image> how many?", "answer": "1", "images": ["a.png"]},
+         "'problem' holds '<Image>', which is not the image placeholder <image>", "image_count_mismatch"),
+        ({"problem": "<image>a and < image >b", "answer": "1", "images": ["a.png", "b.png"]}, "holds '< image >'",
+         "image_count_mismatch"),
         ("not a dict", "must be a JSON object", "not_a_dict"),
         ({"problem": "<image>what is <|image_pad|>?", "answer": "1", "images": ["a.png"]},
          r"'problem' holds the model's vision token '<\|image_pad\|>'", "vision_token_in_text"),
