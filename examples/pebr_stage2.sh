@@ -14,9 +14,10 @@ IMAGE_DIR=${IMAGE_DIR:-null}
 N_GPUS=${N_GPUS:-8}
 require_count N_GPUS
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage2}
+MODEL_PATH=${MODEL_PATH:-}                                            # empty: STAGE1_DIR's last checkpoint, merged
 # Stage 1's last checkpoint, merged (again) into a Hugging Face model unless MODEL_PATH is given; one of a stage 1
 # that has not reached its last step is refused (rerun stage 1: it resumes), and the log says which model it is.
-if [ -n "${MODEL_PATH:-}" ]; then
+if [ -n "${MODEL_PATH}" ]; then
     echo "stage 2 starts from MODEL_PATH=${MODEL_PATH} (not from STAGE1_DIR)" >&2
 else
     MODEL_PATH=$(python3 scripts/model_merger.py --latest_in="${STAGE1_DIR}" --final_only | tail -n 1)

@@ -11,7 +11,9 @@ split -> a table (results.md) and a plot of reward and accuracy over the RL step
 Each stage runs the project's own command line (the bash recipes' CPU twins for sampling and RL), shows
 its progress, and is skipped when it finished before with the same command and environment after the same
 run of the stage before it; otherwise it runs again on a fresh output (`--force` reruns everything). An
-interrupted stage resumes on its next call with the same settings. `--profile quick` is a
+interrupted stage resumes on its next call with the same settings: the warm-up from its checkpoint of every 100
+steps, the RL stages from theirs of every 5 steps, sampling and evaluation from their saved answers (the CPU
+recipes alone save RL runs at their last step only). `--profile quick` is a
 shortened run on the tiny model (a few steps per stage) that the tests use. `--seeds 0 1 2` runs the whole
 pipeline once per seed (in OUT/seed_K) and writes OUT/seeds.md: each model's mean and spread over the seeds,
 and the per-seed change of stage 2 over the warm-up model.
@@ -31,6 +33,8 @@ from dataclasses import dataclass, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+# How often the warm-up (optimizer steps) and the RL stages (RL steps) save a checkpoint to resume from.
+SFT_SAVE_EVERY, RL_SAVE_EVERY = 100, 5
 sys.path.insert(0, ROOT)
 from pebr.utils.jsonio import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -158,6 +162,7 @@ class Pipeline:
         return [f"data.max_response_length={p.max_response_length}", f"data.rollout_batch_size={p.rollout_batch_size}",
                 f"worker.actor.global_batch_size={p.global_batch_size}", f"worker.rollout.n={p.rl_n}",
                 f"worker.actor.optim.lr={p.rl_lr}", f"trainer.max_steps={steps}", "trainer.save_limit=1",
+                f"trainer.save_freq={RL_SAVE_EVERY}",  # an interrupted stage resumes (the CPU recipe: last step)
                 f"data.seed={self.seed}", f"worker.rollout.seed={self.seed}",
                 # The warm-up's vision tower is random and frozen; RL keeps it so.
                 f"worker.actor.model.freeze_vision_tower={str(p.sft_freeze_vision).lower()}"] + (
@@ -185,7 +190,7 @@ class Pipeline:
                     "--image_dir", images, "--output_dir", self.path("warmup"), "--epochs", str(p.sft_epochs),
                     "--lr", str(p.sft_lr), "--batch_size", str(p.sft_batch_size), "--seed", str(self.seed),
                     "--freeze_vision_tower" if p.sft_freeze_vision else "--no-freeze_vision_tower",
-                    "--bf16" if p.sft_bf16 else "--no-bf16"],
+                    "--bf16" if p.sft_bf16 else "--no-bf16", "--save_steps", str(SFT_SAVE_EVERY)],
                    # The built-in warm-up trains on one device and refuses several visible GPUs: the first one.
                    env={"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]})
         self.stage("tiny CLIP", self.path("clip"),

@@ -207,6 +207,20 @@ def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys
     assert "was made from other inputs" in capsys.readouterr().out
 
 
+def test_the_full_profiles_training_stages_save_before_they_end(tmp_path):
+    """The CPU recipes save an RL run at its last step only, and the warm-up saved nothing: an interrupted stage
+    of the full demo started again, though the demo says it resumes."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo
+
+    p = demo.PROFILES["full"]
+    overrides = demo.Pipeline(str(tmp_path), p, 0).rl_overrides(p.stage1_steps)
+    (save_freq,) = [int(o.split("=")[1]) for o in overrides if o.startswith("trainer.save_freq=")]
+    assert 0 < save_freq < min(p.stage1_steps, p.stage2_steps)
+    warmup_steps = p.sft_num * 0.8 * p.sft_epochs / p.sft_batch_size  # at least 80 % of the records are kept
+    assert 0 < demo.SFT_SAVE_EVERY < warmup_steps / 2
+
+
 def test_the_results_table_carries_each_models_own_evaluation(tmp_path):
     """results.md by hand: each row from its model's eval file, in the columns the header names (the end-to-end
     demo test checks only that the rows are there)."""
