@@ -113,9 +113,10 @@ class Pipeline:
         stage before it (so a stage whose input was made again, even by an interrupted call, runs again).
 
         Markers sit beside the output: `OUTPUT.started` (the recipe, written before the command runs) and
-        `OUTPUT.done` (written on success). An output left by another recipe is deleted first (a stale RL run
-        directory or rollout file would be resumed); one left by an interrupted run of this recipe is kept, for
-        the trainer and the sampler to resume."""
+        `OUTPUT.done` (written on success). An output left by another recipe is deleted first, with the
+        warm-up's `OUTPUT.checkpoints` (a stale RL run directory, rollout file or warm-up checkpoint would be
+        resumed, or refused); one left by an interrupted run of this recipe is kept, for the trainer, the sampler
+        and the warm-up to resume."""
         recipe = {"command": cmd, "env": env or {}, "upstream": self.upstream}
         done, started = self._marker(output, "done"), self._marker(output, "started")
         if done is not None and done.get("recipe") == recipe and os.path.exists(output):
@@ -123,9 +124,12 @@ class Pipeline:
             self.upstream = _digest(done)
             print(f"[demo] {name}: done before, skipped ({output})", flush=True)
             return
-        if os.path.exists(output) and (done is not None or started is None or started.get("recipe") != recipe):
-            print(f"[demo] {name}: {output} was made from other inputs; making it again", flush=True)
-            shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+        # The warm-up's resumable checkpoints sit beside its output, which it writes only once complete.
+        leftovers = [path for path in (output, f"{output}.checkpoints") if os.path.exists(path)]
+        if leftovers and (done is not None or started is None or started.get("recipe") != recipe):
+            print(f"[demo] {name}: {leftovers[0]} was made from other inputs; making it again", flush=True)
+            for path in leftovers:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         for kind in ("done", "started"):
             if os.path.exists(f"{output}.{kind}"):
                 os.remove(f"{output}.{kind}")

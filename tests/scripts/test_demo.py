@@ -205,6 +205,13 @@ def test_an_interrupted_stage_resumes_only_with_the_same_recipe(tmp_path, capsys
     pipeline.stage("rl", out, partial("lr=1e-5"))  # another recipe started it: made again
     assert open(out).read() == "lr=1e-5\n"
     assert "was made from other inputs" in capsys.readouterr().out
+    # The warm-up writes its output only when complete: an interrupted one leaves only OUTPUT.checkpoints, which
+    # the next recipe's warm-up refused as another run's (the demo failed there).
+    warmup, checkpoints = str(tmp_path / "warmup"), tmp_path / "warmup.checkpoints"
+    checkpoints.mkdir()
+    (tmp_path / "warmup.started").write_text(json.dumps({"recipe": {"command": ["other"]}}))
+    pipeline.stage("warm-up", warmup, [sys.executable, "-c", f"open({warmup!r}, 'w').write('ok')"])
+    assert open(warmup).read() == "ok" and not checkpoints.exists()
 
 
 def test_the_full_profiles_training_stages_save_before_they_end(tmp_path):
