@@ -60,7 +60,9 @@ def build_dataset(cfg: PPOConfig, source: str, processor: Any):
 def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     """The reward function is loaded (and its setup run) now, so a bad path fails before any rollout."""
 
-    from pebr.trainer.ray_trainer import WorkerFailure, ray_get
+    import ray
+
+    from pebr.trainer.ray_trainer import WorkerFailure, WorkerTimeout, ray_get
     from pebr.workers.reward import RewardWorker
 
     r = cfg.worker.reward
@@ -68,18 +70,24 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
         r.reward_function, reward_type=r.reward_type, reward_function_kwargs=dict(r.reward_function_kwargs),
         require_overall=require_overall)
     try:
-        ray_get(worker.ready.remote(), "reward worker start-up")
+        # (A setup that never returns, waiting on a judge service, hung the run here without a limit.)
+        ray_get(worker.ready.remote(), "reward worker start-up", cfg.trainer.worker_timeout_s)
+    except WorkerTimeout:
+        ray.kill(worker)
+        raise
     except WorkerFailure as err:  # loading the function or its setup (options, a CLIP model): the settings' fault
+        ray.kill(worker)
         raise ConfigError(f"worker.reward.reward_function={r.reward_function!r} with reward_function_kwargs="
                           f"{dict(r.reward_function_kwargs)}: {err}") from err
     return worker
 
 
-def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None) -> dict[str, float]:
+def probe_reward(worker: Any, item: dict, timeout: float, require: dict[str, str] | None = None) -> dict[str, float]:
     """Score one made-up response before any rollout: a reward function that raises or returns the wrong
     shape fails here, in seconds, instead of after the first step's generation.
 
     Args:
+        timeout: seconds to wait for the score (trainer.worker_timeout_s).
         require: score keys the run reads later -> the setting or step that reads it, named in the error.
 
     Returns:
@@ -94,7 +102,7 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
     probe = {"response": response, "response_length": 32,
              "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
              "image": item["images"][0] if item["images"] else None, "images": list(item["images"])}
-    scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record")
+    scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record", timeout)
     for key, reader in (require or {}).items():
         if key not in scores[0]:
             raise ConfigError(f"worker.reward.reward_function returns {sorted(scores[0])}, without {key!r}, "
@@ -105,7 +113,7 @@ def probe_reward(worker: Any, item: dict, require: dict[str, str] | None = None)
 def run(argv: list[str]) -> None:
     from pebr.checkpoint import run_dir_lock
     from pebr.data import StatefulBatchSampler
-    from pebr.trainer.ray_trainer import init_ray
+    from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
     from pebr.workers.actor import load_processor
 
     cfg = load_config(argv)
@@ -134,7 +142,8 @@ def run(argv: list[str]) -> None:
     with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
         started = init_ray(cfg)
         try:
-            _train(cfg, train, val, sampler)
+            with sigterm_as_interrupt():  # (after ray.init, which sets a handler of its own)
+                _train(cfg, train, val, sampler)
         finally:
             if started:  # a later run in this process starts (or joins) its own cluster, not this one
                 import ray
@@ -152,7 +161,8 @@ def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
     trainer = None
     try:
         a = cfg.algorithm
-        terms = probe_reward(reward, train[0], {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
+        terms = probe_reward(reward, train[0], cfg.trainer.worker_timeout_s,
+                             {a.filter_key: "algorithm.filter_key"} if a.online_filtering else None)
         for term, count, lacking in (("keyword", train.num_without_key_words, "key_words"),
                                      ("clip", train.num_without_images, "image")):
             if term in terms and count:
@@ -178,11 +188,11 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
     """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
     message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
     traceback is in the log above it), exit code 1, and so is a full or read-only disk (naming the file); Ctrl-C,
-    exit code 130, saying `on_interrupt` (what a rerun does). `usage`: printed for -h / --help, for entry points
-    that take key=value words rather than options."""
+    exit code 130, and SIGTERM while Ray runs, 143, say `on_interrupt` (what a rerun does). `usage`: printed for
+    -h / --help, for entry points that take key=value words rather than options."""
     from pebr.checkpoint import CheckpointError
     from pebr.data.records import DataError
-    from pebr.trainer.ray_trainer import WorkerFailure
+    from pebr.trainer.ray_trainer import Terminated, WorkerFailure
     from pebr.utils.jsonio import DISK_ERRNOS
 
     argv = sys.argv[1:] if argv is None else argv
@@ -209,6 +219,9 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
             raise
         print(f"error: {e}; once there is room, {on_interrupt}", file=sys.stderr)  # (what a rerun does)
         return 1
+    except Terminated:
+        print(f"terminated (SIGTERM); {on_interrupt}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"interrupted; {on_interrupt}", file=sys.stderr)
         return 130

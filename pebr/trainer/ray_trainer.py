@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -32,6 +34,32 @@ from pebr.workers.lora import requested_settings
 
 class WorkerFailure(RuntimeError):
     """A Ray worker died or raised; the message names it."""
+
+
+class WorkerTimeout(WorkerFailure):
+    """A Ray worker gave no answer within trainer.worker_timeout_s."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), raised in the driver's main thread: the run ends as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the driver runs, SIGTERM unwinds it as Ctrl-C does (workers shut down, one message, exit 143). Ray's
+    own handler, installed by ray.init, made it abort with a C++ stack dump and no message."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def init_ray(cfg: PPOConfig) -> bool:
@@ -110,7 +138,7 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
             left = None if deadline is None else max(0.0, deadline - time.time())
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
-                raise WorkerFailure(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)")
+                raise WorkerTimeout(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)")
             if not single:
                 who = f"worker {position[ready[0]]} of {len(position)}"
             ray.get(ready)  # raises here if that worker failed
@@ -618,59 +646,59 @@ class RayPPOTrainer:
         if unreached:
             print(f"trainer.profile_steps {unreached}: outside the steps this run trains "
                   f"({self.global_step + 1}-{self.total_steps}), not profiled", flush=True)
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO steps", dynamic_ncols=True)
-        while self.global_step < self.total_steps:
-            self.global_step += 1
-            metrics: dict[str, float] = {}
-            step_start = time.time()
-            profile_dir = self.profile_dir(self.global_step)
-            if profile_dir:
-                self.workers.call_all("start_profile")
+        # Closed on a failure too, before the error is printed (its redraw at exit came after the message).
+        with tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO steps", dynamic_ncols=True) as bar:
+            while self.global_step < self.total_steps:
+                self.global_step += 1
+                metrics: dict[str, float] = {}
+                step_start = time.time()
+                profile_dir = self.profile_dir(self.global_step)
+                if profile_dir:
+                    self.workers.call_all("start_profile")
 
-            with timed(metrics, "make_batch"):
-                batch = self.make_batch(metrics)
-            # Reward scoring runs in its own actor while the workers compute log-probs.
-            reward_future = None
-            if "scores" not in batch.tensors:
-                reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
-            old_from_rollout = self.cfg.algorithm.old_from_rollout
-            if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
-                batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
-            on_policy = on_policy_samples(self.cfg, len(batch))
-            metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
-            with timed(metrics, "log_probs"):
-                batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
-            if reward_future is not None:
-                with timed(metrics, "reward_wait"):
-                    scores = ray_get(reward_future, "reward", self.cfg.trainer.worker_timeout_s)
-                batch.tensors["scores"] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-                for k in scores[0]:
-                    batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]
-            with timed(metrics, "advantages"):
-                batch_advantages(batch, self.cfg.algorithm)
-            with timed(metrics, "update_actor"):
-                metrics.update(self.workers.update_actor(batch))
-            if profile_dir:
-                with timed(metrics, "profile_write"):
-                    written = self.workers.call_all("stop_profile", profile_dir)
-                print(f"step {self.global_step} profiled: {len(written)} worker(s) wrote rank*.trace.json.gz (for "
-                      f"ui.perfetto.dev or chrome://tracing) and rank*.ops.txt in {profile_dir}", flush=True)
+                with timed(metrics, "make_batch"):
+                    batch = self.make_batch(metrics)
+                # Reward scoring runs in its own actor while the workers compute log-probs.
+                reward_future = None
+                if "scores" not in batch.tensors:
+                    reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
+                old_from_rollout = self.cfg.algorithm.old_from_rollout
+                if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
+                    batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
+                on_policy = on_policy_samples(self.cfg, len(batch))
+                metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
+                with timed(metrics, "log_probs"):
+                    batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
+                if reward_future is not None:
+                    with timed(metrics, "reward_wait"):
+                        scores = ray_get(reward_future, "reward", self.cfg.trainer.worker_timeout_s)
+                    batch.tensors["scores"] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+                    for k in scores[0]:
+                        batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]
+                with timed(metrics, "advantages"):
+                    batch_advantages(batch, self.cfg.algorithm)
+                with timed(metrics, "update_actor"):
+                    metrics.update(self.workers.update_actor(batch))
+                if profile_dir:
+                    with timed(metrics, "profile_write"):
+                        written = self.workers.call_all("stop_profile", profile_dir)
+                    print(f"step {self.global_step} profiled: {len(written)} worker(s) wrote rank*.trace.json.gz (for "
+                          f"ui.perfetto.dev or chrome://tracing) and rank*.ops.txt in {profile_dir}", flush=True)
 
-            metrics.update(self.batch_metrics(batch))
-            if t.save_rollouts:
-                self.save_rollouts(batch)
-            metrics["timing/step_s"] = time.time() - step_start
-            metrics["perf/tokens_per_s"] = (metrics["prompt/tokens_total"] + metrics["response/tokens_total"]) / \
-                metrics["timing/step_s"]
-            # Saved before validating: a validation that fails must not take the step's training with it.
-            if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
-                with timed(metrics, "save_checkpoint"):
-                    self.save_checkpoint(metrics)
-            if self._validation_due(self.global_step):  # (it syncs the new weights: the next step's sync is ~0)
-                self._validate_into(metrics)
-            self.tracker.log(self.global_step, metrics)
-            bar.update(1)
-        bar.close()
+                metrics.update(self.batch_metrics(batch))
+                if t.save_rollouts:
+                    self.save_rollouts(batch)
+                metrics["timing/step_s"] = time.time() - step_start
+                metrics["perf/tokens_per_s"] = (metrics["prompt/tokens_total"] + metrics["response/tokens_total"]) / \
+                    metrics["timing/step_s"]
+                # Saved before validating: a validation that fails must not take the step's training with it.
+                if (t.save_freq > 0 and self.global_step % t.save_freq == 0) or self.global_step == self.total_steps:
+                    with timed(metrics, "save_checkpoint"):
+                        self.save_checkpoint(metrics)
+                if self._validation_due(self.global_step):  # (it syncs the new weights: the next step's sync is ~0)
+                    self._validate_into(metrics)
+                self.tracker.log(self.global_step, metrics)
+                bar.update(1)
         self.tracker.close()
 
     def _validation_due(self, step: int) -> bool:

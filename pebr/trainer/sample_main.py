@@ -327,7 +327,7 @@ def _sample_remaining(cfg: Any, dataset: Any, questions: dict[str, str], out: st
     """Resume the output log, then sample the questions it lacks (the caller holds the output's lock)."""
     import ray
 
-    from pebr.trainer.ray_trainer import init_ray
+    from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
 
     _report_dropped(summary, cfg.data.train_files)
     per_question = summary.per_question
@@ -346,7 +346,8 @@ def _sample_remaining(cfg: Any, dataset: Any, questions: dict[str, str], out: st
 
     started = init_ray(cfg)
     try:
-        correct, total = _sample(cfg, dataset, questions, qids, todo, per_question, out, summary)
+        with sigterm_as_interrupt():  # (after ray.init, which sets a handler of its own)
+            correct, total = _sample(cfg, dataset, questions, qids, todo, per_question, out, summary)
     finally:
         if started:  # only the Ray this run started: a caller's (the tests') stays up
             ray.shutdown()
@@ -370,29 +371,30 @@ def _sample(cfg: Any, dataset: Any, questions: dict, qids: list, todo: list, per
     correct = total = 0.0
     try:
         # The difficulty split reads each record's accuracy: a reward without one would waste the whole run.
-        probe_reward(reward, dataset[todo[0]], {"accuracy": "the difficulty split (pebr.trainer.split)"})
+        probe_reward(reward, dataset[todo[0]], cfg.trainer.worker_timeout_s,
+                     {"accuracy": "the difficulty split (pebr.trainer.split)"})
         workers = WorkerGroup(cfg, total_steps=1, need_actor=False)  # kills its actors itself if start-up fails
         sampling = sampling_params(cfg)
         size = cfg.data.rollout_batch_size
-        bar = tqdm(total=len(qids), initial=summary.already_done, unit="question", desc="sampling",
-                   dynamic_ncols=True)
-        for start in range(0, len(todo), size):  # the last, partial batch included
-            prompts = []
-            for i in todo[start:start + size]:
-                item = dataset[i]
-                item["uid"] = f"sample-{item['index']}"
-                prompts.append(item)
-            batch, _ = workers.generate(prompts, sampling)
-            scores = ray_get(reward.compute.remote(reward_inputs(batch)), "reward", cfg.trainer.worker_timeout_s)
-            records = to_records(batch, scores, per_question, questions)
-            append_records(out, records)
-            summary.sampled += len(prompts)
-            summary.records_written += len(records)
-            acc = [float(s.get("accuracy", float("nan"))) for s in scores]
-            correct, total = correct + sum(acc), total + len(acc)
-            bar.set_postfix(accuracy=f"{correct / total:.3f}")
-            bar.update(len(prompts))
-        bar.close()
+        # Closed on a failure too, before the error is printed (its redraw at exit came after the message).
+        with tqdm(total=len(qids), initial=summary.already_done, unit="question", desc="sampling",
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), size):  # the last, partial batch included
+                prompts = []
+                for i in todo[start:start + size]:
+                    item = dataset[i]
+                    item["uid"] = f"sample-{item['index']}"
+                    prompts.append(item)
+                batch, _ = workers.generate(prompts, sampling)
+                scores = ray_get(reward.compute.remote(reward_inputs(batch)), "reward", cfg.trainer.worker_timeout_s)
+                records = to_records(batch, scores, per_question, questions)
+                append_records(out, records)
+                summary.sampled += len(prompts)
+                summary.records_written += len(records)
+                acc = [float(s.get("accuracy", float("nan"))) for s in scores]
+                correct, total = correct + sum(acc), total + len(acc)
+                bar.set_postfix(accuracy=f"{correct / total:.3f}")
+                bar.update(len(prompts))
     finally:
         # The engines hold memory (and GPUs) until their actors end; do not leave them to the next run.
         if workers is not None:

@@ -112,3 +112,27 @@ def test_sigkill_after_checkpoint_and_during_save_then_resume(tiny_model_dir, sy
     report["kill1_ray_agents_exit_s"] = late
     assert all(v is not None for v in late.values()), late
     print("\nfault report:", json.dumps(report, indent=1))
+
+
+def test_sigterm_to_the_driver_mid_run_ends_it_with_one_message(tiny_model_dir, synthetic_data_dir, tmp_path):
+    """A scheduler's stop (SIGTERM to the driver) aborted it through Ray's handler: a C++ stack dump, no message,
+    exit -6. Now the run unwinds as on Ctrl-C: workers shut down, one line saying what a rerun does, exit 143,
+    the progress bar closed before that line."""
+    run_dir = str(tmp_path / "run")
+    log = str(tmp_path / "train.log")
+    proc = start("pebr.trainer.main", trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, STEPS), log)
+    wait_until("global_step_1 complete", lambda: os.path.isfile(os.path.join(run_dir, "global_step_1",
+                                                                             checkpoint.STATE_FILE)), proc, 240)
+    family = descendants(proc.pid)
+    t_term = time.time()
+    proc.send_signal(15)
+    assert proc.wait(timeout=60) == 143
+    gone = wait_gone(family, timeout=30, since=t_term)
+    core = {k: v for k, v in gone.items() if not any(a in k for a in RAY_AGENTS)}
+    assert any("FSDPWorker" in k for k in core) and all(v is not None for v in core.values()), core
+    with open(log) as f:
+        text = f.read()
+    assert "SIGTERM received" not in text, text[-3000:]
+    last = text.rstrip().splitlines()[-1]
+    assert last == "terminated (SIGTERM); the same command continues from the last complete checkpoint or output"
+    assert 1 in checkpoint.complete_steps(run_dir)

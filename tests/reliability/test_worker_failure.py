@@ -213,3 +213,35 @@ def test_a_reward_function_that_stalls_fails_within_the_worker_timeout(ray_sessi
         assert time.time() - t0 < 30
     finally:
         ray_session.kill(worker)
+
+
+@pytest.mark.parametrize("stalls", ["setup", "compute_score"])
+def test_a_reward_stalling_at_start_up_or_in_its_first_check_fails_within_the_worker_timeout(ray_session, tmp_path,
+                                                                                            stalls):
+    """Both waits before the first rollout had no limit: a setup() that never returned (a judge service that does
+    not answer) or a first score that never came hung the trainer and the sampler, saying nothing."""
+    import types
+
+    from pebr.trainer.main import probe_reward, start_reward_worker
+
+    reward = tmp_path / "stalls.py"
+    reward.write_text("import time\n\n"
+                      f"def setup(**kwargs):\n    {'time.sleep(600)' if stalls == 'setup' else 'pass'}\n\n"
+                      "def compute_score(reward_inputs):\n    time.sleep(600)\n")
+    cfg = types.SimpleNamespace(
+        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
+            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
+        trainer=types.SimpleNamespace(worker_timeout_s=3.0))
+    t0 = time.time()
+    if stalls == "setup":  # no configuration error: the settings may be right, the service is down
+        with pytest.raises(ray_trainer.WorkerTimeout, match=r"reward worker start-up: no answer within 3 s"):
+            start_reward_worker(cfg)
+    else:
+        worker = start_reward_worker(cfg)
+        try:
+            with pytest.raises(ray_trainer.WorkerTimeout, match=r"reward function check on the first training "
+                                                                 r"record: no answer within 3 s"):
+                probe_reward(worker, {"ground_truth": "1", "key_words": [], "qid": "q", "images": []}, 3.0)
+        finally:
+            ray_session.kill(worker)
+    assert time.time() - t0 < 60

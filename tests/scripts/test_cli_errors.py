@@ -119,6 +119,27 @@ def test_run_cli_says_help_interrupts_and_worker_failures_in_one_message(capsys)
     assert capsys.readouterr().err == "error: actor update: worker 1 of 2 died: its start-up raised ValueError: x\n"
 
 
+def test_sigterm_while_the_driver_runs_is_an_interrupt_with_exit_143_and_the_old_handler_comes_back(capsys):
+    import os
+    import signal
+
+    from pebr.trainer.main import run_cli
+    from pebr.trainer.ray_trainer import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    reached = []
+
+    def terminated(argv):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("after the signal")  # (the handler raises before the next bytecode runs)
+
+    assert run_cli(terminated, []) == 143 and not reached
+    assert capsys.readouterr().err == ("terminated (SIGTERM); the same command continues from the last complete "
+                                       "checkpoint or output\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_reward_function_that_cannot_start_is_a_configuration_error_naming_its_cause(ray_session):
     """It was a WorkerFailure whose first line said only that a worker died, and 50 lines of Ray's traceback."""
     from pebr.config import ConfigError, load_config
