@@ -381,6 +381,10 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.ref.fsdp.mixed_precision={w.ref.fsdp.mixed_precision}: the reference model computes "
                           f"in the actor's precision (worker.actor.fsdp.mixed_precision={actor.fsdp.mixed_precision}), "
                           "so that its log-probs compare with the actor's; set the actor's, or leave the ref's at auto")
+    if not w.ref.fsdp.enable_full_shard:  # FSDP2 reshards after a backward, which the reference never runs
+        raise ConfigError("worker.ref.fsdp.enable_full_shard=false: the reference model runs forwards only, so its "
+                          "gathered parameters would never be freed (a whole copy of the model on every rank, its "
+                          "CPU offload undone); leave it true")
     for key, value in (("data.rollout_batch_size", d.rollout_batch_size), ("worker.rollout.n", rollout.n),
                        ("trainer.nnodes", t.nnodes), ("trainer.n_gpus_per_node", t.n_gpus_per_node),
                        ("data.max_prompt_length", d.max_prompt_length),

@@ -255,7 +255,10 @@ class WorkerGroup:
         self.cfg = cfg
         self.size = cfg.world_size
         self.tp = cfg.worker.rollout.tensor_parallel_size
-        on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+        # "auto" asks the cluster, not this process: a driver on a head node without GPUs made the workers ask Ray
+        # for none, and Ray then hid the GPU nodes' cards from them (a 7 B model trained in fp32 on gloo).
+        on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto"
+                                                   and ray.cluster_resources().get("GPU", 0) > 0)
         check_resources_for_workers(self.size, on_gpu)
         remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor)

@@ -806,6 +806,9 @@ def update_policy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sche
                 log("actor/grad_norm", grad_norm)
             log("actor/lr", scheduler.get_last_lr()[0])
     scheduler.step()
+    # The last mini-batch's gradients are not needed until the next update: freed now, not held through the
+    # rollout and the log-prob passes (fp32 shards, about 4.7 GiB a GPU at 7 B over 7 GPUs).
+    optimizer.zero_grad(set_to_none=True)
     result = {k: sum(v) / len(v) for k, v in metrics.items()}
     result["actor/skipped_optimizer_steps"] = sum(metrics["actor/skipped_optimizer_steps"])
     result.setdefault("actor/grad_norm", math.nan)  # every step skipped

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 import time
 import uuid
 
@@ -44,6 +43,13 @@ def pick_device(cfg_device: str) -> torch.device:
     if cfg_device == "cuda" or (cfg_device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
     return torch.device("cpu")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The workers' process group: gloo on CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones, which the
+    actor's CPU offload makes of its gradients (clipping all-reduces their norm: NCCL alone raised "No backend
+    type associated with device type cpu" at the first optimizer step on 2 or more GPUs)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 JOB_ID_KEY = "pebr/job_id"  # in the rendezvous store: the id rank 0 gave this worker group
@@ -81,7 +87,9 @@ class FSDPWorker:
         store that rank 0 opens here and keeps. The store listens on a port the system picks, so nothing can take
         it first (a port found free, closed and bound again later was taken in between once in CI: EADDRINUSE).
         The store also holds this job's id, which names the engines' shared memory (`rollout.SHM_PREFIX_ENV`)."""
-        self.store = dist.TCPStore(socket.gethostbyname(socket.gethostname()), 0, self.world_size, is_master=True,
+        # The address Ray knows this node by: the host name's often resolves to a loopback address (127.0.1.1 in
+        # Ubuntu's /etc/hosts), where ranks on other nodes waited until trainer.worker_timeout_s.
+        self.store = dist.TCPStore(ray.util.get_node_ip_address(), 0, self.world_size, is_master=True,
                                    wait_for_workers=False, timeout=default_pg_timeout)
         self.store.set(JOB_ID_KEY, uuid.uuid4().hex[:12])
         return self.store.host, self.store.port
@@ -90,7 +98,7 @@ class FSDPWorker:
         t0 = time.time()
         cfg, wcfg = self.cfg, self.cfg.worker
         self.device = pick_device(cfg.trainer.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        backend = process_group_backend(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.store is None:  # rank 0 opened it in `address`

@@ -126,6 +126,31 @@ def test_bucketed_gather_on_nccl(tiny_model_dir, cpu_offload):
         dist.destroy_process_group()
 
 
+def test_the_workers_process_group_reduces_cpu_and_cuda_tensors():
+    """With the actor's CPU offload, gradient clipping all-reduces CPU tensors: a group of NCCL alone raised "No
+    backend type associated with device type cpu" at the first optimizer step on 2 or more GPUs (on one rank
+    nothing is reduced, which hid it). The workers' group takes gloo for CPU tensors and NCCL for CUDA ones."""
+    import socket
+
+    import torch.distributed as dist
+
+    from pebr.workers.fsdp_worker import process_group_backend
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(CUDA)
+    dist.init_process_group(process_group_backend(torch.device(CUDA)), init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        on_cpu, on_gpu = torch.ones(3), torch.ones(3, device=CUDA)
+        dist.all_reduce(on_cpu)
+        dist.all_reduce(on_gpu)
+        assert on_cpu.tolist() == on_gpu.cpu().tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
+
+
 def _grpo_argv(stage: int, tiny_model_dir: str, synthetic_data_dir: str, run_dir: str, *overrides: str) -> list[str]:
     """Two GRPO steps of `stage`'s recipe on one GPU: NCCL, FSDP2 in bf16, packing, the hf rollout; a checkpoint
     after step 2."""

@@ -76,6 +76,9 @@ def test_overrides_win_over_files():
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
     ("worker.actor.fsdp.enable_rank0_init=true", "worker.actor.fsdp.enable_rank0_init"),
+    # FSDP2 reshards after a backward: the reference (forwards only) stayed gathered on every rank for good.
+    ("worker.ref.fsdp.enable_full_shard=false", "worker.ref.fsdp.enable_full_shard=false: the reference model runs "
+     "forwards only"),
     ("worker.actor.ulysses_sequence_parallel_size=4", "ulysses_sequence_parallel_size=4 is not implemented"),
     ("worker.actor.optim.strategy=adamw_bf16", "worker.actor.optim.strategy='adamw_bf16' is not implemented"),
     ("worker.hybrid_engine=false", "worker.hybrid_engine=False is not implemented"),
