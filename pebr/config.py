@@ -244,7 +244,7 @@ class TrainerConfig:
     logger: List[str] = field(default_factory=lambda: ["console", "file"])
     nnodes: int = 1
     n_gpus_per_node: int = 8
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto (GPUs when the Ray cluster has any, else CPU) | cuda | cpu
     max_try_make_batch: int = 20  # online filtering's generations per step at most; <= 0: no limit
     val_freq: int = -1  # k > 0: every k steps and at the end; -1: at the end (and before, see below); 0: never
     val_before_train: bool = True
