@@ -323,6 +323,8 @@ def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_unin
         child.wait()
     for leftover in (".partial/checkpoint-98", "checkpoint-1.deleting"):  # a save, a rotation cut short: ignored
         os.makedirs(os.path.join(checkpoints, leftover), exist_ok=True)
+    # An earlier run's checkpoints, renamed for deletion once its output was complete, then killed: removed.
+    os.makedirs(checkpoints + ".deleting/checkpoint-4")
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from sft_warmup import main
@@ -338,6 +340,7 @@ def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_unin
     resumed = main([*common, "--output_dir", out, "--save_steps", "2", "--save_total_limit", "2"])
     assert resumed["resumed_from"] == newest
     assert resumed["steps"] == 40 and not os.path.exists(checkpoints)  # deleted once the model is in place
+    assert not os.path.exists(checkpoints + ".deleting")
 
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])  # checkpoints change nothing of the run
     assert whole["resumed_from"] is None
@@ -376,6 +379,24 @@ def test_a_checkpoint_belongs_to_the_inputs_contents_not_their_paths(tmp_path, c
     assert run_identity(here)["settings"].keys() == run_identity(there)["settings"].keys()
     assert [k for k, v in run_identity(there)["settings"].items() if run_identity(here)["settings"][k] != v] == [
         "the contents of format_prompt"]
+    # Another model of the same architecture and file sizes (a fine-tune of the same base), or the same weights
+    # with another chat template: the config and weight sizes alone took either for the checkpoint's base model.
+    from safetensors.torch import load_file, save_file
+
+    weights_file = moved / "model" / "model.safetensors"
+    weights = load_file(str(weights_file))
+    size = weights_file.stat().st_size
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    assert weights_file.stat().st_size == size
+    for edit in ("weights", "chat template"):
+        if edit == "chat template":
+            shutil.copy(os.path.join(tiny_model_dir, "model.safetensors"), weights_file)
+            template = moved / "model" / "chat_template.jinja"
+            template.write_text(template.read_text() + "\n")
+        assert [k for k, v in run_identity(there)["settings"].items() if run_identity(here)["settings"][k] != v] == [
+            "the base model (model_path)", "the contents of format_prompt"], edit
 
     # A checkpoints folder that is a link to another disk: emptied, the link kept (it was renamed away, its
     # checkpoints left behind, and the next run's clean-up failed on it).
