@@ -323,8 +323,6 @@ def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_unin
         child.wait()
     for leftover in (".partial/checkpoint-98", "checkpoint-1.deleting"):  # a save, a rotation cut short: ignored
         os.makedirs(os.path.join(checkpoints, leftover), exist_ok=True)
-    # An earlier run's checkpoints, renamed for deletion once its output was complete, then killed: removed.
-    os.makedirs(checkpoints + ".deleting/checkpoint-4")
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from sft_warmup import main
@@ -335,12 +333,16 @@ def test_a_killed_warm_up_resumes_from_its_newest_checkpoint_and_ends_as_an_unin
     shutil.copytree(checkpoints, stale + ".checkpoints")
     cfg = SFTConfig(model_path=tiny_model_dir, data=clean_sft, output_dir=stale, resume=False)
     assert find_resume_checkpoint(cfg, run_identity(cfg)) is None and not os.path.exists(stale + ".checkpoints")
+    # A run killed after its output was complete, while its checkpoints (renamed for deletion) were being removed:
+    # they stayed on disk until another run into this output_dir completed.
+    done = SFTConfig(model_path=tiny_model_dir, data=clean_sft, output_dir=str(tmp_path / "done"))
+    os.makedirs(done.checkpoint_dir + ".deleting/checkpoint-4")
+    assert find_resume_checkpoint(done, None) is None and not os.path.exists(done.checkpoint_dir + ".deleting")
 
     newest = complete_checkpoints(checkpoints)[-1][1]
     resumed = main([*common, "--output_dir", out, "--save_steps", "2", "--save_total_limit", "2"])
     assert resumed["resumed_from"] == newest
     assert resumed["steps"] == 40 and not os.path.exists(checkpoints)  # deleted once the model is in place
-    assert not os.path.exists(checkpoints + ".deleting")
 
     whole = main([*common, "--output_dir", str(tmp_path / "whole")])  # checkpoints change nothing of the run
     assert whole["resumed_from"] is None
