@@ -772,7 +772,8 @@ def _setting(cfg: Any, dotted: str) -> Any:
 
 
 def _runs_on_cpu(device: str) -> bool:
-    """trainer.device as the workers resolve it (pebr.workers.fsdp_worker.pick_device)."""
+    """trainer.device as this process can tell before Ray starts: "auto" by its own CUDA (the workers follow the
+    Ray cluster's GPUs, which a driver on a head node without GPUs does not see; set trainer.device there)."""
     if device != "auto":
         return device == "cpu"
     import torch  # only for this question: loading torch takes seconds

@@ -556,9 +556,10 @@ def _load_progress(path: str, identity: dict[str, Any]) -> dict[str, dict[str, A
     if not isinstance(header, dict) or "evaluation" not in header:
         raise ConfigError(f"{path} is not an evaluation's progress file (its first line is not one's header): move "
                           "it away, or choose another --output")
-    if header["evaluation"] != identity:
-        changed = sorted(key for key in set(identity) | set(header["evaluation"])
-                         if identity.get(key) != header["evaluation"].get(key))
+    saved_identity = {"top_p": 1.0, **header["evaluation"]}  # (saved before --top_p existed: sampling kept all)
+    if saved_identity != identity:
+        changed = sorted(key for key in set(identity) | set(saved_identity)
+                         if identity.get(key) != saved_identity.get(key))
         raise ConfigError(f"{path} holds the answers of an evaluation with another {', '.join(changed)}: rerun it "
                           "as it was to continue it, or pass --no-resume to start again")
     saved = {}

@@ -43,6 +43,10 @@ RESUMABLE_CHANGES = ("output_dir", "save_steps", "save_total_limit", "resume", "
 INPUTS = ("model_path", "data", "image_dir", "format_prompt")
 
 
+# The files a model folder's weights, tokenizer, processor and chat template are made of (not a README or notes).
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken", ".py")
+
+
 def _sha256(path: str) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -56,7 +60,8 @@ def run_identity(cfg: SFTConfig) -> dict[str, Any]:
     from the checkpoint's weights, never the named base's. Hashing a 7 B model's 15 GB takes seconds to a minute,
     once a run, and only when it keeps checkpoints."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES + INPUTS}
-    files = sorted(name for name in os.listdir(cfg.model_path) if os.path.isfile(os.path.join(cfg.model_path, name)))
+    files = sorted(name for name in os.listdir(cfg.model_path)
+                   if name.endswith(MODEL_FILE_SUFFIXES) and os.path.isfile(os.path.join(cfg.model_path, name)))
     settings["the base model (model_path)"] = {name: _sha256(os.path.join(cfg.model_path, name)) for name in files}
     settings["the contents of format_prompt"] = _sha256(cfg.format_prompt) if cfg.format_prompt else None
     settings["the contents of data"] = _sha256(cfg.data)
@@ -108,6 +113,10 @@ def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any] | None) -> s
     with open(os.path.join(path, CHECKPOINT_META), encoding="utf-8") as handle:
         saved = json.load(handle)
     ours, theirs = identity["settings"], saved.get("settings", {})
+    if set(theirs.get("the base model (model_path)", {})) == {"config", "weights"}:
+        raise ConfigError(f"sft: the checkpoint {path} was saved by an earlier version of this trainer, which told "
+                          "base models apart by their config and weight sizes only; pass --no-resume to delete its "
+                          "checkpoints and start again")
     changed = [key if key.startswith("the ") else f"{key}: {theirs.get(key)!r} -> {ours.get(key)!r}"
                for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
     if changed:

@@ -388,7 +388,7 @@ def normalize_record(
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
     lookalike = next((m.group() for m in _PLACEHOLDER_LOOKALIKE.finditer(prompt) if m.group() != IMAGE_PLACEHOLDER),
                      None)
-    if lookalike is not None:  # it stayed text, and the image went in front of the question instead
+    if lookalike is not None and images:  # it stayed text, and the image went in front of the question instead
         raise BadRecord("image_count_mismatch", f"{where}: key {prompt_key!r} holds {lookalike!r}, which is not the "
                                                 f"image placeholder {IMAGE_PLACEHOLDER} (it is matched exactly)")
     if images and placeholders == 0:

@@ -58,7 +58,11 @@ _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 # (Whitespace is read once: "\s*[*_]*\s*" took quadratic time on a long run of spaces after "###".)
 _FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*[:：]?[*_]*",
                                  _FLAGS)
-_ANY_HEADER = re.compile(r"(?<!#)###(?!#)")  # a "####" sub-heading inside the description does not end it
+# Where a description without a Rationales header ends: the next "###" header, or a deeper one that starts a step
+# or the answer ("#### Step 1:"); a "#### Objects" sub-heading inside the description does not end it.
+# (Read once from the start of a run of "#"s: a long run is not scanned again from each of its characters.)
+_ANY_HEADER = re.compile(r"(?<!#)(?:###(?!#)|#{3,}+\s*+(?:step\s*+\d|the\s++final\s++answer|let'?s\s++think))",
+                         _FLAGS)
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
 

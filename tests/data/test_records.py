@@ -42,6 +42,9 @@ def test_json_source_normalises_fields(tmp_path):
     assert report == LoadReport(total=4, kept=4, skipped={}, messages=[],
                                 kept_at=[f"{source} record {i}" for i in range(4)])
     assert records[3]["images"] == [] and records[3]["problem"] == "What is 3+3?"
+    # Without an image nothing can be put in the wrong place: "<Image>" is the question's own text.
+    (text_only,), _ = load_records(write_json(tmp_path / "t.json", [{"problem": "Is <Image> a tag?", "answer": "1"}]))
+    assert text_only["problem"] == "Is <Image> a tag?"
     assert records[0] == GOOD
     assert records[1] == {"problem": "What is 2+2?", "answer": "4", "images": [], "key_words": [], "qid": "rl-1"}
     # A prompt with images but no placeholder gets one placeholder per image in front.

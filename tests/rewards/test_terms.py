@@ -481,6 +481,8 @@ def test_length_reward_rejects_bad_arguments() -> None:
         ("**### Image Description:** a red cube\n### Rationales: x", "a red cube"),
         # Without the Rationales header, a "####" sub-heading of the description ended it (caption "").
         ("### Image Description:\n#### Objects\n- a red cube\n### Step 1: x", "Objects\n- a red cube"),
+        # ... while a response written with "####" headers throughout still ends it at its first step.
+        ("#### Image Description: X\n#### Step 1: a\n#### The final answer is: 1", "X"),
     ],
 )
 def test_extract_image_description(response: str, expected: str) -> None:

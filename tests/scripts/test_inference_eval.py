@@ -444,3 +444,17 @@ def test_categories_of_other_types_are_refused_and_a_bar_is_escaped_in_the_table
     table = markdown_table({"model_path": "m", "data": "d", "overall": summarize([row]),
                             "per_category": {"a|b": summarize([row])}})
     assert "| a\\|b | 1 | 100.0 |" in table
+
+
+def test_a_progress_file_saved_before_top_p_existed_goes_on(tmp_path) -> None:
+    """Its header has no top_p (sampling kept every token then): an interrupted evaluation of the earlier version
+    was refused as one "with another top_p", which no command could repeat."""
+    from pebr.config import ConfigError
+    from pebr.evaluation import _append_progress, _load_progress
+
+    identity = {"model": "m", "settings": {"temperature": 0.0}, "top_p": 1.0}
+    path = str(tmp_path / "eval.partial.jsonl")
+    _append_progress(path, {k: v for k, v in identity.items() if k != "top_p"}, {"q/1": {"response": "r", "response_length": 1}})
+    assert _load_progress(path, identity) == {"q/1": {"response": "r", "response_length": 1}}
+    with pytest.raises(ConfigError, match="top_p"):
+        _load_progress(path, {**identity, "top_p": 0.9})

@@ -399,6 +399,22 @@ def test_a_checkpoint_belongs_to_the_inputs_contents_not_their_paths(tmp_path, c
             template.write_text(template.read_text() + "\n")
         assert [k for k, v in run_identity(there)["settings"].items() if run_identity(here)["settings"][k] != v] == [
             "the base model (model_path)", "the contents of format_prompt"], edit
+    # A note beside the model is no part of it; a checkpoint of the earlier version (config and weight sizes
+    # only) is named as such, not sent back to "rerun with those settings".
+    shutil.copy(os.path.join(tiny_model_dir, "chat_template.jinja"), moved / "model" / "chat_template.jinja")
+    (moved / "model" / "README.md").write_text("fine-tuned on Tuesday")
+    assert run_identity(here)["settings"]["the base model (model_path)"] == run_identity(there)["settings"][
+        "the base model (model_path)"]
+    from pebr.config import ConfigError
+    from pebr.sft_checkpoints import CHECKPOINT_META, find_resume_checkpoint
+
+    old = run_identity(here)
+    old["settings"]["the base model (model_path)"] = {"config": "abc", "weights": [["model.safetensors", 1]]}
+    os.makedirs(os.path.join(here.checkpoint_dir, "checkpoint-2"))
+    with open(os.path.join(here.checkpoint_dir, "checkpoint-2", CHECKPOINT_META), "w") as handle:
+        json.dump(old, handle)
+    with pytest.raises(ConfigError, match="saved by an earlier version of this trainer.*--no-resume"):
+        find_resume_checkpoint(here, run_identity(here))
 
     # A checkpoints folder that is a link to another disk: emptied, the link kept (it was renamed away, its
     # checkpoints left behind, and the next run's clean-up failed on it).
