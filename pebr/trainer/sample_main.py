@@ -308,6 +308,10 @@ def run(argv: list[str]) -> SampleSummary:
         raise ConfigError(f"trainer.sample_output={out!r} is, or lies in, data.train_files={source!r}: the next "
                           "sampling run would read the rollouts as questions; write them elsewhere")
     per_question = cfg.worker.rollout.n * cfg.trainer.total_epochs
+    if per_question > 1 and cfg.worker.rollout.temperature <= 0:  # n copies of one greedy answer: no medium case
+        raise ConfigError(f"worker.rollout.temperature={cfg.worker.rollout.temperature} is greedy decoding: the "
+                          f"{per_question} rollouts of a question would be one answer repeated, and the split could "
+                          "find no medium case (1 to n-1 correct); sample at a temperature above 0 (the paper: 1.2)")
     summary = SampleSummary(output=out, per_question=per_question)
     check_writable_folder(os.path.dirname(os.path.abspath(out)), f"trainer.sample_output={out!r}")
 

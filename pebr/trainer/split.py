@@ -26,6 +26,7 @@ No torch, no Ray: `split_dataset` is called by `_rollout_outputs/sample_dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record, question_digest
-from pebr.utils.jsonio import atomic_write_json, is_within
+from pebr.utils.jsonio import atomic_write_json, exclusive_lock, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -86,6 +87,7 @@ class SplitReport:
         repeated: where each later record with an earlier valid record's qid was (skipped: only with
             skip_bad_lines, as sampling with data.on_bad_record=skip sampled the first valid record of a qid).
         unknown_qids: number of qids in the rollout file that the data set does not have.
+        partial_scores: rollouts whose accuracy is neither 0 nor 1 (counted as not correct).
         paths: split name -> file written.
     """
 
@@ -99,6 +101,7 @@ class SplitReport:
     refused: list[str] = field(default_factory=list)
     repeated: list[str] = field(default_factory=list)
     unknown_qids: int = 0
+    partial_scores: int = 0
     paths: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -150,21 +153,26 @@ def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool, str | None]
         raise SplitError(f"{where}: key 'qid' is missing or not a string/integer")
     score = value.get("score")
     accuracy = score.get("accuracy") if isinstance(score, dict) else None
-    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy):
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not _finite(accuracy):
         raise SplitError(f"{where}: key 'score.accuracy' is missing or not a finite number")
     sample = value.get("sample")
     if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < MAX_SAMPLE:
         raise SplitError(f"{where}: key 'sample' (the question's 0-based rollout index, which "
                          f"pebr.trainer.sample_main writes) is missing or not an integer in [0, {MAX_SAMPLE})")
     question = value.get("question")
-    return str(qid), sample, float(accuracy) == 1.0, question if isinstance(question, str) else None
+    return str(qid), sample, float(accuracy), question if isinstance(question, str) else None
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
 
 
 def iter_rollouts(path: str, skip_bad_lines: bool = False,
-                  bad: Counter | None = None) -> Iterator[tuple[str, int, bool, str | None, int]]:
-    """Stream (qid, sample, correct, question digest, line number) from a rollout JSONL file, one line at a time.
-
-    A rollout is correct when its score.accuracy is exactly 1 (the split rule counts right answers).
+                  bad: Counter | None = None) -> Iterator[tuple[str, int, float, str | None, int]]:
+    """Stream (qid, sample, accuracy, question digest, line number) from a rollout JSONL file, one line at a time.
 
     Args:
         path: the rollout file written by `pebr.trainer.sample_main`.
@@ -185,8 +193,8 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
             try:
                 try:
                     value = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise SplitError(f"{where}: malformed JSON: {err}") from None
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # (deep nesting: Recursion)
+                    raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}") from None
                 yield (*_rollout_fields(value, where), line_number)
             except SplitError:
                 if not skip_bad_lines:
@@ -195,14 +203,16 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
                     bad["lines"] += 1
 
 
-def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, QidCount], int, int]:
-    """Per-qid rollout and correct counts of a rollout file.
+def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, QidCount], int, int, int]:
+    """Per-qid rollout and correct counts of a rollout file. A rollout is correct when its score.accuracy is
+    exactly 1 (the split rule counts right answers); partial credit (0.5, 0.999) is not.
 
     A question's rollout index ("sample") may appear once: a second line with it is a file appended to or
     joined with a copy, and a question sampled 4 times then doubled must not pass for one sampled 8 times.
 
     Returns:
-        (counts, lines, bad_lines): qid -> QidCount, records read, malformed or repeated lines skipped.
+        (counts, lines, bad_lines, partial): qid -> QidCount, records read, malformed or repeated lines skipped,
+        rollouts whose accuracy is neither 0 nor 1.
 
     Raises:
         SplitError: as `iter_rollouts`, or a repeated (qid, sample) naming the file and line, unless
@@ -211,11 +221,11 @@ def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, Q
     counts: dict[str, QidCount] = {}
     bad: Counter = Counter()
     lines = 0
-    for qid, sample, correct, question, line in iter_rollouts(path, skip_bad_lines, bad):
+    for qid, sample, accuracy, question, line in iter_rollouts(path, skip_bad_lines, bad):
         entry = counts.get(qid)
         if entry is None:
             entry = counts[qid] = QidCount(question=question, first_line=line)
-        if not entry.add(sample, correct):
+        if not entry.add(sample, accuracy == 1.0):
             if not skip_bad_lines:
                 raise SplitError(
                     f"{path} line {line}: qid {qid!r} sample {sample} appears a second time; "
@@ -224,7 +234,8 @@ def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, Q
             bad["lines"] += 1
             continue
         lines += 1
-    return counts, lines, bad["lines"]
+        bad["partial"] += accuracy not in (0.0, 1.0)
+    return counts, lines, bad["lines"], bad["partial"]
 
 
 def record_qid(record: Any, stem: str, index: int) -> str:
@@ -477,7 +488,13 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     else:
         check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
     qids = [record.qid for record in records]
-    counts, report.rollout_lines, report.bad_lines = count_rollouts(rollouts, skip_bad_lines)
+    lock = f"{rollouts}.lock"  # held by a sampling run still writing the file
+    held = exclusive_lock(lock, lambda holder: SplitError(
+        f"{rollouts} is being written by a sampling run ({holder}): split it once that run has ended (nothing was "
+        "written)")) if os.access(lock, os.W_OK) else contextlib.nullcontext()
+    with held:
+        counts, report.rollout_lines, report.bad_lines, report.partial_scores = count_rollouts(rollouts,
+                                                                                                 skip_bad_lines)
     splits: dict[str, list[DatasetRecord]] = {name: [] for name in SPLIT_NAMES}
     known = set(qids)
     for record in records:
@@ -523,6 +540,13 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         log(f"warning: {report.unknown_qids} qids of {rollouts} are not in {dataset} (ignored)")
     if report.bad_lines:
         log(f"warning: skipped {report.bad_lines} malformed or repeated lines of {rollouts}")
+    if report.partial_scores:  # a soft grader's 0.999 made an all-correct question hard, silently
+        log(f"warning: {report.partial_scores} rollouts of {rollouts} scored an accuracy neither 0 nor 1; the split "
+            "counts only exactly 1 as correct (a grader giving partial credit or rounding sorts questions wrongly)")
+    digests = Counter(counts[r.qid].question for r in records if r.qid in counts and counts[r.qid].question)
+    twice = sum(1 for number in digests.values() if number > 1)
+    if twice:  # split apart, one copy may train in each stage
+        log(f"warning: {twice} questions of {dataset} appear under several qids (same text, answer and images)")
     if malformed:
         log(f"warning: skipped {len(malformed)} malformed lines of {dataset} (not sampled either): "
             f"{_listed(malformed)}")
@@ -533,6 +557,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         log(f"warning: skipped {len(report.repeated)} records of {dataset} whose qid an earlier valid record has "
             f"(not sampled either): {_listed(report.repeated)}")
 
+    for name in ("easy", "medium"):
+        if not splits[name]:
+            log(f"warning: no {name} case: the stage that trains on {name}case.json would have no data")
     check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])
     report.paths = _write_splits(output_dir, {name: [r.value for r in splits[name]] for name in SPLIT_NAMES})
     report.sizes = {name: len(splits[name]) for name in SPLIT_NAMES}

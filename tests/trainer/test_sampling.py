@@ -117,6 +117,16 @@ def test_a_directory_as_sample_output_is_refused_before_any_work(tmp_path, synth
              f"data.train_files={synthetic_data_dir}/train.json", f"trainer.sample_output={tmp_path}"])
 
 
+def test_greedy_sampling_of_several_rollouts_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
+                                                                        monkeypatch):
+    """Temperature 0 repeated one answer n times: every question easy or hard, no medium case, exit 0."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"temperature=0.0 is greedy decoding: the 8 rollouts of a question"):
+        run(["config=examples/pebr_sample.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
+             f"data.train_files={synthetic_data_dir}/train.json", f"trainer.sample_output={tmp_path / 'r.jsonl'}",
+             "worker.rollout.temperature=0"])
+
+
 def test_an_output_inside_the_data_set_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
                                                                    monkeypatch):
     """Sampled into the data directory, the rollouts were read as questions by the next sampling run."""

@@ -128,6 +128,8 @@ def test_split_puts_each_qid_where_it_belongs(files, tmp_path):
     assert "1 records" in text and "q-never" in text and "never sampled" in text
     assert "easy" in text and "medium" in text and "hard" in text
     assert "they are split by all / some / none" in text
+    # q-half's 0.5s: counted as not correct, as before, but said (a soft grader's 0.999 made an easy question hard)
+    assert report.partial_scores == 8 and "8 rollouts of" in text and "neither 0 nor 1" in text
     # atomic writes leave no temporary or staged files
     assert sorted(os.listdir(out)) == ["easycase.json", "hardcase.json", "mediumcase.json"]
 
@@ -522,3 +524,45 @@ def test_other_keys_than_samplings_are_named_and_moved_images_are_the_same_quest
     report = split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(tmp_path / "out"), N,
                            prompt_key="question", log=lambda m: None)
     assert report.sizes == {"easy": 3, "medium": 0, "hard": 0}
+
+
+def test_the_split_refuses_a_log_being_written_and_says_what_would_mislead_it(files, tmp_path):
+    """A log still being written split with exit 0 and whatever was there; the same question under two qids went
+    to two stages; a huge number or a deeply nested line stopped --skip_bad_lines with a traceback; an empty
+    stage file was written without a word."""
+    import fcntl
+
+    from pebr.data.records import question_digest
+
+    dataset, rollouts, records = files
+    _drop_qids(rollouts, WRONG_COUNT)
+    with open(rollouts + ".lock", "a+") as lock:
+        lock.write("pid 1 on sampler\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(SplitError, match=r"is being written by a sampling run \(pid 1 on sampler\)"):
+            split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
+    assert not os.path.exists(tmp_path / "s" / "easycase.json")
+
+    # q-easy and q-hard asked twice: the same text, answer and image under two qids (rollouts carry the digest).
+    twin = dict(records[0], qid="q-hard")
+    same = [dict(r, problem=twin["problem"], answer=twin["answer"], images=twin["images"]) if r.get("qid") ==
+            "q-hard" else r for r in records]
+    (tmp_path / "twins.json").write_text(json.dumps(same))
+    digest = question_digest(twin)
+    rows = [dict(json.loads(line), question=digest if json.loads(line)["qid"] in ("q-easy", "q-hard") else None)
+            for line in open(rollouts).read().splitlines() if line.strip()]
+    rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+    rows += ["1" * 400, '{"qid": "x", "sample": 0, "score": {"accuracy": ' + "9" * 401 + "}}", "[" * 100_000]
+    _write_jsonl(rollouts, rows)
+    said = []
+    report = split_dataset(rollouts, str(tmp_path / "twins.json"), str(tmp_path / "t"), N, skip_bad_lines=True,
+                           log=said.append)
+    text = "\n".join(said)
+    assert report.bad_lines == 3 and "1 questions of" in text and "appear under several qids" in text
+
+    easy_only = tmp_path / "easy_only.json"
+    easy_only.write_text(json.dumps([r for r in records if r.get("qid") == "q-easy"]))
+    said.clear()
+    split_dataset(rollouts, str(easy_only), str(tmp_path / "e"), N, skip_bad_lines=True, log=said.append)
+    assert "no medium case: the stage that trains on mediumcase.json would have no data" in "\n".join(said)
