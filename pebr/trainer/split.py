@@ -194,7 +194,9 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
                 try:
                     value = json.loads(line.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # (deep nesting: Recursion)
-                    raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}") from None
+                    cut = ("; it is the file's last line and has no end: a sampling run stopped while writing it, "
+                           "and rerunning the sampling removes it" if not line.endswith(b"\n") else "")
+                    raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}{cut}") from None
                 yield (*_rollout_fields(value, where), line_number)
             except SplitError:
                 if not skip_bad_lines:
@@ -527,8 +529,9 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         if not allow_count_mismatch:
             raise SplitError(
                 f"{message}; the split rule (all / 1..n-1 / none correct) is about exactly n rollouts. Rerun the "
-                "sampling (examples/pebr_sample.sh resumes: it removes a question's incomplete rollouts and samples "
-                "what is missing), check that n is worker.rollout.n x trainer.total_epochs of the sampling run, "
+                "sampling if it was interrupted (examples/pebr_sample.sh resumes: it removes the incomplete rollouts "
+                "an interruption leaves, the file's last question's, and samples what is missing), check that n is "
+                "worker.rollout.n x trainer.total_epochs of the sampling run, "
                 "or split by all / some / none correct of the rollouts seen anyway with --allow_count_mismatch "
                 "(split_dataset(..., allow_count_mismatch=True)). Nothing was written: the split "
                 f"files in {output_dir} are left as they were")

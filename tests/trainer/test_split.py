@@ -325,6 +325,15 @@ def test_malformed_line_names_file_and_line(files, tmp_path, bad, what):
     assert report.sizes == {name: len(q) for name, q in EXPECTED.items()}
 
 
+def test_a_last_line_cut_by_a_crash_says_that_rerunning_the_sampling_mends_it(files, tmp_path):
+    dataset, rollouts, _ = files
+    with open(rollouts, "a") as f:
+        f.write('{"qid": "q-easy", "respo')  # a sampling run stopped while appending
+    with pytest.raises(SplitError, match=r"malformed JSON.*the file's last line and has no end: a sampling run "
+                                         r"stopped while writing it, and rerunning the sampling removes it"):
+        split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
+
+
 def test_missing_files_are_named(files, tmp_path):
     dataset, rollouts, _ = files
     with pytest.raises(SplitError, match="nope.jsonl"):
