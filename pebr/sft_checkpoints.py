@@ -113,6 +113,9 @@ def find_resume_checkpoint(cfg: SFTConfig, identity: dict[str, Any] | None) -> s
     with open(os.path.join(path, CHECKPOINT_META), encoding="utf-8") as handle:
         saved = json.load(handle)
     ours, theirs = identity["settings"], saved.get("settings", {})
+    base = theirs.get("the base model (model_path)")
+    if isinstance(base, dict) and set(base) != {"config", "weights"}:  # (a README hashed by an earlier version)
+        theirs["the base model (model_path)"] = {k: v for k, v in base.items() if k.endswith(MODEL_FILE_SUFFIXES)}
     if set(theirs.get("the base model (model_path)", {})) == {"config", "weights"}:
         raise ConfigError(f"sft: the checkpoint {path} was saved by an earlier version of this trainer, which told "
                           "base models apart by their config and weight sizes only; pass --no-resume to delete its "

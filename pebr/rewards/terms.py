@@ -59,10 +59,11 @@ _FINAL_ANSWER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 _FINAL_ANSWER_LOOSE = re.compile(r"###\s*(?:[*_]+\s*)?the\s+final\s+answer\s+is(?![^\W_])[*_]*\s*[:：]?[*_]*",
                                  _FLAGS)
 # Where a description without a Rationales header ends: the next "###" header, or a deeper one that starts a step
-# or the answer ("#### Step 1:"); a "#### Objects" sub-heading inside the description does not end it.
+# or the answer on its line ("#### Step 1:", "#### **The final answer is:**"); a "#### Objects" sub-heading inside
+# the description does not end it.
 # (Read once from the start of a run of "#"s: a long run is not scanned again from each of its characters.)
-_ANY_HEADER = re.compile(r"(?<!#)(?:###(?!#)|#{3,}+\s*+(?:step\s*+\d|the\s++final\s++answer|let'?s\s++think))",
-                         _FLAGS)
+_ANY_HEADER = re.compile(r"(?<!#)(?:###(?!#)|#{3,}+[ \t]*+(?:[*_]++[ \t]*+)?"
+                         r"(?:step\s*+\d|the\s++final\s++answer|let'?s\s++think))", _FLAGS)
 
 _REQUIRED_HEADERS = (_DESCRIPTION, _RATIONALES, _STEP_ONE, _FINAL_ANSWER)
 

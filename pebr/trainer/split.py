@@ -27,6 +27,7 @@ No torch, no Ray: `split_dataset` is called by `_rollout_outputs/sample_dataset.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record, question_digest
-from pebr.utils.jsonio import atomic_write_json, exclusive_lock, is_within
+from pebr.utils.jsonio import atomic_write_json, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -193,7 +194,8 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
             try:
                 try:
                     value = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # (deep nesting: Recursion)
+                # (ValueError: JSON's own errors, and an integer of over 4300 digits; RecursionError: deep nesting)
+                except (UnicodeDecodeError, ValueError, RecursionError) as err:
                     cut = ("; it is the file's last line and has no end: a sampling run stopped while writing it, "
                            "and rerunning the sampling removes it" if not line.endswith(b"\n") else "")
                     raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}{cut}") from None
@@ -238,6 +240,29 @@ def count_rollouts(path: str, skip_bad_lines: bool = False) -> tuple[dict[str, Q
         lines += 1
         bad["partial"] += accuracy not in (0.0, 1.0)
     return counts, lines, bad["lines"], bad["partial"]
+
+
+@contextlib.contextmanager
+def _not_being_written(rollouts: str) -> Iterator[None]:
+    """Hold a shared lock on the sampling run's `ROLLOUTS.lock` while the log is read; refuse one a sampling run
+    holds (a log still being written split with exit 0, whatever was there). Read-only: nothing is written to the
+    lock, which may belong to another user; without a lock file there is nothing to check."""
+    try:
+        handle = open(f"{rollouts}.lock")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise SplitError(f"{rollouts} is being written by a sampling run ({holder}): split it once that run has "
+                             "ended (nothing was written)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def record_qid(record: Any, stem: str, index: int) -> str:
@@ -490,11 +515,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     else:
         check_unique_qids(records, dataset)  # before the rollout file, which may take minutes to read
     qids = [record.qid for record in records]
-    lock = f"{rollouts}.lock"  # held by a sampling run still writing the file
-    held = exclusive_lock(lock, lambda holder: SplitError(
-        f"{rollouts} is being written by a sampling run ({holder}): split it once that run has ended (nothing was "
-        "written)")) if os.access(lock, os.W_OK) else contextlib.nullcontext()
-    with held:
+    with _not_being_written(rollouts):
         counts, report.rollout_lines, report.bad_lines, report.partial_scores = count_rollouts(rollouts,
                                                                                                  skip_bad_lines)
     splits: dict[str, list[DatasetRecord]] = {name: [] for name in SPLIT_NAMES}
@@ -549,7 +570,8 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
     digests = Counter(counts[r.qid].question for r in records if r.qid in counts and counts[r.qid].question)
     twice = sum(1 for number in digests.values() if number > 1)
     if twice:  # split apart, one copy may train in each stage
-        log(f"warning: {twice} questions of {dataset} appear under several qids (same text, answer and images)")
+        log(f"warning: {twice} questions of {dataset} appear under several qids (the same text, answer and image "
+            "file names)")
     if malformed:
         log(f"warning: skipped {len(malformed)} malformed lines of {dataset} (not sampled either): "
             f"{_listed(malformed)}")
@@ -560,7 +582,7 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
         log(f"warning: skipped {len(report.repeated)} records of {dataset} whose qid an earlier valid record has "
             f"(not sampled either): {_listed(report.repeated)}")
 
-    for name in ("easy", "medium"):
+    for name in ("easy", "medium") if n > 1 else ("easy",):  # (one rollout a question: no medium case can be)
         if not splits[name]:
             log(f"warning: no {name} case: the stage that trains on {name}case.json would have no data")
     check_json_storable([record for name in SPLIT_NAMES for record in splits[name]])

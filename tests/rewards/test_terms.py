@@ -483,6 +483,8 @@ def test_length_reward_rejects_bad_arguments() -> None:
         ("### Image Description:\n#### Objects\n- a red cube\n### Step 1: x", "Objects\n- a red cube"),
         # ... while a response written with "####" headers throughout still ends it at its first step.
         ("#### Image Description: X\n#### Step 1: a\n#### The final answer is: 1", "X"),
+        ("#### Image Description: X\n#### **Step 1:** a\n#### **The final answer is:** 1", "X"),  # bold
+        ("### Image Description: X\n####\nStep 3 of the process", "X\n####\nStep 3 of the process"),  # its line
     ],
 )
 def test_extract_image_description(response: str, expected: str) -> None:

@@ -415,6 +415,12 @@ def test_a_checkpoint_belongs_to_the_inputs_contents_not_their_paths(tmp_path, c
         json.dump(old, handle)
     with pytest.raises(ConfigError, match="saved by an earlier version of this trainer.*--no-resume"):
         find_resume_checkpoint(here, run_identity(here))
+    # The version just before hashed every file: its checkpoint, with a README's hash, resumes.
+    before = run_identity(here)
+    before["settings"]["the base model (model_path)"]["README.md"] = "0" * 64
+    with open(os.path.join(here.checkpoint_dir, "checkpoint-2", CHECKPOINT_META), "w") as handle:
+        json.dump(before, handle)
+    assert find_resume_checkpoint(here, run_identity(here)) == os.path.join(here.checkpoint_dir, "checkpoint-2")
 
     # A checkpoints folder that is a link to another disk: emptied, the link kept (it was renamed away, its
     # checkpoints left behind, and the next run's clean-up failed on it).

@@ -549,9 +549,11 @@ def test_the_split_refuses_a_log_being_written_and_says_what_would_mislead_it(fi
         lock.write("pid 1 on sampler\n")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
+        os.chmod(rollouts + ".lock", 0o444)  # another user's run: the check needs no write access (nor writes)
         with pytest.raises(SplitError, match=r"is being written by a sampling run \(pid 1 on sampler\)"):
             split_dataset(rollouts, dataset, str(tmp_path / "s"), N, log=lambda m: None)
     assert not os.path.exists(tmp_path / "s" / "easycase.json")
+    assert open(rollouts + ".lock").read() == "pid 1 on sampler\n"  # a finished run's log splits, as below
 
     # q-easy and q-hard asked twice: the same text, answer and image under two qids (rollouts carry the digest).
     twin = dict(records[0], qid="q-hard")
@@ -562,13 +564,14 @@ def test_the_split_refuses_a_log_being_written_and_says_what_would_mislead_it(fi
     rows = [dict(json.loads(line), question=digest if json.loads(line)["qid"] in ("q-easy", "q-hard") else None)
             for line in open(rollouts).read().splitlines() if line.strip()]
     rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
-    rows += ["1" * 400, '{"qid": "x", "sample": 0, "score": {"accuracy": ' + "9" * 401 + "}}", "[" * 100_000]
+    rows += ["1" * 400, '{"qid": "x", "sample": 0, "score": {"accuracy": ' + "9" * 401 + "}}", "[" * 100_000,
+             "9" * 5000]  # (over 4300 digits: Python's int refuses it with a plain ValueError)
     _write_jsonl(rollouts, rows)
     said = []
     report = split_dataset(rollouts, str(tmp_path / "twins.json"), str(tmp_path / "t"), N, skip_bad_lines=True,
                            log=said.append)
     text = "\n".join(said)
-    assert report.bad_lines == 3 and "1 questions of" in text and "appear under several qids" in text
+    assert report.bad_lines == 4 and "1 questions of" in text and "appear under several qids" in text
 
     easy_only = tmp_path / "easy_only.json"
     easy_only.write_text(json.dumps([r for r in records if r.get("qid") == "q-easy"]))
