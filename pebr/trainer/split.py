@@ -146,7 +146,7 @@ def classify(correct: int, total: int) -> str:
     return "medium"
 
 
-def _rollout_fields(value: Any, where: str) -> tuple[str, int, bool, str | None]:
+def _rollout_fields(value: Any, where: str) -> tuple[str, int, float, str | None]:
     if not isinstance(value, dict):
         raise SplitError(f"{where}: a rollout record must be a JSON object, got {type(value).__name__}")
     qid = value.get("qid")
