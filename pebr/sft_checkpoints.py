@@ -55,9 +55,9 @@ def _sha256(path: str) -> str:
 def run_identity(cfg: SFTConfig) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it: every setting that shapes training, and the
     contents of its inputs: the data file (the same path may hold a newly filtered file), the format prompt, and
-    the base model, every file of its folder (weights, config, tokenizer, chat template, processor). Its config
-    and weight sizes alone took another fine-tune of the same architecture for the same model: the resume went on
-    from the checkpoint's weights, never the named base's. Hashing a 7 B model's 15 GB takes seconds to a minute,
+    the base model, each of its own files (MODEL_FILE_SUFFIXES: weights, configs, tokenizer, chat template; not a
+    README). Its config and weight sizes alone took another fine-tune of the same architecture for the same model:
+    the resume went on from the checkpoint's weights, never the named base's. Hashing a 7 B model's 15 GB takes seconds to a minute,
     once a run, and only when it keeps checkpoints."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES + INPUTS}
     files = sorted(name for name in os.listdir(cfg.model_path)

@@ -72,11 +72,11 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     try:
         # (A setup that never returns, waiting on a judge service, hung the run here without a limit.)
         ray_get(worker.ready.remote(), "reward worker start-up", cfg.trainer.worker_timeout_s)
-    except WorkerTimeout:
+    except WorkerFailure as err:
         ray.kill(worker)
-        raise
-    except WorkerFailure as err:  # loading the function or its setup (options, a CLIP model): the settings' fault
-        ray.kill(worker)
+        if isinstance(err, WorkerTimeout):  # the settings may be right, the service it waits on down
+            raise
+        # Loading the function or its setup (options, a CLIP model) failed: the settings' fault.
         raise ConfigError(f"worker.reward.reward_function={r.reward_function!r} with reward_function_kwargs="
                           f"{dict(r.reward_function_kwargs)}: {err}") from err
     return worker
