@@ -127,7 +127,7 @@ class FSDPConfig:
     enable_cpu_offload: bool = False
     enable_rank0_init: bool = False  # not implemented: every rank loads the weights (refused when true)
     # Mixed precision of the sharded compute; master weights and optimizer state stay fp32.
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = "auto"  # auto (bf16 on a CUDA card with native bf16, else fp32) | bf16 | fp32
 
 
 @dataclass
@@ -193,7 +193,7 @@ class RolloutConfig:
     # Each engine's sampling seed (rank + seed); a training rollout draws from it mixed with its step and try.
     seed: int = 1
     limit_images: int = 1
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on a CUDA card with native bf16, else fp32) | bf16 | fp32
     gpu_memory_utilization: float = 0.6
     # vLLM on CPU sizes its KV cache from this (GiB) instead of gpu_memory_utilization.
     cpu_kv_cache_gb: float = 1.0

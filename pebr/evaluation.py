@@ -24,6 +24,7 @@ import torch
 from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
 from pebr.data.images import PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
+from pebr.utils.dtypes import resolve_dtype
 from pebr.utils.jsonio import append_durably, atomic_write_texts, exclusive_lock, is_within
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def make_engine(
     seed: int = 0,
     gpu_memory_utilization: float = 0.7,
 ) -> Any:
-    """Build a generation engine for `model_path` (float32 on CPU, bf16 on CUDA; eager mode on CPU).
+    """Build a generation engine for `model_path` (bf16 on a CUDA card that has it, else float32; eager on CPU).
 
     Args:
         model_path: a Hugging Face Qwen2.5-VL directory.
@@ -70,12 +71,12 @@ def make_engine(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     cuda = torch.cuda.is_available()
+    dtype = resolve_dtype("auto", "cuda" if cuda else "cpu")
     if backend == "hf":
         device = torch.device("cuda" if cuda else "cpu")
-        return HFRollout(model_path, processor=processor, device=device,
-                         dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=False)
+        return HFRollout(model_path, processor=processor, device=device, dtype=dtype, trust_remote_code=False)
     return VLLMRollout(  # its engine environment: in-process, KV cache from cpu_kv_cache_gb on CPU
-        model_path, dtype="bf16" if cuda else "fp32", max_model_len=max_model_len, tensor_parallel_size=1,
+        model_path, dtype="bf16" if dtype == torch.bfloat16 else "fp32", max_model_len=max_model_len, tensor_parallel_size=1,
         gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gb=1, enforce_eager=not cuda,
         enable_chunked_prefill=False, max_num_batched_tokens=max_model_len, limit_images=limit_images,
         seed=seed, trust_remote_code=False, external_launcher=False,

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from pebr.config import looks_like_model_id
+from pebr.utils.dtypes import resolve_dtype
 
 __all__ = ["ClipScorer", "resolve_model_dir", "SHORT_TEXT_POSITIONS"]
 
@@ -95,7 +96,7 @@ class ClipScorer:
         model_path: local directory with a CLIP-family model saved by `save_pretrained`, its
             tokenizer and its image processor, or a hub id (see `resolve_model_dir`).
         device: torch device; default "cuda" when available, else "cpu".
-        dtype: parameter dtype; default bfloat16 on CUDA, float32 on CPU.
+        dtype: parameter dtype; default bfloat16 on a CUDA card that has it, else float32.
         max_text_length: caption length limit in tokens; default the text model's
             max_position_embeddings (77 for CLIP, 248 for FG-CLIP).
         batch_size: images per forward pass (bounds memory for large batches).
@@ -128,7 +129,7 @@ class ClipScorer:
         model_dir = resolve_model_dir(model_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            dtype = resolve_dtype("auto", self.device)
         auto_class = _auto_model_class(model_dir, trust_remote_code)
         self.model = auto_class.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()

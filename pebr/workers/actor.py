@@ -29,15 +29,6 @@ from pebr.protocol import Batch
 from pebr.workers.attention import register_varlen_attention
 
 logger = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on CUDA and fp32 on CPU (see README: bf16 on CPU is opt-in, measured in benchmarks/)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
 
 # The model families whose layout this code relies on (the vision tower at model.model.visual, the text decoder at
 # model.model.language_model, M-RoPE positions from get_rope_index, the Qwen vision tokens), each trained end to

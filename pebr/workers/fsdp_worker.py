@@ -33,6 +33,7 @@ from torch.profiler import record_function
 from pebr import checkpoint
 from pebr.config import PPOConfig
 from pebr.protocol import Batch
+from pebr.utils.dtypes import resolve_dtype
 from pebr.utils.profiling import StepProfiler
 from pebr.workers import actor as actor_lib
 from pebr.workers import lora
@@ -111,7 +112,7 @@ class FSDPWorker:
         dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world_size)
         mcfg = wcfg.actor.model
         self.processor = actor_lib.load_processor(mcfg)
-        compute_dtype = actor_lib.resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device)
+        compute_dtype = resolve_dtype(wcfg.actor.fsdp.mixed_precision, self.device, "worker.actor.fsdp.mixed_precision")
         self.model = self.optimizer = self.scheduler = self.ref_model = None
         if self.need_actor:
             model = actor_lib.load_hf_model(mcfg.model_path, mcfg.trust_remote_code, wcfg.actor.padding_free)
@@ -152,9 +153,9 @@ class FSDPWorker:
         rcfg, mcfg = self.cfg.worker.rollout, self.cfg.worker.actor.model
         if rcfg.name == "hf":
             return HFRollout(mcfg.model_path, processor=self.processor, device=self.device,
-                             dtype=actor_lib.resolve_dtype(rcfg.dtype, self.device),
+                             dtype=resolve_dtype(rcfg.dtype, self.device, "worker.rollout.dtype"),
                              trust_remote_code=mcfg.trust_remote_code, seed=rcfg.seed + self.rank)
-        dtype = rcfg.dtype if rcfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        dtype = "bf16" if resolve_dtype(rcfg.dtype, self.device, "worker.rollout.dtype") == torch.bfloat16 else "fp32"
         # What the weight sync will send: the actor's parameters, LoRA layers folded into plain weights.
         names = None if self.model is None else lora.folded_names(n for n, _ in self.model.named_parameters())
         return VLLMRollout(

@@ -65,6 +65,13 @@ def _bf16_model(tiny_model_dir, padding_free: bool) -> torch.nn.Module:
     return actor_lib.load_hf_model(tiny_model_dir, padding_free=padding_free).to(CUDA, torch.bfloat16)
 
 
+def test_auto_dtype_follows_the_cards_native_bf16():
+    from pebr.utils.dtypes import resolve_dtype
+
+    native = torch.cuda.get_device_capability(CUDA) >= (8, 0)
+    assert resolve_dtype("auto", CUDA) is (torch.bfloat16 if native else torch.float32)
+
+
 def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_model_dir):
     """Packed rows through the flash varlen kernel against padded rows through SDPA, both bf16 on the GPU:
     packing may not add error beyond bf16's own."""
