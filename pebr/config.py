@@ -608,9 +608,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(
             f"worker.rollout.n={rollout.n} with algorithm.adv_estimator={a.adv_estimator}: a group of one "
             "response has zero advantage, so nothing would be learned; use n >= 2")
-    if not 0.0 <= a.filter_low <= a.filter_high <= 1.0:  # (checked with online_filtering off too: it may be turned on)
-        raise ConfigError(f"algorithm.filter_low={a.filter_low} <= algorithm.filter_high={a.filter_high} must hold, "
-                          "both in [0, 1]")
+    if not 0.0 <= a.filter_low < a.filter_high <= 1.0:  # (checked with online_filtering off too: it may be turned on)
+        raise ConfigError(f"algorithm.filter_low={a.filter_low} < algorithm.filter_high={a.filter_high} must hold, "
+                          "both in [0, 1] (a group is kept when its mean lies strictly between them)")
     _positive("worker.actor.global_batch_size", actor.global_batch_size)
     _positive("worker.actor.micro_batch_size_per_device_for_update", actor.micro_batch_size_per_device_for_update)
     _positive("worker.actor.micro_batch_size_per_device_for_experience",

@@ -74,10 +74,12 @@ def _group_sums(
     """
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
-    counts.index_add_(0, inverse, torch.ones_like(values))
-    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, inverse, values)
+    # At least float32: a bf16 count stops at 256, and a bf16 sum of 8 scores is already off in its third digit.
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    counts = torch.zeros(num_groups, dtype=dtype, device=values.device)
+    counts.index_add_(0, inverse, torch.ones_like(values, dtype=dtype))
+    sums = torch.zeros(num_groups, dtype=dtype, device=values.device)
+    sums.index_add_(0, inverse, values.to(dtype))
     return inverse, counts, sums
 
 
@@ -122,7 +124,7 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 
     std = torch.sqrt(sq_sums / (counts - 1.0).clamp_min(1.0))
     adv = deviation / (std[inverse] + eps)
     no_spread = (counts < 2) | _all_equal(r, inverse, len(sums))
-    return torch.where(no_spread[inverse], torch.zeros_like(adv), adv)
+    return torch.where(no_spread[inverse], torch.zeros_like(adv), adv).to(r.dtype)
 
 
 def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,7 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
     n = counts[inverse]
     others_mean = (sums[inverse] - r) / (n - 1.0).clamp_min(1.0)
     adv = r - others_mean
-    return torch.where(n < 2, torch.zeros_like(adv), adv)
+    return torch.where(n < 2, torch.zeros_like(adv), adv).to(r.dtype)
 
 
 def remax_advantages(scores: torch.Tensor, baseline_scores: torch.Tensor) -> torch.Tensor:
@@ -337,7 +339,8 @@ def compute_advantages(
 
 
 def zero_variance_group_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
-    """Fraction of prompt groups whose scores are all equal (their GRPO advantage is 0).
+    """Fraction of prompt groups whose scores are all equal (their GRPO advantage is 0, unless the KL penalty is
+    in the reward, algorithm.use_kl_loss=false, where each response's KL still sets the group apart).
 
     Args:
         scores: ``[B]`` scalar rewards.

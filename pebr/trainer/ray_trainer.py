@@ -606,7 +606,7 @@ class RayPPOTrainer:
                 raise KeyError(f"algorithm.filter_key={a.filter_key!r} is not a reward key; the reward function "
                                f"returns {sorted(per_key)}")
             gid = group_ids_from_uids(batch.non_tensors["uid"])
-            # The kept groups' fraction (batch_metrics) is about 0 whatever the policy does: the filter drops them.
+            # The kept groups' fraction (batch_metrics) says little: a filter on a 0/1 term drops them all.
             count = len(set(gid.tolist()))
             groups, flat_groups = groups + count, flat_groups + zero_variance_group_fraction(scores, gid) * count
             metrics["batch/zero_variance_group_fraction_generated"] = flat_groups / groups

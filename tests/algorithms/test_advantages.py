@@ -92,6 +92,18 @@ def test_rloo_leave_one_out():
     close(rloo_advantages(scores, gids), [1.0, -2.0, -0.5, -0.5, 2.0, 0.0])
 
 
+def test_bf16_scores_are_grouped_in_float32():
+    # One group of 600: 300 right, 300 wrong. Mean 0.5; unbiased std sqrt(150 / 599) = 0.50042, so GRPO gives
+    # +-0.5 / 0.50042 = +-0.99917; RLOO gives 1 - 299/599 = 0.50083 and 0 - 300/599 = -0.50083. A bf16 count
+    # stops at 256, which made these [0, -1] and [0, -1.008].
+    scores = torch.tensor([1.0, 0.0] * 300, dtype=torch.bfloat16)
+    gid = torch.zeros(600, dtype=torch.long)
+    grpo = grpo_advantages(scores, gid)
+    assert grpo.dtype == torch.bfloat16
+    close(grpo[:2].float(), [0.99917, -0.99917], atol=4e-3)  # bf16 holds 3 significant digits
+    close(rloo_advantages(scores, gid)[:2].float(), [0.50083, -0.50083], atol=2e-3)
+
+
 def test_remax_subtracts_greedy_reward():
     close(remax_advantages(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5])), [0.5, 0.0])
     with pytest.raises(ValueError, match="baseline_scores"):

@@ -142,7 +142,8 @@ def test_overrides_win_over_files():
     ("trainer.save_limit=-7", "trainer.save_limit=-7 must be -1 or at least 0"),
     ("data.val_batch_size=0", "data.val_batch_size=0 must be -1 or at least 1"),
     ("trainer.total_epochs=0 trainer.max_steps=3", "trainer.total_epochs=0 must be >= 1"),
-    ("algorithm.filter_low=0.9 algorithm.filter_high=0.1", "algorithm.filter_low=0.9 <= algorithm.filter_high=0.1"),
+    ("algorithm.filter_low=0.9 algorithm.filter_high=0.1", "algorithm.filter_low=0.9 < algorithm.filter_high=0.1"),
+    ("algorithm.filter_low=0.5 algorithm.filter_high=0.5", "strictly between them"),  # would keep no group
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
