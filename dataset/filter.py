@@ -63,9 +63,9 @@ from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: 
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
-REASONS = (*SHAREGPT_REASONS, "turn_order", "reflective", "media_placeholder", "missing_image", "unreadable_image", "large_image",
-           "small_image", "thin_image")
-MAX_REPORTED = 20  # invalid records listed one by one before the rest is summarised
+IMAGE_REASONS = ("missing_image", "unreadable_image", "large_image", "small_image", "thin_image")
+REASONS = (*SHAREGPT_REASONS, "turn_order", "reflective", "media_placeholder", *IMAGE_REASONS)
+MAX_REPORTED = 20  # invalid records (and records dropped for an image) listed one by one, the rest summarised
 # probe_image's reason tags -> this script's
 _PROBE_REASONS = {"image_missing": "missing_image", "image_unreadable": "unreadable_image",
                   "image_too_large": "large_image"}
@@ -80,7 +80,8 @@ class FilterReport:
     """What :func:`filter_records` did: totals, drop counts by reason, and invalid records by index.
 
     ``invalid`` holds ``(index, reason, message)`` for each record that failed the sharegpt check, the
-    message naming the record (``"record 12: key 'messages' ..."``).
+    message naming the record (``"record 12: key 'messages' ..."``); ``image_drops`` the same for the first
+    ``MAX_REPORTED`` records dropped for an image, the message naming the image and where it was looked for.
     """
 
     total: int = 0
@@ -88,12 +89,17 @@ class FilterReport:
     images_found: int = 0  # distinct image files that passed every image rule
     dropped: Counter = field(default_factory=Counter)
     invalid: list[tuple[int, str, str]] = field(default_factory=list)
+    image_drops: list[tuple[int, str, str]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per fact."""
         out = [f"{reason} {message}" for _, reason, message in self.invalid[:MAX_REPORTED]]
         if len(self.invalid) > MAX_REPORTED:
             out.append(f"... and {len(self.invalid) - MAX_REPORTED} more invalid records")
+        out += [f"{reason} {message}" for _, reason, message in self.image_drops]
+        image_dropped = sum(self.dropped[r] for r in IMAGE_REASONS)
+        if image_dropped > len(self.image_drops):
+            out.append(f"... and {image_dropped - len(self.image_drops)} more records dropped for an image")
         out += [f"dropped {self.dropped[r]} {r}" for r in REASONS]
         out.append(f"before {self.total}, after {self.kept} (dropped {self.total - self.kept})")
         return out
@@ -214,6 +220,9 @@ def filter_records(
             for p in images:
                 reason = _image_status(root / p, min_size, cache)
                 if reason is not None:
+                    if len(report.image_drops) < MAX_REPORTED:
+                        report.image_drops.append(
+                            (idx, reason, f"{names[idx] if names else f'record {idx}'}: image {p!r} ({root / p})"))
                     break
         if reason is not None:
             report.dropped[reason] += 1
@@ -240,9 +249,11 @@ def with_format_prompt(record: dict, template: Any) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for an unreadable input file)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help=".json list or .jsonl of sharegpt samples")
-    parser.add_argument("--output", required=True, help="where to write the kept samples (.json or .jsonl)")
-    parser.add_argument("--image_root", default=None, help="base of relative image paths (default: the input's folder)")
+    parser.add_argument("--input", required=True, type=os.path.expanduser, help=".json list or .jsonl of sharegpt samples")
+    parser.add_argument("--output", required=True, type=os.path.expanduser,
+                        help="where to write the kept samples (.json or .jsonl)")
+    parser.add_argument("--image_root", default=None, type=os.path.expanduser,
+                        help="base of relative image paths (default: the input's folder)")
     parser.add_argument("--min_size", type=int, default=28, help="smallest allowed image width/height in px")
     parser.add_argument("--format_prompt", default=None,
                         help="jinja template to write each sample's first question through, as the RL stages prompt "
@@ -293,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
+    relative = any(not os.path.isabs(p) for rec in kept for p in rec.get("images") or [])
+    if relative and Path(image_root).resolve() != Path(args.output).parent.resolve():
+        # Paths stay as they were (LLaMA-Factory's media_dir names their root), so a trainer that reads them
+        # beside the data file would find none.
+        print(f"note: the relative image paths in {args.output} are relative to {image_root}, not to its own "
+              f"folder: pass --image_dir {image_root} to scripts/sft_warmup.py (LLaMA-Factory: media_dir)")
     return 0
 
 

@@ -56,11 +56,12 @@ METRICS_FILE = "sft_metrics.json"  # written last: its presence marks a finished
 # ----------------------------------------------------------------------------------------------
 
 
-def load_sharegpt(path: str) -> list[dict[str, Any]]:
+def load_sharegpt(path: str, locations: list[str] | None = None) -> list[dict[str, Any]]:
     """Read a sharegpt json list (or jsonl) and check every record's shape.
 
     Args:
         path: a .json file holding a list of records, or a .jsonl file with one record a line.
+        locations: receives where each record is ("FILE line N (record i)"), for `SFTDataset`'s messages.
 
     Returns:
         Records with `messages` (list of {"role", "content"} with string values, at least one
@@ -76,8 +77,10 @@ def load_sharegpt(path: str) -> list[dict[str, Any]]:
     data = read_json_records(path, DataError, lines)
     if not data:
         raise DataError(f"{path} holds no SFT record")
-    return [check_sharegpt_record(value, f"{path} line {lines[i]} (record {i})" if lines else f"{path} record {i}")
-            for i, value in enumerate(data)]
+    where = [f"{path} line {lines[i]} (record {i})" if lines else f"{path} record {i}" for i in range(len(data))]
+    if locations is not None:
+        locations[:] = where
+    return [check_sharegpt_record(value, where[i]) for i, value in enumerate(data)]
 
 
 def to_chat(
@@ -245,6 +248,8 @@ class SFTDataset(Dataset):
         num_overlong: samples dropped for length.
         lengths: token length of each kept sample.
         record_indices: the index in `records` of each kept sample.
+        locations: where each kept sample's record is, for messages (`load_sharegpt`'s `locations`, or
+            "sft record i").
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class SFTDataset(Dataset):
         format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        locations: list[str] | None = None,
     ) -> None:
         """Check and measure the records.
 
@@ -267,6 +273,7 @@ class SFTDataset(Dataset):
             max_length: most tokens per sample (prompt, image tokens and answer).
             format_prompt: jinja template path for the first user turn; None or "" for none.
             min_pixels, max_pixels: image area bounds for `pebr.data.images.fit_size`.
+            locations: where each record is, as `load_sharegpt` gives them; errors name it.
 
         Raises:
             DataError: an image is missing or unreadable (naming the record and path), or no sample fits.
@@ -282,10 +289,11 @@ class SFTDataset(Dataset):
         header = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
         self.samples: list[tuple[list[dict[str, Any]], list[str]]] = []
         self.lengths: list[int] = []
-        self.record_indices: list[int] = []  # the record each sample came from, for error messages
+        self.record_indices: list[int] = []  # the record each sample came from
+        self.locations: list[str] = []
         self.num_overlong = 0
         for index, record in enumerate(records):
-            where = f"sft record {index}"
+            where = locations[index] if locations else f"sft record {index}"
             sizes = []
             for image in record["images"]:
                 try:
@@ -294,7 +302,9 @@ class SFTDataset(Dataset):
                 except BadRecord as err:
                     hint = "run dataset/filter.py over the SFT data first"
                     if err.reason == "image_missing":
-                        hint = (f"relative image paths are joined to {image_dir!r} (--image_dir); " if image_dir
+                        # dataset/filter.py writes the paths as they were: relative to its --image_root.
+                        hint = ((f"relative image paths are joined to {image_dir!r} (--image_dir; give it the "
+                                 "filter's --image_root if the filtered file was written elsewhere); ") if image_dir
                                 else "relative image paths are read from the working directory; ") + hint
                     raise DataError(f"{err} ({hint})") from err
             chat = to_chat(record, template)
@@ -312,6 +322,7 @@ class SFTDataset(Dataset):
             self.samples.append((chat, record["images"]))
             self.lengths.append(length)
             self.record_indices.append(index)
+            self.locations.append(where)
         if self.num_overlong:
             logger.warning("SFT: dropped %d of %d samples longer than %d tokens", self.num_overlong, len(records), max_length)
         if not self.samples:
@@ -334,16 +345,16 @@ class SFTDataset(Dataset):
                 images.append(load_image(path, self.image_dir, min_pixels=self.min_pixels, max_pixels=self.max_pixels))
             except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying the file is broken
                 raise DataError(
-                    f"sft record {self.record_indices[i]}: image {resolve_path(path, self.image_dir)!r} cannot be "
+                    f"{self.locations[i]}: image {resolve_path(path, self.image_dir)!r} cannot be "
                     f"decoded: {err} (run dataset/filter.py over the SFT data first)"
                 ) from err
         try:
             return encode_chat(self.processor, chat, images)
         except DataError as err:
-            raise DataError(f"sft record {self.record_indices[i]}: {err}") from err
+            raise DataError(f"{self.locations[i]}: {err}") from err
         except (StopIteration, ValueError) as err:
             # A StopIteration leaving __getitem__ would end the DataLoader's epoch early, silently.
-            raise DataError(f"sft record {self.record_indices[i]}: the processor refused it: "
+            raise DataError(f"{self.locations[i]}: the processor refused it: "
                             f"{type(err).__name__}: {err}") from err
 
 
@@ -587,9 +598,12 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     resume_from = find_resume_checkpoint(cfg, identity)
     set_seed(cfg.seed)
     processor = load_model_processor(cfg.model_path)
+    locations: list[str] = []
+    records = load_sharegpt(cfg.data, locations)
     dataset = SFTDataset(
-        load_sharegpt(cfg.data), processor, image_dir=cfg.resolved_image_dir, max_length=cfg.max_length,
+        records, processor, image_dir=cfg.resolved_image_dir, max_length=cfg.max_length,
         format_prompt=cfg.format_prompt or None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+        locations=locations,
     )
     # Resuming, the weights trained so far, read through from_pretrained (see WarmupTrainer).
     model = load_hf_model(resume_from or cfg.model_path)

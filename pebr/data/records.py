@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pebr.utils.jsonio import JSON_PARSE_ERRORS, json_parse_failure
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -127,6 +129,8 @@ def _read_json(path: str) -> Iterator[RawRecord]:
         hint = ("; it looks like JSON Lines (one record a line): name it .jsonl"
                 if err.msg == "Extra data" and err.colno == 1 else "")
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}{hint}") from err
+    except JSON_PARSE_ERRORS as err:
+        raise DataError(f"{path}: cannot be read as JSON: {json_parse_failure(err)}") from err
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source must hold a list of records, found {type(data).__name__}")
     for index, value in enumerate(data):
@@ -145,8 +149,8 @@ def _read_jsonl(path: str) -> Iterator[RawRecord]:
                 value, parse_error = json.loads(line.decode("utf-8-sig")), None
             except UnicodeDecodeError as err:
                 value, parse_error = None, f"not UTF-8 text (byte {err.start})"
-            except json.JSONDecodeError as err:
-                value, parse_error = None, err.msg
+            except JSON_PARSE_ERRORS as err:
+                value, parse_error = None, json_parse_failure(err)
             yield RawRecord(value, path, stem, index, line=line_number, parse_error=parse_error)
             index += 1
 
@@ -317,11 +321,24 @@ def check_no_model_tokens(text: str, where: str, key: str) -> None:
                                                   f"{token!r}, which would end the turn there or start another")
 
 
+def check_unicode(text: str, where: str, key: str, reason: str = "bad_text") -> None:
+    """JSON can carry half of a surrogate pair (an emoji cut in two, "\\ud83c"), which Python reads but no UTF-8
+    file, file system or tokenizer takes: the tokenizer failed with a bare TypeError, the question digest and the
+    SFT filter's output with a UnicodeEncodeError, none naming the record."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRecord(reason, f"{where}: key {key!r} is not valid Unicode (a lone surrogate "
+                                f"{text[err.start]!r} at character {err.start})") from None
+
+
 def _normalize_key_words(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(word, str) for word in value):
         raise BadRecord("bad_key_words", f"{where}: key 'key_words' must be a list of strings, got {value!r:.80}")
+    for position, word in enumerate(value):
+        check_unicode(word, where, f"key_words[{position}]", "bad_key_words")
     # A blank key word is found in no response: it scored every response of its record 0 on recall, and the
     # record still counted as one with key words.
     return [word for word in value if word.strip()]
@@ -364,6 +381,8 @@ def normalize_record(
     elif isinstance(qid, str) and not qid.strip():
         raise BadRecord("bad_qid", f"{where}: key 'qid' is blank ({qid!r}); give it a name or leave the key out")
     else:
+        if isinstance(qid, str):
+            check_unicode(qid, where, "qid", "bad_qid")
         qid = str(qid)
         where = f"{where} qid={qid!r}"  # only a qid from the data helps find the record
 
@@ -373,9 +392,14 @@ def normalize_record(
         raise BadRecord("bad_prompt", f"{where}: key {prompt_key!r} is {problem}")
     if answer_key not in value or value[answer_key] is None:
         raise BadRecord("bad_answer", f"{where}: key {answer_key!r} is {'missing' if answer_key not in value else 'null'}")
+    check_unicode(prompt, where, prompt_key, "bad_prompt")
     check_no_model_tokens(prompt, where, prompt_key)
     answer = _normalize_answer(value[answer_key], where, answer_key)
+    check_unicode(answer, where, answer_key, "bad_answer")
     images = _normalize_images(value.get(image_key), where, image_key)
+    for position, image in enumerate(images):
+        if isinstance(image, str):
+            check_unicode(image, where, f"{image_key}[{position}]", "bad_image")
     if image_key not in value:
         # Without this a data set whose images are under another usual name would load as text-only questions.
         stray = [k for k in IMAGE_KEYS if k != image_key and value.get(k) not in (None, "", [])]

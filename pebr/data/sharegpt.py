@@ -14,22 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, check_no_model_tokens
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, check_no_model_tokens, check_unicode
 
 ROLES = ("system", "user", "assistant")
 # Reason tags of `BadRecord`, counted by dataset/filter.py.
 SHAREGPT_REASONS = ("malformed", "unknown_role", "no_assistant_turn", "empty_turn", "vision_token_in_text",
                     "chat_token_in_text", "placeholder_mismatch")
-
-
-def _check_unicode(text: str, where: str, key: str) -> None:
-    """JSON can carry half of a surrogate pair (an emoji cut in two, "\\ud83c"), which Python reads but no UTF-8
-    file or tokenizer takes: the filter failed writing its whole output, the SFT loader with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise BadRecord("malformed", f"{where}: key {key!r} is not valid Unicode (a lone surrogate "
-                                     f"{text[err.start]!r} at character {err.start})") from None
 
 
 def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
@@ -67,7 +57,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             # A non-string role is a broken record; a foreign role name is a known layout mix-up.
             reason = "unknown_role" if isinstance(role, str) else "malformed"
             raise BadRecord(reason, f"{where}: key 'messages'[{j}]['role'] is {role!r}, expected one of {ROLES}")
-        _check_unicode(message["content"], where, f"messages[{j}].content")
+        check_unicode(message["content"], where, f"messages[{j}].content", "malformed")
         check_no_model_tokens(message["content"], where, f"messages[{j}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(
@@ -90,7 +80,7 @@ def check_sharegpt_record(value: Any, where: str) -> dict[str, Any]:
             "malformed", f"{where}: key 'images' must be a path or a list of paths, got {str(value.get('images'))[:80]}"
         )
     for k, path in enumerate(images):
-        _check_unicode(path, where, f"images[{k}]")
+        check_unicode(path, where, f"images[{k}]", "malformed")
     # LLaMA-Factory (the real-scale warm-up) counts placeholders in every turn and stops at a mismatch.
     stray = [j for j, m in enumerate(messages) if m["role"] != "user" and IMAGE_PLACEHOLDER in m["content"]]
     if stray:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record, question_digest
-from pebr.utils.jsonio import atomic_write_json, is_within
+from pebr.utils.jsonio import JSON_PARSE_ERRORS, atomic_write_json, is_within
 
 SPLIT_NAMES = ("easy", "medium", "hard")
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -194,8 +194,7 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
             try:
                 try:
                     value = json.loads(line.decode("utf-8"))
-                # (ValueError: JSON's own errors, and an integer of over 4300 digits; RecursionError: deep nesting)
-                except (UnicodeDecodeError, ValueError, RecursionError) as err:
+                except JSON_PARSE_ERRORS as err:  # (UnicodeDecodeError is a ValueError)
                     cut = ("; it is the file's last line and has no end: a sampling run stopped while writing it, "
                            "and rerunning the sampling removes it" if not line.endswith(b"\n") else "")
                     raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}{cut}") from None

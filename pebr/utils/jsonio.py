@@ -24,6 +24,25 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
 
 
+# What json.loads raises for text it cannot turn into a value: its own JSONDecodeError, a ValueError for an integer
+# of over 4300 digits (Python's limit on int parsing) and a RecursionError for deep nesting.
+JSON_PARSE_ERRORS = (ValueError, RecursionError)
+
+
+def json_parse_failure(err: BaseException) -> str:
+    """What went wrong in a `JSON_PARSE_ERRORS` error, in a few words, for a message naming the file and line."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if isinstance(err, RecursionError):
+        return "nested too deeply to parse"
+    return str(err).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+
+
+def is_jsonl(path: str) -> bool:
+    """Whether `path` names a JSON Lines file (by its suffix, in any case)."""
+    return os.fspath(path).lower().endswith(".jsonl")
+
+
 def read_json_records(path: str, error: type[Exception] = ValueError, lines: list[int] | None = None) -> list[Any]:
     """All records of a `.jsonl` file or of a `.json` file holding a list.
 
@@ -40,15 +59,15 @@ def read_json_records(path: str, error: type[Exception] = ValueError, lines: lis
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
-            if path.endswith(".jsonl"):
+            if is_jsonl(path):
                 records = []
                 for line_number, raw in enumerate(handle, start=1):
                     text = _decoded(raw, f"{path} line {line_number}", error).removeprefix("\ufeff")
                     if text.strip():
                         try:
                             records.append(json.loads(text))
-                        except json.JSONDecodeError as err:
-                            raise error(f"{path} line {line_number} is not JSON: {err.msg}") from None
+                        except JSON_PARSE_ERRORS as err:
+                            raise error(f"{path} line {line_number} is not JSON: {json_parse_failure(err)}") from None
                         if lines is not None:
                             lines.append(line_number)
                 return records
@@ -65,6 +84,8 @@ def read_json_records(path: str, error: type[Exception] = ValueError, lines: lis
         value = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as err:
         raise error(f"{path} is not a JSON file (nor .jsonl): line {err.lineno}: {err.msg}") from None
+    except JSON_PARSE_ERRORS as err:
+        raise error(f"{path} cannot be read as JSON: {json_parse_failure(err)}") from None
     if not isinstance(value, list):
         raise error(f"{path} must hold a JSON list of records, found {type(value).__name__}")
     return value
@@ -174,7 +195,7 @@ def atomic_write_texts(texts: dict[str, str]) -> None:
 
 def atomic_write_json(path: str, value: Any) -> None:
     """Write `value` as indented JSON (a list of records as JSON lines when `path` ends in .jsonl)."""
-    if os.fspath(path).endswith(".jsonl"):
+    if is_jsonl(path):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
     else:
         text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"

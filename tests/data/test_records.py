@@ -205,6 +205,19 @@ def test_malformed_jsonl_line_raise_names_line_and_skip_counts(tmp_path):
     assert "line 3" in report.messages[0]
 
 
+def test_an_integer_past_pythons_4300_digits_is_a_malformed_line(tmp_path):
+    # json.loads raises a plain ValueError for it, which went out bare, naming no file, even when skipping.
+    big = '{"problem": "q", "answer": ' + "7" * 5000 + "}"
+    source = write_jsonl(tmp_path / "rl.jsonl", [json.dumps(GOOD), big])
+    with pytest.raises(DataError, match=r"rl\.jsonl line 2 \(record 1\): malformed JSON: Exceeds the limit"):
+        load_records(source)
+    records, report = load_records(source, on_bad_record="skip")
+    assert records == [GOOD] and report.skipped == {"malformed_json": 1}
+    (tmp_path / "rl.json").write_text("[" + big + "]")
+    with pytest.raises(DataError, match=r"rl\.json: cannot be read as JSON: Exceeds the limit \(4300 digits\)"):
+        load_records(str(tmp_path / "rl.json"))
+
+
 def test_non_utf8_bytes(tmp_path):
     path = tmp_path / "rl.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"problem": "\xff", "answer": "1"}\n')
@@ -247,6 +260,14 @@ def test_non_utf8_bytes(tmp_path):
          r"'problem' holds the model's vision token '<\|image_pad\|>'", "vision_token_in_text"),
         ({"problem": "q<|vision_start|>", "answer": "1"}, "vision token", "vision_token_in_text"),
         ({"problem": "q<|im_end|>", "answer": "1"}, r"control token '<\|im_end\|>'", "chat_token_in_text"),
+        # Half an emoji: the tokenizer failed with a bare TypeError, the question digest with a UnicodeEncodeError.
+        ({"problem": "how many \ud83c?", "answer": "1"}, r"'problem' is not valid Unicode \(a lone surrogate "
+                                                          r"'\\ud83c' at character 9\)", "bad_prompt"),
+        ({"problem": "q", "answer": "3 \ud83c"}, "'answer' is not valid Unicode", "bad_answer"),
+        ({"problem": "q", "answer": "1", "qid": "x\udc00"}, "'qid' is not valid Unicode", "bad_qid"),
+        ({"problem": "q", "answer": "1", "images": ["a\ud83c.png"]}, r"'images\[0\]' is not valid Unicode",
+         "bad_image"),
+        ({"problem": "q", "answer": "1", "key_words": ["cube\ud83c"]}, r"'key_words\[0\]' is not valid", "bad_key_words"),
         # images under the other usual column name would have been loaded as a text-only question
         ({"problem": "q", "answer": "1", "image": "a.png"}, "'images' is missing but key 'image' is set.*"
                                                              "data.image_key=image", "bad_image"),

@@ -93,6 +93,11 @@ def test_every_rule_counts_and_output(tmp_path, image_root, capsys, suffix):
     for line in ("dropped 5 malformed", "dropped 2 reflective", "dropped 1 missing_image",
                  "dropped 1 unreadable_image", "dropped 3 small_image", "before 18, after 6 (dropped 12)"):
         assert line in printed
+    # Records dropped for an image are named too, with where the image was looked for.
+    name = f"{src} line 11 (record 10)" if suffix == ".jsonl" else f"{src} record 10"
+    assert f"missing_image {name}: image 'nowhere.png' ({image_root / 'nowhere.png'})" in printed
+    # The output is not beside the images: the paths it keeps are relative to --image_root, which is said.
+    assert f"relative to {image_root}, not to its own folder: pass --image_dir {image_root}" in printed
     assert flt.load_records(out) == _expected_kept()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["imgs", src.name, out.name])  # no temp file left
 
@@ -129,6 +134,10 @@ def test_each_image_is_checked_once(image_root, monkeypatch):
         ("bad.json", '{"messages": [', "bad.json is not a JSON file"),
         ("dict.json", '{"messages": []}', "dict.json must hold a JSON list"),
         ("bad.jsonl", '{"messages": []}\nnot json\n', "bad.jsonl line 2 is not JSON"),
+        ("BAD.JSONL", '{"messages": []}\nnot json\n', "BAD.JSONL line 2 is not JSON"),  # a suffix in capitals
+        # json.loads' plain ValueError for an integer of over 4300 digits went out as a traceback
+        ("big.jsonl", '{"n": ' + "9" * 5000 + "}\n", "big.jsonl line 1 is not JSON: Exceeds the limit (4300 digits)"),
+        ("big.json", '[{"n": ' + "9" * 5000 + "}]", "big.json cannot be read as JSON: Exceeds the limit"),
         ("absent.json", None, "cannot read"),
     ],
 )

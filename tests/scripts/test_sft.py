@@ -196,6 +196,15 @@ def test_bad_records_name_the_problem(tmp_path, synthetic_data_dir, processor) -
                 "images": ["nowhere.png"]}]
     with pytest.raises(DataError, match="sft record 0.*nowhere.png.*filter.py"):
         SFTDataset(missing, processor, image_dir=str(tmp_path), max_length=512)
+    # Read from a file, the record is named by its file and line, as the loader's own errors name it.
+    jsonl = tmp_path / "warm.jsonl"
+    jsonl.write_text("\n\n" + json.dumps(missing[0]) + "\n")
+    locations: list[str] = []
+    records = load_sharegpt(str(jsonl), locations)
+    assert locations == [f"{jsonl} line 3 (record 0)"]
+    with pytest.raises(DataError, match=rf"{jsonl} line 3 \(record 0\): image.*nowhere.png.*--image_dir; give it "
+                                        "the filter's --image_root"):
+        SFTDataset(records, processor, image_dir=str(tmp_path), max_length=512, locations=locations)
 
 
 def test_loss_falls_on_a_repeated_batch(tmp_path, clean_sft, synthetic_data_dir, tiny_model_dir) -> None:
@@ -565,7 +574,7 @@ def test_relative_image_paths_are_read_beside_the_data_file_as_the_filter_reads_
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     assert len(SFTDataset(load_sharegpt(str(data)), processor, image_dir=cfg.resolved_image_dir, max_length=512)) == 1
     wrong = str(tmp_path / "elsewhere")
-    with pytest.raises(DataError, match=re.escape(f"relative image paths are joined to {wrong!r} (--image_dir)")):
+    with pytest.raises(DataError, match=re.escape(f"relative image paths are joined to {wrong!r} (--image_dir; ")):
         SFTDataset(load_sharegpt(str(data)), processor, image_dir=wrong, max_length=512)
 
 
