@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock
+from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, fsync_directory, fsync_tree
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
@@ -43,6 +43,10 @@ INDEX_FILE = "shard_index.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or inconsistent."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A published checkpoint whose files are missing or unreadable (a disk fault, or a hand edit)."""
 
 
 def step_dir(checkpoint_dir: str, step: int) -> str:
@@ -108,15 +112,44 @@ def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: in
                               f"one is deleted: {err}. With several nodes, trainer.save_checkpoint_path must be on "
                               "storage that every node writes to (a shared file system)") from err
     atomic_write_json(os.path.join(tmp, STATE_FILE), trainer_state)
+    # The shards are flushed as they are written; the Hugging Face files and the directories are not. After a power
+    # cut a published checkpoint must hold every file whole, and the rename must be on disk before rotation
+    # deletes the checkpoints it supersedes.
+    fsync_tree(tmp)
     final = step_dir(checkpoint_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
         delete_checkpoint(final)
     os.replace(tmp, final)
+    fsync_directory(checkpoint_dir)
+    rotate(checkpoint_dir, step, save_limit)
+    return final
+
+
+def rotate(checkpoint_dir: str, step: int, save_limit: int) -> None:
+    """Delete the complete checkpoints before `step` beyond the `save_limit` highest up to it (none when
+    save_limit <= 0). Also run at a resume, where a run stopped between publishing a save and rotating."""
     if save_limit > 0:
         earlier = [s for s in complete_steps(checkpoint_dir) if s < step]
         for old in earlier[: max(0, len(earlier) - (save_limit - 1))]:
             delete_checkpoint(step_dir(checkpoint_dir, old))
-    return final
+
+
+def read_trainer_state(step_path: str) -> dict[str, Any]:
+    """The trainer state a checkpoint was published with (its step, data order, metrics).
+
+    Raises:
+        CheckpointError: naming the file, when it is unreadable, not JSON, or holds no integer global_step.
+    """
+    path = os.path.join(step_path, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:  # (a truncated file: a JSONDecodeError, which is a ValueError)
+        raise DamagedCheckpoint(f"{path} cannot be read ({err}): the checkpoint is damaged") from err
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise DamagedCheckpoint(f"{path} has no integer 'global_step' (found {step!r:.60}): the checkpoint is damaged")
+    return state
 
 
 def later_steps(checkpoint_dir: str, step: int) -> list[int]:
@@ -369,7 +402,7 @@ def read_index(actor_dir: str) -> dict[str, Any]:
         if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"'dtype' {dtype!r} is not a torch dtype")
     except (OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
+        raise DamagedCheckpoint(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
                               "global_step_* directory") from err
     return index
 
@@ -401,7 +434,7 @@ def check_shards(actor_dir: str, optimizer: bool = False) -> int:
     for name in names:
         path = os.path.join(actor_dir, name)
         if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+            raise DamagedCheckpoint(f"{path} is missing: the checkpoint is incomplete")
     return world
 
 
@@ -417,14 +450,14 @@ def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
         try:
             handles.append(safe_open(path, "pt"))
         except Exception as err:  # safetensors raises its own error type for a damaged header
-            raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
+            raise DamagedCheckpoint(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
                                   "global_step_* directory") from err
 
     def read(rank: int, name: str) -> torch.Tensor:
         try:
             return handles[rank].get_tensor(name)
         except Exception as err:  # safetensors' own error type: a tensor the index names is not in the shard
-            raise CheckpointError(f"{actor_dir}/model_world_size_{world}_rank_{rank}.safetensors has no readable "
+            raise DamagedCheckpoint(f"{actor_dir}/model_world_size_{world}_rank_{rank}.safetensors has no readable "
                                   f"tensor {name!r} ({err}), which {INDEX_FILE} names: the checkpoint is damaged; "
                                   "use another global_step_* directory") from err
 
@@ -454,6 +487,6 @@ def _check_part(part: torch.Tensor, shape: list[int], dim: int, name: str, path:
     found = list(part.shape)
     if (len(found) != len(shape) or found[dim] > shape[dim]
             or any(a != b for axis, (a, b) in enumerate(zip(found, shape)) if axis != dim)):
-        raise CheckpointError(f"{path}: its part of {name!r} has shape {found}, which does not fit the shape "
+        raise DamagedCheckpoint(f"{path}: its part of {name!r} has shape {found}, which does not fit the shape "
                               f"{shape} that {INDEX_FILE} records (expected {expected}, axis {dim} split among "
                               "the ranks): the checkpoint is damaged; use another global_step_* directory")

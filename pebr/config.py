@@ -855,6 +855,20 @@ def config_to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(_escape_interpolations(asdict(cfg))))
 
 
+def changed_settings(old_yaml: str, new_yaml: str) -> list[str]:
+    """The dotted keys whose values differ between two configurations written by `config_to_yaml`, each as
+    "key: old -> new", in key order (a key only one of them has shows as <absent>)."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    old, new = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
+    absent = "<absent>"
+    return [f"{key}: {old.get(key, absent)!r:.80} -> {new.get(key, absent)!r:.80}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)]
+
+
 def _escape_interpolations(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _escape_interpolations(item) for key, item in value.items()}

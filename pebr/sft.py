@@ -37,7 +37,8 @@ from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitt
                               probe_image, resolve_path)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
-from pebr.utils.jsonio import atomic_write_text, disk_errors_named, is_within, read_json_records, replace_directory
+from pebr.utils.jsonio import (atomic_write_text, disk_errors_named, fsync_tree, is_within, read_json_records,
+                               replace_directory)
 
 logger = logging.getLogger(__name__)
 
@@ -679,6 +680,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "resumed_from": resume_from,
     }
     atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
+    fsync_tree(staging)  # on disk before it is published and the checkpoints it supersedes are deleted
     replace_directory(staging, cfg.output_dir)
     if os.path.isdir(cfg.checkpoint_dir):
         remove_checkpoints(cfg.checkpoint_dir)  # the finished model supersedes them

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from pebr.checkpoint import delete_checkpoint
 from pebr.config import ConfigError
-from pebr.utils.jsonio import atomic_write_json, fsync_tree
+from pebr.utils.jsonio import atomic_write_json, fsync_directory, fsync_tree
 
 if TYPE_CHECKING:
     from pebr.sft import SFTConfig
@@ -156,6 +156,7 @@ class PublishCheckpoints(TrainerCallback):
         if os.path.exists(final):
             delete_checkpoint(final)
         os.replace(written, final)
+        fsync_directory(self.root)  # the rename on disk before the checkpoints it supersedes are deleted
         for _, old in complete_checkpoints(self.root)[: -self.keep]:
             delete_checkpoint(old)
         return control

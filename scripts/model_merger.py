@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete,  # noqa: E402
+from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete, read_trainer_state,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
 from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, fsync_tree,  # noqa: E402
                                replace_directory)
@@ -388,18 +388,15 @@ def unfinished_run(checkpoint: str) -> str | None:
         CheckpointError: its trainer_state.json is unreadable, not JSON, or lacks an integer global_step (or has
             a total_steps that is no integer).
     """
-    path = os.path.join(checkpoint, STATE_FILE)
+    earlier = "merge an earlier global_step_* directory with --local_dir"
     try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as err:  # (a truncated file: a JSONDecodeError, which is a ValueError)
-        raise CheckpointError(f"{path} cannot be read ({err}): the checkpoint is damaged; merge an earlier "
-                              "global_step_* directory with --local_dir") from err
-    step, total = (state.get("global_step"), state.get("total_steps")) if isinstance(state, dict) else (None, None)
-    for key, value, optional in (("global_step", step, False), ("total_steps", total, True)):
-        if not (isinstance(value, int) and not isinstance(value, bool) or optional and value is None):
-            raise CheckpointError(f"{path} has no integer {key!r} (found {value!r:.60}): the checkpoint is damaged; "
-                                  "merge an earlier global_step_* directory with --local_dir")
+        state = read_trainer_state(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {earlier}") from err
+    step, total = state["global_step"], state.get("total_steps")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)):
+        raise CheckpointError(f"{os.path.join(checkpoint, STATE_FILE)} has no integer 'total_steps' (found "
+                              f"{total!r:.60}): the checkpoint is damaged; {earlier}")
     if total is None or step >= total:
         return None
     return (f"{checkpoint} is step {step} of the {total} its run was to train: that run stopped early. Run it again "

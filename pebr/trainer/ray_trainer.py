@@ -25,7 +25,7 @@ from pebr.algorithms.advantages import (compute_advantages, group_ids_from_uids,
                                        zero_variance_group_fraction)
 from pebr.algorithms.filtering import groups_within
 from pebr.algorithms.losses import kl_penalty, masked_mean
-from pebr.config import ConfigError, PPOConfig, config_to_yaml
+from pebr.config import ConfigError, PPOConfig, changed_settings, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
 from pebr.utils.jsonio import atomic_write_json, atomic_write_text
@@ -459,13 +459,21 @@ class RayPPOTrainer:
         if self._resume_path:
             # Validation alone (trainer.val_only) needs the weights only: a save_model_only checkpoint will do, and
             # one past this run's steps too.
-            checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
-                                       requested_settings(cfg.worker.actor.model),
-                                       cfg.worker.actor.model.freeze_vision_tower, weights_only=cfg.trainer.val_only)
-            with open(os.path.join(self._resume_path, checkpoint.STATE_FILE)) as f:
-                import json
-
-                state = json.load(f)
+            try:
+                checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
+                                           requested_settings(cfg.worker.actor.model),
+                                           cfg.worker.actor.model.freeze_vision_tower,
+                                           weights_only=cfg.trainer.val_only)
+                state = checkpoint.read_trainer_state(self._resume_path)
+            except checkpoint.DamagedCheckpoint as err:
+                if cfg.trainer.load_checkpoint_path:
+                    raise
+                # An earlier step named by load_checkpoint_path is refused below (later steps are there): the way
+                # back to the one before is to take the damaged one out of the run's listing.
+                raise checkpoint.DamagedCheckpoint(
+                    f"{err}. It is this run's newest checkpoint, which auto-resume takes; to go on from the one "
+                    f"before it, move it aside (mv {self._resume_path} {self._resume_path}.damaged) and run again"
+                ) from None
             self.global_step = state["global_step"]
             if self.global_step > self.total_steps and not cfg.trainer.val_only:
                 raise checkpoint.CheckpointError(
@@ -515,6 +523,8 @@ class RayPPOTrainer:
                 "(trainer.find_last_checkpoint=true, no trainer.load_checkpoint_path), or set another "
                 "trainer.save_checkpoint_path")
         os.makedirs(self.ckpt_dir, exist_ok=True)
+        if self._resume_path and not t.val_only:  # a run stopped between publishing its last save and rotating
+            checkpoint.rotate(self.ckpt_dir, self.global_step, t.save_limit)
         self._drop_rollouts_after(self.global_step)
         self._write_config(config_to_yaml(cfg))
         self.tracker = Tracker(cfg.trainer.logger, self.ckpt_dir, cfg.trainer.project_name,
@@ -776,10 +786,19 @@ class RayPPOTrainer:
         config.until_step_{k}.yaml: config.yaml alone would say every step ran with the new ones."""
         path = os.path.join(self.ckpt_dir, "config.yaml")
         earlier = os.path.join(self.ckpt_dir, f"config.until_step_{self.global_step}.yaml")
-        # (A second resume from the same step keeps the first one's record: its run trained those steps.)
-        if self.global_step and os.path.isfile(path) and not os.path.exists(earlier):
+        if self.global_step and os.path.isfile(path):
             with open(path) as f:
-                if f.read() != text:
+                old = f.read()
+            if old != text:
+                # Most settings apply from here on whatever the checkpoint holds (the lr schedule is rebuilt from
+                # them, say): a resume that changes them is said, not only recorded.
+                changed = changed_settings(old, text)
+                print(f"warning: resuming at step {self.global_step} with {len(changed)} setting(s) other than the "
+                      f"run's config.yaml, applied from here on: " + "; ".join(changed[:12])
+                      + ("; ..." if len(changed) > 12 else "") + f" (the earlier ones are kept in "
+                      f"{os.path.basename(earlier)})", flush=True)
+                # (A second resume from the same step keeps the first one's record: its run trained those steps.)
+                if not os.path.exists(earlier):
                     os.replace(path, earlier)
         atomic_write_text(path, text)
 

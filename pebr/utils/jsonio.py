@@ -215,7 +215,17 @@ def replace_directory(new: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
     os.replace(new, target)
+    fsync_directory(os.path.dirname(target))  # the new one is in place on disk before the old one goes
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_directory(directory: str) -> None:
+    """Flush `directory`'s own entries (a rename into it, a file made or removed) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(directory: str) -> None:
@@ -225,11 +235,7 @@ def fsync_tree(directory: str) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(folder)
 
 
 def is_within(path: str, directory: str) -> bool:

@@ -41,7 +41,7 @@ def step_indices(run_dir: str, step: int) -> set[int]:
         return {json.loads(line)["index"] for line in f}
 
 
-def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
+def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=2))
 
@@ -84,7 +84,10 @@ def test_train_save_restart_resume(tiny_model_dir, synthetic_data_dir, ray_sessi
         with open(os.path.join(run_dir, "rollouts", f"step_{stale}.jsonl"), "w") as f:
             f.write('{"index": -1}\n')
     # The same command with one more step resumes from step 2 and serves the third batch.
+    capsys.readouterr()
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=3))
+    assert "resuming at step 2 with 1 setting(s) other than the run's config.yaml, applied from here on: " \
+           "trainer.max_steps: 2 -> 3 " in capsys.readouterr().out
     assert checkpoint.complete_steps(run_dir) == [2, 3]  # save_limit=2 rotated step 1 away
     resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3]

@@ -190,7 +190,7 @@ def _trainer_config(tmp_path, *overrides: str):
     from pebr.config import load_config
 
     run_dir = tmp_path / "run"
-    (tmp_path / "model").mkdir()
+    (tmp_path / "model").mkdir(exist_ok=True)
     (tmp_path / "model" / "config.json").write_text("{}")  # a model directory, as far as the config checks look
     (tmp_path / "train.json").write_text("[]")
     cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
@@ -402,3 +402,65 @@ def test_validation_alone_takes_a_checkpoint_past_the_runs_steps(tmp_path, no_wo
                                                          r"their logs would be cut back.*set trainer.save_checkpoint_"
                                                          r"path to a new directory"):
         ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+
+
+@pytest.mark.parametrize("damage", ["state", "index"])
+def test_a_damaged_newest_checkpoint_names_its_file_and_the_way_back_to_the_one_before(tmp_path, capsys, no_workers,
+                                                                                      damage):
+    """A truncated trainer_state.json was a JSONDecodeError traceback; a damaged shard index said "use another
+    global_step_* directory", and naming step 1 was then refused for the later step 2. Moved aside as the message
+    says, the damaged one is out of the listing and the run resumes from step 1."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer import ray_trainer
+
+    cfg, run_dir = _trainer_config(tmp_path)
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    for step in (1, 2):
+        _save_run_step(run_dir, step, sampler)
+    newest = run_dir / "global_step_2"
+    damaged = newest / checkpoint.STATE_FILE if damage == "state" else newest / "actor" / checkpoint.INDEX_FILE
+    damaged.write_text(damaged.read_text()[:7])
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=rf"{damaged} cannot be read .*the checkpoint is damaged.*"
+                                                           rf"move it aside \(mv {newest} {newest}.damaged\)"):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    os.rename(newest, f"{newest}.damaged")
+    with pytest.raises(WorkersNotStarted):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    assert checkpoint.complete_steps(str(run_dir)) == [1] and os.path.isdir(f"{newest}.damaged")
+
+
+def test_a_resume_rotates_what_a_stop_before_rotation_left(tmp_path, no_workers):
+    """Stopped between publishing step 3 and rotating: the rerun had nothing to train, so save_limit=2 never
+    removed step 1."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer import ray_trainer
+
+    cfg, run_dir = _trainer_config(tmp_path, "trainer.save_limit=2", "trainer.max_steps=3")
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    for step in (1, 2, 3):
+        _save_run_step(run_dir, step, sampler)  # (save_limit=-1: nothing rotated)
+    with pytest.raises(WorkersNotStarted):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    assert checkpoint.complete_steps(str(run_dir)) == [2, 3]
+
+
+def test_a_resume_with_other_settings_lists_them(tmp_path, capsys, no_workers):
+    """Warm-up steps, n, the KL coefficient changed at a resume went through without a word (only the lr was
+    said); the earlier config is kept beside config.yaml as before."""
+    from pebr.data import StatefulBatchSampler
+    from pebr.trainer import ray_trainer
+
+    cfg, run_dir = _trainer_config(tmp_path)
+    sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
+    _save_run_step(run_dir, 1, sampler)
+    with pytest.raises(WorkersNotStarted):  # the same settings: nothing to say
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    assert "setting(s) other than" not in capsys.readouterr().out
+    cfg, _ = _trainer_config(tmp_path, "algorithm.kl_coef=0.5", "worker.actor.optim.lr_warmup_steps=1")
+    with pytest.raises(WorkersNotStarted):
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+    out = capsys.readouterr().out
+    assert ("warning: resuming at step 1 with 2 setting(s) other than the run's config.yaml, applied from here on: "
+            "algorithm.kl_coef: 0.01 -> 0.5; worker.actor.optim.lr_warmup_steps:") in out
+    assert "(the earlier ones are kept in config.until_step_1.yaml)" in out
+    assert (run_dir / "config.until_step_1.yaml").is_file()
