@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tempfile
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 import importlib.util
 import typing
@@ -305,6 +306,29 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key} must be positive, got {value}")
 
 
+# numpy's seeds, which vLLM and transformers' set_seed pass their seed to: another one failed there, naming nothing.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(key: str, value: int) -> None:
+    """Raises ConfigError naming `key` when `value` is outside [0, MAX_SEED]."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key}={value} must be in [0, 2**32 - 1] (numpy's seeds)")
+
+
+def seed_argument(text: str) -> int:
+    """An argparse type for a --seed option: an integer in [0, MAX_SEED]."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, 2**32 - 1] (numpy's seeds)")
+    return value
+
+
 def check_writable_folder(folder: str, what: str) -> None:
     """Create `folder` if need be and check that it takes a file, now rather than when the first output is written
     (after hours of training or sampling, say).
@@ -345,7 +369,7 @@ def _check_val_sampling(overrides: dict) -> None:
               "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
               "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
               "top_k": (int, lambda v: v >= -1, "-1 or 0 (off) or >= 1"),
-              "seed": ((int, type(None)), lambda v: True, "an integer or null"),
+              "seed": ((int, type(None)), lambda v: v is None or 0 <= v <= MAX_SEED, "an integer in [0, 2**32 - 1] or null"),
               "logprobs": (bool, lambda v: True, "true or false")}
     for key, value in overrides.items():
         kind, ok, wanted = checks[key]
@@ -409,6 +433,10 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
                           "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
     _positive("worker.rollout.limit_images", rollout.limit_images)
+    check_seed("data.seed", cfg.data.seed)
+    if not 0 <= rollout.seed <= MAX_SEED - (cfg.world_size - 1):  # (each engine takes seed + its rank)
+        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {cfg.world_size}] (numpy's "
+                          f"seeds; each of the {cfg.world_size} engines takes it plus its rank)")
     if rollout.block_size is not None:
         _positive("worker.rollout.block_size", rollout.block_size)
         if rollout.block_size % 32 and _runs_on_cpu(t.device):
@@ -697,6 +725,7 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of keys")
         _check_file_text(loaded, schema, path)
+        _check_file_numbers(path, schema)
         sources.append((loaded, path))
     for word in overrides:
         if "=" not in word:
@@ -750,6 +779,49 @@ def _replace_mappings(merged: DictConfig, source: DictConfig, schema: type, give
             raise ConfigError(f"{origin}: bad configuration key '{key}': {str(e).splitlines()[0]}") from None
 
 
+# Numbers YAML 1.1 (PyYAML, OmegaConf) reads as other than the decimal written: a leading zero makes an octal
+# (n: 010 is 8) and colons a base-60 number (save_freq: 1:00 is 60).
+_YAML_NUMBER_TRAP = re.compile(r"[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def _is_number(kind: Any) -> bool:
+    """An int or float setting, or an optional one."""
+    return kind in (int, float) or (typing.get_origin(kind) in (typing.Union, types.UnionType)
+                                    and any(k in (int, float) for k in typing.get_args(kind)))
+
+
+def _check_number_text(key: str, text: str, where: str) -> None:
+    if _YAML_NUMBER_TRAP.fullmatch(text.strip()):
+        raise ConfigError(f"{where}: {key}={text.strip()} is read by YAML as {yaml.safe_load(text)!r} (a leading zero "
+                          "makes an octal number, colons a base-60 one); write the decimal number without them")
+
+
+def _plain_scalars(text: str) -> dict[str, str]:
+    """Each unquoted scalar of a YAML mapping's text, by dotted key, as written."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, f"{prefix}{key.value}.")
+        elif isinstance(node, yaml.ScalarNode) and node.style is None:  # a quoted "010" is text, as written
+            found[prefix[:-1]] = node.value
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:  # (OmegaConf read it: its own loader's quirks are not this check's business)
+        pass
+    return found
+
+
+def _check_file_numbers(path: str, schema: type) -> None:
+    with open(path, encoding="utf-8") as f:
+        scalars = _plain_scalars(f.read())
+    for key, kind in _leaf_fields(schema):
+        if _is_number(kind) and key in scalars:
+            _check_number_text(key, scalars[key], f"config file {path!r}")
+
+
 def _check_file_text(loaded: DictConfig, schema: type, path: str) -> None:
     """Text settings of a file must be YAML strings: the loader has already turned experiment_name: 1.10 into
     1.1, 0755 into 493 and on into True, and the text as written is gone."""
@@ -799,6 +871,8 @@ def _parse_override(word: str, schema: type) -> DictConfig:
     cut a path at " #"."""
     key, value = word.split("=", 1)
     kind = _field_type(schema, key)
+    if _is_number(kind):
+        _check_number_text(key, value, "command-line override")
     if typing.get_origin(kind) is list and value.strip() and value.strip()[0] != "[" and value not in ("null", "~"):
         # A list setting given bare (trainer.logger=console, ...=console,wandb): its items, not OmegaConf's
         # "Value 'console' of type 'str' could not be converted to a ListConfig".

@@ -36,6 +36,7 @@ PY = sys.executable
 # How often the warm-up (optimizer steps) and the RL stages (RL steps) save a checkpoint to resume from.
 SFT_SAVE_EVERY, RL_SAVE_EVERY = 100, 5
 sys.path.insert(0, ROOT)
+from pebr.config import seed_argument  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -412,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_runs"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seed", type=seed_argument, default=0)
+    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=None,
                         help="run the pipeline once per seed (OUT/seed_K) and summarise the spread in OUT/seeds.md")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                         help="the profile's bf16 compute: auto keeps it only on a CPU with AMX or AVX-512 BF16 "

@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pebr.config import seed_argument  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from pebr.evaluation import (BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_FORMAT_PROMPT,  # noqa: E402
                              check_generation_options,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS, help="image area bounds (the GPU stage "
                         "recipes'; a model trained with examples/pebr_cpu.yaml: --min_pixels 3136 --max_pixels 50176)")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0)
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="questions per engine call; with --output their answers are saved after each")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,

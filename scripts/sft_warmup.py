@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pebr.config import seed_argument  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from pebr.sft import DEFAULT_FORMAT_PROMPT, SFTConfig, train_sft  # noqa: E402
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr_scheduler", default="cosine")
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps (-1: all epochs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0)
     parser.add_argument("--freeze_vision_tower", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--vision_lr", type=float, default=None,
                         help="learning rate of the vision tower when it trains (default: --lr)")

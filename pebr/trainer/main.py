@@ -139,6 +139,8 @@ def run(argv: list[str]) -> None:
               "they came from it (the tiny model: 3.4 nats a token apart at top_k=20); top_p near 1 costs little "
               "(about -log top_p)", file=sys.stderr, flush=True)
     check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
+    if cfg.trainer.profile_steps and cfg.trainer.profile_dir:  # (by default a folder of the run directory)
+        check_writable_folder(cfg.trainer.profile_dir, "trainer.profile_dir")  # not first at the profiled step
     with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
         started = init_ray(cfg)
         try:

@@ -300,8 +300,9 @@ def run(argv: list[str]) -> SampleSummary:
     if not cfg.worker.reward.reward_function:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
     out = cfg.trainer.sample_output
-    if os.path.isdir(out):
-        raise ConfigError(f"trainer.sample_output={out!r} is a directory; name the JSONL file to write")
+    if not out.strip() or out.endswith(os.sep) or os.path.isdir(out):
+        raise ConfigError(f"trainer.sample_output={out!r} names no file (a directory, or nothing); name the JSONL "
+                          "file to write")
     source = cfg.data.train_files
     if (os.path.isdir(source) and is_within(out, source)
             or os.path.isfile(source) and os.path.exists(out) and os.path.samefile(out, source)):

@@ -32,6 +32,9 @@ CASES = {
     "missing data file": (["data.train_files=/nonexistent/train.json"],
                           "data.train_files='/nonexistent/train.json': no such file"),
     # Found by the record reader in the driver, still before Ray: names the file, the record and the key.
+    # First written at the profiled step, after its rollout and update: the step was lost with a worker error.
+    "profile folder under a file": (["trainer.profile_steps=[1]", "trainer.profile_dir={bad_data}/prof"],
+                                    "trainer.profile_dir: cannot write into {bad_data}/prof"),
     "bad data record": (["data.train_files={bad_data}"],
                         "{bad_data} record 1 qid='train_00001': key 'answer' is missing"),
     # Found when the data set is built (still before Ray), not when vLLM is given the record mid-run.

@@ -90,6 +90,21 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     assert message.format(tmp=tmp_path, home=tmp_path / "home") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool, argv", [
+    ("evaluate", ["--model_path", "m", "--data", "x.json", "--seed", "-1"]),
+    ("sft_warmup", ["--model_path", "m", "--data", "x.json", "--output_dir", "o", "--seed", "4294967296"]),
+    ("demo", ["--seeds", "0", "-1"]),
+])
+def test_a_seed_outside_numpys_range_is_a_usage_error(tool, argv, capsys):
+    """vLLM and transformers' set_seed failed with numpy's traceback, after the model had loaded."""
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(tool).main(argv)
+    assert stop.value.code == 2
+    assert f"{argv[-1]!r} is not an integer in [0, 2**32 - 1] (numpy's seeds)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_from_the_command_line_there_is_no_traceback():
     """One real process, for the exit code and stderr as a user sees them (each script's __main__ runs run_cli)."""

@@ -67,6 +67,13 @@ def test_overrides_win_over_files():
     ("data.val_files=/nonexistent/val.json", "data.val_files='/nonexistent/val.json': no such file"),
     ("data.train_files=./nonexistent/", "data.train_files"),
     ("data.max_prompt_length=[512", "override 'data.max_prompt_length=[512': its value is not YAML"),
+    ("data.max_response_length=01024", "data.max_response_length=01024 is read by YAML as 532"),
+    ("trainer.save_freq=1:00", "trainer.save_freq=1:00 is read by YAML as 60"),
+    # numpy's seeds: vLLM refused another one at engine start, after Ray, naming no key.
+    ("worker.rollout.seed=-1", "worker.rollout.seed=-1 must be in [0, 2**32 - 8]"),
+    ("worker.rollout.seed=4294967295", "worker.rollout.seed=4294967295 must be in [0, 2**32 - 8] (numpy's seeds; "
+     "each of the 8 engines takes it plus its rank)"),
+    ("data.seed=4294967296", "data.seed=4294967296 must be in [0, 2**32 - 1]"),
     # Not a hub id ("name" or "org/name"): the recipes' default warm-up path before the warm-up was run.
     ("worker.actor.model.model_path=saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up",
      "model_path='saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up': no such directory"),
@@ -222,6 +229,9 @@ def test_text_settings_keep_the_value_as_typed_and_paths_expand_the_home(tmp_pat
     ("a: [1\n", "cannot be read: while parsing a flow sequence"),
     ("- 1\n- 2\n", "holds a ListConfig, not a mapping of keys"),
     ("trainer:\n  experiment_name: ${nowhere}\n", "bad configuration key"),
+    # YAML 1.1 reads these as other numbers than the decimal written: 8 and 60.
+    ("worker:\n  rollout:\n    n: 010\n", "worker.rollout.n=010 is read by YAML as 8 (a leading zero makes an octal"),
+    ("trainer:\n  save_freq: 1:00\n", "trainer.save_freq=1:00 is read by YAML as 60"),
 ])
 def test_a_config_file_that_is_not_a_mapping_of_keys_is_a_config_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -109,12 +109,14 @@ def test_an_interrupted_question_after_complete_ones_is_removed(tmp_path):
 N, EPOCHS = 2, 2  # 4 responses per question
 
 
+@pytest.mark.parametrize("output", ["{tmp}", "", "{tmp}/new/"])  # ("" and "new/" were tracebacks after a batch)
 def test_a_directory_as_sample_output_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
-                                                                    monkeypatch):
+                                                                    monkeypatch, output):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(ConfigError, match=r"trainer\.sample_output=.* is a directory"):
+    with pytest.raises(ConfigError, match=r"trainer\.sample_output=.* names no file \(a directory, or nothing\)"):
         run(["config=examples/pebr_sample.yaml", f"worker.actor.model.model_path={tiny_model_dir}",
-             f"data.train_files={synthetic_data_dir}/train.json", f"trainer.sample_output={tmp_path}"])
+             f"data.train_files={synthetic_data_dir}/train.json",
+             f"trainer.sample_output={output.format(tmp=tmp_path)}"])
 
 
 def test_greedy_sampling_of_several_rollouts_is_refused_before_any_work(tmp_path, synthetic_data_dir, tiny_model_dir,
