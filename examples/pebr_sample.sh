@@ -6,6 +6,8 @@ source "$(dirname "$0")/refuse_overrides.sh"
 recipe_help "$0" "$@"
 require_repo_root
 refuse_overrides "data.train_files=TRAIN_FILES trainer.sample_output=ROLLOUTS" "$@"
+refuse_file_keys "worker.actor.model.model_path=MODEL_PATH data.train_files=TRAIN_FILES data.image_dir=IMAGE_DIR \
+    trainer.sample_output=ROLLOUTS trainer.n_gpus_per_node=N_GPUS" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
 TRAIN_FILES=${TRAIN_FILES:-dataset/train.json}                        # the RL data set to split

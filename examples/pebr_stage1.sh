@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Stage 1 of PeBR-R1: perception RL on the easy cases, then merge the final checkpoint.
 # Extra arguments are config overrides (key=value) or more config files (config=FILE). Files are applied first
-# and every key=value after them, so the keys this recipe sets below from its variables come from the variables.
+# and every key=value after them: a file may not set a key this recipe sets below from a variable (set the variable).
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
 recipe_help "$0" "$@"
 require_repo_root
 refuse_overrides "trainer.save_checkpoint_path=RUN_DIR" "$@"
+refuse_file_keys "worker.actor.model.model_path=MODEL_PATH data.train_files=TRAIN_FILES data.image_dir=IMAGE_DIR \
+    worker.reward.reward_function_kwargs.clip_model_path=CLIP_MODEL_PATH trainer.n_gpus_per_node=N_GPUS trainer.save_checkpoint_path=RUN_DIR" "$@"
 
 MODEL_PATH=${MODEL_PATH:-saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up}  # the merged warm-up SFT model
 TRAIN_FILES=${TRAIN_FILES:-dataset/easycase.json}                     # written by examples/pebr_sample.sh

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Stage 2 of PeBR-R1: reasoning RL on the medium cases, from the merged stage-1 model; then merge.
 # Extra arguments are config overrides (key=value) or more config files (config=FILE). Files are applied first
-# and every key=value after them, so the keys this recipe sets below from its variables come from the variables.
+# and every key=value after them: a file may not set a key this recipe sets below from a variable (set the variable).
 set -euo pipefail
 source "$(dirname "$0")/refuse_overrides.sh"
 recipe_help "$0" "$@"
 require_repo_root
 refuse_overrides "trainer.save_checkpoint_path=RUN_DIR worker.actor.model.model_path=MODEL_PATH" "$@"
+refuse_file_keys "worker.actor.model.model_path=MODEL_PATH data.train_files=TRAIN_FILES data.image_dir=IMAGE_DIR \
+    trainer.n_gpus_per_node=N_GPUS trainer.save_checkpoint_path=RUN_DIR" "$@"
 
 STAGE1_DIR=${STAGE1_DIR:-checkpoints/easy_r1/pebr_stage1}
 TRAIN_FILES=${TRAIN_FILES:-dataset/mediumcase.json}                   # written by examples/pebr_sample.sh

@@ -2,7 +2,7 @@
 # merge reads RUN_DIR, the split reads TRAIN_FILES and ROLLOUTS, stage 2 picks MODEL_PATH before it): given as
 # key=value overrides, they would reach the trainer but not that other step. Such an override stops the recipe, naming the variable to set;
 # so does a mapping that holds the key (trainer={save_checkpoint_path: ...} replaces the recipe's setting too).
-# Config files need no check: every key=value, the recipe's own included, is applied after them.
+# Config files are applied before every key=value, the recipe's own included: see refuse_file_keys.
 #   refuse_overrides "KEY=VARIABLE ..." "$@"
 refuse_overrides() {
     local pairs=$1 arg pair key setting
@@ -18,6 +18,44 @@ refuse_overrides() {
                 exit 2
             fi
         done
+    done
+}
+
+# A config=FILE argument is applied before the recipe's own key=value settings, so a key the recipe sets from a
+# variable (data.train_files from TRAIN_FILES, ...) would be replaced without a word: stop, naming the variable.
+# The project's own files under examples/ are exempt: they are layers written for these recipes (the CPU twins'
+# examples/pebr_cpu.yaml sets trainer.n_gpus_per_node, which N_GPUS then sets).
+#   refuse_file_keys "KEY=VARIABLE ..." "$@"
+refuse_file_keys() {
+    local pairs=$1 arg file examples
+    shift
+    examples=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+    for arg in "$@"; do
+        [[ "${arg}" == config=* ]] || continue
+        file=${arg#config=}
+        file=${file/#\~/${HOME}}
+        [[ "$(realpath -m -- "${file}")" == "${examples}"/* ]] && continue
+        python3 - "${file}" ${pairs} <<'PY' || exit 2
+import sys
+
+import yaml
+
+path, pairs = sys.argv[1], sys.argv[2:]
+try:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    sys.exit(0)  # the trainer names what is wrong with the file
+for pair in pairs:
+    key, variable = pair.split("=", 1)
+    node = data
+    for part in key.split("."):
+        node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+    if node is not KeyError:
+        print(f"error: {path} sets {key}, which this recipe sets after the file from {variable}: set {variable}=... "
+              "instead (and leave the key out of the file)", file=sys.stderr)
+        sys.exit(1)
+PY
     done
 }
 

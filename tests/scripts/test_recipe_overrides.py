@@ -39,6 +39,33 @@ def test_an_override_beside_the_recipes_keys_passes(override):
     assert "instead of the override" not in proc.stderr and proc.returncode not in (0, 2), proc.stderr
 
 
+@pytest.mark.parametrize("recipe, text, key, variable", [
+    ("pebr_stage2.sh", "data:\n  train_files: my.json\n", "data.train_files", "TRAIN_FILES"),
+    ("pebr_stage1_cpu.sh", "worker:\n  reward:\n    reward_function_kwargs:\n      clip_model_path: /m\n",
+     "worker.reward.reward_function_kwargs.clip_model_path", "CLIP_MODEL_PATH"),
+    ("pebr_sample.sh", "trainer:\n  n_gpus_per_node: 4\n", "trainer.n_gpus_per_node", "N_GPUS"),
+])
+def test_a_config_file_setting_a_key_the_recipe_sets_stops_it_naming_the_variable(tmp_path, recipe, text, key,
+                                                                                   variable):
+    """The recipe's own key=value settings come after config files: the file's value was dropped without a word."""
+    import sys
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    proc = subprocess.run(["bash", os.path.join("examples", recipe), f"config={mine}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {mine} sets {key}, which this recipe sets after the file from {variable}: set {variable}=" \
+           in proc.stderr
+    # Other keys pass (the recipe goes on, and fails later here on its missing stage-1 run or model), and so does
+    # the CPU twins' own examples/pebr_cpu.yaml, which sets trainer.n_gpus_per_node for N_GPUS to set again.
+    mine.write_text("worker:\n  actor:\n    optim:\n      lr: 1.0e-5\n")
+    proc = subprocess.run(["bash", os.path.join("examples", recipe), f"config={mine}", "config=examples/pebr_cpu.yaml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert "which this recipe sets after the file" not in proc.stderr and proc.returncode != 0, proc.stderr
+
+
 def python3_that_stands_in_for(tmp_path, cases: list[str]):
     """A folder to put first on PATH whose `python3` runs the bash `cases` (lines that exit for the calls they
     answer) and hands every other call to this Python: the recipe's own logic, without its minutes of work."""
