@@ -112,7 +112,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1.0e-2
     strategy: str = "adamw"
-    lr_warmup_ratio: float = 0.0
+    lr_warmup_ratio: float = 0.0  # of the run's steps; or lr_warmup_steps, not both
     lr_warmup_steps: Optional[int] = None
     warmup_style: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.0
@@ -205,6 +205,8 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_chunked_prefill: bool = False
     tensor_parallel_size: int = 1
+    # Tokens one engine step takes in; without chunked prefill vLLM needs a whole prompt and response in one
+    # step, so it is raised to data.max_prompt_length + data.max_response_length there.
     max_num_batched_tokens: int = 8192
     # Tokens per KV-cache block; None leaves vLLM's choice (16 on CUDA, 128 on CPU). The n responses of a prompt
     # are n requests, and each recomputes the prompt's tokens past its last full block: a smaller block
@@ -379,6 +381,17 @@ def _check_val_sampling(overrides: dict) -> None:
             raise ConfigError(f"worker.rollout.val_override_config.{key}={value!r} must be {wanted}")
 
 
+def _check_model_folder(key: str, value: str, files: tuple[str, ...], what: str) -> None:
+    """A local folder must hold one of `files`; a path that cannot be a hub id must be a folder."""
+    folder = os.path.expanduser(value)
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in files):
+        raise ConfigError(f"{key}={value!r} holds no {' or '.join(files)}: {what}")
+    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
+    if not os.path.isdir(folder) and (looks_local(folder) or folder.count("/") > 1
+                                      or "/" in folder and os.path.isdir(folder.split("/")[0])):
+        raise ConfigError(f"{key}={value!r}: no such directory")
+
+
 def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     """Check settings that the type system cannot; raise ConfigError naming the key.
 
@@ -433,6 +446,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
         raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
                           "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
     _positive("worker.rollout.limit_images", rollout.limit_images)
+    _positive("worker.rollout.max_num_batched_tokens", rollout.max_num_batched_tokens)
     check_seed("data.seed", cfg.data.seed)
     if not 0 <= rollout.seed <= MAX_SEED - (cfg.world_size - 1):  # (each engine takes seed + its rank)
         raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {cfg.world_size}] (numpy's "
@@ -526,13 +540,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
     model_dir = os.path.expanduser(actor.model.model_path)
-    if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r} holds no config.json: not a "
-                          "Hugging Face model directory")
-    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
-    if not os.path.isdir(model_dir) and (looks_local(model_dir) or model_dir.count("/") > 1
-                                         or "/" in model_dir and os.path.isdir(model_dir.split("/")[0])):
-        raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: no such directory")
+    _check_model_folder("worker.actor.model.model_path", actor.model.model_path, ("config.json",),
+                        "not a Hugging Face model directory")
+    if actor.model.tokenizer_path:
+        _check_model_folder("worker.actor.model.tokenizer_path", actor.model.tokenizer_path,
+                            ("tokenizer_config.json", "tokenizer.json"), "not a Hugging Face tokenizer directory")
     if os.path.isdir(model_dir) and any(char in os.path.abspath(model_dir) for char in "*?["):
         # vLLM looks for the weights with glob patterns made from the folder's path: it found none, after Ray and
         # every model had started.
@@ -623,6 +635,9 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if o.lr_warmup_steps is not None and o.lr_warmup_steps < 0:
         raise ConfigError(f"worker.actor.optim.lr_warmup_steps={o.lr_warmup_steps} must be >= 0 (or null to use "
                           "lr_warmup_ratio)")
+    if o.lr_warmup_steps is not None and o.lr_warmup_ratio:  # the steps won, and the ratio was dropped unsaid
+        raise ConfigError(f"worker.actor.optim.lr_warmup_steps={o.lr_warmup_steps} and lr_warmup_ratio="
+                          f"{o.lr_warmup_ratio} both set the warm-up; set one (the other null or 0)")
     for key, value in (("worker.actor.optim.lr_warmup_ratio", o.lr_warmup_ratio),
                        ("worker.actor.optim.min_lr_ratio", o.min_lr_ratio)):
         if not 0.0 <= value <= 1.0:

@@ -450,19 +450,30 @@ class SFTConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the field for values that cannot work."""
-        checks = [
-            ("epochs", self.epochs > 0), ("lr", self.lr > 0), ("batch_size", self.batch_size >= 1),
-            ("grad_accum", self.grad_accum >= 1), ("max_length", self.max_length >= 1),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1), ("logging_steps", self.logging_steps >= 1),
-            ("max_steps", self.max_steps == -1 or self.max_steps >= 1),
-            ("vision_lr", self.vision_lr is None or self.vision_lr > 0),
-            ("min_pixels", self.min_pixels is None or self.min_pixels >= 1),
-            ("max_pixels", self.max_pixels is None or self.max_pixels >= max(1, self.min_pixels or 1)),
-            ("save_steps", self.save_steps >= 0), ("save_total_limit", self.save_total_limit >= 1),
+        finite = math.isfinite
+        checks = [  # (name, holds, the range said when it does not)
+            ("epochs", finite(self.epochs) and self.epochs > 0, "a finite number above 0"),
+            ("lr", finite(self.lr) and self.lr > 0, "a finite number above 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number, at least 0"),
+            ("batch_size", self.batch_size >= 1, "at least 1"), ("grad_accum", self.grad_accum >= 1, "at least 1"),
+            ("max_length", self.max_length >= 1, "at least 1"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("logging_steps", self.logging_steps >= 1, "at least 1"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 (all epochs) or at least 1"),
+            ("vision_lr", self.vision_lr is None or finite(self.vision_lr) and self.vision_lr > 0,
+             "a finite number above 0, or unset"),
+            ("min_pixels", self.min_pixels is None or self.min_pixels >= 1, "at least 1"),
+            ("max_pixels", self.max_pixels is None or self.max_pixels >= max(1, self.min_pixels or 1),
+             "at least 1 and min_pixels"),
+            ("save_steps", self.save_steps >= 0, "0 (no checkpoints) or more"),
+            ("save_total_limit", self.save_total_limit >= 1, "at least 1"),
         ]
-        for name, ok in checks:
+        for name, ok, wanted in checks:
             if not ok:
-                raise ConfigError(f"sft config: {name}={getattr(self, name)!r} is out of range")
+                raise ConfigError(f"sft config: {name}={getattr(self, name)!r} is out of range: it must be {wanted}")
+        if self.vision_lr is not None and self.freeze_vision_tower:  # it would set the lr of no parameter
+            raise ConfigError(f"sft config: vision_lr={self.vision_lr} acts only on a vision tower that trains; it is "
+                              "frozen (freeze_vision_tower, the default: pass --no-freeze_vision_tower)")
         from transformers import SchedulerType
 
         schedulers = [kind.value for kind in SchedulerType]

@@ -116,11 +116,15 @@ def load_processor(model: ModelConfig) -> Any:
     try:  # the first load of a run, before any worker: a hub id that cannot be fetched is said so here
         check_model_family(AutoConfig.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code),
                            model.model_path)
+    except OSError as err:
+        raise ConfigError(f"worker.actor.model.model_path={model.model_path!r} cannot be loaded: {err}") from err
+    key = "worker.actor.model.tokenizer_path" if model.tokenizer_path else "worker.actor.model.model_path"
+    try:
         processor = AutoProcessor.from_pretrained(model.tokenizer_path or model.model_path,
                                                   trust_remote_code=model.trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"worker.actor.model.model_path={model.model_path!r} (or tokenizer_path) cannot be "
-                          f"loaded: {err}") from err
+    except (OSError, ValueError) as err:  # (ValueError: "Unrecognized processing class" in a folder without one)
+        raise ConfigError(f"{key}={model.tokenizer_path or model.model_path!r}: its processor (tokenizer and image "
+                          f"processor) cannot be loaded: {str(err).splitlines()[0]}") from err
     if model.tokenizer_path and os.path.realpath(model.tokenizer_path) != os.path.realpath(model.model_path):
         engine_side = AutoImageProcessor.from_pretrained(model.model_path, trust_remote_code=model.trust_remote_code)
         ours, theirs = _image_settings(processor.image_processor), _image_settings(engine_side)

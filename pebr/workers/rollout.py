@@ -251,7 +251,9 @@ class VLLMRollout:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             enable_chunked_prefill=enable_chunked_prefill,
-            max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
+            # (without chunked prefill a whole sequence goes through one engine step)
+            max_num_batched_tokens=(max_num_batched_tokens if enable_chunked_prefill
+                                    else max(max_num_batched_tokens, max_model_len)),
             seed=seed,
             trust_remote_code=trust_remote_code,
             disable_log_stats=True,

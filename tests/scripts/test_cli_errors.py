@@ -50,6 +50,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     ("evaluate", ["--model_path", "tests/no_model", "--data", "x.json"], "--model_path 'tests/no_model': no such"),
     ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}", "--max_pixels", "0"],
      "sft config: max_pixels=0 is out of range"),
+    # An OverflowError traceback; a decay clamped to 0 without a word; a learning rate that set no parameter's.
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}/o", "--epochs", "inf"],
+     "sft config: epochs=inf is out of range: it must be a finite number above 0"),
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}/o", "--weight_decay", "-1"],
+     "sft config: weight_decay=-1.0 is out of range: it must be a finite number, at least 0"),
+    ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}/o", "--vision_lr", "1e-5"],
+     "vision_lr=1e-05 acts only on a vision tower that trains; it is frozen"),
     # A file as the output was moved aside to FILE.replaced, silently; an unwritable place failed after training.
     ("sft_warmup", ["--model_path", "{model}", "--data", "x.json", "--output_dir", "{tmp}/test.json"],
      "output_dir '{tmp}/test.json' is a file"),

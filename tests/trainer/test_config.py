@@ -79,6 +79,10 @@ def test_overrides_win_over_files():
      "model_path='saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up': no such directory"),
     ("worker.actor.model.model_path=tests/no_model", "model_path='tests/no_model': no such directory"),
     (f"worker.actor.model.model_path={ROOT}/examples", "/examples' holds no config.json"),
+    # A processor traceback from inside the first load, or an error blaming model_path.
+    ("worker.actor.model.tokenizer_path=./no/tokenizer", "tokenizer_path='./no/tokenizer': no such directory"),
+    (f"worker.actor.model.tokenizer_path={ROOT}/examples",
+     "/examples' holds no tokenizer_config.json or tokenizer.json: not a Hugging Face tokenizer directory"),
     # EasyR1 keys this project does not implement are refused, not silently ignored.
     ("worker.actor.offload.offload_params=true", "worker.actor.offload.offload_params"),
     ("worker.ref.offload.offload_optimizer=true", "worker.ref.offload.offload_optimizer"),
@@ -140,6 +144,10 @@ def test_overrides_win_over_files():
     ("worker.actor.clip_ratio_low=-1", "clip_ratio_low=-1.0 must be in"),
     ("algorithm.kl_coef=-1", "algorithm.kl_coef=-1.0 must be >= 0"),
     ("worker.actor.optim.lr_warmup_steps=-3", "lr_warmup_steps=-3 must be >= 0"),
+    # The steps won, and the ratio was dropped without a word.
+    ("worker.actor.optim.lr_warmup_steps=3 worker.actor.optim.lr_warmup_ratio=0.1",
+     "lr_warmup_steps=3 and lr_warmup_ratio=0.1 both set the warm-up"),
+    ("worker.rollout.max_num_batched_tokens=0", "worker.rollout.max_num_batched_tokens must be positive"),
     ("worker.ref.fsdp.mixed_precision=garbage", "worker.ref.fsdp.mixed_precision"),
     ("worker.ref.fsdp.mixed_precision=bf16", "reference model computes in the actor's precision"),
     ("trainer.load_checkpoint_path=./no_such_ckpt", "load_checkpoint_path='./no_such_ckpt' is not a complete"),
