@@ -41,7 +41,7 @@ class DataConfig:
     max_prompt_length: int = 2048
     max_response_length: int = 2048
     rollout_batch_size: int = 512
-    val_batch_size: int = -1
+    val_batch_size: int = -1  # validation prompts per generate call, split over the workers (<= 0: all at once)
     format_prompt: Optional[str] = None
     shuffle: bool = True
     seed: int = 1
@@ -144,11 +144,13 @@ class ActorConfig:
     micro_batch_size_per_device_for_update: int = 4
     micro_batch_size_per_device_for_experience: int = 16
     max_grad_norm: float = 1.0
+    # The PPO ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high] (clip-higher, DAPO); a negative-advantage
+    # token's loss is bounded at clip_ratio_dual times its advantage (dual clip).
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.3
     clip_ratio_dual: float = 3.0
-    loss_avg_mode: str = "token"  # token | seq
-    ppo_epochs: int = 1
+    loss_avg_mode: str = "token"  # token: mean over the mini-batch's tokens | seq: mean of each response's mean
+    ppo_epochs: int = 1  # passes over each step's samples, each pass one optimizer step per mini-batch
     # Pack each micro-batch's sequences end to end in one row (no pad tokens computed); the model then runs
     # the variable-length attention of pebr/workers/attention.py (flash varlen on CUDA). Every recipe turns
     # it on; alone it measured about as fast as padding on CPU, with share_prompts about twice as fast
@@ -732,7 +734,8 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     sources = []
     for path in files:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
+            raise ConfigError(f"config file {path!r} " + ("is a directory; name a YAML file in it" if os.path.isdir(path)
+                                                            else "does not exist"))
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # noqa: BLE001 - yaml's and OmegaConf's parse errors, with the line
@@ -741,6 +744,7 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
             raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of keys")
         _check_file_text(loaded, schema, path)
         _check_file_numbers(path, schema)
+        _listify_scalars(loaded, schema)
         sources.append((loaded, path))
     for word in overrides:
         if "=" not in word:
@@ -835,6 +839,20 @@ def _check_file_numbers(path: str, schema: type) -> None:
     for key, kind in _leaf_fields(schema):
         if _is_number(kind) and key in scalars:
             _check_number_text(key, scalars[key], f"config file {path!r}")
+
+
+def _listify_scalars(loaded: DictConfig, schema: type) -> None:
+    """A list setting a file gives as one scalar (logger: console) is a list of it, as on the command line: OmegaConf
+    said "AnyNode is not a ListConfig"."""
+    plain = OmegaConf.to_container(loaded, resolve=False)
+    for key, kind in _leaf_fields(schema):
+        if typing.get_origin(kind) is not list:
+            continue
+        value: Any = plain
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, (list, dict)) and not str(value).startswith("${"):
+            OmegaConf.update(loaded, key, [value], merge=False)
 
 
 def _check_file_text(loaded: DictConfig, schema: type, path: str) -> None:

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_runs"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--seed", type=seed_argument, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=None, help="the run's seed (default 0)")
     parser.add_argument("--seeds", type=seed_argument, nargs="+", default=None,
                         help="run the pipeline once per seed (OUT/seed_K) and summarise the spread in OUT/seeds.md")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="delete --out (only a directory this script created) and rerun every stage")
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seeds:  # (--seed was ignored)
+        parser.error("--seed and --seeds both choose the seeds: give one of them")
+    args.seed = 0 if args.seed is None else args.seed
     sys.path.insert(0, ROOT)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"error: --out {args.out} is a file; name a directory", file=sys.stderr)

@@ -12,6 +12,11 @@
 # Ray as .gpu/raysite.tar.xz (../shared/tools/gpu-carry-ray.sh); both are optional where the machine already has them.
 # Results go to $OUT (default ./gpu_out): pytest.log, gpu_update.json, gpu_update.log.
 set -uo pipefail
+for arg in "$@"; do  # the header comment above is the help; any other argument is a mistake
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0; fi
+  echo "error: $(basename "$0") takes no arguments (its settings are the variables its header names); got $arg" >&2
+  exit 2
+done
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" /tmp/site

@@ -2,6 +2,11 @@
 # Creates .venv with the pinned CPU stack (environment.txt) and the pebr package; a no-op when the
 # virtual environment already matches environment.txt. Needs Python 3.11 and pip; no GPU.
 set -euo pipefail
+for arg in "$@"; do  # the header comment above is the help; any other argument is a mistake
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0; fi
+  echo "error: $(basename "$0") takes no arguments (its settings are the variables its header names); got $arg" >&2
+  exit 2
+done
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}

@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --latest_in: refuse a newest checkpoint before the run's last step (a run that "
                              "stopped early)")
     args = parser.parse_args(argv)
+    if args.final_only and not args.latest_in:  # (it was ignored: a checkpoint named by --local_dir is merged as is)
+        parser.error("--final_only acts with --latest_in (the newest checkpoint of a run directory)")
     if args.adapter_dir:  # (they were ignored: the adapters came out in float32, no target folder was made)
         given = [flag for flag, value in (("--target_dir", args.target_dir), ("--dtype", args.dtype != "auto"),
                                           ("--force", args.force)) if value]

@@ -97,19 +97,26 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     assert message.format(tmp=tmp_path, home=tmp_path / "home") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool, argv", [
-    ("evaluate", ["--model_path", "m", "--data", "x.json", "--seed", "-1"]),
-    ("sft_warmup", ["--model_path", "m", "--data", "x.json", "--output_dir", "o", "--seed", "4294967296"]),
-    ("demo", ["--seeds", "0", "-1"]),
+SEED_RANGE = "is not an integer in [0, 2**32 - 1] (numpy's seeds)"
+
+
+@pytest.mark.parametrize("tool, argv, said", [
+    # vLLM and transformers' set_seed failed with numpy's traceback, after the model had loaded.
+    ("evaluate", ["--model_path", "m", "--data", "x.json", "--seed", "-1"], f"'-1' {SEED_RANGE}"),
+    ("sft_warmup", ["--model_path", "m", "--data", "x.json", "--output_dir", "o", "--seed", "4294967296"],
+     f"'4294967296' {SEED_RANGE}"),
+    ("demo", ["--seeds", "0", "-1"], f"'-1' {SEED_RANGE}"),
+    # Options that were ignored without a word.
+    ("demo", ["--seed", "1", "--seeds", "2", "3"], "--seed and --seeds both choose the seeds: give one of them"),
+    ("model_merger", ["--local_dir", "x/actor", "--final_only"], "--final_only acts with --latest_in"),
 ])
-def test_a_seed_outside_numpys_range_is_a_usage_error(tool, argv, capsys):
-    """vLLM and transformers' set_seed failed with numpy's traceback, after the model had loaded."""
+def test_usage_errors_stop_before_any_work(tool, argv, said, capsys):
     import importlib
 
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(tool).main(argv)
     assert stop.value.code == 2
-    assert f"{argv[-1]!r} is not an integer in [0, 2**32 - 1] (numpy's seeds)" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -248,6 +248,15 @@ def test_a_config_file_that_is_not_a_mapping_of_keys_is_a_config_error(tmp_path,
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"])
 
 
+def test_a_list_setting_given_as_one_value_in_a_file_is_a_list_of_it(tmp_path):
+    """As on the command line (trainer.logger=console); OmegaConf said "AnyNode is not a ListConfig"."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("trainer:\n  logger: console\n")
+    assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"]).trainer.logger == ["console"]
+    with pytest.raises(ConfigError, match=r"config file '.*' is a directory; name a YAML file in it"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={tmp_path}"])
+
+
 def test_list_elements_are_typed_and_a_missing_logger_package_is_named(monkeypatch):
     with pytest.raises(ConfigError, match=r"worker\.actor\.optim\.betas\[1\].*could not be converted to Float"):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.actor.optim.betas=[0.9,x]"])
