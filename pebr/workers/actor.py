@@ -398,8 +398,15 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
     mm_token_type_ids = (input_ids == image_token_id).to(torch.int32)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
     images = [im for ims in batch.images for im in ims]
+    expected = 0
     if images:
         out["pixel_values"], out["image_grid_thw"], out["image_order"] = image_inputs(images, processor)
+        merge = getattr(processor.image_processor, "merge_size", 2)
+        expected = int(out["image_grid_thw"].prod(-1).sum()) // merge**2
+    if int(mm_token_type_ids.sum()) != expected:
+        # Without images the model reads image tokens as text, silently (log-probs 0.2 nats off on the tiny model).
+        raise ValueError(f"a micro-batch of {len(seqs)} sequences holds {int(mm_token_type_ids.sum())} image tokens, "
+                         f"and its {len(images)} images make {expected}: the Batch's images do not go with its ids")
     out["response_mask"] = batch.response_mask()
     out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
     out["predictor_index"] = out["response_index"] - 1

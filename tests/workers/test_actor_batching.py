@@ -105,6 +105,17 @@ def batch(processor) -> Batch:
 
 
 # -- images -----------------------------------------------------------------------------------------
+def test_image_tokens_without_their_images_are_refused(processor, batch):
+    """A Batch whose images were left behind (what a worker's generate returns before the controller puts them
+    back): the model read the image tokens as text, and the log-probs came out 0.2 nats off, silently."""
+    stripped = Batch(prompt_ids=batch.prompt_ids, response_ids=batch.response_ids,
+                     images=[[] for _ in batch.images], non_tensors={})
+    with pytest.raises(ValueError, match=r"a micro-batch of 8 sequences holds \d+ image tokens, and its 0 images "
+                                         r"make 0: the Batch's images do not go with its ids"):
+        actor_lib.collate(stripped, processor, torch.device("cpu"))
+    actor_lib.collate(batch, processor, torch.device("cpu"))  # (the whole Batch passes)
+
+
 
 
 def test_the_patch_embedding_by_matmul_gives_the_conv3ds_logits_and_gradients(tiny_model_dir, model, processor):
