@@ -403,7 +403,7 @@ def read_index(actor_dir: str) -> dict[str, Any]:
             raise ValueError(f"'dtype' {dtype!r} is not a torch dtype")
     except (OSError, ValueError, AttributeError) as err:
         raise DamagedCheckpoint(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
-                              "global_step_* directory") from err
+                                "global_step_* directory") from err
     return index
 
 
@@ -451,15 +451,15 @@ def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
             handles.append(safe_open(path, "pt"))
         except Exception as err:  # safetensors raises its own error type for a damaged header
             raise DamagedCheckpoint(f"{path} cannot be read ({err}): the checkpoint is damaged; use another "
-                                  "global_step_* directory") from err
+                                    "global_step_* directory") from err
 
     def read(rank: int, name: str) -> torch.Tensor:
         try:
             return handles[rank].get_tensor(name)
         except Exception as err:  # safetensors' own error type: a tensor the index names is not in the shard
             raise DamagedCheckpoint(f"{actor_dir}/model_world_size_{world}_rank_{rank}.safetensors has no readable "
-                                  f"tensor {name!r} ({err}), which {INDEX_FILE} names: the checkpoint is damaged; "
-                                  "use another global_step_* directory") from err
+                                    f"tensor {name!r} ({err}), which {INDEX_FILE} names: the checkpoint is damaged; "
+                                    "use another global_step_* directory") from err
 
     full = {}
     for name, info in index.items():
@@ -488,5 +488,5 @@ def _check_part(part: torch.Tensor, shape: list[int], dim: int, name: str, path:
     if (len(found) != len(shape) or found[dim] > shape[dim]
             or any(a != b for axis, (a, b) in enumerate(zip(found, shape)) if axis != dim)):
         raise DamagedCheckpoint(f"{path}: its part of {name!r} has shape {found}, which does not fit the shape "
-                              f"{shape} that {INDEX_FILE} records (expected {expected}, axis {dim} split among "
-                              "the ranks): the checkpoint is damaged; use another global_step_* directory")
+                                f"{shape} that {INDEX_FILE} records (expected {expected}, axis {dim} split among "
+                                "the ranks): the checkpoint is damaged; use another global_step_* directory")

@@ -373,7 +373,8 @@ def _check_val_sampling(overrides: dict) -> None:
               "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
               "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
               "top_k": (int, lambda v: v >= -1, "-1 or 0 (off) or >= 1"),
-              "seed": ((int, type(None)), lambda v: v is None or 0 <= v <= MAX_SEED, "an integer in [0, 2**32 - 1] or null"),
+              "seed": ((int, type(None)), lambda v: v is None or 0 <= v <= MAX_SEED,
+                       "an integer in [0, 2**32 - 1] or null"),
               "logprobs": (bool, lambda v: True, "true or false")}
     for key, value in overrides.items():
         kind, ok, wanted = checks[key]
@@ -734,8 +735,8 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
     sources = []
     for path in files:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} " + ("is a directory; name a YAML file in it" if os.path.isdir(path)
-                                                            else "does not exist"))
+            problem = "is a directory; name a YAML file in it" if os.path.isdir(path) else "does not exist"
+            raise ConfigError(f"config file {path!r} {problem}")
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # noqa: BLE001 - yaml's and OmegaConf's parse errors, with the line
