@@ -25,6 +25,7 @@ adapter and keeps the other files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,8 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete, read_trainer_state,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
-from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, fsync_tree,  # noqa: E402
-                               replace_directory)
+from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
+                               fsync_tree, replace_directory)
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 # Files of a sharded checkpoint (model, optimizer, extra state of each rank).
@@ -130,16 +131,25 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             raise CheckpointError(f"--target_dir {target_dir} holds a model this script did not merge (no "
                                   f"{MARKER}), whose weights a merge would replace; name another directory "
                                   "(or --force)")
-    if not force and already_merged(target_dir, made_from):
-        print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
-        return target_dir
-    model = load_merged_model(local_dir, dtype)
     real_target = os.path.realpath(target_dir)  # a link's files go where it points
-    into_checkpoint = os.path.isdir(real_target) and os.path.samefile(real_target, hf_dir)
     in_place = os.path.ismount(real_target)
     # Staged on the target's own file system, so that the last step is a rename: beside the folder (a link's
     # folder on another disk included), inside a mount point.
     staging = os.path.join(real_target, STAGING) if in_place else real_target + STAGING
+    # Two merges into one target shared the staging folder: one could publish the other's half-written weights.
+    with exclusive_lock(staging + ".lock", lambda holder: CheckpointError(
+            f"another merge into {target_dir} is running ({holder}): wait for it to end"), remove=True):
+        if not force and already_merged(target_dir, made_from):
+            print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
+            return target_dir
+        model = load_merged_model(local_dir, dtype)
+        return _publish(model, local_dir, hf_dir, target_dir, real_target, staging, in_place, made_from)
+
+
+def _publish(model: Any, local_dir: str, hf_dir: str, target_dir: str, real_target: str, staging: str,
+             in_place: bool, made_from: dict) -> str:
+    """Save `model` with the checkpoint's tokenizer and processor into `staging`, then put it at the target."""
+    into_checkpoint = os.path.isdir(real_target) and os.path.samefile(real_target, hf_dir)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with disk_errors_named(staging):
@@ -164,9 +174,15 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             replace_directory(staging, real_target)  # the old folder until the new one is whole
         else:
             os.replace(staging, real_target)  # a new target, or an empty folder (which a rename replaces)
-    except BaseException:  # a KeyboardInterrupt too: a hidden staging copy of a model is large
+    except BaseException as err:  # a KeyboardInterrupt too: a hidden staging copy of a model is large
         shutil.rmtree(staging, ignore_errors=True)
         _finish_interrupted_swap(real_target)
+        if isinstance(err, FileNotFoundError) and not os.path.isdir(hf_dir):
+            for folder in (local_dir, os.path.dirname(os.path.abspath(local_dir))):  # made again by the staging
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # (only if empty)
+            raise CheckpointError(f"{local_dir} was deleted while it was merged (its run's trainer.save_limit "
+                                  "rotates old checkpoints away); merge a newer one") from None
         raise
     return target_dir
 
@@ -184,7 +200,9 @@ def load_merged_model(local_dir: str, dtype: str = "auto") -> Any:
     hf_dir = os.path.join(local_dir, "huggingface")
     index = read_index(local_dir)
     model = _fp32_model(local_dir, index)
-    saved_dtype = index.get("dtype") or getattr(model.config, "dtype", None)
+    # A null dtype is a base that named none (fp32); only an index of an earlier version, which has no "dtype" key,
+    # leaves it to config.json, which an earlier --dtype merge into the checkpoint's folder may have rewritten.
+    saved_dtype = index["dtype"] if "dtype" in index else getattr(model.config, "dtype", None)
     name = DTYPES[dtype] or str(saved_dtype or "float32").replace("torch.", "")
     # The model holds the only reference to each merged tensor, so each is freed as soon as it is converted: the
     # fp32 state and the converted model are never in memory together (1.5 times the fp32 model for bf16).

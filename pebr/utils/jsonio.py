@@ -245,10 +245,10 @@ def is_within(path: str, directory: str) -> bool:
 
 
 @contextmanager
-def exclusive_lock(lock_path: str, refusal: Callable[[str], Exception]) -> Iterator[None]:
+def exclusive_lock(lock_path: str, refusal: Callable[[str], Exception], remove: bool = False) -> Iterator[None]:
     """Hold `lock_path` (created if needed) for the block, or raise `refusal(holder)` at once if another process
     holds it; `holder` is "pid P on HOST" as the holder wrote it. The lock is the kernel's (flock): a process that
-    dies releases it, so nothing is left to clean up."""
+    dies releases it. With `remove`, the file is deleted when the block ends (a lock beside a user's folder)."""
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -256,10 +256,17 @@ def exclusive_lock(lock_path: str, refusal: Callable[[str], Exception]) -> Itera
             handle.seek(0)
             raise refusal(handle.read().strip() or "another process") from None
         try:
+            if remove and (not os.path.exists(lock_path) or not os.path.samestat(os.stat(lock_path),
+                                                                                 os.fstat(handle.fileno()))):
+                # Its holder deleted it between this open and this lock: another process may hold a new one.
+                raise refusal("a process that has just ended")
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             handle.flush()
             yield
         finally:
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.remove(lock_path)  # (still held: a process that opens it now makes a new file)
             fcntl.flock(handle, fcntl.LOCK_UN)

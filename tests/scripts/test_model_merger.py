@@ -282,6 +282,53 @@ def test_auto_stays_the_base_models_dtype_after_an_explicit_merge(bf16_checkpoin
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
 
 
+def test_auto_is_fp32_for_a_base_that_named_no_dtype_after_an_explicit_merge(bf16_checkpoint):
+    """The shard index's null dtype (a base whose config.json names none) fell back to config.json, which the
+    --dtype bf16 merge into the checkpoint's folder had rewritten: auto came out bf16 from then on."""
+    actor, _ = bf16_checkpoint
+    index_path = os.path.join(actor, checkpoint.INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump({**index, "dtype": None}, f)
+    assert saved_dtype(merge(actor, dtype="bf16")) == "bfloat16"
+    assert saved_dtype(merge(actor, dtype="auto")) == "float32"
+
+
+def test_a_second_merge_into_a_target_being_merged_is_refused(bf16_checkpoint, tmp_path):
+    """Both used <target>.merging, each emptying it first: one published the other's half-written weights."""
+    from pebr.utils.jsonio import exclusive_lock
+
+    actor, _ = bf16_checkpoint
+    target = str(tmp_path / "out")
+    with exclusive_lock(target + ".merging.lock", RuntimeError):  # the first merge, as far as the second can tell
+        with pytest.raises(CheckpointError, match=rf"another merge into {target} is running \(pid {os.getpid()}"):
+            merge(actor, target_dir=target)
+    assert not os.path.exists(target) and not os.path.exists(target + ".merging")
+    merge(actor, target_dir=target)  # once it has ended
+    assert saved_dtype(target) == "bfloat16"
+
+
+def test_a_checkpoint_rotated_away_while_merged_is_named_and_leaves_nothing(bf16_checkpoint, monkeypatch):
+    """Its run's save_limit deleted it after the weights were read: a FileNotFoundError traceback, and the staging
+    folder made the checkpoint's actor/ folder again under the deleted checkpoint's name."""
+    import model_merger
+
+    actor, _ = bf16_checkpoint
+    step = os.path.dirname(actor)
+    load = model_merger.load_merged_model
+
+    def load_then_rotated(*args, **kwargs):
+        model = load(*args, **kwargs)
+        checkpoint.delete_checkpoint(step)  # what the run's rotation does
+        return model
+
+    monkeypatch.setattr(model_merger, "load_merged_model", load_then_rotated)
+    with pytest.raises(CheckpointError, match=rf"{actor} was deleted while it was merged"):
+        merge(actor)
+    assert not os.path.exists(step)
+
+
 def _other_file_system() -> str | None:
     """/dev/shm when it is another file system than the temporary folder (a tmpfs), else None."""
     import tempfile
