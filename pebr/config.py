@@ -431,10 +431,10 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
                        ("data.max_response_length", d.max_response_length),
                        ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
         _positive(key, value)
-    if t.nnodes > 1 and not t.ray_address:  # a run without an address starts a one-node local cluster
-        raise ConfigError(f"trainer.nnodes={t.nnodes} needs trainer.ray_address (the head of a cluster of "
-                          f"{t.nnodes} nodes, started with `ray start`); without it the run starts a local Ray "
-                          "cluster of this machine alone")
+    if t.nnodes > 1 and not (t.ray_address or os.environ.get("RAY_ADDRESS")):  # else: a one-node local cluster
+        raise ConfigError(f"trainer.nnodes={t.nnodes} needs trainer.ray_address (or RAY_ADDRESS, as `ray job "
+                          f"submit` sets it): the head of a cluster of {t.nnodes} nodes, started with `ray start`; "
+                          "without it the run starts a local Ray cluster of this machine alone")
     if not 0 <= w.reward.num_cpus <= 1024:  # NaN too: it sizes the local cluster (int() of it raised)
         raise ConfigError(f"worker.reward.num_cpus={w.reward.num_cpus} must be a number of CPUs in [0, 1024]")
     if rollout.temperature < 0:
@@ -765,7 +765,9 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
                           f"{str(e).splitlines()[0]}") from None
     _check_list_items(cfg, schema)
     if isinstance(cfg, PPOConfig):
-        _expand_home(cfg)
+        if cfg.trainer.save_checkpoint_path is None:  # the default run directory, where the driver runs
+            cfg.trainer.save_checkpoint_path = cfg.checkpoint_dir
+        _resolve_paths(cfg)
         validate(cfg, training=training)
     return cfg
 
@@ -946,15 +948,36 @@ _PATH_KEYS = ("worker.actor.model.model_path", "worker.actor.model.tokenizer_pat
               "trainer.profile_dir")
 
 
-def _expand_home(cfg: Any) -> None:
+# Outputs, made absolute whether they exist or not; the other path keys are made absolute when they name
+# something here (a hub id or a missing path is left as given, for the checks to name).
+_OUTPUT_KEYS = ("trainer.save_checkpoint_path", "trainer.sample_output", "trainer.profile_dir")
+
+
+def _resolve_paths(cfg: Any) -> None:
+    """Expand "~" in every path setting and make it absolute against this process's directory: on a cluster
+    started with `ray start` the workers run in each raylet's directory, where a relative model, reward file or
+    run directory named something else (or nothing)."""
     for dotted in _PATH_KEYS:
         *parents, name = dotted.split(".")
         owner = cfg
         for part in parents:
             owner = getattr(owner, part)
         value = getattr(owner, name)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(owner, name, os.path.expanduser(value))
+        if not isinstance(value, str) or not value:
+            continue
+        path, function = value, ""
+        if dotted == "worker.reward.reward_function" and ":" in value:
+            path, _, function = value.rpartition(":")
+            function = ":" + function
+        path = os.path.expanduser(path)
+        if dotted in _OUTPUT_KEYS or os.path.exists(path):
+            path = os.path.abspath(path)
+        setattr(owner, name, path + function)
+    kwargs = cfg.worker.reward.reward_function_kwargs  # the reward's own files (clip_model_path), read by its actor
+    for key, value in list(kwargs.items()):
+        if key.endswith(("_path", "_dir")) and isinstance(value, str) and value:
+            if os.path.exists(os.path.expanduser(value)):
+                kwargs[key] = os.path.abspath(os.path.expanduser(value))
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -74,7 +74,10 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
         ray_get(worker.ready.remote(), "reward worker start-up", cfg.trainer.worker_timeout_s)
     except WorkerFailure as err:
         ray.kill(worker)
-        if isinstance(err, WorkerTimeout):  # the settings may be right, the service it waits on down
+        cause = err.__cause__
+        # A process or node that died (not a start-up that raised) is no setting's fault: a worker failure, exit 1.
+        died = isinstance(cause, ray.exceptions.RayActorError) and not getattr(cause, "_actor_init_failed", False)
+        if isinstance(err, WorkerTimeout) or died:  # (a timeout: the settings may be right, a service down)
             raise
         # Loading the function or its setup (options, a CLIP model) failed: the settings' fault.
         raise ConfigError(f"worker.reward.reward_function={r.reward_function!r} with reward_function_kwargs="

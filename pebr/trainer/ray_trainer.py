@@ -74,14 +74,18 @@ def init_ray(cfg: PPOConfig) -> bool:
         return False
     # No usage reports leave the machine unless the user asks for them.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    address = cfg.trainer.ray_address
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                              "runtime_env": {"env_vars": forwarded_environment()}}
+    # RAY_ADDRESS as ray.init reads it (`ray job submit` sets it); trainer.ray_address wins over it.
+    key = "trainer.ray_address" if cfg.trainer.ray_address else "RAY_ADDRESS"
+    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address:
         kwargs["address"] = address
-        _check_reachable(address)
+        _check_reachable(address, key)
+        print(f"joining the Ray cluster at {address} ({key})", flush=True)
     else:
-        # A fresh local cluster (never one found through RAY_ADDRESS or `ray start` by accident),
-        # with one CPU per worker plus the reward worker.
+        # A fresh local cluster (never one found through `ray start` by accident), with one CPU per worker plus
+        # the reward worker.
         kwargs["address"] = "local"
         kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + int(cfg.worker.reward.num_cpus) + 1)
     try:
@@ -90,22 +94,46 @@ def init_ray(cfg: PPOConfig) -> bool:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         hint = (" (a cluster with token authentication: set RAY_AUTH_MODE=token, as `ray start` said)"
                 if "auth" in str(err).lower() else "")
-        raise ConfigError(f"trainer.ray_address={address!r}: no Ray cluster to join: "
+        raise ConfigError(f"{key}={address!r}: no Ray cluster to join: "
                           f"{lines[-1] if lines else type(err).__name__}{hint}") from None
     return True
 
 
-def _check_reachable(address: str) -> None:
-    """A "host:port" address must answer a TCP connection within a few seconds: Ray's own client retries a dead
-    one for about 14 minutes. Other forms ("auto", "ray://...", "local") are left to Ray."""
+# Prefixes of the driver's environment variables that the workers need as the driver has them: on a cluster
+# started with `ray start` they run in the raylet's environment, without the driver shell's HF_HUB_OFFLINE=1, say.
+FORWARDED_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "VLLM_", "WANDB_", "PEBR_", "NCCL_",
+                      "GLOO_", "CUDA_LAUNCH_BLOCKING", "TORCH_", "PYTORCH_")
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The driver's variables under `FORWARDED_PREFIXES`, for the job's workers on every node."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def _check_reachable(address: str, key: str = "trainer.ray_address") -> None:
+    """A "host:port" address (or "auto", as Ray resolves it: RAY_ADDRESS, else the last cluster `ray start` made on
+    this machine) must answer a TCP connection within a few seconds: Ray's own client retries a dead one for about
+    14 minutes. Other forms ("ray://...", "local") are left to Ray."""
+    given = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address  # (how ray.init reads "auto")
+
+        try:
+            address = canonicalize_bootstrap_address("auto") or ""
+        except (ValueError, ConnectionError) as err:
+            raise ConfigError(f"{key}='auto': no Ray cluster found to join ({err})") from None
+        if not address:
+            raise ConfigError(f"{key}='auto': no Ray cluster runs on this machine (`ray start --head` starts one; "
+                              "or give the head's host:port)")
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "/" in address or not host:
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # "[::1]:6379" too
     except OSError as err:
-        raise ConfigError(f"trainer.ray_address={address!r}: nothing answers there ({err}); start the cluster's "
-                          "head with `ray start --head`, or correct the address") from None
+        shown = f"{given!r} ({address})" if given != address else repr(address)
+        raise ConfigError(f"{key}={shown}: nothing answers there ({err}); start the cluster's head with "
+                          "`ray start --head`, or correct the address") from None
 
 
 def _died_why(error: Exception) -> str:
@@ -138,7 +166,9 @@ def ray_get(refs: Any, what: str, timeout: float | None = None) -> Any:
             left = None if deadline is None else max(0.0, deadline - time.time())
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
-                raise WorkerTimeout(f"{what}: no answer within {timeout:.0f} s (trainer.worker_timeout_s)")
+                silent = "" if single else (f" from worker(s) {sorted(position[ref] for ref in pending)} of "
+                                            f"{len(position)}")
+                raise WorkerTimeout(f"{what}: no answer within {timeout:.0f} s{silent} (trainer.worker_timeout_s)")
             if not single:
                 who = f"worker {position[ready[0]]} of {len(position)}"
             ray.get(ready)  # raises here if that worker failed

@@ -46,6 +46,16 @@ def pick_device(cfg_device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface that holds `address`, or None."""
+    import psutil  # (a Ray dependency)
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            return name
+    return None
+
+
 def process_group_backend(device: torch.device) -> str:
     """The workers' process group: gloo on CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones, which the
     actor's CPU offload makes of its gradients (clipping all-reduces their norm: NCCL alone raised "No backend
@@ -109,6 +119,11 @@ class FSDPWorker:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           **{SHM_PREFIX_ENV: f"pebr-{self.store.get(JOB_ID_KEY).decode()}"})
+        # gloo listens on the address the host name resolves to, often a loopback one (127.0.1.1), where ranks on
+        # other nodes cannot reach it: the interface of the address Ray knows this node by, unless the user set one.
+        interface = interface_of(ray.util.get_node_ip_address())
+        if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
         dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world_size)
         mcfg = wcfg.actor.model
         self.processor = actor_lib.load_processor(mcfg)

@@ -245,3 +245,27 @@ def test_a_reward_stalling_at_start_up_or_in_its_first_check_fails_within_the_wo
         finally:
             ray_session.kill(worker)
     assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("fate", ["dies", "raises"])
+def test_a_reward_worker_that_dies_at_start_up_is_a_worker_failure_not_a_setting(ray_session, tmp_path, fate):
+    """Its process gone (a node lost, the OOM killer) was reported as "configuration error:
+    worker.reward.reward_function=...", exit 2; a setup that raises is the settings' fault, and stays one."""
+    import types
+
+    from pebr.config import ConfigError
+    from pebr.trainer.main import start_reward_worker
+
+    reward = tmp_path / "fate.py"
+    reward.write_text("import os\n\n"
+                      f"def setup(**kwargs):\n    {'os._exit(1)' if fate == 'dies' else 'raise ValueError(1)'}\n\n"
+                      "def compute_score(reward_inputs):\n    return []\n")
+    cfg = types.SimpleNamespace(
+        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
+            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
+        trainer=types.SimpleNamespace(worker_timeout_s=60.0))
+    expected = (WorkerFailure, r"reward worker start-up: a worker died") if fate == "dies" else (
+        ConfigError, r"worker\.reward\.reward_function=.*ValueError")
+    with pytest.raises(expected[0], match=expected[1]) as caught:
+        start_reward_worker(cfg)
+    assert fate == "raises" or not isinstance(caught.value, ConfigError)

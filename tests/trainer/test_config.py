@@ -362,12 +362,19 @@ def test_a_ray_address_with_no_cluster_is_a_configuration_error_at_once(tmp_path
         port = free.getsockname()[1]
     script = ("import sys\nfrom pebr.config import ConfigError, load_config\nfrom pebr.trainer.ray_trainer import init_ray\n"
               "cfg = load_config(sys.argv[1:])\ntry:\n    init_ray(cfg)\nexcept ConfigError as e:\n    print('ERROR', e)\n")
-    for address, said in ((f"127.0.0.1:{port}", f"trainer.ray_address='127.0.0.1:{port}': nothing answers there"),
-                          ("notanaddress", "trainer.ray_address='notanaddress': no Ray cluster to join")):
-        proc = subprocess.run([sys.executable, "-c", script, stage("pebr_stage2.yaml"), *REQUIRED,
-                               f"trainer.ray_address={address}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
-        assert said in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]  # (the old code outlived the timeout)
+    dead = f"127.0.0.1:{port}"
+    for address, environment, said in (
+            (dead, "", re.escape(f"trainer.ray_address='{dead}': nothing answers there")),
+            ("notanaddress", "", re.escape("trainer.ray_address='notanaddress': no Ray cluster to join")),
+            # "auto" as Ray resolves it (it retried a dead one for 14 minutes), and RAY_ADDRESS alone, which
+            # `ray job submit` sets (it was ignored: the run started a cluster of its own).
+            ("auto", dead, rf"trainer.ray_address='auto' \([\d.]+:{port}\): nothing answers there"),  # (the host's IP)
+            (None, dead, re.escape(f"RAY_ADDRESS='{dead}': nothing answers there"))):
+        proc = subprocess.run([sys.executable, "-c", script, stage("pebr_stage2.yaml"), *REQUIRED]
+                              + ([f"trainer.ray_address={address}"] if address else []), cwd=ROOT,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_ADDRESS": environment, "PYTHONPATH": ROOT})
+        assert re.search(said, proc.stdout), proc.stdout[-2000:] + proc.stderr[-2000:]  # (the old code outlived it)
 
 
 def test_a_model_folder_whose_path_vllm_reads_as_a_pattern_is_refused_before_any_work(tmp_path, tiny_model_dir):

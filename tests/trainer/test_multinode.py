@@ -28,18 +28,25 @@ def test_a_run_spans_two_ray_nodes(tiny_model_dir, synthetic_data_dir, tmp_path,
     for key, value in CHILD_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    # The raylets run in a directory of their own, as `ray start` on another machine would; the driver runs in
+    # tmp_path, with a relative run directory, which its workers must not take as relative to theirs.
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    monkeypatch.chdir(nodes)
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         run_dir = str(tmp_path / "run")
-        argv = trainer_argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + [
-            f"trainer.ray_address={cluster.address}", "trainer.nnodes=2", "trainer.n_gpus_per_node=1"]
-        res = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *argv], cwd=ROOT, capture_output=True,
+        argv = trainer_argv(tiny_model_dir, synthetic_data_dir, "run", steps=1) + [
+            f"trainer.ray_address={cluster.address}", "trainer.nnodes=2", "trainer.n_gpus_per_node=1",
+            f"data.format_prompt={ROOT}/examples/format_prompt/pebr.jinja"]  # (the recipe's is the repository's)
+        res = subprocess.run([sys.executable, "-m", "pebr.trainer.main", *argv], cwd=tmp_path, capture_output=True,
                              text=True, timeout=600)
     finally:
         cluster.shutdown()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not os.listdir(nodes), os.listdir(nodes)  # (the shards went to the raylets' directory)
     assert "2 worker(s) on 2 Ray node(s)" in res.stdout, res.stdout[-3000:]
     checkpoint.check_resumable(checkpoint.step_dir(run_dir, 1), world_size=2)  # both ranks' shards, the index
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
