@@ -33,7 +33,7 @@ refuse_file_keys() {
     for arg in "$@"; do
         [[ "${arg}" == config=* ]] || continue
         file=${arg#config=}
-        file=${file/#\~/${HOME}}
+        file=${file/#\~\//${HOME}/}
         [[ "$(realpath -m -- "${file}")" == "${examples}"/* ]] && continue
         python3 - "${file}" ${pairs} <<'PY' || exit 2
 import sys

@@ -373,8 +373,7 @@ def _check_val_sampling(overrides: dict) -> None:
               "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
               "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
               "top_k": (int, lambda v: v >= -1, "-1 or 0 (off) or >= 1"),
-              "seed": ((int, type(None)), lambda v: v is None or 0 <= v <= MAX_SEED,
-                       "an integer in [0, 2**32 - 1] or null"),
+              "seed": ((int, type(None)), lambda v: True, "an integer or null"),  # (mixed into a request's seed)
               "logprobs": (bool, lambda v: True, "true or false")}
     for key, value in overrides.items():
         kind, ok, wanted = checks[key]
@@ -765,7 +764,7 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
                           f"{str(e).splitlines()[0]}") from None
     _check_list_items(cfg, schema)
     if isinstance(cfg, PPOConfig):
-        if cfg.trainer.save_checkpoint_path is None:  # the default run directory, where the driver runs
+        if not cfg.trainer.save_checkpoint_path:  # the default run directory, where the driver runs
             cfg.trainer.save_checkpoint_path = cfg.checkpoint_dir
         _resolve_paths(cfg)
         validate(cfg, training=training)
@@ -803,7 +802,7 @@ def _replace_mappings(merged: DictConfig, source: DictConfig, schema: type, give
 
 # Numbers YAML 1.1 (PyYAML, OmegaConf) reads as other than the decimal written: a leading zero makes an octal
 # (n: 010 is 8) and colons a base-60 number (save_freq: 1:00 is 60).
-_YAML_NUMBER_TRAP = re.compile(r"[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+_YAML_NUMBER_TRAP = re.compile(r"[-+]?(0[0-7_]+|[1-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
 
 
 def _is_number(kind: Any) -> bool:
@@ -813,9 +812,14 @@ def _is_number(kind: Any) -> bool:
 
 
 def _check_number_text(key: str, text: str, where: str) -> None:
-    if _YAML_NUMBER_TRAP.fullmatch(text.strip()):
-        raise ConfigError(f"{where}: {key}={text.strip()} is read by YAML as {yaml.safe_load(text)!r} (a leading zero "
-                          "makes an octal number, colons a base-60 one); write the decimal number without them")
+    text = text.strip()
+    if not _YAML_NUMBER_TRAP.fullmatch(text):
+        return
+    read = yaml.safe_load(text)
+    written = None if ":" in text else float(text.replace("_", ""))
+    if read != written:  # (00 is 0 either way)
+        raise ConfigError(f"{where}: {key}={text} is read by YAML as {read!r} (a leading zero makes an octal number, "
+                          "colons a base-60 one); write the decimal number without them")
 
 
 def _plain_scalars(text: str) -> dict[str, str]:
@@ -855,7 +859,9 @@ def _listify_scalars(loaded: DictConfig, schema: type) -> None:
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if value is not None and not isinstance(value, (list, dict)) and not str(value).startswith("${"):
-            OmegaConf.update(loaded, key, [value], merge=False)
+            # "console,wandb" is two items, as on the command line
+            items = yaml.safe_load(f"[{value}]") if isinstance(value, str) else [value]
+            OmegaConf.update(loaded, key, items, merge=False)
 
 
 def _check_file_text(loaded: DictConfig, schema: type, path: str) -> None:
@@ -963,8 +969,8 @@ def _resolve_paths(cfg: Any) -> None:
         for part in parents:
             owner = getattr(owner, part)
         value = getattr(owner, name)
-        if not isinstance(value, str) or not value:
-            continue
+        if not isinstance(value, str) or not value.strip() or dotted == "trainer.sample_output" and value.endswith("/"):
+            continue  # (no file named: sampling refuses it, naming it as given)
         path, function = value, ""
         if dotted == "worker.reward.reward_function" and ":" in value:
             path, _, function = value.rpartition(":")

@@ -74,8 +74,11 @@ def init_ray(cfg: PPOConfig) -> bool:
         return False
     # No usage reports leave the machine unless the user asks for them.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                              "runtime_env": {"env_vars": forwarded_environment()}}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # (Under `ray job submit` the job's runtime_env reaches every worker already, and Ray refuses a second one
+        # that names any of its variables again.)
+        kwargs["runtime_env"] = {"env_vars": forwarded_environment()}
     # RAY_ADDRESS as ray.init reads it (`ray job submit` sets it); trainer.ray_address wins over it.
     key = "trainer.ray_address" if cfg.trainer.ray_address else "RAY_ADDRESS"
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -103,11 +106,15 @@ def init_ray(cfg: PPOConfig) -> bool:
 # started with `ray start` they run in the raylet's environment, without the driver shell's HF_HUB_OFFLINE=1, say.
 FORWARDED_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "VLLM_", "WANDB_", "PEBR_", "NCCL_",
                       "GLOO_", "CUDA_LAUNCH_BLOCKING", "TORCH_", "PYTORCH_")
+# Each node's own (its address, its network interfaces): the driver's value would be wrong on the others.
+PER_NODE_VARIABLES = frozenset({"VLLM_HOST_IP", "VLLM_PORT", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA",
+                                "GLOO_SOCKET_IFNAME"})
 
 
 def forwarded_environment() -> dict[str, str]:
-    """The driver's variables under `FORWARDED_PREFIXES`, for the job's workers on every node."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    """The driver's variables under `FORWARDED_PREFIXES` (not `PER_NODE_VARIABLES`), for the workers on every
+    node."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and k not in PER_NODE_VARIABLES}
 
 
 def _check_reachable(address: str, key: str = "trainer.ray_address") -> None:

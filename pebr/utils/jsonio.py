@@ -210,6 +210,7 @@ def replace_directory(new: str, target: str) -> None:
     target = os.path.realpath(target)
     if not os.path.exists(target):
         os.replace(new, target)
+        fsync_directory(os.path.dirname(target))
         return
     old = target + ".replaced"
     shutil.rmtree(old, ignore_errors=True)
@@ -220,10 +221,14 @@ def replace_directory(new: str, target: str) -> None:
 
 
 def fsync_directory(directory: str) -> None:
-    """Flush `directory`'s own entries (a rename into it, a file made or removed) to disk."""
+    """Flush `directory`'s own entries (a rename into it, a file made or removed) to disk. A file system that takes
+    no fsync of a directory (EINVAL, ENOTSUP) is let be: it orders its renames itself, or not at all."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

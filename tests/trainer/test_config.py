@@ -248,11 +248,42 @@ def test_a_config_file_that_is_not_a_mapping_of_keys_is_a_config_error(tmp_path,
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"])
 
 
+def test_paths_are_made_absolute_where_the_driver_runs(tmp_path, monkeypatch):
+    """Workers on a `ray start` node run in its raylet's directory: a relative run directory (the default one too,
+    or an empty setting) put the shards there; a relative local model named nothing. Hub ids stay as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "reward.py").write_text("def score(reward_inputs):\n    return []\n")
+    cfg = load_config([stage("pebr_stage2.yaml"), "worker.actor.model.model_path=model",
+                       "data.train_files=dataset/train.json", "worker.reward.reward_function=reward.py:score",
+                       "trainer.save_checkpoint_path=", "trainer.sample_output=out/r.jsonl"], training=False)
+    assert cfg.worker.actor.model.model_path == str(tmp_path / "model")
+    assert cfg.worker.reward.reward_function == f"{tmp_path}/reward.py:score"
+    assert cfg.trainer.save_checkpoint_path == cfg.checkpoint_dir == str(tmp_path / "checkpoints" / "easy_r1" /
+                                                                         cfg.trainer.experiment_name)
+    assert cfg.trainer.sample_output == str(tmp_path / "out" / "r.jsonl")
+    assert cfg.data.train_files == "dataset/train.json"  # nothing there: left for the checks (a hub id, or a typo)
+
+
+def test_the_workers_get_the_drivers_settings_but_not_each_nodes_own(monkeypatch):
+    from pebr.trainer.ray_trainer import forwarded_environment
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # this node's interface, not the others'
+    monkeypatch.setenv("PEBR_UNRELATED_HOME", "x")
+    forwarded = forwarded_environment()
+    assert forwarded["HF_HUB_OFFLINE"] == "1" and forwarded["PEBR_UNRELATED_HOME"] == "x"
+    assert "GLOO_SOCKET_IFNAME" not in forwarded and "PATH" not in forwarded
+
+
 def test_a_list_setting_given_as_one_value_in_a_file_is_a_list_of_it(tmp_path):
     """As on the command line (trainer.logger=console); OmegaConf said "AnyNode is not a ListConfig"."""
     path = tmp_path / "mine.yaml"
     path.write_text("trainer:\n  logger: console\n")
     assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"]).trainer.logger == ["console"]
+    path.write_text("trainer:\n  logger: console,file\n")
+    assert load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={path}"]).trainer.logger == ["console", "file"]
     with pytest.raises(ConfigError, match=r"config file '.*' is a directory; name a YAML file in it"):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"config={tmp_path}"])
 
