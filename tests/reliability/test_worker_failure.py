@@ -215,23 +215,27 @@ def test_a_reward_function_that_stalls_fails_within_the_worker_timeout(ray_sessi
         ray_session.kill(worker)
 
 
+def reward_settings(tmp_path, header: str, setup: str, score: str, timeout: float):
+    """The settings `start_reward_worker` reads, for a reward file of one `setup` and one `compute_score` line."""
+    import types
+
+    reward = tmp_path / "reward_under_test.py"
+    reward.write_text(f"{header}\n\ndef setup(**kwargs):\n    {setup}\n\ndef compute_score(reward_inputs):\n    {score}\n")
+    return types.SimpleNamespace(
+        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
+            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
+        trainer=types.SimpleNamespace(worker_timeout_s=timeout))
+
+
 @pytest.mark.parametrize("stalls", ["setup", "compute_score"])
 def test_a_reward_stalling_at_start_up_or_in_its_first_check_fails_within_the_worker_timeout(ray_session, tmp_path,
                                                                                             stalls):
     """Both waits before the first rollout had no limit: a setup() that never returned (a judge service that does
     not answer) or a first score that never came hung the trainer and the sampler, saying nothing."""
-    import types
-
     from pebr.trainer.main import probe_reward, start_reward_worker
 
-    reward = tmp_path / "stalls.py"
-    reward.write_text("import time\n\n"
-                      f"def setup(**kwargs):\n    {'time.sleep(600)' if stalls == 'setup' else 'pass'}\n\n"
-                      "def compute_score(reward_inputs):\n    time.sleep(600)\n")
-    cfg = types.SimpleNamespace(
-        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
-            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
-        trainer=types.SimpleNamespace(worker_timeout_s=3.0))
+    cfg = reward_settings(tmp_path, "import time", 'time.sleep(600)' if stalls == 'setup' else 'pass',
+                          "time.sleep(600)", timeout=3.0)
     t0 = time.time()
     if stalls == "setup":  # no configuration error: the settings may be right, the service is down
         with pytest.raises(ray_trainer.WorkerTimeout, match=r"reward worker start-up: no answer within 3 s"):
@@ -251,19 +255,11 @@ def test_a_reward_stalling_at_start_up_or_in_its_first_check_fails_within_the_wo
 def test_a_reward_worker_that_dies_at_start_up_is_a_worker_failure_not_a_setting(ray_session, tmp_path, fate):
     """Its process gone (a node lost, the OOM killer) was reported as "configuration error:
     worker.reward.reward_function=...", exit 2; a setup that raises is the settings' fault, and stays one."""
-    import types
-
     from pebr.config import ConfigError
     from pebr.trainer.main import start_reward_worker
 
-    reward = tmp_path / "fate.py"
-    reward.write_text("import os\n\n"
-                      f"def setup(**kwargs):\n    {'os._exit(1)' if fate == 'dies' else 'raise ValueError(1)'}\n\n"
-                      "def compute_score(reward_inputs):\n    return []\n")
-    cfg = types.SimpleNamespace(
-        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
-            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
-        trainer=types.SimpleNamespace(worker_timeout_s=60.0))
+    cfg = reward_settings(tmp_path, "import os", 'os._exit(1)' if fate == 'dies' else 'raise ValueError(1)',
+                          "return []", timeout=60.0)
     expected = (WorkerFailure, r"reward worker start-up: a worker died") if fate == "dies" else (
         ConfigError, r"worker\.reward\.reward_function=.*ValueError")
     with pytest.raises(expected[0], match=expected[1]) as caught:
