@@ -851,13 +851,11 @@ def _check_file_numbers(path: str, schema: type) -> None:
 def _listify_scalars(loaded: DictConfig, schema: type) -> None:
     """A list setting a file gives as one scalar (logger: console) is a list of it, as on the command line: OmegaConf
     said "AnyNode is not a ListConfig"."""
-    plain = OmegaConf.to_container(loaded, resolve=False)
+    plain = _flatten(OmegaConf.to_container(loaded, resolve=False))
     for key, kind in _leaf_fields(schema):
         if typing.get_origin(kind) is not list:
             continue
-        value: Any = plain
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = plain.get(key)
         if value is not None and not isinstance(value, (list, dict)) and not str(value).startswith("${"):
             # "console,wandb" is two items, as on the command line
             items = yaml.safe_load(f"[{value}]") if isinstance(value, str) else [value]
@@ -981,9 +979,9 @@ def _resolve_paths(cfg: Any) -> None:
         setattr(owner, name, path + function)
     kwargs = cfg.worker.reward.reward_function_kwargs  # the reward's own files (clip_model_path), read by its actor
     for key, value in list(kwargs.items()):
-        if key.endswith(("_path", "_dir")) and isinstance(value, str) and value:
-            if os.path.exists(os.path.expanduser(value)):
-                kwargs[key] = os.path.abspath(os.path.expanduser(value))
+        path = os.path.expanduser(value) if key.endswith(("_path", "_dir")) and isinstance(value, str) else ""
+        if path and os.path.exists(path):
+            kwargs[key] = os.path.abspath(path)
 
 
 def config_to_yaml(cfg: Any) -> str:
@@ -992,15 +990,17 @@ def config_to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(_escape_interpolations(asdict(cfg))))
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted key ({"a": {"b": 1}} -> {"a.b": 1}); an empty mapping has none."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
 def changed_settings(old_yaml: str, new_yaml: str) -> list[str]:
     """The dotted keys whose values differ between two configurations written by `config_to_yaml`, each as
     "key: old -> new", in key order (a key only one of them has shows as <absent>)."""
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    old, new = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
+    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
     absent = "<absent>"
     return [f"{key}: {old.get(key, absent)!r:.80} -> {new.get(key, absent)!r:.80}"
             for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)]

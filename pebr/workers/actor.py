@@ -403,9 +403,10 @@ def collate(batch: Batch, processor: Any, device: torch.device) -> dict[str, tor
         out["pixel_values"], out["image_grid_thw"], out["image_order"] = image_inputs(images, processor)
         merge = getattr(processor.image_processor, "merge_size", 2)
         expected = int(out["image_grid_thw"].prod(-1).sum()) // merge**2
-    if int(mm_token_type_ids.sum()) != expected:
+    found = int(mm_token_type_ids.sum())
+    if found != expected:
         # Without images the model reads image tokens as text, silently (log-probs 0.2 nats off on the tiny model).
-        raise ValueError(f"a micro-batch of {len(seqs)} sequences holds {int(mm_token_type_ids.sum())} image tokens, "
+        raise ValueError(f"a micro-batch of {len(seqs)} sequences holds {found} image tokens, "
                          f"and its {len(images)} images make {expected}: the Batch's images do not go with its ids")
     out["response_mask"] = batch.response_mask()
     out["response_index"] = torch.arange(len(seqs))[:, None] * width + _response_positions(batch)
