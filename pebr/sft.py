@@ -37,6 +37,7 @@ from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitt
                               probe_image, resolve_path)
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
+from pebr.utils.dtypes import cast_model
 from pebr.utils.jsonio import (atomic_write_text, disk_errors_named, fsync_tree, is_within, read_json_records,
                                replace_directory)
 
@@ -672,7 +673,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     wall = time.perf_counter() - start
 
     if model.source_dtype is not None:  # saved in the base model's dtype (trained with fp32 master weights)
-        model.to(model.source_dtype)
+        cast_model(model, model.source_dtype)
     with disk_errors_named(staging):
         trainer.save_model(staging)
         processor.save_pretrained(staging)

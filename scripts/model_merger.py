@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete, read_trainer_state,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
+from pebr.utils.dtypes import cast_model  # noqa: E402
 from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
                                fsync_tree, replace_directory)
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
@@ -206,7 +207,7 @@ def load_merged_model(local_dir: str, dtype: str = "auto") -> Any:
     name = DTYPES[dtype] or str(saved_dtype or "float32").replace("torch.", "")
     # The model holds the only reference to each merged tensor, so each is freed as soon as it is converted: the
     # fp32 state and the converted model are never in memory together (1.5 times the fp32 model for bf16).
-    model = model.to(getattr(torch, name))
+    model = cast_model(model, getattr(torch, name))
     if os.path.isfile(os.path.join(hf_dir, "generation_config.json")):  # the base model's stop tokens, sampling
         model.generation_config = GenerationConfig.from_pretrained(hf_dir)
     return model

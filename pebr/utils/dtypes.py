@@ -40,3 +40,19 @@ def resolve_dtype(name: str, device: torch.device | str, key: str = "dtype") -> 
     device_type = torch.device(device).type
     cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return pick_dtype(name, device_type, cuda_bf16, key)
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, with the dtype its config saves said the same in every sub-config: `save_pretrained`
+    rewrites only the top-level one, and a model loaded in fp32 keeps `text_config.dtype: float32` and
+    `vision_config.dtype: float32` beside a top-level `bfloat16`, which loaders reading a sub-config take at
+    their word."""
+    model = model.to(dtype)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.dtype = dtype
+        for name in getattr(config, "sub_configs", None) or {}:
+            sub = getattr(config, name, None)
+            if sub is not None and hasattr(sub, "dtype"):
+                sub.dtype = dtype
+    return model

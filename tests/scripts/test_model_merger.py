@@ -58,8 +58,12 @@ def killed_on_call(function, n: int):
 
 
 def saved_dtype(directory: str) -> str:
+    """config.json's dtype, which its sub-configs (text_config, vision_config) must say too."""
     with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)["dtype"]
+        config = json.load(f)
+    subs = {key: value["dtype"] for key, value in config.items() if isinstance(value, dict) and "dtype" in value}
+    assert set(subs.values()) <= {config["dtype"]}, f"dtype {config['dtype']}, sub-configs {subs}"
+    return config["dtype"]
 
 
 def test_auto_keeps_the_base_models_dtype(bf16_checkpoint):

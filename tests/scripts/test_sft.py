@@ -296,7 +296,9 @@ def test_a_bf16_base_model_is_saved_in_bf16(tmp_path, clean_sft, synthetic_data_
     out = str(tmp_path / "warm")
     train_sft(SFTConfig(model_path=base, data=clean_sft, image_dir=os.path.join(synthetic_data_dir, "images"),
                         output_dir=out, max_steps=1, batch_size=2))
-    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    config = json.load(open(os.path.join(out, "config.json")))
+    # (the sub-configs too: the fp32 load had set theirs to float32, and save_pretrained rewrites the top one only)
+    assert [config["dtype"], config["text_config"]["dtype"], config["vision_config"]["dtype"]] == ["bfloat16"] * 3
     assert AutoModelForImageTextToText.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
