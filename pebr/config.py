@@ -320,16 +320,18 @@ def check_seed(key: str, value: int) -> None:
         raise ConfigError(f"{key}={value} must be in [0, 2**32 - 1] (numpy's seeds)")
 
 
-def seed_argument(text: str) -> int:
-    """An argparse type for a --seed option: an integer in [0, MAX_SEED]."""
+def seed_argument(text: str, engines: int = 1) -> int:
+    """An argparse type for a --seed option: an integer in [0, MAX_SEED]; with `engines` rollout engines that each
+    take the seed plus their rank (`functools.partial(seed_argument, engines=2)`), in [0, MAX_SEED - engines + 1]."""
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, 2**32 - 1] (numpy's seeds)")
+    if not 0 <= value <= MAX_SEED - (engines - 1):
+        why = f"; each of the {engines} rollout engines takes it plus its rank" if engines > 1 else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, 2**32 - {engines}] (numpy's seeds{why})")
     return value
 
 

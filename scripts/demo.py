@@ -22,6 +22,7 @@ and the per-seed change of stage 2 over the warm-up model.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -413,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_runs"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--seed", type=seed_argument, default=None, help="the run's seed (default 0)")
-    parser.add_argument("--seeds", type=seed_argument, nargs="+", default=None,
+    # (the seed of the first of the CPU recipes' two rollout engines: the second takes it plus one)
+    seed = functools.partial(seed_argument, engines=2)
+    parser.add_argument("--seed", type=seed, default=None, help="the run's seed (default 0)")
+    parser.add_argument("--seeds", type=seed, nargs="+", default=None,
                         help="run the pipeline once per seed (OUT/seed_K) and summarise the spread in OUT/seeds.md")
     parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                         help="the profile's bf16 compute: auto keeps it only on a CPU with AMX or AVX-512 BF16 "

@@ -105,7 +105,10 @@ SEED_RANGE = "is not an integer in [0, 2**32 - 1] (numpy's seeds)"
     ("evaluate", ["--model_path", "m", "--data", "x.json", "--seed", "-1"], f"'-1' {SEED_RANGE}"),
     ("sft_warmup", ["--model_path", "m", "--data", "x.json", "--output_dir", "o", "--seed", "4294967296"],
      f"'4294967296' {SEED_RANGE}"),
-    ("demo", ["--seeds", "0", "-1"], f"'-1' {SEED_RANGE}"),
+    ("demo", ["--seeds", "0", "-1"], "'-1' is not an integer in [0, 2**32 - 2]"),
+    # The demo's second engine takes the seed plus one: the trainer refused it after the data and the warm-up.
+    ("demo", ["--seed", "4294967295"], "'4294967295' is not an integer in [0, 2**32 - 2] (numpy's seeds; each of "
+                                      "the 2 rollout engines takes it plus its rank)"),
     # Options that were ignored without a word.
     ("demo", ["--seed", "1", "--seeds", "2", "3"], "--seed and --seeds both choose the seeds: give one of them"),
     ("model_merger", ["--local_dir", "x/actor", "--final_only"], "--final_only acts with --latest_in"),
