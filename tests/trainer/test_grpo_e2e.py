@@ -166,17 +166,23 @@ def test_online_filtering_refills_or_stops_with_a_clear_error(tiny_model_dir, sy
     base = argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "keep"), steps=1) + [
         "trainer.val_freq=0", "data.max_response_length=8", "algorithm.online_filtering=true",
         "algorithm.filter_key=overall"] + varied_reward(tmp_path)
-    # Every group's mean lies in [0, 1]: the first try fills the batch.
-    run(base + ["algorithm.filter_low=0.0", "algorithm.filter_high=1.0"])
+    # A first try whose groups are all flat (every score 0, outside the strict window (0, 1)) is dropped whole;
+    # the second, whose group means lie inside it, fills the batch. reward/* and the flat-group fraction count
+    # every generated response (both tries), reward_kept/* the kept ones: the mean of the saved rewards, which
+    # differ from response to response.
+    flat_first = tmp_path / "flat_first.py"
+    flat_first.write_text(TEXT_REWARD + FLAT_FIRST_TRY.format(mark=str(tmp_path / "first_try_scored")))
+    run(base + ["algorithm.filter_low=0.0", "algorithm.filter_high=1.0",
+                f"worker.reward.reward_function={flat_first}:compute_score_flat_first"])
     (m,) = read_metrics(str(tmp_path / "keep"))
-    assert m["batch/filter_tries"] == 1 and m["batch/filter_kept_groups"] >= 4
-    # reward/* are over every generated response, the kept groups' under reward_kept/* (the same here: all kept):
-    # both the mean of the saved rewards, which differ from response to response.
+    assert m["batch/filter_tries"] == 2 and m["batch/filter_kept_groups"] == 4
     with open(os.path.join(tmp_path / "keep", "rollouts", "step_1.jsonl")) as f:
         saved = [json.loads(line)["reward/overall"] for line in f]
-    assert len(set(saved)) > 4
-    assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"]) == pytest.approx(sum(saved) / len(saved))
-    assert m["batch/zero_variance_group_fraction_generated"] == m["batch/zero_variance_group_fraction"]
+    assert len(saved) == 16 and len(set(saved)) > 4
+    assert m["reward_kept/overall"] == pytest.approx(sum(saved) / len(saved))
+    assert m["reward/overall"] == pytest.approx(m["reward_kept/overall"] / 2)  # 16 zeros beside the kept 16
+    assert m["batch/zero_variance_group_fraction"] == 0.0
+    assert m["batch/zero_variance_group_fraction_generated"] == pytest.approx(0.5)  # 4 flat groups of 8
     # No group of an untrained model reaches a mean of 0.99: after max_try_make_batch tries the run stops.
     with pytest.raises(ConfigError, match=r"after 2 tries \(trainer.max_try_make_batch\)"):  # exit 2, no traceback
         run(base + ["algorithm.filter_low=0.99", "algorithm.filter_high=1.0",
@@ -214,6 +220,19 @@ def compute_score(reward_inputs, **kwargs):
     return [{"overall": checksum(x["response"]), "checksum": checksum(x["response"])} for x in reward_inputs]
 '''
 
+
+# The first scoring of a batch (the start-up probe scores one response) gives every response 0.
+FLAT_FIRST_TRY = '''
+
+def compute_score_flat_first(reward_inputs, **kwargs):
+    import os
+
+    scores = compute_score(reward_inputs)
+    if len(reward_inputs) > 1 and not os.path.exists({mark!r}):
+        open({mark!r}, "w").close()
+        scores = [dict.fromkeys(s, 0.0) for s in scores]
+    return scores
+'''
 
 QID_REWARD = TEXT_REWARD.replace('checksum(x["response"])', 'checksum(x["qid"])')
 
