@@ -17,21 +17,27 @@ N_GPUS=${N_GPUS:-8}
 require_count N_GPUS
 RUN_DIR=${RUN_DIR:-checkpoints/easy_r1/pebr_stage2}
 MODEL_PATH=${MODEL_PATH:-}                                            # empty: STAGE1_DIR's last checkpoint, merged
+TRAIN_ARGS=(config=examples/pebr_stage2.yaml data.train_files="${TRAIN_FILES}" data.image_dir="${IMAGE_DIR}"
+    trainer.n_gpus_per_node="${N_GPUS}" trainer.save_checkpoint_path="${RUN_DIR}")
 # Stage 1's last checkpoint, merged (again) into a Hugging Face model unless MODEL_PATH is given; one of a stage 1
 # that has not reached its last step is refused (rerun stage 1: it resumes), and the log says which model it is.
 if [ -n "${MODEL_PATH}" ]; then
     echo "stage 2 starts from MODEL_PATH=${MODEL_PATH} (not from STAGE1_DIR)" >&2
 else
+    # The settings and data are checked first, against the config and processor saved with that checkpoint, so
+    # that a mistyped override or a bad data file stops before the merge (minutes for a 7B model).
+    STAGE1_HF=$(python3 -c 'import os, sys
+from pebr.checkpoint import latest_checkpoint
+last = latest_checkpoint(sys.argv[1])
+hf = os.path.join(last, "actor", "huggingface") if last else ""
+print(hf if os.path.isfile(os.path.join(hf, "config.json")) else "")' "${STAGE1_DIR}")
+    if [ -n "${STAGE1_HF}" ]; then
+        python3 -m pebr.trainer.main --check "${TRAIN_ARGS[@]}" worker.actor.model.model_path="${STAGE1_HF}" "$@"
+    fi
     MODEL_PATH=$(python3 scripts/model_merger.py --latest_in="${STAGE1_DIR}" --final_only | tail -n 1)
     echo "stage 2 starts from stage 1's merged model ${MODEL_PATH}" >&2
 fi
 
-python3 -m pebr.trainer.main config=examples/pebr_stage2.yaml \
-    worker.actor.model.model_path="${MODEL_PATH}" \
-    data.train_files="${TRAIN_FILES}" \
-    data.image_dir="${IMAGE_DIR}" \
-    trainer.n_gpus_per_node="${N_GPUS}" \
-    trainer.save_checkpoint_path="${RUN_DIR}" \
-    "$@"
+python3 -m pebr.trainer.main "${TRAIN_ARGS[@]}" worker.actor.model.model_path="${MODEL_PATH}" "$@"
 
 python3 scripts/model_merger.py --latest_in="${RUN_DIR}"

@@ -115,8 +115,34 @@ def probe_reward(worker: Any, item: dict, timeout: float, require: dict[str, str
 
 def run(argv: list[str]) -> None:
     from pebr.checkpoint import run_dir_lock
-    from pebr.data import StatefulBatchSampler
     from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
+
+    check_only = "--check" in argv
+    cfg, train, val, sampler = prepare([word for word in argv if word != "--check"])
+    if check_only:
+        print(f"settings and data check out: {len(train)} training records"
+              + (f", {len(val)} validation records" if val is not None else "") + "; nothing was trained", flush=True)
+        return
+    with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
+        started = init_ray(cfg)
+        try:
+            with sigterm_as_interrupt():  # (after ray.init, which sets a handler of its own)
+                _train(cfg, train, val, sampler)
+        finally:
+            if started:  # a later run in this process starts (or joins) its own cluster, not this one
+                import ray
+
+                ray.shutdown()
+
+
+def prepare(argv: list[str]) -> tuple[PPOConfig, Any, Any, Any]:
+    """Everything a run checks before Ray starts: the settings, the processor, the context, the data sets and
+    the output folders.
+
+    Returns:
+        (config, training set, validation set or None, batch sampler).
+    """
+    from pebr.data import StatefulBatchSampler
     from pebr.workers.actor import load_processor
 
     cfg = load_config(argv)
@@ -144,16 +170,7 @@ def run(argv: list[str]) -> None:
     check_writable_folder(cfg.checkpoint_dir, "trainer.save_checkpoint_path")
     if cfg.trainer.profile_steps and cfg.trainer.profile_dir:  # (by default a folder of the run directory)
         check_writable_folder(cfg.trainer.profile_dir, "trainer.profile_dir")  # not first at the profiled step
-    with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
-        started = init_ray(cfg)
-        try:
-            with sigterm_as_interrupt():  # (after ray.init, which sets a handler of its own)
-                _train(cfg, train, val, sampler)
-        finally:
-            if started:  # a later run in this process starts (or joins) its own cluster, not this one
-                import ray
-
-                ray.shutdown()
+    return cfg, train, val, sampler
 
 
 def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
@@ -233,12 +250,14 @@ def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: s
     return 0
 
 
-USAGE = """usage: python3 -m pebr.trainer.main config=FILE [config=FILE ...] [key=value ...]
+USAGE = """usage: python3 -m pebr.trainer.main [--check] config=FILE [config=FILE ...] [key=value ...]
 
 GRPO training (README, "Running the trainer"). config=FILE words are merged in their order (the stage recipes:
 examples/pebr_stage1.yaml, examples/pebr_stage2.yaml; examples/pebr_cpu.yaml on top for a CPU), then every
 dotted key=value override, e.g. worker.actor.model.model_path=DIR data.train_files=FILE trainer.n_gpus_per_node=8.
-The keys, their defaults and meanings: pebr/config.py. Rerunning the same command resumes."""
+The keys, their defaults and meanings: pebr/config.py. Rerunning the same command resumes. --check stops after
+the settings, the data and the output folders are checked, before Ray starts (the stage-2 recipe runs it before
+its merge of stage 1)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,3 +234,30 @@ def test_the_merger_tells_a_runs_last_step_from_an_early_stop(tmp_path):
     assert unfinished_run(str(tmp_path / "a" / "global_step_8")) is None
     assert "is step 3 of the 8" in unfinished_run(str(tmp_path / "b" / "global_step_3"))
     assert unfinished_run(str(tmp_path / "c" / "global_step_3")) is None
+
+
+def test_stage2_checks_its_settings_and_data_before_the_merge(tmp_path, tiny_model_dir, synthetic_data_dir):
+    """A mistyped override stopped stage 2 only after the merge of stage 1 (minutes for a 7B model): the settings
+    and data are now checked first, against the config and processor saved with stage 1's checkpoint."""
+    import shutil
+    import sys
+
+    _stage1_run(tmp_path / "stage1", 8, 8)
+    hf_dir = tmp_path / "stage1" / "global_step_8" / "actor" / "huggingface"
+    shutil.copytree(tiny_model_dir, hf_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    saved = sorted(os.listdir(hf_dir))
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "N_GPUS": "2",
+           "STAGE1_DIR": str(tmp_path / "stage1"), "RUN_DIR": str(tmp_path / "stage2"),
+           "TRAIN_FILES": os.path.join(synthetic_data_dir, "train.json"),
+           "IMAGE_DIR": os.path.join(synthetic_data_dir, "images")}
+    proc = subprocess.run(["bash", "examples/pebr_stage2.sh", "config=examples/pebr_cpu.yaml",
+                           "worker.rollout.temprature=0.7"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error" in proc.stderr and "temprature" in proc.stderr
+    assert sorted(os.listdir(hf_dir)) == saved  # nothing merged
+    # Good settings pass the check; the merge then runs (and refuses these stand-in shards, which fit no model).
+    proc = subprocess.run(["bash", "examples/pebr_stage2.sh", "config=examples/pebr_cpu.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert "settings and data check out: " in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "do not fit the model of" in proc.stderr
