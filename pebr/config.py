@@ -193,7 +193,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    # Each engine's sampling seed (rank + seed); a training rollout draws from it mixed with its step and try.
+    # The first engine's sampling seed, the next ones' seed + 1, ... (one engine per tensor-parallel group); a
+    # training rollout draws from it mixed with its step and try.
     seed: int = 1
     limit_images: int = 1
     dtype: str = "auto"  # auto (bf16 on a CUDA card with native bf16, else fp32) | bf16 | fp32
@@ -330,7 +331,7 @@ def seed_argument(text: str, engines: int = 1) -> int:
     except ValueError:
         value = -1
     if not 0 <= value <= MAX_SEED - (engines - 1):
-        why = f"; each of the {engines} rollout engines takes it plus its rank" if engines > 1 else ""
+        why = f"; each of the {engines} rollout engines takes it plus its index" if engines > 1 else ""
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, 2**32 - {engines}] (numpy's seeds{why})")
     return value
 
@@ -452,9 +453,11 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     _positive("worker.rollout.limit_images", rollout.limit_images)
     _positive("worker.rollout.max_num_batched_tokens", rollout.max_num_batched_tokens)
     check_seed("data.seed", cfg.data.seed)
-    if not 0 <= rollout.seed <= MAX_SEED - (cfg.world_size - 1):  # (each engine takes seed + its rank)
-        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {cfg.world_size}] (numpy's "
-                          f"seeds; each of the {cfg.world_size} engines takes it plus its rank)")
+    # Each engine takes the seed plus its index: vLLM's tensor-parallel groups one engine per group.
+    engines = cfg.world_size // rollout.tensor_parallel_size if rollout.name == "vllm" else cfg.world_size
+    if not 0 <= rollout.seed <= MAX_SEED - (max(engines, 1) - 1):
+        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {max(engines, 1)}] (numpy's "
+                          f"seeds; each of the {engines} rollout engines takes it plus its index)")
     if rollout.block_size is not None:
         _positive("worker.rollout.block_size", rollout.block_size)
         if rollout.block_size % 32 and _runs_on_cpu(t.device):

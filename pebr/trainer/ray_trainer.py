@@ -302,7 +302,8 @@ class WorkerGroup:
                         for rank in range(self.size)]
         self.timeout = cfg.trainer.worker_timeout_s
         self._last_rollout: str | None = None  # the id of the rollout the workers hold
-        self._experience: tuple[Batch, list[list[int]], set[str]] | None = None  # (batch, shares, tensors held)
+        # (batch, shares, samples of the first mini-batch to skip in each share, tensors the workers hold)
+        self._experience: tuple[Batch, list[list[int]], int, set[str]] | None = None
         try:
             # Bounded too: a worker Ray cannot place (its CPUs or GPUs taken) never answers.
             addr, port = ray_get(self.workers[0].address.remote(), f"worker 0 start (placed by Ray? it needs "

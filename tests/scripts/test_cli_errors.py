@@ -108,7 +108,7 @@ SEED_RANGE = "is not an integer in [0, 2**32 - 1] (numpy's seeds)"
     ("demo", ["--seeds", "0", "-1"], "'-1' is not an integer in [0, 2**32 - 2]"),
     # The demo's second engine takes the seed plus one: the trainer refused it after the data and the warm-up.
     ("demo", ["--seed", "4294967295"], "'4294967295' is not an integer in [0, 2**32 - 2] (numpy's seeds; each of "
-                                      "the 2 rollout engines takes it plus its rank)"),
+                                      "the 2 rollout engines takes it plus its index)"),
     # Options that were ignored without a word.
     ("demo", ["--seed", "1", "--seeds", "2", "3"], "--seed and --seeds both choose the seeds: give one of them"),
     ("model_merger", ["--local_dir", "x/actor", "--final_only"], "--final_only acts with --latest_in"),

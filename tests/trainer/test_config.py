@@ -72,7 +72,10 @@ def test_overrides_win_over_files():
     # numpy's seeds: vLLM refused another one at engine start, after Ray, naming no key.
     ("worker.rollout.seed=-1", "worker.rollout.seed=-1 must be in [0, 2**32 - 8]"),
     ("worker.rollout.seed=4294967295", "worker.rollout.seed=4294967295 must be in [0, 2**32 - 8] (numpy's seeds; "
-     "each of the 8 engines takes it plus its rank)"),
+     "each of the 8 rollout engines takes it plus its index)"),
+    # One vLLM engine per tensor-parallel group of 2: 4 seeds (the bound was the 8 workers').
+    ("worker.rollout.seed=4294967293 worker.rollout.tensor_parallel_size=2",
+     "worker.rollout.seed=4294967293 must be in [0, 2**32 - 4] (numpy's seeds; each of the 4 rollout engines"),
     ("data.seed=4294967296", "data.seed=4294967296 must be in [0, 2**32 - 1]"),
     # Not a hub id ("name" or "org/name"): the recipes' default warm-up path before the warm-up was run.
     ("worker.actor.model.model_path=saves/pebr_r1/qwen2_5vl_7b/full_sft_warm_up",
@@ -163,6 +166,13 @@ def test_overrides_win_over_files():
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, *override.split()])
+
+
+def test_the_last_seeds_with_tensor_parallel_engines_are_taken():
+    """Four engines of two ranks take seeds 2**32 - 4 to 2**32 - 1 (the bound counted the 8 ranks)."""
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.tensor_parallel_size=2",
+                       f"worker.rollout.seed={2**32 - 4}"])
+    assert cfg.world_size == 8 and cfg.worker.rollout.seed == 2**32 - 4
 
 
 def test_shared_prompts_need_packed_rows():
