@@ -36,7 +36,8 @@ from typing import Any
 
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
-from pebr.utils.jsonio import append_durably, atomic_open, atomic_write_json, exclusive_lock, is_within
+from pebr.trainer.split import SplitError, rollout_fields
+from pebr.utils.jsonio import JSON_PARSE_ERRORS, append_durably, atomic_open, atomic_write_json, exclusive_lock, is_within
 
 MAX_LISTED = 20
 
@@ -98,9 +99,11 @@ def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int, dict[
             if not line.strip():
                 continue
             try:
-                value = json.loads(line.decode("utf-8"))
-                qid, sample = str(value["qid"]), int(value["sample"])
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                # Read as the split reads it: a line it would refuse ("sample": 2.7, "3") must not pass a resume.
+                qid, sample, _, question = rollout_fields(json.loads(line.decode("utf-8")), f"{path} line {line_number}")
+            except SplitError as err:  # (a ValueError: caught before the parse errors)
+                raise SampleLogError(f"{err}; move the file away or set trainer.sample_output to a new file") from None
+            except JSON_PARSE_ERRORS as err:
                 raise SampleLogError(
                     f"{path} line {line_number}: not a sample record ({type(err).__name__}: {err}); move the file "
                     "away or set trainer.sample_output to a new file") from None
@@ -109,8 +112,8 @@ def _scan_output(path: str) -> tuple[dict[str, set[int]], str | None, int, dict[
                 raise SampleLogError(f"{path} line {line_number}: qid {qid!r} sample {sample} appears twice; the file "
                                      "was appended to by another run: move it away or set trainer.sample_output")
             seen.add(sample)
-            if isinstance(value.get("question"), str):
-                questions.setdefault(qid, (value["question"], line_number))
+            if question is not None:
+                questions.setdefault(qid, (question, line_number))
             last_qid = qid
     return samples, last_qid, good_bytes, questions
 

@@ -146,7 +146,13 @@ def classify(correct: int, total: int) -> str:
     return "medium"
 
 
-def _rollout_fields(value: Any, where: str) -> tuple[str, int, float, str | None]:
+def rollout_fields(value: Any, where: str) -> tuple[str, int, float, str | None]:
+    """(qid, sample, accuracy, question digest or None) of one parsed line of a sampling log: the one reading of
+    a line, for the split and for sampling's resume.
+
+    Raises:
+        SplitError: naming `where` and the key that is missing or of the wrong type.
+    """
     if not isinstance(value, dict):
         raise SplitError(f"{where}: a rollout record must be a JSON object, got {type(value).__name__}")
     qid = value.get("qid")
@@ -198,7 +204,7 @@ def iter_rollouts(path: str, skip_bad_lines: bool = False,
                     cut = ("; it is the file's last line and has no end: a sampling run stopped while writing it, "
                            "and rerunning the sampling removes it" if not line.endswith(b"\n") else "")
                     raise SplitError(f"{where}: malformed JSON: {type(err).__name__}: {err}{cut}") from None
-                yield (*_rollout_fields(value, where), line_number)
+                yield (*rollout_fields(value, where), line_number)
             except SplitError:
                 if not skip_bad_lines:
                     raise

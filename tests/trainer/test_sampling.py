@@ -66,6 +66,12 @@ def test_recover_rejects_a_file_it_cannot_trust(tmp_path):
     append_records(path, [_rec("a", 1)])
     with pytest.raises(SampleLogError, match=r"r.jsonl line 2"):
         recover_output(path, 2)
+    # Lines the split refuses stop the resume too: int() read "sample": 2.7 as 2 and "1" as 1.
+    for sample in (2.7, "1", True):
+        os.remove(path)
+        append_records(path, [_rec("a", 0), dict(_rec("a", 0), sample=sample)])
+        with pytest.raises(SampleLogError, match=r"r.jsonl line 2: key 'sample' .* is missing or not an integer"):
+            recover_output(path, 2)
 
 
 @pytest.mark.parametrize("rows", [
