@@ -194,7 +194,7 @@ def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
             print(f"warning: {train.num_with_several_images} of {len(train)} training records in "
                   f"{cfg.data.train_files} have several images: the reward's clip term scores each description "
                   "against the first (reward inputs carry them all under 'images')", file=sys.stderr, flush=True)
-        trainer = RayPPOTrainer(cfg, train, val, sampler, reward, reward)
+        trainer = RayPPOTrainer(cfg, train, val, sampler, reward)
         trainer.fit()
     finally:
         if trainer is not None:

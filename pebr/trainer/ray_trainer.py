@@ -473,10 +473,11 @@ def model_identity(model_path: str) -> str:
 
 
 class RayPPOTrainer:
-    def __init__(self, cfg: PPOConfig, train_dataset, val_dataset, sampler, reward_worker, val_reward_worker):
+    def __init__(self, cfg: PPOConfig, train_dataset: Any, val_dataset: Any, sampler: Any, reward_worker: Any):
+        """`reward_worker`: the RewardWorker actor that scores training and validation responses."""
         self.cfg = cfg
         self.train_dataset, self.val_dataset, self.sampler = train_dataset, val_dataset, sampler
-        self.reward_worker, self.val_reward_worker = reward_worker, val_reward_worker
+        self.reward_worker = reward_worker
         steps_per_epoch = len(sampler)
         t = cfg.trainer
         epochs_steps = steps_per_epoch * t.total_epochs
@@ -621,10 +622,19 @@ class RayPPOTrainer:
         s.update(overrides or {})
         return s
 
-    def _score(self, batch: Batch, worker: Any) -> tuple[torch.Tensor, dict[str, list[float]]]:
-        scores = ray_get(worker.compute.remote(reward_inputs(batch)), "reward", self.cfg.trainer.worker_timeout_s)
+    def _request_scores(self, batch: Batch) -> Any:
+        """Start scoring `batch` in the reward actor; `_attach_scores` takes the result."""
+        return self.reward_worker.compute.remote(reward_inputs(batch))
+
+    def _attach_scores(self, batch: Batch, future: Any) -> dict[str, list[float]]:
+        """Wait for the scores of `batch`; its "scores" tensor is the overall reward, each term a reward/<term>
+        column (saved with the rollouts). Returns the terms' lists."""
+        scores = ray_get(future, "reward", self.cfg.trainer.worker_timeout_s)
         per_key = {k: [s[k] for s in scores] for k in scores[0]}
-        return torch.tensor(per_key["overall"], dtype=torch.float32), per_key
+        batch.tensors["scores"] = torch.tensor(per_key["overall"], dtype=torch.float32)
+        for k, v in per_key.items():
+            batch.non_tensors[f"reward/{k}"] = v
+        return per_key
 
     def make_batch(self, metrics: dict) -> Batch:
         """Roll out, score and (optionally) filter groups until a full batch of prompts is ready."""
@@ -643,11 +653,10 @@ class RayPPOTrainer:
             if not a.online_filtering:
                 return batch  # scored later, overlapping the log-prob pass
             t0 = time.time()
-            scores, per_key = self._score(batch, self.reward_worker)
+            per_key = self._attach_scores(batch, self._request_scores(batch))
             metrics["timing/reward_s"] = metrics.get("timing/reward_s", 0.0) + time.time() - t0
-            batch.tensors["scores"] = scores
+            scores = batch.tensors["scores"]
             for k, v in per_key.items():
-                batch.non_tensors[f"reward/{k}"] = v
                 generated.setdefault(k, []).extend(v)
                 metrics[f"reward/{k}"] = float(np.mean(generated[k]))
             if a.filter_key not in per_key:
@@ -710,22 +719,12 @@ class RayPPOTrainer:
                 with timed(metrics, "make_batch"):
                     batch = self.make_batch(metrics)
                 # Reward scoring runs in its own actor while the workers compute log-probs.
-                reward_future = None
-                if "scores" not in batch.tensors:
-                    reward_future = self.reward_worker.compute.remote(reward_inputs(batch))
-                old_from_rollout = self.cfg.algorithm.old_from_rollout
-                if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
-                    batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
-                on_policy = on_policy_samples(self.cfg, len(batch))
-                metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
+                reward_future = None if "scores" in batch.tensors else self._request_scores(batch)
                 with timed(metrics, "log_probs"):
-                    batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
+                    self.compute_log_probs(batch, metrics)
                 if reward_future is not None:
                     with timed(metrics, "reward_wait"):
-                        scores = ray_get(reward_future, "reward", self.cfg.trainer.worker_timeout_s)
-                    batch.tensors["scores"] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-                    for k in scores[0]:
-                        batch.non_tensors[f"reward/{k}"] = [s[k] for s in scores]
+                        self._attach_scores(batch, reward_future)
                 with timed(metrics, "advantages"):
                     batch_advantages(batch, self.cfg.algorithm)
                 with timed(metrics, "update_actor"):
@@ -751,6 +750,15 @@ class RayPPOTrainer:
                 self.tracker.log(self.global_step, metrics)
                 bar.update(1)
         self.tracker.close()
+
+    def compute_log_probs(self, batch: Batch, metrics: dict[str, float]) -> None:
+        """The old (unless the engine's serve) and reference log-probs of `batch`, into its tensors."""
+        old_from_rollout = self.cfg.algorithm.old_from_rollout
+        if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
+            batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")
+        on_policy = on_policy_samples(self.cfg, len(batch))
+        metrics["batch/old_logprobs_from_update"] = on_policy / len(batch)
+        batch.tensors.update(self.workers.compute_log_probs(batch, on_policy, old=not old_from_rollout))
 
     def _validation_due(self, step: int) -> bool:
         """Every val_freq steps, and at the end whenever there is validation data (val_freq=0: never)."""
@@ -875,7 +883,7 @@ class RayPPOTrainer:
             for p in prompts:
                 p["uid"] = f"val-{p['index']}"
             batch, _ = self.workers.generate(prompts, self._sampling(overrides))
-            for k, v in self._score(batch, self.val_reward_worker)[1].items():
+            for k, v in self._attach_scores(batch, self._request_scores(batch)).items():
                 per_key.setdefault(k, []).extend(v)
             lengths.extend(batch.response_lengths.tolist())
         out = {f"val/{k}": float(np.mean(v)) for k, v in per_key.items()}

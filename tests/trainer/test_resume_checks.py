@@ -220,7 +220,7 @@ def test_a_resume_with_another_batch_size_is_refused_naming_the_settings(tmp_pat
     with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 cannot continue its data order: sampler "
                                                          r"state key 'batch_size' is 3, but this sampler has 2.*"
                                                          r"data\.train_files and data\.rollout_batch_size"):
-        RayPPOTrainer(cfg, None, None, sampler, None, None)
+        RayPPOTrainer(cfg, None, None, sampler, None)
 
 
 class WorkersNotStarted(Exception):
@@ -250,7 +250,7 @@ def test_a_resume_records_the_data_seed_its_order_continues_with(tmp_path, capsy
     _save_run_step(run_dir, 1, StatefulBatchSampler(10, 2, shuffle=True, seed=1, drop_last=True))
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
     with pytest.raises(WorkersNotStarted):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     assert sampler.seed == 1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["seed"] == 1
     assert "warning: data.seed=5 is ignored: " in capsys.readouterr().out
@@ -317,12 +317,12 @@ def test_a_resume_that_names_another_starting_model_is_refused(tmp_path, capsys)
     with pytest.raises(checkpoint.CheckpointError, match=r"global_step_1 continues a run from the model .*warmup_a, "
                                                          r"and this run names .*model: .*another "
                                                          r"trainer\.save_checkpoint_path"):
-        RayPPOTrainer(cfg, None, None, sampler, None, None)
+        RayPPOTrainer(cfg, None, None, sampler, None)
     os.makedirs(tmp_path / "b")
     cfg, _ = _trainer_config(tmp_path / "b", f"trainer.load_checkpoint_path={run_dir}/global_step_1")
     other_order = StatefulBatchSampler(10, 3, shuffle=True, seed=cfg.data.seed, drop_last=True)
     with pytest.raises(checkpoint.CheckpointError, match="cannot continue its data order"):  # a later check
-        RayPPOTrainer(cfg, None, None, other_order, None, None)
+        RayPPOTrainer(cfg, None, None, other_order, None)
     out = capsys.readouterr().out
     assert "warning: " in out and "warmup_a" in out and "resuming it as trainer.load_checkpoint_path asks" in out
 
@@ -336,7 +336,7 @@ def test_a_resume_past_the_runs_last_step_is_refused(tmp_path):
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
     _save_run_step(run_dir, 3, sampler)
     with pytest.raises(checkpoint.CheckpointError, match=r"global_step_3 is at step 3, past the 2 steps of this run"):
-        RayPPOTrainer(cfg, None, None, sampler, None, None)
+        RayPPOTrainer(cfg, None, None, sampler, None)
     assert not (run_dir / "config.yaml").exists()
 
 
@@ -384,13 +384,13 @@ def test_validation_alone_takes_a_checkpoint_past_the_runs_steps(tmp_path, no_wo
     cfg, run_dir = _trainer_config(tmp_path, "data.seed=1")
     _save_run_step(run_dir, 6, sampler)
     with pytest.raises(checkpoint.CheckpointError, match="is at step 6, past the 4 steps of this run"):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     (tmp_path / "val.json").write_text("[]")
     (tmp_path / "b").mkdir()
     cfg, _ = _trainer_config(tmp_path / "b", "data.seed=1", "trainer.val_only=true", f"data.val_files={tmp_path}/val.json",
                              f"trainer.load_checkpoint_path={run_dir}/global_step_6")
     with pytest.raises(WorkersNotStarted):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     # An earlier checkpoint of the run, in its own directory: its validation would cut the later steps' logs back;
     # it was refused as a checkpoint "from another run". The message names the way that works.
     _save_run_step(run_dir, 2, sampler)
@@ -401,7 +401,7 @@ def test_validation_alone_takes_a_checkpoint_past_the_runs_steps(tmp_path, no_wo
     with pytest.raises(checkpoint.CheckpointError, match=r"trainer.val_only of step 2 .* holds later steps \[6\]: "
                                                          r"their logs would be cut back.*set trainer.save_checkpoint_"
                                                          r"path to a new directory"):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
 
 
 @pytest.mark.parametrize("damage", ["state", "index"])
@@ -422,10 +422,10 @@ def test_a_damaged_newest_checkpoint_names_its_file_and_the_way_back_to_the_one_
     damaged.write_text(damaged.read_text()[:7])
     with pytest.raises(checkpoint.DamagedCheckpoint, match=rf"{damaged} cannot be read .*the checkpoint is damaged.*"
                                                            rf"move it aside \(mv {newest} {newest}.damaged\)"):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     os.rename(newest, f"{newest}.damaged")
     with pytest.raises(WorkersNotStarted):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     assert checkpoint.complete_steps(str(run_dir)) == [1] and os.path.isdir(f"{newest}.damaged")
 
 
@@ -440,7 +440,7 @@ def test_a_resume_rotates_what_a_stop_before_rotation_left(tmp_path, no_workers)
     for step in (1, 2, 3):
         _save_run_step(run_dir, step, sampler)  # (save_limit=-1: nothing rotated)
     with pytest.raises(WorkersNotStarted):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     assert checkpoint.complete_steps(str(run_dir)) == [2, 3]
 
 
@@ -454,11 +454,11 @@ def test_a_resume_with_other_settings_lists_them(tmp_path, capsys, no_workers):
     sampler = StatefulBatchSampler(10, 2, shuffle=True, seed=cfg.data.seed, drop_last=True)
     _save_run_step(run_dir, 1, sampler)
     with pytest.raises(WorkersNotStarted):  # the same settings: nothing to say
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     assert "setting(s) other than" not in capsys.readouterr().out
     cfg, _ = _trainer_config(tmp_path, "algorithm.kl_coef=0.5", "worker.actor.optim.lr_warmup_steps=1")
     with pytest.raises(WorkersNotStarted):
-        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None, None)
+        ray_trainer.RayPPOTrainer(cfg, None, None, sampler, None)
     out = capsys.readouterr().out
     assert ("warning: resuming at step 1 with 2 setting(s) other than the run's config.yaml, applied from here on: "
             "algorithm.kl_coef: 0.01 -> 0.5; worker.actor.optim.lr_warmup_steps:") in out
