@@ -53,6 +53,7 @@ LONG = FULL.replace("### Step 1:", "### Step 1: " + "word " * 10_000)
         (FULL.replace("### Step 1:", "Step 1:"), 0.0),  # header without ###
         (FULL.replace("### Rationales:", "### Rationale:"), 0.0),  # header misspelt
         (FULL.replace("### The final answer is:", "### The final answer is"), 0.0),  # no colon
+        (FULL.replace("### Image Description:", "Image Description:"), 0.0),  # the description's header too
         ("The answer is 9.", 0.0),
     ],
 )
@@ -280,23 +281,7 @@ def test_math_verify_is_not_asked_once_mathruler_ran_out_of_time(monkeypatch) ->
     monkeypatch.setattr(terms, "_math_verify_match", lambda *args: asked.append(args) or False)
     assert not answers_match("10000000!", "\\frac{1}{2}")
     assert asked == []
-    assert answers_match("\\frac{2}{4}", "0.5") or asked  # an answer in time still reaches both graders
-
-
-def test_an_answer_of_many_brackets_is_split_in_linear_time() -> None:
-    import time
-
-    start = time.perf_counter()
-    assert extract_final_answer("### The final answer is: 1" + " (a" * 20000) == "1" + " (a" * 20000
-    assert time.perf_counter() - start < 5  # quadratic before: 28 s
-
-
-def test_a_long_run_of_spaces_after_a_header_is_read_in_linear_time() -> None:
-    import time
-
-    start = time.perf_counter()
-    assert extract_final_answer("###" + " " * 64000 + "x") == ""
-    assert time.perf_counter() - start < 3  # quadratic before: 3.7 s at 32 000 spaces, about 15 s at 64 000
+    assert answers_match("\\frac{2}{4}", "0.5") is True  # an answer in time is still graded
 
 
 def test_a_10k_token_response_is_never_parsed_as_one_formula(monkeypatch) -> None:
@@ -309,6 +294,8 @@ def test_a_10k_token_response_is_never_parsed_as_one_formula(monkeypatch) -> Non
     assert accuracy_reward(LONG, "9") == 1.0
     assert accuracy_reward("### The final answer is:\n" + "word " * 10_000, "9") == 0.0  # one long free-text line
     assert all(len(text) <= terms._MAX_ANSWER_CHARS for text in parsed)  # the long line reached no parser
+    assert accuracy_reward("### The final answer is: \\sqrt{4}", "2") == 1.0  # a formula does reach it
+    assert "$\\sqrt{4}$" in parsed  # (so the check below has something to check)
     assert all(len(text) <= terms._MAX_FORMULA_CHARS + 2 for text in parsed if text.startswith("$"))
 
 
