@@ -35,6 +35,7 @@ def test_masked_reductions_ignore_inf_on_padding_and_pass_no_gradient_there():
     mask = torch.tensor([[1, 1, 1, 0]])
     # mean 2; unbiased var (1 + 0 + 1) / 2 = 1; whitened [-1, 0, 1] and 0 on padding
     close(masked_var(x, mask), 1.0)
+    close(masked_var(x, mask, unbiased=False), 2.0 / 3.0)  # (1 + 0 + 1) / 3
     white = masked_whiten(x, mask)
     close(white, [[-1.0, 0.0, 1.0, 0.0]])
     (masked_mean(x, mask) + white.sum()).backward()
@@ -84,6 +85,13 @@ def test_low_var_kl_is_clamped():
     # d = 0 - (-30) = 30 -> clamped to 20 -> exp(20) - 21 ~ 4.85e8 -> clamped to 10
     out = kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "low_var_kl")
     close(out, [10.0])
+
+
+def test_low_var_kl_is_clamped_from_below_too():
+    # d = ref - logp = -30 -> clamped to -20: exp(-20) + 20 - 1 = 19 -> capped at 10 (a floor of -5: 4.0067)
+    close(kl_penalty(torch.tensor([0.0]), torch.tensor([-30.0]), "low_var_kl"), [10.0])
+    # d = -8, inside both clamps: exp(-8) + 8 - 1
+    close(kl_penalty(torch.tensor([0.0]), torch.tensor([-8.0]), "low_var_kl"), [math.exp(-8) + 7])
 
 
 def test_kl_penalty_rejects_unknown_kind():
@@ -143,6 +151,21 @@ def test_ppo_policy_loss_clamps_log_ratio():
     loss, metrics = ppo_policy_loss(old, logp, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2))
     close(loss, 0.85)
     assert metrics["ppo_kl"] == pytest.approx(-20.0)
+
+
+def test_ppo_policy_loss_clamps_log_ratio_from_below():
+    # log-ratio -30 is clamped to -20 (ratio 2.1e-9): A=+1 takes -2.1e-9, A=-1 the clipped 0.8 -> mean 0.4
+    loss, metrics = ppo_policy_loss(torch.zeros(1, 2), torch.full((1, 2), -30.0), torch.tensor([[1.0, -1.0]]),
+                                    torch.ones(1, 2))
+    close(loss, 0.4)
+    assert metrics["ppo_kl"] == pytest.approx(20.0)
+
+
+def test_pg_clipfrac_counts_only_tokens_the_clip_changed():
+    # ratios 1.0 and 1.1 lie inside [0.8, 1.3]; 1.5 with A=+1 is clipped: 1 of 3
+    logp = torch.log(torch.tensor([[1.0, 1.1, 1.5]]))
+    _, metrics = ppo_policy_loss(torch.zeros(1, 3), logp, torch.ones(1, 3), torch.ones(1, 3))
+    assert metrics["pg_clipfrac"] == pytest.approx(1 / 3)
 
 
 def test_ppo_policy_loss_rejects_bad_input():

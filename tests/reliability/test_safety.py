@@ -17,7 +17,9 @@ from tests.reliability.procs import ROOT, pickle_like_files
 def test_trust_remote_code_is_off_by_default():
     assert PPOConfig().worker.actor.model.trust_remote_code is False
     # No shipped recipe turns it on.
-    for path in glob.glob(os.path.join(ROOT, "examples", "*.yaml")):
+    recipes = glob.glob(os.path.join(ROOT, "examples", "*.yaml"))
+    assert len(recipes) >= 4, recipes  # (the loop below checks nothing on an empty list)
+    for path in recipes:
         model = OmegaConf.to_container(OmegaConf.load(path)).get("worker", {}).get("actor", {}).get("model", {})
         assert model.get("trust_remote_code", False) is False, path
     # The loaders the workers and rewards call default to False when not told otherwise.

@@ -99,3 +99,25 @@ def test_stage1_text_only_record_scores_clip_0_beside_an_image_record(tiny_clip_
     pictured, text_only = manager.compute([with_image, item()])
     assert pictured["clip"] != 0.0 and text_only["clip"] == 0.0  # s / 0.4 below the threshold, any sign
     assert text_only["overall"] == pytest.approx(0.4 * 2 / 3 + 0.2)
+
+
+def test_stage1_overall_weighs_the_clip_term_at_its_threshold(tiny_clip_path: str) -> None:
+    """The clip term is the description's similarity over clip_threshold (capped at 1), weighed 0.4 in overall
+    beside keyword 0.4, format 0.1 and length 0.1; the similarity is the tiny CLIP model's own."""
+    from PIL import Image
+
+    from pebr.rewards.clip import ClipScorer
+    from pebr.rewards.terms import extract_image_description
+
+    image = Image.new("RGB", (32, 32), "red")
+    [similarity] = ClipScorer(tiny_clip_path).score([image], [extract_image_description(FULL)])
+    assert similarity != 0.0
+    # The paper's 0.4, twice the similarity's size (the term s / t) and half of it (1 when s > 0): r = 1 if
+    # s >= t else s / t.
+    for threshold in (0.4, 2 * abs(similarity), abs(similarity) / 2):
+        clip = 1.0 if similarity >= threshold else similarity / threshold
+        manager = RewardManager(STAGE1, reward_function_kwargs={"clip_model_path": tiny_clip_path,
+                                                                "clip_threshold": threshold})
+        [scores] = manager.compute([{**item(), "image": image}])
+        assert scores["clip"] == pytest.approx(clip, abs=1e-5)
+        assert scores["overall"] == pytest.approx(0.4 * clip + 0.4 * 2 / 3 + 0.1 * 1 + 0.1 * 1, abs=1e-5)

@@ -101,7 +101,7 @@ def test_classify_rule():
     assert classify(8, 8) == "easy"
     assert [classify(k, 8) for k in range(1, 8)] == ["medium"] * 7
     assert classify(0, 8) == "hard"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs at least one rollout to be classified, got total=0"):
         classify(0, 0)
 
 

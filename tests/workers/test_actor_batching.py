@@ -523,6 +523,29 @@ def test_update_policy_frees_the_gradients_it_stepped_with(model, processor, bat
     assert [name for name, p in policy.named_parameters() if p.grad is not None] == []
 
 
+def test_update_policy_gradient_is_that_of_the_whole_mini_batch_loss(model, processor, batch):
+    """The layouts below are compared with each other; this pins the gradient itself: plain autograd of the
+    token-mean PPO loss plus kl_coef x the token-mean KL, over the whole mini-batch in one padded forward (a
+    flipped sign or a doubled scale in update_policy's backward passed every layout test)."""
+    from pebr.algorithms.losses import agg_loss, kl_penalty
+
+    exp = experience(model, processor, batch)
+    got = run_update(model, processor, exp)["actor/grad_norm"]
+    policy = copy.deepcopy(model)
+    cfg, algo = ActorConfig(), AlgorithmConfig()
+    assert algo.use_kl_loss and algo.kl_coef > 0  # (the KL term is in the loss)
+    inputs = actor_lib.collate(batch, processor, CPU)
+    logp, _ = actor_lib.response_logprobs(policy, inputs)
+    width, mask = logp.shape[1], inputs["response_mask"]
+    pg, _ = ppo_policy_loss(exp.tensors["old_logprobs"][:, :width], logp, exp.tensors["advantages"][:, :width], mask,
+                            clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
+                            clip_ratio_dual=cfg.clip_ratio_dual, loss_agg_mode="token-mean")
+    kl = agg_loss(kl_penalty(logp, exp.tensors["ref_logprobs"][:, :width], algo.kl_penalty), mask, "token-mean")
+    (pg + algo.kl_coef * kl).backward()
+    want = torch.sqrt(sum(p.grad.double().square().sum() for p in policy.parameters() if p.grad is not None))
+    assert got == pytest.approx(want.item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("loss_avg_mode", ["token", "seq"])
 def test_update_policy_is_the_same_for_every_micro_batch_layout(model, varlen_model, processor, batch, loss_avg_mode):
     exp = experience(model, processor, batch)
