@@ -315,6 +315,15 @@ def _positive(key: str, value: int) -> None:
 MAX_SEED = 2**32 - 1
 
 
+def split_reward_spec(spec: str) -> tuple[str, str | None]:
+    """`path/to/file.py:function` -> (path, function); a spec with no `:function` after a `.py` path is all path
+    (function None): a ":" may stand inside a folder's name."""
+    path, sep, function = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return spec, None
+    return path, function
+
+
 def check_seed(key: str, value: int) -> None:
     """Raises ConfigError naming `key` when `value` is outside [0, MAX_SEED]."""
     if not 0 <= value <= MAX_SEED:
@@ -576,8 +585,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if w.reward.reward_function:
         # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
         spec = w.reward.reward_function
-        path, sep, _ = spec.rpartition(":")
-        path = path if sep and path.endswith(".py") else spec
+        path, _ = split_reward_spec(spec)
         if not os.path.isfile(path):
             raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
     bounds = d.min_pixels, d.max_pixels
@@ -974,10 +982,8 @@ def _resolve_paths(cfg: Any) -> None:
         value = getattr(owner, name)
         if not isinstance(value, str) or not value.strip() or dotted == "trainer.sample_output" and value.endswith("/"):
             continue  # (no file named: sampling refuses it, naming it as given)
-        path, function = value, ""
-        if dotted == "worker.reward.reward_function" and ":" in value:
-            path, _, function = value.rpartition(":")
-            function = ":" + function
+        path, function = split_reward_spec(value) if dotted == "worker.reward.reward_function" else (value, None)
+        function = f":{function}" if function is not None else ""
         path = os.path.expanduser(path)
         if dotted in _OUTPUT_KEYS or os.path.exists(path):
             path = os.path.abspath(path)

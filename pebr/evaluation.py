@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
-from pebr.data.images import PATCH_MULTIPLE
+from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.dtypes import resolve_dtype
 from pebr.utils.jsonio import append_durably, atomic_write_texts, exclusive_lock, is_within
@@ -100,11 +100,11 @@ def generate_texts(
     Returns:
         Per prompt (text, number of response tokens without the end-of-turn token).
     """
-    from pebr.workers.rollout import SamplingConfig
+    from pebr.workers.rollout import SamplingConfig, stop_token_ids
 
     sampling = SamplingConfig(n=1, temperature=temperature, top_p=top_p, top_k=0,
                               max_tokens=max_new_tokens, seed=seed)
-    end_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id}
+    end_ids = set(stop_token_ids(tokenizer))
     results = []
     for generation in engine.generate(prompts, sampling):
         ids = list(generation.responses[0])
@@ -321,8 +321,8 @@ def evaluate_model(
     format_prompt: str | None = DEFAULT_FORMAT_PROMPT,
     backend: str = "vllm",
     max_prompt_length: int = 2048,
-    min_pixels: int | None = 576,
-    max_pixels: int | None = 802816,
+    min_pixels: int | None = DEFAULT_MIN_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     seed: int = 0,
     category_key: str = "category",
     chunk_size: int = DEFAULT_CHUNK_SIZE,

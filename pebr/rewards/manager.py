@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from pebr.config import split_reward_spec
+
 __all__ = [
     "RewardFunctionError",
     "RewardManager",
@@ -53,11 +55,8 @@ class RewardFunctionError(RuntimeError):
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        # No ":function" part (or a ":" inside the path): the whole spec is the file.
-        return spec, DEFAULT_FUNCTION
-    return path, name
+    path, name = split_reward_spec(spec)
+    return path, name or DEFAULT_FUNCTION
 
 
 def load_reward_module(path: str) -> ModuleType:

@@ -37,7 +37,7 @@ from pebr.utils.dtypes import resolve_dtype
 from pebr.utils.profiling import StepProfiler
 from pebr.workers import actor as actor_lib
 from pebr.workers import lora
-from pebr.workers.rollout import SHM_PREFIX_ENV, HFRollout, SamplingConfig, VLLMRollout
+from pebr.workers.rollout import SHM_PREFIX_ENV, HFRollout, SamplingConfig, VLLMRollout, stop_token_ids
 
 
 def pick_device(cfg_device: str) -> torch.device:
@@ -223,7 +223,7 @@ class FSDPWorker:
         self.rollout.release()
         tok = self.processor.tokenizer
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        stops = {eos, tok.eos_token_id, tok.pad_token_id}  # the engines stop at <|im_end|> and <|endoftext|>
+        stops = set(stop_token_ids(tok))
         rollout_logprobs: list[list[float]] = []
         prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in ("uid", "qid", "ground_truth", "key_words",
                                                                                "response", "index", "truncated")}

@@ -274,6 +274,13 @@ def test_paths_are_made_absolute_where_the_driver_runs(tmp_path, monkeypatch):
                                                                          cfg.trainer.experiment_name)
     assert cfg.trainer.sample_output == str(tmp_path / "out" / "r.jsonl")
     assert cfg.data.train_files == "dataset/train.json"  # nothing there: left for the checks (a hub id, or a typo)
+    # A ":" in a folder's name is no function's: the file was left relative (the reward actor read it elsewhere).
+    (tmp_path / "run:2").mkdir()
+    (tmp_path / "run:2" / "reward.py").write_text("def compute_score(reward_inputs):\n    return []\n")
+    cfg = load_config([stage("pebr_stage2.yaml"), "worker.actor.model.model_path=model",
+                       "data.train_files=dataset/train.json", "worker.reward.reward_function=run:2/reward.py"],
+                      training=False)
+    assert cfg.worker.reward.reward_function == f"{tmp_path}/run:2/reward.py"
 
 
 def test_the_workers_get_the_drivers_settings_but_not_each_nodes_own(monkeypatch):
