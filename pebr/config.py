@@ -406,7 +406,41 @@ def _check_model_folder(key: str, value: str, files: tuple[str, ...], what: str)
         raise ConfigError(f"{key}={value!r}: no such directory")
 
 
-def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
+def check_model_dir(key: str, value: str, weights: bool = True) -> None:
+    """A model folder must hold a whole Hugging Face model: not a sharded trainer checkpoint, not a peft adapter
+    alone, a config.json and (unless `weights` is False) weights; a path that cannot be a hub id must be a folder.
+    Said here, naming `key` (a setting or an option), before transformers raises on it inside a worker.
+
+    Raises:
+        ConfigError: naming `key` and, for a trainer checkpoint or its unmerged huggingface/ folder, the merger;
+            for a peft adapter, its base model.
+    """
+    label = f"{key} {value!r}" if key.startswith("-") else f"{key}={value!r}"
+    folder = os.path.expanduser(value)
+    if os.path.isdir(folder):
+        names = os.listdir(folder)
+        has_weights = any(name.endswith((".safetensors", ".bin")) for name in names)
+        if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
+            raise ConfigError(f"{label} is a sharded trainer checkpoint; merge it into a Hugging Face model first: "
+                              f"scripts/model_merger.py --local_dir {value}")
+        if "adapter_config.json" in names and "config.json" not in names:
+            raise ConfigError(f"{label} is a peft adapter (adapter_config.json), not a model: load it onto its base "
+                              "model (PeftModel.from_pretrained(base_model, that folder)), or name a merged model "
+                              "(scripts/model_merger.py without --adapter_dir writes one)")
+        if "config.json" not in names:
+            raise ConfigError(f"{label} holds weights but no config.json: not a Hugging Face model folder; name the "
+                              "folder a model was saved to (save_pretrained or scripts/model_merger.py)" if has_weights
+                              else f"{label} holds no config.json: not a Hugging Face model directory")
+        if weights and not has_weights:
+            raise ConfigError(f"{label} holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface "
+                              "folder gets them from scripts/model_merger.py --local_dir <global_step_k>/actor")
+        return
+    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
+    if looks_local(folder) or folder.count("/") > 1 or "/" in folder and os.path.isdir(folder.split("/")[0]):
+        raise ConfigError(f"{label}: no such directory")
+
+
+def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = True) -> PPOConfig:
     """Check settings that the type system cannot; raise ConfigError naming the key.
 
     Args:
@@ -556,8 +590,7 @@ def validate(cfg: PPOConfig, *, training: bool = True) -> PPOConfig:
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
     model_dir = os.path.expanduser(actor.model.model_path)
-    _check_model_folder("worker.actor.model.model_path", actor.model.model_path, ("config.json",),
-                        "not a Hugging Face model directory")
+    check_model_dir("worker.actor.model.model_path", actor.model.model_path, weights=model_weights)
     if actor.model.tokenizer_path:
         _check_model_folder("worker.actor.model.tokenizer_path", actor.model.tokenizer_path,
                             ("tokenizer_config.json", "tokenizer.json"), "not a Hugging Face tokenizer directory")
@@ -723,7 +756,8 @@ def _rejected_key(base: Any, source: Any, prefix: str = "") -> str | None:
     return None
 
 
-def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = True) -> Any:
+def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = True,
+                model_weights: bool = True) -> Any:
     """Build the configuration from `config=FILE` plus dotted overrides, then validate it.
 
     The files are merged in their order, then every key=value in theirs, wherever they stand in `argv`:
@@ -737,6 +771,8 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
         argv: command-line words such as ["config=examples/pebr_stage1.yaml", "worker.rollout.n=4"].
         schema: the dataclass to fill.
         training: passed on to `validate`.
+        model_weights: False to check the model folder without its weights (`pebr.trainer.main --check` against a
+            checkpoint's unmerged huggingface/ folder).
 
     Raises:
         ConfigError: a missing file, an unknown key, a wrong type or an impossible setting.
@@ -780,7 +816,7 @@ def load_config(argv: list[str], schema: type = PPOConfig, *, training: bool = T
         if not cfg.trainer.save_checkpoint_path:  # the default run directory, where the driver runs
             cfg.trainer.save_checkpoint_path = cfg.checkpoint_dir
         _resolve_paths(cfg)
-        validate(cfg, training=training)
+        validate(cfg, training=training, model_weights=model_weights)
     return cfg
 
 

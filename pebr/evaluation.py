@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pebr.config import ConfigError, check_writable_folder, looks_like_model_id
+from pebr.config import ConfigError, check_model_dir, check_writable_folder
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PATCH_MULTIPLE
 from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
 from pebr.utils.dtypes import resolve_dtype
@@ -115,36 +115,8 @@ def generate_texts(
 
 
 def check_model_path(model_path: str) -> None:
-    """A model path that can only be local and is not a directory, or a directory that holds no whole model (no
-    weights, no config.json, a peft adapter alone), is the user's error, said before transformers raises on it;
-    anything shaped like a hub id ("org/name") is left to transformers.
-
-    Raises:
-        ConfigError: naming --model_path (and, for a trainer checkpoint's huggingface/ folder, the merger; for a
-            peft adapter, its base model).
-    """
-    directory = os.path.expanduser(model_path)
-    if os.path.isdir(directory):
-        names = os.listdir(directory)
-        if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
-            raise ConfigError(f"--model_path {model_path!r} is a sharded trainer checkpoint; merge it into a Hugging "
-                              f"Face model first: scripts/model_merger.py --local_dir {model_path}")
-        if "adapter_config.json" in names and "config.json" not in names:
-            raise ConfigError(f"--model_path {model_path!r} is a peft adapter (adapter_config.json), not a model: "
-                              "load it onto its base model (PeftModel.from_pretrained(base_model, that folder)), or "
-                              "name a merged model (scripts/model_merger.py without --adapter_dir writes one)")
-        if not any(name.endswith((".safetensors", ".bin")) for name in names):
-            raise ConfigError(f"--model_path {model_path!r} holds no weights (*.safetensors); a trainer checkpoint's "
-                              "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
-                              "<global_step_k>/actor")
-        if "config.json" not in names:
-            raise ConfigError(f"--model_path {model_path!r} holds weights but no config.json: not a Hugging Face "
-                              "model folder; name the folder a model was saved to (save_pretrained or "
-                              "scripts/model_merger.py)")
-        return
-    # "runs/x" is shaped like a hub id too, but a local "runs" folder says which was meant.
-    if not looks_like_model_id(model_path) or os.path.isdir(model_path.split("/")[0]):
-        raise ConfigError(f"--model_path {model_path!r}: no such directory")
+    """`check_model_dir` for a --model_path option (evaluation, inference, the warm-up's base model)."""
+    check_model_dir("--model_path", model_path)
 
 
 def load_model_processor(model_path: str) -> Any:

@@ -118,7 +118,8 @@ def run(argv: list[str]) -> None:
     from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
 
     check_only = "--check" in argv
-    cfg, train, val, sampler = prepare([word for word in argv if word != "--check"])
+    # (--check may name a checkpoint's huggingface/ folder, whose weights the merge writes later)
+    cfg, train, val, sampler = prepare([word for word in argv if word != "--check"], model_weights=not check_only)
     if check_only:
         print(f"settings and data check out: {len(train)} training records"
               + (f", {len(val)} validation records" if val is not None else "") + "; nothing was trained", flush=True)
@@ -135,9 +136,9 @@ def run(argv: list[str]) -> None:
                 ray.shutdown()
 
 
-def prepare(argv: list[str]) -> tuple[PPOConfig, Any, Any, Any]:
+def prepare(argv: list[str], model_weights: bool = True) -> tuple[PPOConfig, Any, Any, Any]:
     """Everything a run checks before Ray starts: the settings, the processor, the context, the data sets and
-    the output folders.
+    the output folders (`model_weights`: whether the model folder must hold its weights already).
 
     Returns:
         (config, training set, validation set or None, batch sampler).
@@ -145,7 +146,7 @@ def prepare(argv: list[str]) -> tuple[PPOConfig, Any, Any, Any]:
     from pebr.data import StatefulBatchSampler
     from pebr.workers.actor import load_processor
 
-    cfg = load_config(argv)
+    cfg = load_config(argv, model_weights=model_weights)
     warn_untested_versions()
     processor = load_processor(cfg.worker.actor.model)
     check_fits_context(cfg)

@@ -168,6 +168,25 @@ def test_bad_settings_name_the_key(override, key):
         load_config([stage("pebr_stage2.yaml"), *REQUIRED, *override.split()])
 
 
+def test_a_model_folder_without_its_weights_is_refused_before_ray(tmp_path, tiny_model_dir):
+    """A checkpoint's unmerged actor/huggingface folder (config, no weights) failed inside a worker with
+    transformers' OSError; the sharded checkpoint beside it is named with the merger too."""
+    import shutil
+
+    actor = tmp_path / "global_step_3" / "actor"
+    shutil.copytree(tiny_model_dir, actor / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    (actor / "shard_index.json").write_text("{}")
+    model_path = "worker.actor.model.model_path"
+    with pytest.raises(ConfigError, match=r"model_path='.*/huggingface' holds no weights .*scripts/model_merger.py"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"{model_path}={actor / 'huggingface'}"])
+    with pytest.raises(ConfigError, match=r"/actor' is a sharded trainer checkpoint; merge it .*--local_dir"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"{model_path}={actor}"])
+    # `pebr.trainer.main --check` (stage 2, before its merge) checks the rest against that folder.
+    cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, f"{model_path}={actor / 'huggingface'}"],
+                      model_weights=False)
+    assert cfg.worker.actor.model.model_path == str(actor / "huggingface")
+
+
 def test_the_last_seeds_with_tensor_parallel_engines_are_taken():
     """Four engines of two ranks take seeds 2**32 - 4 to 2**32 - 1 (the bound counted the 8 ranks)."""
     cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.tensor_parallel_size=2",
@@ -264,6 +283,7 @@ def test_paths_are_made_absolute_where_the_driver_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")  # (only its name is looked at here)
     (tmp_path / "reward.py").write_text("def score(reward_inputs):\n    return []\n")
     cfg = load_config([stage("pebr_stage2.yaml"), "worker.actor.model.model_path=model",
                        "data.train_files=dataset/train.json", "worker.reward.reward_function=reward.py:score",

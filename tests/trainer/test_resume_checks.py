@@ -192,6 +192,7 @@ def _trainer_config(tmp_path, *overrides: str):
     run_dir = tmp_path / "run"
     (tmp_path / "model").mkdir(exist_ok=True)
     (tmp_path / "model" / "config.json").write_text("{}")  # a model directory, as far as the config checks look
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
     (tmp_path / "train.json").write_text("[]")
     cfg = load_config([f"worker.actor.model.model_path={tmp_path / 'model'}", f"data.train_files={tmp_path}/train.json",
                        "worker.reward.reward_function=" + os.path.join(os.path.dirname(__file__), "__init__.py"),
