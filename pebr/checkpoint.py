@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, fsync_directory, fsync_tree
+from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, fsync_directory, finish_tree
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
@@ -115,7 +115,7 @@ def finalize(checkpoint_dir: str, step: int, trainer_state: dict, save_limit: in
     # The shards are flushed as they are written; the Hugging Face files and the directories are not. After a power
     # cut a published checkpoint must hold every file whole, and the rename must be on disk before rotation
     # deletes the checkpoints it supersedes.
-    fsync_tree(tmp)
+    finish_tree(tmp)
     final = step_dir(checkpoint_dir, step)
     if os.path.exists(final):  # a re-save of the same step (e.g. after resume) replaces it whole
         delete_checkpoint(final)

@@ -38,7 +38,7 @@ from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitt
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
 from pebr.utils.dtypes import cast_model
-from pebr.utils.jsonio import (atomic_write_text, disk_errors_named, fsync_tree, is_within, read_json_records,
+from pebr.utils.jsonio import (atomic_write_text, disk_errors_named, finish_tree, is_within, read_json_records,
                                replace_directory)
 
 logger = logging.getLogger(__name__)
@@ -692,7 +692,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         "resumed_from": resume_from,
     }
     atomic_write_text(os.path.join(staging, METRICS_FILE), json.dumps(metrics, indent=2))
-    fsync_tree(staging)  # on disk before it is published and the checkpoints it supersedes are deleted
+    finish_tree(staging)  # on disk before it is published and the checkpoints it supersedes are deleted
     replace_directory(staging, cfg.output_dir)
     if os.path.isdir(cfg.checkpoint_dir):
         remove_checkpoints(cfg.checkpoint_dir)  # the finished model supersedes them

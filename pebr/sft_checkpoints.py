@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from pebr.checkpoint import delete_checkpoint
 from pebr.config import ConfigError
-from pebr.utils.jsonio import atomic_write_json, fsync_directory, fsync_tree
+from pebr.utils.jsonio import atomic_write_json, fsync_directory, finish_tree
 
 if TYPE_CHECKING:
     from pebr.sft import SFTConfig
@@ -151,7 +151,7 @@ class PublishCheckpoints(TrainerCallback):
         name = f"checkpoint-{state.global_step}"
         written = os.path.join(args.output_dir, name)
         atomic_write_json(os.path.join(written, CHECKPOINT_META), self.identity)
-        fsync_tree(written)
+        finish_tree(written)
         final = os.path.join(self.root, name)
         if os.path.exists(final):
             delete_checkpoint(final)

@@ -39,7 +39,7 @@ from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, 
                              latest_checkpoint, merge_shards, read_index)
 from pebr.utils.dtypes import cast_model  # noqa: E402
 from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
-                               fsync_tree, replace_directory)
+                               finish_tree, replace_directory)
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 # Files of a sharded checkpoint (model, optimizer, extra state of each rank).
@@ -170,7 +170,7 @@ def _publish(model: Any, local_dir: str, hf_dir: str, target_dir: str, real_targ
             if os.path.isdir(real_target):
                 _carry_over(real_target, staging)
             atomic_write_json(os.path.join(staging, MARKER), {**made_from, "weights": weights})
-            fsync_tree(staging)  # before the rename publishes it: a power cut must not leave empty weight files
+            finish_tree(staging)  # before the rename publishes it: a power cut must not leave empty weight files
         if os.path.isdir(real_target) and os.listdir(real_target):
             replace_directory(staging, real_target)  # the old folder until the new one is whole
         else:
@@ -309,7 +309,7 @@ def _replace_files(staging: str, target: str, marker: dict) -> None:
     redoes, as that marker is this script's."""
     path = os.path.join(target, MARKER)
     atomic_write_json(path, {"unfinished": True})
-    fsync_tree(staging)
+    finish_tree(staging)
     written = sorted(os.listdir(staging))
     stale = (_model_weight_files(target) | {f for f in PEFT_FILES if os.path.isfile(os.path.join(target, f))}) \
         - set(written)
@@ -361,7 +361,7 @@ def export_adapter(local_dir: str, adapter_dir: str) -> str:
         with disk_errors_named(staging):
             config.save_pretrained(staging)
             save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-            fsync_tree(staging)  # before the rename publishes it
+            finish_tree(staging)  # before the rename publishes it
         replace_directory(staging, adapter_dir)  # in place of nothing, an empty directory or an earlier export
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

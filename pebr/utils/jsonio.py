@@ -233,12 +233,18 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def fsync_tree(directory: str) -> None:
-    """Flush every file under `directory`, and the directories themselves, to disk: after a rename publishes
-    the directory, a power cut must not leave it under its final name with some files empty."""
+def finish_tree(directory: str) -> None:
+    """Ready a folder to be published by a rename: every file under `directory` gets the permissions the umask
+    gives (safetensors, and so save_pretrained, write weights 0600, which other users' jobs on a shared cluster
+    cannot read), and every file and folder is flushed to disk (a power cut after the rename must not leave the
+    folder under its final name with some files empty)."""
+    umask = _umask()
     for folder, _, files in os.walk(directory):
         for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                os.fchmod(handle.fileno(), (0o777 if mode & 0o111 else 0o666) & ~umask)
                 os.fsync(handle.fileno())
         fsync_directory(folder)
 

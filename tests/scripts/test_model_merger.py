@@ -76,6 +76,27 @@ def test_auto_keeps_the_base_models_dtype(bf16_checkpoint):
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
 
 
+def test_published_checkpoints_and_merges_follow_the_umask(tiny_model_dir, tmp_path):
+    """safetensors (so save_pretrained too) writes its files 0600: a checkpoint or a merged model that a colleague's
+    job on a shared cluster could not read. Published folders give every file the umask's permissions."""
+    old = os.umask(0o022)
+    try:
+        model = load_hf_model(tiny_model_dir)
+        actor = str(tmp_path / "run" / "global_step_1.partial" / "actor")
+        checkpoint.save_sharded(actor, model, None, None, rank=0, world_size=1)
+        shutil.copytree(tiny_model_dir, os.path.join(actor, "huggingface"),
+                        ignore=shutil.ignore_patterns("*.safetensors"))
+        final = checkpoint.finalize(str(tmp_path / "run"), 1, {"global_step": 1}, save_limit=-1)
+        merged = merge(os.path.join(final, "actor"))
+    finally:
+        os.umask(old)
+    files = [os.path.join(folder, name) for top in (final, merged) for folder, _, names in os.walk(top)
+             for name in names]
+    assert any(f.endswith("model_world_size_1_rank_0.safetensors") for f in files)
+    assert any(f.endswith(os.path.join("huggingface", "model.safetensors")) for f in files)
+    assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: "0o644" for f in files}
+
+
 def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
