@@ -234,6 +234,9 @@ class VLLMRollout:
         set_engine_environment(cpu_kv_cache_gb)
         from vllm import LLM
 
+        # The cache reset after each weight sync logged "Successfully reset prefix cache" at every step.
+        logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
+
         kwargs: dict[str, Any] = {}
         if external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"

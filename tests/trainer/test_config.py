@@ -445,6 +445,20 @@ def test_a_ray_address_with_no_cluster_is_a_configuration_error_at_once(tmp_path
         assert re.search(said, proc.stdout), proc.stdout[-2000:] + proc.stderr[-2000:]  # (the old code outlived it)
 
 
+def test_a_local_cluster_keeps_a_bounded_record_of_actor_calls():
+    """The GCS of a local cluster kept 100 000 calls' records (3-4 KB each): its memory grew with every step.
+    A fresh process, as above, so that init_ray starts the cluster."""
+    import subprocess
+
+    script = ("import sys, ray\nfrom pebr.config import load_config\nfrom pebr.trainer.ray_trainer import init_ray\n"
+              "assert init_ray(load_config(sys.argv[1:]))\n"
+              "print('CAP', ray._private.worker._global_node._config['task_events_max_num_task_in_gcs'])\n")
+    proc = subprocess.run([sys.executable, "-c", script, stage("pebr_stage2.yaml"), *REQUIRED,
+                           "trainer.n_gpus_per_node=1"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
+    assert "CAP 10000" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_a_model_folder_whose_path_vllm_reads_as_a_pattern_is_refused_before_any_work(tmp_path, tiny_model_dir):
     """vLLM looks for the weights with a glob of the folder's path: "[x]" in it failed after Ray and every model had
     started ("Cannot find any model weights")."""
