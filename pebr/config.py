@@ -528,6 +528,7 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
         if not os.path.isfile(os.path.join(path, STATE_FILE)):
             raise ConfigError(f"trainer.load_checkpoint_path={t.load_checkpoint_path!r} is not a complete checkpoint "
                               "(no trainer_state.json in it); name a global_step_* directory")
+        t.load_checkpoint_path = path  # the global_step_* folder, whichever of its forms was given
     if training and rollout.temperature <= 0:
         # The actor divides its logits by the sampling temperature, and GRPO learns nothing from n equal greedy answers.
         raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be positive for training (validation "

@@ -597,14 +597,8 @@ class RayPPOTrainer:
         removed = checkpoint.remove_partial(self.ckpt_dir)
         if removed:
             print(f"removed incomplete checkpoints: {removed}", flush=True)
-        if t.load_checkpoint_path:
-            path = t.load_checkpoint_path.rstrip("/")
-            if os.path.basename(path) == "actor":
-                path = os.path.dirname(path)
-            if not os.path.isfile(os.path.join(path, checkpoint.STATE_FILE)):
-                raise checkpoint.CheckpointError(f"trainer.load_checkpoint_path={t.load_checkpoint_path!r} is not a "
-                                                 "complete checkpoint (no trainer_state.json)")
-            return path
+        if t.load_checkpoint_path:  # (checked and made the global_step_* folder by load_config)
+            return t.load_checkpoint_path
         return checkpoint.latest_checkpoint(self.ckpt_dir) if t.find_last_checkpoint else None
 
     # -- the phases of a step -------------------------------------------------------------------
