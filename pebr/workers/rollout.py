@@ -221,6 +221,26 @@ def engine_weight_plan(source_names: Iterable[str], engine_names: Iterable[str],
     return plan
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_vllm_logs() -> None:
+    """Silence two of vLLM's lines that a run repeats without news: the cache reset after each weight sync
+    ("Successfully reset prefix cache", every step), and one warning per weight when an engine of
+    worker.rollout.dtype=bf16 loads fp32 weights (about 70 lines per engine for the tiny model; the cast is
+    what the setting asks for)."""
+    logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
+    weights = logging.getLogger("vllm.model_executor.models.utils")
+    if not any(isinstance(f, _DropMessages) for f in weights.filters):
+        weights.addFilter(_DropMessages("Attempted to load weight %s with dtype"))
+
+
 class VLLMRollout:
     """An in-process vLLM engine that shares the worker's process and torch.distributed group."""
 
@@ -234,8 +254,7 @@ class VLLMRollout:
         set_engine_environment(cpu_kv_cache_gb)
         from vllm import LLM
 
-        # The cache reset after each weight sync logged "Successfully reset prefix cache" at every step.
-        logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
+        quiet_vllm_logs()
 
         kwargs: dict[str, Any] = {}
         if external_launcher:

@@ -210,3 +210,35 @@ def test_shared_memory_mapped_during_set_up_loses_its_name_and_keeps_working():
         new.close()
         older.close()
         older.unlink()
+
+
+def test_the_repeated_vllm_lines_are_dropped_and_no_others():
+    """A bf16 engine loading fp32 weights warned once per weight at every engine start, and every weight sync
+    logged a cache reset; both come from the vLLM modules named here (checked against their source, so that a
+    vLLM upgrade that moves them fails here rather than bringing the lines back)."""
+    import importlib
+    import inspect
+    import logging
+
+    from pebr.workers.rollout import quiet_vllm_logs
+
+    for module, text in (("vllm.model_executor.models.utils", '"Attempted to load weight %s with dtype %s into "'),
+                         ("vllm.v1.core.block_pool", '"Successfully reset prefix cache"')):
+        source = inspect.getsource(importlib.import_module(module))
+        assert text in source and "logger = init_logger(__name__)" in source, module
+    quiet_vllm_logs()
+    quiet_vllm_logs()  # (twice: one filter)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    weights = logging.getLogger("vllm.model_executor.models.utils")
+    weights.addHandler(handler)
+    try:
+        weights.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "fp32", "bf16")
+        weights.warning("Unable to collect loaded parameters for module %s", "m")
+    finally:
+        weights.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["Unable to collect loaded parameters for module m"]
+    assert len(weights.filters) == 1
+    block_pool = logging.getLogger("vllm.v1.core.block_pool")
+    assert not block_pool.isEnabledFor(logging.INFO) and block_pool.isEnabledFor(logging.WARNING)
