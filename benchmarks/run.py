@@ -67,7 +67,7 @@ def start_ours(setup: BenchSetup):
     os.environ["PYTHONPATH"] = ROOT
     init_ray(cfg)
     reward = start_reward_worker(cfg)
-    trainer = RayPPOTrainer(cfg, train, None, sampler, reward, reward)
+    trainer = RayPPOTrainer(cfg, train, None, sampler, reward)
     trainer.tracker = Capture()
     trainer.save_checkpoint = lambda *_: ""  # fit saves at its last step; a benchmark step must not
     return trainer, reward, ray

@@ -24,13 +24,15 @@ TRAIN_ARGS=(config=examples/pebr_stage2.yaml data.train_files="${TRAIN_FILES}" d
 if [ -n "${MODEL_PATH}" ]; then
     echo "stage 2 starts from MODEL_PATH=${MODEL_PATH} (not from STAGE1_DIR)" >&2
 else
-    # The settings and data are checked first, against the config and processor saved with that checkpoint, so
-    # that a mistyped override or a bad data file stops before the merge (minutes for a 7B model).
+    # Before the first merge of that checkpoint, the settings and data are checked against the model config and
+    # processor saved in its actor/huggingface, so that a mistyped override or a bad data file stops before the
+    # merge (minutes for a 7B model). Once merged (weights there), the merge is skipped and so is this check.
     STAGE1_HF=$(python3 -c 'import os, sys
 from pebr.checkpoint import latest_checkpoint
 last = latest_checkpoint(sys.argv[1])
 hf = os.path.join(last, "actor", "huggingface") if last else ""
-print(hf if os.path.isfile(os.path.join(hf, "config.json")) else "")' "${STAGE1_DIR}")
+merged = os.path.isdir(hf) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(hf))
+print(hf if os.path.isfile(os.path.join(hf, "config.json")) and not merged else "")' "${STAGE1_DIR}")
     if [ -n "${STAGE1_HF}" ]; then
         python3 -m pebr.trainer.main --check "${TRAIN_ARGS[@]}" worker.actor.model.model_path="${STAGE1_HF}" "$@"
     fi

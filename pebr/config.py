@@ -395,14 +395,18 @@ def _check_val_sampling(overrides: dict) -> None:
             raise ConfigError(f"worker.rollout.val_override_config.{key}={value!r} must be {wanted}")
 
 
+def _cannot_be_hub_id(path: str) -> bool:
+    """A path that is no folder here and no hub id either ("org/name"): a mistyped directory. A bare name is one
+    too (hub models are named with their organisation), and so is "runs/x" where "runs" is a folder here."""
+    return not looks_like_model_id(path) or os.path.isdir(path.split("/")[0])
+
+
 def _check_model_folder(key: str, value: str, files: tuple[str, ...], what: str) -> None:
     """A local folder must hold one of `files`; a path that cannot be a hub id must be a folder."""
     folder = os.path.expanduser(value)
     if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in files):
         raise ConfigError(f"{key}={value!r} holds no {' or '.join(files)}: {what}")
-    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
-    if not os.path.isdir(folder) and (looks_local(folder) or folder.count("/") > 1
-                                      or "/" in folder and os.path.isdir(folder.split("/")[0])):
+    if not os.path.isdir(folder) and _cannot_be_hub_id(folder):
         raise ConfigError(f"{key}={value!r}: no such directory")
 
 
@@ -423,6 +427,9 @@ def check_model_dir(key: str, value: str, weights: bool = True) -> None:
         if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
             raise ConfigError(f"{label} is a sharded trainer checkpoint; merge it into a Hugging Face model first: "
                               f"scripts/model_merger.py --local_dir {value}")
+        if "trainer_state.json" in names and "actor" in names:
+            raise ConfigError(f"{label} is a trainer checkpoint (global_step_*); merge its actor into a Hugging "
+                              f"Face model first: scripts/model_merger.py --local_dir {os.path.join(value, 'actor')}")
         if "adapter_config.json" in names and "config.json" not in names:
             raise ConfigError(f"{label} is a peft adapter (adapter_config.json), not a model: load it onto its base "
                               "model (PeftModel.from_pretrained(base_model, that folder)), or name a merged model "
@@ -432,20 +439,22 @@ def check_model_dir(key: str, value: str, weights: bool = True) -> None:
                               "folder a model was saved to (save_pretrained or scripts/model_merger.py)" if has_weights
                               else f"{label} holds no config.json: not a Hugging Face model directory")
         if weights and not has_weights:
-            raise ConfigError(f"{label} holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface "
-                              "folder gets them from scripts/model_merger.py --local_dir <global_step_k>/actor")
+            raise ConfigError(f"{label} holds no weights (*.safetensors or *.bin); a trainer checkpoint's "
+                              "actor/huggingface folder gets them from scripts/model_merger.py --local_dir "
+                              "<global_step_k>/actor")
         return
-    # A hub id is "name" or "org/name": a longer path, or one under a local folder, is a mistyped directory.
-    if looks_local(folder) or folder.count("/") > 1 or "/" in folder and os.path.isdir(folder.split("/")[0]):
+    if _cannot_be_hub_id(folder):
         raise ConfigError(f"{label}: no such directory")
 
 
 def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = True) -> PPOConfig:
-    """Check settings that the type system cannot; raise ConfigError naming the key.
+    """Check settings that the type system cannot; raise ConfigError naming the key. Also makes
+    trainer.load_checkpoint_path the global_step_* folder it names (given as that folder or its actor/).
 
     Args:
         cfg: the merged configuration.
         training: False for sampling-only runs (no update-phase batch checks).
+        model_weights: False to accept a model folder without its weights (see `check_model_dir`).
     """
     d, a, w, t = cfg.data, cfg.algorithm, cfg.worker, cfg.trainer
     actor, rollout = w.actor, w.rollout
@@ -496,11 +505,6 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
     _positive("worker.rollout.limit_images", rollout.limit_images)
     _positive("worker.rollout.max_num_batched_tokens", rollout.max_num_batched_tokens)
     check_seed("data.seed", cfg.data.seed)
-    # Each engine takes the seed plus its index: vLLM's tensor-parallel groups one engine per group.
-    engines = cfg.world_size // rollout.tensor_parallel_size if rollout.name == "vllm" else cfg.world_size
-    if not 0 <= rollout.seed <= MAX_SEED - (max(engines, 1) - 1):
-        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {max(engines, 1)}] (numpy's "
-                          f"seeds; each of the {engines} rollout engines takes it plus its index)")
     if rollout.block_size is not None:
         _positive("worker.rollout.block_size", rollout.block_size)
         if rollout.block_size % 32 and _runs_on_cpu(t.device):
@@ -616,6 +620,11 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
         raise ConfigError(
             f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "
             f"workers (trainer.nnodes x trainer.n_gpus_per_node = {cfg.world_size})")
+    # Each engine takes the seed plus its index: vLLM's tensor-parallel groups one engine per group.
+    engines = cfg.world_size // rollout.tensor_parallel_size if rollout.name == "vllm" else cfg.world_size
+    if not 0 <= rollout.seed <= MAX_SEED - (engines - 1):
+        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {engines}] (numpy's "
+                          f"seeds; each of the {engines} rollout engines takes it plus its index)")
     if w.reward.reward_function:
         # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
         spec = w.reward.reward_function

@@ -754,7 +754,8 @@ class RayPPOTrainer:
         self.tracker.close()
 
     def compute_log_probs(self, batch: Batch, metrics: dict[str, float]) -> None:
-        """The old (unless the engine's serve) and reference log-probs of `batch`, into its tensors."""
+        """The old and reference log-probs of `batch`, into its tensors (the old ones are the engine's own when
+        algorithm.old_logprobs=rollout)."""
         old_from_rollout = self.cfg.algorithm.old_from_rollout
         if old_from_rollout:  # the engine sampled with the actor's weights: its log-probs are the old ones
             batch.tensors["old_logprobs"] = batch.tensors.pop("rollout_logprobs")

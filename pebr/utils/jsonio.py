@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
@@ -234,17 +235,20 @@ def fsync_directory(directory: str) -> None:
 
 
 def finish_tree(directory: str) -> None:
-    """Ready a folder to be published by a rename: every file under `directory` gets the permissions the umask
-    gives (safetensors, and so save_pretrained, write weights 0600, which other users' jobs on a shared cluster
-    cannot read), and every file and folder is flushed to disk (a power cut after the rename must not leave the
-    folder under its final name with some files empty)."""
-    umask = _umask()
+    """Ready a folder to be published by a rename: every file and folder is flushed to disk (a power cut after
+    the rename must not leave the folder under its final name with some files empty), and the *.safetensors
+    files this process wrote get the permissions the umask gives (safetensors, and so save_pretrained, writes
+    them 0600, which other users' jobs on a shared cluster cannot read). Links and other files keep their
+    modes: a merge carries the target's other files over as they are."""
+    umask, me = _umask(), os.geteuid()
     for folder, _, files in os.walk(directory):
         for name in files:
             path = os.path.join(folder, name)
             with open(path, "rb") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                os.fchmod(handle.fileno(), (0o777 if mode & 0o111 else 0o666) & ~umask)
+                own = os.lstat(path)
+                if (name.endswith(".safetensors") and stat.S_ISREG(own.st_mode) and own.st_uid == me
+                        and own.st_mode & 0o777 == 0o600):
+                    os.fchmod(handle.fileno(), 0o666 & ~umask)
                 os.fsync(handle.fileno())
         fsync_directory(folder)
 

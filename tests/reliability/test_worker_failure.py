@@ -205,11 +205,13 @@ def test_a_reward_function_that_stalls_fails_within_the_worker_timeout(ray_sessi
     ray_session.get(worker.ready.remote(), timeout=60)
     batch = Batch(prompt_ids=[[1]], response_ids=[[2]], images=[[]],
                   non_tensors={"response": ["x"], "ground_truth": ["1"], "key_words": [[]], "qid": ["q"]})
-    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(worker_timeout_s=3.0)))
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(worker_timeout_s=3.0)),
+                                    reward_worker=worker)
     try:
         t0 = time.time()
         with pytest.raises(WorkerFailure, match=r"reward: no answer within 3 s \(trainer\.worker_timeout_s\)"):
-            ray_trainer.RayPPOTrainer._score(trainer, batch, worker)
+            future = ray_trainer.RayPPOTrainer._request_scores(trainer, batch)
+            ray_trainer.RayPPOTrainer._attach_scores(trainer, batch, future)
         assert time.time() - t0 < 30
     finally:
         ray_session.kill(worker)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
     ("inference", ["--model_path", "{model}", "--image", "/nonexistent/photo.jpg"],
      "--image '/nonexistent/photo.jpg': no such file"),
     ("inference", ["--model_path", "{tmp}/not_an_image", "--image", "{tmp}/not_an_image/config.json"],
-     "holds no weights (*.safetensors); a trainer checkpoint's actor/huggingface folder gets them from "
+     "holds no weights (*.safetensors or *.bin); a trainer checkpoint's actor/huggingface folder gets them from "
      "scripts/model_merger.py"),
     ("inference", ["--model_path", "{model}", "--image", "{model}/config.json"], "/config.json' cannot be read"),
     ("inference", ["--model_path", "{model}", "--image", "{model}"], "': a directory"),  # "no such file"
@@ -64,6 +64,11 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
      "cannot write into /proc"),
     # A trainer checkpoint before merging.
     ("evaluate", ["--model_path", "{tmp}/actor", "--data", "x.json"], "is a sharded trainer checkpoint; merge it"),
+    # ... or its global_step_* folder (it was "holds no config.json"); a bare name is a mistyped folder, not an id.
+    ("inference", ["--model_path", "{tmp}", "--image", "x.png"],
+     "is a trainer checkpoint (global_step_*); merge its actor into a Hugging Face model first: "
+     "scripts/model_merger.py --local_dir {tmp}/actor"),
+    ("evaluate", ["--model_path", "my_warmup_model", "--data", "x.json"], "'my_warmup_model': no such directory"),
     ("sft_warmup", ["--model_path", "{tmp}/actor", "--data", "x.json", "--output_dir", "{tmp}/out"],
      "is a sharded trainer checkpoint; merge it"),
     # The reports would replace the data.
@@ -91,6 +96,7 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     actor.mkdir()
     (actor / "shard_index.json").write_text("{}")
     (actor / "model_world_size_1_rank_0.safetensors").write_bytes(b"")
+    (tmp_path / "trainer_state.json").write_text("{}")  # tmp_path: the global_step_* folder around it
     (tmp_path / "test.json").write_text("[]")
     (tmp_path / "train.json").write_text("[]")
     assert run_cli(main, [word.format(model=tiny_model_dir, tmp=tmp_path) for word in argv]) == 2

@@ -97,6 +97,27 @@ def test_published_checkpoints_and_merges_follow_the_umask(tiny_model_dir, tmp_p
     assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: "0o644" for f in files}
 
 
+def test_only_the_weights_written_here_are_made_readable(tmp_path):
+    """A merge carries the target's other files over (links, hard links): their modes, and files outside the
+    folder that links point to, are not the publisher's to change."""
+    from pebr.utils.jsonio import finish_tree
+
+    folder, outside = tmp_path / "staging", tmp_path / "elsewhere.safetensors"
+    folder.mkdir()
+    for path, mode in ((folder / "model.safetensors", 0o600), (folder / "notes.txt", 0o600), (outside, 0o400)):
+        path.write_bytes(b"x")
+        os.chmod(path, mode)
+    os.symlink(outside, folder / "linked.safetensors")
+    old = os.umask(0o022)
+    try:
+        finish_tree(str(folder))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(os.lstat(p).st_mode & 0o777) for p in (folder / "model.safetensors", folder / "notes.txt",
+                                                                 outside)}
+    assert modes == {"model.safetensors": "0o644", "notes.txt": "0o600", "elsewhere.safetensors": "0o400"}
+
+
 def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -524,26 +524,36 @@ def test_update_policy_frees_the_gradients_it_stepped_with(model, processor, bat
 
 
 def test_update_policy_gradient_is_that_of_the_whole_mini_batch_loss(model, processor, batch):
-    """The layouts below are compared with each other; this pins the gradient itself: plain autograd of the
-    token-mean PPO loss plus kl_coef x the token-mean KL, over the whole mini-batch in one padded forward (a
-    flipped sign or a doubled scale in update_policy's backward passed every layout test)."""
+    """The layouts below are compared with each other; this pins the gradient itself, element by element: plain
+    autograd of the token-mean PPO loss plus kl_coef x the token-mean KL, over the whole mini-batch in one padded
+    forward (a flipped sign or a doubled scale in update_policy's backward passed every layout test)."""
     from pebr.algorithms.losses import agg_loss, kl_penalty
 
     exp = experience(model, processor, batch)
-    got = run_update(model, processor, exp)["actor/grad_norm"]
     policy = copy.deepcopy(model)
-    cfg, algo = ActorConfig(), AlgorithmConfig()
+    optimizer, scheduler = actor_lib.build_optimizer(policy, OptimConfig(lr=1e-3), total_steps=4)
+    stepped_with: dict[str, torch.Tensor] = {}
+    optimizer.register_step_pre_hook(lambda *_: stepped_with.update(
+        {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+    # (no clipping: the optimizer steps with the loss's own gradient, which here has a norm above the default 1.0)
+    cfg = ActorConfig(micro_batch_size_per_device_for_update=2, max_grad_norm=1e6)
+    algo = AlgorithmConfig()
     assert algo.use_kl_loss and algo.kl_coef > 0  # (the KL term is in the loss)
+    actor_lib.update_policy(policy, optimizer, scheduler, exp, processor, CPU, cfg, algo, temperature=1.0,
+                            mini_batch_size=len(batch))
+    reference = copy.deepcopy(model)
     inputs = actor_lib.collate(batch, processor, CPU)
-    logp, _ = actor_lib.response_logprobs(policy, inputs)
+    logp, _ = actor_lib.response_logprobs(reference, inputs)
     width, mask = logp.shape[1], inputs["response_mask"]
     pg, _ = ppo_policy_loss(exp.tensors["old_logprobs"][:, :width], logp, exp.tensors["advantages"][:, :width], mask,
                             clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
                             clip_ratio_dual=cfg.clip_ratio_dual, loss_agg_mode="token-mean")
     kl = agg_loss(kl_penalty(logp, exp.tensors["ref_logprobs"][:, :width], algo.kl_penalty), mask, "token-mean")
     (pg + algo.kl_coef * kl).backward()
-    want = torch.sqrt(sum(p.grad.double().square().sum() for p in policy.parameters() if p.grad is not None))
-    assert got == pytest.approx(want.item(), rel=1e-4)
+    want = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert stepped_with.keys() == want.keys() and want
+    for name, grad in want.items():
+        torch.testing.assert_close(stepped_with[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("loss_avg_mode", ["token", "seq"])
