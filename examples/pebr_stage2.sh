@@ -29,10 +29,10 @@ else
     # merge (minutes for a 7B model). Once merged (weights there), the merge is skipped and so is this check.
     STAGE1_HF=$(python3 -c 'import os, sys
 from pebr.checkpoint import latest_checkpoint
+from pebr.config import has_model_weights
 last = latest_checkpoint(sys.argv[1])
 hf = os.path.join(last, "actor", "huggingface") if last else ""
-merged = os.path.isdir(hf) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(hf))
-print(hf if os.path.isfile(os.path.join(hf, "config.json")) and not merged else "")' "${STAGE1_DIR}")
+print(hf if os.path.isfile(os.path.join(hf, "config.json")) and not has_model_weights(hf) else "")' "${STAGE1_DIR}")
     if [ -n "${STAGE1_HF}" ]; then
         python3 -m pebr.trainer.main --check "${TRAIN_ARGS[@]}" worker.actor.model.model_path="${STAGE1_HF}" "$@"
     fi

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, fsync_directory, finish_tree
+from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, finish_tree, fsync_directory
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5

@@ -410,6 +410,11 @@ def _check_model_folder(key: str, value: str, files: tuple[str, ...], what: str)
         raise ConfigError(f"{key}={value!r}: no such directory")
 
 
+def has_model_weights(folder: str) -> bool:
+    """Whether a model folder holds weight files (*.safetensors or *.bin)."""
+    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(folder))
+
+
 def check_model_dir(key: str, value: str, weights: bool = True) -> None:
     """A model folder must hold a whole Hugging Face model: not a sharded trainer checkpoint, not a peft adapter
     alone, a config.json and (unless `weights` is False) weights; a path that cannot be a hub id must be a folder.
@@ -423,7 +428,7 @@ def check_model_dir(key: str, value: str, weights: bool = True) -> None:
     folder = os.path.expanduser(value)
     if os.path.isdir(folder):
         names = os.listdir(folder)
-        has_weights = any(name.endswith((".safetensors", ".bin")) for name in names)
+        has_weights = has_model_weights(folder)
         if "shard_index.json" in names or any(name.startswith("model_world_size_") for name in names):
             raise ConfigError(f"{label} is a sharded trainer checkpoint; merge it into a Hugging Face model first: "
                               f"scripts/model_merger.py --local_dir {value}")

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from pebr.checkpoint import delete_checkpoint
 from pebr.config import ConfigError
-from pebr.utils.jsonio import atomic_write_json, fsync_directory, finish_tree
+from pebr.utils.jsonio import atomic_write_json, finish_tree, fsync_directory
 
 if TYPE_CHECKING:
     from pebr.sft import SFTConfig

@@ -37,7 +37,8 @@ from typing import Any
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
 from pebr.trainer.split import SplitError, rollout_fields
-from pebr.utils.jsonio import JSON_PARSE_ERRORS, append_durably, atomic_open, atomic_write_json, exclusive_lock, is_within
+from pebr.utils.jsonio import (JSON_PARSE_ERRORS, append_durably, atomic_open, atomic_write_json, exclusive_lock,
+                               is_within)
 
 MAX_LISTED = 20
 
