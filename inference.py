@@ -121,6 +121,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
 
     sys.exit(run_cli(main, None, on_interrupt="no answer"))  # a bad option: its message and exit code 2

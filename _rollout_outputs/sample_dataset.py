@@ -17,8 +17,8 @@ import sys
 # Run as a file from the repository root: make the package importable without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pebr.trainer.split import SplitError, split_dataset  # noqa: E402
-from pebr.utils.jsonio import DISK_ERRNOS  # noqa: E402
+from pebr.cli import run_cli  # noqa: E402
+from pebr.trainer.split import split_dataset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,22 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> None:
     args = parse_args(argv)
-    try:
-        split_dataset(args.rollouts, args.dataset, args.output_dir, args.n,
-                      skip_bad_lines=args.skip_bad_lines, allow_count_mismatch=args.allow_count_mismatch,
-                      prompt_key=args.prompt_key, answer_key=args.answer_key, image_key=args.image_key)
-    except (SplitError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2  # the files given cannot be split: the user's input, as for every entry point
-    except OSError as err:
-        if err.errno not in DISK_ERRNOS:
-            raise
-        print(f"error: {err}; the split files are written whole or not at all: run it again once there is room",
-              file=sys.stderr)
-        return 1
-    return 0
+    split_dataset(args.rollouts, args.dataset, args.output_dir, args.n,
+                  skip_bad_lines=args.skip_bad_lines, allow_count_mismatch=args.allow_count_mismatch,
+                  prompt_key=args.prompt_key, answer_key=args.answer_key, image_key=args.image_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv, on_interrupt="run it again (the split files are written whole or not at all)")
 
 
 if __name__ == "__main__":

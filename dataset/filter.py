@@ -55,10 +55,11 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pebr.cli import UserError, run_cli  # noqa: E402
 from pebr.data.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, fit_size, probe_image)
 from pebr.data.dataset import load_format_prompt, render_question  # noqa: E402
-from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError  # noqa: E402
+from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
 
@@ -71,8 +72,9 @@ _PROBE_REASONS = {"image_missing": "missing_image", "image_unreadable": "unreada
                   "image_too_large": "large_image"}
 
 
-class FilterInputError(ValueError):
-    """The input file cannot be read as a JSON list or JSON lines."""
+class FilterInputError(UserError, ValueError):
+    """The input cannot be read as a JSON list or JSON lines, or the output cannot be written; the message names
+    the file."""
 
 
 @dataclass
@@ -246,8 +248,7 @@ def with_format_prompt(record: dict, template: Any) -> dict:
     return {**record, "messages": messages}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for an unreadable input file)."""
+def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, type=os.path.expanduser, help=".json list or .jsonl of sharegpt samples")
     parser.add_argument("--output", required=True, type=os.path.expanduser,
@@ -263,29 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_size < 1:
         parser.error(f"--min_size {args.min_size} must be at least 1 (px)")
     lines: list[int] = []
-    try:
-        records = load_records(args.input, lines)
-    except FilterInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    records = load_records(args.input, lines)
     if os.path.isdir(args.output):
-        print(f"error: --output {args.output} is a directory; name the file to write", file=sys.stderr)
-        return 2
+        raise FilterInputError(f"--output {args.output} is a directory; name the file to write")
     if os.path.exists(args.output) and os.path.samefile(args.output, args.input):
-        print(f"error: --output {args.output} is the input file: the dropped samples would be lost; write the "
-              "kept ones to another file", file=sys.stderr)
-        return 2
+        raise FilterInputError(f"--output {args.output} is the input file: the dropped samples would be lost; write "
+                               "the kept ones to another file")
     if not records:
-        print(f"error: {args.input} holds no sample; {args.output} was not written", file=sys.stderr)
-        return 2
+        raise FilterInputError(f"{args.input} holds no sample; {args.output} was not written")
     names = [f"{args.input} line {line} (record {i})" for i, line in enumerate(lines)] if lines else \
         [f"{args.input} record {i}" for i in range(len(records))]
     image_root = args.image_root if args.image_root is not None else str(Path(args.input).parent)
-    try:
-        template = load_format_prompt(args.format_prompt) if args.format_prompt else None
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    template = load_format_prompt(args.format_prompt) if args.format_prompt else None
     kept, report = filter_records(records, image_root, args.min_size, names)
     if template is not None:
         kept = [with_format_prompt(rec, template) for rec in kept]
@@ -295,14 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                f"not one image was found ({report.dropped['missing_image']} samples dropped as missing_image"
                if report.dropped["missing_image"] and not report.images_found else None)
     if problem:
-        print(f"error: {problem}; images are looked for under {image_root}, set by --image_root); "
-              f"{args.output} was not written", file=sys.stderr)
-        return 2
+        raise FilterInputError(f"{problem}; images are looked for under {image_root}, set by --image_root); "
+                               f"{args.output} was not written")
     try:
         write_records(args.output, kept)
     except OSError as err:
-        print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
-        return 2
+        raise FilterInputError(f"cannot write {args.output}: {err}") from err
     print(f"wrote {args.output}")
     relative = any(not os.path.isabs(p) for rec in kept for p in rec.get("images") or [])
     if relative and Path(image_root).resolve() != Path(args.output).parent.resolve():
@@ -310,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         # beside the data file would find none.
         print(f"note: the relative image paths in {args.output} are relative to {image_root}, not to its own "
               f"folder: pass --image_dir {image_root} to scripts/sft_warmup.py (LLaMA-Factory: media_dir)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit 2, with one message, for input it cannot filter (pebr/cli.py)."""
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from pebr.cli import UserError
 from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, finish_tree, fsync_directory
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ STATE_FILE = "trainer_state.json"
 INDEX_FILE = "shard_index.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or inconsistent."""
+
+    label = "checkpoint error"
 
 
 class DamagedCheckpoint(CheckpointError):

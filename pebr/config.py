@@ -23,11 +23,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pebr.cli import UserError
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the key."""
+
+    label = "configuration error"
 
 
 @dataclass

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
 
     # A bad option or data file: its message and exit code 2, no traceback.
     sys.exit(run_cli(main, None, on_interrupt="with --output, the answers of each finished chunk are in "

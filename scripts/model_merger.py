@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete, read_trainer_state,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
+from pebr.cli import run_cli  # noqa: E402
 from pebr.utils.dtypes import cast_model  # noqa: E402
-from pebr.utils.jsonio import (DISK_ERRNOS, atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
+from pebr.utils.jsonio import (atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
                                finish_tree, replace_directory)
 from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
@@ -422,7 +423,7 @@ def unfinished_run(checkpoint: str) -> str | None:
             "(it resumes), or name the model to use directly (the stage-2 recipe: MODEL_PATH=...)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--local_dir", help="the global_step_k/actor directory")
@@ -447,31 +448,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{', '.join(given)} acts on a merged model; --adapter_dir writes the adapters alone, as they "
                          "were trained")
     local_dir = args.local_dir
-    try:
-        if args.latest_in:
-            latest = latest_checkpoint(args.latest_in)
-            if latest is None:
-                raise CheckpointError(f"no complete checkpoint in {args.latest_in}")
-            unfinished = args.final_only and unfinished_run(latest)
-            if unfinished:
-                raise CheckpointError(unfinished)
-            local_dir = os.path.join(latest, "actor")
-        if args.adapter_dir:
-            out = export_adapter(local_dir, args.adapter_dir)
-        else:
-            out = merge(local_dir, args.target_dir, args.dtype, args.force)
-    except CheckpointError as e:
-        print(f"model_merger: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        print(f"model_merger: {e}; the checkpoint is untouched: free space (or choose another --target_dir) and "
-              "run it again", file=sys.stderr)
-        return 1
+    if args.latest_in:
+        latest = latest_checkpoint(args.latest_in)
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint in {args.latest_in}")
+        unfinished = args.final_only and unfinished_run(latest)
+        if unfinished:
+            raise CheckpointError(unfinished)
+        local_dir = os.path.join(latest, "actor")
+    if args.adapter_dir:
+        out = export_adapter(local_dir, args.adapter_dir)
+    else:
+        out = merge(local_dir, args.target_dir, args.dtype, args.force)
     print(f"{'adapters of' if args.adapter_dir else 'merged'} {local_dir} ->")
     print(out)  # the last line is the merged model's directory, for recipes to pick up
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv, on_interrupt="run it again: the checkpoint is untouched (or choose another "
+                                           "--target_dir)")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
 
     sys.exit(run_cli(main, None))  # a bad option or data file: its message and exit code 2, no traceback

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pebr.cli import UserError
 from pebr.utils.jsonio import JSON_PARSE_ERRORS, json_parse_failure
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ ON_BAD_RECORD_CHOICES = ("raise", "skip")
 MAX_REPORT_MESSAGES = 10
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source or record is unusable; the message names the file, the record and the key."""
+
+    label = "data error"
 
 
 class BadRecord(DataError):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
+from pebr.cli import run_cli
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.utils.versions import warn_untested_versions
 
@@ -62,7 +63,8 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
 
     import ray
 
-    from pebr.trainer.ray_trainer import WorkerFailure, WorkerTimeout, ray_get
+    from pebr.cli import WorkerFailure, WorkerTimeout
+    from pebr.trainer.ray_trainer import ray_get
     from pebr.workers.reward import RewardWorker
 
     r = cfg.worker.reward
@@ -201,54 +203,6 @@ def _train(cfg: PPOConfig, train: Any, val: Any, sampler: Any) -> None:
         if trainer is not None:
             trainer.workers.shutdown()
         ray.kill(reward)
-
-
-RESUMES = "the same command continues from the last complete checkpoint or output"
-
-
-def run_cli(run_fn: Callable[[list[str]], Any], argv: list[str] | None, usage: str | None = None,
-            on_interrupt: str = RESUMES) -> int:
-    """Run an entry point. A bad configuration, data file or checkpoint is the user's input, not a crash: its
-    message goes to stderr and the exit code is 2. A worker that died or raised is said in one message (its own
-    traceback is in the log above it), exit code 1, and so is a full or read-only disk (naming the file); Ctrl-C,
-    exit code 130, and SIGTERM while Ray runs, 143, say `on_interrupt` (what a rerun does). `usage`: printed for
-    -h / --help, for entry points that take key=value words rather than options."""
-    from pebr.checkpoint import CheckpointError
-    from pebr.data.records import DataError
-    from pebr.trainer.ray_trainer import Terminated, WorkerFailure
-    from pebr.utils.jsonio import DISK_ERRNOS
-
-    argv = sys.argv[1:] if argv is None else argv
-    if usage is not None and any(word in ("-h", "--help") for word in argv):
-        print(usage)
-        return 0
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_fn(argv)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except WorkerFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        print(f"error: {e}; once there is room, {on_interrupt}", file=sys.stderr)  # (what a rerun does)
-        return 1
-    except Terminated:
-        print(f"terminated (SIGTERM); {on_interrupt}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"interrupted; {on_interrupt}", file=sys.stderr)
-        return 130
-    return 0
 
 
 USAGE = """usage: python3 -m pebr.trainer.main [--check] config=FILE [config=FILE ...] [key=value ...]

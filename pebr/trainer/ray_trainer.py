@@ -25,23 +25,12 @@ from pebr.algorithms.advantages import (compute_advantages, group_ids_from_uids,
                                        zero_variance_group_fraction)
 from pebr.algorithms.filtering import groups_within
 from pebr.algorithms.losses import kl_penalty, masked_mean
+from pebr.cli import Terminated, WorkerFailure, WorkerTimeout
 from pebr.config import ConfigError, PPOConfig, changed_settings, config_to_yaml
 from pebr.protocol import Batch
 from pebr.trainer.logger import Tracker
 from pebr.utils.jsonio import atomic_write_json, atomic_write_text
 from pebr.workers.lora import requested_settings
-
-
-class WorkerFailure(RuntimeError):
-    """A Ray worker died or raised; the message names it."""
-
-
-class WorkerTimeout(WorkerFailure):
-    """A Ray worker gave no answer within trainer.worker_timeout_s."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler stopping the job), raised in the driver's main thread: the run ends as on Ctrl-C."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

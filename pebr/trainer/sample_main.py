@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pebr.cli import UserError, run_cli
 from pebr.config import ConfigError, PPOConfig, check_writable_folder, load_config
 from pebr.data.records import question_digest
 from pebr.trainer.split import SplitError, rollout_fields
@@ -43,7 +44,7 @@ from pebr.utils.jsonio import (JSON_PARSE_ERRORS, append_durably, atomic_open, a
 MAX_LISTED = 20
 
 
-class SampleLogError(RuntimeError):
+class SampleLogError(UserError, RuntimeError):
     """The existing sample output cannot be resumed; the message names the file and line."""
 
 
@@ -413,14 +414,8 @@ def _sample(cfg: Any, dataset: Any, questions: dict, qids: list, todo: list, per
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pebr.trainer.main import run_cli
-
     t0 = time.time()
-    try:
-        code = run_cli(run, argv, __doc__)
-    except SampleLogError as e:  # an output log this run cannot resume: the user's file, like a bad data file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    code = run_cli(run, argv, __doc__)
     if code == 0:
         print(f"done in {time.time() - t0:.0f} s", flush=True)
     return code

@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from pebr.cli import UserError
 from pebr.data.records import BadRecord, DataError, describe_raw, iter_source, normalize_record, question_digest
 from pebr.utils.jsonio import JSON_PARSE_ERRORS, atomic_write_json, is_within
 
@@ -45,7 +46,7 @@ MAX_LISTED_IN_ERROR = 5  # an error names a few, enough to find them in the file
 MAX_SAMPLE = 1 << 20  # rollout indices per question beyond any sampling run (bounds the per-qid bit set)
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A rollout or data-set file that cannot be split; the message names the file and line or record."""
 
 
@@ -506,10 +507,10 @@ def split_dataset(rollouts: str, dataset: str, output_dir: str, n: int = 8, *, s
             other than the one its qid's rollouts were sampled for (`check_same_questions`), a qid with a
             count other than n (unless `allow_count_mismatch`), or a record JSON cannot hold. Nothing
             is written then.
-        ValueError: n < 1.
+        SplitError: n < 1.
     """
     if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+        raise SplitError(f"n must be positive, got {n}")
     report = SplitReport(n=n)
     check_output_dir(output_dir, dataset)
     malformed: list[str] = []

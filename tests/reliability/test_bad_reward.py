@@ -17,7 +17,7 @@ from pebr import checkpoint
 from pebr.config import ConfigError, load_config
 from pebr.data import StatefulBatchSampler
 from pebr.trainer.main import build_dataset, run
-from pebr.trainer.ray_trainer import WorkerFailure
+from pebr.cli import WorkerFailure
 from pebr.workers.actor import load_processor
 from tests.reliability.procs import trainer_argv
 

@@ -16,7 +16,8 @@ from conftest import idle_cpus
 from pebr.config import ConfigError, load_config
 from pebr.trainer.main import build_dataset
 from pebr.trainer import ray_trainer
-from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, ray_get
+from pebr.cli import WorkerFailure
+from pebr.trainer.ray_trainer import WorkerGroup, ray_get
 from pebr.workers.actor import load_processor
 from tests.reliability.procs import trainer_argv, wait_gone
 

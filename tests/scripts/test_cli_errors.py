@@ -85,7 +85,7 @@ def test_bad_input_is_exit_2_with_its_message(tool, argv, message, tiny_model_di
     """Through `run_cli`, as each script's __main__ runs it."""
     import importlib
 
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     main = importlib.import_module(tool).main
@@ -138,8 +138,8 @@ def test_from_the_command_line_there_is_no_traceback():
 
 
 def test_run_cli_says_help_interrupts_and_worker_failures_in_one_message(capsys):
-    from pebr.trainer.main import USAGE, main, run_cli
-    from pebr.trainer.ray_trainer import WorkerFailure
+    from pebr.cli import WorkerFailure, run_cli
+    from pebr.trainer.main import USAGE, main
 
     assert main(["--help"]) == 0 and capsys.readouterr().out.strip() == USAGE  # it was "not of the form key=value"
 
@@ -157,11 +157,51 @@ def test_run_cli_says_help_interrupts_and_worker_failures_in_one_message(capsys)
     assert capsys.readouterr().err == "error: actor update: worker 1 of 2 died: its start-up raised ValueError: x\n"
 
 
+def test_every_error_of_the_users_input_is_one_line_with_its_label_and_exit_code_2(capsys):
+    """The command lines share one exit path (pebr/cli.py): the merger printed `model_merger: ...`, the filter and
+    the split their own `error: ...` with their own exit codes, and a sampling log another."""
+    import importlib.util
+
+    from pebr.checkpoint import CheckpointError
+    from pebr.cli import UserError, run_cli
+    from pebr.config import ConfigError
+    from pebr.data.records import BadRecord, DataError
+    from pebr.trainer.sample_main import SampleLogError
+    from pebr.trainer.split import SplitError
+
+    spec = importlib.util.spec_from_file_location("filter_script", os.path.join(ROOT, "dataset", "filter.py"))
+    filter_script = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (for its dataclasses)
+    spec.loader.exec_module(filter_script)
+    labels = {ConfigError: "configuration error", DataError: "data error", BadRecord: "data error",
+              CheckpointError: "checkpoint error", SplitError: "error", SampleLogError: "error",
+              filter_script.FilterInputError: "error"}
+    for error, label in labels.items():
+        def fails(argv, error=error):
+            message = "f.json line 3: key 'answer' is missing"
+            raise BadRecord("no_answer", message) if error is BadRecord else error(message)
+
+        assert issubclass(error, UserError) and run_cli(fails, []) == 2
+        assert capsys.readouterr().err == f"{label}: f.json line 3: key 'answer' is missing\n"
+
+    def bug(argv):
+        raise RuntimeError("a bug of ours")
+
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not the user's: the traceback stays
+        run_cli(bug, [])
+
+
+def test_the_exit_path_loads_nothing_heavy():
+    """dataset/filter.py and the split use it; importing torch or Ray there would cost seconds per call."""
+    code = "import sys, pebr.cli; print(sorted({'torch', 'ray', 'vllm', 'transformers'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
+
+
 def test_sigterm_while_the_driver_runs_is_an_interrupt_with_exit_143_and_the_old_handler_comes_back(capsys):
     import os
     import signal
 
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
     from pebr.trainer.ray_trainer import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)

@@ -656,7 +656,7 @@ def test_final_only_names_a_damaged_trainer_state(bf16_checkpoint, capsys):
             f.write(text)
         assert main(["--latest_in", os.path.dirname(step), "--final_only"]) == 2
         err = capsys.readouterr().err
-        assert f"model_merger: {state}" in err and said in err, err
+        assert f"checkpoint error: {state}" in err and said in err, err
     assert "merged_from.json" not in os.listdir(os.path.join(actor, "huggingface"))
 
 

@@ -261,9 +261,9 @@ def test_stage2_checks_its_settings_and_data_before_the_merge(tmp_path, tiny_mod
                           capture_output=True, text=True, timeout=300, env=env)
     assert "settings and data check out: " in proc.stdout, proc.stderr[-2000:]
     assert proc.returncode == 2 and "do not fit the model of" in proc.stderr
-    # A checkpoint merged already (its weights there): the merge is skipped, and so is the check (the trainer
-    # checks the same as it starts).
+    # Weights in the checkpoint's huggingface/ already: the check is skipped (the trainer checks the same as it
+    # starts); the merger still runs (it skips only its own earlier merge) and refuses these shards again.
     (hf_dir / "model.safetensors").write_bytes(b"")
     proc = subprocess.run(["bash", "examples/pebr_stage2.sh", "config=examples/pebr_cpu.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
-    assert "settings and data check out" not in proc.stdout and "model_merger" in proc.stderr
+    assert "settings and data check out" not in proc.stdout and "do not fit the model of" in proc.stderr

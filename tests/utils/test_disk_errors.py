@@ -72,7 +72,7 @@ def test_a_checkpoint_shard_that_cannot_be_written_names_its_file_and_leaves_no_
 
 
 def test_an_entry_point_says_a_full_disk_without_a_traceback(capsys) -> None:
-    from pebr.trainer.main import run_cli
+    from pebr.cli import run_cli
 
     def writes_a_log(argv: list[str]) -> None:
         append_durably("/dev/full", json.dumps({"step": 1}).encode())

@@ -12,7 +12,8 @@ import torch
 from pebr import checkpoint
 from pebr.config import load_config
 from pebr.trainer.main import build_dataset
-from pebr.trainer.ray_trainer import WorkerFailure, WorkerGroup, batch_advantages, ray_get, share_payload
+from pebr.cli import WorkerFailure
+from pebr.trainer.ray_trainer import WorkerGroup, batch_advantages, ray_get, share_payload
 from pebr.workers.actor import load_processor
 
 pytestmark = pytest.mark.slow
