@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import torch
@@ -239,7 +238,7 @@ def report(results: list[dict], peak: float | None, device_name: str) -> str:
                          f"{fmt(summary(secs))} | {fmt(summary(tps))} | "
                          f"{fmt(summary(tflops))} | {mfu} | {mem} | {fmt(speed)} |")
         if COMPILED in r.get("warmup_s", {}):
-            lines.append(f"\nWarm-up update (first shapes, allocator; the compiled row also its compilation): " + ", ".join(
+            lines.append("\nWarm-up update (first shapes, allocator; the compiled row also its compilation): " + ", ".join(
                 f"{v} {t:.1f} s" for v, t in r["warmup_s"].items()))
         lines.append("")
     return "\n".join(lines)

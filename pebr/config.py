@@ -464,6 +464,24 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
         training: False for sampling-only runs (no update-phase batch checks).
         model_weights: False to accept a model folder without its weights (see `check_model_dir`).
     """
+    _check_choices(cfg)
+    _check_trainer(cfg)
+    _check_workers(cfg)
+    _check_rollout(cfg, training)
+    _check_algorithm(cfg)
+    _check_model(cfg, model_weights)
+    _check_data(cfg)
+    _check_finite(cfg)
+    if training:
+        _check_update(cfg)
+    elif cfg.trainer.total_epochs < 1:  # sampling draws worker.rollout.n x trainer.total_epochs per question
+        raise ConfigError(f"trainer.total_epochs={cfg.trainer.total_epochs} must be >= 1 (sampling draws "
+                          "worker.rollout.n x trainer.total_epochs responses per question)")
+    return cfg
+
+
+def _check_choices(cfg: PPOConfig) -> None:
+    """Settings that take one of a few words."""
     d, a, w, t = cfg.data, cfg.algorithm, cfg.worker, cfg.trainer
     actor, rollout = w.actor, w.rollout
     _choice("algorithm.adv_estimator", a.adv_estimator, ("grpo", "rloo", "reinforce_plus_plus", "remax"))
@@ -479,59 +497,21 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
                        ("worker.ref.fsdp.mixed_precision", w.ref.fsdp.mixed_precision),
                        ("worker.rollout.dtype", rollout.dtype)):
         _choice(key, value, ("auto", "bf16", "fp32"))
-    if w.ref.fsdp.mixed_precision not in ("auto", actor.fsdp.mixed_precision):
-        raise ConfigError(f"worker.ref.fsdp.mixed_precision={w.ref.fsdp.mixed_precision}: the reference model computes "
-                          f"in the actor's precision (worker.actor.fsdp.mixed_precision={actor.fsdp.mixed_precision}), "
-                          "so that its log-probs compare with the actor's; set the actor's, or leave the ref's at auto")
-    if not w.ref.fsdp.enable_full_shard:  # FSDP2 reshards after a backward, which the reference never runs
-        raise ConfigError("worker.ref.fsdp.enable_full_shard=false: the reference model runs forwards only, so its "
-                          "gathered parameters would never be freed (a whole copy of the model on every rank, its "
-                          "CPU offload undone); leave it true")
-    for key, value in (("data.rollout_batch_size", d.rollout_batch_size), ("worker.rollout.n", rollout.n),
-                       ("trainer.nnodes", t.nnodes), ("trainer.n_gpus_per_node", t.n_gpus_per_node),
-                       ("data.max_prompt_length", d.max_prompt_length),
-                       ("data.max_response_length", d.max_response_length),
-                       ("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)):
+
+
+def _check_trainer(cfg: PPOConfig) -> None:
+    """The cluster, the checkpoint to resume, the loggers, profiling and time-outs."""
+    t = cfg.trainer
+    for key, value in (("trainer.nnodes", t.nnodes), ("trainer.n_gpus_per_node", t.n_gpus_per_node)):
         _positive(key, value)
     if t.nnodes > 1 and not (t.ray_address or os.environ.get("RAY_ADDRESS")):  # else: a one-node local cluster
         raise ConfigError(f"trainer.nnodes={t.nnodes} needs trainer.ray_address (or RAY_ADDRESS, as `ray job "
                           f"submit` sets it): the head of a cluster of {t.nnodes} nodes, started with `ray start`; "
                           "without it the run starts a local Ray cluster of this machine alone")
-    if not 0 <= w.reward.num_cpus <= 1024:  # NaN too: it sizes the local cluster (int() of it raised)
-        raise ConfigError(f"worker.reward.num_cpus={w.reward.num_cpus} must be a number of CPUs in [0, 1024]")
-    if rollout.temperature < 0:
-        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be >= 0 (0 is greedy)")
-    if not 0.0 < rollout.gpu_memory_utilization <= 1.0:
-        raise ConfigError(f"worker.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} must be in (0, 1]")
-    if rollout.top_k < -1:
-        raise ConfigError(f"worker.rollout.top_k={rollout.top_k} must be -1 or 0 (off) or >= 1")
-    if not rollout.mm_cache_gb >= 0:
-        raise ConfigError(f"worker.rollout.mm_cache_gb={rollout.mm_cache_gb} must be >= 0")
-    if not (rollout.cpu_kv_cache_gb >= 1 and float(rollout.cpu_kv_cache_gb).is_integer()):
-        raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
-                          "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
-    _positive("worker.rollout.limit_images", rollout.limit_images)
-    _positive("worker.rollout.max_num_batched_tokens", rollout.max_num_batched_tokens)
-    check_seed("data.seed", cfg.data.seed)
-    if rollout.block_size is not None:
-        _positive("worker.rollout.block_size", rollout.block_size)
-        if rollout.block_size % 32 and _runs_on_cpu(t.device):
-            raise ConfigError(f"worker.rollout.block_size={rollout.block_size} must be a multiple of 32 on CPU "
-                              "(vLLM's CPU attention takes no other), or null for vLLM's choice")
     bad_steps = [k for k in t.profile_steps if k < 1]
     if bad_steps:
         raise ConfigError(f"trainer.profile_steps={list(t.profile_steps)}: steps are counted from 1 (the first "
                           f"step trained); {bad_steps} cannot be profiled")
-    if not 0.0 <= actor.clip_ratio_low < 1.0 or actor.clip_ratio_high < 0.0:
-        raise ConfigError(f"worker.actor.clip_ratio_low={actor.clip_ratio_low} must be in [0, 1) and "
-                          f"worker.actor.clip_ratio_high={actor.clip_ratio_high} >= 0")
-    if a.kl_coef < 0:
-        raise ConfigError(f"algorithm.kl_coef={a.kl_coef} must be >= 0")
-    if not 0.0 <= a.gamma <= 1.0:
-        raise ConfigError(f"algorithm.gamma={a.gamma} must be in [0, 1]")
-    if a.gamma != 1.0 and a.adv_estimator != "reinforce_plus_plus":  # the outcome estimators do not discount
-        raise ConfigError(f"algorithm.gamma={a.gamma} acts only with algorithm.adv_estimator=reinforce_plus_plus "
-                          f"(it is {a.adv_estimator!r}); leave it at 1.0")
     if t.load_checkpoint_path:
         path = os.path.expanduser(t.load_checkpoint_path.rstrip("/"))
         path = os.path.dirname(path) if os.path.basename(path) == "actor" else path
@@ -541,16 +521,30 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
             raise ConfigError(f"trainer.load_checkpoint_path={t.load_checkpoint_path!r} is not a complete checkpoint "
                               "(no trainer_state.json in it); name a global_step_* directory")
         t.load_checkpoint_path = path  # the global_step_* folder, whichever of its forms was given
-    if training and rollout.temperature <= 0:
-        # The actor divides its logits by the sampling temperature, and GRPO learns nothing from n equal greedy answers.
-        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be positive for training (validation "
-                          "may sample greedily through worker.rollout.val_override_config)")
-    if actor.clip_ratio_dual <= 1.0:
-        raise ConfigError(f"worker.actor.clip_ratio_dual={actor.clip_ratio_dual} must be > 1 (it bounds the loss of "
-                          "negative-advantage tokens at that multiple)")
-    if a.adv_estimator == "remax":
-        raise ConfigError("algorithm.adv_estimator=remax is not implemented in the trainer: it needs a greedy "
-                          "baseline response per prompt, which the rollout does not generate")
+    if not t.worker_timeout_s > 0:  # every call to a worker would time out at once
+        raise ConfigError(f"trainer.worker_timeout_s={t.worker_timeout_s} must be positive (seconds)")
+    unknown = sorted(set(t.logger) - set(LOGGERS))
+    if unknown:
+        raise ConfigError(f"trainer.logger has unknown back-ends {unknown}; choose from {list(LOGGERS)}")
+    for backend, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if backend in t.logger and importlib.util.find_spec(package) is None:  # said now, not after Ray starts
+            raise ConfigError(f"trainer.logger includes {backend}, but the {package} package is not installed: "
+                              f"pip install {package} (or pip install -e '.[logging]'), or drop it from "
+                              "trainer.logger")
+
+
+def _check_workers(cfg: PPOConfig) -> None:
+    """The FSDP workers, the reward worker and the rollout engines' placement on them."""
+    w, t = cfg.worker, cfg.trainer
+    actor, rollout = w.actor, w.rollout
+    if w.ref.fsdp.mixed_precision not in ("auto", actor.fsdp.mixed_precision):
+        raise ConfigError(f"worker.ref.fsdp.mixed_precision={w.ref.fsdp.mixed_precision}: the reference model computes "
+                          f"in the actor's precision (worker.actor.fsdp.mixed_precision={actor.fsdp.mixed_precision}), "
+                          "so that its log-probs compare with the actor's; set the actor's, or leave the ref's at auto")
+    if not w.ref.fsdp.enable_full_shard:  # FSDP2 reshards after a backward, which the reference never runs
+        raise ConfigError("worker.ref.fsdp.enable_full_shard=false: the reference model runs forwards only, so its "
+                          "gathered parameters would never be freed (a whole copy of the model on every rank, its "
+                          "CPU offload undone); leave it true")
     for key, value, default in (
             ("worker.actor.ulysses_sequence_parallel_size", actor.ulysses_sequence_parallel_size, 1),
             ("worker.actor.optim.strategy", actor.optim.strategy, "adamw"),
@@ -568,6 +562,105 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
                 raise ConfigError(f"{key}=true is not implemented (nothing is moved off the device between phases); "
                                   f"worker.{role}.fsdp.enable_cpu_offload=true keeps parameters, gradients and "
                                   "optimizer state on the CPU instead (CUDA only)")
+    if not 0 <= w.reward.num_cpus <= 1024:  # NaN too: it sizes the local cluster (int() of it raised)
+        raise ConfigError(f"worker.reward.num_cpus={w.reward.num_cpus} must be a number of CPUs in [0, 1024]")
+    if w.reward.reward_function:
+        # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
+        spec = w.reward.reward_function
+        path, _ = split_reward_spec(spec)
+        if not os.path.isfile(path):
+            raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
+    _positive("worker.rollout.tensor_parallel_size", rollout.tensor_parallel_size)
+    if rollout.name == "hf" and rollout.tensor_parallel_size > 1:
+        # The controller scores one rank per engine group and the others reuse those samples by position; each
+        # transformers rollout samples its own, so those ranks would train on responses nobody scored.
+        raise ConfigError(f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs "
+                          "worker.rollout.name=vllm: the transformers rollout runs a whole model on every rank; set "
+                          "worker.rollout.tensor_parallel_size=1")
+    if cfg.world_size % rollout.tensor_parallel_size:
+        raise ConfigError(
+            f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "
+            f"workers (trainer.nnodes x trainer.n_gpus_per_node = {cfg.world_size})")
+
+
+def _check_rollout(cfg: PPOConfig, training: bool) -> None:
+    """Sampling: the engine's sizes, the sampling parameters, the seeds."""
+    d, a, t, rollout = cfg.data, cfg.algorithm, cfg.trainer, cfg.worker.rollout
+    _positive("worker.rollout.n", rollout.n)
+    if rollout.temperature < 0:
+        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be >= 0 (0 is greedy)")
+    if not 0.0 < rollout.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"worker.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} must be in (0, 1]")
+    if rollout.top_k < -1:
+        raise ConfigError(f"worker.rollout.top_k={rollout.top_k} must be -1 or 0 (off) or >= 1")
+    if not rollout.mm_cache_gb >= 0:
+        raise ConfigError(f"worker.rollout.mm_cache_gb={rollout.mm_cache_gb} must be >= 0")
+    if not (rollout.cpu_kv_cache_gb >= 1 and float(rollout.cpu_kv_cache_gb).is_integer()):
+        raise ConfigError(f"worker.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be a whole number of GiB, "
+                          "at least 1 (vLLM sizes its CPU KV cache in whole GiB)")
+    _positive("worker.rollout.limit_images", rollout.limit_images)
+    _positive("worker.rollout.max_num_batched_tokens", rollout.max_num_batched_tokens)
+    if rollout.block_size is not None:
+        _positive("worker.rollout.block_size", rollout.block_size)
+        if rollout.block_size % 32 and _runs_on_cpu(t.device):
+            raise ConfigError(f"worker.rollout.block_size={rollout.block_size} must be a multiple of 32 on CPU "
+                              "(vLLM's CPU attention takes no other), or null for vLLM's choice")
+    if training and rollout.temperature <= 0:
+        # The actor divides its logits by the sampling temperature, and GRPO learns nothing from n equal greedy answers.
+        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be positive for training (validation "
+                          "may sample greedily through worker.rollout.val_override_config)")
+    if a.old_from_rollout:
+        if rollout.name != "vllm":
+            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.name=vllm (got {rollout.name!r}): "
+                              "only the vLLM engine returns the log-probs of the tokens it sampled")
+        if rollout.temperature != 1.0 or rollout.top_p < 1.0 or rollout.top_k > 0:
+            # vLLM's raw log-probs are the log-softmax of the model's logits, the actor's at temperature 1. Its
+            # processed ones carry temperature and truncation, but also the logit bias that bans image tokens,
+            # which the actor's do not: at temperature 0.7 the tiny model's differed by 6e-3 on average.
+            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.temperature=1.0, top_p=1.0 and "
+                              f"top_k=-1 (got {rollout.temperature}, {rollout.top_p}, {rollout.top_k}): only then "
+                              "are the engine's log-probs of its samples the actor's")
+    # Each engine takes the seed plus its index: vLLM's tensor-parallel groups one engine per group.
+    engines = cfg.world_size // rollout.tensor_parallel_size if rollout.name == "vllm" else cfg.world_size
+    if not 0 <= rollout.seed <= MAX_SEED - (engines - 1):
+        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {engines}] (numpy's "
+                          f"seeds; each of the {engines} rollout engines takes it plus its index)")
+    if not 0.0 < rollout.top_p <= 1.0:
+        raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
+    _check_val_sampling(rollout.val_override_config)
+    val_tokens = rollout.val_override_config.get("max_tokens", d.max_response_length)
+    if val_tokens > d.max_response_length:  # the engine is sized for the training responses: vLLM cuts them there
+        raise ConfigError(f"worker.rollout.val_override_config.max_tokens={val_tokens} is more than "
+                          f"data.max_response_length={d.max_response_length}, which sizes the rollout engine")
+
+
+def _check_algorithm(cfg: PPOConfig) -> None:
+    """The advantage estimator, the loss and its clips."""
+    a, actor = cfg.algorithm, cfg.worker.actor
+    if not 0.0 <= actor.clip_ratio_low < 1.0 or actor.clip_ratio_high < 0.0:
+        raise ConfigError(f"worker.actor.clip_ratio_low={actor.clip_ratio_low} must be in [0, 1) and "
+                          f"worker.actor.clip_ratio_high={actor.clip_ratio_high} >= 0")
+    if a.kl_coef < 0:
+        raise ConfigError(f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    if not 0.0 <= a.gamma <= 1.0:
+        raise ConfigError(f"algorithm.gamma={a.gamma} must be in [0, 1]")
+    if a.gamma != 1.0 and a.adv_estimator != "reinforce_plus_plus":  # the outcome estimators do not discount
+        raise ConfigError(f"algorithm.gamma={a.gamma} acts only with algorithm.adv_estimator=reinforce_plus_plus "
+                          f"(it is {a.adv_estimator!r}); leave it at 1.0")
+    if actor.clip_ratio_dual <= 1.0:
+        raise ConfigError(f"worker.actor.clip_ratio_dual={actor.clip_ratio_dual} must be > 1 (it bounds the loss of "
+                          "negative-advantage tokens at that multiple)")
+    if a.adv_estimator == "remax":
+        raise ConfigError("algorithm.adv_estimator=remax is not implemented in the trainer: it needs a greedy "
+                          "baseline response per prompt, which the rollout does not generate")
+    if actor.share_prompts and not actor.padding_free:
+        raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
+                          "out once only in a packed row")
+
+
+def _check_model(cfg: PPOConfig, model_weights: bool) -> None:
+    """The model folder, its tokenizer and the LoRA settings."""
+    actor = cfg.worker.actor
     model = actor.model
     if model.lora_rank < 0:
         raise ConfigError(f"worker.actor.model.lora_rank={model.lora_rank} must be >= 0 (0: no LoRA)")
@@ -586,20 +679,6 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
             target_modules(str(name) for name in model.lora_target_modules)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if actor.share_prompts and not actor.padding_free:
-        raise ConfigError("worker.actor.share_prompts=true needs worker.actor.padding_free=true: a prompt is laid "
-                          "out once only in a packed row")
-    if a.old_from_rollout:
-        if rollout.name != "vllm":
-            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.name=vllm (got {rollout.name!r}): "
-                              "only the vLLM engine returns the log-probs of the tokens it sampled")
-        if rollout.temperature != 1.0 or rollout.top_p < 1.0 or rollout.top_k > 0:
-            # vLLM's raw log-probs are the log-softmax of the model's logits, the actor's at temperature 1. Its
-            # processed ones carry temperature and truncation, but also the logit bias that bans image tokens,
-            # which the actor's do not: at temperature 0.7 the tiny model's differed by 6e-3 on average.
-            raise ConfigError(f"algorithm.old_logprobs=rollout needs worker.rollout.temperature=1.0, top_p=1.0 and "
-                              f"top_k=-1 (got {rollout.temperature}, {rollout.top_p}, {rollout.top_k}): only then "
-                              "are the engine's log-probs of its samples the actor's")
     if not actor.model.model_path:
         raise ConfigError("worker.actor.model.model_path is required")
     model_dir = os.path.expanduser(actor.model.model_path)
@@ -612,33 +691,22 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
         # every model had started.
         raise ConfigError(f"worker.actor.model.model_path={actor.model.model_path!r}: vLLM cannot load from a path "
                           "with *, ? or [ in it (it reads the path as a pattern); rename the folder or link it")
+
+
+def _check_data(cfg: PPOConfig) -> None:
+    """The data files, their lengths and image bounds, and the validation set."""
+    d, t = cfg.data, cfg.trainer
+    for key, value in (("data.rollout_batch_size", d.rollout_batch_size),
+                       ("data.max_prompt_length", d.max_prompt_length),
+                       ("data.max_response_length", d.max_response_length)):
+        _positive(key, value)
+    check_seed("data.seed", cfg.data.seed)
     if not d.train_files:
         raise ConfigError("data.train_files is required")
     for key, source in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         # Checked here, not only by the record reader, so that a mistyped path fails before transformers loads.
         if looks_local(source) and not os.path.exists(os.path.expanduser(source)):
             raise ConfigError(f"{key}={source!r}: no such file or directory")
-    if rollout.name == "hf" and rollout.tensor_parallel_size > 1:
-        # The controller scores one rank per engine group and the others reuse those samples by position; each
-        # transformers rollout samples its own, so those ranks would train on responses nobody scored.
-        raise ConfigError(f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs "
-                          "worker.rollout.name=vllm: the transformers rollout runs a whole model on every rank; set "
-                          "worker.rollout.tensor_parallel_size=1")
-    if cfg.world_size % rollout.tensor_parallel_size:
-        raise ConfigError(
-            f"worker.rollout.tensor_parallel_size={rollout.tensor_parallel_size} must divide the number of "
-            f"workers (trainer.nnodes x trainer.n_gpus_per_node = {cfg.world_size})")
-    # Each engine takes the seed plus its index: vLLM's tensor-parallel groups one engine per group.
-    engines = cfg.world_size // rollout.tensor_parallel_size if rollout.name == "vllm" else cfg.world_size
-    if not 0 <= rollout.seed <= MAX_SEED - (engines - 1):
-        raise ConfigError(f"worker.rollout.seed={rollout.seed} must be in [0, 2**32 - {engines}] (numpy's "
-                          f"seeds; each of the {engines} rollout engines takes it plus its index)")
-    if w.reward.reward_function:
-        # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
-        spec = w.reward.reward_function
-        path, _ = split_reward_spec(spec)
-        if not os.path.isfile(path):
-            raise ConfigError(f"worker.reward.reward_function={spec!r}: no such file {path!r}")
     bounds = d.min_pixels, d.max_pixels
     for key, value in zip(("data.min_pixels", "data.max_pixels"), bounds):
         if value is not None and value < 1:
@@ -648,37 +716,26 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
     if d.max_pixels is not None and d.max_pixels < 28 * 28:
         raise ConfigError(f"data.max_pixels={d.max_pixels} is below 28x28 = 784, the smallest image the model takes "
                           "(one merged patch); every image would come out larger than it says")
-    if not t.worker_timeout_s > 0:  # every call to a worker would time out at once
-        raise ConfigError(f"trainer.worker_timeout_s={t.worker_timeout_s} must be positive (seconds)")
-    if not 0.0 < rollout.top_p <= 1.0:
-        raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
-    _check_val_sampling(rollout.val_override_config)
-    val_tokens = rollout.val_override_config.get("max_tokens", d.max_response_length)
-    if val_tokens > d.max_response_length:  # the engine is sized for the training responses: vLLM cuts them there
-        raise ConfigError(f"worker.rollout.val_override_config.max_tokens={val_tokens} is more than "
-                          f"data.max_response_length={d.max_response_length}, which sizes the rollout engine")
-    unknown = sorted(set(t.logger) - set(LOGGERS))
-    if unknown:
-        raise ConfigError(f"trainer.logger has unknown back-ends {unknown}; choose from {list(LOGGERS)}")
-    for backend, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if backend in t.logger and importlib.util.find_spec(package) is None:  # said now, not after Ray starts
-            raise ConfigError(f"trainer.logger includes {backend}, but the {package} package is not installed: "
-                              f"pip install {package} (or pip install -e '.[logging]'), or drop it from "
-                              "trainer.logger")
     if not d.val_files and (t.val_only or t.val_freq > 0):
         raise ConfigError(f"trainer.{'val_only=true' if t.val_only else f'val_freq={t.val_freq}'} needs "
                           "data.val_files (the questions to validate on)")
+
+
+def _check_finite(cfg: PPOConfig) -> None:
+    """Every float setting is a finite number: NaN passed every comparison of the checks before this one, inf most
+    of them."""
     for key, kind in _leaf_fields(PPOConfig):
-        if float in (kind, *typing.get_args(kind)):  # NaN passes every comparison above, inf most of them
+        if float in (kind, *typing.get_args(kind)):
             value = _setting(cfg, key)
             for number in value if isinstance(value, list) else [value]:
                 if number is not None and not math.isfinite(number):
                     raise ConfigError(f"{key}={value} must be a finite number")
-    if not training:
-        if t.total_epochs < 1:  # sampling draws worker.rollout.n x trainer.total_epochs responses per question
-            raise ConfigError(f"trainer.total_epochs={t.total_epochs} must be >= 1 (sampling draws "
-                              "worker.rollout.n x trainer.total_epochs responses per question)")
-        return cfg
+
+
+def _check_update(cfg: PPOConfig) -> None:
+    """What training alone reads: steps, saves, the optimizer and the batch sizes of an update."""
+    d, a, w, t = cfg.data, cfg.algorithm, cfg.worker, cfg.trainer
+    actor, rollout = w.actor, w.rollout
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1, or null to run trainer.total_epochs")
     if t.total_epochs < 1:
@@ -746,7 +803,6 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
             f"worker.actor.micro_batch_size_per_device_for_update="
             f"{actor.micro_batch_size_per_device_for_update} must divide it")
     # (rollout_batch_size x n is then divisible by the workers too: it is a multiple of global_batch_size x n.)
-    return cfg
 
 
 def _structured_merge(base: Any, sources: list, origin: str) -> Any:

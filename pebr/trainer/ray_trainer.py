@@ -491,73 +491,8 @@ class RayPPOTrainer:
         # run starts from: both go into every checkpoint.
         self._data_fingerprint = getattr(train_dataset, "fingerprint", None)
         self._model_identity = model_identity(cfg.worker.actor.model.model_path)
-        state: dict = {}
-        if self._resume_path:
-            # Validation alone (trainer.val_only) needs the weights only: a save_model_only checkpoint will do, and
-            # one past this run's steps too.
-            try:
-                checkpoint.check_resumable(self._resume_path, cfg.world_size,  # before any worker starts
-                                           requested_settings(cfg.worker.actor.model),
-                                           cfg.worker.actor.model.freeze_vision_tower,
-                                           weights_only=cfg.trainer.val_only)
-                state = checkpoint.read_trainer_state(self._resume_path)
-            except checkpoint.DamagedCheckpoint as err:
-                if cfg.trainer.load_checkpoint_path:
-                    raise
-                # An earlier step named by load_checkpoint_path is refused below (later steps are there): the way
-                # back to the one before is to take the damaged one out of the run's listing.
-                raise checkpoint.DamagedCheckpoint(
-                    f"{err}. It is this run's newest checkpoint, which auto-resume takes; to go on from the one "
-                    f"before it, move it aside (mv {self._resume_path} {self._resume_path}.damaged) and run again"
-                ) from None
-            self.global_step = state["global_step"]
-            if self.global_step > self.total_steps and not cfg.trainer.val_only:
-                raise checkpoint.CheckpointError(
-                    f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
-                    "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
-                    "them to continue it, or start a new run in another trainer.save_checkpoint_path")
-            saved_model = state.get("model_path")  # absent from checkpoints of earlier versions
-            if saved_model and saved_model != self._model_identity:
-                message = (f"{self._resume_path} continues a run from the model {saved_model}, and this run names "
-                           f"{cfg.worker.actor.model.model_path}: its actor would keep the old run's weights while the "
-                           "reference model loads the new ones")
-                if not cfg.trainer.load_checkpoint_path:
-                    raise checkpoint.CheckpointError(
-                        f"{message}. Start a new run in another trainer.save_checkpoint_path (or experiment_name); "
-                        "if the model only moved, name the checkpoint with trainer.load_checkpoint_path")
-                print(f"warning: {message}; resuming it as trainer.load_checkpoint_path asks", flush=True)
-            if state.get("data") and self._data_fingerprint and state["data"] != self._data_fingerprint:
-                raise checkpoint.CheckpointError(
-                    f"{self._resume_path} was saved with another training set: data.train_files, or which of its "
-                    "records were kept (data.max_prompt_length, the image bounds), holds other questions or "
-                    "another order, and the saved data order would repeat some prompts and skip others. Resume "
-                    "with the data it was saved with, or start a new run in another trainer.save_checkpoint_path")
-            try:
-                self.sampler.load_state_dict(state["sampler"])
-            except ValueError as err:
-                raise checkpoint.CheckpointError(
-                    f"{self._resume_path} cannot continue its data order: {err}. Resume with the data.train_files "
-                    "and data.rollout_batch_size it was saved with, or start a new run in another "
-                    "trainer.save_checkpoint_path") from None
-            if self.sampler.seed != cfg.data.seed:  # the saved order goes on, and config.yaml must say whose it is
-                print(f"warning: data.seed={cfg.data.seed} is ignored: {self._resume_path} continues the data order "
-                      f"of data.seed={self.sampler.seed}, which config.yaml records", flush=True)
-                cfg.data.seed = self.sampler.seed
-            self._batches = iter(self.sampler)
-        later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
-        if later and cfg.trainer.val_only:  # its step's metrics would go where the later steps' were logged
-            raise checkpoint.CheckpointError(
-                f"trainer.val_only of step {self.global_step} in {self.ckpt_dir}, which holds later steps "
-                f"{later[:5]}: their logs would be cut back to step {self.global_step}. To validate an earlier "
-                "checkpoint, keep trainer.load_checkpoint_path and set trainer.save_checkpoint_path to a new "
-                "directory (the validation's logs go there)")
-        if later:
-            raise checkpoint.CheckpointError(
-                f"{self.ckpt_dir} holds checkpoints of steps {later[:5]} after the step this run starts at "
-                f"({self.global_step}), from another run: a later auto-resume would take them for this run's, and "
-                "save_limit would delete this run's saves before them. Resume from the latest "
-                "(trainer.find_last_checkpoint=true, no trainer.load_checkpoint_path), or set another "
-                "trainer.save_checkpoint_path")
+        state = self._resume_state() if self._resume_path else {}
+        self._refuse_later_checkpoints()
         os.makedirs(self.ckpt_dir, exist_ok=True)
         if self._resume_path and not t.val_only:  # a run stopped between publishing its last save and rotating
             checkpoint.rotate(self.ckpt_dir, self.global_step, t.save_limit)
@@ -580,6 +515,82 @@ class RayPPOTrainer:
                 self.workers.shutdown()
                 raise
             print(f"resumed from {self._resume_path} at step {self.global_step}", flush=True)
+
+    def _resume_state(self) -> dict:
+        """Check the checkpoint to resume against this run (before any worker starts), restore the data order,
+        and return its trainer state; raises CheckpointError naming what differs and the way out."""
+        cfg = self.cfg
+        # Validation alone (trainer.val_only) needs the weights only: a save_model_only checkpoint will do, and
+        # one past this run's steps too.
+        try:
+            checkpoint.check_resumable(self._resume_path, cfg.world_size,
+                                       requested_settings(cfg.worker.actor.model),
+                                       cfg.worker.actor.model.freeze_vision_tower,
+                                       weights_only=cfg.trainer.val_only)
+            state = checkpoint.read_trainer_state(self._resume_path)
+        except checkpoint.DamagedCheckpoint as err:
+            if cfg.trainer.load_checkpoint_path:
+                raise
+            # An earlier step named by load_checkpoint_path is refused below (later steps are there): the way
+            # back to the one before is to take the damaged one out of the run's listing.
+            raise checkpoint.DamagedCheckpoint(
+                f"{err}. It is this run's newest checkpoint, which auto-resume takes; to go on from the one "
+                f"before it, move it aside (mv {self._resume_path} {self._resume_path}.damaged) and run again"
+            ) from None
+        self.global_step = state["global_step"]
+        if self.global_step > self.total_steps and not cfg.trainer.val_only:
+            raise checkpoint.CheckpointError(
+                f"{self._resume_path} is at step {self.global_step}, past the {self.total_steps} steps of this "
+                "run (trainer.max_steps, or total_epochs x steps per epoch): nothing would be trained. Raise "
+                "them to continue it, or start a new run in another trainer.save_checkpoint_path")
+        saved_model = state.get("model_path")  # absent from checkpoints of earlier versions
+        if saved_model and saved_model != self._model_identity:
+            message = (f"{self._resume_path} continues a run from the model {saved_model}, and this run names "
+                       f"{cfg.worker.actor.model.model_path}: its actor would keep the old run's weights while the "
+                       "reference model loads the new ones")
+            if not cfg.trainer.load_checkpoint_path:
+                raise checkpoint.CheckpointError(
+                    f"{message}. Start a new run in another trainer.save_checkpoint_path (or experiment_name); "
+                    "if the model only moved, name the checkpoint with trainer.load_checkpoint_path")
+            print(f"warning: {message}; resuming it as trainer.load_checkpoint_path asks", flush=True)
+        if state.get("data") and self._data_fingerprint and state["data"] != self._data_fingerprint:
+            raise checkpoint.CheckpointError(
+                f"{self._resume_path} was saved with another training set: data.train_files, or which of its "
+                "records were kept (data.max_prompt_length, the image bounds), holds other questions or "
+                "another order, and the saved data order would repeat some prompts and skip others. Resume "
+                "with the data it was saved with, or start a new run in another trainer.save_checkpoint_path")
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise checkpoint.CheckpointError(
+                f"{self._resume_path} cannot continue its data order: {err}. Resume with the data.train_files "
+                "and data.rollout_batch_size it was saved with, or start a new run in another "
+                "trainer.save_checkpoint_path") from None
+        if self.sampler.seed != cfg.data.seed:  # the saved order goes on, and config.yaml must say whose it is
+            print(f"warning: data.seed={cfg.data.seed} is ignored: {self._resume_path} continues the data order "
+                  f"of data.seed={self.sampler.seed}, which config.yaml records", flush=True)
+            cfg.data.seed = self.sampler.seed
+        self._batches = iter(self.sampler)
+        return state
+
+    def _refuse_later_checkpoints(self) -> None:
+        """Checkpoints after the step this run starts at are another run's: auto-resume would take them later,
+        and rotation would delete this run's saves first."""
+        cfg = self.cfg
+        later = checkpoint.later_steps(self.ckpt_dir, self.global_step)
+        if later and cfg.trainer.val_only:  # its step's metrics would go where the later steps' were logged
+            raise checkpoint.CheckpointError(
+                f"trainer.val_only of step {self.global_step} in {self.ckpt_dir}, which holds later steps "
+                f"{later[:5]}: their logs would be cut back to step {self.global_step}. To validate an earlier "
+                "checkpoint, keep trainer.load_checkpoint_path and set trainer.save_checkpoint_path to a new "
+                "directory (the validation's logs go there)")
+        if later:
+            raise checkpoint.CheckpointError(
+                f"{self.ckpt_dir} holds checkpoints of steps {later[:5]} after the step this run starts at "
+                f"({self.global_step}), from another run: a later auto-resume would take them for this run's, and "
+                "save_limit would delete this run's saves before them. Resume from the latest "
+                "(trainer.find_last_checkpoint=true, no trainer.load_checkpoint_path), or set another "
+                "trainer.save_checkpoint_path")
 
     def _find_resume_checkpoint(self) -> str | None:
         t = self.cfg.trainer
