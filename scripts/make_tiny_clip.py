@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
-MAX_TEXT_TOKENS = 16
-IMAGE_SIZE = 32
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pebr.utils.clip_train import (TinyClipSpec, build_bpe_tokenizer, build_clip_model,  # noqa: E402
+                                   clip_image_processor)
+
+# Two small layers per tower at width 32, 32 px images in 8 px patches, 16 text positions.
+SPEC = TinyClipSpec(image_size=32, patch_size=8, vision_hidden=32, text_hidden=32, projection_dim=16,
+                    max_text_tokens=16, vocab_size=200)
 
 # Enough words for the BPE merges to cover the captions the tests use.
 _CORPUS = [
@@ -31,78 +37,14 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(output: str):
-    """Train a small whitespace-BPE tokenizer and save it as a fast tokenizer in `output`.
-
-    Returns:
-        The `PreTrainedTokenizerFast`, whose encodings are BOS + tokens + EOS.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=[PAD, UNK, BOS, EOS], show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
-    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
-    # CLIP pools the text embedding at the EOS token, so every encoding must end with one.
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos_id), (EOS, eos_id)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        model_max_length=MAX_TEXT_TOKENS,
-    )
-    fast.save_pretrained(output)
-    return fast
-
-
 def build_tiny_clip(output: str, seed: int = 0) -> str:
-    """Write a tiny CLIP model, tokenizer and image processor to `output`.
-
-    Args:
-        output: directory to create (or overwrite files in).
-        seed: seed of the random weights.
-
-    Returns:
-        The output directory.
-    """
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
+    """Write a tiny CLIP model (random weights from `seed`), tokenizer and image processor to `output`, a directory
+    made if needed; returns it."""
     os.makedirs(output, exist_ok=True)
-    tokenizer = build_tokenizer(output)
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "max_position_embeddings": MAX_TEXT_TOKENS,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": IMAGE_SIZE,
-        "patch_size": 8,
-    }
-    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(output)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    ).save_pretrained(output)
+    tokenizer = build_bpe_tokenizer(_CORPUS, SPEC.vocab_size, SPEC.max_text_tokens)
+    tokenizer.save_pretrained(output)
+    build_clip_model(SPEC, tokenizer, seed=seed).save_pretrained(output)
+    clip_image_processor(SPEC).save_pretrained(output)
     return output
 
 

@@ -40,8 +40,10 @@ __all__ = [
     "SceneBatch",
     "TinyClipSpec",
     "TrainResult",
+    "build_bpe_tokenizer",
     "build_clip_model",
     "build_scene_tokenizer",
+    "clip_image_processor",
     "contrastive_loss",
     "describe_training_scene",
     "evaluate_alignment",
@@ -130,39 +132,34 @@ def build_scene_tokenizer(spec: TinyClipSpec, seed: int = 0):
     Returns:
         A ``PreTrainedTokenizerFast`` whose encodings are ``BOS + tokens + EOS``.
     """
-    from tokenizers import (
-        Tokenizer,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    return build_bpe_tokenizer(_tokenizer_corpus(random.Random(seed)), spec.vocab_size, spec.max_text_tokens,
+                               initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation))
+
+
+def build_bpe_tokenizer(corpus: Sequence[str], vocab_size: int, max_tokens: int,
+                        initial_alphabet: Sequence[str] = ()):
+    """A lower-casing, whitespace-split BPE trained on `corpus`, as CLIP's text tower takes it.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` whose encodings are ``BOS + tokens + EOS``, ``model_max_length``
+        `max_tokens`.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=[PAD, UNK, BOS, EOS],
-        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tokenizer_corpus(random.Random(seed)), trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, BOS, EOS],
+                                  initial_alphabet=list(initial_alphabet), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
     # CLIP pools the text at the first EOS, so every encoding must carry one (truncation keeps it).
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        model_max_length=spec.max_text_tokens,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   model_max_length=max_tokens)
 
 
 def build_clip_model(spec: TinyClipSpec, tokenizer: Any, seed: int = 0):
@@ -203,7 +200,8 @@ def build_clip_model(spec: TinyClipSpec, tokenizer: Any, seed: int = 0):
     return CLIPModel(config)
 
 
-def _image_processor(spec: TinyClipSpec):
+def clip_image_processor(spec: TinyClipSpec):
+    """CLIP's image processor at the spec's image size (resize the short side, centre crop, CLIP's mean/std)."""
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
@@ -479,7 +477,7 @@ def train_tiny_clip(
     model.eval()
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    _image_processor(spec).save_pretrained(output)
+    clip_image_processor(spec).save_pretrained(output)
     return TrainResult(
         output=output,
         losses=losses,

@@ -59,7 +59,7 @@ def test_pixel_values_equal_the_saved_image_processor(tmp_path: Path) -> None:
     from transformers import AutoImageProcessor
 
     spec = ct.TinyClipSpec(image_size=112)
-    ct._image_processor(spec).save_pretrained(tmp_path)
+    ct.clip_image_processor(spec).save_pretrained(tmp_path)
     rng = random.Random(0)
     images = [sc.render_scene(ct.sample_training_scene(rng), 112) for _ in range(3)]
     ours = ct.images_to_pixel_values(images)
