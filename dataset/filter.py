@@ -61,7 +61,7 @@ from pebr.data.images import (  # noqa: E402
 from pebr.data.dataset import load_format_prompt, render_question  # noqa: E402
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
-from pebr.utils.jsonio import atomic_write_json, read_json_records  # noqa: E402
+from pebr.utils.jsonio import DISK_ERRNOS, atomic_write_json, read_json_records  # noqa: E402
 
 REFLECTIVE_PHRASE = "let me rethink it"
 IMAGE_REASONS = ("missing_image", "unreadable_image", "large_image", "small_image", "thin_image")
@@ -290,6 +290,8 @@ def run(argv: list[str]) -> None:
     try:
         write_records(args.output, kept)
     except OSError as err:
+        if err.errno in DISK_ERRNOS:  # exit 1, as for every entry point: the same command once there is room
+            raise
         raise FilterInputError(f"cannot write {args.output}: {err}") from err
     print(f"wrote {args.output}")
     relative = any(not os.path.isabs(p) for rec in kept for p in rec.get("images") or [])
@@ -302,7 +304,7 @@ def run(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: exit 2, with one message, for input it cannot filter (pebr/cli.py)."""
-    return run_cli(run, argv)
+    return run_cli(run, argv, on_interrupt="run it again (the output is written whole or not at all)")
 
 
 if __name__ == "__main__":

@@ -467,10 +467,10 @@ def validate(cfg: PPOConfig, *, training: bool = True, model_weights: bool = Tru
     _check_choices(cfg)
     _check_trainer(cfg)
     _check_workers(cfg)
+    _check_data(cfg)  # (before the rollout's checks, which read the lengths)
     _check_rollout(cfg, training)
     _check_algorithm(cfg)
     _check_model(cfg, model_weights)
-    _check_data(cfg)
     _check_finite(cfg)
     if training:
         _check_update(cfg)

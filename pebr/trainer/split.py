@@ -441,7 +441,7 @@ def check_json_storable(records: list[DatasetRecord]) -> None:
     """
     for record in records:
         try:
-            json.dumps(record.value, ensure_ascii=False)
+            json.dumps(record.value, ensure_ascii=False).encode("utf-8")  # (a lone surrogate fails only here)
         except (TypeError, ValueError) as err:
             raise SplitError(
                 f"{record.where}: {err}; the split files are JSON, so a data set whose records hold such values "

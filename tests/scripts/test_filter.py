@@ -309,6 +309,31 @@ def test_an_empty_input_an_output_that_is_the_input_and_no_image_found_write_not
     assert len(flt.load_records(out)) == 2
 
 
+def test_a_full_disk_is_exit_1_as_for_every_entry_point(tmp_path, image_root, monkeypatch, capsys):
+    """The filter made every write error its input error (exit 2); a full or read-only disk is exit 1 everywhere
+    (pebr/cli.py), the message naming the file and what to do once there is room."""
+    import errno
+
+    src = _write_input(tmp_path / "raw.json", [_sample(images=["ok.png"])])
+    out = tmp_path / "clean.json"
+
+    def full_disk(path, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(flt, "write_records", full_disk)
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device: ") and "clean.json" in err
+    assert "once there is room, run it again (the output is written whole or not at all)" in err and not out.exists()
+
+    def no_folder(path, records):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    monkeypatch.setattr(flt, "write_records", no_folder)  # not the disk's state: the user's --output, exit 2
+    assert flt.main(["--input", str(src), "--output", str(out), "--image_root", str(image_root)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write {out}: ")
+
+
 def test_a_byte_that_is_not_utf8_is_named_by_line(tmp_path, capsys):
     lines = [json.dumps(_sample(question=f"Question {i}?")) for i in range(300)]
     raw = ("\n".join(lines[:299]) + "\n").encode() + lines[299].encode().replace(b"Question", b"Qu\xe9stion") + b"\n"

@@ -439,6 +439,19 @@ def test_a_record_json_cannot_hold_is_refused_by_name(tmp_path):
     assert _files_in(out) == before
 
 
+def test_a_record_utf8_cannot_hold_is_refused_by_name_not_raised(tmp_path):
+    """A lone surrogate (json.loads of "\\ud800" makes one) passed json.dumps and raised UnicodeEncodeError from the
+    writer: a traceback and exit 1 once the split script went through run_cli, which says only UserErrors."""
+    data = tmp_path / "rl.json"
+    data.write_text('[{"qid": "a", "problem": "<image>q?", "answer": "1", "images": ["x.png"], "note": "\\ud800"}]')
+    _write_jsonl(tmp_path / "rollouts.jsonl", [_rollout("a", 1.0, s) for s in range(N)])
+    out = tmp_path / "split"
+    before = _previous_split(out)
+    with pytest.raises(SplitError, match=r"rl\.json record 0.*surrogates not allowed.*Nothing was written"):
+        split_dataset(str(tmp_path / "rollouts.jsonl"), str(data), str(out), N, log=lambda m: None)
+    assert _files_in(out) == before
+
+
 def test_a_malformed_line_sampling_skipped_is_skipped_with_skip_bad_lines(tmp_path):
     """Sampling with data.on_bad_record=skip leaves a malformed JSONL line out; the split with --skip_bad_lines
     does too, keeping the other records' default qids (their line numbers)."""
