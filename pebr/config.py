@@ -44,7 +44,7 @@ class DataConfig:
     max_prompt_length: int = 2048
     max_response_length: int = 2048
     rollout_batch_size: int = 512
-    val_batch_size: int = -1  # validation prompts per generate call, split over the workers (<= 0: all at once)
+    val_batch_size: int = -1  # validation prompts per generate call, split over the workers (-1: all at once)
     format_prompt: Optional[str] = None
     shuffle: bool = True
     seed: int = 1
@@ -219,7 +219,7 @@ class RolloutConfig:
     # recomputes fewer (the CPU recipe sets 32, the smallest vLLM's CPU attention takes).
     block_size: int | None = None
     # Validation samples one response a question at temperature 0.5 (with the training's top_p, top_k, seed and
-    # max_tokens); keys here (n, temperature, top_p, top_k, max_tokens, seed, logprobs) replace those.
+    # max_tokens); keys here (n, temperature, top_p, top_k, max_tokens, seed) replace those.
     val_override_config: dict = field(default_factory=dict)
 
 
@@ -300,7 +300,7 @@ class PPOConfig:
 
 
 # The sampling settings validation may override (pebr.workers.rollout.SamplingConfig's fields).
-VAL_SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "logprobs")
+VAL_SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed")  # (validation reads no log-probs)
 LOGGERS = ("console", "file", "wandb", "tensorboard")  # trainer.logger's back-ends
 
 
@@ -388,8 +388,7 @@ def _check_val_sampling(overrides: dict) -> None:
               "temperature": ((int, float), lambda v: v >= 0, ">= 0"),
               "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
               "top_k": (int, lambda v: v >= -1, "-1 or 0 (off) or >= 1"),
-              "seed": ((int, type(None)), lambda v: True, "an integer or null"),  # (mixed into a request's seed)
-              "logprobs": (bool, lambda v: True, "true or false")}
+              "seed": ((int, type(None)), lambda v: True, "an integer or null")}  # (mixed into a request's seed)
     for key, value in overrides.items():
         kind, ok, wanted = checks[key]
         if isinstance(value, float) and not math.isfinite(value):

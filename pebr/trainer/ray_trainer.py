@@ -6,6 +6,7 @@ Read `fit` top to bottom: each phase of a step is one named call, timed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -83,7 +84,7 @@ def init_ray(cfg: PPOConfig) -> bool:
         # A fresh local cluster (never one found through `ray start` by accident), with one CPU per worker plus
         # the reward worker.
         kwargs["address"] = "local"
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + int(cfg.worker.reward.num_cpus) + 1)
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, cfg.world_size + math.ceil(cfg.worker.reward.num_cpus) + 1)
         # The GCS keeps a record of each actor call for the dashboard (off here), 3-4 KB each, up to 100 000 by
         # default: its memory grew 1.35 MB per 100 tiny steps, towards about 340 MB. (A cluster of `ray start`
         # takes this from its own start, RAY_task_events_max_num_task_in_gcs.)

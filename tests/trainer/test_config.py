@@ -106,7 +106,7 @@ def test_overrides_win_over_files():
     ("worker.rollout.val_override_config.n=two", "val_override_config.n='two' must be >= 1"),
     ("worker.rollout.val_override_config.n=0", "val_override_config.n=0 must be >= 1"),
     ("worker.rollout.val_override_config.max_tokens=-5", "val_override_config.max_tokens=-5 must be >= 1"),
-    ("worker.rollout.val_override_config.logprobs=3", "val_override_config.logprobs=3 must be true or false"),
+    ("worker.rollout.val_override_config.top_k=-3", "val_override_config.top_k=-3 must be -1 or 0 (off) or >= 1"),
     ("worker.rollout.val_override_config.max_tokens=9000", "val_override_config.max_tokens=9000 is more than "
      "data.max_response_length=2048, which sizes the rollout engine"),
     ("trainer.logger=[console,wandbb]", "trainer.logger has unknown back-ends"),
@@ -237,8 +237,11 @@ def test_validation_overrides_name_the_sampling_fields():
     from pebr.config import VAL_SAMPLING_KEYS
     from pebr.workers.rollout import SamplingConfig
 
-    # (`stream` is the trainer's: a training rollout's step and try; validation is seeded per question instead.)
-    assert set(VAL_SAMPLING_KEYS) == {f.name for f in dataclasses.fields(SamplingConfig)} - {"stream"}
+    # (`stream` is the trainer's: a training rollout's step and try; validation is seeded per question instead.
+    # `logprobs`: validation reads none, so asking for them only cost the engine their gathering.)
+    assert set(VAL_SAMPLING_KEYS) == {f.name for f in dataclasses.fields(SamplingConfig)} - {"stream", "logprobs"}
+    with pytest.raises(ConfigError, match=r"val_override_config has unknown keys \['logprobs'\]"):
+        load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.logprobs=true"])
     cfg = load_config([stage("pebr_stage2.yaml"), *REQUIRED, "worker.rollout.val_override_config.temperature=0.7",
                        "worker.rollout.val_override_config.n=2"])
     assert dict(cfg.worker.rollout.val_override_config) == {"temperature": 0.7, "n": 2}
