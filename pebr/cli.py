@@ -6,8 +6,8 @@ the user can fix.
     exit 2    the user's input: a setting, a data file, a checkpoint, an output folder (a `UserError`)
     exit 130  Ctrl-C;  exit 143  SIGTERM (a scheduler stopping the job)
 
-Each entry point's `__main__` is `sys.exit(run_cli(main, None, ...))`. This module imports nothing heavy, so
-that light scripts (dataset/filter.py, the split) can use it without loading torch or Ray.
+Every entry point runs its work through `run_cli`, whose return value is its exit code. This module imports
+nothing heavy, so that light scripts (dataset/filter.py, the split) can use it without loading torch or Ray.
 """
 
 from __future__ import annotations

@@ -699,7 +699,7 @@ def _check_data(cfg: PPOConfig) -> None:
                        ("data.max_prompt_length", d.max_prompt_length),
                        ("data.max_response_length", d.max_response_length)):
         _positive(key, value)
-    check_seed("data.seed", cfg.data.seed)
+    check_seed("data.seed", d.seed)
     if not d.train_files:
         raise ConfigError("data.train_files is required")
     for key, source in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):

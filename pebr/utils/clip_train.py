@@ -133,12 +133,13 @@ def build_scene_tokenizer(spec: TinyClipSpec, seed: int = 0):
         A ``PreTrainedTokenizerFast`` whose encodings are ``BOS + tokens + EOS``.
     """
     return build_bpe_tokenizer(_tokenizer_corpus(random.Random(seed)), spec.vocab_size, spec.max_text_tokens,
-                               initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation))
+                               initial_alphabet=string.ascii_lowercase + string.digits + string.punctuation)
 
 
 def build_bpe_tokenizer(corpus: Sequence[str], vocab_size: int, max_tokens: int,
-                        initial_alphabet: Sequence[str] = ()):
-    """A lower-casing, whitespace-split BPE trained on `corpus`, as CLIP's text tower takes it.
+                        initial_alphabet: str = ""):
+    """A lower-casing, whitespace-split BPE trained on `corpus` (each character of `initial_alphabet` a token
+    whatever the corpus), as CLIP's text tower takes it.
 
     Returns:
         A ``PreTrainedTokenizerFast`` whose encodings are ``BOS + tokens + EOS``, ``model_max_length``
