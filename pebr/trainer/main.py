@@ -115,9 +115,6 @@ def probe_reward(worker: Any, item: dict, timeout: float, require: dict[str, str
 
 
 def run(argv: list[str]) -> None:
-    from pebr.checkpoint import run_dir_lock
-    from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
-
     check_only = "--check" in argv
     # (--check may name a checkpoint's huggingface/ folder, whose weights the merge writes later)
     cfg, train, val, sampler = prepare([word for word in argv if word != "--check"], model_weights=not check_only)
@@ -125,6 +122,9 @@ def run(argv: list[str]) -> None:
         print(f"settings and data check out: {len(train)} training records"
               + (f", {len(val)} validation records" if val is not None else "") + "; nothing was trained", flush=True)
         return
+    from pebr.checkpoint import run_dir_lock
+    from pebr.trainer.ray_trainer import init_ray, sigterm_as_interrupt
+
     with run_dir_lock(cfg.checkpoint_dir):  # before Ray starts: a second run on this folder stops here
         started = init_ray(cfg)
         try:
@@ -144,10 +144,12 @@ def prepare(argv: list[str], model_weights: bool = True) -> tuple[PPOConfig, Any
     Returns:
         (config, training set, validation set or None, batch sampler).
     """
+    cfg = load_config(argv, model_weights=model_weights)
+    # Imported after the settings are read: a mistyped key is reported in a fraction of a second, not after
+    # torch and transformers have loaded.
     from pebr.data import StatefulBatchSampler
     from pebr.workers.actor import load_processor
 
-    cfg = load_config(argv, model_weights=model_weights)
     warn_untested_versions()
     processor = load_processor(cfg.worker.actor.model)
     check_fits_context(cfg)

@@ -296,11 +296,12 @@ def run(argv: list[str]) -> SampleSummary:
         SampleLogError: an existing output that cannot be resumed.
         WorkerFailure: a worker died or raised.
     """
+    cfg = load_config(argv, training=False)
+    # (after the settings are read: a mistyped key is reported before torch and transformers load)
     from pebr.trainer.main import check_fits_context
     from pebr.utils.versions import warn_untested_versions
     from pebr.workers.actor import load_processor
 
-    cfg = load_config(argv, training=False)
     warn_untested_versions()
     if not cfg.worker.reward.reward_function:
         raise ConfigError("worker.reward.reward_function is required (path/to/file.py:function)")
