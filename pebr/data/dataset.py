@@ -187,6 +187,7 @@ class RLDataset(Dataset):
         "prompt": str, the chat-templated user turn with the generation prompt; each image appears as
             the template's <|vision_start|><|image_pad|><|vision_end|> (not yet expanded).
         "images": list[PIL.Image.Image], RGB, resized with `fit_size(min_pixels, max_pixels)`.
+        "question": str, the record's question as written (its `<image>` placeholders kept, no template);
         "ground_truth": str; "qid": str; "key_words": list[str];
         "index": int, the record's position in the `records` list given to the constructor.
 
@@ -364,6 +365,7 @@ class RLDataset(Dataset):
         return {
             "prompt": prompt,
             "images": images,
+            "question": record[self.prompt_key],
             "ground_truth": record[self.answer_key],
             "qid": record["qid"],
             "key_words": list(record["key_words"]),

@@ -12,7 +12,8 @@ unknown weight) fails at start-up rather than at the first scoring step. A file 
 ``REWARD_TYPE = "batch"`` (or ``"sequential"``) is refused under the other reward_type, by name, instead of
 failing on its first input.
 
-Inputs are dicts with keys response (str), response_length (int), ground_truth (str),
+Inputs are dicts with keys response (str), response_length (int), question (str, the record's question as
+written, for a reward model or a judge), ground_truth (str),
 key_word (list[str]), image (the first image, a PIL image, or None), images (all of them, in the prompt's order)
 and qid (str). Outputs are one dict per input whose
 values are finite floats, with ``overall`` (the scalar GRPO optimises) unless require_overall is off.

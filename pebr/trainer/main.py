@@ -103,7 +103,7 @@ def probe_reward(worker: Any, item: dict, timeout: float, require: dict[str, str
     # loads but fails to score would otherwise stop the run after the first step's rollout).
     response = ("### Image Description: " + " ".join(item["key_words"] or ["an image"]) + "\n### Rationales: -\n"
                 "### Step 1: -\n### The final answer is: " + item["ground_truth"])
-    probe = {"response": response, "response_length": 32,
+    probe = {"response": response, "response_length": 32, "question": item["question"],
              "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
              "image": item["images"][0] if item["images"] else None, "images": list(item["images"])}
     scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record", timeout)

@@ -217,9 +217,11 @@ def timed(metrics: dict, name: str) -> Iterator[None]:
 
 
 def reward_inputs(batch: Batch) -> list[dict]:
+    """What the reward function gets per sample (the keys are listed in `pebr.rewards.manager`)."""
     nt = batch.non_tensors
     return [{"response": nt["response"][i], "response_length": len(batch.response_ids[i]),
-             "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i], "qid": nt["qid"][i],
+             "question": nt["question"][i], "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i],
+             "qid": nt["qid"][i],
              "image": batch.images[i][0] if batch.images[i] else None, "images": list(batch.images[i])}
             for i in range(len(batch))]
 

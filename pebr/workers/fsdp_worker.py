@@ -225,8 +225,9 @@ class FSDPWorker:
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         stops = set(stop_token_ids(tok))
         rollout_logprobs: list[list[float]] = []
-        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in ("uid", "qid", "ground_truth", "key_words",
-                                                                               "response", "index", "truncated")}
+        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in ("uid", "qid", "question", "ground_truth",
+                                                                               "key_words", "response", "index",
+                                                                               "truncated")}
         for p, g in zip(prompts, gens):
             for j, r in enumerate(g.responses):
                 if g.logprobs is not None:
@@ -239,6 +240,7 @@ class FSDPWorker:
                 images.append(p.get("images") or [])
                 extra["uid"].append(p["uid"])
                 extra["qid"].append(p["qid"])
+                extra["question"].append(p.get("question", ""))
                 extra["ground_truth"].append(p["ground_truth"])
                 extra["key_words"].append(p.get("key_words", []))
                 extra["index"].append(p.get("index", -1))

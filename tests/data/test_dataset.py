@@ -59,7 +59,8 @@ def test_item_fields_and_resized_images(processor, image_dir):
     assert dataset.num_without_key_words == 2  # b has none, c has None
 
     first = dataset[0]
-    assert set(first) == {"prompt", "images", "ground_truth", "qid", "key_words", "index"}
+    assert set(first) == {"prompt", "images", "question", "ground_truth", "qid", "key_words", "index"}
+    assert first["question"] == "<image>How many red?"  # as written, for the reward: no template, no format prompt
     assert (first["ground_truth"], first["qid"], first["key_words"], first["index"]) == ("2", "a", ["red"], 0)
     # 100x60 rounds to 112x56 = 6272 px, inside [3136, 50176].
     assert [im.size for im in first["images"]] == [(112, 56)]

@@ -205,7 +205,8 @@ def test_a_reward_function_that_stalls_fails_within_the_worker_timeout(ray_sessi
                                                        reward_function_kwargs={})
     ray_session.get(worker.ready.remote(), timeout=60)
     batch = Batch(prompt_ids=[[1]], response_ids=[[2]], images=[[]],
-                  non_tensors={"response": ["x"], "ground_truth": ["1"], "key_words": [[]], "qid": ["q"]})
+                  non_tensors={"response": ["x"], "question": ["Q?"], "ground_truth": ["1"], "key_words": [[]],
+                               "qid": ["q"]})
     trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(worker_timeout_s=3.0)),
                                     reward_worker=worker)
     try:
@@ -248,7 +249,8 @@ def test_a_reward_stalling_at_start_up_or_in_its_first_check_fails_within_the_wo
         try:
             with pytest.raises(ray_trainer.WorkerTimeout, match=r"reward function check on the first training "
                                                                  r"record: no answer within 3 s"):
-                probe_reward(worker, {"ground_truth": "1", "key_words": [], "qid": "q", "images": []}, 3.0)
+                probe_reward(worker, {"question": "Q?", "ground_truth": "1", "key_words": [], "qid": "q", "images": []},
+                             3.0)
         finally:
             ray_session.kill(worker)
     assert time.time() - t0 < 60

@@ -166,8 +166,8 @@ def test_stage1_clip_end_to_end_through_ray(ray_session, tiny_clip_path: str) ->
         # that loads but fails to score stopped the run only after the first step's generation).
         from pebr.trainer.main import probe_reward
 
-        probed = probe_reward(worker, {"ground_truth": "2", "key_words": ["red", "square"], "qid": "q",
-                                       "images": [inputs[0]["image"]]}, timeout=120)
+        probed = probe_reward(worker, {"question": "<image>Count.", "ground_truth": "2", "key_words": ["red", "square"],
+                                       "qid": "q", "images": [inputs[0]["image"]]}, timeout=120)
         assert probed["clip"] != 0.0 and probed["format"] == 1.0
         # A second worker finds the same scorer instead of loading another copy.
         other = RewardWorker.remote(STAGE1, reward_function_kwargs=kwargs)

@@ -217,7 +217,8 @@ def checksum(text):
 
 
 def compute_score(reward_inputs, **kwargs):
-    return [{"overall": checksum(x["response"]), "checksum": checksum(x["response"])} for x in reward_inputs]
+    return [{"overall": checksum(x["response"]), "checksum": checksum(x["response"]),
+             "question": checksum(x["question"])} for x in reward_inputs]
 '''
 
 
@@ -248,7 +249,8 @@ def varied_reward(tmp_path) -> list[str]:
 
 def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
     """With 2 workers the controller reorders the batch to balance tokens; every saved reward must still be
-    the reward of the response saved next to it (a reward that differs for almost every response)."""
+    the reward of the response saved next to it (a reward that differs for almost every response), and the
+    reward sees the question of that response's record."""
     run_dir = str(tmp_path / "aligned")
     run(argv(tiny_model_dir, synthetic_data_dir, run_dir, steps=1) + varied_reward(tmp_path)
         + ["trainer.val_freq=0", "data.max_response_length=12"])
@@ -257,8 +259,11 @@ def test_rewards_stay_with_their_responses(tiny_model_dir, synthetic_data_dir, r
     assert len({r["reward/overall"] for r in records}) > 4  # the check below can tell samples apart
     namespace: dict = {}
     exec(TEXT_REWARD, namespace)
+    with open(os.path.join(synthetic_data_dir, "train.json")) as f:
+        questions = {r["qid"]: r["problem"] for r in json.load(f)}
     for r in records:
         assert r["reward/overall"] == pytest.approx(namespace["checksum"](r["response"])), r["qid"]
+        assert r["reward/question"] == pytest.approx(namespace["checksum"](questions[r["qid"]])), r["qid"]
 
 
 def test_on_policy_packed_token_budget_step(tiny_model_dir, synthetic_data_dir, ray_session, tmp_path):
