@@ -1,0 +1,92 @@
+"""A learned reward model: a transformers sequence classifier scores each question and response.
+
+    worker.reward.reward_function=examples/reward_function/reward_model.py:compute_score
+    worker.reward.reward_function_kwargs.model_path=/models/my-reward-model
+
+The model (`AutoModelForSequenceClassification`, one output) is loaded once per reward actor, on its CPU, in
+`setup`. Each response is shown to it as the assistant's answer to the question (the tokenizer's chat template
+when it has one; the question's `<image>` placeholders are dropped, as the model reads text only), cut to
+`max_length` tokens from the left so that the response's end, which the score is read at, stays. Scores come in
+batches of `batch_size`, padded on the right; each is the score the same text gets alone.
+
+    overall = sigmoid(score) if squash else score      (also logged raw as reward/reward_model)
+
+A reward model of billions of parameters wants a GPU: serve it (any server that takes a JSON batch) and use
+`remote.py`, rather than this file, which keeps it on the reward actor's CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pebr.rewards.manager import resolve_options
+
+REWARD_TYPE = "batch"
+DEFAULTS: dict[str, Any] = {"model_path": "", "batch_size": 8, "max_length": 2048, "squash": True}
+IMAGE_PLACEHOLDER = "<image>"
+_loaded: dict[str, tuple[Any, Any]] = {}  # model_path -> (tokenizer, model), once per process
+
+
+def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    options = resolve_options(DEFAULTS, kwargs, os.path.basename(__file__))
+    path = options["model_path"]
+    if not isinstance(path, str) or not os.path.isdir(os.path.expanduser(path)):
+        raise ValueError(f"worker.reward.reward_function_kwargs.model_path={path!r} is not a directory holding a "
+                         "reward model")
+    for key in ("batch_size", "max_length"):
+        if not isinstance(options[key], int) or options[key] < 1:
+            raise ValueError(f"reward_function_kwargs {key}={options[key]!r} must be a whole number >= 1")
+    return options
+
+
+def _model(path: str) -> tuple[Any, Any]:
+    if path not in _loaded:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        if model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has "
+                             f"{model.config.num_labels}")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+        # The classifier reads each row's score at its last token that is not padding: it must know the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+        _loaded[path] = tokenizer, model
+    return _loaded[path]
+
+
+def setup(**kwargs: Any) -> None:
+    """Check the settings and load the model once, at start-up."""
+    options = _options(kwargs)
+    _model(os.path.expanduser(options["model_path"]))
+
+
+def conversation(tokenizer: Any, question: str, response: str) -> str:
+    """The text the model scores: the question and the response as one exchange."""
+    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+    return f"{question}\n{response}"
+
+
+def compute_score(reward_inputs: list[dict], **kwargs: Any) -> list[dict[str, float]]:
+    """The reward model's score of each input, in order."""
+    import torch
+
+    options = _options(kwargs)
+    tokenizer, model = _model(os.path.expanduser(options["model_path"]))
+    texts = [conversation(tokenizer, item["question"], item["response"]) for item in reward_inputs]
+    raw: list[float] = []
+    size = options["batch_size"]
+    with torch.inference_mode():
+        for start in range(0, len(texts), size):
+            encoded = tokenizer(texts[start:start + size], padding=True, truncation=True,
+                                max_length=options["max_length"], return_tensors="pt")
+            raw += model(**encoded).logits[:, 0].float().tolist()
+    squash = options["squash"]
+    return [{"overall": float(torch.sigmoid(torch.tensor(s))) if squash else s, "reward_model": s} for s in raw]
