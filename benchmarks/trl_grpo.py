@@ -46,21 +46,24 @@ def main() -> None:
     a, acfg = cfg.algorithm, cfg.worker.actor
     manager = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
                             reward_function_kwargs=dict(cfg.worker.reward.reward_function_kwargs))
-    records = [{"prompt": [{"role": "user", "content": user_text(it["prompt"])}], "image": it["images"][0], "ground_truth": it["ground_truth"],
-                "key_words": it["key_words"], "qid": it["qid"]} for it in items]
+    records = [{"prompt": [{"role": "user", "content": user_text(it["prompt"])}], "image": it["images"][0],
+                "question": it["question"], "ground_truth": it["ground_truth"], "key_words": it["key_words"],
+                "qid": it["qid"]} for it in items]
     train = datasets.Dataset.from_list(records)
     counted = {"tokens": 0, "responses": 0}
 
-    def reward(prompts, completions, completion_ids=None, ground_truth=None, key_words=None, qid=None, image=None,
-               **_):
+    def reward(prompts, completions, completion_ids=None, question=None, ground_truth=None, key_words=None, qid=None,
+               image=None, **_):
         lengths = [len(c) for c in completion_ids] if completion_ids is not None else [0] * len(completions)
         counted["tokens"] += sum(lengths)
         counted["responses"] += len(completions)
         # Conversational completions arrive as [{"role": "assistant", "content": text}].
         completions = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        inputs = [{"response": c, "response_length": n, "ground_truth": g, "key_word": k, "qid": q,
-                   "image": im} for c, n, g, k, q, im in zip(completions, lengths, ground_truth, key_words, qid,
-                                                           image or [None] * len(completions))]
+        # The keys our reward_inputs gives (pebr.rewards.manager), so that any reward file scores both sides.
+        inputs = [{"response": c, "response_length": n, "question": t, "ground_truth": g, "key_word": k, "qid": q,
+                   "image": im, "images": [im] if im is not None else []}
+                  for c, n, t, g, k, q, im in zip(completions, lengths, question, ground_truth, key_words, qid,
+                                                  image or [None] * len(completions))]
         return [s["overall"] for s in manager.compute(inputs)]
 
     samples = setup.batch * setup.n

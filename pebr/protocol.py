@@ -5,7 +5,7 @@ Schema of a rollout `Batch` of N samples (N = prompts x n responses):
     prompt_ids     list[list[int]]   the prompt tokens, image placeholders expanded (as the model sees them)
     response_ids   list[list[int]]   the generated tokens (no padding)
     images         list[list[Image]] the prompt's images (the same objects for all n responses of a prompt)
-    non_tensors    dict[str, list]   per-sample values: uid (prompt group), qid, ground_truth, key_words,
+    non_tensors    dict[str, list]   per-sample values: uid (prompt group), qid, question, ground_truth, key_words,
                                      response (decoded text), prompt index, truncated (cut by the length limit)
     tensors        dict[str, Tensor] per-sample tensors with N as the first dimension, e.g. response_mask
                                      [N, T], old_logprobs [N, T], ref_logprobs [N, T], advantages [N, T],

@@ -14,18 +14,23 @@ other keys are logged as reward/<key>::
     {"scores": [{"overall": 0.7, "judge": 0.7}, ...]}
 
 `send_images=true` adds "images": the input's images as base64-encoded PNG files. A chunk whose request cannot
-connect, times out, or is answered with HTTP 429 or 5xx is sent again up to `retries` times, after `backoff_s`
-seconds, then twice as long each time; any other HTTP error ends the step at once with the status and the start
-of the service's reply. `api_key_env` names an environment variable holding a bearer token (a token written in
-the settings would be saved with every checkpoint's config.yaml); the reward actor must see that variable (on a
-multi-node cluster, in the Ray runtime environment). Every call, retries included, must end within
-trainer.worker_timeout_s; a batch that fails is tried again by the reward manager on its first inputs alone, to
-name a culprit, so a service that is down is asked up to three times (retries + 1) before the step stops.
+connect, times out, is cut off, or is answered with HTTP 408, 429, 500, 502, 503 or 504 is sent again up to
+`retries` times, after `backoff_s` seconds, then twice as long each time; any other HTTP status (a redirect
+included: it is not followed, so neither the POST body nor the token goes anywhere but `url`) ends the step at
+once with the status and the start of the service's reply. `api_key_env` names an environment variable holding
+a bearer token (a token written in the settings would be saved with every checkpoint's config.yaml); the reward
+actor must see that variable (on a multi-node cluster, in the Ray runtime environment).
+
+`timeout_s` bounds each wait on the socket, not a whole request. Every call, retries included, must end within
+trainer.worker_timeout_s. A batch that fails is scored again by the reward manager on its first two inputs alone,
+to tell a bad input from a bad setting, so a service that is down gets up to 3 x (retries + 1) requests for one
+step before the step stops.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -36,7 +41,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pebr.rewards.manager import resolve_options
+from pebr.rewards.manager import check_whole_numbers, resolve_options
 
 REWARD_TYPE = "batch"
 DEFAULTS: dict[str, Any] = {"url": "", "timeout_s": 60.0, "retries": 3, "backoff_s": 1.0, "batch_size": 64,
@@ -52,13 +57,11 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise ValueError(f"worker.reward.reward_function_kwargs.url={url!r}: give the service's http:// or https:// "
                          "address")
-    for key in ("retries", "batch_size", "concurrency"):
-        if not isinstance(options[key], int) or options[key] < (0 if key == "retries" else 1):
-            raise ValueError(f"reward_function_kwargs {key}={options[key]!r} must be a whole number "
-                             f"{'>= 0' if key == 'retries' else '>= 1'}")
-    for key in ("timeout_s", "backoff_s"):
-        if options[key] < 0 or key == "timeout_s" and options[key] == 0:
-            raise ValueError(f"reward_function_kwargs {key}={options[key]!r} must be above 0")
+    check_whole_numbers(options, {"retries": 0, "batch_size": 1, "concurrency": 1}, os.path.basename(__file__))
+    if not options["timeout_s"] > 0:
+        raise ValueError(f"reward_function_kwargs timeout_s={options['timeout_s']!r} must be above 0")
+    if options["backoff_s"] < 0:
+        raise ValueError(f"reward_function_kwargs backoff_s={options['backoff_s']!r} must be 0 or more")
     name = options["api_key_env"]
     if name and not os.environ.get(name):
         raise ValueError(f"reward_function_kwargs api_key_env={name!r}: the environment variable {name} is not set "
@@ -72,24 +75,47 @@ def setup(**kwargs: Any) -> None:
     _options(kwargs)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect becomes an HTTP error: urllib would resend the POST as a body-less GET, with the token, to
+    wherever the Location header points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _png(image: Any) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _payload(item: dict[str, Any], send_images: bool) -> dict[str, Any]:
+def _payload(item: dict[str, Any], pngs: dict[int, str] | None) -> dict[str, Any]:
+    """One input as sent. `pngs` (None: no images) holds the encodings made so far in this call, by image object:
+    the n responses of a prompt share its image objects, which stay alive for the call."""
     fields = {key: item.get(key) for key in ("qid", "question", "response", "response_length", "ground_truth",
                                               "key_word")}
-    if send_images:
-        fields["images"] = [_png(image) for image in item.get("images") or []]
+    if pngs is not None:
+        images = item.get("images") or []
+        for image in images:
+            if id(image) not in pngs:
+                pngs[id(image)] = _png(image)
+        fields["images"] = [pngs[id(image)] for image in images]
     return fields
 
 
-def _post(chunk: list[dict[str, Any]], options: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """The scores of one chunk; retried as the module docstring says."""
+def _error_reply(err: urllib.error.HTTPError) -> str:
+    try:
+        return err.read().decode("utf-8", "replace")[:_REPLY_PREVIEW]
+    except (OSError, http.client.HTTPException):  # the error's own body failed to arrive
+        return ""
+
+
+def _post(body: bytes, size: int, options: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The scores of one chunk of `size` inputs; retried as the module docstring says."""
     url = options["url"]
-    body = json.dumps({"inputs": [_payload(item, options["send_images"]) for item in chunk]}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if options["api_key_env"]:
         headers["Authorization"] = f"Bearer {os.environ[options['api_key_env']]}"
@@ -97,15 +123,18 @@ def _post(chunk: list[dict[str, Any]], options: dict[str, Any], where: str) -> l
     for attempt in range(1, attempts + 1):
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=options["timeout_s"]) as reply:
+            with _OPENER.open(request, timeout=options["timeout_s"]) as reply:
                 raw = reply.read()
             break
         except urllib.error.HTTPError as err:
-            text = err.read().decode("utf-8", "replace")[:_REPLY_PREVIEW]
-            problem = f"HTTP {err.code} {err.reason}: {text!r}"
+            problem = f"HTTP {err.code} {err.reason}: {_error_reply(err)!r}"
+            if 300 <= err.code < 400:
+                raise RuntimeError(f"{url} answered {problem} for {where}, a redirect to "
+                                   f"{err.headers.get('Location')!r}, which is not followed: set url to the "
+                                   "address that answers") from None
             if err.code not in RETRY_STATUSES:
                 raise RuntimeError(f"{url} answered {problem} for {where}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        except (OSError, http.client.HTTPException) as err:  # refused, timed out, cut off (URLError is an OSError)
             reason = err.reason if isinstance(err, urllib.error.URLError) else err
             problem = f"no answer ({type(reason).__name__}: {reason})"
         if attempt == attempts:
@@ -117,9 +146,9 @@ def _post(chunk: list[dict[str, Any]], options: dict[str, Any], where: str) -> l
     except (ValueError, KeyError, TypeError):
         raise RuntimeError(f"{url} replied {raw[:_REPLY_PREVIEW]!r} for {where}, not a JSON object with a "
                            "\"scores\" list") from None
-    if not isinstance(scores, list) or len(scores) != len(chunk):
+    if not isinstance(scores, list) or len(scores) != size:
         count = len(scores) if isinstance(scores, list) else type(scores).__name__
-        raise RuntimeError(f"{url} returned {count} scores for {where} of {len(chunk)} inputs")
+        raise RuntimeError(f"{url} returned {count} scores for {where} of {size} inputs")
     return scores
 
 
@@ -130,10 +159,14 @@ def compute_score(reward_inputs: list[dict], **kwargs: Any) -> list[dict[str, fl
     chunks = [reward_inputs[start:start + size] for start in range(0, len(reward_inputs), size)]
     if not chunks:
         return []
-
-    def score(numbered: tuple[int, list[dict]]) -> list[dict[str, Any]]:
-        k, chunk = numbered
-        return _post(chunk, options, f"chunk {k + 1} of {len(chunks)} (qids {chunk[0].get('qid')!r}..)")
-
-    with ThreadPoolExecutor(max_workers=min(options["concurrency"], len(chunks))) as pool:
-        return [s for scores in pool.map(score, enumerate(chunks)) for s in scores]
+    pngs: dict[int, str] | None = {} if options["send_images"] else None
+    bodies = [json.dumps({"inputs": [_payload(item, pngs) for item in chunk]}).encode() for chunk in chunks]
+    pool = ThreadPoolExecutor(max_workers=min(options["concurrency"], len(chunks)))
+    try:
+        futures = [pool.submit(_post, body, len(chunk), options,
+                               f"chunk {k + 1} of {len(chunks)} (qids {chunk[0].get('qid')!r}..)")
+                   for k, (body, chunk) in enumerate(zip(bodies, chunks))]
+        return [s for future in futures for s in future.result()]
+    finally:
+        # On a failed chunk, the chunks not yet sent are dropped rather than waited for, retries and all.
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -6,7 +6,8 @@
 The model (`AutoModelForSequenceClassification`, one output) is loaded once per reward actor, on its CPU, in
 `setup`. Each response is shown to it as the assistant's answer to the question (the tokenizer's chat template
 when it has one; the question's `<image>` placeholders are dropped, as the model reads text only), cut to
-`max_length` tokens from the left so that the response's end, which the score is read at, stays. Scores come in
+`max_length` tokens (at most the model's context) from the left so that the response's end, which the score is
+read at, stays. Scores come in
 batches of `batch_size`, padded on the right; each is the score the same text gets alone.
 
     overall = sigmoid(score) if squash else score      (also logged raw as reward/reward_model)
@@ -17,10 +18,11 @@ A reward model of billions of parameters wants a GPU: serve it (any server that 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-from pebr.rewards.manager import resolve_options
+from pebr.rewards.manager import check_whole_numbers, resolve_options
 
 REWARD_TYPE = "batch"
 DEFAULTS: dict[str, Any] = {"model_path": "", "batch_size": 8, "max_length": 2048, "squash": True}
@@ -34,9 +36,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(path, str) or not os.path.isdir(os.path.expanduser(path)):
         raise ValueError(f"worker.reward.reward_function_kwargs.model_path={path!r} is not a directory holding a "
                          "reward model")
-    for key in ("batch_size", "max_length"):
-        if not isinstance(options[key], int) or options[key] < 1:
-            raise ValueError(f"reward_function_kwargs {key}={options[key]!r} must be a whole number >= 1")
+    check_whole_numbers(options, {"batch_size": 1, "max_length": 1}, os.path.basename(__file__))
     return options
 
 
@@ -83,10 +83,13 @@ def compute_score(reward_inputs: list[dict], **kwargs: Any) -> list[dict[str, fl
     texts = [conversation(tokenizer, item["question"], item["response"]) for item in reward_inputs]
     raw: list[float] = []
     size = options["batch_size"]
+    max_length = min(options["max_length"], getattr(model.config, "max_position_embeddings", None) or math.inf)
     with torch.inference_mode():
         for start in range(0, len(texts), size):
-            encoded = tokenizer(texts[start:start + size], padding=True, truncation=True,
-                                max_length=options["max_length"], return_tensors="pt")
+            # A chat template writes its own special tokens (a BOS among them, for some); a second BOS would
+            # shift every text the model was trained on.
+            encoded = tokenizer(texts[start:start + size], padding=True, truncation=True, max_length=max_length,
+                                add_special_tokens=not tokenizer.chat_template, return_tensors="pt")
             raw += model(**encoded).logits[:, 0].float().tolist()
     squash = options["squash"]
     return [{"overall": float(torch.sigmoid(torch.tensor(s))) if squash else s, "reward_model": s} for s in raw]

@@ -187,7 +187,8 @@ class RLDataset(Dataset):
         "prompt": str, the chat-templated user turn with the generation prompt; each image appears as
             the template's <|vision_start|><|image_pad|><|vision_end|> (not yet expanded).
         "images": list[PIL.Image.Image], RGB, resized with `fit_size(min_pixels, max_pixels)`.
-        "question": str, the record's question as written (its `<image>` placeholders kept, no template);
+        "question": str, the record's question, normalised (an `<image>` placeholder in front per image when it
+            wrote none), without the chat template or the format prompt;
         "ground_truth": str; "qid": str; "key_words": list[str];
         "index": int, the record's position in the `records` list given to the constructor.
 

@@ -12,8 +12,8 @@ unknown weight) fails at start-up rather than at the first scoring step. A file 
 ``REWARD_TYPE = "batch"`` (or ``"sequential"``) is refused under the other reward_type, by name, instead of
 failing on its first input.
 
-Inputs are dicts with keys response (str), response_length (int), question (str, the record's question as
-written, for a reward model or a judge), ground_truth (str),
+Inputs are dicts with keys response (str), response_length (int), question (str, the record's question with its
+`<image>` placeholders, without the template, for a reward model or a judge), ground_truth (str),
 key_word (list[str]), image (the first image, a PIL image, or None), images (all of them, in the prompt's order)
 and qid (str). Outputs are one dict per input whose
 values are finite floats, with ``overall`` (the scalar GRPO optimises) unless require_overall is off.
@@ -42,6 +42,7 @@ __all__ = [
     "load_reward_function",
     "load_reward_module",
     "resolve_options",
+    "check_whole_numbers",
     "REWARD_TYPES",
 ]
 
@@ -158,6 +159,19 @@ def resolve_options(defaults: Mapping[str, Any], overrides: Mapping[str, Any], w
                             f"{'true or false' if isinstance(default, bool) else 'a finite number'} "
                             f"(default {default!r})")
     return {**defaults, **overrides}
+
+
+def check_whole_numbers(options: Mapping[str, Any], minimums: Mapping[str, int], where: str) -> None:
+    """Refuse a setting that counts something (a batch size, retries) unless it is a whole number of at least its
+    minimum: 2.5 or -1 would fail later, far from the setting, or quietly do nothing.
+
+    Raises:
+        ValueError: naming the key, its value, the reward file and the minimum.
+    """
+    for key, minimum in minimums.items():
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"reward_function_kwargs {key}={value!r} for {where} must be a whole number >= {minimum}")
 
 
 def _describe(index: int, item: Any) -> str:

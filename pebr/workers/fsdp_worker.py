@@ -240,7 +240,7 @@ class FSDPWorker:
                 images.append(p.get("images") or [])
                 extra["uid"].append(p["uid"])
                 extra["qid"].append(p["qid"])
-                extra["question"].append(p.get("question", ""))
+                extra["question"].append(p["question"])
                 extra["ground_truth"].append(p["ground_truth"])
                 extra["key_words"].append(p.get("key_words", []))
                 extra["index"].append(p.get("index", -1))

@@ -31,8 +31,10 @@ class Service:
         self.failures: list[int] = []
         self.reply: bytes | None = None  # a fixed reply instead of the scores
         self.delay_s = 0.0
+        self.barrier: threading.Barrier | None = None  # requests that must all be in flight at once
+        self.redirect_to: str | None = None
+        self.cut_short = 0  # replies to cut off mid-body first
         self.lock = threading.Lock()
-        self.in_flight = self.most_in_flight = 0
 
 
 @pytest.fixture
@@ -46,11 +48,22 @@ def service() -> Iterator[tuple[Service, str]]:
                 state.requests.append(body)
                 state.headers.append(dict(self.headers))
                 failure = state.failures.pop(0) if state.failures else None
-                state.in_flight += 1
-                state.most_in_flight = max(state.most_in_flight, state.in_flight)
+                cut, state.cut_short = state.cut_short > 0, max(state.cut_short - 1, 0)
+            if state.barrier is not None:
+                state.barrier.wait()  # raises BrokenBarrierError if the others never come
             time.sleep(state.delay_s)
-            with state.lock:
-                state.in_flight -= 1
+            if state.redirect_to:
+                self.send_response(302)
+                self.send_header("Location", state.redirect_to)
+                self.end_headers()
+                return
+            if cut:  # promises 1000 bytes, sends 10, closes
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b'{"scores":')
+                self.close_connection = True
+                return
             if failure is not None:
                 self.send_response(failure)
                 self.end_headers()
@@ -85,11 +98,12 @@ def inputs(count: int, image: Image.Image | None = None) -> list[dict]:
 
 def test_chunks_come_back_in_order_from_concurrent_requests(service):
     state, url = service
-    state.delay_s = 0.2  # long enough for the 3 requests to overlap
+    state.barrier = threading.Barrier(3, timeout=30)  # the server answers only once all 3 chunks are in flight
     scores = remote.compute_score(inputs(7), url=url, batch_size=3, concurrency=3)
     assert [s["overall"] for s in scores] == [i / 10 for i in range(7)]
     assert [s["question_chars"] for s in scores] == [22.0, 44.0] * 3 + [22.0]
-    assert sorted(len(r["inputs"]) for r in state.requests) == [1, 3, 3] and state.most_in_flight == 3
+    assert sorted(len(r["inputs"]) for r in state.requests) == [1, 3, 3]
+    assert remote.compute_score([], url=url) == [] and len(state.requests) == 3  # nothing to ask
     sent = state.requests[0]["inputs"][0]
     assert set(sent) == {"qid", "question", "response", "response_length", "ground_truth", "key_word"}  # no images
     assert "Authorization" not in state.headers[0]
@@ -98,8 +112,11 @@ def test_chunks_come_back_in_order_from_concurrent_requests(service):
 def test_images_and_a_token_from_the_environment(service, monkeypatch):
     state, url = service
     monkeypatch.setenv("SCORER_TOKEN", "s3cret")
+    encoded = []
+    monkeypatch.setattr(remote, "_png", lambda image, png=remote._png: encoded.append(image) or png(image))
     image = Image.new("RGB", (28, 56), (255, 0, 0))
     remote.compute_score(inputs(2, image), url=url, send_images=True, api_key_env="SCORER_TOKEN")
+    assert encoded == [image]  # the two responses of one prompt share its image: encoded once
     (request,) = state.requests
     decoded = Image.open(io.BytesIO(base64.b64decode(request["inputs"][1]["images"][0])))
     assert decoded.size == (28, 56) and decoded.getpixel((0, 0)) == (255, 0, 0)
@@ -110,11 +127,14 @@ def test_images_and_a_token_from_the_environment(service, monkeypatch):
 
 def test_a_busy_service_is_asked_again_and_a_refusal_is_not(service):
     state, url = service
-    state.failures = [503, 429]
+    state.failures = [503, 429, 502]
     t0 = time.time()
     scores = remote.compute_score(inputs(2), url=url, backoff_s=0.05)
-    assert [s["overall"] for s in scores] == [0.0, 0.1] and len(state.requests) == 3
-    assert time.time() - t0 >= 0.05 + 0.1  # backoff, then twice as long
+    assert [s["overall"] for s in scores] == [0.0, 0.1] and len(state.requests) == 4
+    assert time.time() - t0 >= 0.05 + 0.1 + 0.2  # backoff, then twice as long each time
+    state.requests.clear()
+    state.cut_short = 1  # a reply cut off mid-body is asked for again
+    assert len(remote.compute_score(inputs(2), url=url, backoff_s=0.01)) == 2 and len(state.requests) == 2
     state.requests.clear()
     state.failures = [400]
     with pytest.raises(RuntimeError, match=r"answered HTTP 400 Bad Request: 'model is loading' for chunk 1 of 1"):
@@ -123,6 +143,16 @@ def test_a_busy_service_is_asked_again_and_a_refusal_is_not(service):
     state.failures = [503] * 3
     with pytest.raises(RuntimeError, match=r"HTTP 503 .* 3 attempt\(s\)"):
         remote.compute_score(inputs(2), url=url, retries=2, backoff_s=0.01)
+
+
+def test_a_redirect_is_not_followed(service):
+    """urllib would resend the POST to the Location as a GET, token included: refused, naming both addresses."""
+    state, url = service
+    state.redirect_to = "http://elsewhere.invalid/score"
+    with pytest.raises(RuntimeError, match=r"answered HTTP 302 .* a redirect to 'http://elsewhere.invalid/score', "
+                                           r"which is not followed"):
+        remote.compute_score(inputs(1), url=url)
+    assert len(state.requests) == 1
 
 
 def test_a_slow_or_absent_service_fails_naming_it(service):
@@ -151,9 +181,10 @@ def test_a_reply_of_the_wrong_shape_is_refused(service, reply, message):
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "url='': give the service's http:// or https:// address"),
     ({"url": "scorer:8000"}, "give the service's"),
-    ({"url": "http://x", "retries": -1}, "retries=-1 must be a whole number >= 0"),
-    ({"url": "http://x", "batch_size": 2.5}, "batch_size=2.5 must be a whole number >= 1"),
+    ({"url": "http://x", "retries": -1}, "retries=-1 for remote.py must be a whole number >= 0"),
+    ({"url": "http://x", "batch_size": 2.5}, "batch_size=2.5 for remote.py must be a whole number >= 1"),
     ({"url": "http://x", "timeout_s": 0}, "timeout_s=0 must be above 0"),
+    ({"url": "http://x", "backoff_s": -1}, "backoff_s=-1 must be 0 or more"),
     ({"url": "http://x", "timout_s": 5}, "unknown reward_function_kwargs"),
 ])
 def test_settings_are_checked_at_start_up(kwargs, message):

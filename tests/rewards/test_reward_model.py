@@ -70,6 +70,13 @@ def test_the_model_reads_the_exchange_without_image_placeholders_and_keeps_the_e
     with torch.inference_mode():
         tail = model(input_ids=torch.tensor([ids[-16:]])).logits[0, 0].item()
     assert len(ids) > 16 and cut == pytest.approx(tail, abs=1e-5)
+    # Past the model's context (512 positions here): cut to it rather than failing on the position table.
+    longer = long * 5
+    ids = tokenizer(module.conversation(tokenizer, "How many cubes?", longer))["input_ids"]
+    capped = module.compute_score(items([longer]), model_path=reward_model_dir)[0]["reward_model"]
+    with torch.inference_mode():
+        tail = model(input_ids=torch.tensor([ids[-512:]])).logits[0, 0].item()
+    assert len(ids) > 512 and capped == pytest.approx(tail, abs=1e-5)
 
 
 def test_settings_are_checked_at_start_up(reward_model_dir, tiny_model_dir, tmp_path):
@@ -78,7 +85,7 @@ def test_settings_are_checked_at_start_up(reward_model_dir, tiny_model_dir, tmp_
 
     with pytest.raises(ValueError, match="model_path='/nonexistent' is not a directory"):
         start(model_path="/nonexistent")
-    with pytest.raises(ValueError, match="batch_size=0 must be a whole number >= 1"):
+    with pytest.raises(ValueError, match="batch_size=0 for reward_model.py must be a whole number >= 1"):
         start(model_path=reward_model_dir, batch_size=0)
     with pytest.raises(KeyError, match="unknown reward_function_kwargs"):
         start(model_path=reward_model_dir, model="x")
