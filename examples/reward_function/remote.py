@@ -22,9 +22,9 @@ a bearer token (a token written in the settings would be saved with every checkp
 actor must see that variable (on a multi-node cluster, in the Ray runtime environment).
 
 `timeout_s` bounds each wait on the socket, not a whole request. Every call, retries included, must end within
-trainer.worker_timeout_s. A batch that fails is scored again by the reward manager on its first two inputs alone,
-to tell a bad input from a bad setting, so a service that is down gets up to 3 x (retries + 1) requests for one
-step before the step stops.
+trainer.worker_timeout_s. A service that stays unavailable through the retries raises `RewardUnavailable`, so the
+step stops after retries + 1 requests; any other failure (a refused request, a reply of the wrong shape) is scored
+again by the reward manager on inputs alone, to name the input it fails on.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pebr.rewards.manager import check_whole_numbers, resolve_options
+from pebr.rewards.manager import RewardUnavailable, check_whole_numbers, resolve_options
 
 REWARD_TYPE = "batch"
 DEFAULTS: dict[str, Any] = {"url": "", "timeout_s": 60.0, "retries": 3, "backoff_s": 1.0, "batch_size": 64,
@@ -137,9 +137,9 @@ def _post(body: bytes, size: int, options: dict[str, Any], where: str) -> list[d
         except (OSError, http.client.HTTPException) as err:  # refused, timed out, cut off (URLError is an OSError)
             reason = err.reason if isinstance(err, urllib.error.URLError) else err
             problem = f"no answer ({type(reason).__name__}: {reason})"
-        if attempt == attempts:
-            raise RuntimeError(f"{url}: {problem} for {where}, {attempts} attempt(s) "
-                               "(reward_function_kwargs retries, timeout_s)")
+        if attempt == attempts:  # (no input's fault: the manager does not score inputs alone to find one)
+            raise RewardUnavailable(f"{url}: {problem} for {where}, {attempts} attempt(s) "
+                                    "(reward_function_kwargs retries, timeout_s)")
         time.sleep(options["backoff_s"] * 2 ** (attempt - 1))
     try:
         scores = json.loads(raw)["scores"]

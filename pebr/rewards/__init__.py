@@ -6,7 +6,7 @@
   its output. The stage reward files live in ``examples/reward_function/``.
 """
 
-from pebr.rewards.manager import RewardFunctionError, RewardManager, load_reward_function
+from pebr.rewards.manager import RewardFunctionError, RewardManager, RewardUnavailable, load_reward_function
 from pebr.rewards.terms import (
     accuracy_reward,
     clip_alignment_reward,
@@ -20,6 +20,7 @@ from pebr.rewards.terms import (
 __all__ = [
     "RewardFunctionError",
     "RewardManager",
+    "RewardUnavailable",
     "load_reward_function",
     "accuracy_reward",
     "clip_alignment_reward",

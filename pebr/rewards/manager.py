@@ -17,6 +17,8 @@ Inputs are dicts with keys response (str), response_length (int), question (str,
 key_word (list[str]), image (the first image, a PIL image, or None), images (all of them, in the prompt's order)
 and qid (str). Outputs are one dict per input whose
 values are finite floats, with ``overall`` (the scalar GRPO optimises) unless require_overall is off.
+When a batch fails, the manager scores its inputs alone to name the one it fails on, unless the function raised
+`RewardUnavailable` (no input's fault, a service that does not answer).
 No Ray here: `pebr.workers.reward.RewardWorker` runs a manager inside an actor.
 """
 
@@ -38,6 +40,7 @@ from pebr.config import split_reward_spec
 
 __all__ = [
     "RewardFunctionError",
+    "RewardUnavailable",
     "RewardManager",
     "load_reward_function",
     "load_reward_module",
@@ -54,6 +57,12 @@ _module_ids = itertools.count()
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised, or returned something the trainer cannot use."""
+
+
+class RewardUnavailable(RuntimeError):
+    """Raised by a reward function whose failure is no input's fault (a scoring service that does not answer):
+    the manager then stops at once instead of scoring inputs alone to find a culprit, which against a service
+    that is down only repeats every request and its retries."""
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -256,6 +265,9 @@ class RewardManager:
     def _call_batch(self, inputs: list[dict]) -> Any:
         try:
             return self.function(inputs, **self.kwargs)
+        except RewardUnavailable as exc:
+            raise RewardFunctionError(f"reward function {self.spec} could not score a batch of {len(inputs)}: "
+                                      f"{exc}") from exc
         except Exception as exc:
             culprit = self._find_culprit(inputs)
             where = culprit if culprit else f"a batch of {len(inputs)} (no single input fails alone)"

@@ -216,3 +216,21 @@ def test_the_input_that_breaks_a_large_batch_is_searched_by_halving(tmp_path: Pa
     with pytest.raises(RewardFunctionError, match="ValueError: cannot score " + message):
         manager.compute(inputs)
     assert len(manager.function.__globals__["CALLS"]) <= most_calls
+
+
+def test_a_reward_that_is_unavailable_is_not_searched_for_a_culprit(tmp_path: Path) -> None:
+    """RewardUnavailable (a service down) is no input's fault: one call, not one per half of the batch, each of
+    which would repeat every request and its retries."""
+    path = write(tmp_path, """
+        from pebr.rewards.manager import RewardUnavailable
+
+        CALLS = []
+
+        def compute_score(reward_inputs):
+            CALLS.append(len(reward_inputs))
+            raise RewardUnavailable("http://scorer/score: no answer")
+    """)
+    manager = RewardManager(f"{path}:compute_score")
+    with pytest.raises(RewardFunctionError, match=r"could not score a batch of 3: http://scorer/score: no answer"):
+        manager.compute(INPUTS)
+    assert manager.function.__globals__["CALLS"] == [3]

@@ -145,6 +145,18 @@ def test_a_busy_service_is_asked_again_and_a_refusal_is_not(service):
         remote.compute_score(inputs(2), url=url, retries=2, backoff_s=0.01)
 
 
+def test_a_service_that_stays_down_costs_one_round_of_retries(service):
+    """Through the reward manager: retries + 1 requests, not three times that (the manager scores inputs alone to
+    find a culprit only for a failure that may be an input's)."""
+    state, url = service
+    state.failures = [503] * 10
+    manager = RewardManager(f"{SPEC}:compute_score", reward_function_kwargs={"url": url, "retries": 1,
+                                                                            "backoff_s": 0.01})
+    with pytest.raises(RewardFunctionError, match=r"could not score a batch of 4: .*HTTP 503 .* 2 attempt\(s\)"):
+        manager.compute(inputs(4))
+    assert len(state.requests) == 2
+
+
 def test_a_redirect_is_not_followed(service):
     """urllib would resend the POST to the Location as a GET, token included: refused, naming both addresses."""
     state, url = service
