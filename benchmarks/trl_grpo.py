@@ -40,7 +40,7 @@ def main() -> None:
     import trl
     from transformers import TrainerCallback
 
-    from pebr.rewards.manager import RewardManager
+    from pebr.rewards.manager import RewardManager, reward_input
 
     cfg, items, processor = load_prompts(setup, count=32)
     a, acfg = cfg.algorithm, cfg.worker.actor
@@ -59,9 +59,8 @@ def main() -> None:
         counted["responses"] += len(completions)
         # Conversational completions arrive as [{"role": "assistant", "content": text}].
         completions = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        # The keys our reward_inputs gives (pebr.rewards.manager), so that any reward file scores both sides.
-        inputs = [{"response": c, "response_length": n, "question": t, "ground_truth": g, "key_word": k, "qid": q,
-                   "image": im, "images": [im] if im is not None else []}
+        # The inputs our trainer gives, so that any reward file scores both sides alike.
+        inputs = [reward_input(c, n, t, g, k, q, [im] if im is not None else [])
                   for c, n, t, g, k, q, im in zip(completions, lengths, question, ground_truth, key_words, qid,
                                                   image or [None] * len(completions))]
         return [s["overall"] for s in manager.compute(inputs)]

@@ -46,6 +46,7 @@ __all__ = [
     "load_reward_module",
     "resolve_options",
     "check_whole_numbers",
+    "reward_input",
     "REWARD_TYPES",
 ]
 
@@ -63,6 +64,14 @@ class RewardUnavailable(RuntimeError):
     """Raised by a reward function whose failure is no input's fault (a scoring service that does not answer):
     the manager then stops at once instead of scoring inputs alone to find a culprit, which against a service
     that is down only repeats every request and its retries."""
+
+
+def reward_input(response: str, response_length: int, question: str, ground_truth: str, key_words: list[str],
+                 qid: str, images: list[Any]) -> dict[str, Any]:
+    """One input of a reward function, as the module docstring lists its keys (the one place they are made)."""
+    return {"response": response, "response_length": response_length, "question": question,
+            "ground_truth": ground_truth, "key_word": key_words, "qid": qid,
+            "image": images[0] if images else None, "images": list(images)}
 
 
 def _split_spec(spec: str) -> tuple[str, str]:

@@ -97,15 +97,15 @@ def probe_reward(worker: Any, item: dict, timeout: float, require: dict[str, str
     Returns:
         The scores of the made-up response (their keys are the reward's terms).
     """
+    from pebr.rewards.manager import reward_input
     from pebr.trainer.ray_trainer import ray_get
 
     # A description too, so that a stage-1 reward runs its CLIP scorer on the record's image now (a checkpoint that
     # loads but fails to score would otherwise stop the run after the first step's rollout).
     response = ("### Image Description: " + " ".join(item["key_words"] or ["an image"]) + "\n### Rationales: -\n"
                 "### Step 1: -\n### The final answer is: " + item["ground_truth"])
-    probe = {"response": response, "response_length": 32, "question": item["question"],
-             "ground_truth": item["ground_truth"], "key_word": item["key_words"], "qid": item["qid"],
-             "image": item["images"][0] if item["images"] else None, "images": list(item["images"])}
+    probe = reward_input(response, 32, item["question"], item["ground_truth"], item["key_words"], item["qid"],
+                         item["images"])
     scores = ray_get(worker.compute.remote([probe]), "reward function check on the first training record", timeout)
     for key, reader in (require or {}).items():
         if key not in scores[0]:

@@ -29,6 +29,7 @@ from pebr.algorithms.losses import kl_penalty, masked_mean
 from pebr.cli import Terminated, WorkerFailure, WorkerTimeout
 from pebr.config import ConfigError, PPOConfig, changed_settings, config_to_yaml
 from pebr.protocol import Batch
+from pebr.rewards.manager import reward_input
 from pebr.trainer.logger import Tracker
 from pebr.utils.jsonio import atomic_write_json, atomic_write_text
 from pebr.workers.lora import requested_settings
@@ -219,11 +220,8 @@ def timed(metrics: dict, name: str) -> Iterator[None]:
 def reward_inputs(batch: Batch) -> list[dict]:
     """What the reward function gets per sample (the keys are listed in `pebr.rewards.manager`)."""
     nt = batch.non_tensors
-    return [{"response": nt["response"][i], "response_length": len(batch.response_ids[i]),
-             "question": nt["question"][i], "ground_truth": nt["ground_truth"][i], "key_word": nt["key_words"][i],
-             "qid": nt["qid"][i],
-             "image": batch.images[i][0] if batch.images[i] else None, "images": list(batch.images[i])}
-            for i in range(len(batch))]
+    return [reward_input(nt["response"][i], len(batch.response_ids[i]), nt["question"][i], nt["ground_truth"][i],
+                         nt["key_words"][i], nt["qid"][i], batch.images[i]) for i in range(len(batch))]
 
 
 def batch_advantages(batch: Batch, a: Any) -> None:

@@ -225,9 +225,8 @@ class FSDPWorker:
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         stops = set(stop_token_ids(tok))
         rollout_logprobs: list[list[float]] = []
-        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in ("uid", "qid", "question", "ground_truth",
-                                                                               "key_words", "response", "index",
-                                                                               "truncated")}
+        per_sample = ("uid", "qid", "question", "ground_truth", "key_words", "response", "index", "truncated")
+        prompt_ids, response_ids, images, extra = [], [], [], {k: [] for k in per_sample}
         for p, g in zip(prompts, gens):
             for j, r in enumerate(g.responses):
                 if g.logprobs is not None:
