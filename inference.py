@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 
 from pebr.config import ConfigError  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
-from pebr.evaluation import (BACKENDS, DEFAULT_FORMAT_PROMPT, DEFAULT_MAX_NEW_TOKENS,  # noqa: E402
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT  # noqa: E402
+from pebr.evaluation import (BACKENDS, DEFAULT_MAX_NEW_TOKENS,  # noqa: E402
                              check_generation_options, check_model_path, generate_texts, load_model_processor,
                              make_engine, model_context, response_budget)
 
@@ -57,7 +58,7 @@ def answer(
         DataError: an empty question, or one holding the model's vision or chat tokens (they would be taken for
             image slots, or open a turn of their own).
     """
-    from pebr.data.dataset import build_messages, load_format_prompt
+    from pebr.data.prompts import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image, probe_image
     from pebr.data.records import DataError, check_no_model_tokens
 
@@ -87,8 +88,6 @@ def answer(
 
 
 def main(argv: list[str] | None = None) -> str:
-    from pebr.rewards.terms import extract_final_answer
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", type=os.path.expanduser, required=True,
                         help="a Hugging Face model directory or hub id (Qwen2.5-VL, Qwen2-VL or Qwen3-VL)")
@@ -109,6 +108,8 @@ def main(argv: list[str] | None = None) -> str:
     check_generation_options(args.max_new_tokens, args.min_pixels, args.max_pixels, args.temperature, args.top_p)
     if not os.path.isfile(args.image):
         raise ConfigError(f"--image {args.image!r}: " + ("a directory" if os.path.isdir(args.image) else "no such file"))
+    from pebr.rewards.terms import extract_final_answer  # sympy: once the options are checked
+
     logging.basicConfig(level=logging.WARNING)
     text = answer(args.model_path, args.image, args.question, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, backend=args.backend,

@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pebr.cli import UserError, run_cli  # noqa: E402
 from pebr.data.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, fit_size, probe_image)
-from pebr.data.dataset import load_format_prompt, render_question  # noqa: E402
+from pebr.data.prompts import load_format_prompt, render_question  # noqa: E402
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord  # noqa: E402
 from pebr.data.sharegpt import SHAREGPT_REASONS, check_sharegpt_record  # noqa: E402
 from pebr.utils.jsonio import DISK_ERRNOS, atomic_write_json, read_json_records  # noqa: E402

@@ -29,12 +29,13 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pebr.cli import UserError
 from pebr.utils.jsonio import atomic_write_json, disk_errors_named, exclusive_lock, finish_tree, fsync_directory
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the merger's checks and errors come first
+    import torch
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^global_step_(0|[1-9]\d*)$")  # as step_dir writes it: "global_step_05" is not step 5
@@ -210,6 +211,7 @@ def save_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.
     the merger reads to fold the adapters into the weights and a resume checks against its settings;
     `freeze_vision_tower` too (which parameters the optimizer state covers).
     """
+    import torch
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     os.makedirs(actor_dir, exist_ok=True)
@@ -310,6 +312,7 @@ def run_dir_lock(checkpoint_dir: str) -> Iterator[None]:
 def load_sharded(actor_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  scheduler: Any, rank: int, world_size: int) -> None:
     """Restore this rank's shards written by `save_sharded` with the same world size."""
+    import torch
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
@@ -366,6 +369,8 @@ def _apply_configured(optimizer: torch.optim.Optimizer, scheduler: Any, configur
                       actor_dir: str, rank: int) -> None:
     """Put the configured settings back after a load (the moments and the schedule's position stay the
     checkpoint's) and set the current lr from them; say which ones differ from the checkpoint's."""
+    import torch
+
     changed = []
     for i, (group, conf) in enumerate(zip(optimizer.param_groups, configured)):
         for key, value in conf.items():
@@ -389,6 +394,8 @@ def read_index(actor_dir: str) -> dict[str, Any]:
     Raises:
         CheckpointError: naming the file when it is missing, not JSON or lacks a key.
     """
+    import torch
+
     path = os.path.join(actor_dir, INDEX_FILE)
     try:
         with open(path) as f:
@@ -443,6 +450,7 @@ def check_shards(actor_dir: str, optimizer: bool = False) -> int:
 
 def merge_shards(actor_dir: str) -> dict[str, torch.Tensor]:
     """Reassemble full tensors from the per-rank shards (FSDP2 shards dim 0 into equal chunks)."""
+    import torch
     from safetensors import safe_open
 
     world = check_complete(actor_dir)

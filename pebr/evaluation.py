@@ -19,20 +19,14 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
-
 from pebr.config import ConfigError, check_model_dir, check_writable_folder
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PATCH_MULTIPLE
-from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
-from pebr.utils.dtypes import resolve_dtype
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT
 from pebr.utils.jsonio import append_durably, atomic_write_texts, exclusive_lock, is_within
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's inference budget (PeBR responses run long: description, steps, answer)
-DEFAULT_FORMAT_PROMPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
-)
 BACKENDS = ("vllm", "hf")
 # Questions per engine call; the answers are saved after each, so an interrupted evaluation goes on from there.
 DEFAULT_CHUNK_SIZE = 512
@@ -66,6 +60,9 @@ def make_engine(
     Raises:
         ValueError: an unknown backend.
     """
+    import torch
+
+    from pebr.utils.dtypes import resolve_dtype
     from pebr.workers.rollout import HFRollout, VLLMRollout
 
     if backend not in BACKENDS:
@@ -272,6 +269,8 @@ def summarize(rows: list[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
 
 def score_response(response: str, answer: str, key_words: list[str]) -> dict[str, Any]:
     """The per-record scores `summarize` aggregates (reward terms of `pebr.rewards.terms`)."""
+    from pebr.rewards.terms import accuracy_reward, extract_final_answer, format_reward, keyword_recall
+
     return {
         "prediction": extract_final_answer(response),
         "correct": accuracy_reward(response, answer),

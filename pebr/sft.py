@@ -12,7 +12,7 @@ A sharegpt record is::
      "images": ["relative/path.png"]}
 
 The user turn is turned into the prompt the RL stages see: the question rendered through the PeBR
-format prompt, each image where its placeholder stands (`pebr.data.dataset.build_messages`), so the
+format prompt, each image where its placeholder stands (`pebr.data.prompts.build_messages`), so the
 warm-up model learns to answer exactly the prompt it will be sampled and trained on later.
 """
 
@@ -32,9 +32,10 @@ import torch
 from torch.utils.data import Dataset
 
 from pebr.config import ConfigError, check_writable_folder
-from pebr.data.dataset import PromptLengthCounter, build_messages, load_format_prompt
+from pebr.data.dataset import PromptLengthCounter
 from pebr.data.images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_fitted_aspect, fit_size, load_image,
                               probe_image, resolve_path)
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT, build_messages, load_format_prompt
 from pebr.data.records import IMAGE_PLACEHOLDER, BadRecord, DataError
 from pebr.data.sharegpt import check_sharegpt_record
 from pebr.utils.dtypes import cast_model
@@ -44,9 +45,6 @@ from pebr.utils.jsonio import (atomic_write_text, disk_errors_named, finish_tree
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DEFAULT_FORMAT_PROMPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "format_prompt", "pebr.jinja"
-)
 # The Qwen chat layout (ChatML): an assistant turn is "<|im_start|>assistant\n" + content + "<|im_end|>".
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"

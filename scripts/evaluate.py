@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.config import seed_argument  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
-from pebr.evaluation import (BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_FORMAT_PROMPT,  # noqa: E402
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT  # noqa: E402
+from pebr.evaluation import (BACKENDS, DEFAULT_CHUNK_SIZE,  # noqa: E402
                              check_generation_options,
                              check_model_path, check_output_apart_from_inputs, evaluate_model, markdown_table,
                              report_paths)

@@ -38,10 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pebr.checkpoint import (INDEX_FILE, STATE_FILE, STEP_DIR, CheckpointError, check_complete, read_trainer_state,  # noqa: E402
                              latest_checkpoint, merge_shards, read_index)
 from pebr.cli import run_cli  # noqa: E402
-from pebr.utils.dtypes import cast_model  # noqa: E402
 from pebr.utils.jsonio import (atomic_write_json, disk_errors_named, exclusive_lock,  # noqa: E402
                                finish_tree, replace_directory)
-from pebr.workers.lora import fold_lora, peft_adapter, scaling  # noqa: E402
 
 # Files of a sharded checkpoint (model, optimizer, extra state of each rank).
 SHARD_PREFIXES = ("model_world_size_", "optim_world_size_", "extra_state_world_size_")
@@ -199,6 +197,8 @@ def load_merged_model(local_dir: str, dtype: str = "auto") -> Any:
     import torch
     from transformers import GenerationConfig
 
+    from pebr.utils.dtypes import cast_model
+
     hf_dir = os.path.join(local_dir, "huggingface")
     index = read_index(local_dir)
     model = _fp32_model(local_dir, index)
@@ -219,6 +219,8 @@ def _fp32_model(local_dir: str, index: dict) -> Any:
     function, so that nothing but the model refers to them."""
     import torch
     from transformers import AutoModelForImageTextToText
+
+    from pebr.workers.lora import fold_lora, scaling
 
     hf_dir = os.path.join(local_dir, "huggingface")
     config = _config(hf_dir)
@@ -343,6 +345,8 @@ def export_adapter(local_dir: str, adapter_dir: str) -> str:
         CheckpointError: the checkpoint is incomplete or was not trained with LoRA, or adapter_dir is a file.
     """
     from safetensors.torch import save_file
+
+    from pebr.workers.lora import peft_adapter
 
     _finish_interrupted_swap(os.path.realpath(adapter_dir))
     others = sorted(set(os.listdir(adapter_dir)) - set(ADAPTER_FILES)) if os.path.isdir(adapter_dir) else []

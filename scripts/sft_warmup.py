@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pebr.config import seed_argument  # noqa: E402
 from pebr.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
-from pebr.sft import DEFAULT_FORMAT_PROMPT, SFTConfig, train_sft  # noqa: E402
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from the newest checkpoint of OUTPUT_DIR.checkpoints (--no-resume: delete them)")
     args = parser.parse_args(argv)
+    from pebr.sft import SFTConfig, train_sft  # torch and transformers: only once the options parse
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = train_sft(SFTConfig(**vars(args)))
     summary = {k: metrics[k] for k in ("samples", "dropped_overlong", "steps", "first_loss", "final_loss", "train_loss",

@@ -1,6 +1,7 @@
-"""RL prompt data: record loading and validation, the prompt data set, and a resumable batch sampler.
+"""RL prompt data: record loading and validation, the format prompt, the prompt data set, and a resumable batch
+sampler.
 
-`records` and `images` need no torch; `dataset` and `sampler` import torch (and the data set needs a
+`records`, `images` and `prompts` need no torch; `dataset` and `sampler` import torch (and the data set needs a
 processor). Import the pieces from their modules or from here.
 """
 

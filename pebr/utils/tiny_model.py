@@ -13,6 +13,8 @@ import os
 import random
 from typing import Any
 
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT
+
 # Qwen2.5-VL's special tokens, in the order their ids are assigned after the BPE vocabulary.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -60,8 +62,6 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-_FORMAT_PROMPT = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "format_prompt", "pebr.jinja")
-
 SIZES = {
     # head_dim 32 -> the multimodal rope sections must sum to 16.
     "tiny": dict(hidden=64, layers=2, heads=2, kv_heads=1, inter=128, mrope=[4, 6, 6],
@@ -108,8 +108,8 @@ def _tokenizer_corpus(seed: int) -> list[str]:
         lines.append(f"{sentence}. {rng.randint(0, 20)} {rng.choice(headers)} {rng.randint(0, 9)}")
     lines.append("0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - = ( ) . , : ? !")
     # The PeBR format prompt is part of every RL prompt: make its words single tokens too.
-    if os.path.isfile(_FORMAT_PROMPT):
-        with open(_FORMAT_PROMPT) as f:
+    if os.path.isfile(DEFAULT_FORMAT_PROMPT):
+        with open(DEFAULT_FORMAT_PROMPT) as f:
             lines += [f.read()] * 50
     return lines
 

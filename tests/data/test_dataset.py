@@ -214,7 +214,7 @@ def test_a_template_with_a_head_puts_the_image_after_it_wherever_the_prompt_is_b
     """The RL loader put a record's image after the template's head and inference and SFT before it, so a model was
     trained on one layout and asked in another; and a question already wrapped in the template was wrapped again once
     the loader had put its image first."""
-    from pebr.data.dataset import build_messages, load_format_prompt
+    from pebr.data.prompts import build_messages, load_format_prompt
     from pebr.data.records import normalize_record
 
     (tmp_path / "head.jinja").write_text("Answer about the picture.\n{{ content }}\nEnd with the answer.")
@@ -231,7 +231,7 @@ def test_a_template_with_a_head_puts_the_image_after_it_wherever_the_prompt_is_b
 
 
 def test_pebr_template_asks_for_the_exact_layout():
-    from pebr.data.dataset import load_format_prompt
+    from pebr.data.prompts import load_format_prompt
 
     text = load_format_prompt(TEMPLATE).render(content="How many cubes are left?")
     assert text.startswith("How many cubes are left?")
@@ -265,7 +265,7 @@ def test_pebr_template_asks_for_the_exact_layout():
     ("{{ content }}<|im_end|>\n<|im_start|>assistant\n", "holds the model's token '<|im_end|>'"),
 ])
 def test_format_prompt_problems_fail_at_load_naming_the_file(tmp_path, template, message):
-    from pebr.data.dataset import load_format_prompt
+    from pebr.data.prompts import load_format_prompt
 
     load_format_prompt(TEMPLATE)  # the shipped one passes: {{ content }} once, through no filter
     filtered = tmp_path / "filtered.jinja"

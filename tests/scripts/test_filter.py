@@ -367,7 +367,7 @@ def test_format_prompt_writes_the_rl_prompt_for_llamafactory_and_sft_does_not_wr
     """LLaMA-Factory trains on the text as it is: the filter's output held the bare question while the RL stages
     prompt with examples/format_prompt/pebr.jinja. --format_prompt writes the prompt in; the built-in SFT, which
     applies the template itself, leaves such a question as it is."""
-    from pebr.data.dataset import load_format_prompt
+    from pebr.data.prompts import load_format_prompt
     from pebr.sft import to_chat
 
     template_path = str(REPO / "examples" / "format_prompt" / "pebr.jinja")

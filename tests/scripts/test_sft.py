@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pebr.data.records import DataError
+from pebr.data.prompts import DEFAULT_FORMAT_PROMPT
 from pebr.sft import (
-    DEFAULT_FORMAT_PROMPT,
     IGNORE_INDEX,
     SFTConfig,
     SFTDataset,
