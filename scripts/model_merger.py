@@ -115,8 +115,6 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
         raise CheckpointError(f"--target_dir {target_dir} holds a sharded checkpoint or a training run's "
                               "global_step_* folders, among which a merged model does not belong; name another "
                               "directory (the default is <local_dir>/huggingface)")
-    _config(hf_dir)  # (the processor's loading reads it too, and would blame the processor)
-    check_processor(hf_dir)
     made_from = provenance(local_dir, dtype)
     if not force and os.path.isdir(target_dir):
         foreign = _foreign_files(target_dir)
@@ -141,7 +139,9 @@ def merge(local_dir: str, target_dir: str | None = None, dtype: str = "auto", fo
             f"another merge into {target_dir} is running ({holder}): wait for it to end"), remove=True):
         if not force and already_merged(target_dir, made_from):
             print(f"model_merger: {target_dir} already holds this checkpoint's merge (--force merges again)")
-            return target_dir
+            return target_dir  # before transformers loads: a stage-2 recipe run again merged stage 1 again in 5 s
+        _config(hf_dir)  # (the processor's loading reads it too, and would blame the processor)
+        check_processor(hf_dir)
         model = load_merged_model(local_dir, dtype)
         return _publish(model, local_dir, hf_dir, target_dir, real_target, staging, in_place, made_from)
 

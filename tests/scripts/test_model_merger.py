@@ -141,7 +141,10 @@ def test_target_dir_that_held_a_sharded_model(bf16_checkpoint, tmp_path):
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in weights.items())
 
 
-def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_again(bf16_checkpoint, capsys):
+def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_again(bf16_checkpoint, capsys,
+                                                                                  monkeypatch):
+    import model_merger
+
     actor, weights = bf16_checkpoint
     out = merge(actor)
     weight_file = os.path.join(out, "model.safetensors")
@@ -152,6 +155,9 @@ def test_a_second_merge_of_the_same_shards_is_skipped_and_any_change_merges_agai
         return os.stat(weight_file).st_ino != before
 
     assert not merged_again() and "already holds this checkpoint's merge" in capsys.readouterr().out
+    with monkeypatch.context() as patch:  # skipped before transformers loads the processor (5 s of a stage-2 rerun)
+        patch.setattr(model_merger, "check_processor", lambda hf_dir: pytest.fail("the processor was loaded"))
+        assert not merged_again()
     assert merged_again(force=True)
     assert merged_again(dtype="fp32") and saved_dtype(out) == "float32"
     assert not merged_again(dtype="fp32")
