@@ -17,14 +17,16 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 from PIL import Image
 
 from pebr.config import looks_like_model_id
-from pebr.rewards.clip import ClipScorer
 from pebr.rewards.manager import RewardManager
+
+if TYPE_CHECKING:
+    from pebr.rewards.clip import ClipScorer
 
 __all__ = ["RewardWorker", "ClipScorerActor", "RemoteClipScorer", "get_clip_scorer", "CLIP_ACTOR_NAME"]
 
@@ -68,6 +70,8 @@ class ClipScorerActor:
     """A `ClipScorer` in a Ray actor; created through `get_clip_scorer`."""
 
     def __init__(self, model_path: str, **scorer_kwargs: Any) -> None:
+        from pebr.rewards.clip import ClipScorer
+
         self.scorer = ClipScorer(model_path, **scorer_kwargs)
         self.scorer_kwargs = _non_default(scorer_kwargs)
 
@@ -109,6 +113,8 @@ class RemoteClipScorer:
 
 def _non_default(scorer_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The settings of a `ClipScorer` that differ from its defaults: what tells two scorers apart."""
+    from pebr.rewards.clip import ClipScorer
+
     defaults = {name: p.default for name, p in inspect.signature(ClipScorer.__init__).parameters.items()}
     return {k: v for k, v in scorer_kwargs.items() if k not in defaults or v != defaults[k]}
 
@@ -156,6 +162,8 @@ def get_clip_scorer(
     if not use_ray:
         key = (model_path, repr(sorted(_non_default(scorer_kwargs).items())))
         if key not in _local_scorers:
+            from pebr.rewards.clip import ClipScorer
+
             _local_scorers[key] = ClipScorer(model_path, **scorer_kwargs)
         return _local_scorers[key]
 
