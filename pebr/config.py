@@ -231,6 +231,10 @@ class RewardConfig:
     # CPUs a Ray cluster this run starts itself sets aside for the reward actor. The actor reserves none, so on
     # a cluster of exactly the workers' CPUs (the multi-node test's raylets) it still finds a place.
     num_cpus: float = 1
+    # Whole GPUs of the reward actor's own, for a reward model that runs on a card
+    # (examples/reward_function/reward_model.py): the cluster needs them beside the training workers' cards. Ray
+    # then shows the actor only those (CUDA_VISIBLE_DEVICES). 0: the actor sees no GPU.
+    num_gpus: int = 0
 
 
 @dataclass
@@ -563,6 +567,8 @@ def _check_workers(cfg: PPOConfig) -> None:
                                   "optimizer state on the CPU instead (CUDA only)")
     if not 0 <= w.reward.num_cpus <= 1024:  # NaN too: it sizes the local cluster (int() of it raised)
         raise ConfigError(f"worker.reward.num_cpus={w.reward.num_cpus} must be a number of CPUs in [0, 1024]")
+    if not 0 <= w.reward.num_gpus <= 1024:
+        raise ConfigError(f"worker.reward.num_gpus={w.reward.num_gpus} must be a whole number of GPUs in [0, 1024]")
     if w.reward.reward_function:
         # The file is read inside the reward actor; a wrong path must fail here, before Ray starts.
         spec = w.reward.reward_function

@@ -63,11 +63,12 @@ def start_reward_worker(cfg: PPOConfig, require_overall: bool = True):
     import ray
 
     from pebr.cli import WorkerFailure, WorkerTimeout
-    from pebr.trainer.ray_trainer import ray_get
+    from pebr.trainer.ray_trainer import check_reward_gpus, ray_get
     from pebr.workers.reward import RewardWorker
 
     r = cfg.worker.reward
-    worker = RewardWorker.options(num_cpus=0).remote(
+    check_reward_gpus(cfg)
+    worker = RewardWorker.options(num_cpus=0, num_gpus=r.num_gpus).remote(
         r.reward_function, reward_type=r.reward_type, reward_function_kwargs=dict(r.reward_function_kwargs),
         require_overall=require_overall)
     try:

@@ -253,6 +253,36 @@ def worker_resources(on_gpu: bool) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1.0 - DEFAULT_CLIP_GPU_FRACTION if on_gpu else 0}
 
 
+def workers_on_gpu(cfg: PPOConfig) -> bool:
+    """Whether the FSDP/vLLM workers take GPUs: trainer.device, where "auto" asks the cluster, not this process (a
+    driver on a head node without GPUs made the workers ask Ray for none, and Ray then hid the GPU nodes' cards
+    from them: a 7 B model trained in fp32 on gloo)."""
+    return cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def check_reward_gpus(cfg: PPOConfig) -> None:
+    """worker.reward.num_gpus are whole cards of the reward actor's own, beside one per GPU worker: on a cluster
+    without them Ray would leave the reward actor, or the last worker once the reward actor holds its card, waiting
+    until trainer.worker_timeout_s. (A fraction is not offered: beside a worker's 0.9 and the CLIP scorer's 0.1
+    there is none left on any card.)
+
+    Raises:
+        ConfigError: naming the setting, the GPUs the run needs and those the cluster has.
+    """
+    want = cfg.worker.reward.num_gpus
+    if not want:
+        return
+    workers = cfg.world_size if workers_on_gpu(cfg) else 0
+    total = ray.cluster_resources().get("GPU", 0)
+    if total < workers + want:
+        beside = (f" beside the {workers} of the training workers (trainer.nnodes x trainer.n_gpus_per_node), "
+                  f"{workers + want} in all" if workers else "")
+        remedy = "lower trainer.n_gpus_per_node to leave cards free, or " if workers else ""
+        raise ConfigError(f"worker.reward.num_gpus={want}: the reward actor needs {want} GPU(s) of its own{beside}, "
+                          f"and the Ray cluster has {total:g}; {remedy}set worker.reward.num_gpus=0 (the reward actor "
+                          "on a CPU)")
+
+
 # Seconds to wait for the cluster to free what the workers need (a killed actor's CPUs come back a moment later).
 RESOURCES_WAIT_S = 30.0
 
@@ -290,10 +320,7 @@ class WorkerGroup:
         self.cfg = cfg
         self.size = cfg.world_size
         self.tp = cfg.worker.rollout.tensor_parallel_size
-        # "auto" asks the cluster, not this process: a driver on a head node without GPUs made the workers ask Ray
-        # for none, and Ray then hid the GPU nodes' cards from them (a 7 B model trained in fp32 on gloo).
-        on_gpu = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto"
-                                                   and ray.cluster_resources().get("GPU", 0) > 0)
+        on_gpu = workers_on_gpu(cfg)
         check_resources_for_workers(self.size, on_gpu)
         remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
         self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor)

@@ -227,7 +227,7 @@ def reward_settings(tmp_path, header: str, setup: str, score: str, timeout: floa
     reward.write_text(f"{header}\n\ndef setup(**kwargs):\n    {setup}\n\ndef compute_score(reward_inputs):\n    {score}\n")
     return types.SimpleNamespace(
         worker=types.SimpleNamespace(reward=types.SimpleNamespace(
-            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={})),
+            reward_function=f"{reward}:compute_score", reward_type="batch", reward_function_kwargs={}, num_gpus=0)),
         trainer=types.SimpleNamespace(worker_timeout_s=timeout))
 
 

@@ -58,7 +58,7 @@ def test_a_padded_batch_scores_each_text_as_it_scores_alone(reward_model_dir):
 def test_the_model_reads_the_exchange_without_image_placeholders_and_keeps_the_end(reward_model_dir):
     module = load_reward_module(SPEC)
     module.setup(model_path=reward_model_dir)
-    tokenizer, _ = module._loaded[reward_model_dir]
+    tokenizer, _ = module._loaded[reward_model_dir, "auto"]
     text = module.conversation(tokenizer, "<image>How many cubes?", "Three.")
     assert "<image>" not in text and "<|im_start|>user\nHow many cubes?<|im_end|>" in text
     assert "<|im_start|>assistant\nThree.<|im_end|>" in text
@@ -66,7 +66,7 @@ def test_the_model_reads_the_exchange_without_image_placeholders_and_keeps_the_e
     long = "one two three four five six seven eight nine ten " * 20 + "### The final answer is: 3"
     ids = tokenizer(module.conversation(tokenizer, "How many cubes?", long))["input_ids"]
     cut = module.compute_score(items([long]), model_path=reward_model_dir, max_length=16)[0]["reward_model"]
-    _, model = module._loaded[reward_model_dir]
+    _, model = module._loaded[reward_model_dir, "auto"]
     with torch.inference_mode():
         tail = model(input_ids=torch.tensor([ids[-16:]])).logits[0, 0].item()
     assert len(ids) > 16 and cut == pytest.approx(tail, abs=1e-5)
@@ -92,3 +92,71 @@ def test_settings_are_checked_at_start_up(reward_model_dir, tiny_model_dir, tmp_
     two = build_classifier(tiny_model_dir, str(tmp_path / "two_labels"), num_labels=2)
     with pytest.raises(ValueError, match="one output \\(num_labels=1\\), this one has 2"):
         start(model_path=two)
+
+
+def test_the_dtype_setting_picks_the_models_precision(reward_model_dir):
+    """auto is fp32 on a CPU (bf16 on a card that has it, as the trainer's); bf16 is taken when asked, and scores
+    near fp32; another name is refused at start-up, naming the key."""
+    from pebr.config import ConfigError
+
+    module = load_reward_module(SPEC)
+    fp32 = module.compute_score(items(RESPONSES), model_path=reward_model_dir)
+    bf16 = module.compute_score(items(RESPONSES), model_path=reward_model_dir, dtype="bf16")
+    assert next(module._loaded[reward_model_dir, "auto"][1].parameters()).dtype == torch.float32
+    assert next(module._loaded[reward_model_dir, "bf16"][1].parameters()).dtype == torch.bfloat16
+    for a, b in zip(fp32, bf16):
+        assert b["reward_model"] == pytest.approx(a["reward_model"], abs=0.05)
+    with pytest.raises(ConfigError, match="reward_function_kwargs.dtype='fp16': must be one of auto, bf16, fp32"):
+        RewardManager(f"{SPEC}:compute_score", reward_function_kwargs={"model_path": reward_model_dir, "dtype": "fp16"})
+
+
+GPU_CHECK = r"""
+import json, sys, types
+import ray
+from pebr.config import ConfigError
+from pebr.trainer.main import start_reward_worker
+
+reward_file, gpus_in_cluster, device, world_size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ray.init(num_cpus=2, num_gpus=gpus_in_cluster, include_dashboard=False)
+cfg = types.SimpleNamespace(
+    world_size=world_size, trainer=types.SimpleNamespace(device=device, worker_timeout_s=120.0),
+    worker=types.SimpleNamespace(reward=types.SimpleNamespace(
+        reward_function=f"{reward_file}:compute_score", reward_type="batch", reward_function_kwargs={}, num_gpus=1)))
+try:
+    worker = start_reward_worker(cfg)
+except ConfigError as err:
+    print(json.dumps({"refused": str(err)}))
+else:
+    print(json.dumps({"scores": ray.get(worker.compute.remote([{}]))}))
+"""
+
+
+@pytest.mark.slow  # (a Ray cluster of its own in each case)
+@pytest.mark.parametrize("gpus_in_cluster, device, world_size, refused", [
+    (1, "cpu", 1, None),
+    (0, "cpu", 1, "the reward actor needs 1 GPU(s) of its own, and the Ray cluster has 0"),
+    (2, "cuda", 2, "of its own beside the 2 of the training workers (trainer.nnodes x trainer.n_gpus_per_node), 3 "
+                   "in all, and the Ray cluster has 2; lower trainer.n_gpus_per_node"),
+])
+def test_worker_reward_num_gpus_gives_the_reward_actor_a_card_of_its_own(tmp_path, gpus_in_cluster, device,
+                                                                         world_size, refused):
+    """Ray's accounting, on a cluster that says it has GPUs (this machine has none): the reward actor asks for one
+    and Ray shows it that card alone; a cluster without a card for it beside the GPU workers' is refused before the
+    actor starts, naming the setting (the actor, or the last worker, waited until trainer.worker_timeout_s)."""
+    import json
+    import subprocess
+    import sys
+
+    reward = tmp_path / "sees_gpus.py"
+    reward.write_text("import os\n\ndef compute_score(reward_inputs):\n"
+                      "    return [{'overall': float(len(os.environ.get('CUDA_VISIBLE_DEVICES', '')))}]\n")
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK, str(reward), str(gpus_in_cluster), device,
+                           str(world_size)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = json.loads(proc.stdout.strip().splitlines()[-1])
+    if refused is None:
+        assert said == {"scores": [{"overall": 1.0}]}  # CUDA_VISIBLE_DEVICES="0": one card, its own
+    else:
+        assert said["refused"].startswith("worker.reward.num_gpus=1: ") and refused in said["refused"], said

@@ -140,6 +140,9 @@ def test_overrides_win_over_files():
     # Two "nodes" on a local one-node cluster ran without a word; NaN CPUs raised in int().
     ("trainer.nnodes=2", "trainer.nnodes=2 needs trainer.ray_address"),
     ("worker.reward.num_cpus=nan", "worker.reward.num_cpus=nan must be a number of CPUs in [0, 1024]"),
+    ("worker.reward.num_gpus=-1", "worker.reward.num_gpus=-1 must be a whole number of GPUs in [0, 1024]"),
+    # A card's fraction: none is left beside a worker's 0.9 and the CLIP scorer's 0.1.
+    ("worker.reward.num_gpus=0.5", "'worker.reward.num_gpus': Value '0.5' of type 'float' could not be converted"),
     # A whole section given a number or a list: the key was '?'.
     ("data=5", "bad configuration key 'data'"),
     ("worker.rollout=[1]", "bad configuration key 'worker.rollout'"),
