@@ -116,47 +116,43 @@ import ray
 from pebr.config import ConfigError
 from pebr.trainer.main import start_reward_worker
 
-reward_file, gpus_in_cluster, device, world_size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-ray.init(num_cpus=2, num_gpus=gpus_in_cluster, include_dashboard=False)
-cfg = types.SimpleNamespace(
-    world_size=world_size, trainer=types.SimpleNamespace(device=device, worker_timeout_s=120.0),
-    worker=types.SimpleNamespace(reward=types.SimpleNamespace(
-        reward_function=f"{reward_file}:compute_score", reward_type="batch", reward_function_kwargs={}, num_gpus=1)))
-try:
-    worker = start_reward_worker(cfg)
-except ConfigError as err:
-    print(json.dumps({"refused": str(err)}))
-else:
-    print(json.dumps({"scores": ray.get(worker.compute.remote([{}]))}))
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)  # (this machine has none: Ray's accounting alone)
+said = []
+for device, world_size in (("cuda", 2), ("cpu", 1)):
+    cfg = types.SimpleNamespace(
+        world_size=world_size, trainer=types.SimpleNamespace(device=device, worker_timeout_s=120.0),
+        worker=types.SimpleNamespace(reward=types.SimpleNamespace(
+            reward_function=f"{sys.argv[1]}:compute_score", reward_type="batch", reward_function_kwargs={},
+            num_gpus=1)))
+    try:
+        worker = start_reward_worker(cfg)
+    except ConfigError as err:
+        said.append({"refused": str(err)})
+    else:
+        said.append({"scores": ray.get(worker.compute.remote([{}]))})
+print(json.dumps(said))
 """
 
 
-@pytest.mark.slow  # (a Ray cluster of its own in each case)
-@pytest.mark.parametrize("gpus_in_cluster, device, world_size, refused", [
-    (1, "cpu", 1, None),
-    (0, "cpu", 1, "the reward actor needs 1 GPU(s) of its own, and the Ray cluster has 0"),
-    (2, "cuda", 2, "of its own beside the 2 of the training workers (trainer.nnodes x trainer.n_gpus_per_node), 3 "
-                   "in all, and the Ray cluster has 2; lower trainer.n_gpus_per_node"),
-])
-def test_worker_reward_num_gpus_gives_the_reward_actor_a_card_of_its_own(tmp_path, gpus_in_cluster, device,
-                                                                         world_size, refused):
-    """Ray's accounting, on a cluster that says it has GPUs (this machine has none): the reward actor asks for one
-    and Ray shows it that card alone; a cluster without a card for it beside the GPU workers' is refused before the
-    actor starts, naming the setting (the actor, or the last worker, waited until trainer.worker_timeout_s)."""
+@pytest.mark.slow  # (a Ray cluster of its own)
+def test_worker_reward_num_gpus_gives_the_reward_actor_a_card_of_its_own(tmp_path):
+    """On a cluster that declares 2 GPUs: beside 2 GPU workers there is no card for the reward actor, and the run is
+    refused before the actor starts, naming the setting (the actor, or the last worker, waited until
+    trainer.worker_timeout_s); beside CPU workers the actor asks Ray for one and is shown that card alone."""
     import json
     import subprocess
     import sys
 
     reward = tmp_path / "sees_gpus.py"
     reward.write_text("import os\n\ndef compute_score(reward_inputs):\n"
-                      "    return [{'overall': float(len(os.environ.get('CUDA_VISIBLE_DEVICES', '')))}]\n")
-    proc = subprocess.run([sys.executable, "-c", GPU_CHECK, str(reward), str(gpus_in_cluster), device,
-                           str(world_size)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
+                      "    cards = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d]\n"
+                      "    return [{'overall': float(len(cards))}]\n")
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK, str(reward)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    said = json.loads(proc.stdout.strip().splitlines()[-1])
-    if refused is None:
-        assert said == {"scores": [{"overall": 1.0}]}  # CUDA_VISIBLE_DEVICES="0": one card, its own
-    else:
-        assert said["refused"].startswith("worker.reward.num_gpus=1: ") and refused in said["refused"], said
+    refused, placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert refused["refused"] == (
+        "worker.reward.num_gpus=1: the reward actor needs 1 GPU(s) of its own beside the 2 of the training workers "
+        "(trainer.nnodes x trainer.n_gpus_per_node), 3 in all, and the Ray cluster has 2; lower "
+        "trainer.n_gpus_per_node to leave cards free, or set worker.reward.num_gpus=0 (the reward actor on a CPU)")
+    assert placed == {"scores": [{"overall": 1.0}]}  # CUDA_VISIBLE_DEVICES names one card, its own
