@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from pebr import checkpoint
@@ -260,6 +262,23 @@ def workers_on_gpu(cfg: PPOConfig) -> bool:
     return cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
+def node_placement_groups(cfg: PPOConfig, resources: dict[str, float]) -> list[PlacementGroup]:
+    """A placement group per node's share of the workers, trainer.n_gpus_per_node bundles of `resources` each, packed:
+    rank r runs in group r // n_gpus_per_node, so consecutive ranks (those of one tensor-parallel engine, and a node's
+    FSDP neighbours) share a node when one has room. Ray alone scattered them: 4 workers on three 2-CPU nodes went to
+    all three, in another order each time. PACK rather than STRICT_PACK: a group no one node can hold is spread, not
+    refused."""
+    bundle = {"CPU": resources["num_cpus"], **({"GPU": resources["num_gpus"]} if resources["num_gpus"] else {})}
+    return [placement_group([bundle] * cfg.trainer.n_gpus_per_node, strategy="PACK")
+            for _ in range(cfg.trainer.nnodes)]
+
+
+def rank_placement(groups: list[PlacementGroup], rank: int) -> PlacementGroupSchedulingStrategy:
+    """Where rank `rank` runs: bundle rank mod n of group rank div n, for groups of n bundles."""
+    per_node = groups[0].bundle_count
+    return PlacementGroupSchedulingStrategy(groups[rank // per_node], placement_group_bundle_index=rank % per_node)
+
+
 def check_reward_gpus(cfg: PPOConfig) -> None:
     """worker.reward.num_gpus are whole cards of the reward actor's own, beside one per GPU worker: on a cluster
     without them Ray would leave the reward actor, or the last worker once the reward actor holds its card, waiting
@@ -322,17 +341,23 @@ class WorkerGroup:
         self.tp = cfg.worker.rollout.tensor_parallel_size
         on_gpu = workers_on_gpu(cfg)
         check_resources_for_workers(self.size, on_gpu)
-        remote = ray.remote(FSDPWorker).options(**worker_resources(on_gpu), max_restarts=0)
-        self.workers = [remote.remote(cfg, rank, self.size, total_steps, need_actor)
-                        for rank in range(self.size)]
+        resources = worker_resources(on_gpu)
+        remote = ray.remote(FSDPWorker)
         self.timeout = cfg.trainer.worker_timeout_s
         self._last_rollout: str | None = None  # the id of the rollout the workers hold
         # (batch, shares, samples of the first mini-batch to skip in each share, tensors the workers hold)
         self._experience: tuple[Batch, list[list[int]], int, set[str]] | None = None
+        self.workers: list[Any] = []
+        self.groups = node_placement_groups(cfg, resources)
         try:
-            # Bounded too: a worker Ray cannot place (its CPUs or GPUs taken) never answers.
-            addr, port = ray_get(self.workers[0].address.remote(), f"worker 0 start (placed by Ray? it needs "
-                                 f"{worker_resources(on_gpu)})", self.timeout)
+            per_node = cfg.trainer.n_gpus_per_node
+            for k, group in enumerate(self.groups):  # (placed together: the later waits are short)
+                # Bounded: a group Ray cannot place (its CPUs or GPUs taken since the check) is never ready.
+                ray_get(group.ready(), f"placing the workers of node {k + 1} of {len(self.groups)} (a placement "
+                        f"group of trainer.n_gpus_per_node={per_node} x {resources})", self.timeout)
+            self.workers = [remote.options(**resources, max_restarts=0, scheduling_strategy=rank_placement(
+                self.groups, rank)).remote(cfg, rank, self.size, total_steps, need_actor) for rank in range(self.size)]
+            addr, port = ray_get(self.workers[0].address.remote(), "worker 0 start", self.timeout)
             # Each worker's rank, device, start-up time and how weights reach its engine.
             self.started = ray_get([w.init.remote(addr, port) for w in self.workers], "worker start-up", self.timeout)
         except BaseException:
@@ -340,10 +365,13 @@ class WorkerGroup:
             raise
 
     def shutdown(self) -> None:
-        """Kill the workers (their engines and process group go with them)."""
+        """Kill the workers (their engines and process group go with them) and give back their placement groups'
+        resources (held by the cluster until then, or until the driver's job ends)."""
         for w in self.workers:
             ray.kill(w)
-        self.workers = []
+        for group in self.groups:
+            remove_placement_group(group)
+        self.workers, self.groups = [], []
 
     def generate(self, prompts: list[dict], sampling: dict) -> tuple[Batch, dict]:
         """Spread prompts over the rollout groups (ranks sharing a tensor-parallel engine get the same ones).

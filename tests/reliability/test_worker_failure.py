@@ -168,8 +168,9 @@ def test_a_rank_failing_on_its_own_is_named_after_the_grace_period(ray_session, 
 def test_a_worker_ray_cannot_place_fails_within_the_worker_timeout(tiny_model_dir, synthetic_data_dir, ray_session,
                                                                      tmp_path, monkeypatch):
     """Every CPU of the cluster taken: worker 0 is never placed, and start-up used to wait for it forever. The
-    resource check says so before any worker starts; should the CPUs go between that check and the placement,
-    worker 0's start-up still ends within trainer.worker_timeout_s."""
+    resource check says so before any worker starts; should the CPUs go between that check and the placement, the
+    workers' placement group is not placed either, and start-up still ends within trainer.worker_timeout_s, giving
+    back what it had reserved."""
     from pebr.trainer import ray_trainer
 
     cfg = load_config(trainer_argv(tiny_model_dir, synthetic_data_dir, str(tmp_path / "run"), 1)
@@ -183,8 +184,9 @@ def test_a_worker_ray_cannot_place_fails_within_the_worker_timeout(tiny_model_di
                                               r"the cluster cannot place them all"):
             WorkerGroup(cfg, total_steps=1)
         monkeypatch.setattr(ray_trainer, "check_resources_for_workers", lambda *args: None)  # taken after the check
-        with pytest.raises(WorkerFailure, match=r"worker 0 start \(placed by Ray\? it needs \{'num_cpus': 1.*no answer "
-                                                r"within 3 s \(trainer\.worker_timeout_s\)"):
+        with pytest.raises(WorkerFailure, match=r"placing the workers of node 1 of 1 \(a placement group of "
+                                                r"trainer.n_gpus_per_node=2 x \{'num_cpus': 1, 'num_gpus': 0\}\): "
+                                                r"no answer within 3 s \(trainer\.worker_timeout_s\)"):
             WorkerGroup(cfg, total_steps=1)
     finally:
         ray_session.kill(hog)

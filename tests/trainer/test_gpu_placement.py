@@ -2,7 +2,8 @@
 
 Ray schedules GPUs as numbers, so a cluster that declares GPUs it does not have shows the placement on a CPU
 machine: a fresh Ray in a subprocess declares 2 GPUs, takes the CLIP scorer's share first (as `probe_reward`
-does before the workers start), then asks for the workers with the trainer's own resource request.
+does before the workers start), then places the workers as the trainer does: its resource request, in a placement
+group per node.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ SCRIPT = textwrap.dedent("""
     import ray
     from pebr.config import ConfigError
     from pebr.trainer import ray_trainer
-    from pebr.trainer.ray_trainer import check_resources_for_workers, worker_resources
+    import types
+    from pebr.trainer.ray_trainer import (check_resources_for_workers, node_placement_groups, rank_placement,
+                                          worker_resources)
     from pebr.workers.reward import DEFAULT_CLIP_GPU_FRACTION
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -38,8 +41,17 @@ SCRIPT = textwrap.dedent("""
     clip = Placed.options(num_gpus=DEFAULT_CLIP_GPU_FRACTION, num_cpus=0).remote()
     ray.get(clip.gpus.remote(), timeout=60)
     out = {}
-    for name, options, wait_s in (("trainer", worker_resources(True), 60),
-                                  ("whole GPUs", {"num_cpus": 1, "num_gpus": 1}, 5)):
+    # The trainer's way: a placement group of the node's 2 workers, each in its bundle.
+    groups = node_placement_groups(types.SimpleNamespace(trainer=types.SimpleNamespace(nnodes=1, n_gpus_per_node=2)),
+                                   worker_resources(True))
+    ray.get(groups[0].ready(), timeout=60)
+    placed = [Placed.options(**worker_resources(True), scheduling_strategy=rank_placement(groups, rank)).remote()
+              for rank in range(2)]
+    out["trainer"] = sorted(str(g) for ids in ray.get([w.gpus.remote() for w in placed], timeout=60) for g in ids)
+    for w in placed:
+        ray.kill(w)
+    ray.util.remove_placement_group(groups[0])
+    for name, options, wait_s in (("whole GPUs", {"num_cpus": 1, "num_gpus": 1}, 5),):
         workers = [Placed.options(**options).remote() for _ in range(2)]
         ready, _ = ray.wait([w.gpus.remote() for w in workers], num_returns=2, timeout=wait_s)
         out[name] = sorted(str(g) for ref in ready for g in ray.get(ref))

@@ -52,3 +52,43 @@ def test_a_run_spans_two_ray_nodes(tiny_model_dir, synthetic_data_dir, tmp_path,
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         (m,) = [json.loads(line) for line in f]
     assert m["step"] == 1 and math.isfinite(m["actor/grad_norm"]) and m["response/tokens_total"] > 0
+
+
+PLACEMENT = """
+import json, sys, types
+import ray
+from ray.cluster_utils import Cluster
+from pebr.trainer.ray_trainer import node_placement_groups, rank_placement, worker_resources
+
+cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+try:
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+
+    @ray.remote
+    class Rank:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    cfg = types.SimpleNamespace(trainer=types.SimpleNamespace(nnodes=2, n_gpus_per_node=2))
+    groups = node_placement_groups(cfg, worker_resources(False))
+    ray.get([group.ready() for group in groups], timeout=60)
+    ranks = [Rank.options(num_cpus=1, scheduling_strategy=rank_placement(groups, r)).remote() for r in range(4)]
+    print(json.dumps(ray.get([rank.node.remote() for rank in ranks], timeout=60)))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_nodes_ranks_are_consecutive(tmp_path):
+    """Three 2-CPU nodes, 2 x 2 workers: ranks 0-1 share a node and ranks 2-3 another, as a tensor-parallel engine's
+    ranks (consecutive) must. Without a placement group per node Ray put 4 such actors on all three nodes, in
+    another order each time."""
+    proc = subprocess.run([sys.executable, "-c", PLACEMENT], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
+                               "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
