@@ -58,8 +58,8 @@ def answer(
         DataError: an empty question, or one holding the model's vision or chat tokens (they would be taken for
             image slots, or open a turn of their own).
     """
-    from pebr.data.prompts import build_messages, load_format_prompt
     from pebr.data.images import check_fitted_aspect, load_image, probe_image
+    from pebr.data.prompts import build_messages, load_format_prompt
     from pebr.data.records import DataError, check_no_model_tokens
 
     if not question.strip():

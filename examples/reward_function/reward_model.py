@@ -5,11 +5,11 @@
 
 The model (`AutoModelForSequenceClassification`, one output) is loaded once per reward actor, in `setup`: on the
 actor's CPU, or on its GPU when the run gives it one (`worker.reward.num_gpus=1`; `dtype` auto is then bf16 on a
-card that has it, as the trainer's, and fp32 on a CPU). Each response is shown to it as the assistant's answer to the question (the tokenizer's chat template
-when it has one; the question's `<image>` placeholders are dropped, as the model reads text only), cut to
-`max_length` tokens (at most the model's context) from the left so that the response's end, which the score is
-read at, stays. Scores come in
-batches of `batch_size`, padded on the right; each is the score the same text gets alone.
+card that has it, as the trainer's, and fp32 on a CPU). Each response is shown to it as the assistant's answer to
+the question (the tokenizer's chat template when it has one; the question's `<image>` placeholders are dropped, as
+the model reads text only), cut to `max_length` tokens (at most the model's context) from the left so that the
+response's end, which the score is read at, stays. Scores come in batches of `batch_size`, padded on the right;
+each is the score the same text gets alone.
 
     overall = sigmoid(score) if squash else score      (also logged raw as reward/reward_model)
 

@@ -212,7 +212,8 @@ def test_a_script_refuses_a_bad_option_before_it_loads_torch(script, argv, said)
             "sys.argv = sys.argv[1:]  # as `python SCRIPT ARGS` sets it\n"
             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as stop:\n    rc = stop.code\n"
-            "print('loaded:', sorted(m for m in ('torch', 'transformers', 'ray', 'vllm', 'sympy') if m in sys.modules))\n"
+            "heavy = ('torch', 'transformers', 'ray', 'vllm', 'sympy')\n"
+            "print('loaded:', sorted(m for m in heavy if m in sys.modules))\n"
             "sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, script), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
